@@ -1,0 +1,1 @@
+"""selfflow.audio."""

@@ -1,0 +1,147 @@
+"""Run configuration: pydantic models loaded from YAML, with ``--set a.b=c`` overrides.
+
+Every section forbids unknown keys, so a typo is an error that names the key, the value and the file
+instead of a silently ignored setting. The resolved config is written to the run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .mmdit import MMDiTConfig
+from .objective import ObjectiveConfig
+from .sampler import SamplerConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file, key and value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    modality: str = Field("image", description="registered modality name (see `selfflow modalities`)")
+    options: dict[str, Any] = Field(default_factory=dict, description="validated by the modality")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class EMAConfig(_Section):
+    decay: float = Field(0.9999, ge=0, le=1)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1, description="per rank")
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA); fp32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int = Field(0, ge=0, description="torch CPU threads (0: leave torch's default)")
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(0, ge=0, description="0: only at the end")
+    checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
+    keep_last: int = Field(2, ge=1)
+    plot_every: int = Field(100, ge=1)
+
+
+class SampleConfig(SamplerConfig):
+    num_samples: int = Field(64, ge=1, description="samples per grid written during training")
+    seed: int = 1234
+    use_ema: bool = True
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    output_dir: str = "runs"
+    model: MMDiTConfig = Field(default_factory=MMDiTConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _format_errors(err: ValidationError, source: str, raw: dict[str, Any]) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (value {e['input']!r})")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e['input']!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=2e-4"`` → ``(["train", "lr"], 0.0002)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, value = text.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from e
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``key.path=value`` pairs in a nested dict (creating intermediate sections)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config (or the defaults) and apply overrides; errors name key, value and file."""
+    raw: dict[str, Any] = {}
+    source = "(defaults)"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        raw = loaded or {}
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source += " with overrides " + " ".join(overrides)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source, raw)) from None
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,104 @@
+"""The contract a modality package fulfils to plug into the trainer and samplers.
+
+A modality owns everything specific to its media: options (a pydantic model, validated from the run
+config's ``data.options``), its data stream, its codec (media ↔ latents), its token layout (latents ↔
+:class:`Tokens`), its defaults for Self-Flow (mask ratio R_M, timestep distribution) and how samples are
+written (PNG grids, MP4, WAV). Core never branches on a modality's name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel
+
+from .mmdit import Conditioning
+from .timesteps import TimestepDistribution
+from .tokens import Tokens
+
+Batch = dict[str, torch.Tensor]
+
+
+class DataStream(ABC):
+    """An endless, resumable iterator of batches for one rank.
+
+    ``state_dict()`` captures the position so that a resumed run sees exactly the batches an uninterrupted
+    run would have seen next — no sample twice, none skipped.
+    """
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Modality(ABC):
+    """Base class of modalities; subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[BaseModel]]
+    default_mask_ratio: ClassVar[float]
+    default_timesteps: ClassVar[TimestepDistribution] = TimestepDistribution()
+
+    def __init__(self, options: dict[str, Any] | BaseModel | None = None):
+        if isinstance(options, BaseModel):
+            options = options.model_dump()
+        self.options = self.Options.model_validate(options or {})
+
+    # --- shapes -----------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def token_channels(self) -> int:
+        """Channels ``C`` of one token (what the backbone's input projection takes)."""
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class labels (0: not class-conditional)."""
+        return 0
+
+    @property
+    def class_names(self) -> list[str]:
+        return []
+
+    # --- data -------------------------------------------------------------------------------------
+    @abstractmethod
+    def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataStream:
+        """This rank's share of the training stream (``batch_size`` per rank)."""
+
+    @abstractmethod
+    def encode(self, batch: Batch, device: torch.device | str) -> tuple[Tokens, Conditioning]:
+        """Media batch → tokens and conditioning on ``device``."""
+
+    # --- sampling ---------------------------------------------------------------------------------
+    def sample_conditions(self, n: int, device: torch.device | str
+                          ) -> tuple[Conditioning, Conditioning | None, torch.Tensor | None]:
+        """Conditioning for ``n`` preview samples, its null version for CFG, and display labels.
+
+        The default cycles through the classes (sample ``i`` gets class ``i mod num_classes``) so a grid
+        shows one class per column; unconditional modalities return empty conditionings.
+        """
+        if not self.num_classes:
+            return Conditioning(), None, None
+        labels = torch.arange(n, device=device) % self.num_classes
+        return (Conditioning(labels=labels), Conditioning(labels=torch.full_like(labels, self.num_classes)),
+                labels)
+
+    @abstractmethod
+    def sample_ids(self, n: int, device: torch.device | str) -> torch.Tensor:
+        """Token positions ``(n, L, 3)`` of one generated sample layout."""
+
+    @abstractmethod
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Generated tokens ``(B, L, C)`` → media in this modality's natural range."""
+
+    @abstractmethod
+    def save_samples(self, media: torch.Tensor, labels: torch.Tensor | None, path: Path) -> Path:
+        """Write decoded samples (a PNG grid, MP4s, WAVs …) and return the file written."""

@@ -1,0 +1,116 @@
+"""The Self-Flow objective and its baselines as one function (DESIGN §3).
+
+``loss = MSE(v̂, ε − x0) + γ·(−cos(proj(h_l^student), h_k^teacher))`` over data tokens, in fp32. The student
+sees per-token noise levels from Dual-Timestep Scheduling; the EMA teacher sees all tokens at ``τ_min`` and
+runs only up to block ``k``, without gradients. Vanilla flow matching is the same function with the mask
+ratio at 0 and ``γ = 0`` (no teacher forward at all); the paper's ablations are other settings of the same
+knobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from .dual_timestep import sample_dual_timesteps
+from .mmdit import Conditioning
+from .timesteps import TimestepDistribution, interpolate, target_velocity
+from .tokens import Tokens
+
+
+class ObjectiveConfig(BaseModel):
+    """Which objective to train. ``kind`` picks a preset; explicit keys override it.
+
+    - ``self_flow``: Dual-Timestep Scheduling + self-distillation (mask ratio from the modality, γ = 0.8).
+    - ``flow_matching``: vanilla rectified flow (no mask, γ = 0).
+    - ``self_flow_no_mask``: ablation, representation loss without masking (τ = t everywhere).
+    - ``self_flow_no_rep``: ablation, Dual-Timestep Scheduling without the representation loss.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["self_flow", "flow_matching", "self_flow_no_mask", "self_flow_no_rep"] = "self_flow"
+    mask_ratio: float | None = Field(None, ge=0, le=1, description="None: the modality's default R_M")
+    gamma: float | None = Field(None, ge=0, description="weight of the representation loss (None: 0.8)")
+    student_layer: int | None = Field(None, ge=1, description="None: round(0.3·depth) (paper: 8)")
+    teacher_layer: int | None = Field(None, ge=1, description="None: round(0.7·depth) (paper: 20)")
+    label_dropout: float = Field(0.1, ge=0, le=1, description="labels → null label, for CFG")
+    timesteps: TimestepDistribution | None = Field(None, description="None: the modality's default")
+
+    def resolve(self, depth: int, default_mask_ratio: float,
+                default_timesteps: TimestepDistribution) -> ResolvedObjective:
+        """Fill every default for a model of ``depth`` blocks and a modality's defaults."""
+        uses_mask = self.kind in ("self_flow", "self_flow_no_rep")
+        uses_rep = self.kind in ("self_flow", "self_flow_no_mask")
+        mask_ratio = (default_mask_ratio if self.mask_ratio is None else self.mask_ratio) if uses_mask else 0.0
+        gamma = (0.8 if self.gamma is None else self.gamma) if uses_rep else 0.0
+        student = self.student_layer or max(1, round(0.3 * depth))
+        teacher = self.teacher_layer or max(1, round(0.7 * depth))
+        for name, layer in (("student_layer", student), ("teacher_layer", teacher)):
+            if layer > depth:
+                raise ValueError(f"objective.{name} = {layer} but the model has only {depth} blocks")
+        return ResolvedObjective(mask_ratio=mask_ratio, gamma=gamma, student_layer=student,
+                                 teacher_layer=teacher, label_dropout=self.label_dropout,
+                                 timesteps=self.timesteps or default_timesteps)
+
+
+@dataclass(frozen=True)
+class ResolvedObjective:
+    mask_ratio: float
+    gamma: float
+    student_layer: int
+    teacher_layer: int
+    label_dropout: float
+    timesteps: TimestepDistribution
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.gamma > 0
+
+
+def drop_labels(cond: Conditioning, p: float, null_label: int, generator: torch.Generator | None
+                ) -> Conditioning:
+    """Replace each sample's label by ``null_label`` with probability ``p`` (classifier-free guidance)."""
+    if cond.labels is None or p == 0:
+        return cond
+    drop = torch.rand(cond.labels.shape, generator=generator, device=cond.labels.device) < p
+    return cond.model_copy(update={"labels": torch.where(drop, null_label, cond.labels)})
+
+
+def self_flow_loss(student: nn.Module, teacher: nn.Module | None, tokens: Tokens, cond: Conditioning,
+                   obj: ResolvedObjective, *, null_label: int = 0, modality: str | None = None,
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Losses for one batch: ``loss`` (to minimise), ``loss_fm``, ``loss_rep`` (0 when γ = 0)."""
+    x0 = tokens.x
+    b, length, _ = x0.shape
+    cond = drop_labels(cond, obj.label_dropout, null_label, generator)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    dual = sample_dual_timesteps(b, length, obj.timesteps, obj.mask_ratio, generator, x0.device)
+    # Without a mask every token has level t: the (B,) path broadcasts the modulation instead of gathering.
+    tau = dual.token_timesteps() if obj.mask_ratio > 0 else dual.t
+    x_tau = interpolate(x0, noise, dual.tau)
+    target = target_velocity(x0, noise)
+
+    if not obj.uses_teacher:
+        pred = student(x_tau, tokens.ids, tau, cond, modality=modality)
+        loss_fm = F.mse_loss(pred.float(), target.float())
+        return {"loss": loss_fm, "loss_fm": loss_fm.detach(), "loss_rep": torch.zeros((), device=x0.device)}
+
+    if teacher is None:
+        raise ValueError("the representation loss (γ > 0) needs an EMA teacher")
+    pred, feats = student(x_tau, tokens.ids, tau, cond, modality=modality,
+                          capture=(obj.student_layer,), project=True)
+    with torch.no_grad():
+        x_min = interpolate(x0, noise, dual.tau_min)
+        _, t_feats = teacher(x_min, tokens.ids, dual.tau_min, cond, modality=modality,
+                             capture=(obj.teacher_layer,), stop_after=obj.teacher_layer)
+    loss_fm = F.mse_loss(pred.float(), target.float())
+    cos = F.cosine_similarity(feats[obj.student_layer].float(), t_feats[obj.teacher_layer].float(), dim=-1)
+    loss_rep = -cos.mean()
+    loss = loss_fm + obj.gamma * loss_rep
+    return {"loss": loss, "loss_fm": loss_fm.detach(), "loss_rep": loss_rep.detach()}

@@ -1,0 +1,52 @@
+"""How core finds modalities and extra CLI commands without importing them.
+
+Packages advertise themselves through Python entry points:
+
+- group ``selfflow.modalities``: ``name = "package.module:ModalityClass"`` (a :class:`Modality` subclass);
+- group ``selfflow.commands``: ``name = "package.module:register"``, a function ``register(subparsers)``
+  that adds a subcommand to the ``selfflow`` CLI.
+
+Tests and notebooks can also call :func:`register_modality` directly.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .modality import Modality
+
+_MODALITIES: dict[str, type[Modality]] = {}
+
+
+def register_modality(cls: type[Modality]) -> type[Modality]:
+    """Register a modality class under ``cls.name`` (usable as a decorator)."""
+    _MODALITIES[cls.name] = cls
+    return cls
+
+
+def _entry_points(group: str) -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=group)}
+
+
+def available_modalities() -> list[str]:
+    return sorted(set(_MODALITIES) | set(_entry_points("selfflow.modalities")))
+
+
+def get_modality(name: str) -> type[Modality]:
+    """The modality class called ``name`` (explicitly registered first, then entry points)."""
+    if name in _MODALITIES:
+        return _MODALITIES[name]
+    eps = _entry_points("selfflow.modalities")
+    if name not in eps:
+        raise KeyError(f"unknown modality {name!r}; installed: {available_modalities() or 'none'} "
+                       "(modality packages register under the 'selfflow.modalities' entry point group)")
+    cls = eps[name].load()
+    _MODALITIES[name] = cls
+    return cls
+
+
+def command_registrars() -> dict[str, Any]:
+    """``name → register(subparsers)`` for every installed CLI extension."""
+    return {name: ep.load() for name, ep in sorted(_entry_points("selfflow.commands").items())}

@@ -1,0 +1,21 @@
+import torch
+from torch import nn
+
+from selfflow.core.ema import ema_update, make_ema
+
+
+def test_ema_update_matches_formula_and_copies_buffers():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    ema = make_ema(model)
+    assert not any(p.requires_grad for p in ema.parameters())
+    before = [p.clone() for p in ema.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        model[1].running_mean.fill_(3.0)
+    ema_update(ema, model, 0.9)
+    for e, b, p in zip(ema.parameters(), before, model.parameters()):
+        assert torch.allclose(e, 0.9 * b + 0.1 * p, atol=1e-7)
+    assert torch.equal(ema[1].running_mean, model[1].running_mean)
+    ema_update(ema, model, 0.0)
+    assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), model.parameters()))

@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from selfflow.core.mmdit import PRESETS, Conditioning, MMDiT, MMDiTConfig, count_parameters
+from selfflow.core.modulation import TokenTimesteps
+from selfflow.core.tokens import grid_ids
+
+from .conftest import randomize, tiny_config
+
+
+def _inputs(b=3, ctx=False):
+    ids = grid_ids(1, 4, 4, batch=b)
+    x = torch.randn(b, 16, 12)
+    cond = Conditioning(labels=torch.tensor([0, 3, 5])[:b])
+    if ctx:
+        cond = cond.model_copy(update={"context": torch.randn(b, 5, 10),
+                                       "context_mask": torch.tensor([[1, 1, 1, 0, 0]] * b).bool()})
+    return x, ids, cond
+
+
+@pytest.mark.parametrize("ctx", [False, True])
+def test_distinct_level_modulation_equals_naive_per_token(ctx):
+    """Two levels per sample + gather == the modulation Linear evaluated on every token (L levels)."""
+    model = randomize(MMDiT(tiny_config(context_dim=10 if ctx else 0))).eval()
+    x, ids, cond = _inputs(ctx=ctx)
+    t, s = torch.rand(3), torch.rand(3)
+    mask = torch.rand(3, 16) < 0.3
+    dense = torch.where(mask, s[:, None], t[:, None])
+    fast = model(x, ids, TokenTimesteps.from_levels(torch.stack([t, s], 1), mask.long()), cond)
+    naive = model(x, ids, TokenTimesteps.from_levels(dense, torch.arange(16).expand(3, 16)), cond)
+    searched = model(x, ids, dense, cond)
+    assert torch.allclose(fast, naive, atol=1e-6, rtol=0)
+    assert torch.allclose(fast, searched, atol=1e-6, rtol=0)
+
+
+def test_scalar_and_constant_per_token_timesteps_agree():
+    model = randomize(MMDiT(tiny_config())).eval()
+    x, ids, cond = _inputs()
+    t = torch.rand(3)
+    assert torch.allclose(model(x, ids, t, cond), model(x, ids, t[:, None].expand(3, 16), cond), atol=1e-6)
+
+
+def test_capture_and_stop_after():
+    model = randomize(MMDiT(tiny_config())).eval()
+    x, ids, cond = _inputs()
+    t = torch.rand(3)
+    out, feats = model(x, ids, t, cond, capture=(1, 3))
+    assert out.shape == x.shape and set(feats) == {1, 3} and feats[3].shape == (3, 16, 64)
+    none, early = model(x, ids, t, cond, capture=(3,), stop_after=3)
+    assert none is None and torch.allclose(early[3], feats[3])
+    # the early exit really skips the remaining block: its weights do not matter
+    with torch.no_grad():
+        model.single_blocks[1].linear2.weight.add_(1.0)
+    _, again = model(x, ids, t, cond, capture=(3,), stop_after=3)
+    assert torch.allclose(again[3], feats[3])
+    _, proj = model(x, ids, t, cond, capture=(1,), stop_after=1, project=True)
+    assert torch.allclose(proj[1], model.projector(feats[1]), atol=1e-6)
+    with pytest.raises(ValueError, match="out of range"):
+        model(x, ids, t, cond, capture=(5,))
+
+
+def test_context_mask_hides_padding():
+    model = randomize(MMDiT(tiny_config(context_dim=10))).eval()
+    x, ids, cond = _inputs(ctx=True)
+    t = torch.rand(3)
+    out = model(x, ids, t, cond)
+    changed = cond.context.clone()
+    changed[:, 3:] += 5.0  # only padded positions change
+    assert torch.allclose(out, model(x, ids, t, cond.model_copy(update={"context": changed})), atol=1e-5)
+
+
+def test_errors_name_what_is_missing():
+    model = MMDiT(tiny_config())
+    x, ids, _ = _inputs()
+    with pytest.raises(ValueError, match="class-conditional"):
+        model(x, ids, torch.rand(3))
+    with pytest.raises(KeyError, match="audio"):
+        model(x, ids, torch.rand(3), modality="audio")
+    with pytest.raises(ValueError, match="divisible"):
+        MMDiTConfig(hidden_size=100, num_heads=3)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        MMDiTConfig(preset="huge")
+
+
+def test_paper_preset_parameter_count_on_meta():
+    cfg = MMDiTConfig(preset="paper625m", num_classes=1000, modalities={"image": 128})
+    d, h = 1152, 4608
+    blocks = 7 * 2 * (4 * d * d + 3 * d * h) + 14 * (d * (3 * d + 2 * h) + (d + h) * d)
+    qk_norms = (7 * 2 + 14) * 2 * (d // 16)
+    mods = (6 + 6 + 3) * d * d  # shared modulation: 2 triples per double stream, 1 for single
+    embed = 256 * d + d * d + 1001 * d + 4096 * d + 128 * d
+    final = 2 * d * d + d * 128
+    projector = d * 2 * d + 2 * d + 2 * d * d + d
+    expected = blocks + qk_norms + mods + embed + final + projector
+    n = count_parameters(cfg)
+    assert n == expected
+    assert 620e6 < n - projector < 635e6  # the paper's "~625M" backbone
+    assert PRESETS["paper625m"]["hidden_size"] == 1152

@@ -1,0 +1,24 @@
+import torch
+
+from selfflow.core.modulation import TokenTimesteps, gather_levels, timestep_embedding
+
+
+def test_from_dense_factorises_exactly():
+    t = torch.tensor([[0.3, 0.7, 0.3, 0.7, 0.3], [0.5, 0.5, 0.5, 0.5, 0.5], [0.9, 0.1, 0.2, 0.1, 0.9]])
+    tt = TokenTimesteps.from_dense(t)
+    assert tt.values.shape == (3, 3)
+    assert torch.equal(tt.dense(), t)
+    assert tt.counts().sum(1).tolist() == [5.0, 5.0, 5.0]
+
+
+def test_single_level_uses_broadcast_path():
+    tt = TokenTimesteps.from_dense(torch.full((2, 6), 0.4))
+    assert tt.index is None and tt.values.shape == (2, 1)
+    per = torch.randn(2, 1, 8)
+    assert gather_levels(per, tt.index).shape == (2, 1, 8)
+
+
+def test_timestep_embedding_is_sinusoidal():
+    e = timestep_embedding(torch.tensor([0.0, 0.5]), 8)
+    assert e.shape == (2, 8)
+    assert torch.allclose(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))

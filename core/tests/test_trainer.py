@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from selfflow.core.config import ConfigError, load_config
+from selfflow.core.metrics import read_metrics
+from selfflow.core.trainer import Trainer
+
+TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth_double=1", "model.depth_single=2",
+        "model.axes_dim=[4,6,6]", "train.batch_size=4", "train.log_every=1", "train.plot_every=2",
+        "data.options.image_size=16", "data.options.patch_size=4", "sample.steps=2", "sample.num_samples=10",
+        "ema.decay=0.9", "optim.warmup_steps=2"]
+
+
+def _cfg(tmp_path, name, *extra):
+    return load_config(None, [*TINY, f"output_dir={tmp_path}", f"name={name}", *extra])
+
+
+@pytest.mark.parametrize("kind", ["self_flow", "flow_matching"])
+def test_run_writes_every_artifact(tmp_path, kind):
+    cfg = _cfg(tmp_path, kind, "train.steps=4", f"objective.kind={kind}")
+    result = Trainer(cfg, progress=False).fit()
+    run = tmp_path / kind
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("step", "loss", "loss_fm", "loss_rep", "lr", "grad_norm", "samples_per_s"):
+        assert key in records[-1]
+    assert (records[-1]["loss_rep"] < 0) == (kind == "self_flow")
+    assert (run / "config.yaml").is_file() and (run / "ema.safetensors").is_file()
+    assert result["checkpoint"].name == "step_00000004.pt"
+    assert Image.open(result["samples"]).size[0] > 100 and Image.open(run / "loss.png").size[0] > 100
+    assert list((run / "tensorboard").iterdir())
+    if kind == "flow_matching":
+        assert Trainer(cfg, progress=False).model.projector is None
+
+
+def test_resume_gives_the_uninterrupted_losses(tmp_path):
+    Trainer(_cfg(tmp_path, "full", "train.steps=6"), progress=False).fit()
+    Trainer(_cfg(tmp_path, "split", "train.steps=3"), progress=False).fit()
+    resumed = Trainer(_cfg(tmp_path, "split", "train.steps=6"), progress=False)
+    assert resumed.step == 3 and resumed.resumed_from.name == "step_00000003.pt"
+    resumed.fit()
+    full = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    split = read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, split):
+        assert (a["loss"], a["loss_fm"], a["loss_rep"], a["grad_norm"]) == (
+            b["loss"], b["loss_fm"], b["loss_rep"], b["grad_norm"])
+    sa = torch.load(tmp_path / "full/checkpoints/step_00000006.pt", weights_only=True)["ema"]
+    sb = torch.load(tmp_path / "split/checkpoints/step_00000006.pt", weights_only=True)["ema"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_nonfinite_loss_skips_the_step(tmp_path, monkeypatch):
+    trainer = Trainer(_cfg(tmp_path, "nan", "train.steps=2"), progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    batch = next(iter(trainer.stream))
+    batch["media"][0, 0, 0, 0] = float("nan")
+    out = trainer.train_step(batch)
+    assert out["skipped"] == 1.0 and trainer.skipped_steps == 1
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_bad_modality_options_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.options\.patch_sise"):
+        Trainer(_cfg(tmp_path, "bad", "data.options.patch_sise=2"), progress=False)
+    with pytest.raises(ConfigError, match=r"teacher_layer = 9"):
+        Trainer(_cfg(tmp_path, "bad", "objective.teacher_layer=9"), progress=False)
+    with pytest.raises(KeyError, match="unknown modality 'smell'"):
+        Trainer(_cfg(tmp_path, "bad", "data.modality=smell"), progress=False)
+
+
+def test_config_is_saved_resolved(tmp_path):
+    cfg = _cfg(tmp_path, "saved", "train.steps=1")
+    Trainer(cfg, progress=False).fit()
+    again = load_config(tmp_path / "saved" / "config.yaml")
+    assert again == cfg
+    assert json.loads(json.dumps(again.model_dump(mode="json")))["model"]["hidden_size"] == 32
