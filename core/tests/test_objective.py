@@ -44,6 +44,7 @@ def test_teacher_sees_tau_min_at_its_layer_without_grad():
     assert t_call["capture"] == (3,) and t_call["stop_after"] == 3 and not t_call["grad"]
     # replay the generator to recover the noise and levels the loss drew
     gen = torch.Generator().manual_seed(0)
+    torch.rand(4, generator=gen)  # label-dropout draw
     noise = torch.randn(tokens.x.shape, generator=gen)
     t, s = torch.rand(4, generator=gen), torch.rand(4, generator=gen)
     tau_min = torch.minimum(t, s)
@@ -104,3 +105,15 @@ def test_loss_falls_on_a_fixed_batch(kind):
         first = first if first is not None else losses["loss_fm"].item()
         last = losses["loss_fm"].item()
     assert last < 0.6 * first
+
+
+def test_step_noise_does_not_depend_on_the_number_of_ranks():
+    from selfflow.core.objective import StepNoise
+
+    obj = _resolve("self_flow")
+    whole = StepNoise.draw((6, 16, 12), obj, torch.Generator().manual_seed(3), "cpu")
+    parts = [StepNoise.draw((3, 16, 12), obj, torch.Generator().manual_seed(3), "cpu", shard=(r, 2))
+             for r in range(2)]
+    assert torch.equal(torch.cat([p.noise for p in parts]), whole.noise)
+    assert torch.equal(torch.cat([p.dual.tau for p in parts]), whole.dual.tau)
+    assert torch.equal(torch.cat([p.drop for p in parts]), whole.drop)

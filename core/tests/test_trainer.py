@@ -58,9 +58,47 @@ def test_nonfinite_loss_skips_the_step(tmp_path, monkeypatch):
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     batch = next(iter(trainer.stream))
     batch["media"][0, 0, 0, 0] = float("nan")
-    out = trainer.train_step(batch)
+    out = trainer.train_step([batch])
     assert out["skipped"] == 1.0 and trainer.skipped_steps == 1
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    trainer.train_step([next(iter(trainer.stream))])  # a good step resets the count
+    assert trainer.nonfinite_in_a_row == 0
+
+
+def test_repeated_nonfinite_steps_abort_and_keep_the_last_checkpoint(tmp_path):
+    from selfflow.core.trainer import NonFiniteLossError
+
+    cfg = _cfg(tmp_path, "nan2", "train.steps=2")
+    Trainer(cfg, progress=False).fit()
+    cfg = _cfg(tmp_path, "nan2", "train.steps=10", "train.max_nonfinite_steps=3", "optim.lr=1e30",
+               "optim.grad_clip=1e30")
+    trainer = Trainer(cfg, progress=False)
+    with torch.no_grad():
+        for p in trainer.raw.parameters():
+            p.fill_(float("inf"))
+    with pytest.raises(NonFiniteLossError, match=r"3 optimizer steps in a row.*step_00000002\.pt"):
+        trainer.fit()
+    assert sorted(p.name for p in (tmp_path / "nan2" / "checkpoints").iterdir()) == ["step_00000002.pt"]
+
+
+def test_grad_accumulation_equals_a_big_batch(tmp_path):
+    Trainer(_cfg(tmp_path, "big", "train.batch_size=4", "train.steps=3"), progress=False).fit()
+    Trainer(_cfg(tmp_path, "acc", "train.batch_size=2", "train.grad_accum_steps=2", "train.steps=3"),
+            progress=False).fit()
+    big = read_metrics(tmp_path / "big" / "metrics.jsonl")
+    acc = read_metrics(tmp_path / "acc" / "metrics.jsonl")
+    for a, b in zip(big, acc, strict=True):
+        for key in ("loss", "loss_fm", "loss_rep", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+
+
+def test_lr_schedule():
+    from selfflow.core.trainer import lr_factor
+
+    assert [lr_factor(s, 4, 20, "constant", 0) for s in (0, 3, 10)] == [0.25, 1.0, 1.0]
+    assert lr_factor(4, 4, 20, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_factor(20, 4, 20, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(12, 4, 20, "cosine", 0.0) == pytest.approx(0.5)
 
 
 def test_bad_modality_options_name_the_key(tmp_path):
@@ -78,3 +116,14 @@ def test_config_is_saved_resolved(tmp_path):
     again = load_config(tmp_path / "saved" / "config.yaml")
     assert again == cfg
     assert json.loads(json.dumps(again.model_dump(mode="json")))["model"]["hidden_size"] == 32
+
+
+@pytest.mark.parametrize("option", ["train.activation_checkpointing=true", "train.compile=true"])
+def test_checkpointing_and_compile_keep_the_losses(tmp_path, option):
+    Trainer(_cfg(tmp_path, "plain", "train.steps=2", "train.sample_every=0"), progress=False).fit()
+    Trainer(_cfg(tmp_path, "opt", "train.steps=2", option), progress=False).fit()
+    a = read_metrics(tmp_path / "plain" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "opt" / "metrics.jsonl")
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "loss_fm", "loss_rep", "grad_norm"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (option, key)

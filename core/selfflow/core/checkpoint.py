@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def _fault_delay(step: int) -> None:
+    """Fault-injection point for the kill-mid-write tests: ``SELFFLOW_FAULT_SAVE_DELAY=SECONDS[@STEP]``
+    holds the half-written file open before it is completed and renamed (at every save, or at STEP)."""
+    spec = os.environ.get("SELFFLOW_FAULT_SAVE_DELAY")
+    if not spec:
+        return
+    seconds, _, at = spec.partition("@")
+    if not at or int(at) == step:
+        time.sleep(float(seconds))
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
@@ -45,6 +57,7 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
+            _fault_delay(step)
             os.fsync(f.fileno())
         os.replace(tmp, final)
     except BaseException:
@@ -52,6 +65,8 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
         raise
     for _, old in list_checkpoints(d)[:-keep_last]:
         old.unlink(missing_ok=True)
+    for stale in d.glob("step_*.pt.tmp"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
     return final
 
 

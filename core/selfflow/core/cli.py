@@ -21,16 +21,26 @@ EPILOG = """examples:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import destroy
     from .trainer import Trainer
 
     cfg = load_config(args.config, args.set)
-    trainer = Trainer(cfg, resume=not args.no_resume, progress=not args.no_progress)
-    if trainer.resumed_from is not None:
-        print(f"resuming from {trainer.resumed_from} (step {trainer.step})")
-    result = trainer.fit()
-    print(f"run directory: {cfg.run_dir}")
-    for key in ("checkpoint", "samples", "loss_plot", "ema"):
-        print(f"  {key:10s} {result[key]}")
+    try:
+        trainer = Trainer(cfg, resume=not args.no_resume, progress=not args.no_progress)
+        main_rank = trainer.dist.is_main
+        if main_rank:
+            n = sum(p.numel() for p in trainer.raw.parameters())
+            how = f"{trainer.dist.world_size} rank(s), {trainer.strategy}"
+            print(f"{cfg.name}: {n / 1e6:.2f}M parameters, {trainer.objective_name}, {how}, {trainer.device}")
+            if trainer.resumed_from is not None:
+                print(f"resuming from {trainer.resumed_from} (step {trainer.step})")
+        result = trainer.fit()
+    finally:
+        destroy()
+    if main_rank:
+        print(f"run directory: {cfg.run_dir}")
+        for key in ("checkpoint", "samples", "loss_plot", "ema"):
+            print(f"  {key:10s} {result[key]}")
     return 0
 
 

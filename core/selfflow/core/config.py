@@ -37,6 +37,8 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = Field("constant", description="after the warm-up")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
 
 
 class EMAConfig(_Section):
@@ -55,6 +57,15 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
     keep_last: int = Field(2, ge=1)
     plot_every: int = Field(100, ge=1)
+    parallel: Literal["auto", "none", "ddp", "fsdp2"] = Field("auto", description="auto: ddp with >1 rank")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_nonfinite_steps: int = Field(10, ge=1, description="abort after this many non-finite steps in a row")
+    activation_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile each block")
+    tf32: bool = Field(True, description="TF32 matmuls on CUDA")
+    peak_tflops: float | None = Field(None, gt=0, description="per-device peak for MFU (None: not reported)")
+    wandb: bool = Field(False, description="log to Weights & Biases when installed")
+    wandb_project: str = "selfflow"
 
 
 class SampleConfig(SamplerConfig):

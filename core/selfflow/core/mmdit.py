@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import attention, resolve_backend
 from .modulation import TokenTimesteps, gather_levels, timestep_embedding
@@ -270,6 +271,7 @@ class MMDiT(nn.Module):
             SingleStreamBlock(d, cfg.num_heads, cfg.mlp_hidden) for _ in range(cfg.depth_single))
         self.final = nn.ModuleDict({m: FinalLayer(d, c) for m, c in cfg.modalities.items()})
         self.projector = Projector(d, int(d * cfg.projector_mult)) if cfg.projector_mult else None
+        self.activation_checkpointing = False  # recompute each block in backward (set by the trainer)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -356,7 +358,7 @@ class MMDiT(nn.Module):
             txt_mod = (list(self.double_mod_txt(txt_vec).chunk(6, dim=-1))
                        if self.double_mod_txt is not None else None)
             for block in self.double_blocks:
-                img, txt = block(img, txt, img_mod, txt_mod, rope, mask, backend)
+                img, txt = self._run(block, img, txt, img_mod, txt_mod, rope, mask, backend)
                 block_no += 1
                 if block_no in capture:
                     captured[block_no] = img
@@ -366,7 +368,7 @@ class MMDiT(nn.Module):
             single_mod = list(gather_levels(self.single_mod(vec_all), idx_all).chunk(3, dim=-1))
             h = img if txt is None else torch.cat([txt, img], 1)
             for block in self.single_blocks:
-                h = block(h, single_mod, rope, mask, backend)
+                h = self._run(block, h, single_mod, rope, mask, backend)
                 block_no += 1
                 if block_no in capture:
                     captured[block_no] = h[:, n_txt:]
@@ -375,6 +377,11 @@ class MMDiT(nn.Module):
             img = h[:, n_txt:]
         out = self.final[modality](img, vec, idx_img)
         return (out, self._finish_capture(captured, project)) if capture else out
+
+    def _run(self, block: nn.Module, *args):
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def _finish_capture(self, captured: dict[int, torch.Tensor], project: bool) -> dict[int, torch.Tensor]:
         if not project:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .dual_timestep import sample_dual_timesteps
+from .dual_timestep import DualTimesteps, sample_dual_timesteps
 from .mmdit import Conditioning
 from .timesteps import TimestepDistribution, interpolate, target_velocity
 from .tokens import Tokens
@@ -73,24 +73,55 @@ class ResolvedObjective:
         return self.gamma > 0
 
 
-def drop_labels(cond: Conditioning, p: float, null_label: int, generator: torch.Generator | None
-                ) -> Conditioning:
-    """Replace each sample's label by ``null_label`` with probability ``p`` (classifier-free guidance)."""
-    if cond.labels is None or p == 0:
+def drop_labels(cond: Conditioning, drop: torch.Tensor | float, null_label: int,
+                generator: torch.Generator | None = None) -> Conditioning:
+    """Replace labels by ``null_label`` where ``drop (B,)`` is True — or, given a probability, with that
+    probability (classifier-free guidance)."""
+    if cond.labels is None:
         return cond
-    drop = torch.rand(cond.labels.shape, generator=generator, device=cond.labels.device) < p
+    if not isinstance(drop, torch.Tensor):
+        if drop == 0:
+            return cond
+        drop = torch.rand(cond.labels.shape, generator=generator, device=cond.labels.device) < drop
     return cond.model_copy(update={"labels": torch.where(drop, null_label, cond.labels)})
+
+
+@dataclass
+class StepNoise:
+    """Everything random in one step for a batch: noise, the two levels, the mask and label dropout."""
+
+    noise: torch.Tensor  # (B, L, C)
+    dual: DualTimesteps
+    drop: torch.Tensor  # (B,) bool
+
+    @classmethod
+    def draw(cls, shape: tuple[int, int, int], obj: ResolvedObjective, generator: torch.Generator | None,
+             device: torch.device | str, dtype: torch.dtype = torch.float32,
+             shard: tuple[int, int] = (0, 1)) -> StepNoise:
+        """Draw for the *global* batch ``world × B`` and keep rank ``r``'s slice, so a sample's noise does
+        not depend on how many ranks share the batch (1 rank and N ranks train on the same numbers)."""
+        rank, world = shard
+        b, length, ch = shape
+        g = b * world
+        drop = torch.rand(g, generator=generator, device=device) < obj.label_dropout
+        noise = torch.randn((g, length, ch), generator=generator, device=device, dtype=dtype)
+        dual = sample_dual_timesteps(g, length, obj.timesteps, obj.mask_ratio, generator, device)
+        sl = slice(rank * b, (rank + 1) * b)
+        return cls(noise=noise[sl], dual=DualTimesteps(dual.t[sl], dual.s[sl], dual.mask[sl]), drop=drop[sl])
 
 
 def self_flow_loss(student: nn.Module, teacher: nn.Module | None, tokens: Tokens, cond: Conditioning,
                    obj: ResolvedObjective, *, null_label: int = 0, modality: str | None = None,
-                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Losses for one batch: ``loss`` (to minimise), ``loss_fm``, ``loss_rep`` (0 when γ = 0)."""
+                   generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)
+                   ) -> dict[str, torch.Tensor]:
+    """Losses for one batch: ``loss`` (to minimise), ``loss_fm``, ``loss_rep`` (0 when γ = 0).
+
+    ``shard = (rank, world)`` says which slice of the global batch this is (see :meth:`StepNoise.draw`).
+    """
     x0 = tokens.x
-    b, length, _ = x0.shape
-    cond = drop_labels(cond, obj.label_dropout, null_label, generator)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    dual = sample_dual_timesteps(b, length, obj.timesteps, obj.mask_ratio, generator, x0.device)
+    rnd = StepNoise.draw(tuple(x0.shape), obj, generator, x0.device, x0.dtype, shard)
+    noise, dual = rnd.noise, rnd.dual
+    cond = drop_labels(cond, rnd.drop, null_label)
     # Without a mask every token has level t: the (B,) path broadcasts the modulation instead of gathering.
     tau = dual.token_timesteps() if obj.mask_ratio > 0 else dual.t
     x_tau = interpolate(x0, noise, dual.tau)

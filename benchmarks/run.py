@@ -1,0 +1,67 @@
+"""``make bench``: speed measurements, ours vs a baseline in the same run, as a table and bench.json.
+
+Usage: python benchmarks/run.py [--quick] [--out bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from benchmarks.timing import Row, gemm_peak_gflops
+from benchmarks.train_step import bench_modulation_and_early_exit, bench_train_steps
+
+
+def optional_rows(quick: bool) -> list[Row]:
+    """Benchmarks that other packages contribute, when installed."""
+    rows: list[Row] = []
+    for module, func in (("selfflow.eval.bench", "bench_fd"), ("selfflow.eval.bench_media", "bench_extractors")):
+        try:
+            mod = __import__(module, fromlist=[func])
+        except ImportError:
+            continue
+        for r in getattr(mod, func)():
+            rows.append(Row(**{k: r.get(k) for k in ("name", "ours", "baseline", "ratio", "target", "unit")}))
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    head = f"{'benchmark':68s} {'ours':>11s} {'baseline':>11s} {'ratio':>7s} {'target':>8s} unit"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        base = f"{r.baseline:11.2f}" if r.baseline is not None else f"{'-':>11s}"
+        ratio = f"{r.ratio:7.2f}" if r.ratio is not None else f"{'-':>7s}"
+        print(f"{r.name[:68]:68s} {r.ours:11.2f} {base} {ratio} {r.target or '-':>8s} {r.unit}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--out", type=Path, default=Path("bench.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    peak = gemm_peak_gflops()
+    rows = [Row("fp32 GEMM peak (1024³ matmul)", peak, None, None, None, "GFLOP/s")]
+    rows += bench_train_steps(args.quick)
+    rows += bench_modulation_and_early_exit(args.quick)
+    rows += optional_rows(args.quick)
+    print_table(rows)
+    meta = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
+    args.out.write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Timing helpers for ``make bench``: medians of repeated calls, ours and baseline interleaved."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class Row:
+    """One line of the benchmark table. ``ratio`` is oriented so that larger is better for us when
+    ``higher_is_better`` and smaller is better otherwise; ``target`` is the bound the issue asks for."""
+
+    name: str
+    ours: float
+    baseline: float | None
+    ratio: float | None
+    target: str | None
+    unit: str
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def paired_median(ours: Callable[[], object], base: Callable[[], object], repeats: int,
+                  warmup: int = 1) -> tuple[float, float]:
+    """Median seconds of ``ours`` and ``base``, alternating calls so background load hits both alike."""
+    for _ in range(warmup):
+        ours()
+        base()
+    a, b = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ours()
+        a.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        base()
+        b.append(time.perf_counter() - t0)
+    return statistics.median(a), statistics.median(b)
+
+
+def gemm_peak_gflops(n: int = 1024, repeats: int = 10) -> float:
+    """Measured fp32 matmul throughput of this machine (GFLOP/s), the MFU reference on CPU."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = median_time(lambda: a @ b, repeats, warmup=3)
+    return 2 * n**3 / t / 1e9

@@ -1,0 +1,107 @@
+"""Wrapping the backbone for data parallelism: DDP, or FSDP2 (``fully_shard`` per block).
+
+The EMA teacher follows the student's layout: replicated under DDP (it has no gradients to sync), sharded
+block by block like the student under FSDP2, so its memory scales down with the ranks too. Full
+(unsharded) state dicts are gathered for checkpoints through ``torch.distributed.checkpoint.state_dict``,
+so a checkpoint loads on any number of ranks and with any strategy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .distributed import DistInfo
+
+Strategy = Literal["none", "ddp", "fsdp2"]
+
+
+def resolve_strategy(requested: str, info: DistInfo) -> Strategy:
+    if requested not in ("auto", "none", "ddp", "fsdp2"):
+        raise ValueError(f"train.parallel must be auto, none, ddp or fsdp2; got {requested!r}")
+    if requested == "auto":
+        return "ddp" if info.enabled else "none"
+    if requested == "none" and info.enabled:
+        raise ValueError("train.parallel is 'none' but the run has several ranks; use ddp or fsdp2")
+    return requested  # type: ignore[return-value]
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    return [*getattr(model, "double_blocks", []), *getattr(model, "single_blocks", [])]
+
+
+def shard_fsdp2(model: nn.Module, bf16: bool, reshard_after_forward: bool = True) -> nn.Module:
+    """``fully_shard`` every block, then the root (embeddings, modulation, heads). bf16 parameters with
+    fp32 gradient reduction when ``bf16``."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
+    if mp is not None:
+        kwargs["mp_policy"] = mp
+    for block in _blocks(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def wrap_student(model: nn.Module, strategy: Strategy, info: DistInfo, bf16: bool) -> nn.Module:
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+    if strategy == "fsdp2":
+        return shard_fsdp2(model, bf16)
+    return model
+
+
+def wrap_teacher(ema: nn.Module, strategy: Strategy, bf16: bool) -> nn.Module:
+    if strategy == "fsdp2":
+        return shard_fsdp2(ema, bf16)
+    return ema
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module holding the parameters (DDP's ``.module``; FSDP2 modules are their own)."""
+    return getattr(model, "module", model)
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded state dict (collective under FSDP2; empty on ranks > 0 there)."""
+    return get_model_state_dict(unwrap(model), options=_FULL)
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return get_optimizer_state_dict(unwrap(model), optimizer, options=_FULL)
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    set_model_state_dict(unwrap(model), state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def grad_sync(model: nn.Module, enabled: bool):
+    """Context manager/switch to skip gradient synchronisation on accumulation micro-steps."""
+    import contextlib
+
+    if hasattr(model, "no_sync"):  # DDP
+        return contextlib.nullcontext() if enabled else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
