@@ -27,4 +27,4 @@ def test_analytic_forward_flops_match_torch_flop_counter(ctx):
         model(x, ids, torch.rand(b), cond, capture=(2,), stop_after=2)
     assert mmdit_forward_flops(cfg, 64, 6 if ctx else 0, upto=2, token_channels=12) == pytest.approx(
         counter.get_total_flops() / b, rel=0.05)
-    assert train_step_flops(cfg, 64, teacher_layer=3) > 3 * mmdit_forward_flops(cfg, 64)
+    assert train_step_flops(model, 64, teacher_layer=3) > 3 * model.forward_flops(64)

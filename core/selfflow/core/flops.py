@@ -26,9 +26,9 @@ def mmdit_forward_flops(cfg: MMDiTConfig, n_data: int, n_context: int = 0, upto:
     return total
 
 
-def train_step_flops(cfg: MMDiTConfig, n_data: int, n_context: int = 0, teacher_layer: int | None = None,
-                     token_channels: int = 0) -> float:
-    """Per sample: student forward + backward (3× forward) plus the teacher's forward to its layer."""
-    student = 3 * mmdit_forward_flops(cfg, n_data, n_context, token_channels=token_channels)
-    teacher = mmdit_forward_flops(cfg, n_data, n_context, upto=teacher_layer) if teacher_layer else 0.0
+def train_step_flops(model, n_data: int, n_context: int = 0, teacher_layer: int | None = None) -> float:
+    """Per sample: student forward + backward (3× forward) plus the teacher's forward to its layer, for
+    any backbone with ``forward_flops`` (see :mod:`.backbones`)."""
+    student = 3 * model.forward_flops(n_data, n_context)
+    teacher = model.forward_flops(n_data, n_context, upto=teacher_layer) if teacher_layer else 0.0
     return student + teacher

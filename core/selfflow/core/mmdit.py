@@ -11,7 +11,7 @@ Blocks are numbered ``1 … depth_double + depth_single`` (double blocks first),
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -42,6 +42,7 @@ class MMDiTConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    arch: Literal["mmdit"] = "mmdit"
     preset: str | None = None
     hidden_size: int = Field(128, gt=0)
     num_heads: int = Field(4, gt=0)
@@ -295,6 +296,15 @@ class MMDiT(nn.Module):
     @property
     def depth(self) -> int:
         return self.cfg.depth
+
+    def blocks(self) -> list[nn.Module]:
+        """Transformer blocks in forward order (units of FSDP2 sharding, compile and checkpointing)."""
+        return [*self.double_blocks, *self.single_blocks]
+
+    def forward_flops(self, n_data: int, n_context: int = 0, upto: int | None = None) -> float:
+        from .flops import mmdit_forward_flops
+
+        return mmdit_forward_flops(self.cfg, n_data, n_context, upto, token_channels=max(self.cfg.modalities.values()))
 
     @property
     def null_label(self) -> int:

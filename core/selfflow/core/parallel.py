@@ -35,10 +35,6 @@ def resolve_strategy(requested: str, info: DistInfo) -> Strategy:
     return requested  # type: ignore[return-value]
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    return [*getattr(model, "double_blocks", []), *getattr(model, "single_blocks", [])]
-
-
 def shard_fsdp2(model: nn.Module, bf16: bool, reshard_after_forward: bool = True) -> nn.Module:
     """``fully_shard`` every block, then the root (embeddings, modulation, heads). bf16 parameters with
     fp32 gradient reduction when ``bf16``."""
@@ -48,7 +44,7 @@ def shard_fsdp2(model: nn.Module, bf16: bool, reshard_after_forward: bool = True
     kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
     if mp is not None:
         kwargs["mp_policy"] = mp
-    for block in _blocks(model):
+    for block in model.blocks():
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .backbones import build_backbone
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import ConfigError, load_config
 from .generate import generate
-from .mmdit import MMDiT
 from .trainer import build_modality, build_model_config, pick_device
 
 
@@ -26,7 +26,7 @@ def load_run_model(run_dir: Path, weights: str = "ema", device: str = "auto"):
                                          modality.default_timesteps).uses_teacher
     model_cfg = build_model_config(cfg, modality, uses_teacher)
     dev = pick_device(device)
-    model = MMDiT(model_cfg)
+    model = build_backbone(model_cfg)
     ema_file = run_dir / "ema.safetensors"
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if weights == "ema" and ema_file.is_file():

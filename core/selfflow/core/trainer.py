@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import parallel
+from .backbones import build_backbone
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, save_config
 from .distributed import all_mean, barrier, init_distributed
@@ -28,7 +29,6 @@ from .ema import ema_update, make_ema
 from .flops import train_step_flops
 from .generate import generate
 from .metrics import MetricsLogger, plot_losses
-from .mmdit import MMDiT, MMDiTConfig
 from .modality import Batch, Modality
 from .objective import ResolvedObjective, self_flow_loss
 from .registry import get_modality
@@ -59,7 +59,7 @@ def build_modality(cfg: RunConfig) -> Modality:
         raise ConfigError("\n".join(lines)) from None
 
 
-def build_model_config(cfg: RunConfig, modality: Modality, uses_teacher: bool) -> MMDiTConfig:
+def build_model_config(cfg: RunConfig, modality: Modality, uses_teacher: bool) -> Any:
     """The backbone config with the modality's projections, classes and (if needed) a projector."""
     update: dict[str, Any] = {"modalities": {modality.name: modality.token_channels},
                               "num_classes": modality.num_classes}
@@ -111,11 +111,11 @@ class Trainer:
         bf16 = tc.precision == "bf16"
 
         torch.manual_seed(tc.seed)
-        raw = MMDiT(self.model_cfg).to(self.device)
+        raw = build_backbone(self.model_cfg).to(self.device)
         raw.activation_checkpointing = tc.activation_checkpointing
         ema = make_ema(raw)
         if tc.compile:
-            for block in [*raw.double_blocks, *raw.single_blocks, *ema.double_blocks, *ema.single_blocks]:
+            for block in [*raw.blocks(), *ema.blocks()]:
                 block.compile()
         self.model = parallel.wrap_student(raw, self.strategy, self.dist, bf16)
         self.ema = parallel.wrap_teacher(ema, self.strategy, bf16)
@@ -262,9 +262,8 @@ class Trainer:
         out = {"samples_per_s": samples_s, "tokens_per_s": samples_s * self.tokens_per_sample}
         tc = self.cfg.train
         if tc.peak_tflops:
-            flops = train_step_flops(self.model_cfg, self.tokens_per_sample,
-                                     teacher_layer=self.objective.teacher_layer if self.objective.uses_teacher
-                                     else None, token_channels=self.modality.token_channels)
+            flops = train_step_flops(self.raw, self.tokens_per_sample, teacher_layer=(
+                self.objective.teacher_layer if self.objective.uses_teacher else None))
             out["mfu"] = flops * samples_s / (tc.peak_tflops * 1e12 * self.dist.world_size)
         if self.device.type == "cuda":
             out["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
