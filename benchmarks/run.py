@@ -52,7 +52,7 @@ def main() -> int:
     torch.manual_seed(0)
     peak = gemm_peak_gflops()
     rows = [Row("fp32 GEMM peak (1024³ matmul)", peak, None, None, None, "GFLOP/s")]
-    rows += bench_train_steps(args.quick)
+    rows += bench_train_steps(args.quick, peak)
     rows += bench_modulation_and_early_exit(args.quick)
     rows += optional_rows(args.quick)
     print_table(rows)

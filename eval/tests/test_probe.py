@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from selfflow.eval.probe import probe_features, probe_metrics, reference_stats, train_shapes_probe
+from selfflow.image.synthetic_shapes import render_batch
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SELFFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield train_shapes_probe()
+
+
+def test_probe_recognises_real_classes_and_is_cached(probe):
+    images, labels = render_batch(11, range(500))
+    _, preds = probe_features(probe, images)
+    assert (preds == labels).float().mean() > 0.9
+    from selfflow.eval.probe import _cache_path
+
+    path = _cache_path(0, 400, 32)
+    assert path.is_file()
+    marked = {k: torch.full_like(v, 0.5) for k, v in probe.state_dict().items()}
+    torch.save(marked, path)  # the next call must read this file instead of training
+    again = train_shapes_probe()
+    assert all((v == 0.5).all() for v in again.state_dict().values())
+    torch.save(probe.state_dict(), path)
+
+
+def test_probe_fd_separates_real_from_broken_samples(probe):
+    ref = reference_stats(probe, n=1000)
+    real, labels = render_batch(12, range(500))
+    good = probe_metrics(real, labels, probe, ref)
+    blurred = torch.nn.functional.avg_pool2d(real, 5, stride=1, padding=2)
+    noisy = (real + 0.5 * torch.randn_like(real)).clamp(-1, 1)
+    wrong = probe_metrics(real, (labels + 1) % 10, probe, ref)
+    assert good["probe_acc"] > 0.9 and wrong["probe_acc"] < 0.1
+    assert good["probe_fd"] < 0.2 * probe_metrics(blurred, labels, probe, ref)["probe_fd"]
+    assert good["probe_fd"] < 0.2 * probe_metrics(noisy, labels, probe, ref)["probe_fd"]
