@@ -37,3 +37,17 @@ def test_probe_fd_separates_real_from_broken_samples(probe):
     assert good["probe_acc"] > 0.9 and wrong["probe_acc"] < 0.1
     assert good["probe_fd"] < 0.2 * probe_metrics(blurred, labels, probe, ref)["probe_fd"]
     assert good["probe_fd"] < 0.2 * probe_metrics(noisy, labels, probe, ref)["probe_fd"]
+
+
+def test_online_evaluation_during_training(probe, tmp_path):
+    from selfflow.core.config import load_config
+    from selfflow.core.metrics import read_metrics
+    from selfflow.core.trainer import Trainer
+
+    cfg = load_config(None, ["model.preset=tiny", "model.depth_single=1", "train.batch_size=4", "train.steps=4",
+                             "train.eval_every=2", "train.eval_samples=20", "sample.steps=2",
+                             "sample.num_samples=10", f"output_dir={tmp_path}", "name=online"])
+    Trainer(cfg, progress=False).fit()
+    evals = [r for r in read_metrics(tmp_path / "online" / "metrics.jsonl") if "probe_fd" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["probe_fd"] > 0 and 0 <= r["probe_acc"] <= 1 for r in evals)

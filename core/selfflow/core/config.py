@@ -7,11 +7,12 @@ instead of a silently ignored setting. The resolved config is written to the run
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
+from .dit import DiTConfig
 from .mmdit import MMDiTConfig
 from .objective import ObjectiveConfig
 from .sampler import SamplerConfig
@@ -57,6 +58,8 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
     keep_last: int = Field(2, ge=1)
     plot_every: int = Field(100, ge=1)
+    eval_every: int = Field(0, ge=0, description="online evaluation period (0: off); needs an evaluator")
+    eval_samples: int = Field(200, ge=1, description="samples generated for each online evaluation")
     parallel: Literal["auto", "none", "ddp", "fsdp2"] = Field("auto", description="auto: ddp with >1 rank")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_nonfinite_steps: int = Field(10, ge=1, description="abort after this many non-finite steps in a row")
@@ -74,10 +77,20 @@ class SampleConfig(SamplerConfig):
     use_ema: bool = True
 
 
+def _arch(value: Any) -> str:
+    """``model.arch``, defaulting to the MMDiT when the key is absent."""
+    return value.get("arch", "mmdit") if isinstance(value, dict) else getattr(value, "arch", "mmdit")
+
+
+ModelConfig = Annotated[Annotated[MMDiTConfig, Tag("mmdit")] | Annotated[DiTConfig, Tag("dit")],
+                        Discriminator(_arch)]
+_ARCH_TAGS = ("mmdit", "dit")
+
+
 class RunConfig(_Section):
     name: str = "run"
     output_dir: str = "runs"
-    model: MMDiTConfig = Field(default_factory=MMDiTConfig)
+    model: ModelConfig = Field(default_factory=MMDiTConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -93,7 +106,10 @@ class RunConfig(_Section):
 def _format_errors(err: ValidationError, source: str, raw: dict[str, Any]) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        loc = list(e["loc"])
+        if len(loc) > 1 and loc[0] == "model" and loc[1] in _ARCH_TAGS:
+            del loc[1]  # the union's tag is not a key the user wrote
+        key = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (value {e['input']!r})")
         else:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel
 
@@ -68,6 +69,21 @@ class Modality(ABC):
     def class_names(self) -> list[str]:
         return []
 
+    @property
+    def evaluator(self) -> str | None:
+        """Name of the online evaluator suited to this modality's data (``selfflow.evaluators``), if any."""
+        return None
+
+    @property
+    def context_dim(self) -> int:
+        """Width ``Dc`` of the text context ``(B, Lc, Dc)`` this modality conditions on (0: no text).
+
+        The trainer builds the backbone's context stream with this width; a text-conditioned modality's
+        :meth:`encode` returns ``Conditioning(context, context_mask)`` and its :meth:`sample_conditions`
+        the captions' context plus a null (empty-caption) context for CFG.
+        """
+        return 0
+
     # --- data -------------------------------------------------------------------------------------
     @abstractmethod
     def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataStream:
@@ -102,3 +118,15 @@ class Modality(ABC):
     @abstractmethod
     def save_samples(self, media: torch.Tensor, labels: torch.Tensor | None, path: Path) -> Path:
         """Write decoded samples (a PNG grid, MP4s, WAVs …) and return the file written."""
+
+    # --- many samples (``selfflow sample --num N``) -----------------------------------------------------
+    def write_sample(self, media: torch.Tensor, label: int | None, path: Path) -> Path:
+        """Write one decoded sample (no batch dimension) at ``path`` plus a suffix; return the file.
+        The default uses the batch writer on a batch of one; modalities override it with a native file."""
+        labels = None if label is None else torch.tensor([label])
+        return self.save_samples(media[None], labels, path)
+
+    def evaluation_array(self, media: torch.Tensor) -> np.ndarray | None:
+        """Decoded batch → the array an evaluator reads (images: uint8 ``(B, H, W, 3)`` for ADM's ``.npz``);
+        ``None`` when this modality has no such format."""
+        return None

@@ -4,7 +4,9 @@ Packages advertise themselves through Python entry points:
 
 - group ``selfflow.modalities``: ``name = "package.module:ModalityClass"`` (a :class:`Modality` subclass);
 - group ``selfflow.commands``: ``name = "package.module:register"``, a function ``register(subparsers)``
-  that adds a subcommand to the ``selfflow`` CLI.
+  that adds a subcommand to the ``selfflow`` CLI;
+- group ``selfflow.evaluators``: ``name = "package.module:Factory"``, ``Factory(modality)`` returning a
+  callable ``(media, labels) → {metric: value}`` used for online evaluation during training.
 
 Tests and notebooks can also call :func:`register_modality` directly.
 """
@@ -50,3 +52,12 @@ def get_modality(name: str) -> type[Modality]:
 def command_registrars() -> dict[str, Any]:
     """``name → register(subparsers)`` for every installed CLI extension."""
     return {name: ep.load() for name, ep in sorted(_entry_points("selfflow.commands").items())}
+
+
+def get_evaluator(name: str):
+    """The evaluator factory registered as ``name`` (see the module docstring)."""
+    eps = _entry_points("selfflow.evaluators")
+    if name not in eps:
+        raise KeyError(f"unknown evaluator {name!r}; installed: {sorted(eps) or 'none'} "
+                       "(the eval package registers them under the 'selfflow.evaluators' group)")
+    return eps[name].load()

@@ -31,7 +31,7 @@ from .generate import generate
 from .metrics import MetricsLogger, plot_losses
 from .modality import Batch, Modality
 from .objective import ResolvedObjective, self_flow_loss
-from .registry import get_modality
+from .registry import get_evaluator, get_modality
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,9 +60,10 @@ def build_modality(cfg: RunConfig) -> Modality:
 
 
 def build_model_config(cfg: RunConfig, modality: Modality, uses_teacher: bool) -> Any:
-    """The backbone config with the modality's projections, classes and (if needed) a projector."""
+    """The backbone config with the modality's projections, classes, text-context width and (if needed)
+    a projector."""
     update: dict[str, Any] = {"modalities": {modality.name: modality.token_channels},
-                              "num_classes": modality.num_classes}
+                              "num_classes": modality.num_classes, "context_dim": modality.context_dim}
     if not uses_teacher:
         update["projector_mult"] = 0.0
     return cfg.model.model_copy(update=update)
@@ -257,6 +258,25 @@ class Trainer:
             barrier()
         return path
 
+    def evaluate(self) -> dict[str, float]:
+        """Online evaluation: generate ``train.eval_samples`` with the EMA and score them with the
+        modality's evaluator (e.g. probe-FD on synthetic shapes). Empty if the modality has none."""
+        name = self.modality.evaluator
+        if name is None:
+            return {}
+        if getattr(self, "_evaluator", None) is None:
+            self._evaluator = get_evaluator(name)(self.modality)
+        s = self.cfg.sample
+        model = self.ema if s.use_ema else self.model
+        if self.strategy != "fsdp2" and not self.dist.is_main:
+            barrier()
+            return {}
+        media, labels = generate(model, self.modality, self.cfg.train.eval_samples, s, s.seed + 1, self.device)
+        out = self._evaluator(media, labels) if self.dist.is_main else {}
+        if self.strategy != "fsdp2":
+            barrier()
+        return out
+
     def _throughput(self, seconds: float, steps: int) -> dict[str, float]:
         samples_s = steps * self.global_batch / max(seconds, 1e-9)
         out = {"samples_per_s": samples_s, "tokens_per_s": samples_s * self.tokens_per_sample}
@@ -316,6 +336,11 @@ class Trainer:
                     plot_losses(logger.path, self.run_dir / "loss.png")
                 if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
                     self.write_samples()
+                if tc.eval_every and (self.step % tc.eval_every == 0 or self.step == tc.steps):
+                    scores = self.evaluate()
+                    if logger is not None and scores:
+                        logger.log({"step": self.step, **scores})
+                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
                     self.save()
         finally:

@@ -108,3 +108,16 @@ def probe_metrics(images: torch.Tensor, labels: torch.Tensor | None, probe: Shap
     if labels is not None:
         out["probe_acc"] = float((preds == labels.cpu()).float().mean())
     return out
+
+
+class ShapesProbeEvaluator:
+    """Online evaluator for runs on synthetic shapes (entry point ``shapes_probe``): probe-FD and
+    conditional accuracy of generated samples; the probe and the reference statistics are built once."""
+
+    def __init__(self, modality=None):
+        size = getattr(getattr(modality, "options", None), "image_size", 32)
+        self.probe = train_shapes_probe(image_size=size)
+        self.reference = reference_stats(self.probe, image_size=size)
+
+    def __call__(self, media: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+        return probe_metrics(media, labels, self.probe, self.reference)

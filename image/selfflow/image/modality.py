@@ -77,6 +77,10 @@ class ImageModality(Modality):
     def class_names(self) -> list[str]:
         return CLASS_NAMES
 
+    @property
+    def evaluator(self) -> str | None:
+        return "shapes_probe" if self.options.dataset == "synthetic_shapes" else None
+
     def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataStream:
         return SyntheticShapesStream(batch_size, self.options.data_seed, self.options.image_size, rank, world_size)
 
