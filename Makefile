@@ -4,16 +4,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.selfflow-setup
-PACKAGES := core image video audio robotics eval
+PACKAGES := core text image video audio robotics eval
 PYPROJECTS := $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 TORCH_STACK := torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
-DEV_TOOLS := pytest pytest-timeout ruff scipy
+DEV_TOOLS := pytest pytest-timeout ruff scipy torch-fidelity==0.4.0
 NPROC ?= 1
 CONFIG ?=
 ARGS ?=
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup test lint train-image bench clean-venv
+.PHONY: help setup test lint train-image train-video train-audio eval bench clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -41,6 +41,15 @@ LAUNCH = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc
 
 train-image: setup  ## train the tiny Self-Flow model on synthetic shapes (CPU, < 10 min)
 	$(LAUNCH) train --config $(or $(CONFIG),configs/tiny/image.yaml) $(ARGS)
+
+train-video: setup  ## train the tiny model on synthetic moving shapes, writes MP4/GIF samples (CPU)
+	$(LAUNCH) train --config $(or $(CONFIG),configs/tiny/video.yaml) $(ARGS)
+
+train-audio: setup  ## train the tiny caption-conditioned model on synthetic chords, writes WAV (CPU)
+	$(LAUNCH) train --config $(or $(CONFIG),configs/tiny/audio.yaml) $(ARGS)
+
+eval: setup  ## probe-FD / accuracy of a run on synthetic shapes (RUN=runs/tiny-image)
+	$(VENV)/bin/selfflow eval probe --run $(or $(RUN),runs/tiny-image) $(ARGS)
 
 bench: setup  ## speed benchmarks: a table and bench.json
 	$(PY) benchmarks/run.py $(ARGS)

@@ -51,3 +51,17 @@ def test_online_evaluation_during_training(probe, tmp_path):
     evals = [r for r in read_metrics(tmp_path / "online" / "metrics.jsonl") if "probe_fd" in r]
     assert [r["step"] for r in evals] == [2, 4]
     assert all(r["probe_fd"] > 0 and 0 <= r["probe_acc"] <= 1 for r in evals)
+
+
+def test_probe_cli_scores_a_run(probe, tmp_path, capsys):
+    import json
+
+    from selfflow.core.cli import main
+
+    sets = ["model.preset=tiny", "model.depth_single=1", "train.batch_size=4", "train.steps=2",
+            "sample.num_samples=10", "sample.steps=2", f"output_dir={tmp_path}", "name=cli"]
+    assert main(["train", "--no-progress", *[a for s in sets for a in ("--set", s)]]) == 0
+    assert main(["eval", "probe", "--run", str(tmp_path / "cli"), "--num", "30", "--steps", "2"]) == 0
+    result = json.loads((tmp_path / "cli" / "probe_metrics.json").read_text())
+    assert result["num_samples"] == 30 and result["probe_fd"] > 0 and "not FID" in result["protocol"]
+    assert "probe_fd" in capsys.readouterr().out

@@ -1,0 +1,160 @@
+"""Image sources for the ADM metrics: ADM ``.npz`` batches and image folders.
+
+ADM batch files hold ``arr_0``: uint8 (N, H, W, 3). Reference batches (e.g.
+``VIRTUAL_imagenet256_labeled.npz``) also carry precomputed statistics ``mu``/``sigma`` (pool_3) and
+``mu_s``/``sigma_s`` (spatial). Our own statistics files (``selfflow eval stats``) use the same keys
+plus ``count``/``count_s`` and optionally ``pool_3`` features (for precision/recall).
+
+``arr_0`` is streamed from the zip member batch by batch (also for ``savez_compressed`` files), so a
+50k×256² batch (~10 GB) never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+class ImageSource:
+    """A sized collection of uint8 RGB images that yields NHWC batches of a contiguous index range."""
+
+    path: Path
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+
+def _read_exact(f: IO[bytes], size: int, what: str) -> bytearray:
+    data = bytearray()
+    while len(data) < size:
+        chunk = f.read(size - len(data))
+        if not chunk:
+            raise ValueError(f"{what}: truncated, expected {size} bytes, got {len(data)}")
+        data += chunk
+    return data  # a bytearray: np.frombuffer gives a writable array
+
+
+@contextmanager
+def _open_member(path: Path, key: str) -> Iterator[tuple[IO[bytes], tuple[int, ...], np.dtype, bool]]:
+    with zipfile.ZipFile(path) as zf:
+        name = f"{key}.npy"
+        if name not in zf.namelist():
+            keys = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
+            raise KeyError(f"{path}: no array {key!r} (arrays: {keys})")
+        with zf.open(name) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"{path}:{key}: unsupported .npy format version {version}")
+            yield f, shape, dtype, fortran
+
+
+def npz_keys(path: str | os.PathLike[str]) -> list[str]:
+    with zipfile.ZipFile(path) as zf:
+        return sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
+
+
+class NpzImages(ImageSource):
+    """``arr_0`` (uint8, N×H×W×3) of an ADM batch file, read lazily."""
+
+    def __init__(self, path: str | os.PathLike[str], key: str = "arr_0") -> None:
+        self.path, self.key = Path(path), key
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no such npz file: {self.path}")
+        with _open_member(self.path, key) as (_, shape, dtype, fortran):
+            if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+                raise ValueError(f"{self.path}: {key!r} must be uint8 (N, H, W, 3) images, "
+                                 f"got {dtype} {tuple(shape)}")
+            self.shape, self.fortran = tuple(shape), fortran
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        stop = len(self) if stop is None else min(stop, len(self))
+        if self.fortran:  # rare; cannot stream row-major slices
+            with np.load(self.path) as z:
+                arr = z[self.key]
+            for i in range(start, stop, batch_size):
+                yield np.ascontiguousarray(arr[i:min(i + batch_size, stop)])
+            return
+        item = int(np.prod(self.shape[1:]))
+        with _open_member(self.path, self.key) as (f, _, _, _):
+            skip = start * item  # zip members are not seekable when compressed: read through
+            while skip > 0:
+                skip -= len(_read_exact(f, min(skip, 1 << 24), str(self.path)))
+            for i in range(start, stop, batch_size):
+                n = min(batch_size, stop - i)
+                data = _read_exact(f, n * item, f"{self.path}:{self.key}")
+                yield np.frombuffer(data, dtype=np.uint8).reshape(n, *self.shape[1:])
+
+
+class FolderImages(ImageSource):
+    """PNG/JPEG/... files under a directory (recursive, sorted by relative path), converted to RGB."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"no such image directory: {self.path}")
+        self.files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise ValueError(f"{self.path}: no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, i: int) -> np.ndarray:
+        with Image.open(self.files[i]) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        stop = len(self) if stop is None else min(stop, len(self))
+        for i in range(start, stop, batch_size):
+            imgs = [self.load(j) for j in range(i, min(i + batch_size, stop))]
+            first = imgs[0].shape
+            for j, im in enumerate(imgs):
+                if im.shape != first:
+                    raise ValueError(f"images must share one size: {self.files[i + j]} is {im.shape[1]}x"
+                                     f"{im.shape[0]}, {self.files[i]} is {first[1]}x{first[0]}")
+            yield np.stack(imgs)
+
+
+def open_images(path: str | os.PathLike[str]) -> ImageSource:
+    """An image folder or an ``.npz`` with ``arr_0``."""
+    p = Path(path)
+    if p.is_dir():
+        return FolderImages(p)
+    if p.suffix == ".npz":
+        return NpzImages(p)
+    if not p.exists():
+        raise FileNotFoundError(f"no such image folder or npz file: {p}")
+    raise ValueError(f"{p}: expected an image directory or an .npz file with 'arr_0'")
+
+
+def read_reference_stats(path: str | os.PathLike[str]) -> dict[str, np.ndarray] | None:
+    """``mu``/``sigma``/``mu_s``/``sigma_s`` (float64) if all four are stored in the npz, else None."""
+    keys = set(npz_keys(path))
+    if not set(STAT_KEYS) <= keys:
+        return None
+    with np.load(path) as z:
+        out = {k: z[k].astype(np.float64) for k in STAT_KEYS}
+        for k in ("count", "count_s"):
+            if k in keys:
+                out[k] = z[k]
+    return out

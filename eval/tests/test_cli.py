@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+from selfflow.eval import adm_eval, cli
+from selfflow.eval.adm_metrics import inception_score, precision_recall
+from selfflow.eval.inception import WEIGHTS_URL
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="selfflow")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory, make_images) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    ref_imgs, smp_imgs = make_images(4, 32, 32, seed=21), make_images(5, 32, 32, seed=22)
+    (root / "ref").mkdir()
+    for i, im in enumerate(ref_imgs):
+        Image.fromarray(im).save(root / "ref" / f"{i}.png")
+    np.savez(root / "samples.npz", arr_0=smp_imgs)
+    return {"root": root, "ref_dir": root / "ref", "samples": root / "samples.npz",
+            "ref_imgs": ref_imgs, "smp_imgs": smp_imgs}
+
+
+@pytest.fixture(scope="module")
+def tf_features(data, inception_weights: Path) -> dict[str, np.ndarray]:
+    """Independent features from torch-fidelity's extractor with the same weights."""
+    ext = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                      feature_extractor_weights_path=str(inception_weights))
+    captured = {}
+    ext.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.__setitem__("c", o))
+    out = {}
+    for name in ("ref", "smp"):
+        x = torch.from_numpy(data[f"{name}_imgs"]).permute(0, 3, 1, 2).contiguous()
+        with torch.no_grad():
+            pool, logits = ext(x)
+        c = captured["c"]
+        out[name] = (pool.double().numpy(), logits.numpy(),
+                     c[:, :7].permute(0, 2, 3, 1).reshape(len(x), -1).double().numpy())
+    return out
+
+
+class FDSpy:
+    """Stands in for frechet_distance: records its arguments and returns preset values.
+
+    The 2048-d FD costs seconds on CI CPUs and is validated against scipy in test_frechet.py; here
+    we check what the CLI feeds it (which statistics, in which order) and where the result goes."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.calls: list[tuple[np.ndarray, ...]] = []
+        self.values = values
+
+    def __call__(self, mu1, sigma1, mu2, sigma2) -> float:
+        self.calls.append((np.asarray(mu1), np.asarray(sigma1), np.asarray(mu2), np.asarray(sigma2)))
+        return self.values[len(self.calls) - 1]
+
+
+def assert_stats_close(mu, sigma, feats: np.ndarray) -> None:
+    ref_sigma = np.cov(feats, rowvar=False)
+    np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-4, atol=1e-5 * np.abs(feats).max())
+    np.testing.assert_allclose(sigma, ref_sigma, rtol=1e-3, atol=1e-4 * np.abs(ref_sigma).max())
+
+
+def test_stats_then_adm_matches_independent_computation(data, inception_weights: Path, tf_features,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    root = data["root"]
+    spy = FDSpy([3.5, 4.5])
+    monkeypatch.setattr(adm_eval, "frechet_distance", spy)
+    assert run(["eval", "stats", str(data["ref_dir"]), "--out", str(root / "ref_stats.npz"),
+                "--inception", str(inception_weights), "--keep-features", "--no-progress"]) == 0
+    with np.load(root / "ref_stats.npz") as z:
+        assert {"mu", "sigma", "mu_s", "sigma_s", "count", "count_s", "pool_3"} <= set(z.files)
+        assert z["sigma"].shape == (2048, 2048) and z["sigma_s"].shape == (2023, 2023) and int(z["count"]) == 4
+
+    out = root / "metrics.json"
+    assert run(["eval", "adm", str(root / "ref_stats.npz"), str(data["samples"]), "--inception",
+                str(inception_weights), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for label in ("Inception Score:", "FID:", "sFID:", "Precision:", "Recall:"):
+        assert label in printed
+    m = json.loads(out.read_text())
+    assert {"fid", "sfid", "is", "precision", "recall", "protocol", "weights"} <= set(m)
+    assert m["weights"][0]["sha256"] and m["weights"][0]["url"] == WEIGHTS_URL
+    assert m["num_samples"] == 5 and m["num_ref_images"] == 4
+
+    # FD inputs = (samples, ref) statistics of the independent features; FD itself: test_frechet.py
+    (rp, _, rs), (sp, sl, ss) = tf_features["ref"], tf_features["smp"]
+    (mu_a, sig_a, mu_b, sig_b), (mus_a, sigs_a, mus_b, sigs_b) = spy.calls
+    assert_stats_close(mu_a, sig_a, sp)
+    assert_stats_close(mu_b, sig_b, rp)
+    assert_stats_close(mus_a, sigs_a, ss)
+    assert_stats_close(mus_b, sigs_b, rs)
+    assert (m["fid"], m["sfid"]) == (3.5, 4.5)
+    assert m["is"] == pytest.approx(inception_score(sl), rel=1e-4)
+    pr = precision_recall(torch.from_numpy(rp).float(), torch.from_numpy(sp).float())
+    assert (m["precision"], m["recall"]) == (pr.precision, pr.recall)
+
+
+def test_adm_reference_batch_uses_stored_statistics(data, inception_weights: Path, tf_features,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like ADM: ref mu/sigma from the file (not from its arr_0, which only feeds precision/recall)."""
+    root = data["root"]
+    spy = FDSpy([11.0, 22.0])
+    monkeypatch.setattr(adm_eval, "frechet_distance", spy)
+    rng = np.random.default_rng(0)
+    mu, mu_s = rng.uniform(0, 1, 2048), rng.uniform(0, 1, 2023)
+    np.savez(root / "VIRTUAL_ref.npz", arr_0=data["ref_imgs"], mu=mu, sigma=np.eye(2048) * 0.01,
+             mu_s=mu_s, sigma_s=np.eye(2023) * 0.01)
+    out = root / "m2.json"
+    assert run(["eval", "adm", str(root / "VIRTUAL_ref.npz"), str(data["samples"]), "--inception",
+                str(inception_weights), "--out", str(out), "--no-progress", "--fp32-distances"]) == 0
+    m = json.loads(out.read_text())
+    (rp, _, _), (sp, _, ss) = tf_features["ref"], tf_features["smp"]
+    (mu_a, sig_a, mu_b, sig_b), (mus_a, sigs_a, mus_b, sigs_b) = spy.calls
+    assert_stats_close(mu_a, sig_a, sp)
+    assert_stats_close(mus_a, sigs_a, ss)
+    np.testing.assert_array_equal(mu_b, mu)
+    np.testing.assert_array_equal(sig_b, np.eye(2048) * 0.01)
+    np.testing.assert_array_equal(mus_b, mu_s)
+    np.testing.assert_array_equal(sigs_b, np.eye(2023) * 0.01)
+    assert (m["fid"], m["sfid"]) == (11.0, 22.0)
+    pr = precision_recall(torch.from_numpy(rp).float(), torch.from_numpy(sp).float(), fp16=False)
+    assert (m["precision"], m["recall"]) == (pr.precision, pr.recall)
+    assert "fp32" in m["protocol"]["precision_recall"]
+    assert math.isfinite(m["is"]) and m["is"] >= 1.0
+
+
+def test_errors_are_clear(data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("SELFFLOW_WEIGHTS", raising=False)
+    assert run(["eval", "adm", str(data["ref_dir"]), str(data["samples"]), "--inception",
+                str(tmp_path / "missing.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.pth" in err and WEIGHTS_URL in err
+    assert run(["eval"]) == 1  # no metric given: help on stderr
+
+
+def test_registered_with_core_cli() -> None:
+    from selfflow.core.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["eval", "adm", "ref.npz", "samples.npz", "--out", "m.json"])
+    assert args.func is cli.cmd_adm and args.out == Path("m.json")
+    args = parser.parse_args(["eval", "stats", "dir", "--out", "s.npz"])
+    assert args.func is cli.cmd_stats
+
+
+def test_broken_metric_module_does_not_break_the_cli(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(cli.EVAL_SUBCOMMANDS, "fvd", "selfflow.eval.no_such_module:add_parser")
+    assert run(["eval", "fvd"]) == 2
+    assert "no_such_module" in capsys.readouterr().err
+    assert run(["eval"]) == 1  # the other subcommands are still there
