@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from benchmarks.dit_bench import bench_dit
 from benchmarks.timing import Row, gemm_peak_gflops
 from benchmarks.train_step import bench_modulation_and_early_exit, bench_train_steps
 
@@ -54,6 +55,7 @@ def main() -> int:
     rows = [Row("fp32 GEMM peak (1024³ matmul)", peak, None, None, None, "GFLOP/s")]
     rows += bench_train_steps(args.quick, peak)
     rows += bench_modulation_and_early_exit(args.quick)
+    rows += bench_dit(args.quick)
     rows += optional_rows(args.quick)
     print_table(rows)
     meta = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
+from .dit import DiT, DiTConfig
 from .mmdit import MMDiT, MMDiTConfig
 
-BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {"mmdit": (MMDiTConfig, MMDiT)}
+BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {"mmdit": (MMDiTConfig, MMDiT), "dit": (DiTConfig, DiT)}
 
 
 def register_backbone(arch: str, config_cls: type, module_cls: type[nn.Module]) -> None:
@@ -32,3 +34,10 @@ def build_backbone(cfg: Any) -> nn.Module:
     except KeyError:
         raise ValueError(f"unknown model.arch {cfg.arch!r}; known: {sorted(BACKBONES)}") from None
     return module_cls(cfg)
+
+
+def count_parameters(cfg: Any) -> int:
+    """Parameters of the backbone ``cfg`` describes (fixed tables included), counted on the meta device."""
+    with torch.device("meta"):
+        model = build_backbone(cfg)
+    return sum(p.numel() for p in model.parameters())

@@ -17,6 +17,8 @@ EPILOG = """examples:
   selfflow train --config configs/tiny/image.yaml
   selfflow train --config configs/tiny/image.yaml --set objective.kind=flow_matching --set name=tiny-fm
   selfflow sample --run runs/tiny-image --num 40 --cfg-scale 3 --out grid.png
+  torchrun --nproc_per_node=8 -m selfflow.core.cli sample --official-ckpt selfflow_imagenet256.pt \
+      --vae sd-vae-ft-ema --solver sde --steps 250 --num-samples 50000 --out-dir samples/selfflow
 """
 
 
@@ -56,6 +58,33 @@ def _cmd_modalities(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_sample_arguments(smp: argparse.ArgumentParser) -> None:
+    # --run-dir / --num-samples: spellings that torchrun's own parser does not mistake for --run-path/--numa-…
+    smp.add_argument("--run", "--run-dir", dest="run", type=Path, help="run directory (holds config.yaml)")
+    smp.add_argument("--num", "--num-samples", dest="num", type=int,
+                     help="number of samples (default: 40 for a grid, 50000 with --out-dir)")
+    smp.add_argument("--steps", type=int, help="ODE steps / SDE model calls (default: the run's sample.steps)")
+    smp.add_argument("--solver", choices=["euler", "heun", "sde"], help="ODE solver, or the official SDE")
+    smp.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none)")
+    smp.add_argument("--guidance-low", type=float, help="apply CFG for t ≥ this (RF time)")
+    smp.add_argument("--guidance-high", type=float, help="apply CFG for t ≤ this (RF time; official 0.7)")
+    smp.add_argument("--shift", type=float, help="time shift of the ODE grid")
+    smp.add_argument("--seed", type=int, default=0, help="noise seed (same seed → same samples)")
+    smp.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to use")
+    smp.add_argument("--out", type=Path, help="grid path (default: RUN/samples/sample_seed<S>)")
+    smp.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    many = smp.add_argument_group("many samples for evaluation (sharded over torchrun ranks, resumable)")
+    many.add_argument("--out-dir", type=Path, help="write one file per sample and samples_N.npz here")
+    many.add_argument("--batch-size", type=int, default=64, help="samples per forward")
+    many.add_argument("--labels", choices=["random", "balanced"], default="random", help="class labels")
+    many.add_argument("--png", action=argparse.BooleanOptionalAction, default=True, help="per-sample files")
+    many.add_argument("--npz", action=argparse.BooleanOptionalAction, default=True, help="ADM .npz (arr_0)")
+    many.add_argument("--official-ckpt", type=Path, help="a released checkpoint instead of --run")
+    many.add_argument("--checkpoint-kind", help="which installed loader reads it (default: the only one)")
+    many.add_argument("--vae", type=Path, help="local autoencoder directory for --official-ckpt")
+    many.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfflow", description="Train, sample and evaluate Self-Flow models (arXiv 2603.06507).",
@@ -78,17 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     smp = sub.add_parser(
         "sample", help="generate samples from a trained run",
         description="Generate samples from a run directory's EMA weights (ema.safetensors, or the EMA "
-                    "inside the newest checkpoint) and write them with the modality's writer (PNG grid …).")
-    smp.add_argument("--run", type=Path, required=True, help="run directory (holds config.yaml)")
-    smp.add_argument("--num", type=int, default=40, help="number of samples")
-    smp.add_argument("--steps", type=int, help="ODE steps (default: the run's sample.steps)")
-    smp.add_argument("--solver", choices=["euler", "heun"], help="ODE solver")
-    smp.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none)")
-    smp.add_argument("--shift", type=float, help="time shift of the sampling grid")
-    smp.add_argument("--seed", type=int, default=0, help="noise seed (same seed → same samples)")
-    smp.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to use")
-    smp.add_argument("--out", type=Path, help="output path (default: RUN/samples/sample_seed<S>)")
-    smp.add_argument("--device", default="auto", help="auto, cpu or cuda")
+                    "inside the newest checkpoint) and write them with the modality's writer (PNG grid …). "
+                    "With --out-dir: N samples (default 50000) as files plus an ADM .npz, sharded over "
+                    "torchrun ranks and resumable; --official-ckpt samples a released checkpoint.")
+    add_sample_arguments(smp)
     smp.set_defaults(func=_cmd_sample)
 
     mods = sub.add_parser("modalities", help="list installed modalities")

@@ -32,3 +32,16 @@ def train_step_flops(model, n_data: int, n_context: int = 0, teacher_layer: int 
     student = 3 * model.forward_flops(n_data, n_context)
     teacher = model.forward_flops(n_data, n_context, upto=teacher_layer) if teacher_layer else 0.0
     return student + teacher
+
+
+def dit_forward_flops(cfg, n_data: int, upto: int | None = None, token_channels: int = 0) -> float:
+    """FLOPs of one sample's DiT forward through blocks ``1 … upto`` (all and the head if None), with the
+    adaLN computed once per sample (one distinct level), as :class:`~selfflow.core.dit.DiT` does."""
+    d, h, n = cfg.hidden_size, cfg.mlp_hidden, n_data
+    per_block = 2 * n * (4 * d * d + 2 * d * h) + 2 * 2 * n * n * d + 2 * 6 * d * d
+    total = 2.0 * token_channels * d * n + 2.0 * (256 * d + d * d)  # patch embed, timestep MLP
+    total += per_block * (cfg.depth if upto is None else upto)
+    if upto is None:
+        out = token_channels * (2 if cfg.learn_sigma else 1)
+        total += 2.0 * d * out * n + 2.0 * d * 2 * d
+    return total

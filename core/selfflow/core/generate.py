@@ -1,4 +1,4 @@
-"""Generate samples of a modality from a backbone: noise → ODE solve → decode."""
+"""Generate samples of a modality from a backbone: noise → ODE/SDE solve → decode."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def generate(model: nn.Module, modality: Modality, n: int, sampler: SamplerConfi
     was_training = model.training
     model.eval()
     try:
-        x = sample(model, noise, ids, cond, sampler, null_cond, modality.name, progress)
+        x = sample(model, noise, ids, cond, sampler, null_cond, modality.name, progress, gen)
     finally:
         model.train(was_training)
     return modality.decode(x.float()), labels

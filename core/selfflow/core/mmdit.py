@@ -37,6 +37,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def apply_preset(data: Any, presets: dict[str, dict[str, Any]], what: str) -> Any:
+    """Fill a raw config dict from ``presets[data["preset"]]``; keys given explicitly win."""
+    if isinstance(data, dict) and data.get("preset") is not None:
+        name = data["preset"]
+        if name not in presets:
+            raise ValueError(f"unknown {what} {name!r}; choose one of {sorted(presets)}")
+        data = {**presets[name], **data}
+    return data
+
+
 class MMDiTConfig(BaseModel):
     """Hyper-parameters of :class:`MMDiT`. ``preset`` fills defaults; explicit keys override it."""
 
@@ -60,12 +70,7 @@ class MMDiTConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") is not None:
-            name = data["preset"]
-            if name not in PRESETS:
-                raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-            data = {**PRESETS[name], **data}
-        return data
+        return apply_preset(data, PRESETS, "model preset")
 
     @model_validator(mode="after")
     def _check(self) -> MMDiTConfig:
@@ -394,11 +399,17 @@ class MMDiT(nn.Module):
         return block(*args)
 
     def _finish_capture(self, captured: dict[int, torch.Tensor], project: bool) -> dict[int, torch.Tensor]:
-        if not project:
-            return captured
-        if self.projector is None:
-            raise RuntimeError("this model was built without a projector (model.projector_mult = 0)")
-        return {k: self.projector(h) for k, h in captured.items()}
+        return project_captured(self.projector, captured, project)
+
+
+def project_captured(projector: nn.Module | None, captured: dict[int, torch.Tensor], project: bool
+                     ) -> dict[int, torch.Tensor]:
+    """Captured hidden states, through the Self-Flow projector when ``project`` (shared by the backbones)."""
+    if not project:
+        return captured
+    if projector is None:
+        raise RuntimeError("this model was built without a projector (model.projector_mult = 0)")
+    return {k: projector(h) for k, h in captured.items()}
 
 
 def count_parameters(cfg: MMDiTConfig) -> int:

@@ -85,6 +85,8 @@ def gather_levels(per_level: torch.Tensor, index: torch.Tensor | None) -> torch.
     """``(B, K, D)`` per-level vectors → ``(B, L, D)`` per-token (or ``(B, 1, D)`` when ``index is None``)."""
     if index is None:
         return per_level[:, :1]
+    if per_level.shape[1] == 2:  # Dual-Timestep Scheduling: a select, whose backward is cheaper than scatter
+        return torch.where(index.unsqueeze(-1).bool(), per_level[:, 1:2], per_level[:, :1])
     return per_level.gather(1, index.unsqueeze(-1).expand(-1, -1, per_level.shape[-1]))
 
 

@@ -4,7 +4,8 @@
 sees per-token noise levels from Dual-Timestep Scheduling; the EMA teacher sees all tokens at ``τ_min`` and
 runs only up to block ``k``, without gradients. Vanilla flow matching is the same function with the mask
 ratio at 0 and ``γ = 0`` (no teacher forward at all); the paper's ablations are other settings of the same
-knobs.
+knobs. REPA aligns the student's projected block-``l`` features with an external frozen encoder's per-token
+features (``tokens.target``, computed by the modality, so core never imports the encoder's library).
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ class ObjectiveConfig(BaseModel):
     - ``flow_matching``: vanilla rectified flow (no mask, γ = 0).
     - ``self_flow_no_mask``: ablation, representation loss without masking (τ = t everywhere).
     - ``self_flow_no_rep``: ablation, Dual-Timestep Scheduling without the representation loss.
+    - ``repa``: flow matching + ``γ·(−cos(proj(h_l), target))`` against ``tokens.target`` (γ default 0.5).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["self_flow", "flow_matching", "self_flow_no_mask", "self_flow_no_rep"] = "self_flow"
+    kind: Literal["self_flow", "flow_matching", "self_flow_no_mask", "self_flow_no_rep", "repa"] = "self_flow"
     mask_ratio: float | None = Field(None, ge=0, le=1, description="None: the modality's default R_M")
-    gamma: float | None = Field(None, ge=0, description="weight of the representation loss (None: 0.8)")
+    gamma: float | None = Field(None, ge=0, description="representation-loss weight (None: 0.8; repa 0.5)")
     student_layer: int | None = Field(None, ge=1, description="None: round(0.3·depth) (paper: 8)")
     teacher_layer: int | None = Field(None, ge=1, description="None: round(0.7·depth) (paper: 20)")
     label_dropout: float = Field(0.1, ge=0, le=1, description="labels → null label, for CFG")
@@ -46,9 +48,10 @@ class ObjectiveConfig(BaseModel):
                 default_timesteps: TimestepDistribution) -> ResolvedObjective:
         """Fill every default for a model of ``depth`` blocks and a modality's defaults."""
         uses_mask = self.kind in ("self_flow", "self_flow_no_rep")
-        uses_rep = self.kind in ("self_flow", "self_flow_no_mask")
+        uses_rep = self.kind in ("self_flow", "self_flow_no_mask", "repa")
         mask_ratio = (default_mask_ratio if self.mask_ratio is None else self.mask_ratio) if uses_mask else 0.0
-        gamma = (0.8 if self.gamma is None else self.gamma) if uses_rep else 0.0
+        default_gamma = 0.5 if self.kind == "repa" else 0.8
+        gamma = (default_gamma if self.gamma is None else self.gamma) if uses_rep else 0.0
         student = self.student_layer or max(1, round(0.3 * depth))
         teacher = self.teacher_layer or max(1, round(0.7 * depth))
         for name, layer in (("student_layer", student), ("teacher_layer", teacher)):
@@ -56,7 +59,8 @@ class ObjectiveConfig(BaseModel):
                 raise ValueError(f"objective.{name} = {layer} but the model has only {depth} blocks")
         return ResolvedObjective(mask_ratio=mask_ratio, gamma=gamma, student_layer=student,
                                  teacher_layer=teacher, label_dropout=self.label_dropout,
-                                 timesteps=self.timesteps or default_timesteps)
+                                 timesteps=self.timesteps or default_timesteps,
+                                 external_target=self.kind == "repa")
 
 
 @dataclass(frozen=True)
@@ -67,23 +71,43 @@ class ResolvedObjective:
     teacher_layer: int
     label_dropout: float
     timesteps: TimestepDistribution
+    external_target: bool = False  # REPA: align with tokens.target instead of the EMA teacher
 
     @property
     def uses_teacher(self) -> bool:
+        return self.gamma > 0 and not self.external_target
+
+    @property
+    def uses_projector(self) -> bool:
         return self.gamma > 0
 
 
 def drop_labels(cond: Conditioning, drop: torch.Tensor | float, null_label: int,
                 generator: torch.Generator | None = None) -> Conditioning:
     """Replace labels by ``null_label`` where ``drop (B,)`` is True — or, given a probability, with that
-    probability (classifier-free guidance)."""
-    if cond.labels is None:
+    probability (classifier-free guidance).
+
+    A text context is dropped the same way, by the empty caption: its tokens are zeroed and masked out
+    (``context_mask`` False), so the data tokens attend to no text at all — the null context that
+    text-conditioned modalities also hand to CFG at sampling time.
+    """
+    if cond.labels is None and cond.context is None:
         return cond
+    ref = cond.labels if cond.labels is not None else cond.context
     if not isinstance(drop, torch.Tensor):
         if drop == 0:
             return cond
-        drop = torch.rand(cond.labels.shape, generator=generator, device=cond.labels.device) < drop
-    return cond.model_copy(update={"labels": torch.where(drop, null_label, cond.labels)})
+        drop = torch.rand(ref.shape[:1], generator=generator, device=ref.device) < drop
+    update: dict[str, torch.Tensor] = {}
+    if cond.labels is not None:
+        update["labels"] = torch.where(drop, null_label, cond.labels)
+    if cond.context is not None:
+        keep = ~drop.to(cond.context.device)
+        mask = cond.context_mask if cond.context_mask is not None else torch.ones(
+            cond.context.shape[:2], dtype=torch.bool, device=cond.context.device)
+        update["context"] = cond.context * keep[:, None, None].to(cond.context.dtype)
+        update["context_mask"] = mask.bool() & keep[:, None]
+    return cond.model_copy(update=update)
 
 
 @dataclass
@@ -127,6 +151,14 @@ def self_flow_loss(student: nn.Module, teacher: nn.Module | None, tokens: Tokens
     x_tau = interpolate(x0, noise, dual.tau)
     target = target_velocity(x0, noise)
 
+    if obj.external_target and obj.gamma > 0:
+        if tokens.target is None:
+            raise ValueError("objective.kind=repa needs per-token encoder features in tokens.target: configure "
+                             "the modality's REPA encoder (e.g. data.options.repa_encoder for images)")
+        pred, feats = student(x_tau, tokens.ids, tau, cond, modality=modality,
+                              capture=(obj.student_layer,), project=True)
+        return _with_alignment(pred, target, feats[obj.student_layer], tokens.target, obj.gamma)
+
     if not obj.uses_teacher:
         pred = student(x_tau, tokens.ids, tau, cond, modality=modality)
         loss_fm = F.mse_loss(pred.float(), target.float())
@@ -140,8 +172,16 @@ def self_flow_loss(student: nn.Module, teacher: nn.Module | None, tokens: Tokens
         x_min = interpolate(x0, noise, dual.tau_min)
         _, t_feats = teacher(x_min, tokens.ids, dual.tau_min, cond, modality=modality,
                              capture=(obj.teacher_layer,), stop_after=obj.teacher_layer)
+    return _with_alignment(pred, target, feats[obj.student_layer], t_feats[obj.teacher_layer], obj.gamma)
+
+
+def _with_alignment(pred: torch.Tensor, target: torch.Tensor, feats: torch.Tensor, aligned_to: torch.Tensor,
+                    gamma: float) -> dict[str, torch.Tensor]:
+    """``MSE + γ·(−cos)`` in fp32 (a cast before normalising avoids the bf16/fp16 NaNs users report)."""
+    if feats.shape != aligned_to.shape:
+        raise ValueError(f"projected features {tuple(feats.shape)} do not match the alignment target "
+                         f"{tuple(aligned_to.shape)}: set the projector's output width to the target's")
     loss_fm = F.mse_loss(pred.float(), target.float())
-    cos = F.cosine_similarity(feats[obj.student_layer].float(), t_feats[obj.teacher_layer].float(), dim=-1)
-    loss_rep = -cos.mean()
-    loss = loss_fm + obj.gamma * loss_rep
+    loss_rep = -F.cosine_similarity(feats.float(), aligned_to.float(), dim=-1).mean()
+    loss = loss_fm + gamma * loss_rep
     return {"loss": loss, "loss_fm": loss_fm.detach(), "loss_rep": loss_rep.detach()}

@@ -61,3 +61,8 @@ def get_evaluator(name: str):
         raise KeyError(f"unknown evaluator {name!r}; installed: {sorted(eps) or 'none'} "
                        "(the eval package registers them under the 'selfflow.evaluators' group)")
     return eps[name].load()
+
+
+def checkpoint_loaders() -> dict[str, Any]:
+    """``name → load(path, options)`` for every installed released-checkpoint loader."""
+    return {name: ep.load() for name, ep in sorted(_entry_points("selfflow.checkpoints").items())}

@@ -1,4 +1,5 @@
-"""ODE samplers in RF time (t = 1 noise → t = 0 data) with classifier-free guidance.
+"""ODE samplers in RF time (t = 1 noise → t = 0 data) with classifier-free guidance; the SDE solver of the
+ImageNet numbers is in :mod:`.sde` and selected here with ``solver: sde``.
 
 A sampler integrates ``dx/dt = v(x, t)`` on a time grid; guidance is a wrapper around the velocity
 function that runs the conditional and unconditional halves in one batched forward, inside a guidance
@@ -7,13 +8,14 @@ interval of t. Same generator seed → same samples.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .mmdit import Conditioning
+from .sde import solve_sde
 from .timesteps import shift_time
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, L, C), t (B,)) → v
@@ -22,9 +24,11 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, L, C
 class SamplerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    solver: Literal["euler", "heun"] = "euler"
-    steps: int = Field(50, ge=1)
-    shift: float = Field(1.0, gt=0, description="time shift of the grid (1: uniform)")
+    solver: Literal["euler", "heun", "sde"] = Field(
+        "euler", description="ODE euler/heun, or sde: Euler–Maruyama as the official ImageNet sampler")
+    steps: int = Field(50, ge=1, description="ODE steps; for sde the model calls (250: 249 SDE + last step)")
+    shift: float = Field(1.0, gt=0, description="time shift of the ODE grid (1: uniform; not used by sde)")
+    last_step_size: float = Field(0.04, gt=0, lt=1, description="sde: deterministic last step to the data")
     cfg_scale: float = Field(1.0, ge=0, description="classifier-free guidance (1: none)")
     guidance_interval: tuple[float, float] = Field((0.0, 1.0), description="apply CFG for t in [lo, hi]")
 
@@ -90,8 +94,13 @@ def guided_velocity(model: Callable, ids: torch.Tensor, cond: Conditioning, null
 
 def sample(model: Callable, noise: torch.Tensor, ids: torch.Tensor, cond: Conditioning,
            cfg: SamplerConfig, null_cond: Conditioning | None = None, modality: str | None = None,
-           progress: Callable[[], None] | None = None) -> torch.Tensor:
-    """Generate from ``noise (B, L, C)`` at t = 1 down to data tokens at t = 0."""
+           progress: Callable[[], None] | None = None,
+           generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """Generate from ``noise (B, L, C)`` at t = 1 down to data tokens at t = 0. ``generator`` drives the
+    SDE's Brownian increments (one, or one per sample)."""
     velocity = guided_velocity(model, ids, cond, null_cond, cfg.cfg_scale, cfg.guidance_interval, modality)
+    if cfg.solver == "sde":
+        guided = cfg.cfg_scale != 1.0 and null_cond is not None  # the official loop carries [null; cond]
+        return solve_sde(velocity, noise, cfg.steps, cfg.last_step_size, generator, 2 if guided else 1, progress)
     grid = time_grid(cfg.steps, cfg.shift, noise.device)
     return solve_ode(velocity, noise, grid, cfg.solver, progress)

@@ -1,9 +1,10 @@
-"""``selfflow sample``: load a run's weights and write samples with the modality's writer."""
+"""``selfflow sample``: a preview grid from a run, or many samples for evaluation (``--out-dir``)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -11,21 +12,25 @@ from safetensors.torch import load_file
 from .backbones import build_backbone
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import ConfigError, load_config
+from .distributed import destroy, init_distributed
 from .generate import generate
+from .registry import checkpoint_loaders
+from .sample_many import SampleManyConfig, sample_many
+from .sampler import SamplerConfig
 from .trainer import build_modality, build_model_config, pick_device
 
 
-def load_run_model(run_dir: Path, weights: str = "ema", device: str = "auto"):
+def load_run_model(run_dir: Path, weights: str = "ema", device: str | torch.device = "auto"):
     """``(model, modality, cfg)`` of a run directory, from ``ema.safetensors`` or the newest checkpoint."""
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory: {cfg_path} is missing")
     cfg = load_config(cfg_path)
     modality = build_modality(cfg)
-    uses_teacher = cfg.objective.resolve(cfg.model.depth, modality.default_mask_ratio,
-                                         modality.default_timesteps).uses_teacher
-    model_cfg = build_model_config(cfg, modality, uses_teacher)
-    dev = pick_device(device)
+    uses_projector = cfg.objective.resolve(cfg.model.depth, modality.default_mask_ratio,
+                                           modality.default_timesteps).uses_projector
+    model_cfg = build_model_config(cfg, modality, uses_projector)
+    dev = pick_device(device) if isinstance(device, str) else device
     model = build_backbone(model_cfg)
     ema_file = run_dir / "ema.safetensors"
     ckpt = latest_checkpoint(run_dir / "checkpoints")
@@ -39,15 +44,60 @@ def load_run_model(run_dir: Path, weights: str = "ema", device: str = "auto"):
     return model.to(dev).eval(), modality, cfg
 
 
-def run_sample(args: argparse.Namespace) -> int:
-    model, modality, cfg = load_run_model(args.run, args.weights, args.device)
+def _load_official(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, SamplerConfig]:
+    loaders = checkpoint_loaders()
+    if not loaders:
+        raise ConfigError("--official-ckpt needs a package that registers a 'selfflow.checkpoints' loader "
+                          "(pip install -e ./image)")
+    name = args.checkpoint_kind or next(iter(loaders))
+    if name not in loaders:
+        raise ConfigError(f"unknown checkpoint kind {name!r}; installed: {sorted(loaders)}")
+    return loaders[name](args.official_ckpt, {"vae": args.vae, "device": device})
+
+
+def _sampler(base: SamplerConfig, args: argparse.Namespace) -> SamplerConfig:
     update = {k: v for k, v in {"steps": args.steps, "solver": args.solver, "cfg_scale": args.cfg_scale,
                                 "shift": args.shift}.items() if v is not None}
-    sampler = cfg.sample.model_copy(update=update)
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        media, labels = generate(model, modality, args.num, sampler, args.seed, device)
-    out = args.out or args.run / "samples" / f"sample_seed{args.seed}"
-    path = modality.save_samples(media, labels, out)
-    print(f"wrote {path}")
+    if args.guidance_high is not None or args.guidance_low is not None:
+        lo, hi = base.guidance_interval
+        update["guidance_interval"] = (args.guidance_low if args.guidance_low is not None else lo,
+                                       args.guidance_high if args.guidance_high is not None else hi)
+    return SamplerConfig.model_validate({**base.model_dump(include=set(SamplerConfig.model_fields)), **update})
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    many = args.out_dir is not None or args.official_ckpt is not None
+    if not many:
+        if args.run is None:
+            raise ConfigError("selfflow sample needs --run RUN (or --official-ckpt PATH --out-dir DIR)")
+        model, modality, cfg = load_run_model(args.run, args.weights, args.device)
+        sampler = _sampler(cfg.sample, args)
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            media, labels = generate(model, modality, args.num or 40, sampler, args.seed, device)
+        out = args.out or args.run / "samples" / f"sample_seed{args.seed}"
+        print(f"wrote {modality.save_samples(media, labels, out)}")
+        return 0
+
+    dist = init_distributed(pick_device(args.device))
+    try:
+        if args.official_ckpt is not None:
+            model, modality, base = _load_official(args, dist.device)
+        elif args.run is not None:
+            model, modality, cfg = load_run_model(args.run, args.weights, dist.device)
+            base = cfg.sample
+        else:
+            raise ConfigError("--out-dir needs --run RUN or --official-ckpt PATH")
+        sampler = _sampler(base, args)
+        out_dir = args.out_dir or ((args.run or Path("samples")) / "samples" / f"eval_seed{args.seed}")
+        opts = SampleManyConfig(num=args.num or 50_000, batch_size=args.batch_size, seed=args.seed,
+                                labels=args.labels, png=args.png, npz=args.npz, out_dir=out_dir)
+        npz = sample_many(model.to(dist.device), modality, sampler, opts, dist, progress=not args.no_progress)
+    finally:
+        destroy()
+    if dist.is_main:
+        print(f"samples in {opts.out_dir}")
+        if npz is not None:
+            print(f"wrote {npz}\nevaluate with (ImageNet 256; ADM's reference batch):\n"
+                  f"  selfflow eval adm VIRTUAL_imagenet256_labeled.npz {npz}")
     return 0

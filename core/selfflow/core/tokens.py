@@ -14,10 +14,12 @@ import torch
 
 @dataclass
 class Tokens:
-    """``x (B, L, C)`` token features and ``ids (B, L, 3)`` integer (t, h, w) positions."""
+    """``x (B, L, C)`` token features and ``ids (B, L, 3)`` integer (t, h, w) positions; ``target (B, L, D)``
+    optionally holds per-token features of an external frozen encoder (the REPA objective's target)."""
 
     x: torch.Tensor
     ids: torch.Tensor
+    target: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.x.ndim != 3 or self.ids.ndim != 3 or self.ids.shape[-1] != 3:
@@ -25,6 +27,8 @@ class Tokens:
                              f"and {tuple(self.ids.shape)}")
         if self.x.shape[:2] != self.ids.shape[:2]:
             raise ValueError(f"x {tuple(self.x.shape)} and ids {tuple(self.ids.shape)} disagree on (B, L)")
+        if self.target is not None and self.target.shape[:2] != self.x.shape[:2]:
+            raise ValueError(f"target {tuple(self.target.shape)} and x {tuple(self.x.shape)} disagree on (B, L)")
 
 
 def grid_ids(t: int, h: int, w: int, batch: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:

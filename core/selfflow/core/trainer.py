@@ -108,7 +108,7 @@ class Trainer:
             self.strategy = parallel.resolve_strategy(tc.parallel, self.dist)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.model_cfg = build_model_config(cfg, self.modality, self.objective.uses_teacher)
+        self.model_cfg = build_model_config(cfg, self.modality, self.objective.uses_projector)
         bf16 = tc.precision == "bf16"
 
         torch.manual_seed(tc.seed)

@@ -22,7 +22,7 @@ CLASSES: list[tuple[str, str]] = [
 CLASS_NAMES = [f"{c} {s}" for c, s in CLASSES]
 
 
-def _shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+def shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
     """Soft (anti-aliased, 1-pixel ramp) coverage of a shape of half-size ``r`` centred at ``(cx, cy)``."""
     dx, dy = xx - cx, yy - cy
     if shape == "square":
@@ -52,7 +52,7 @@ def render_sample(seed: int, index: int, size: int = 32) -> tuple[np.ndarray, in
     rgb = np.clip(np.array(COLOURS[colour]) * rng.uniform(0.85, 1.1), 0, 1)
     background = rng.uniform(0.0, 0.12)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
-    alpha = _shape_mask(shape, xx, yy, cx, cy, r)
+    alpha = shape_mask(shape, xx, yy, cx, cy, r)
     img = background * (1 - alpha) + alpha * rgb[:, None, None]
     return (img * 2 - 1).astype(np.float32), label
 

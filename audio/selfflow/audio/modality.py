@@ -1,0 +1,134 @@
+"""The audio modality: synthetic chords (embedded default, raw waveform) or prepared Oobleck latents; WAV.
+
+Tokens: ids ``(t, 0, 0)``, ``t`` = latent frame (or waveform patch). Defaults for Self-Flow: mask ratio
+R_M = 0.5 (paper) and uniform timesteps shifted towards noise (shift 2.0; override with
+``objective.timesteps``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from selfflow.core.mmdit import Conditioning
+from selfflow.core.modality import Batch, DataStream, Modality
+from selfflow.core.registry import register_modality
+from selfflow.core.timesteps import TimestepDistribution
+from selfflow.core.tokens import Tokens
+from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
+from selfflow.text.encoder import TextEncoderOptions
+from selfflow.text.shards import LatentShardStream, collate_samples, latent_stats, shard_urls
+from selfflow.text.streams import IndexedStream
+
+from .audio_io import write_wav
+from .synthetic_tones import CAPTIONS, render_batch
+from .waveform_codec import WaveformCodec, frames_to_tokens, tokens_to_frames
+
+
+class AudioOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Literal["synthetic_tones", "latent_shards"] = "synthetic_tones"
+    codec: Literal["waveform", "songbloom", "stable_audio"] = Field("waveform", description="latent_shards: an Oobleck VAE")
+    sample_rate: int = Field(8000, ge=1000, description="synthetic tones: Hz")
+    num_samples: int = Field(4096, ge=64, description="synthetic tones: samples per clip")
+    patch: int = Field(64, ge=1, description="waveform samples per token (latents: frames per token)")
+    conditioning: Literal["class", "text"] = "text"
+    text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
+    sample_captions: list[str] | None = Field(None, description="preview prompts (None: the synthetic captions)")
+    shards: str | None = Field(None, description="latent_shards: directory written by `selfflow prepare audio`")
+    vae_dir: str | None = Field(None, description="Oobleck codec: local diffusers-format directory (decoding)")
+    data_seed: int = 0
+
+
+@register_modality
+class AudioModality(CaptionedModalityMixin, Modality):
+    name = "audio"
+    Options = AudioOptions
+    default_mask_ratio = 0.5
+    default_timesteps = TimestepDistribution(kind="uniform", shift=2.0)
+
+    def __init__(self, options: dict[str, Any] | BaseModel | None = None):
+        super().__init__(options)
+        o = self.options
+        self.waveform = None
+        self.info: dict[str, Any] = {}
+        if o.dataset == "latent_shards":
+            if o.codec == "waveform" or not o.shards:
+                raise ValueError("dataset 'latent_shards' needs an Oobleck codec (songbloom | stable_audio) and "
+                                 "shards: the directory written by `selfflow prepare audio`")
+            info = Path(o.shards) / "codec.json"
+            if not info.is_file():
+                raise FileNotFoundError(f"{info} not found: is {o.shards} a `selfflow prepare audio` output?")
+            self.info = json.loads(info.read_text())
+            if self.info.get("latent_mean") is None:  # dataset statistics from the shard reports
+                self.info["latent_mean"], self.info["latent_std"] = latent_stats(o.shards)
+            self.channels, self.length = self.info["latent_shape"]
+            self.patch = o.patch if o.patch <= self.length and self.length % o.patch == 0 else 1
+        else:
+            self.waveform = WaveformCodec(o.num_samples, o.patch)
+            self.channels, self.length, self.patch = 2, o.num_samples, o.patch
+        self._oobleck = None
+        self.conditioner = CaptionConditioner(o.conditioning, CAPTIONS, o.text, o.sample_captions)
+
+    @property
+    def oobleck(self):
+        if self._oobleck is None:
+            from .oobleck_codec import OobleckCodec
+
+            if not self.options.vae_dir:
+                raise ValueError(f"codec {self.options.codec!r} needs data.options.vae_dir to decode samples")
+            self._oobleck = OobleckCodec.from_pretrained(self.options.vae_dir, self.options.codec)
+            self._oobleck.set_stats(self.info["latent_mean"], self.info["latent_std"])
+        return self._oobleck
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.info.get("sample_rate", self.options.sample_rate))
+
+    @property
+    def token_channels(self) -> int:
+        return self.channels * self.patch
+
+    def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataStream:
+        o = self.options
+        if o.dataset == "latent_shards":
+            return LatentShardStream(shard_urls(o.shards), batch_size, collate_samples, seed, rank, world_size)
+
+        def render(indices: range) -> Batch:
+            media, labels, captions = render_batch(o.data_seed, indices, o.sample_rate, o.num_samples)
+            return {"media": media, "labels": labels, "captions": captions}
+
+        return IndexedStream(render, batch_size, rank, world_size)
+
+    def encode(self, batch: Batch, device: torch.device | str) -> tuple[Tokens, Conditioning]:
+        if "latent" in batch:  # raw Oobleck means (B, C, T) → dataset-normalised
+            mean = torch.tensor(self.info["latent_mean"], device=device).view(1, -1, 1)
+            std = torch.tensor(self.info["latent_std"], device=device).view(1, -1, 1)
+            z = (batch["latent"].to(device) - mean) / std
+        else:
+            z = batch["media"].to(device)
+        return frames_to_tokens(z, self.patch), self.conditioner.from_batch(batch, device)
+
+    def sample_ids(self, n: int, device: torch.device | str) -> torch.Tensor:
+        t = torch.arange(self.length // self.patch, device=device)
+        return torch.stack([t, torch.zeros_like(t), torch.zeros_like(t)], -1).expand(n, -1, -1)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        z = tokens_to_frames(x, self.length, self.patch)
+        return z.clamp(-1, 1) if self.waveform is not None else self.oobleck.to(z.device).decode(z)
+
+    def save_samples(self, media: torch.Tensor, labels: torch.Tensor | None, path: Path) -> Path:
+        """One WAV: the samples in order with 0.25 s of silence between them; captions in a .txt."""
+        path = Path(path)
+        gap = torch.zeros(media.shape[1], self.sample_rate // 4)
+        wav = write_wav(torch.cat([torch.cat([m.cpu(), gap], 1) for m in media], 1), path.with_suffix(".wav"),
+                        self.sample_rate)
+        if labels is not None:
+            names = self.class_names
+            path.with_suffix(".txt").write_text("".join(f"{i}: {names[int(k)]}\n" for i, k in enumerate(labels)))
+        return wav

@@ -1,0 +1,61 @@
+"""``selfflow prepare audio``: audio files (+ captions) → Oobleck latents (+ caption embeddings) → shards.
+
+Each item: a ``seconds`` window (random start drawn from ``(seed, item index)``; zero-padded when the
+file is shorter) read at the VAE's sample rate in stereo → the raw posterior mean ``(C, T)`` float16.
+Latent statistics for the normalisation are the per-channel dataset statistics merged from the shard
+reports at training time (:func:`selfflow.text.shards.latent_stats`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from selfflow.text.encoder import build_text_encoder
+from selfflow.text.manifest import MediaItem, PrepareOptions, list_media
+from selfflow.text.shards import write_json, write_shards
+
+from .audio_io import audio_duration, fit_length, read_audio
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".opus")
+
+
+class PrepareAudioOptions(PrepareOptions):
+    codec: Literal["songbloom", "stable_audio"] = "songbloom"
+    vae_dir: str = Field(description="local diffusers-format AutoencoderOobleck directory")
+    seconds: float = Field(10.0, gt=0, description="clip length (the paper: 10 s)")
+    device: str = "cpu"
+
+
+def prepare_audio(options: PrepareAudioOptions | dict[str, Any]) -> dict[str, Any]:
+    """Run this rank's part; returns the counts of :func:`write_shards`."""
+    from .oobleck_codec import OobleckCodec
+
+    opts = PrepareAudioOptions.model_validate(options)
+    codec = OobleckCodec.from_pretrained(opts.vae_dir, opts.codec).to(opts.device)
+    sr = codec.sample_rate
+    n = round(opts.seconds * sr) // codec.hop * codec.hop  # a whole number of latent frames
+    encoder = build_text_encoder(opts.text, opts.device) if opts.text is not None else None
+    items = list_media(opts.input, AUDIO_EXTENSIONS)
+    index = {it.path: i for i, it in enumerate(items)}
+
+    def process(item: MediaItem) -> dict[str, Any]:
+        rng = np.random.default_rng([opts.seed, index[item.path]])
+        start = rng.uniform(0, max(0.0, audio_duration(item.path) - n / sr))
+        wave = fit_length(read_audio(item.path, sr, codec.audio_channels, start, n / sr), n)
+        latent = codec.encode_raw(wave[None].to(opts.device))[0]
+        emb = encoder.encode_unpadded([item.caption or ""])[0] if encoder is not None else None
+        return {"latent": latent, "caption": item.caption, "label": item.label, "emb": emb,
+                "info": {"source": str(item.path), "start_s": start}}
+
+    if opts.rank == 0:
+        write_json(f"{opts.out}/codec.json", {
+            **codec.describe(), "kind": opts.codec, "latent_shape": [codec.latent_channels, n // codec.hop],
+            "latent_mean": None, "latent_std": None,
+            "text": None if encoder is None else {"cache_id": encoder.cache_id, "dim": encoder.dim}})
+    with torch.inference_mode():
+        return write_shards(items, process, opts.out, prefix="audio", shard_size=opts.shard_size,
+                            rank=opts.rank, world_size=opts.world_size)

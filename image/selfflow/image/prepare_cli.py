@@ -1,0 +1,52 @@
+"""``selfflow prepare imagenet`` (registered through the ``selfflow.commands`` entry point group)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from selfflow.core.prepare import prepare_subparsers
+
+
+def _run(args: argparse.Namespace) -> int:
+    from selfflow.core.distributed import barrier, destroy, init_distributed
+    from selfflow.core.trainer import pick_device
+
+    from .prepare_imagenet import PrepareOptions, prepare_imagenet, summarize
+    from .sd_vae import SDVAE
+
+    dist = init_distributed(pick_device(args.device))
+    try:
+        vae = SDVAE.from_pretrained(args.vae, dist.device)
+        opts = PrepareOptions(src=args.src, out=args.out, image_size=args.image_size, shard_size=args.shard_size,
+                              batch_size=args.batch_size, flip=args.flip, store_pixels=args.store_pixels)
+        mine = prepare_imagenet(vae, opts, dist.rank, dist.world_size, progress=not args.no_progress)
+        barrier()
+    finally:
+        destroy()
+    print(f"rank {dist.rank}: {mine['shards']} shard(s) written, {mine['already_done']} already done, "
+          f"{mine['written']} images, {mine['skipped']} skipped")
+    if dist.is_main:
+        total = summarize(args.out)
+        print(f"{args.out}: {total['written']} images in shards, {total['skipped']} unreadable images skipped "
+              "(listed in stats/*.json)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = prepare_subparsers(subparsers).add_parser(
+        "imagenet", help="ImageNet train folder → SD-VAE latent moments in webdataset shards",
+        description="ADM centre crop, SD-VAE posterior mean and std (optionally of the mirrored image too), "
+                    "label → webdataset shards. Run under torchrun to split the shards over ranks; run again "
+                    "to finish an interrupted preparation.")
+    p.add_argument("--src", type=Path, required=True, help="ImageNet train directory (one folder per class)")
+    p.add_argument("--out", type=Path, required=True, help="output directory for shard-XXXXXX.tar")
+    p.add_argument("--vae", type=Path, required=True, help="local diffusers AutoencoderKL directory")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward")
+    p.add_argument("--flip", action="store_true", help="also store the moments of the mirrored image")
+    p.add_argument("--store-pixels", action="store_true", help="also store the 256-px crop (needed by REPA)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)

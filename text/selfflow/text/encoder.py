@@ -1,0 +1,123 @@
+"""Text encoders behind one interface: captions → padded embeddings ``(B, Lc, Dc)`` and a mask ``(B, Lc)``.
+
+Two implementations:
+
+- :class:`~selfflow.text.tiny.TinyTextEncoder` — built in, deterministic, no downloads (embedded runs);
+- :class:`HFTextEncoder` — any ``transformers`` encoder or decoder LM (T5/umT5, Qwen, Mistral …) read from
+  a local directory with ``HF_HUB_OFFLINE=1``; hidden states of several layers are stacked on the feature
+  axis (as FLUX.2 does), so ``Dc = hidden_size · len(layers)``.
+
+Encoders return *unpadded* per-caption embeddings (:meth:`TextEncoder.encode_unpadded`), which is what the
+on-disk cache and the shards store; :func:`pad_embeddings` makes a batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+# encoder-decoder families whose encoder half is a class of its own in transformers
+_ENCODER_ONLY = {"t5": "T5EncoderModel", "umt5": "UMT5EncoderModel", "mt5": "MT5EncoderModel"}
+
+
+class TextEncoderOptions(BaseModel):
+    """Which text encoder a modality conditions on (``data.options.text`` in a run config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["tiny", "hf"] = Field("tiny", description="tiny: built-in hashed words; hf: transformers")
+    dim: int = Field(64, ge=1, description="tiny encoder width (hf: taken from the model)")
+    model_dir: str | None = Field(None, description="hf: local directory with config, tokenizer, weights")
+    layers: tuple[int, ...] = Field((-1,), min_length=1, description="hf: hidden-state layers to stack")
+    max_length: int = Field(64, ge=1, description="captions are truncated to this many tokens")
+    cache_dir: str | None = Field(None, description="on-disk embedding cache (None: no cache)")
+
+
+class TextEncoder(ABC):
+    """Captions → embeddings. Subclasses set :attr:`dim` and :attr:`cache_id` and encode unpadded."""
+
+    dim: int
+    cache_id: str  # identifies the model and settings: the cache key is (cache_id, caption)
+
+    @abstractmethod
+    def encode_unpadded(self, texts: list[str]) -> list[torch.Tensor]:
+        """One ``(Li, dim)`` float32 CPU tensor per caption (``Li`` may be 0 for an empty caption)."""
+
+    def encode(self, texts: list[str], device: torch.device | str = "cpu"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ``(B, Lc, dim)`` embeddings and ``(B, Lc)`` mask (True = real token) on ``device``."""
+        emb, mask = pad_embeddings(self.encode_unpadded(texts), self.dim)
+        return emb.to(device), mask.to(device)
+
+
+def pad_embeddings(items: list[torch.Tensor], dim: int, length: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad ``(Li, dim)`` tensors to ``(B, L, dim)`` with a ``(B, L)`` mask.
+
+    ``L`` is the longest caption (at least 1, so an all-empty batch still has a — fully masked — context
+    token and CFG halves can be concatenated), or ``length`` if given.
+    """
+    n = max([1, *(int(e.shape[0]) for e in items)]) if length is None else length
+    out = torch.zeros(len(items), n, dim)
+    mask = torch.zeros(len(items), n, dtype=torch.bool)
+    for i, e in enumerate(items):
+        k = min(int(e.shape[0]), n)
+        out[i, :k] = e[:k].float()
+        mask[i, :k] = True
+    return out, mask
+
+
+class HFTextEncoder(TextEncoder):
+    """A ``transformers`` model from a local directory; stacked hidden states of ``layers``."""
+
+    def __init__(self, model_dir: str | Path, layers: tuple[int, ...] = (-1,), max_length: int = 64,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(
+                f"text encoder directory {model_dir} has no config.json. Download the model on a machine "
+                "with network (e.g. `huggingface-cli download google/t5-v1_1-base --local-dir DIR`, or "
+                "Qwen/Qwen3-0.6B) and point data.options.text.model_dir at it.")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # effective only before the first HF import
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        cls = getattr(transformers, _ENCODER_ONLY.get(config.model_type, "AutoModel"))
+        self.model = cls.from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype).to(device).eval()
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.layers, self.max_length, self.device = tuple(layers), max_length, torch.device(device)
+        hidden = getattr(config, "text_config", config).hidden_size
+        self.dim = hidden * len(self.layers)
+        digest = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:12]
+        self.cache_id = f"hf:{model_dir.name}:{digest}:layers={list(self.layers)}:max={max_length}"
+
+    @torch.no_grad()
+    def encode_unpadded(self, texts: list[str]) -> list[torch.Tensor]:
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt").to(self.device)
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         output_hidden_states=True)
+        hidden = torch.cat([out.hidden_states[i] for i in self.layers], dim=-1).float().cpu()  # (B, L, D)
+        keep = batch["attention_mask"].bool().cpu()
+        return [h[k] for h, k in zip(hidden, keep)]
+
+
+def build_text_encoder(options: TextEncoderOptions | dict, device: torch.device | str = "cpu") -> TextEncoder:
+    """The encoder ``options`` describe, wrapped in the on-disk cache when ``cache_dir`` is set."""
+    from .cache import CachedTextEncoder
+    from .tiny import TinyTextEncoder
+
+    opts = TextEncoderOptions.model_validate(options)
+    if opts.kind == "tiny":
+        enc: TextEncoder = TinyTextEncoder(opts.dim, opts.max_length)
+    else:
+        if opts.model_dir is None:
+            raise ValueError("text.kind is 'hf' but text.model_dir is not set (a local model directory)")
+        enc = HFTextEncoder(opts.model_dir, opts.layers, opts.max_length, device)
+    return CachedTextEncoder(enc, opts.cache_dir) if opts.cache_dir else enc

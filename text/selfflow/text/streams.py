@@ -1,0 +1,36 @@
+"""A deterministic, resumable stream over an indexable synthetic dataset (any modality).
+
+Rank ``r``'s step ``n`` renders global indices ``[n·B·W + r·B, … + B)``: one rank and N ranks see the same
+global batches, and the position is one integer. (Modality-agnostic; lives here beside the shard stream
+so video and audio share it.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from selfflow.core.modality import Batch, DataStream
+
+
+class IndexedStream(DataStream):
+    def __init__(self, render: Callable[[range], Batch], batch_size: int, rank: int = 0, world_size: int = 1):
+        self.render, self.batch_size, self.rank, self.world_size = render, batch_size, rank, world_size
+        self.step = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            start = (self.step * self.world_size + self.rank) * self.batch_size
+            batch = self.render(range(start, start + self.batch_size))
+            self.step += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "batch_size": self.batch_size, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["batch_size"] * state["world_size"] != self.batch_size * self.world_size:
+            raise ValueError(f"cannot resume the synthetic stream: global batch was "
+                             f"{state['batch_size'] * state['world_size']}, now "
+                             f"{self.batch_size * self.world_size}")
+        self.step = int(state["step"])

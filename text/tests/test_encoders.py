@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from selfflow.text.cache import CachedTextEncoder
+from selfflow.text.encoder import HFTextEncoder, build_text_encoder, pad_embeddings
+from selfflow.text.tiny import TinyTextEncoder, tokenize
+
+
+def test_tiny_encoder_is_deterministic_and_word_sensitive():
+    enc = TinyTextEncoder(dim=16)
+    a, b = enc.encode_unpadded(["a red square moving left", "a red square moving right"])
+    assert a.shape == (5, 16) and torch.equal(a[:4], b[:4]) and not torch.allclose(a[4], b[4])
+    again = TinyTextEncoder(dim=16).encode_unpadded(["A RED square, moving left!"])[0]
+    assert torch.equal(a, again)  # case and punctuation do not matter; a fresh instance agrees
+    swapped = enc.encode_unpadded(["red a square moving left"])[0]
+    assert not torch.allclose(swapped, a)  # order is visible through the position code
+    assert tokenize("a C-major chord") == ["a", "c", "major", "chord"]
+    emb, mask = enc.encode(["one two three", ""])
+    assert emb.shape == (2, 3, 16) and mask.tolist() == [[True] * 3, [False] * 3]
+    assert (emb[1] == 0).all()
+    assert pad_embeddings([torch.zeros(0, 4)], 4)[1].shape == (1, 1)  # never an empty context
+
+
+def test_cache_round_trip_and_keying(tmp_path):
+    enc = CachedTextEncoder(TinyTextEncoder(8), tmp_path)
+    first = enc.encode_unpadded(["a flute", "an organ"])
+    assert enc.misses == 2 and enc.hits == 0
+    second = enc.encode_unpadded(["an organ", "a flute", "a piano"])
+    assert enc.hits == 2 and enc.misses == 3
+    assert torch.equal(second[0], first[1]) and torch.equal(second[1], first[0])
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 3
+    other = CachedTextEncoder(TinyTextEncoder(8, max_length=1), tmp_path)  # other settings, other key
+    assert other.encode_unpadded(["a flute"])[0].shape == (1, 8) and other.misses == 1
+    built = build_text_encoder({"kind": "tiny", "dim": 8, "cache_dir": str(tmp_path)})
+    assert isinstance(built, CachedTextEncoder) and torch.equal(built.encode_unpadded(["a flute"])[0], first[0])
+
+
+def _word_tokenizer(path, words):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "</s>", *words])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                            eos_token="</s>").save_pretrained(path)
+
+
+@pytest.mark.parametrize("family", ["t5", "qwen3"])
+def test_hf_encoder_from_local_dir(tmp_path, family):
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "t5":
+        cfg = transformers.T5Config(vocab_size=16, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+                                    decoder_start_token_id=0)
+        model = transformers.T5EncoderModel(cfg)
+    else:
+        cfg = transformers.Qwen3Config(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=4)
+        model = transformers.Qwen3Model(cfg)
+    model.save_pretrained(tmp_path)
+    _word_tokenizer(tmp_path, ["a", "red", "square", "moving", "left"])
+    enc = HFTextEncoder(tmp_path, layers=(-2, -1), max_length=8)
+    assert enc.dim == 32 and "layers=[-2, -1]" in enc.cache_id
+    short, long = enc.encode_unpadded(["a square", "a red square moving left"])
+    assert short.shape == (2, 32) and long.shape == (5, 32)
+    ids = enc.tokenizer(["a red square moving left"], return_tensors="pt")
+    with torch.no_grad():
+        hs = model.eval()(**ids, output_hidden_states=True).hidden_states
+    assert torch.allclose(long, torch.cat([hs[-2], hs[-1]], -1)[0], atol=1e-5)
+    # padding in a batch does not change a caption's embedding
+    assert torch.allclose(enc.encode_unpadded(["a square"])[0], short, atol=1e-5)
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        HFTextEncoder(tmp_path / "nope")
+    with pytest.raises(ValueError, match="model_dir"):
+        build_text_encoder({"kind": "hf"})

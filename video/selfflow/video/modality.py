@@ -1,0 +1,145 @@
+"""The video modality: moving shapes (embedded default, pixel space) or prepared Wan latents; MP4/GIF.
+
+Defaults for Self-Flow: mask ratio R_M = 0.1 (paper), logit-normal timesteps with a shift towards noise
+(the paper searched the video shift; 3.0 here, override with ``objective.timesteps``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from selfflow.core.mmdit import Conditioning
+from selfflow.core.modality import Batch, DataStream, Modality
+from selfflow.core.registry import register_modality
+from selfflow.core.timesteps import TimestepDistribution
+from selfflow.core.tokens import Tokens, grid_ids, patchify, unpatchify
+from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
+from selfflow.text.encoder import TextEncoderOptions
+from selfflow.text.shards import LatentShardStream, collate_samples, shard_urls
+from selfflow.text.streams import IndexedStream
+
+from .pixel_codec import VideoPixelCodec
+from .synthetic_moving_shapes import CAPTIONS, render_batch
+from .writer import save_video_samples
+
+
+class VideoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Literal["synthetic_moving_shapes", "latent_shards"] = "synthetic_moving_shapes"
+    codec: Literal["pixel", "wan2.2", "wan2.1"] = Field("pixel", description="latent_shards: a Wan VAE")
+    frames: int = Field(8, ge=1, description="synthetic clips: frames (4k+1 with a Wan codec)")
+    image_size: int = Field(32, ge=8, description="synthetic clips: height = width")
+    patch: tuple[int, int, int] | None = Field(None, description="(pt, ph, pw); None: pixel (2,4,4), Wan (1,2,2)")
+    conditioning: Literal["class", "text"] | None = Field(None, description="None: class (synthetic), text (shards)")
+    text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
+    sample_captions: list[str] | None = Field(None, description="preview prompts (None: the synthetic captions)")
+    shards: str | None = Field(None, description="latent_shards: directory written by `selfflow prepare video`")
+    vae_dir: str | None = Field(None, description="Wan codec: local diffusers-format vae/ directory")
+    fps: int = Field(8, ge=1, description="of written samples")
+    data_seed: int = Field(0, description="which synthetic stream (independent of the training seed)")
+
+
+@register_modality
+class VideoModality(CaptionedModalityMixin, Modality):
+    name = "video"
+    Options = VideoOptions
+    default_mask_ratio = 0.1
+    default_timesteps = TimestepDistribution(kind="logit_normal", mean=0.0, std=1.0, shift=3.0)
+
+    def __init__(self, options: dict[str, Any] | BaseModel | None = None):
+        super().__init__(options)
+        o = self.options
+        self.shard_info: dict[str, Any] = {}
+        if o.dataset == "latent_shards":
+            if o.codec == "pixel" or not o.shards:
+                raise ValueError("dataset 'latent_shards' needs a Wan codec (codec: wan2.2 | wan2.1) and "
+                                 "shards: the directory written by `selfflow prepare video`")
+            info = Path(o.shards) / "codec.json"
+            if not info.is_file():
+                raise FileNotFoundError(f"{info} not found: is {o.shards} a `selfflow prepare video` output?")
+            self.shard_info = json.loads(info.read_text())
+        self.patch = tuple(o.patch or ((2, 4, 4) if o.codec == "pixel" else (1, 2, 2)))
+        self.pixel = VideoPixelCodec(o.frames, o.image_size, self.patch) if o.codec == "pixel" else None
+        self._wan = None
+        if self.pixel is None and o.dataset != "latent_shards":
+            self.wan  # noqa: B018 - on-the-fly encoding needs the VAE now (fails early if missing)
+        mode = o.conditioning or ("class" if o.dataset == "synthetic_moving_shapes" else "text")
+        self.conditioner = CaptionConditioner(mode, CAPTIONS, o.text, o.sample_captions)
+
+    # --- codec ------------------------------------------------------------------------------------
+    @property
+    def wan(self):
+        if self._wan is None:
+            from .wan_codec import WanCodec
+
+            if not self.options.vae_dir:
+                raise ValueError(f"codec {self.options.codec!r} needs data.options.vae_dir (a local vae/ folder)")
+            self._wan = WanCodec.from_pretrained(self.options.vae_dir, self.options.codec)
+        return self._wan
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """``(C, T, H, W)`` of one sample before patchify."""
+        o = self.options
+        if self.pixel is not None:
+            return (3, o.frames, o.image_size, o.image_size)
+        if self.shard_info:
+            return tuple(self.shard_info["latent_shape"])
+        return self.wan.latent_shape(o.frames, o.image_size, o.image_size)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        _, t, h, w = self.latent_shape
+        return (t // self.patch[0], h // self.patch[1], w // self.patch[2])
+
+    @property
+    def token_channels(self) -> int:
+        return self.latent_shape[0] * self.patch[0] * self.patch[1] * self.patch[2]
+
+    # --- data -------------------------------------------------------------------------------------
+    def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataStream:
+        o = self.options
+        if o.dataset == "latent_shards":
+            return LatentShardStream(shard_urls(o.shards), batch_size, collate_samples, seed, rank, world_size)
+
+        def render(indices: range) -> Batch:
+            media, labels, captions = render_batch(o.data_seed, indices, o.frames, o.image_size)
+            return {"media": media, "labels": labels, "captions": captions}
+
+        return IndexedStream(render, batch_size, rank, world_size)
+
+    def _normalize_raw(self, z: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.shard_info["latent_mean"], device=z.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(self.shard_info["latent_std"], device=z.device).view(1, -1, 1, 1, 1)
+        return (z - mean) / std
+
+    def encode(self, batch: Batch, device: torch.device | str) -> tuple[Tokens, Conditioning]:
+        if "latent" in batch:  # prepared shards: raw posterior means
+            z = self._normalize_raw(batch["latent"].to(device))
+        elif self.pixel is not None:
+            z = batch["media"].to(device)
+        else:
+            z = self.wan.to(device).encode(batch["media"].to(device))
+        return patchify(z, self.patch), self.conditioner.from_batch(batch, device)
+
+    # --- sampling ---------------------------------------------------------------------------------
+    def sample_ids(self, n: int, device: torch.device | str) -> torch.Tensor:
+        return grid_ids(*self.grid, batch=n, device=device)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        z = unpatchify(x, self.grid, self.patch)
+        if self.pixel is not None:
+            return z.clamp(-1, 1)
+        return self.wan.to(z.device).decode(z)
+
+    def save_samples(self, media: torch.Tensor, labels: torch.Tensor | None, path: Path) -> Path:
+        names = self.class_names
+        captions = [names[int(i)] for i in labels] if labels is not None else None
+        return save_video_samples(media, path, captions, self.options.fps)
+

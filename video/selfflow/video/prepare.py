@@ -1,0 +1,62 @@
+"""``selfflow prepare video``: videos (+ captions) → Wan latents (+ caption embeddings) → shards.
+
+Each item: one clip (:class:`ClipSpec`, a random window drawn from ``(seed, item index)``) → the raw
+posterior mean of the Wan VAE (``(C, T, H, W)`` float16) → a shard sample with its caption and, when a
+text encoder is configured, the unpadded caption embedding. Ranks split the shards
+(:func:`selfflow.text.shards.write_shards`: parallel, resumable, corrupt files skipped and counted). The
+output directory's ``codec.json`` records the codec, its normalisation and the latent shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from selfflow.text.encoder import build_text_encoder
+from selfflow.text.manifest import MediaItem, PrepareOptions, list_media
+from selfflow.text.shards import write_json, write_shards
+
+from .clips import ClipSpec, sample_clip
+from .video_io import Backend
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
+
+
+class PrepareVideoOptions(PrepareOptions):
+    codec: Literal["wan2.2", "wan2.1"] = "wan2.2"
+    vae_dir: str = Field(description="local diffusers-format Wan vae/ directory")
+    clip: ClipSpec = Field(default_factory=ClipSpec)
+    backend: Backend = "auto"
+    device: str = "cpu"
+
+
+def prepare_video(options: PrepareVideoOptions | dict[str, Any]) -> dict[str, Any]:
+    """Run this rank's part; returns the counts of :func:`write_shards`."""
+    from .wan_codec import WanCodec
+
+    opts = PrepareVideoOptions.model_validate(options)
+    codec = WanCodec.from_pretrained(opts.vae_dir, opts.codec).to(opts.device)
+    encoder = build_text_encoder(opts.text, opts.device) if opts.text is not None else None
+    items = list_media(opts.input, VIDEO_EXTENSIONS)
+    index = {it.path: i for i, it in enumerate(items)}
+    spec = opts.clip
+
+    def process(item: MediaItem) -> dict[str, Any]:
+        rng = np.random.default_rng([opts.seed, index[item.path]])
+        clip = sample_clip(item.path, spec, rng, opts.backend)  # (3, F, H, W)
+        latent = codec.encode_raw(clip[None].to(opts.device))[0]
+        emb = encoder.encode_unpadded([item.caption or ""])[0] if encoder is not None else None
+        return {"latent": latent, "caption": item.caption, "label": item.label, "emb": emb,
+                "info": {"source": str(item.path)}}
+
+    if opts.rank == 0:
+        write_json(f"{opts.out}/codec.json", {
+            **codec.describe(), "version": opts.codec, "clip": spec.model_dump(),
+            "latent_shape": list(codec.latent_shape(spec.frames, spec.height, spec.width)),
+            "text": None if encoder is None else {"cache_id": encoder.cache_id, "dim": encoder.dim}})
+    with torch.inference_mode():
+        return write_shards(items, process, opts.out, prefix="video", shard_size=opts.shard_size,
+                            rank=opts.rank, world_size=opts.world_size)

@@ -1,0 +1,35 @@
+"""``selfflow prepare video`` (registered through the ``selfflow.commands`` entry point group).
+
+Run under torchrun to split the shards over ranks (RANK / WORLD_SIZE); run again to finish an
+interrupted preparation.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from selfflow.core.prepare import prepare_subparsers
+from selfflow.text.manifest import add_prepare_arguments, prepare_options_from_args, print_report
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .prepare import prepare_video
+
+    opts = {**prepare_options_from_args(args), "codec": args.codec, "backend": args.backend,
+            "clip": {"frames": args.frames, "height": args.height, "width": args.width, "stride": args.stride}}
+    return print_report("video", prepare_video(opts))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = prepare_subparsers(subparsers).add_parser(
+        "video", help="videos (+ captions) → Wan VAE latents (+ caption embeddings) in webdataset shards",
+        description="One clip per video (4k+1 frames, resized and centre-cropped), the Wan VAE's posterior "
+                    "mean, caption and optional caption embedding per sample.")
+    add_prepare_arguments(p)
+    p.add_argument("--codec", choices=["wan2.2", "wan2.1"], default="wan2.2")
+    p.add_argument("--frames", type=int, default=45, help="4k+1 (paper: 45)")
+    p.add_argument("--height", type=int, default=192)
+    p.add_argument("--width", type=int, default=320, help="multiple of 32")
+    p.add_argument("--stride", type=int, default=1, help="take every n-th source frame")
+    p.add_argument("--backend", choices=["auto", "decord", "pyav"], default="auto")
+    p.set_defaults(func=_run)

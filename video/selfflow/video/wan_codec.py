@@ -1,0 +1,97 @@
+"""The Wan video VAEs through diffusers ``AutoencoderKLWan``, with per-channel latent normalisation.
+
+- Wan2.2 (TI2V-5B VAE): 48 channels, compression (4, 16, 16) — the paper's video autoencoder;
+- Wan2.1 (also used by the Wan2.2 A14B models): 16 channels, compression (4, 8, 8).
+
+Both are one class with two configs. diffusers' ``encode`` returns the *raw* posterior; Wan pipelines
+normalise with the per-channel ``latents_mean`` / ``latents_std`` of the config, ``(z − mean) / std``,
+and so do we (explicitly, here). The encoder takes the posterior mean; decoding clamps to [-1, 1].
+Shards store the raw mean, so the normalisation can change without re-encoding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# Where the diffusers-format weights are published (the `vae/` folder of these repos).
+WEIGHTS = {
+    "wan2.2": "Wan-AI/Wan2.2-TI2V-5B-Diffusers (subfolder vae/)",
+    "wan2.1": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers (subfolder vae/)",
+}
+
+
+class WanCodec(nn.Module):
+    """``(B, 3, F, H, W)`` video in [-1, 1] ↔ normalised latents ``(B, C, (F−1)/ct + 1, H/cs, W/cs)``."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        cfg = vae.config
+        c = cfg.z_dim
+        self.register_buffer("mean", torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, c, 1, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, c, 1, 1, 1))
+        self.latent_channels = c
+        self.compression = (int(cfg.scale_factor_temporal), int(cfg.scale_factor_spatial),
+                            int(cfg.scale_factor_spatial))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, version: str = "wan2.2", dtype: torch.dtype = torch.float32
+                        ) -> WanCodec:
+        """Load a diffusers-format VAE directory (``config.json`` + safetensors) — never downloads."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"Wan VAE directory {path} not found (no config.json). The {version} VAE in diffusers format "
+                f"is published as {WEIGHTS.get(version, WEIGHTS['wan2.2'])}; download it on a machine with "
+                "network and set data.options.vae_dir to the vae/ folder.")
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        codec = cls(vae)
+        expected = {"wan2.2": (4, 16, 16), "wan2.1": (4, 8, 8)}.get(version)
+        if expected is not None and codec.compression != expected:
+            raise ValueError(f"{path} holds a VAE with compression {codec.compression}, but codec {version!r} "
+                             f"compresses {expected} (Wan2.2: 48 channels, 4×16×16; Wan2.1: 16, 4×8×8)")
+        return codec
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        ct, ch, cw = self.compression
+        self.check_input(frames, height, width)
+        return (self.latent_channels, (frames - 1) // ct + 1, height // ch, width // cw)
+
+    def check_input(self, frames: int, height: int, width: int) -> None:
+        ct, ch, cw = self.compression
+        if (frames - 1) % ct or height % ch or width % cw:
+            raise ValueError(f"Wan VAE input needs {ct}k+1 frames and sizes divisible by {ch}; got "
+                             f"{frames} frames of {height}×{width}")
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mean.to(z)) / self.std.to(z)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.std.to(z) + self.mean.to(z)
+
+    @torch.no_grad()
+    def encode_raw(self, video: torch.Tensor) -> torch.Tensor:
+        """Posterior mean, unnormalised (what shards store)."""
+        self.check_input(*video.shape[2:])
+        dtype = next(self.vae.parameters()).dtype
+        return self.vae.encode(video.to(dtype)).latent_dist.mean.float()
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return self.normalize(self.encode_raw(video))
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode(self.denormalize(z).to(dtype)).sample.float().clamp(-1, 1)
+
+    def describe(self) -> dict[str, Any]:
+        """What shards record about the codec (``codec.json``)."""
+        return {"codec": f"wan-z{self.latent_channels}", "compression": list(self.compression),
+                "latent_mean": self.mean.flatten().tolist(), "latent_std": self.std.flatten().tolist()}

@@ -1,0 +1,106 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from selfflow.core.config import load_config
+from selfflow.core.metrics import read_metrics
+from selfflow.core.registry import get_modality
+from selfflow.core.trainer import Trainer
+from selfflow.video.modality import VideoModality
+from selfflow.video.prepare import prepare_video
+from selfflow.video.synthetic_moving_shapes import CAPTIONS
+
+from .conftest import moving_bar_video
+
+TINY = ["data.modality=video", "model.hidden_size=32", "model.num_heads=2", "model.depth_double=1",
+        "model.depth_single=2", "model.axes_dim=[4,6,6]", "train.batch_size=2", "train.log_every=1",
+        "sample.steps=2", "sample.num_samples=2", "ema.decay=0.9", "train.steps=2"]
+
+
+def test_registered_with_paper_defaults():
+    assert get_modality("video") is VideoModality
+    assert VideoModality.default_mask_ratio == 0.1
+    ts = VideoModality.default_timesteps
+    assert ts.kind == "logit_normal" and ts.shift > 1
+
+
+def test_stream_tokens_and_round_trip():
+    mod = VideoModality({"frames": 4, "image_size": 16})
+    s = mod.stream(2, seed=0)
+    it = iter(s)
+    next(it)
+    state = s.state_dict()
+    expected = next(it)
+    s2 = mod.stream(2, seed=0)
+    s2.load_state_dict(state)
+    assert torch.equal(next(iter(s2))["media"], expected["media"])
+    tokens, cond = mod.encode(expected, "cpu")
+    assert tokens.x.shape == (2, 2 * 4 * 4, 3 * 2 * 4 * 4) and mod.token_channels == 96
+    assert tokens.ids[0, 16].tolist() == [1, 0, 0]  # (t, h, w) of the patch grid
+    assert torch.equal(cond.labels, expected["labels"]) and mod.num_classes == len(CAPTIONS)
+    assert torch.equal(mod.decode(tokens.x), expected["media"])
+    assert mod.sample_ids(3, "cpu").shape == (3, 32, 3)
+
+
+def test_text_conditioning_and_null_context():
+    mod = VideoModality({"frames": 4, "image_size": 16, "conditioning": "text", "text": {"dim": 8}})
+    assert mod.context_dim == 8 and mod.num_classes == 0
+    batch = next(iter(mod.stream(2, seed=0)))
+    _, cond = mod.encode(batch, "cpu")
+    n_words = [len(c.split()) for c in batch["captions"]]
+    assert cond.context.shape == (2, max(n_words), 8) and cond.context_mask.sum(1).tolist() == n_words
+    cond, null, labels = mod.sample_conditions(3, "cpu")
+    assert labels.tolist() == [0, 1, 2] and null.context.shape == cond.context.shape
+    assert not null.context_mask.any() and (null.context == 0).all()
+
+
+def test_samples_are_written_as_mp4_and_gif(tmp_path):
+    import av
+
+    mod = VideoModality({"frames": 4, "image_size": 16})
+    batch = next(iter(mod.stream(3, seed=0)))
+    path = mod.save_samples(batch["media"], batch["labels"], tmp_path / "s")
+    assert path.suffix == ".mp4" and path.with_suffix(".gif").is_file()
+    with av.open(str(path)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 4
+    assert path.with_suffix(".txt").read_text().splitlines()[0] == f"0: {CAPTIONS[int(batch['labels'][0])]}"
+
+
+@pytest.mark.parametrize("conditioning", ["class", "text"])
+def test_trainer_end_to_end(tmp_path, conditioning):
+    cfg = load_config(None, [*TINY, f"output_dir={tmp_path}", "name=v", "data.options.frames=4",
+                             "data.options.image_size=16", f"data.options.conditioning={conditioning}",
+                             "data.options.text.dim=8", "sample.cfg_scale=2.0"])
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.model_cfg.context_dim == (8 if conditioning == "text" else 0)
+    result = trainer.fit()
+    assert result["samples"].suffix == ".mp4" and result["samples"].is_file()
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "v" / "metrics.jsonl"))
+
+
+def test_prepare_shards_and_train_on_latents(tmp_path, wan_dir):
+    src = tmp_path / "videos"
+    for i in range(3):
+        moving_bar_video(src / f"clip{i}.mp4", frames=12, shift=i)
+        (src / f"clip{i}.txt").write_text(f"a bar moving right {i}")
+    (src / "broken.mp4").write_bytes(b"not a video at all")
+    opts = {"input": str(src), "out": str(tmp_path / "shards"), "vae_dir": str(wan_dir), "shard_size": 2,
+            "clip": {"frames": 5, "height": 32, "width": 32}, "text": {"dim": 8}}
+    report = prepare_video(opts)
+    assert report == {"written": 3, "skipped": 1, "shards": 2, "existing": 0}
+    assert prepare_video(opts)["existing"] == 2  # resumable: complete shards are not redone
+    info = json.loads((tmp_path / "shards" / "codec.json").read_text())
+    assert info["latent_shape"] == [4, 2, 2, 2]
+    failed = json.loads((tmp_path / "shards" / "video-000000.json").read_text())["skipped"]
+    assert [f["item"].endswith("broken.mp4") for f in failed] == [True]
+    cfg = load_config(None, [*TINY, f"output_dir={tmp_path}", "name=lat", "data.options.dataset=latent_shards",
+                             "data.options.codec=wan2.2", f"data.options.shards={tmp_path / 'shards'}",
+                             f"data.options.vae_dir={wan_dir}", "data.options.text.dim=8",
+                             "data.options.patch=[1,1,1]"])
+    trainer = Trainer(cfg, progress=False)
+    batch = next(iter(trainer.stream))
+    assert batch["latent"].shape == (2, 4, 2, 2, 2) and len(batch["emb"]) == 2
+    result = trainer.fit()
+    assert result["samples"].is_file()

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from selfflow.video import video_io
+from selfflow.video.clips import ClipSpec, clip_indices, resize_crop, sample_clip
+from selfflow.video.video_io import count_frames, read_frames, resolve_backend, write_gif
+
+from .conftest import moving_bar_video
+
+
+def test_decord_and_pyav_give_the_same_frames(tmp_path):
+    path = moving_bar_video(tmp_path / "bar.mp4")
+    assert video_io.has_decord()  # decord 0.6 installs on this platform (x86_64)
+    idx = [0, 3, 4, 8, 20]  # 20 is past the end: clamped to the last frame
+    a = read_frames(path, idx, "decord")
+    b = read_frames(path, idx, "pyav")
+    assert a.shape == (5, 64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and np.array_equal(a[-1], a[-2])
+    assert count_frames(path, "decord") == count_frames(path, "pyav") == 9
+    # the bar is where it was drawn (lossy codec: compare the bright columns)
+    assert abs(int(np.argmax(b[1, 32, :, 0])) - 12) <= 1
+
+
+def test_pyav_takes_over_without_decord(tmp_path, monkeypatch):
+    path = moving_bar_video(tmp_path / "bar.mp4")
+    expected = read_frames(path, [1, 2], "pyav")
+    assert resolve_backend("auto") == "decord"
+    monkeypatch.setattr(video_io, "has_decord", lambda: False)
+    assert resolve_backend("auto") == "pyav"
+    assert np.array_equal(read_frames(path, [1, 2]), expected)
+    with pytest.raises(ImportError, match="decord"):
+        read_frames(path, [0], "decord")
+
+
+def test_clip_spec_and_sampling(tmp_path):
+    assert ClipSpec().frames == 45 and (ClipSpec().height, ClipSpec().width) == (192, 320)
+    with pytest.raises(ValidationError, match="4k\\+1"):
+        ClipSpec(frames=46)
+    with pytest.raises(ValidationError, match="multiples of 32"):
+        ClipSpec(width=336)
+    rng = np.random.default_rng(0)
+    idx = clip_indices(100, 5, 2, rng)
+    assert idx == list(range(idx[0], idx[0] + 10, 2)) and idx[-1] < 100
+    assert clip_indices(3, 5, 1, rng) == [0, 1, 2, 3, 4]
+    frames = np.zeros((2, 40, 80, 3), dtype=np.uint8)
+    frames[:, :, 40:] = 255  # right half white
+    x = resize_crop(frames, 32, 32)  # scale to 32×64, keep the centre: left half black, right white
+    assert x.shape == (3, 2, 32, 32) and x[:, :, :, :14].max() < -0.9 and x[:, :, :, 18:].min() > 0.9
+    path = moving_bar_video(tmp_path / "bar.mp4")
+    clip = sample_clip(path, ClipSpec(frames=5, height=32, width=32), np.random.default_rng(0))
+    assert clip.shape == (3, 5, 32, 32) and clip.dtype == torch.float32
+
+
+def test_gif_writer(tmp_path):
+    frames = np.zeros((3, 8, 10, 3), dtype=np.uint8)
+    frames[1] = 255
+    gif = Image.open(write_gif(frames, tmp_path / "a.gif"))
+    assert gif.n_frames == 3 and gif.size == (10, 8)
