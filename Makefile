@@ -13,7 +13,7 @@ CONFIG ?=
 ARGS ?=
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup test lint train-image train-video train-audio eval bench clean-venv
+.PHONY: help setup test lint train-image train-mixed train-video train-audio eval bench clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ LAUNCH = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc
 
 train-image: setup  ## train the tiny Self-Flow model on synthetic shapes (CPU, < 10 min)
 	$(LAUNCH) train --config $(or $(CONFIG),configs/tiny/image.yaml) $(ARGS)
+
+train-mixed: setup  ## tiny text-conditioned model on synthetic image + video + audio together (CPU, ~15 min)
+	$(LAUNCH) train --config $(or $(CONFIG),configs/tiny/mixed.yaml) $(ARGS)
 
 train-video: setup  ## train the tiny model on synthetic moving shapes, writes MP4/GIF samples (CPU)
 	$(LAUNCH) train --config $(or $(CONFIG),configs/tiny/video.yaml) $(ARGS)

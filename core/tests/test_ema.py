@@ -19,3 +19,11 @@ def test_ema_update_matches_formula_and_copies_buffers():
     assert torch.equal(ema[1].running_mean, model[1].running_mean)
     ema_update(ema, model, 0.0)
     assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), model.parameters()))
+
+
+def test_ema_warmup_schedule():
+    from selfflow.core.config import EMAConfig
+
+    assert EMAConfig(decay=0.999).decay_at(5) == 0.999
+    warm = EMAConfig(decay=0.999, warmup=True)
+    assert warm.decay_at(0) == 0.1 and warm.decay_at(90) == 0.91 and warm.decay_at(10**6) == 0.999

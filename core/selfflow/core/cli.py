@@ -71,6 +71,7 @@ def add_sample_arguments(smp: argparse.ArgumentParser) -> None:
     smp.add_argument("--shift", type=float, help="time shift of the ODE grid")
     smp.add_argument("--seed", type=int, default=0, help="noise seed (same seed → same samples)")
     smp.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to use")
+    smp.add_argument("--modality", help="mixed runs: which modality to sample (default: the first)")
     smp.add_argument("--out", type=Path, help="grid path (default: RUN/samples/sample_seed<S>)")
     smp.add_argument("--device", default="auto", help="auto, cpu or cuda")
     many = smp.add_argument_group("many samples for evaluation (sharded over torchrun ranks, resumable)")

@@ -16,6 +16,7 @@ from .dit import DiTConfig
 from .mmdit import MMDiTConfig
 from .objective import ObjectiveConfig
 from .sampler import SamplerConfig
+from .timesteps import TimestepDistribution
 
 
 class ConfigError(ValueError):
@@ -26,9 +27,31 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class MixtureEntry(_Section):
+    """One modality of a mixed run: its data options, its share of the steps and its batch size."""
+
+    modality: str = Field(description="registered modality name")
+    options: dict[str, Any] = Field(default_factory=dict, description="validated by the modality")
+    weight: float = Field(1.0, gt=0, description="relative probability of a step on this modality")
+    batch_size: int | None = Field(None, ge=1, description="per rank (None: train.batch_size)")
+    mask_ratio: float | None = Field(None, ge=0, le=1, description="None: objective / modality default")
+    timesteps: TimestepDistribution | None = Field(None, description="None: objective / modality default")
+
+
 class DataConfig(_Section):
     modality: str = Field("image", description="registered modality name (see `selfflow modalities`)")
     options: dict[str, Any] = Field(default_factory=dict, description="validated by the modality")
+    mixture: list[MixtureEntry] | None = Field(
+        None, description="mixed training: one modality per step, drawn by weight (replaces modality/options)")
+
+    def entries(self) -> list[MixtureEntry]:
+        """The mixture, or the single modality as a one-entry mixture."""
+        if self.mixture:
+            names = [e.modality for e in self.mixture]
+            if len(set(names)) != len(names):
+                raise ValueError(f"data.mixture names a modality twice: {names}")
+            return list(self.mixture)
+        return [MixtureEntry(modality=self.modality, options=self.options)]
 
 
 class OptimConfig(_Section):
@@ -44,6 +67,11 @@ class OptimConfig(_Section):
 
 class EMAConfig(_Section):
     decay: float = Field(0.9999, ge=0, le=1)
+    warmup: bool = Field(False, description="use min(decay, (1+n)/(10+n)) at step n: short runs get a "
+                         "usable average (the paper's 4M-step runs use a fixed 0.9999)")
+
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
 
 class TrainConfig(_Section):
@@ -67,6 +95,10 @@ class TrainConfig(_Section):
     compile: bool = Field(False, description="torch.compile each block")
     tf32: bool = Field(True, description="TF32 matmuls on CUDA")
     peak_tflops: float | None = Field(None, gt=0, description="per-device peak for MFU (None: not reported)")
+    init_from: str | None = Field(None, description="fine-tune: start from this checkpoint file, run "
+                                  "directory or ema.safetensors (new modality heads start fresh)")
+    init_weights: Literal["ema", "model"] = Field("ema", description="which weights of init_from to start from")
+    freeze: list[str] = Field(default_factory=list, description="parameter-name prefixes to keep frozen")
     wandb: bool = Field(False, description="log to Weights & Biases when installed")
     wandb_project: str = "selfflow"
 

@@ -62,18 +62,23 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path,
 
     records = read_metrics(metrics_path)
     keys = tuple(k for k in keys if any(k in r for r in records))
+    # One curve per modality in mixed runs (records name their modality), else raw + smoothed.
+    groups = sorted({r["modality"] for r in records if "modality" in r})
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.2 * max(1, len(keys)), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
-        if not pts:
-            continue
-        steps, vals = zip(*pts)
-        ax.plot(steps, vals, alpha=0.35, lw=1, label="raw")
-        ema, smooth = vals[0], []
-        for v in vals:
-            ema = 0.9 * ema + 0.1 * v
-            smooth.append(ema)
-        ax.plot(steps, smooth, lw=2, label="smoothed")
+        for group in groups if len(groups) > 1 else [None]:
+            pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])
+                   and (group is None or r.get("modality") == group)]
+            if not pts:
+                continue
+            steps, vals = zip(*pts)
+            if group is None:
+                ax.plot(steps, vals, alpha=0.35, lw=1, label="raw")
+            ema, smooth = vals[0], []
+            for v in vals:
+                ema = 0.9 * ema + 0.1 * v
+                smooth.append(ema)
+            ax.plot(steps, smooth, lw=2, label="smoothed" if group is None else group)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -50,12 +50,14 @@ def shard_fsdp2(model: nn.Module, bf16: bool, reshard_after_forward: bool = True
     return model
 
 
-def wrap_student(model: nn.Module, strategy: Strategy, info: DistInfo, bf16: bool) -> nn.Module:
+def wrap_student(model: nn.Module, strategy: Strategy, info: DistInfo, bf16: bool,
+                 find_unused: bool = False) -> nn.Module:
+    """``find_unused``: some parameters get no gradient in a step (mixed modalities, frozen parts)."""
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        return DDP(model, device_ids=ids, find_unused_parameters=find_unused)
     if strategy == "fsdp2":
         return shard_fsdp2(model, bf16)
     return model

@@ -15,21 +15,25 @@ from .config import ConfigError, load_config
 from .distributed import destroy, init_distributed
 from .generate import generate
 from .registry import checkpoint_loaders
+from .run_setup import build_modalities, build_model_config, pick_device, resolve_objectives
 from .sample_many import SampleManyConfig, sample_many
 from .sampler import SamplerConfig
-from .trainer import build_modality, build_model_config, pick_device
 
 
-def load_run_model(run_dir: Path, weights: str = "ema", device: str | torch.device = "auto"):
-    """``(model, modality, cfg)`` of a run directory, from ``ema.safetensors`` or the newest checkpoint."""
+def load_run_model(run_dir: Path, weights: str = "ema", device: str | torch.device = "auto",
+                   modality_name: str | None = None):
+    """``(model, modality, cfg)`` of a run directory, from ``ema.safetensors`` or the newest checkpoint.
+    For a mixed run, ``modality_name`` picks the modality to sample (default: the first)."""
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory: {cfg_path} is missing")
     cfg = load_config(cfg_path)
-    modality = build_modality(cfg)
-    uses_projector = cfg.objective.resolve(cfg.model.depth, modality.default_mask_ratio,
-                                           modality.default_timesteps).uses_projector
-    model_cfg = build_model_config(cfg, modality, uses_projector)
+    modalities = build_modalities(cfg)
+    if modality_name is not None and modality_name not in modalities:
+        raise ConfigError(f"{run_dir} trained {sorted(modalities)}, not {modality_name!r}")
+    modality = modalities[modality_name or next(iter(modalities))]
+    uses_projector = any(o.uses_projector for o in resolve_objectives(cfg, modalities).values())
+    model_cfg = build_model_config(cfg, modalities, uses_projector)
     dev = pick_device(device) if isinstance(device, str) else device
     model = build_backbone(model_cfg)
     ema_file = run_dir / "ema.safetensors"
@@ -70,7 +74,7 @@ def run_sample(args: argparse.Namespace) -> int:
     if not many:
         if args.run is None:
             raise ConfigError("selfflow sample needs --run RUN (or --official-ckpt PATH --out-dir DIR)")
-        model, modality, cfg = load_run_model(args.run, args.weights, args.device)
+        model, modality, cfg = load_run_model(args.run, args.weights, args.device, getattr(args, "modality", None))
         sampler = _sampler(cfg.sample, args)
         device = next(model.parameters()).device
         with torch.inference_mode():
@@ -84,7 +88,7 @@ def run_sample(args: argparse.Namespace) -> int:
         if args.official_ckpt is not None:
             model, modality, base = _load_official(args, dist.device)
         elif args.run is not None:
-            model, modality, cfg = load_run_model(args.run, args.weights, dist.device)
+            model, modality, cfg = load_run_model(args.run, args.weights, dist.device, getattr(args, "modality", None))
             base = cfg.sample
         else:
             raise ConfigError("--out-dir needs --run RUN or --official-ckpt PATH")

@@ -1,9 +1,11 @@
-"""The training loop: Self-Flow (or a baseline) on one modality — single process, DDP or FSDP2.
+"""The training loop: Self-Flow (or a baseline) on one modality or a mixture — single process, DDP or FSDP2.
 
 Everything random in a step (noise, timesteps, masks, label dropout) comes from one generator with the
-same seed on every rank; each rank keeps its slice of the global draw (:class:`StepNoise`). Its state is
-checkpointed with the model, EMA, optimizer, schedule and data position, so a resumed run — on the same
-or another number of ranks — continues with the numbers an uninterrupted run would have produced.
+same seed on every rank; each rank keeps its slice of the global draw (:class:`StepNoise`). In a mixed
+run, the modality of each step comes from a seeded :class:`ModalitySchedule`, identical on every rank.
+All of it is checkpointed with the model, EMA, optimizer, schedule and data positions, so a resumed run
+— on the same or another number of ranks — continues with the numbers an uninterrupted run would have
+produced.
 """
 
 from __future__ import annotations
@@ -15,9 +17,7 @@ from typing import Any
 
 import torch
 import yaml
-from pydantic import ValidationError
 from safetensors.torch import save_file
-from torch import nn
 from tqdm import tqdm
 
 from . import parallel
@@ -29,64 +29,26 @@ from .ema import ema_update, make_ema
 from .flops import train_step_flops
 from .generate import generate
 from .metrics import MetricsLogger, plot_losses
-from .modality import Batch, Modality
+from .mixture import ModalitySchedule
+from .modality import Batch
 from .objective import ResolvedObjective, self_flow_loss
-from .registry import get_evaluator, get_modality
+from .registry import get_evaluator
+from .run_setup import (  # noqa: F401 - re-exported for callers of the former trainer helpers
+    build_modalities,
+    build_modality,
+    build_model_config,
+    freeze,
+    init_from,
+    lr_factor,
+    param_groups,
+    pick_device,
+    read_init_weights,
+    resolve_objectives,
+)
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
-
-
-def build_modality(cfg: RunConfig) -> Modality:
-    """Instantiate the configured modality; option errors name ``data.options.<key>``."""
-    cls = get_modality(cfg.data.modality)
-    try:
-        return cls(cfg.data.options)
-    except ValidationError as e:
-        lines = [f"invalid data.options for modality {cfg.data.modality!r}:"]
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  data.options.{key}: {err['msg']} (got {err['input']!r})")
-        raise ConfigError("\n".join(lines)) from None
-
-
-def build_model_config(cfg: RunConfig, modality: Modality, uses_teacher: bool) -> Any:
-    """The backbone config with the modality's projections, classes, text-context width and (if needed)
-    a projector."""
-    update: dict[str, Any] = {"modalities": {modality.name: modality.token_channels},
-                              "num_classes": modality.num_classes, "context_dim": modality.context_dim}
-    if not uses_teacher:
-        update["projector_mult"] = 0.0
-    return cfg.model.model_copy(update=update)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on norms, biases and embeddings (every tensor with < 2 dims, and embeddings)."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or isinstance(module, nn.Embedding) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then constant or cosine down to ``min_ratio``."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class Trainer:
@@ -101,24 +63,36 @@ class Trainer:
         if self.device.type == "cuda" and tc.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.modality = build_modality(cfg)
+        self.modalities = build_modalities(cfg)
+        self.modality = next(iter(self.modalities.values()))  # the only one in single-modality runs
+        self.entries = {e.modality: e for e in cfg.data.entries()}
+        self.objectives: dict[str, ResolvedObjective] = resolve_objectives(cfg, self.modalities)
         try:
-            self.objective: ResolvedObjective = cfg.objective.resolve(
-                cfg.model.depth, self.modality.default_mask_ratio, self.modality.default_timesteps)
             self.strategy = parallel.resolve_strategy(tc.parallel, self.dist)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.model_cfg = build_model_config(cfg, self.modality, self.objective.uses_projector)
+        self.objective = self.objectives[self.modality.name]
+        uses_projector = any(o.uses_projector for o in self.objectives.values())
+        self.model_cfg = build_model_config(cfg, self.modalities, uses_projector)
         bf16 = tc.precision == "bf16"
 
         torch.manual_seed(tc.seed)
         raw = build_backbone(self.model_cfg).to(self.device)
         raw.activation_checkpointing = tc.activation_checkpointing
+        self.init_report: dict[str, list[str]] | None = None
+        if tc.init_from and not (resume and latest_checkpoint(cfg.run_dir / "checkpoints")):
+            try:
+                self.init_report = init_from(raw, read_init_weights(tc.init_from, tc.init_weights))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        self.frozen_params = freeze(raw, tc.freeze)
         ema = make_ema(raw)
         if tc.compile:
             for block in [*raw.blocks(), *ema.blocks()]:
                 block.compile()
-        self.model = parallel.wrap_student(raw, self.strategy, self.dist, bf16)
+        # A mixed step touches one modality's projections only: DDP must expect unused parameters.
+        self.model = parallel.wrap_student(raw, self.strategy, self.dist, bf16,
+                                           find_unused=len(self.modalities) > 1 or bool(tc.freeze))
         self.ema = parallel.wrap_teacher(ema, self.strategy, bf16)
         self.raw = parallel.unwrap(self.model)
         self.optimizer = torch.optim.AdamW(param_groups(self.raw, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -128,10 +102,14 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, o.warmup_steps, tc.steps, o.schedule, o.min_lr_ratio))
         # Same seed on every rank: each rank slices its part of the global draw (StepNoise.draw).
         self.generator = torch.Generator(device=self.device).manual_seed(tc.seed * 1000 + 17)
-        self.stream = self.modality.stream(tc.batch_size, tc.seed, self.dist.rank, self.dist.world_size)
+        self.schedule = ModalitySchedule({n: e.weight for n, e in self.entries.items()}, tc.seed * 1000 + 29)
+        self.streams = {n: m.stream(self.batch_size(n), tc.seed, self.dist.rank, self.dist.world_size)
+                        for n, m in self.modalities.items()}
+        self.stream = self.streams[self.modality.name]
         self.step = 0
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
+        self.tokens_per_sample: dict[str, int] = {}
 
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -142,13 +120,22 @@ class Trainer:
         self.resumed_from = ckpt
 
     @property
-    def objective_name(self) -> str:
-        o = self.objective
-        return f"{self.cfg.objective.kind} (R_M={o.mask_ratio}, γ={o.gamma}, layers {o.student_layer}→{o.teacher_layer})"
+    def mixed(self) -> bool:
+        return len(self.modalities) > 1
+
+    def batch_size(self, name: str) -> int:
+        """Per-rank micro-batch of a modality."""
+        return self.entries[name].batch_size or self.cfg.train.batch_size
+
+    def global_batch(self, name: str | None = None) -> int:
+        return (self.batch_size(name or self.modality.name) * self.dist.world_size
+                * self.cfg.train.grad_accum_steps)
 
     @property
-    def global_batch(self) -> int:
-        return self.cfg.train.batch_size * self.dist.world_size * self.cfg.train.grad_accum_steps
+    def objective_name(self) -> str:
+        parts = [f"{n}: R_M={o.mask_ratio}, γ={o.gamma}" for n, o in self.objectives.items()]
+        o = self.objective
+        return f"{self.cfg.objective.kind} ({'; '.join(parts)}; layers {o.student_layer}→{o.teacher_layer})"
 
     # --- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -159,7 +146,8 @@ class Trainer:
             "ema": parallel.full_model_state(self.ema),
             "optimizer": parallel.full_optimizer_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
-            "stream": self.stream.state_dict(),
+            "streams": {n: s.state_dict() for n, s in self.streams.items()},
+            "schedule": self.schedule.state_dict(),
             "generator": self.generator.get_state().cpu(),
             "skipped_steps": self.skipped_steps,
             "world_size": self.dist.world_size,
@@ -171,7 +159,12 @@ class Trainer:
         parallel.load_full_model_state(self.ema, state["ema"])
         parallel.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.stream.load_state_dict(state["stream"])
+        missing = set(self.streams) - set(state["streams"])
+        if missing:
+            raise ConfigError(f"the checkpoint has no data position for {sorted(missing)}: the mixture changed")
+        for name, stream in self.streams.items():
+            stream.load_state_dict(state["streams"][name])
+        self.schedule.load_state_dict(state["schedule"])
         self.generator.set_state(state["generator"].to(self.generator.get_state().device))
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -197,8 +190,11 @@ class Trainer:
         return path
 
     # --- one optimizer step -----------------------------------------------------------------------
-    def train_step(self, batches: list[Batch]) -> dict[str, float]:
-        """One optimizer step over ``len(batches)`` accumulation micro-batches; returns rank-mean values."""
+    def train_step(self, batches: list[Batch], name: str | None = None) -> dict[str, float]:
+        """One optimizer step on modality ``name`` over ``len(batches)`` accumulation micro-batches;
+        returns rank-mean values."""
+        name = name or self.modality.name
+        modality, objective = self.modalities[name], self.objectives[name]
         accum = len(batches)
         sums = {"loss": 0.0, "loss_fm": 0.0, "loss_rep": 0.0}
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
@@ -210,12 +206,12 @@ class Trainer:
         world, rank = self.dist.world_size, self.dist.rank
         for i, batch in enumerate(batches):
             self.generator.set_state(rng_state)
-            tokens, cond = self.modality.encode(batch, self.device)
-            self.tokens_per_sample = tokens.x.shape[1]
+            tokens, cond = modality.encode(batch, self.device)
+            self.tokens_per_sample[name] = tokens.x.shape[1]
             with parallel.grad_sync(self.model, i == accum - 1), autocast:
-                losses = self_flow_loss(self.model, self.ema if self.objective.uses_teacher else None, tokens,
-                                        cond, self.objective, null_label=self.raw.null_label,
-                                        modality=self.modality.name, generator=self.generator,
+                losses = self_flow_loss(self.model, self.ema if objective.uses_teacher else None, tokens,
+                                        cond, objective, null_label=self.raw.null_label,
+                                        modality=name, generator=self.generator,
                                         shard=(i * world + rank, accum * world))
                 # Always backward, even on a non-finite loss: every rank must join the gradient reduction.
                 (losses["loss"] / accum).backward()
@@ -241,50 +237,65 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        ema_update(self.ema, self.raw, self.cfg.ema.decay)
+        ema_update(self.ema, self.raw, self.cfg.ema.decay_at(self.step))
         return out
 
     # --- loop -------------------------------------------------------------------------------------
     def write_samples(self) -> Path | None:
+        """Preview samples of every modality (a mixed run writes ``samples/<modality>/``); returns the
+        first file written."""
         s = self.cfg.sample
         model = self.ema if s.use_ema else self.model
         if self.strategy != "fsdp2" and not self.dist.is_main:
             barrier()
             return None
-        media, labels = generate(model, self.modality, s.num_samples, s, s.seed, self.device)
-        path = (self.modality.save_samples(media, labels, self.sample_dir / f"step_{self.step:08d}")
-                if self.dist.is_main else None)
+        first = None
+        for name, modality in self.modalities.items():
+            media, labels = generate(model, modality, s.num_samples, s, s.seed, self.device)
+            folder = self.sample_dir / name if self.mixed else self.sample_dir
+            if self.dist.is_main:
+                path = modality.save_samples(media, labels, folder / f"step_{self.step:08d}")
+                first = first or path
         if self.strategy != "fsdp2":
             barrier()
-        return path
+        return first
 
     def evaluate(self) -> dict[str, float]:
-        """Online evaluation: generate ``train.eval_samples`` with the EMA and score them with the
-        modality's evaluator (e.g. probe-FD on synthetic shapes). Empty if the modality has none."""
-        name = self.modality.evaluator
-        if name is None:
-            return {}
-        if getattr(self, "_evaluator", None) is None:
-            self._evaluator = get_evaluator(name)(self.modality)
+        """Online evaluation: generate ``train.eval_samples`` with the EMA for each modality that has an
+        evaluator (e.g. probe-FD on synthetic shapes) and score them. Keys are prefixed in mixed runs."""
         s = self.cfg.sample
         model = self.ema if s.use_ema else self.model
-        if self.strategy != "fsdp2" and not self.dist.is_main:
-            barrier()
+        evaluators = getattr(self, "_evaluators", None)
+        if evaluators is None:
+            evaluators = self._evaluators = {n: get_evaluator(m.evaluator)(m)
+                                             for n, m in self.modalities.items() if m.evaluator}
+        if not evaluators or (self.strategy != "fsdp2" and not self.dist.is_main):
+            if evaluators:
+                barrier()
             return {}
-        media, labels = generate(model, self.modality, self.cfg.train.eval_samples, s, s.seed + 1, self.device)
-        out = self._evaluator(media, labels) if self.dist.is_main else {}
+        out: dict[str, float] = {}
+        for name, evaluator in evaluators.items():
+            media, labels = generate(model, self.modalities[name], self.cfg.train.eval_samples, s, s.seed + 1,
+                                     self.device)
+            if self.dist.is_main:
+                out.update({(f"{k}/{name}" if self.mixed else k): v for k, v in evaluator(media, labels).items()})
         if self.strategy != "fsdp2":
             barrier()
         return out
 
-    def _throughput(self, seconds: float, steps: int) -> dict[str, float]:
-        samples_s = steps * self.global_batch / max(seconds, 1e-9)
-        out = {"samples_per_s": samples_s, "tokens_per_s": samples_s * self.tokens_per_sample}
+    def _throughput(self, seconds: float, steps: dict[str, int]) -> dict[str, float]:
+        """Rates over the logging window, whose steps may span several modalities."""
+        seconds = max(seconds, 1e-9)
+        samples = sum(n * self.global_batch(m) for m, n in steps.items())
+        tokens = sum(n * self.global_batch(m) * self.tokens_per_sample[m] for m, n in steps.items())
+        out = {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds}
         tc = self.cfg.train
         if tc.peak_tflops:
-            flops = train_step_flops(self.raw, self.tokens_per_sample, teacher_layer=(
-                self.objective.teacher_layer if self.objective.uses_teacher else None))
-            out["mfu"] = flops * samples_s / (tc.peak_tflops * 1e12 * self.dist.world_size)
+            flops = sum(n * self.global_batch(m) * train_step_flops(
+                self.raw, self.tokens_per_sample[m], teacher_layer=(
+                    self.objectives[m].teacher_layer if self.objectives[m].uses_teacher else None))
+                for m, n in steps.items())
+            out["mfu"] = flops / seconds / (tc.peak_tflops * 1e12 * self.dist.world_size)
         if self.device.type == "cuda":
             out["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return out
@@ -309,23 +320,27 @@ class Trainer:
             save_config(self.cfg, self.run_dir / "config.yaml")
             logger = MetricsLogger(self.run_dir, resume_step=self.step)
         wb = self._wandb()
-        data = iter(self.stream)
+        data = {n: iter(st) for n, st in self.streams.items()}
         bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
                    desc=f"train {self.cfg.name}", unit="step")
         last: dict[str, float] = {}
-        window_t, window_n = 0.0, 0
+        window_t, window_n = 0.0, dict.fromkeys(self.modalities, 0)
         try:
             while self.step < tc.steps:
                 t0 = time.perf_counter()
-                last = self.train_step([next(data) for _ in range(tc.grad_accum_steps)])
+                name = self.schedule.next()
+                last = self.train_step([next(data[name]) for _ in range(tc.grad_accum_steps)], name)
                 self.step += 1
                 window_t += time.perf_counter() - t0
-                window_n += 1
+                window_n[name] += 1
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
-                    record = {"step": self.step, **last, "lr": self.scheduler.get_last_lr()[0],
-                              **self._throughput(window_t, window_n), "skipped_steps": self.skipped_steps}
-                    window_t, window_n = 0.0, 0
+                    record = {"step": self.step, "modality": name, **last, "lr": self.scheduler.get_last_lr()[0],
+                              **self._throughput(window_t, {m: n for m, n in window_n.items() if n}),
+                              "skipped_steps": self.skipped_steps}
+                    if self.mixed:
+                        record.update({f"steps/{m}": c for m, c in self.schedule.counts.items()})
+                    window_t, window_n = 0.0, dict.fromkeys(self.modalities, 0)
                     if logger is not None:
                         logger.log(record)
                     if wb is not None:

@@ -16,10 +16,12 @@ from selfflow.core.mmdit import Conditioning
 from selfflow.core.modality import Batch, DataStream, Modality
 from selfflow.core.registry import register_modality
 from selfflow.core.tokens import Tokens, grid_ids
+from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
+from selfflow.text.encoder import TextEncoderOptions
 
 from .grid import save_grid, to_uint8
 from .pixel_codec import PixelCodec
-from .synthetic_shapes import CLASS_NAMES, render_batch
+from .synthetic_shapes import CAPTIONS, CLASS_NAMES, render_batch
 
 
 class ImageOptions(BaseModel):
@@ -30,6 +32,8 @@ class ImageOptions(BaseModel):
     image_size: int = Field(32, ge=8)
     patch_size: int = Field(4, ge=1)
     data_seed: int = Field(0, description="which synthetic stream (independent of the training seed)")
+    conditioning: Literal["class", "text"] = Field("class", description="synthetic shapes: labels or captions")
+    text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
     vae_path: str | None = Field(None, description="codec sd_vae: local diffusers AutoencoderKL directory")
     scaling_factor: float = Field(0.18215, gt=0, description="SD-VAE latent scale")
     shards: str | None = Field(None, description="latent_shards: directory or glob of prepared *.tar shards")
@@ -55,7 +59,7 @@ class SyntheticShapesStream(DataStream):
             start = (self.step * self.world_size + self.rank) * self.batch_size
             images, labels = render_batch(self.data_seed, range(start, start + self.batch_size), self.image_size)
             self.step += 1
-            yield {"media": images, "labels": labels}
+            yield {"media": images, "labels": labels, "captions": [CAPTIONS[i] for i in labels.tolist()]}
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "batch_size": self.batch_size, "world_size": self.world_size}
@@ -69,7 +73,7 @@ class SyntheticShapesStream(DataStream):
 
 
 @register_modality
-class ImageModality(Modality):
+class ImageModality(CaptionedModalityMixin, Modality):
     name = "image"
     Options = ImageOptions
     default_mask_ratio = 0.25
@@ -90,6 +94,12 @@ class ImageModality(Modality):
                                      o.image_size, o.patch_size)
         else:
             self.codec = PixelCodec(o.image_size, o.patch_size)
+        if o.conditioning == "text" and o.dataset != "synthetic_shapes":
+            raise ValueError("conditioning: text is available for the synthetic shapes (captions); prepared "
+                             "ImageNet shards are class-conditional")
+        names = CLASS_NAMES if o.dataset == "synthetic_shapes" else [str(i) for i in range(o.num_classes)]
+        self.conditioner = CaptionConditioner(o.conditioning, CAPTIONS if o.conditioning == "text" else names,
+                                              o.text)
         self.repa = None
         if o.repa_encoder:
             from .repa_encoder import RepaEncoder
@@ -99,16 +109,6 @@ class ImageModality(Modality):
     @property
     def token_channels(self) -> int:
         return self.codec.token_channels
-
-    @property
-    def num_classes(self) -> int:
-        return self.options.num_classes if self.options.dataset == "latent_shards" else len(CLASS_NAMES)
-
-    @property
-    def class_names(self) -> list[str]:
-        if self.options.dataset == "synthetic_shapes":
-            return CLASS_NAMES
-        return [str(i) for i in range(self.num_classes)]
 
     @property
     def evaluator(self) -> str | None:
@@ -136,7 +136,7 @@ class ImageModality(Modality):
         if self.repa is not None:
             pixels = batch["pixels"] if "pixels" in batch else batch["media"]
             tokens.target = self.repa(pixels).to(device)
-        return tokens, Conditioning(labels=batch["labels"].to(device))
+        return tokens, self.conditioner.from_batch(batch, device)
 
     def sample_ids(self, n: int, device: torch.device | str) -> torch.Tensor:
         return grid_ids(*self.codec.grid, batch=n, device=device)
@@ -172,5 +172,6 @@ def load_official_for_sampling(path: str | Path, options: dict[str, Any]):
                               "patch_size": 2, "device": str(device)})
     modality.options.num_classes = 1000  # ImageNet labels (the synthetic dataset is never read here)
     modality.options.dataset = "latent_shards"
+    modality.conditioner = CaptionConditioner("class", [str(i) for i in range(1000)], modality.options.text)
     model = load_official_selfflow(path, device)
     return model, modality, SamplerConfig(solver="sde", steps=250, cfg_scale=1.0, guidance_interval=(0.0, 0.7))

@@ -20,6 +20,7 @@ CLASSES: list[tuple[str, str]] = [
     ("magenta", "cross"), ("cyan", "diamond"),
 ]
 CLASS_NAMES = [f"{c} {s}" for c, s in CLASSES]
+CAPTIONS = [f"a {c} {s}" for c, s in CLASSES]
 
 
 def shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:

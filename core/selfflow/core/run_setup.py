@@ -1,0 +1,164 @@
+"""Building the pieces of a run from its config: device, modalities, backbone config, optimizer groups,
+LR schedule, and fine-tuning initialisation (``train.init_from``, ``train.freeze``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .config import ConfigError, MixtureEntry, RunConfig
+from .modality import Modality
+from .objective import ResolvedObjective
+from .registry import get_modality
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_entry_modality(entry: MixtureEntry, where: str) -> Modality:
+    """Instantiate one modality; option errors name ``<where>.options.<key>``."""
+    cls = get_modality(entry.modality)
+    try:
+        return cls(entry.options)
+    except ValidationError as e:
+        lines = [f"invalid {where}.options for modality {entry.modality!r}:"]
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {where}.options.{key}: {err['msg']} (got {err['input']!r})")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def build_modalities(cfg: RunConfig) -> dict[str, Modality]:
+    """Every modality of the run by name (one for single-modality runs)."""
+    try:
+        entries = cfg.data.entries()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    where = (lambda i: f"data.mixture.{i}") if cfg.data.mixture else (lambda i: "data")
+    return {e.modality: build_entry_modality(e, where(i)) for i, e in enumerate(entries)}
+
+
+def build_modality(cfg: RunConfig) -> Modality:
+    """The first (for single-modality runs: the only) modality of the run."""
+    return next(iter(build_modalities(cfg).values()))
+
+
+def resolve_objectives(cfg: RunConfig, modalities: dict[str, Modality]) -> dict[str, ResolvedObjective]:
+    """Each modality's objective: the run's objective with the mixture entry's overrides and the
+    modality's defaults (mask ratio, timestep distribution)."""
+    entries = {e.modality: e for e in cfg.data.entries()}
+    out = {}
+    try:
+        for name, mod in modalities.items():
+            e = entries[name]
+            obj_cfg = cfg.objective.model_copy(update={k: v for k, v in (
+                ("mask_ratio", e.mask_ratio), ("timesteps", e.timesteps)) if v is not None})
+            out[name] = obj_cfg.resolve(cfg.model.depth, mod.default_mask_ratio, mod.default_timesteps)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return out
+
+
+def _agreed(values: dict[str, int], what: str) -> int:
+    distinct = {v for v in values.values() if v}
+    if len(distinct) > 1:
+        raise ConfigError(f"the modalities of a mixed run must agree on {what}; got {values}")
+    return distinct.pop() if distinct else 0
+
+
+def build_model_config(cfg: RunConfig, modalities: Modality | dict[str, Modality], uses_projector: bool) -> Any:
+    """The backbone config with every modality's projections, the shared class table and text-context
+    width, and (if the objective needs one) a projector."""
+    if isinstance(modalities, Modality):
+        modalities = {modalities.name: modalities}
+    update: dict[str, Any] = {
+        "modalities": {n: m.token_channels for n, m in modalities.items()},
+        "num_classes": _agreed({n: m.num_classes for n, m in modalities.items()}, "the number of classes"),
+    }
+    context = _agreed({n: m.context_dim for n, m in modalities.items()}, "the text-embedding width")
+    if "context_dim" in type(cfg.model).model_fields:
+        update["context_dim"] = context
+    elif context:
+        raise ConfigError(f"model.arch {cfg.model.arch!r} has no text-context stream; use arch: mmdit")
+    if not uses_projector:
+        update["projector_mult"] = 0.0
+    return cfg.model.model_copy(update=update)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on norms, biases and embeddings (every tensor with < 2 dims, and embeddings)."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or isinstance(module, nn.Embedding) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant or cosine down to ``min_ratio``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def read_init_weights(source: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:
+    """Weights to fine-tune from: a checkpoint file, a run directory (its newest checkpoint, else its
+    ``ema.safetensors``) or a safetensors file."""
+    src = Path(source)
+    if src.is_dir():
+        ckpt = latest_checkpoint(src / "checkpoints")
+        if ckpt is not None:
+            src = ckpt
+        elif (src / "ema.safetensors").is_file():
+            src = src / "ema.safetensors"
+        else:
+            raise FileNotFoundError(f"train.init_from: {source} holds neither checkpoints/step_*.pt nor "
+                                    "ema.safetensors")
+    if src.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(src))
+    state = load_checkpoint(src)
+    if which not in state:
+        raise KeyError(f"train.init_from: {src} has no {which!r} weights")
+    return state[which]
+
+
+def init_from(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Load matching weights; parameters the source lacks (a new modality's projections) keep their fresh
+    initialisation and source entries the model lacks are ignored — both are reported. A shape mismatch
+    is an error naming the key."""
+    own = model.state_dict()
+    bad = [f"{k}: source {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise ValueError("train.init_from: shapes differ for " + "; ".join(bad))
+    result = model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return {"fresh": list(result.missing_keys), "ignored": sorted(set(state) - set(own))}
+
+
+def freeze(model: nn.Module, prefixes: list[str]) -> int:
+    """Stop gradients for parameters whose name starts with one of ``prefixes``; returns how many."""
+    n = 0
+    for name, p in model.named_parameters():
+        if any(name.startswith(pre) for pre in prefixes):
+            p.requires_grad_(False)
+            n += p.numel()
+    if prefixes and n == 0:
+        raise ConfigError(f"train.freeze {prefixes} matches no parameter")
+    return n
