@@ -13,17 +13,17 @@ CONFIG ?=
 ARGS ?=
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup test lint train-image train-mixed train-video train-audio eval bench clean-venv
+.PHONY: help setup test lint train-image train-mixed train-video train-audio finetune-rt1 eval-simpler eval bench clean-venv
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## create .venv with the pinned torch stack and all packages (editable)
 
 # Re-run when any pyproject or this Makefile changes; the stamp makes it idempotent.
 $(STAMP): $(PYPROJECTS) Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet --upgrade pip "setuptools<85" wheel
 	$(PY) -m pip install --quiet $(TORCH_STACK)
 	$(PY) -m pip install --quiet --config-settings editable_mode=compat $(foreach p,$(PACKAGES),-e ./$(p)) $(TORCH_STACK)
 	$(PY) -m pip install --quiet $(DEV_TOOLS)
@@ -50,6 +50,13 @@ train-video: setup  ## train the tiny model on synthetic moving shapes, writes M
 
 train-audio: setup  ## train the tiny caption-conditioned model on synthetic chords, writes WAV (CPU)
 	$(LAUNCH) train --config $(or $(CONFIG),configs/tiny/audio.yaml) $(ARGS)
+
+finetune-rt1: setup  ## tiny joint video–action model on generated fake RT-1 TFRecords (CPU, minutes)
+	$(LAUNCH) train --config $(or $(CONFIG),configs/tiny/rt1.yaml) $(ARGS)
+
+eval-simpler: setup  ## rollouts of runs/tiny-rt1 on the FAKE SIMPLER stand-in (labelled env: fake)
+	$(VENV)/bin/selfflow simpler --run $(or $(RUN),runs/tiny-rt1) --env fake --limit $(or $(LIMIT),4) \
+		--device cpu --out $(or $(OUT),runs/simpler-eval-fake) $(ARGS)
 
 eval: setup  ## probe-FD / accuracy of a run on synthetic shapes (RUN=runs/tiny-image)
 	$(VENV)/bin/selfflow eval probe --run $(or $(RUN),runs/tiny-image) $(ARGS)

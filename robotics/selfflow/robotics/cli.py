@@ -1,0 +1,81 @@
+"""``selfflow simpler``: SIMPLER visual-matching evaluation of an ``rt1`` run (``selfflow.commands`` group).
+
+A top-level command because ``selfflow eval`` belongs to the eval package. ``--env simpler`` (default)
+needs SimplerEnv on a GPU machine; ``--env fake`` runs the labelled offline stand-in.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .simpler_eval import SIMPLER_INSTALL, TASKS, evaluate
+
+    if args.env == "simpler":
+        try:
+            import simpler_env  # noqa: F401 - only checks the installation
+        except ImportError:
+            print(SIMPLER_INSTALL)
+            return 2
+    if args.policy == "oracle" and args.env != "fake":
+        print("--policy oracle is a scripted check of the driver and exists only with --env fake")
+        return 2
+    tasks = list(TASKS) if args.task == "all" else [args.task]
+    factory = _policy_factory(args)
+    summary = evaluate(factory, tasks, args.env, args.out, args.limit, args.seed)
+    for task, s in summary["tasks"].items():
+        print(f"[env: {summary['env']}] {task}: success_rate {s['success_rate']:.3f} over {s['episodes']} "
+              f"episodes (of {s['full_sweep_episodes']} in the sweep), success at the final step, "
+              f"max {s['max_episode_steps']} steps")
+    print(f"per-episode results and summary in {args.out}")
+    return 0
+
+
+def _policy_factory(args: argparse.Namespace):
+    import numpy as np
+
+    from .normalize import ActionNormalizer, ActionStats
+    from .policy import SelfFlowPolicy, SimplerPolicyAdapter
+
+    # Raw units = normalised units: the scripted checks produce raw actions directly.
+    identity = ActionNormalizer(ActionStats(count=1, mean=[0.0] * 7, std=[1.0] * 7, min=[-1.0] * 7,
+                                            max=[1.0] * 7, q01=[-1.0] * 7, q99=[1.0] * 7))
+    if args.policy == "oracle":
+        return lambda env: SimplerPolicyAdapter(
+            lambda image, text: env.oracle_action()[None] * [1, 1, 1, 1, 1, 1, 0], identity, exec_horizon=1)
+    if args.run is None:
+        if args.policy == "zero":
+            return lambda env: SimplerPolicyAdapter(lambda image, text: np.zeros((4, 7), np.float32), identity)
+        raise SystemExit("--policy model needs --run <run directory of an rt1 training>")
+    from selfflow.core.sampling_cli import load_run_model
+
+    model, modality, _ = load_run_model(Path(args.run), device=args.device, modality_name="rt1")
+    chunk_fn = SelfFlowPolicy(model, modality, steps=args.steps, seed=args.seed,
+                              device=next(model.parameters()).device)
+    if args.policy == "zero":
+        still = modality.normalizer.normalize(np.zeros((modality.options.chunk, 7), np.float32))  # raw 0
+        chunk_fn = lambda image, text: still  # noqa: E731
+    return lambda env: SimplerPolicyAdapter(chunk_fn, modality.normalizer, exec_horizon=args.exec_horizon,
+                                            sticky_steps=args.sticky_steps, gripper=modality.options.gripper)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("simpler", help="SIMPLER visual-matching rollouts of an rt1 run",
+                              description="Move Near and Open Top Drawer and Place Apple (visual matching), "
+                                          "SIMPLER's loop and success at the final step.")
+    p.add_argument("--run", help="run directory of an rt1 training (EMA weights)")
+    p.add_argument("--env", choices=["simpler", "fake"], default="simpler",
+                   help="fake: the offline stand-in, results labelled env: fake")
+    p.add_argument("--task", choices=["all", "move_near", "open_top_drawer_place_apple"], default="all")
+    p.add_argument("--policy", choices=["model", "zero", "oracle"], default="model",
+                   help="zero: no motion (a floor); oracle: scripted, fake env only — driver checks")
+    p.add_argument("--limit", type=int, help="first N episodes of each sweep (smoke runs)")
+    p.add_argument("--steps", type=int, default=10, help="Euler steps per action chunk")
+    p.add_argument("--exec-horizon", type=int, default=2, help="actions executed per chunk")
+    p.add_argument("--sticky-steps", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/simpler-eval")
+    p.set_defaults(func=_run)

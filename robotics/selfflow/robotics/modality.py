@@ -1,0 +1,230 @@
+"""The ``rt1`` modality: joint video–action tokens for one MMDiT input/output projection.
+
+The backbone holds one input projection and one head per modality and takes one modality per forward,
+so video frames and the action chunk form ONE token sequence of a common width::
+
+    video token  (patch of frames):  [patch (Cv) | 0 (7)                     | −1]   ids (t, h, w), patch grid
+    action token (control step k):   [action (7) × R copies | 0 (Cv + 7 − 7R)   | +1]   ids (t_k, grid_h, k)
+
+``Cv = c·pt·ph·pw`` with ``c = 3`` in pixel space (as the video package's pixel codec) or the Wan VAE's latent
+channels (``codec: wan2.2 | wan2.1``, encoded on the fly; its causal first latent frame is the current frame
+alone, so the policy can pin it). ``R = action_repeat`` copies of the
+action fill the token (default: as many as fit), and decoding averages them. Core's loss is a plain mean
+over tokens × channels, so K actions × 7 channels would weigh ~0.3 % of a tiny model's loss and barely
+train; the copies act as an action-loss weight ≈ R without a core change (a per-group weight hook is
+the clean way, see README.md). Action ``k`` produces frame
+``k + 1``, so it sits at that frame's latent time ``t_k`` (pixels: ``(k + 1) // pt``; Wan, temporal stride
+``s``: ``(k // s + 1) // pt``; clamped to the last latent frame); its spatial slot
+``h = grid_h`` lies outside the video grid, ``w = k`` keeps the K actions apart. The last channel flags the
+token type. The objective's per-token loss covers video and actions alike (README.md, section Robotics, lists the
+core hooks that per-group loss weights and per-group timestep schedules need).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from selfflow.core.mmdit import Conditioning
+from selfflow.core.modality import Batch, DataStream, Modality
+from selfflow.core.registry import register_modality
+from selfflow.core.timesteps import TimestepDistribution
+from selfflow.core.tokens import Tokens, grid_ids, patchify, unpatchify
+from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
+from selfflow.text.encoder import TextEncoderOptions
+from selfflow.text.shards import shard_urls
+
+from .dataset import EpisodeWindowStream
+from .fractal import FAKE_INSTRUCTIONS, write_fake_shards
+from .normalize import ActionNormalizer, ActionStats
+
+ACTION_DIM = 7
+
+
+class RT1Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Literal["fake", "episode_shards"] = Field("fake", description="fake: generated RT-1 TFRecords")
+    shards: str | None = Field(None, description="episode_shards: output directory of `selfflow prepare rt1`")
+    split: Literal["train", "val"] = "train"
+    fake_dir: str = Field("runs/rt1-fake-data", description="fake: where the generated data is converted")
+    frames: int = Field(2, ge=1, description="frames per window: the current one + future ones")
+    chunk: int = Field(4, ge=1, description="actions per window (K)")
+    image_size: tuple[int, int] = Field((32, 40), description="(H, W) frames are resized to (fractal: 256×320)")
+    codec: Literal["pixel", "wan2.2", "wan2.1"] = Field("pixel", description="wan*: frames = 4k+1, vae_dir")
+    vae_dir: str | None = Field(None, description="Wan codec: local diffusers-format vae/ directory")
+    patch: tuple[int, int, int] = (1, 8, 8)
+    action_norm: Literal["bound", "gaussian"] = "bound"
+    gripper: Literal["absolute", "relative"] = "absolute"
+    action_repeat: int | None = Field(None, ge=1, description="copies of the action per token (None: fill)")
+    conditioning: Literal["text", "class"] = Field("text", description="class: only for the fake instructions")
+    text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
+    sample_captions: list[str] | None = Field(None, description="preview instructions (None: the fake ones)")
+
+
+@register_modality
+class RT1Modality(CaptionedModalityMixin, Modality):
+    name = "rt1"
+    Options = RT1Options
+    default_mask_ratio = 0.1  # the video ratio: Dual-Timestep Scheduling stays on
+    default_timesteps = TimestepDistribution(kind="logit_normal", mean=0.0, std=1.0, shift=3.0)
+
+    def __init__(self, options: dict[str, Any] | BaseModel | None = None):
+        super().__init__(options)
+        o = self.options
+        self.wan = None
+        if o.codec != "pixel":
+            from selfflow.video.wan_codec import WanCodec
+
+            if not o.vae_dir:
+                raise ValueError(f"codec {o.codec!r} needs data.options.vae_dir (a local vae/ folder)")
+            self.wan = WanCodec.from_pretrained(o.vae_dir, o.codec)
+        _, f, h, w = self.latent_shape
+        pt, ph, pw = o.patch
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"data.options: latent (T, H, W) = {(f, h, w)} not divisible by patch {o.patch}")
+        self.grid = (f // pt, h // ph, w // pw)
+        self.action_copies  # noqa: B018 - validates action_repeat now, not at the first batch
+        if o.dataset == "episode_shards" and not o.shards:
+            raise ValueError("dataset 'episode_shards' needs data.options.shards (from `selfflow prepare rt1`)")
+        self.root = Path(o.shards) if o.dataset == "episode_shards" else Path(o.fake_dir)
+        if o.dataset == "fake" and not (self.root / "stats.json").is_file():
+            make_fake_dataset(self.root)
+        stats_path = self.root / "stats.json"
+        if not stats_path.is_file():
+            raise FileNotFoundError(f"{stats_path} not found: is {self.root} a `selfflow prepare rt1` output?")
+        self.stats = ActionStats.load(stats_path)
+        self.normalizer = ActionNormalizer(self.stats, o.action_norm, o.gripper)
+        self.conditioner = CaptionConditioner(o.conditioning, FAKE_INSTRUCTIONS, o.text, o.sample_captions)
+
+    # --- layout -----------------------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """``(C, T, H, W)`` of one window's frames before patchify."""
+        o = self.options
+        if self.wan is None:
+            return (3, o.frames, *o.image_size)
+        return self.wan.latent_shape(o.frames, *o.image_size)
+
+    @property
+    def video_channels(self) -> int:
+        pt, ph, pw = self.options.patch
+        return self.latent_shape[0] * pt * ph * pw
+
+    @property
+    def token_channels(self) -> int:
+        return self.video_channels + ACTION_DIM + 1
+
+    @property
+    def action_copies(self) -> int:
+        fit = (self.token_channels - 1) // ACTION_DIM
+        r = self.options.action_repeat or fit
+        if r > fit:
+            raise ValueError(f"data.options.action_repeat = {r}, but at most {fit} copies fit in a token")
+        return r
+
+    @property
+    def num_video_tokens(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def action_ids(self, n: int, device: torch.device | str) -> torch.Tensor:
+        """``(n, K, 3)`` positions of the action tokens (see the module docstring)."""
+        gt, gh, _ = self.grid
+        k = torch.arange(self.options.chunk, device=device)
+        frame_latent = k + 1 if self.wan is None else k // self.wan.compression[0] + 1
+        t = (frame_latent // self.options.patch[0]).clamp(max=gt - 1)
+        return torch.stack([t, torch.full_like(k, gh), k], -1)[None].expand(n, -1, -1)
+
+    def pack(self, frames: torch.Tensor, actions: torch.Tensor) -> Tokens:
+        """``frames (B, 3, F, H, W)`` in [−1, 1] and ``actions (B, K, 7)`` normalised → tokens ``(B, Lv + K, C)``."""
+        video = patchify(frames if self.wan is None else self.wan.to(frames.device).encode(frames), self.options.patch)
+        b, lv, cv = video.x.shape
+        k = actions.shape[1]
+        x = video.x.new_zeros(b, lv + k, self.token_channels)
+        x[:, :lv, :cv] = video.x
+        x[:, :lv, -1] = -1.0
+        x[:, lv:, :ACTION_DIM * self.action_copies] = actions.to(x).repeat(1, 1, self.action_copies)
+        x[:, lv:, -1] = 1.0
+        return Tokens(x=x, ids=torch.cat([video.ids, self.action_ids(b, x.device).to(video.ids)], 1))
+
+    def unpack(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``(B, Lv + K, C)`` → ``frames (B, 3, F, H, W)`` and ``actions (B, K, 7)``."""
+        lv, cv, r = self.num_video_tokens, self.video_channels, self.action_copies
+        actions = x[:, lv:, :ACTION_DIM * r].reshape(x.shape[0], -1, r, ACTION_DIM).mean(2)
+        z = unpatchify(x[:, :lv, :cv], self.grid, self.options.patch)
+        return (z if self.wan is None else self.wan.to(z.device).decode(z)), actions
+
+    # --- data -------------------------------------------------------------------------------------
+    def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataStream:
+        o = self.options
+        manifest = self.root / "manifest.json"
+        if manifest.is_file():  # one window per episode and epoch: fewer episodes than a batch never fill one
+            count = json.loads(manifest.read_text())["episodes"][o.split]
+            if count < batch_size * world_size:
+                raise ValueError(f"{self.root}/{o.split} holds {count} episode(s), fewer than one global batch "
+                                 f"({world_size} × {batch_size}): lower train.batch_size")
+        return EpisodeWindowStream(shard_urls(self.root / o.split), batch_size, self.normalizer, o.frames,
+                                   o.chunk, tuple(o.image_size), seed, rank, world_size)
+
+    def encode(self, batch: Batch, device: torch.device | str) -> tuple[Tokens, Conditioning]:
+        cond = self.conditioner.from_batch(self.with_labels(batch), device)
+        return self.pack(batch["frames"].to(device), batch["actions"].to(device)), cond
+
+    def with_labels(self, batch: Batch) -> Batch:
+        if self.conditioner.encoder is not None or "labels" in batch:
+            return batch
+        names = self.conditioner.class_names
+        unknown = sorted({c for c in batch["captions"] if c not in names})
+        if unknown:
+            raise ValueError(f"conditioning 'class' knows only {names}; got {unknown} (use conditioning: text)")
+        return {**batch, "labels": torch.tensor([names.index(c) for c in batch["captions"]])}
+
+    # --- sampling ---------------------------------------------------------------------------------
+    def sample_ids(self, n: int, device: torch.device | str) -> torch.Tensor:
+        return torch.cat([grid_ids(*self.grid, batch=n, device=device), self.action_ids(n, device)], 1)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Generated tokens → ``(B, 3·F·H·W + K·7)``: flattened frames in [−1, 1], then the normalised
+        actions (split with :meth:`split_media`)."""
+        frames, actions = self.unpack(x)
+        return torch.cat([frames.clamp(-1, 1).flatten(1), actions.clamp(-1, 1).flatten(1)], 1)
+
+    def split_media(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, (h, w) = media.shape[0], self.options.image_size
+        n = 3 * self.options.frames * h * w
+        return (media[:, :n].reshape(b, 3, self.options.frames, h, w),
+                media[:, n:].reshape(b, self.options.chunk, ACTION_DIM))
+
+    def save_samples(self, media: torch.Tensor, labels: torch.Tensor | None, path: Path) -> Path:
+        """A PNG (one row per frame, samples side by side) and the de-normalised actions as JSON."""
+        from PIL import Image
+
+        from selfflow.video.writer import tile_clips
+
+        frames, actions = self.split_media(media)
+        tiles = tile_clips(frames, columns=len(frames))  # (F, H', W', 3)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        png = path.with_suffix(".png")
+        Image.fromarray(np.concatenate(list(tiles), 0)).save(png)
+        names = self.class_names
+        rows = [{"instruction": names[int(labels[i])] if labels is not None else None,
+                 "actions_raw": self.normalizer.denormalize(a.float().cpu().numpy()).tolist()}
+                for i, a in enumerate(actions)]
+        path.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        return png
+
+
+def make_fake_dataset(root: str | Path, *, shards: int = 4, episodes_per_shard: int = 4, seed: int = 0) -> Path:
+    """Generate fake RT-1 TFRecords (real key names, synthetic content) and convert them under ``root``."""
+    from .prepare import prepare_rt1
+
+    root = Path(root)
+    write_fake_shards(root / "tfrecords", shards=shards, episodes_per_shard=episodes_per_shard, seed=seed)
+    prepare_rt1({"input": str(root / "tfrecords"), "out": str(root), "val_fraction": 0.2})
+    return root

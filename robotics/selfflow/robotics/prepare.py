@@ -1,0 +1,152 @@
+"""``selfflow prepare rt1``: RT-1 TFRecord shards → webdataset shards, one sample per episode.
+
+Layout of the output directory::
+
+    train/rt1-00000.tar …   val/rt1-00000.tar …   reports/00000.json …   stats.json   manifest.json
+
+A sample (key ``fractal_{shard:05d}_{idx:03d}``) holds the original JPEGs ``f0000.jpg … fNNNN.jpg`` (no
+re-encode), ``actions.npy`` (T×7 float32, raw units, relative gripper), ``proprio.npy`` (T×8, when
+present), ``instruction.txt`` and ``meta.json`` (source shard, index, SHA-256 of the record). The split is
+a hash of the key, so an episode's split never depends on which shards were converted or in what order;
+``manifest.json`` freezes it with the kept and rejected counts. ``stats.json`` holds the statistics of
+the *training* episodes' raw actions (:class:`~selfflow.robotics.normalize.ActionStats`).
+
+Source shard ``n`` (in sorted order) becomes ``train/rt1-{n:05d}.tar`` and ``val/rt1-{n:05d}.tar`` (written
+under a temporary name, then renamed) and ``reports/{n:05d}.json`` (+ its training actions), written last:
+a rerun skips converted shards, and ranks (RANK / WORLD_SIZE, e.g. under torchrun) take every
+``world``-th shard. Whichever rank finds every report present merges them into ``stats.json`` and
+``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from pydantic import BaseModel, ConfigDict, Field
+
+from selfflow.text.shards import npy_bytes, write_json
+
+from .fractal import Episode, read_episodes
+from .normalize import ActionStats
+
+log = logging.getLogger("selfflow.robotics")
+
+
+class PrepareRT1Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="directory of fractal20220817_data-train.tfrecord-* files (or one file)")
+    out: str = Field(description="output directory")
+    val_fraction: float = Field(0.03, ge=0, lt=1, description="episodes in the validation split (by key hash)")
+    min_steps: int = Field(1, ge=1, description="drop shorter episodes (counted in the manifest)")
+    max_shards: int | None = Field(None, ge=1, description="convert only the first N source shards (smoke runs)")
+    rank: int = Field(default_factory=lambda: int(os.environ.get("RANK", "0")), ge=0)
+    world_size: int = Field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", "1")), ge=1)
+
+
+def episode_key(source: str, index: int) -> str:
+    """``fractal_{shard:05d}_{idx:03d}`` from the source file's shard number (its first 5-digit field)."""
+    digits = [p for p in source.replace(".", "-").split("-") if p.isdigit() and len(p) == 5]
+    return f"fractal_{int(digits[0]) if digits else 0:05d}_{index:03d}"
+
+
+def is_validation(key: str, fraction: float) -> bool:
+    """Deterministic episode-level split: the first 8 bytes of SHA-256(key) as a fraction of 2^64."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64 < fraction
+
+
+def episode_sample(key: str, ep: Episode) -> dict:
+    """An episode → webdataset members (see the module docstring)."""
+    sample = {"__key__": key, "actions.npy": npy_bytes(ep.actions, np.float32),
+              "instruction.txt": ep.instruction, "meta.json": json.dumps({**ep.meta, "key": key})}
+    if ep.proprio is not None:
+        sample["proprio.npy"] = npy_bytes(ep.proprio, np.float32)
+    for k, jpg in enumerate(ep.frames):
+        sample[f"f{k:04d}.jpg"] = bytes(jpg)
+    return sample
+
+
+def tfrecord_files(source: str | Path) -> list[Path]:
+    src = Path(source)
+    files = [src] if src.is_file() else sorted(p for p in src.glob("*.tfrecord*") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no *.tfrecord* files in {src} (expected fractal20220817_data-train."
+                                "tfrecord-XXXXX-of-01024 from gs://gresearch/robotics/fractal20220817_data/0.1.0)")
+    return files
+
+
+def convert_shard(path: Path, number: int, out: Path, o: PrepareRT1Options) -> dict:
+    """One source shard → its train/val tars and ``reports/{number:05d}.json`` (see the module docstring)."""
+    errors: list[dict] = []
+    report = {"source": path.name, "episodes": {"train": [], "val": []}, "steps": {"train": 0, "val": 0},
+              "rejected": errors, "too_short": 0}
+    train_actions = []
+    tmp = {s: out / s / f"rt1-{number:05d}.tar.{os.getpid()}.tmp" for s in ("train", "val")}
+    writers = {s: wds.TarWriter(str(t)) for s, t in tmp.items()}
+    try:
+        for ep in read_episodes(path, errors):
+            if ep.length < o.min_steps:
+                report["too_short"] += 1
+                continue
+            key = episode_key(ep.meta["source"], ep.meta["index"])
+            split = "val" if is_validation(key, o.val_fraction) else "train"
+            writers[split].write(episode_sample(key, ep))
+            report["episodes"][split].append(key)
+            report["steps"][split] += ep.length
+            if split == "train":
+                train_actions.append(ep.actions)
+    finally:
+        for w in writers.values():
+            w.close()
+    for split, t in tmp.items():
+        if report["episodes"][split]:
+            t.replace(out / split / f"rt1-{number:05d}.tar")
+        else:
+            t.unlink()
+    for e in errors:
+        log.warning("rejected %s[%d]: %s", e["source"], e["index"], e["error"])
+    actions = np.concatenate(train_actions) if train_actions else np.zeros((0, 7), np.float32)
+    np.save(out / "reports" / f"{number:05d}.train_actions.npy", actions)
+    write_json(out / "reports" / f"{number:05d}.json", report)
+    return report
+
+
+def merge_reports(out: Path, numbers: list[int], options: PrepareRT1Options) -> dict:
+    """Every shard report → ``stats.json`` (training actions) and ``manifest.json`` (split, counts)."""
+    reports = [json.loads((out / "reports" / f"{n:05d}.json").read_text()) for n in numbers]
+    actions = np.concatenate([np.load(out / "reports" / f"{n:05d}.train_actions.npy") for n in numbers])
+    if not len(actions):
+        raise ValueError(f"no training episode was kept from {options.input} "
+                         f"({sum(len(r['rejected']) for r in reports)} rejected)")
+    write_json(out / "stats.json", ActionStats.compute(actions).model_dump())
+    split = {s: [k for r in reports for k in r["episodes"][s]] for s in ("train", "val")}
+    manifest = {"dataset": "fractal20220817_data",
+                "options": options.model_dump(exclude={"rank", "world_size"}),
+                "episodes": {s: len(k) for s, k in split.items()},
+                "steps": {s: sum(r["steps"][s] for r in reports) for s in ("train", "val")},
+                "rejected": [e for r in reports for e in r["rejected"]],
+                "too_short": sum(r["too_short"] for r in reports), "split": split,
+                "action_layout": "world_vector(3) rotation_delta(3) gripper_closedness_action(1), raw units"}
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def prepare_rt1(options: PrepareRT1Options | dict) -> dict:
+    """Convert this rank's shards (skipping finished ones); returns the manifest once every shard is
+    done, else ``{"pending": [shard numbers]}``."""
+    o = PrepareRT1Options.model_validate(options)
+    out = Path(o.out)
+    for sub in ("train", "val", "reports"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    files = tfrecord_files(o.input)[: o.max_shards]
+    for n in range(o.rank, len(files), o.world_size):
+        if not (out / "reports" / f"{n:05d}.json").is_file():
+            convert_shard(files[n], n, out, o)
+    pending = [n for n in range(len(files)) if not (out / "reports" / f"{n:05d}.json").is_file()]
+    return {"pending": pending} if pending else merge_reports(out, list(range(len(files))), o)

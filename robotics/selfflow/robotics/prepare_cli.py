@@ -1,0 +1,51 @@
+"""``selfflow prepare rt1`` and ``selfflow prepare rt1-fake`` (``selfflow.commands`` entry point group)."""
+
+from __future__ import annotations
+
+import argparse
+
+from selfflow.core.prepare import prepare_subparsers
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .prepare import prepare_rt1
+
+    m = prepare_rt1({"input": args.input, "out": args.out, "val_fraction": args.val_fraction,
+                     "min_steps": args.min_steps, "max_shards": args.max_shards})
+    if "pending" in m:
+        print(f"prepare rt1: this rank is done; shards {m['pending']} are still converting on other ranks "
+              "(run again once they finish, or let the last rank merge stats.json and manifest.json)")
+        return 0
+    print(f"prepare rt1: {m['episodes']['train']} train / {m['episodes']['val']} val episodes "
+          f"({m['steps']['train']} / {m['steps']['val']} steps), {len(m['rejected'])} rejected, "
+          f"{m['too_short']} too short; stats.json and manifest.json in {args.out}")
+    return 0
+
+
+def _run_fake(args: argparse.Namespace) -> int:
+    from .fractal import write_fake_shards
+
+    paths = write_fake_shards(args.out, shards=args.shards, episodes_per_shard=args.episodes, seed=args.seed)
+    print(f"wrote {len(paths)} fake RT-1 TFRecord shard(s) (synthetic, NOT real data) to {args.out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    targets = prepare_subparsers(subparsers)
+    p = targets.add_parser("rt1", help="RT-1 fractal TFRecords → episode webdataset shards + stats.json",
+                           description="TensorFlow-free conversion of fractal20220817_data: one sample per "
+                                       "episode (original JPEGs, raw 7-D actions, instruction, meta), a "
+                                       "hash-based validation split and action statistics. Resumable; "
+                                       "under torchrun the ranks share the source shards.")
+    p.add_argument("--input", required=True, help="directory of *.tfrecord* shards (or one file)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--val-fraction", type=float, default=0.03)
+    p.add_argument("--min-steps", type=int, default=1)
+    p.add_argument("--max-shards", type=int, help="convert only the first N source shards (smoke runs)")
+    p.set_defaults(func=_run)
+    f = targets.add_parser("rt1-fake", help="write synthetic TFRecords with RT-1's real key names (tests)")
+    f.add_argument("--out", required=True)
+    f.add_argument("--shards", type=int, default=2)
+    f.add_argument("--episodes", type=int, default=8, help="per shard")
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=_run_fake)

@@ -1,0 +1,177 @@
+import json
+
+import numpy as np
+import pytest
+import webdataset as wds
+from scipy.spatial.transform import Rotation
+
+from selfflow.robotics.dataset import EpisodeWindowStream, cut_window, decode_episode
+from selfflow.robotics.fractal import (
+    GRIPPER,
+    IS_FIRST,
+    EpisodeError,
+    parse_episode,
+    read_episodes,
+)
+from selfflow.robotics.normalize import (
+    ActionNormalizer,
+    ActionStats,
+    gripper_abs_to_rel,
+    gripper_rel_to_abs,
+    rpy_to_axis_angle,
+)
+from selfflow.robotics.prepare import episode_key, is_validation
+from selfflow.text.shards import shard_urls
+
+
+def _source_episodes(folder):
+    errors: list[dict] = []
+    eps = {episode_key(e.meta["source"], e.meta["index"]): e
+           for p in sorted(folder.iterdir()) for e in read_episodes(p, errors)}
+    return eps, errors
+
+
+def test_reader_uses_real_keys_and_rejects_base_motion(fake_tfrecords):
+    eps, errors = _source_episodes(fake_tfrecords)
+    assert len(eps) == 7 and len(errors) == 1 and "base_displacement" in errors[0]["error"]
+    ep = eps["fractal_00000_000"]
+    assert ep.actions.shape == (ep.length, 7) and ep.actions.dtype == np.float32
+    assert ep.proprio.shape == (ep.length, 8)
+    assert all(f[:2] == b"\xff\xd8" for f in ep.frames)  # JPEG SOI
+    assert set(np.unique(ep.actions[:, 6])) <= {-1.0, 0.0, 1.0} and (ep.actions[:, 6] == 1).any()
+    with pytest.raises(EpisodeError, match="base_displacement"):
+        list(read_episodes(sorted(fake_tfrecords.iterdir())[0]))  # no error list: raised
+
+
+def test_parse_errors_name_the_key():
+    from tfrecord import example_pb2
+
+    ex = example_pb2.Example()
+    ex.features.feature[IS_FIRST].int64_list.value.extend([1, 0])
+    with pytest.raises(EpisodeError, match="0 images for 2 steps"):
+        parse_episode(ex.SerializeToString())
+    ex.features.feature["steps/observation/image"].bytes_list.value.extend([b"a", b"b"])
+    with pytest.raises(EpisodeError, match="world_vector"):
+        parse_episode(ex.SerializeToString())
+    assert GRIPPER.startswith("steps/action/")
+
+
+def test_prepare_round_trip(fake_tfrecords, prepared):
+    out, manifest = prepared
+    source, _ = _source_episodes(fake_tfrecords)
+    assert manifest["episodes"]["train"] + manifest["episodes"]["val"] == 7 and len(manifest["rejected"]) == 1
+    seen = {}
+    for split in ("train", "val"):
+        for raw in wds.WebDataset(shard_urls(out / split), shardshuffle=False, empty_check=False):
+            ep = decode_episode(raw)
+            seen[ep["key"]] = split
+            src = source[ep["key"]]
+            np.testing.assert_array_equal(ep["actions"], src.actions)  # bit-exact
+            assert ep["jpegs"] == [bytes(f) for f in src.frames]  # original JPEGs, no re-encode
+            assert ep["instruction"] == src.instruction and ep["meta"]["sha256"] == src.meta["sha256"]
+            assert split == ("val" if is_validation(ep["key"], 0.3) else "train")
+    assert set(seen) == set(source)
+    assert sorted(manifest["split"]["train"]) == sorted(k for k, s in seen.items() if s == "train")
+    stats = json.loads((out / "stats.json").read_text())
+    train = np.concatenate([source[k].actions for k in manifest["split"]["train"]]).astype(np.float64)
+    np.testing.assert_allclose(stats["q01"], np.quantile(train, 0.01, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(stats["std"], train.std(0), rtol=1e-6)
+    assert stats["count"] == len(train)
+
+
+def test_split_is_deterministic_and_roughly_proportional():
+    keys = [f"fractal_{s:05d}_{i:03d}" for s in range(20) for i in range(50)]
+    val = [k for k in keys if is_validation(k, 0.05)]
+    assert val == [k for k in keys if is_validation(k, 0.05)]
+    assert 25 <= len(val) <= 75
+    assert not any(is_validation(k, 0.0) for k in keys)
+
+
+def test_gripper_conversions():
+    o, c = 1.0, -1.0
+    np.testing.assert_array_equal(gripper_rel_to_abs(np.array([0, 0, 1, 0, 0, -1, 0])), [o, o, c, c, c, o, o])
+    np.testing.assert_array_equal(gripper_rel_to_abs(np.array([0.05, -0.05, 0])), [o, o, o])  # below ±0.1
+    assert gripper_abs_to_rel(c, o) == 1.0 and gripper_abs_to_rel(o, c) == -1.0 and gripper_abs_to_rel(c, c) == 0.0
+
+
+def _stats():
+    rng = np.random.default_rng(0)
+    return ActionStats.compute(rng.normal(size=(500, 7)) * [1, 2, 3, 0.1, 0.2, 0.3, 1])
+
+
+@pytest.mark.parametrize("mode", ["bound", "gaussian"])
+def test_normalizer_inverse_and_clipping(mode):
+    stats = _stats()
+    norm = ActionNormalizer(stats, mode)
+    lo, hi = np.array(stats.q01), np.array(stats.q99)
+    x = np.random.default_rng(1).uniform(lo, hi, size=(50, 7)).astype(np.float32)
+    x[:, 6] = np.sign(x[:, 6])
+    np.testing.assert_allclose(norm.denormalize(norm.normalize(x)), x, rtol=1e-5, atol=1e-5)
+    if mode == "bound":
+        far = (hi * 10)[None].astype(np.float32)
+        assert np.allclose(norm.normalize(far)[0, :6], 1.0)
+        np.testing.assert_allclose(norm.normalize(lo[None])[0, :6], -1.0, atol=1e-6)
+
+
+def test_rpy_to_axis_angle_matches_scipy_and_small_angle_passthrough():
+    rng = np.random.default_rng(0)
+    for rpy in rng.uniform(-1.0, 1.0, (20, 3)):
+        np.testing.assert_allclose(rpy_to_axis_angle(rpy), Rotation.from_euler("xyz", rpy).as_rotvec(), atol=1e-9)
+    for rpy in rng.uniform(-0.03, 0.03, (20, 3)):  # fractal's deltas: both conventions agree to first order
+        assert np.abs(rpy_to_axis_angle(rpy) - rpy).max() < 1e-3
+
+
+def test_window_padding_at_episode_end(prepared):
+    out, _ = prepared
+    raw = next(iter(wds.WebDataset(shard_urls(out / "train"), shardshuffle=False, empty_check=False)))
+    ep = decode_episode(raw)
+    t = len(ep["jpegs"])
+    norm = ActionNormalizer(ActionStats.load(out / "stats.json"))
+    w = cut_window(ep, t - 2, frames=3, chunk=4, size=(16, 20), normalizer=norm)
+    assert w["frames"].shape == (3, 3, 16, 20) and w["actions"].shape == (4, 7)
+    assert w["action_mask"].tolist() == [True, True, False, False]
+    np.testing.assert_array_equal(w["frames"][:, 1], w["frames"][:, 2])  # last frame repeated
+    target = norm.training_target(ep["actions"])
+    np.testing.assert_allclose(w["actions"][:2], target[-2:])
+    np.testing.assert_allclose(w["actions"][2:, :6], np.broadcast_to(norm.normalize(np.zeros(7))[:6], (2, 6)))
+    assert (w["actions"][2:, 6] == target[-1, 6]).all()
+    assert set(np.unique(target[:, 6])) <= {-1.0, 1.0}  # absolute gripper target
+
+
+def test_window_stream_resumes_exactly(prepared):
+    out, _ = prepared
+    norm = ActionNormalizer(ActionStats.load(out / "stats.json"))
+    urls = shard_urls(out / "train")
+
+    def make():
+        return EpisodeWindowStream(urls, 2, norm, frames=2, chunk=3, size=(16, 20), seed=5)
+
+    a = make()
+    it = iter(a)
+    next(it)
+    state = a.state_dict()
+    expected = next(it)
+    b = make()
+    b.load_state_dict(state)
+    got = next(iter(b))
+    assert got["captions"] == expected["captions"]
+    np.testing.assert_array_equal(got["actions"].numpy(), expected["actions"].numpy())
+
+
+def test_prepare_by_ranks_resumes_and_matches_one_process(fake_tfrecords, prepared, tmp_path, monkeypatch):
+    from selfflow.robotics import prepare as prep
+
+    _, single = prepared
+    opts = {"input": str(fake_tfrecords), "out": str(tmp_path), "val_fraction": 0.3}
+    assert prep.prepare_rt1({**opts, "rank": 0, "world_size": 2}) == {"pending": [1]}
+    assert not (tmp_path / "manifest.json").exists()
+    merged = prep.prepare_rt1({**opts, "rank": 1, "world_size": 2})
+    assert merged["split"] == single["split"] and merged["rejected"] == single["rejected"]
+    assert json.loads((tmp_path / "stats.json").read_text()) == json.loads((prepared[0] / "stats.json").read_text())
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a converted shard was converted again")
+
+    monkeypatch.setattr(prep, "convert_shard", boom)
+    assert prep.prepare_rt1(opts)["episodes"] == single["episodes"]  # rerun: only the merge
+    assert not list(tmp_path.rglob("*.tmp"))
