@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from selfflow.core.indexed_stream import IndexedStream
 from selfflow.core.mmdit import Conditioning
 from selfflow.core.modality import Batch, DataStream, Modality
 from selfflow.core.registry import register_modality
@@ -22,7 +23,6 @@ from selfflow.core.tokens import Tokens
 from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
 from selfflow.text.encoder import TextEncoderOptions
 from selfflow.text.shards import LatentShardStream, collate_samples, latent_stats, shard_urls
-from selfflow.text.streams import IndexedStream
 
 from .audio_io import write_wav
 from .synthetic_tones import CAPTIONS, render_batch

@@ -3,7 +3,6 @@ the SD-VAE; optional REPA target features; PNG grids, per-sample PNGs and ADM ar
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from selfflow.core.indexed_stream import IndexedStream
 from selfflow.core.mmdit import Conditioning
 from selfflow.core.modality import Batch, DataStream, Modality
 from selfflow.core.registry import register_modality
@@ -44,32 +44,6 @@ class ImageOptions(BaseModel):
     repa_encoder: str | None = Field(None, description="local DINOv2 directory: REPA target features")
     repa_resolution: int = Field(224, ge=14, description="REPA encoder input size (224 → 16×16 tokens)")
     device: str = Field("auto", description="where the VAE / REPA encoder run (auto: CUDA if available)")
-
-
-class SyntheticShapesStream(DataStream):
-    """Rank ``r``'s batches of the global stream: step ``n`` covers indices ``[n·B·W + r·B, … + B)``."""
-
-    def __init__(self, batch_size: int, data_seed: int, image_size: int, rank: int, world_size: int):
-        self.batch_size, self.data_seed, self.image_size = batch_size, data_seed, image_size
-        self.rank, self.world_size = rank, world_size
-        self.step = 0
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            start = (self.step * self.world_size + self.rank) * self.batch_size
-            images, labels = render_batch(self.data_seed, range(start, start + self.batch_size), self.image_size)
-            self.step += 1
-            yield {"media": images, "labels": labels, "captions": [CAPTIONS[i] for i in labels.tolist()]}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "batch_size": self.batch_size, "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["batch_size"] * state["world_size"] != self.batch_size * self.world_size:
-            raise ValueError(f"cannot resume the synthetic stream: global batch was "
-                             f"{state['batch_size'] * state['world_size']}, now "
-                             f"{self.batch_size * self.world_size}")
-        self.step = int(state["step"])
 
 
 @register_modality
@@ -122,7 +96,12 @@ class ImageModality(CaptionedModalityMixin, Modality):
             return LatentShardStream(list_shards(o.shards), batch_size, seed, rank, world_size, flip=o.flip,
                                      scale=o.scaling_factor, pixels=self.repa is not None,
                                      num_workers=o.num_workers, shuffle_buffer=o.shuffle_buffer)
-        return SyntheticShapesStream(batch_size, o.data_seed, o.image_size, rank, world_size)
+
+        def render(indices: range) -> Batch:
+            images, labels = render_batch(o.data_seed, indices, o.image_size)
+            return {"media": images, "labels": labels, "captions": [CAPTIONS[i] for i in labels.tolist()]}
+
+        return IndexedStream(render, batch_size, rank, world_size)
 
     def encode(self, batch: Batch, device: torch.device | str) -> tuple[Tokens, Conditioning]:
         """Latent batches (prepared shards) are patchified; pixel batches go through the codec. With a REPA

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from selfflow.core.indexed_stream import IndexedStream
 from selfflow.core.mmdit import Conditioning
 from selfflow.core.modality import Batch, DataStream, Modality
 from selfflow.core.registry import register_modality
@@ -21,7 +22,6 @@ from selfflow.core.tokens import Tokens, grid_ids, patchify, unpatchify
 from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
 from selfflow.text.encoder import TextEncoderOptions
 from selfflow.text.shards import LatentShardStream, collate_samples, shard_urls
-from selfflow.text.streams import IndexedStream
 
 from .pixel_codec import VideoPixelCodec
 from .synthetic_moving_shapes import CAPTIONS, render_batch

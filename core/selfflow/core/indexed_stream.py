@@ -1,8 +1,8 @@
 """A deterministic, resumable stream over an indexable synthetic dataset (any modality).
 
 Rank ``r``'s step ``n`` renders global indices ``[n·B·W + r·B, … + B)``: one rank and N ranks see the same
-global batches, and the position is one integer. (Modality-agnostic; lives here beside the shard stream
-so video and audio share it.)
+global batches, and the position is one integer. Every built-in synthetic dataset (shapes, moving shapes,
+chords, fake RT-1 frames) streams through it.
 """
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from selfflow.core.modality import Batch, DataStream
+from .modality import Batch, DataStream
 
 
 class IndexedStream(DataStream):
+    """``render(range_of_global_indices) → batch``, called for this rank's slice of each global batch."""
+
     def __init__(self, render: Callable[[range], Batch], batch_size: int, rank: int = 0, world_size: int = 1):
         self.render, self.batch_size, self.rank, self.world_size = render, batch_size, rank, world_size
         self.step = 0
