@@ -71,5 +71,10 @@ def broadcast_object(obj, src: int = 0):
 
 
 def destroy() -> None:
+    """Tear the group down together: a rank that leaves while another still talks to it can abort
+    (gloo's pair threads), so every rank waits for the others first."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
