@@ -10,7 +10,7 @@ from selfflow.core.dit import DiTConfig
 from selfflow.core.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-KINDS = ["selfflow", "fm", "repa", "no_mask", "no_rep"]
+KINDS = ["selfflow", "fm", "repa", "no_mask", "no_rep", "rae"]
 
 
 def test_paper_recipes():
@@ -32,6 +32,11 @@ def test_paper_recipes():
     assert nm.mask_ratio == 0 and nm.gamma == 0.8
     nr = load_config(CONFIGS / "imagenet256" / "ablation_no_rep.yaml").objective.resolve(28, 0.25, obj.timesteps)
     assert nr.mask_ratio == 0.25 and nr.gamma == 0
+    rae = load_config(CONFIGS / "imagenet256" / "rae_selfflow.yaml")
+    ro = rae.objective.resolve(28, 0.25, rae.objective.timesteps)
+    assert rae.model.patch_size == 1 and rae.model.grid_size == 16 and rae.data.options["codec"] == "rae"
+    assert ro.timesteps.kind == "plateau_logit_normal" and abs(ro.timesteps.shift - (768 * 256 / 4096) ** 0.5) < 1e-9
+    assert (ro.mask_ratio, ro.gamma, ro.student_layer, ro.teacher_layer) == (0.25, 0.8, 8, 20)
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +50,36 @@ def tiny_dinov2(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def tiny_rae(tmp_path_factory):
+    """A tiny random AutoencoderRAE: 32-px images → 4×4×64 latents (56-px encoder input, decoder patch 8)."""
+    from diffusers import AutoencoderRAE
+
+    d = tmp_path_factory.mktemp("rae")
+    torch.manual_seed(0)
+    AutoencoderRAE(encoder_hidden_size=64, encoder_num_hidden_layers=1, decoder_hidden_size=32,
+                   decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=64,
+                   patch_size=8, encoder_input_size=56).save_pretrained(d)
+    return d
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_tiny_recipe_trains(kind, tmp_path, tiny_dinov2):
+def test_tiny_recipe_trains(kind, tmp_path, tiny_dinov2, tiny_rae):
     sets = [f"output_dir={tmp_path}", "train.steps=2", "train.batch_size=4", "train.num_threads=1",
             "sample.num_samples=2", "sample.steps=3"]
     if kind == "repa":
         sets.append(f"data.options.repa_encoder={tiny_dinov2}")
+    if kind == "rae":
+        sets.append(f"data.options.vae_path={tiny_rae}")
     cfg = load_config(CONFIGS / "tiny" / f"imagenet256_{kind}.yaml", sets)
     trainer = Trainer(cfg, progress=False)
     result = trainer.fit()
     assert result["checkpoint"].is_file() and result["samples"].is_file()
     last = result["last"]
     assert torch.isfinite(torch.tensor(last["loss"]))
-    if kind in ("selfflow", "no_mask", "repa"):
+    if kind == "rae":
+        assert trainer.modality.token_channels == 64 and trainer.modality.codec.grid == (1, 4, 4)
+    if kind in ("selfflow", "no_mask", "repa", "rae"):
         assert last["loss_rep"] != 0  # the −cos alignment term is computed
         assert trainer.raw.projector is not None
     else:

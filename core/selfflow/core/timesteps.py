@@ -13,14 +13,23 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class TimestepDistribution(BaseModel):
-    """Where training timesteps are drawn from: ``uniform`` or ``logit_normal(mean, std)``, then shifted."""
+    """Where training timesteps are drawn from, before the shift: ``uniform``, ``logit_normal(mean, std)`` or
+    ``plateau_logit_normal(mean, std, plateau)``.
+
+    ``plateau_logit_normal`` is this framework's definition (the reference notes name no formula): the mixture
+    ``(1 − plateau)·LogitNormal(mean, std) + plateau·U(0, 1)``. The uniform part is a flat floor ("plateau")
+    under the logit-normal bump, so the tails near t = 0 and t = 1 are never starved; ``plateau = 0`` is the
+    plain logit-normal. For RAE latents use it with a train shift, e.g. :func:`dimension_shift` (RAE's
+    ``time_dist_shift_dim``: ``sqrt(768·16·16 / 4096) ≈ 6.93``).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["uniform", "logit_normal"] = "uniform"
+    kind: Literal["uniform", "logit_normal", "plateau_logit_normal"] = "uniform"
     mean: float = 0.0
     std: float = Field(1.0, gt=0)
     shift: float = Field(1.0, gt=0)
+    plateau: float = Field(0.1, ge=0, le=1, description="plateau_logit_normal: weight of the uniform floor")
 
     def sample(self, n: int, generator: torch.Generator | None = None,
                device: torch.device | str = "cpu") -> torch.Tensor:
@@ -29,6 +38,10 @@ class TimestepDistribution(BaseModel):
             t = torch.rand(n, generator=generator, device=device)
         else:
             t = torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, device=device))
+            if self.kind == "plateau_logit_normal":
+                flat = torch.rand(n, generator=generator, device=device)
+                pick = torch.rand(n, generator=generator, device=device) < self.plateau
+                t = torch.where(pick, flat, t)
         return shift_time(t, self.shift)
 
     def cdf(self, t: torch.Tensor) -> torch.Tensor:
@@ -37,7 +50,15 @@ class TimestepDistribution(BaseModel):
         if self.kind == "uniform":
             return u
         z = (torch.logit(u.clamp(1e-12, 1 - 1e-12)) - self.mean) / self.std
-        return 0.5 * (1 + torch.erf(z / 2**0.5))
+        ln = 0.5 * (1 + torch.erf(z / 2**0.5))
+        if self.kind == "plateau_logit_normal":
+            return (1 - self.plateau) * ln + self.plateau * u
+        return ln
+
+
+def dimension_shift(dim: int, base_dim: int = 4096) -> float:
+    """RAE's dimension-dependent train shift ``sqrt(dim / base_dim)`` (``dim`` = C·H·W of the latent)."""
+    return (dim / base_dim) ** 0.5
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:

@@ -28,13 +28,14 @@ class ImageOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: Literal["synthetic_shapes", "latent_shards"] = "synthetic_shapes"
-    codec: Literal["pixel", "sd_vae"] = "pixel"
+    codec: Literal["pixel", "sd_vae", "flux2", "rae"] = "pixel"
     image_size: int = Field(32, ge=8)
     patch_size: int = Field(4, ge=1)
     data_seed: int = Field(0, description="which synthetic stream (independent of the training seed)")
     conditioning: Literal["class", "text"] = Field("class", description="synthetic shapes: labels or captions")
     text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
-    vae_path: str | None = Field(None, description="codec sd_vae: local diffusers AutoencoderKL directory")
+    vae_path: str | None = Field(None, description="local diffusers directory: AutoencoderKL (sd_vae), "
+                                 "AutoencoderKLFlux2 (flux2) or AutoencoderRAE (rae)")
     scaling_factor: float = Field(0.18215, gt=0, description="SD-VAE latent scale")
     shards: str | None = Field(None, description="latent_shards: directory or glob of prepared *.tar shards")
     num_classes: int = Field(1000, ge=0, description="latent_shards: number of classes (ImageNet 1000)")
@@ -59,13 +60,24 @@ class ImageModality(CaptionedModalityMixin, Modality):
             raise ValueError("dataset latent_shards needs codec: sd_vae and shards: <dir or glob>")
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(auto if o.device == "auto" else o.device)
-        if o.codec == "sd_vae":
+        if o.codec != "pixel":
             if not o.vae_path:
-                raise ValueError("codec sd_vae needs vae_path (a local AutoencoderKL directory)")
+                raise ValueError(f"codec {o.codec} needs vae_path (a local diffusers autoencoder directory)")
             from .sd_vae import SDVAE, LatentCodec
 
-            self.codec = LatentCodec(SDVAE.from_pretrained(o.vae_path, self.device, o.scaling_factor),
-                                     o.image_size, o.patch_size)
+            if o.codec == "flux2":
+                from .flux2_ae import Flux2AE
+
+                vae = Flux2AE.from_pretrained(o.vae_path, self.device)
+            elif o.codec == "rae":
+                from .rae import RAE
+
+                vae = RAE.from_pretrained(o.vae_path, self.device)
+                if o.image_size != vae.image_size:
+                    raise ValueError(f"codec rae needs image_size {vae.image_size} (its decoder's output size)")
+            else:
+                vae = SDVAE.from_pretrained(o.vae_path, self.device, o.scaling_factor)
+            self.codec = LatentCodec(vae, o.image_size, o.patch_size)
         else:
             self.codec = PixelCodec(o.image_size, o.patch_size)
         if o.conditioning == "text" and o.dataset != "synthetic_shapes":
@@ -109,7 +121,7 @@ class ImageModality(CaptionedModalityMixin, Modality):
         if "latents" in batch:
             tokens = self.codec.latents_to_tokens(batch["latents"].to(device))
         else:
-            where = self.device if self.options.codec == "sd_vae" else device
+            where = self.device if self.options.codec != "pixel" else device
             tk = self.codec.to_tokens(batch["media"].to(where))
             tokens = Tokens(tk.x.to(device), tk.ids.to(device))
         if self.repa is not None:
