@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,16 +26,16 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
-class ImageSource:
+class ImageSource(ABC):
     """A sized collection of uint8 RGB images that yields NHWC batches of a contiguous index range."""
 
     path: Path
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
-    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
-        raise NotImplementedError
+    @abstractmethod
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]: ...
 
 
 def _read_exact(f: IO[bytes], size: int, what: str) -> bytearray:
