@@ -8,15 +8,16 @@ import time
 import torch
 
 from selfflow.core.dit import DiT, DiTConfig
-from selfflow.core.ema import ema_update, make_ema
+from selfflow.core.ema import make_ema
 from selfflow.core.mmdit import Conditioning
 from selfflow.core.modulation import TokenTimesteps
-from selfflow.core.objective import ObjectiveConfig, self_flow_loss
+from selfflow.core.objective import ObjectiveConfig
 from selfflow.core.sampler import SamplerConfig, sample
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.tokens import Tokens, grid_ids
 
 from .timing import Row, paired_median
+from .train_step import make_train_step
 
 GRID, CH = 16, 16
 L = GRID * GRID
@@ -41,18 +42,7 @@ def _train_step(kind: str, batch: int):
     obj = ObjectiveConfig(kind=kind, student_layer=4, teacher_layer=8).resolve(12, 0.25, TimestepDistribution())
     tokens = Tokens(torch.randn(batch, L, CH), grid_ids(1, GRID, GRID, batch))
     cond = Conditioning(labels=torch.arange(batch))
-    gen = torch.Generator().manual_seed(0)
-
-    def step():
-        losses = self_flow_loss(model, ema if obj.uses_teacher else None, tokens, cond, obj, null_label=1000,
-                                generator=gen)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema_update(ema, model, 0.9999)
-
-    return step
+    return make_train_step(model, ema, opt, tokens, cond, obj, null_label=1000)
 
 
 def bench_dit(quick: bool) -> list[Row]:

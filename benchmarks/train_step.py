@@ -16,6 +16,22 @@ from selfflow.core.tokens import grid_ids
 from .timing import Row, paired_median
 
 
+def make_train_step(model, ema, opt, tokens, cond, obj, null_label: int):
+    """One full training step (loss, backward, clip, AdamW, EMA) as a closure, for timing any backbone."""
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        losses = self_flow_loss(model, ema if obj.uses_teacher else None, tokens, cond, obj,
+                                null_label=null_label, generator=gen)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema_update(ema, model, 0.9999)
+
+    return step
+
+
 def _setup(preset: str, batch: int, grid: int, channels: int, kind: str):
     cfg = MMDiTConfig(preset=preset, num_classes=10, modalities={"image": channels},
                       projector_mult=2.0 if kind == "self_flow" else 0.0)
@@ -29,18 +45,7 @@ def _setup(preset: str, batch: int, grid: int, channels: int, kind: str):
 
     tokens = Tokens(x, grid_ids(1, grid, grid, batch))
     cond = Conditioning(labels=torch.arange(batch) % 10)
-    gen = torch.Generator().manual_seed(0)
-
-    def step():
-        losses = self_flow_loss(model, ema if obj.uses_teacher else None, tokens, cond, obj, null_label=10,
-                                generator=gen)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema_update(ema, model, 0.9999)
-
-    return step, model, cfg
+    return make_train_step(model, ema, opt, tokens, cond, obj, null_label=10), model, cfg
 
 
 def bench_train_steps(quick: bool, peak_gflops: float) -> list[Row]:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .dinov2 import WEIGHTS_HELP as DINOV2_WEIGHTS_HELP
 from .dinov2 import ImageSource, batched, iter_images, list_images
+from .report import report_results
 
 PROTOCOL = ("CLIP score (torchmetrics convention): CLIP ViT-L/14; PIL bicubic shortest side 224 "
             "on uint8, centre crop 224, CLIP mean/std; text truncated to 77 tokens keeping EOS; "
@@ -199,11 +200,7 @@ def _run_t2i(args: argparse.Namespace) -> int:
     if not results:
         print("nothing to compute: give --dinov2 with --ref, and/or --clip with --prompts")
         return 2
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return report_results(results, args.out)
 
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:

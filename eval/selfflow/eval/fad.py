@@ -18,7 +18,6 @@ statistics (ours, or fadtk's reference files such as ``fma_pop.npz`` with ``<fad
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import wave
 from collections.abc import Iterator, Sequence
@@ -30,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .clap import VARIANTS, ClapAudioEmbedder, ClapVariant, convert_checkpoint, load_clap
+from .report import report_results
 
 FADTK_RESAMPLE = {"lowpass_filter_width": 64, "rolloff": 0.9475937167399596,
                   "resampling_method": "sinc_interp_kaiser", "beta": 14.769656459379492}
@@ -243,11 +243,7 @@ def _run(args: argparse.Namespace) -> int:
     results = {VARIANTS[k].key: fad(args.fake, args.real, path, k, batch_size=args.batch_size,
                                     fp16=not args.no_fp16, device=args.device)
                for k, path in models.items() if path}
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return report_results(results, args.out)
 
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:

@@ -15,7 +15,6 @@ resize to 299), at most 50 000 frames per set (``fid50k``), biased covariance as
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from PIL import Image, ImageSequence
 from tqdm.auto import tqdm
 
 from .i3d import I3D_KWARGS, WEIGHTS_HELP, I3DFeatures, load_i3d
+from .report import report_results
 
 NUM_FRAMES = 16
 MAX_CLIPS = 2048
@@ -276,11 +276,7 @@ def _run(args: argparse.Namespace) -> int:
     if not results:
         print("nothing to compute: give --i3d and/or --frames-fid")
         return 2
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return report_results(results, args.out)
 
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
