@@ -1,11 +1,12 @@
 """Training stream over the webdataset shards of ``selfflow prepare imagenet``.
 
-A shard sample holds ``moments.npy`` (8, h, w: posterior mean then std), optionally ``moments_flip.npy``
-and ``png`` (the 256-px crop, for REPA), and ``cls``. Each epoch the shard list is permuted with the seed;
+A shard sample holds either ``moments.npy`` (SD-VAE: 8, h, w: posterior mean then std) or ``latent.npy``
+(FLUX.2 / RAE: the model-space latent, used as it is), optionally the mirrored image's ``moments_flip.npy``
+/ ``latent_flip.npy`` and ``png`` (the 256-px crop, for REPA), and ``cls``. Each epoch the shard list is permuted with the seed;
 rank ``r`` of ``W`` reads shards ``r, r+W, …`` (split by node) and its data-loader workers split those again
 (split by worker); samples are shuffled in a buffer. The latent is *sampled* from the stored moments,
 ``z = (mean + std·ε)·0.18215``, with ``ε`` (and the optional flip) drawn from a generator seeded by
-``(seed, epoch, sample key)`` — so a batch is a pure function of the position, and resuming (epoch, batch)
+``(seed, epoch, sample key)`` (stored latents are taken as they are, flipped with the same draw) — so a batch is a pure function of the position, and resuming (epoch, batch)
 re-reads up to that position and continues with the same numbers.
 """
 
@@ -37,10 +38,14 @@ def list_shards(spec: str | Path) -> list[str]:
 
 
 def _decode(sample: dict[str, Any], rng: np.random.Generator, flip: bool, scale: float, pixels: bool) -> dict:
-    use_flip = flip and "moments_flip.npy" in sample and rng.random() < 0.5
-    m = np.load(io.BytesIO(sample["moments_flip.npy" if use_flip else "moments.npy"]))
-    mean, std = np.split(m.astype(np.float32), 2, axis=0)
-    z = (mean + std * rng.standard_normal(mean.shape, dtype=np.float32)) * scale
+    member = "moments" if "moments.npy" in sample else "latent"
+    use_flip = flip and f"{member}_flip.npy" in sample and rng.random() < 0.5
+    m = np.load(io.BytesIO(sample[f"{member}_flip.npy" if use_flip else f"{member}.npy"])).astype(np.float32)
+    if member == "moments":
+        mean, std = np.split(m, 2, axis=0)
+        z = (mean + std * rng.standard_normal(mean.shape, dtype=np.float32)) * scale
+    else:
+        z = m
     out = {"latents": torch.from_numpy(z), "labels": torch.tensor(int(sample["cls"].decode()))}
     if pixels:
         if "png" not in sample:

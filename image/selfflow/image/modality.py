@@ -1,8 +1,10 @@
-"""The image modality: synthetic shapes (embedded default) or prepared ImageNet latent shards; pixel space or
-the SD-VAE; optional REPA target features; PNG grids, per-sample PNGs and ADM arrays."""
+"""The image modality: synthetic shapes (embedded default), prepared ImageNet latent shards (class labels) or
+prepared image-text shards (captions); pixel space, SD-VAE, FLUX.2 or RAE latents; optional REPA target
+features; PNG grids, per-sample PNGs and ADM arrays."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,27 +21,34 @@ from selfflow.core.tokens import Tokens, grid_ids
 from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
 from selfflow.text.encoder import TextEncoderOptions
 
+from .codecs import CodecName, build_codec
 from .grid import save_grid, to_uint8
-from .pixel_codec import PixelCodec
+from .sd_vae import LatentCodec
 from .synthetic_shapes import CAPTIONS, CLASS_NAMES, render_batch
 
 
 class ImageOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset: Literal["synthetic_shapes", "latent_shards"] = "synthetic_shapes"
-    codec: Literal["pixel", "sd_vae", "flux2", "rae"] = "pixel"
+    dataset: Literal["synthetic_shapes", "latent_shards", "image_text_shards"] = Field(
+        "synthetic_shapes", description="latent_shards: `selfflow prepare imagenet` output (class labels); "
+        "image_text_shards: `selfflow prepare image-text` output (captions)")
+    codec: CodecName = "pixel"
     image_size: int = Field(32, ge=8)
     patch_size: int = Field(4, ge=1)
     data_seed: int = Field(0, description="which synthetic stream (independent of the training seed)")
-    conditioning: Literal["class", "text"] = Field("class", description="synthetic shapes: labels or captions")
+    conditioning: Literal["class", "text"] | None = Field(
+        None, description="None: text for image_text_shards, else class; synthetic shapes: labels or captions")
     text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
+    sample_captions: list[str] | None = Field(
+        None, description="image_text_shards: preview prompts (None: the captions recorded in codec.json)")
     vae_path: str | None = Field(None, description="local diffusers directory: AutoencoderKL (sd_vae), "
                                  "AutoencoderKLFlux2 (flux2) or AutoencoderRAE (rae)")
     scaling_factor: float = Field(0.18215, gt=0, description="SD-VAE latent scale")
-    shards: str | None = Field(None, description="latent_shards: directory or glob of prepared *.tar shards")
+    shards: str | None = Field(None, description="latent_shards / image_text_shards: directory of prepared "
+                               "*.tar shards (latent_shards: or a glob)")
     num_classes: int = Field(1000, ge=0, description="latent_shards: number of classes (ImageNet 1000)")
-    flip: bool = Field(False, description="latent_shards: use the stored mirrored moments half the time")
+    flip: bool = Field(False, description="latent_shards: use the stored mirrored moments / latents half the time")
     num_workers: int = Field(0, ge=0, description="latent_shards: data-loader workers per rank")
     shuffle_buffer: int = Field(1000, ge=1, description="latent_shards: samples in the shuffle buffer")
     repa_encoder: str | None = Field(None, description="local DINOv2 directory: REPA target features")
@@ -56,41 +65,75 @@ class ImageModality(CaptionedModalityMixin, Modality):
     def __init__(self, options: dict[str, Any] | BaseModel | None = None):
         super().__init__(options)
         o = self.options
-        if o.dataset == "latent_shards" and (o.codec != "sd_vae" or not o.shards):
-            raise ValueError("dataset latent_shards needs codec: sd_vae and shards: <dir or glob>")
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(auto if o.device == "auto" else o.device)
-        if o.codec != "pixel":
-            if not o.vae_path:
-                raise ValueError(f"codec {o.codec} needs vae_path (a local diffusers autoencoder directory)")
-            from .sd_vae import SDVAE, LatentCodec
-
-            if o.codec == "flux2":
-                from .flux2_ae import Flux2AE
-
-                vae = Flux2AE.from_pretrained(o.vae_path, self.device)
-            elif o.codec == "rae":
-                from .rae import RAE
-
-                vae = RAE.from_pretrained(o.vae_path, self.device)
-                if o.image_size != vae.image_size:
-                    raise ValueError(f"codec rae needs image_size {vae.image_size} (its decoder's output size)")
-            else:
-                vae = SDVAE.from_pretrained(o.vae_path, self.device, o.scaling_factor)
-            self.codec = LatentCodec(vae, o.image_size, o.patch_size)
+        self.shard_info = self._read_shard_info()
+        self.codec = build_codec(o.codec, o.vae_path, o.image_size, o.patch_size, self.device, o.scaling_factor)
+        self._check_latent_shape()
+        mode = o.conditioning or ("text" if o.dataset == "image_text_shards" else "class")
+        if mode == "text" and o.dataset == "latent_shards":
+            raise ValueError("prepared ImageNet shards (latent_shards) are class-conditional: for captions use "
+                             "`selfflow prepare image-text` and dataset: image_text_shards")
+        if o.dataset == "synthetic_shapes":
+            names, captions = CLASS_NAMES, CAPTIONS
         else:
-            self.codec = PixelCodec(o.image_size, o.patch_size)
-        if o.conditioning == "text" and o.dataset != "synthetic_shapes":
-            raise ValueError("conditioning: text is available for the synthetic shapes (captions); prepared "
-                             "ImageNet shards are class-conditional")
-        names = CLASS_NAMES if o.dataset == "synthetic_shapes" else [str(i) for i in range(o.num_classes)]
-        self.conditioner = CaptionConditioner(o.conditioning, CAPTIONS if o.conditioning == "text" else names,
-                                              o.text)
+            names = [str(i) for i in range(o.num_classes)]
+            captions = o.sample_captions or self.shard_info.get("sample_captions") or [""]
+        self.conditioner = CaptionConditioner(mode, captions if mode == "text" else names, o.text,
+                                              captions if o.dataset == "image_text_shards" else None)
+        self._check_text_encoder()
         self.repa = None
         if o.repa_encoder:
             from .repa_encoder import RepaEncoder
 
             self.repa = RepaEncoder(o.repa_encoder, o.repa_resolution, self.device)
+
+    def _read_shard_info(self) -> dict[str, Any]:
+        """The shard directory's ``codec.json``, whose codec must be the configured one ({} for synthetic
+        data, and when it is absent: SD-VAE shards from before it existed, or sampling away from the shards)."""
+        o = self.options
+        if o.dataset == "synthetic_shapes":
+            return {}
+        if not o.shards:
+            raise ValueError(f"dataset {o.dataset} needs shards: <directory of prepared *.tar shards>")
+        if o.dataset == "latent_shards" and o.codec == "pixel":
+            raise ValueError("dataset latent_shards needs codec: sd_vae, flux2 or rae (the prepared codec)")
+        root = Path(o.shards)
+        path = (root if root.is_dir() else root.parent) / "codec.json"  # latent_shards may name a glob
+        if not path.is_file():
+            if o.dataset == "image_text_shards" and o.sample_captions is None:
+                raise FileNotFoundError(f"{path} not found: is {o.shards} a `selfflow prepare image-text` output? "
+                                        "(to sample without the shards, set data.options.sample_captions)")
+            # sampling a trained run where its shards are absent, or SD-VAE shards from before codec.json:
+            # nothing to check against (a wrong codec then fails on the first batch's shape)
+            return {}
+        info = json.loads(path.read_text())
+        if info.get("codec") != o.codec:
+            raise ValueError(f"{o.shards} holds {info.get('codec')} latents but data.options.codec is {o.codec}")
+        return info
+
+    def _check_latent_shape(self) -> None:
+        shape = self.shard_info.get("latent_shape")
+        if shape is None:
+            return
+        c, h, _ = shape
+        if isinstance(self.codec, LatentCodec):
+            expected = (self.codec.vae.latent_channels, self.codec.latent_size)
+        else:
+            expected = (self.codec.channels, self.codec.image_size)
+        if (c, h) != expected:
+            raise ValueError(f"{self.options.shards} holds latents of shape {shape}, but codec "
+                             f"{self.options.codec} at image_size {self.options.image_size} makes "
+                             f"({expected[0]}, {expected[1]}, {expected[1]}): set image_size to the prepared "
+                             f"size ({self.shard_info.get('image_size')})")
+
+    def _check_text_encoder(self) -> None:
+        """Stored caption embeddings must come from the configured encoder: previews and the CFG null are
+        encoded with it, so another width or model would condition on a different space."""
+        stored, enc = self.shard_info.get("text"), self.conditioner.encoder
+        if stored and enc is not None and stored["cache_id"] != enc.cache_id:
+            raise ValueError(f"{self.options.shards} stores caption embeddings of {stored['cache_id']} but "
+                             f"data.options.text gives {enc.cache_id}: configure the same text encoder")
 
     @property
     def token_channels(self) -> int:
@@ -108,6 +151,11 @@ class ImageModality(CaptionedModalityMixin, Modality):
             return LatentShardStream(list_shards(o.shards), batch_size, seed, rank, world_size, flip=o.flip,
                                      scale=o.scaling_factor, pixels=self.repa is not None,
                                      num_workers=o.num_workers, shuffle_buffer=o.shuffle_buffer)
+        if o.dataset == "image_text_shards":
+            from selfflow.text.shards import LatentShardStream as CaptionedShardStream
+            from selfflow.text.shards import collate_samples, shard_urls
+
+            return CaptionedShardStream(shard_urls(o.shards), batch_size, collate_samples, seed, rank, world_size)
 
         def render(indices: range) -> Batch:
             images, labels = render_batch(o.data_seed, indices, o.image_size)
@@ -116,10 +164,14 @@ class ImageModality(CaptionedModalityMixin, Modality):
         return IndexedStream(render, batch_size, rank, world_size)
 
     def encode(self, batch: Batch, device: torch.device | str) -> tuple[Tokens, Conditioning]:
-        """Latent batches (prepared shards) are patchified; pixel batches go through the codec. With a REPA
-        encoder, its per-patch features of the pixels become ``tokens.target``."""
-        if "latents" in batch:
-            tokens = self.codec.latents_to_tokens(batch["latents"].to(device))
+        """Latent batches (prepared shards: ``latents`` from ImageNet, model-space ``latent`` from image-text)
+        are patchified; pixel batches go through the codec. With a REPA encoder, its per-patch features of the
+        pixels become ``tokens.target``."""
+        stored = batch.get("latents", batch.get("latent"))
+        if stored is not None and self.options.codec == "pixel":
+            tokens = self.codec.to_tokens(stored.to(device))  # prepared pixels are their own latents
+        elif stored is not None:
+            tokens = self.codec.latents_to_tokens(stored.to(device))
         else:
             where = self.device if self.options.codec != "pixel" else device
             tk = self.codec.to_tokens(batch["media"].to(where))

@@ -1,4 +1,5 @@
-"""``selfflow prepare imagenet`` (registered through the ``selfflow.commands`` entry point group)."""
+"""``selfflow prepare imagenet`` and ``selfflow prepare image-text`` (registered through the
+``selfflow.commands`` entry point group)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ def _run(args: argparse.Namespace) -> int:
     from selfflow.core.distributed import barrier, destroy, init_distributed
     from selfflow.core.trainer import pick_device
 
+    from .codecs import load_autoencoder
     from .prepare_imagenet import PrepareOptions, prepare_imagenet, summarize
-    from .sd_vae import SDVAE
 
     dist = init_distributed(pick_device(args.device))
     try:
-        vae = SDVAE.from_pretrained(args.vae, dist.device)
+        vae = load_autoencoder(args.codec, args.vae, dist.device)
         opts = PrepareOptions(src=args.src, out=args.out, image_size=args.image_size, shard_size=args.shard_size,
-                              batch_size=args.batch_size, flip=args.flip, store_pixels=args.store_pixels)
+                              batch_size=args.batch_size, flip=args.flip, store_pixels=args.store_pixels,
+                              latent_dtype=args.latent_dtype)
         mine = prepare_imagenet(vae, opts, dist.rank, dist.world_size, progress=not args.no_progress)
         barrier()
     finally:
@@ -34,14 +36,28 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the image targets ``imagenet`` and ``image-text`` to ``selfflow prepare``."""
+    _register_imagenet(subparsers)
+    from .prepare_image_text import register as register_image_text
+
+    register_image_text(subparsers)
+
+
+def _register_imagenet(subparsers: argparse._SubParsersAction) -> None:
     p = prepare_subparsers(subparsers).add_parser(
-        "imagenet", help="ImageNet train folder → SD-VAE latent moments in webdataset shards",
-        description="ADM centre crop, SD-VAE posterior mean and std (optionally of the mirrored image too), "
-                    "label → webdataset shards. Run under torchrun to split the shards over ranks; run again "
-                    "to finish an interrupted preparation.")
+        "imagenet", help="ImageNet train folder → SD-VAE / FLUX.2 / RAE latents in webdataset shards",
+        description="ADM centre crop → SD-VAE posterior mean and std, or the FLUX.2 / RAE model-space latent "
+                    "(optionally of the mirrored image too), label → webdataset shards. Run under torchrun to "
+                    "split the shards over ranks; run again to finish an interrupted preparation.")
     p.add_argument("--src", type=Path, required=True, help="ImageNet train directory (one folder per class)")
     p.add_argument("--out", type=Path, required=True, help="output directory for shard-XXXXXX.tar")
-    p.add_argument("--vae", type=Path, required=True, help="local diffusers AutoencoderKL directory")
+    p.add_argument("--codec", choices=["sd-vae", "flux2", "rae"], default="sd-vae",
+                   help="sd-vae: AutoencoderKL moments; flux2: AutoencoderKLFlux2 (patchified, BN-normalised); "
+                        "rae: AutoencoderRAE (normalised)")
+    p.add_argument("--vae", "--vae-dir", type=Path, required=True, dest="vae",
+                   help="local diffusers directory of the codec's autoencoder")
+    p.add_argument("--latent-dtype", choices=["float32", "float16"], default="float32",
+                   help="flux2 / rae latents (SD-VAE moments are always float32)")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward")

@@ -2,7 +2,9 @@
 
 Input is either a directory (every file with one of the given extensions, recursively, sorted; the
 caption of ``clip.mp4`` is ``clip.txt`` beside it, if present) or a JSON-lines manifest with one object
-per line: ``{"path": "...", "caption": "...", "label": 3}`` (relative paths are relative to the manifest).
+per line: ``{"path": "...", "caption": "...", "label": 3}`` (relative paths are relative to the manifest;
+``file`` or ``file_name`` — the Hugging Face ``imagefolder`` ``metadata.jsonl`` column — may stand for
+``path``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class MediaItem:
         return str(self.path)
 
 
+_PATH_KEYS = ("path", "file", "file_name")
+
+
 def list_media(source: str | Path, extensions: tuple[str, ...]) -> list[MediaItem]:
     src = Path(source)
     if src.is_dir():
@@ -40,8 +45,8 @@ def list_media(source: str | Path, extensions: tuple[str, ...]) -> list[MediaIte
                 continue
             try:
                 row = json.loads(line)
-                path = Path(row["path"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                path = Path(next(row[k] for k in _PATH_KEYS if k in row))
+            except (json.JSONDecodeError, StopIteration, TypeError) as e:
                 raise ValueError(f"{src}:{n}: expected {{\"path\": …, \"caption\": …}} ({e})") from None
             items.append(MediaItem(path if path.is_absolute() else src.parent / path, row.get("caption"),
                                    row.get("label")))
@@ -63,11 +68,12 @@ class PrepareOptions(BaseModel):
     seed: int = Field(0, description="clip / crop positions are drawn from (seed, item index)")
 
 
-def add_prepare_arguments(p) -> None:
-    """The ``selfflow prepare <target>`` arguments every media target shares (see :class:`PrepareOptions`)."""
+def add_prepare_arguments(p, vae_required: bool = True) -> None:
+    """The ``selfflow prepare <target>`` arguments every media target shares (see :class:`PrepareOptions`);
+    ``vae_required=False`` for targets that can also store pixels (no autoencoder)."""
     p.add_argument("--input", required=True, help="directory of media (+ NAME.txt captions) or a .jsonl manifest")
     p.add_argument("--out", required=True, help="output directory for the shards")
-    p.add_argument("--vae-dir", required=True, help="local diffusers-format VAE directory")
+    p.add_argument("--vae-dir", required=vae_required, help="local diffusers-format VAE directory")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     p.add_argument("--text-model-dir", help="also store caption embeddings of this local transformers model")
     p.add_argument("--text-layers", default="-1", help="hidden-state layers to stack, e.g. -1 or 9,18,27")

@@ -1,0 +1,80 @@
+"""Choosing an image codec by name: the one place that maps ``pixel | sd_vae | flux2 | rae`` to an object.
+
+The modality (on-the-fly encoding and decoding of samples), ``selfflow prepare imagenet`` and ``selfflow
+prepare image-text`` all build their codec here, so a prepared latent and a latent encoded during training
+come from the same code path and live in the same *model space*: SD-VAE latents scaled by 0.18215, FLUX.2
+latents patchified 2×2 and BatchNorm-normalised, RAE latents normalised by the checkpoint's statistics,
+pixels in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .flux2_ae import Flux2AE
+from .pixel_codec import PixelCodec
+from .rae import RAE
+from .sd_vae import SD_VAE_SCALE, SDVAE, LatentCodec
+
+CodecName = Literal["pixel", "sd_vae", "flux2", "rae"]
+Autoencoder = SDVAE | Flux2AE | RAE
+
+CLI_NAMES = {"sd-vae": "sd_vae", "sd_vae": "sd_vae", "flux2": "flux2", "rae": "rae", "pixel": "pixel"}
+
+
+def codec_name(name: str) -> str:
+    """CLI spelling (``sd-vae``) → config spelling (``sd_vae``); unknown names are an error."""
+    if name not in CLI_NAMES:
+        raise ValueError(f"unknown image codec {name!r}: choose sd-vae, flux2, rae or pixel")
+    return CLI_NAMES[name]
+
+
+def load_autoencoder(codec: str, path: str | Path | None, device: torch.device | str = "cpu",
+                     scaling_factor: float = SD_VAE_SCALE) -> Autoencoder:
+    """The frozen autoencoder of ``codec`` (``sd_vae``, ``flux2`` or ``rae``) from a local diffusers folder."""
+    codec = codec_name(codec)
+    if codec == "pixel":
+        raise ValueError("codec pixel has no autoencoder")
+    if not path:
+        raise ValueError(f"codec {codec} needs vae_path (a local diffusers autoencoder directory)")
+    if codec == "flux2":
+        return Flux2AE.from_pretrained(path, device)
+    if codec == "rae":
+        return RAE.from_pretrained(path, device)
+    return SDVAE.from_pretrained(path, device, scaling_factor)
+
+
+def build_codec(codec: str, vae_path: str | Path | None, image_size: int, patch_size: int,
+                device: torch.device | str = "cpu", scaling_factor: float = SD_VAE_SCALE
+                ) -> PixelCodec | LatentCodec:
+    """Images ↔ tokens for ``codec``; RAE only works at its decoder's output size, checked here."""
+    codec = codec_name(codec)
+    if codec == "pixel":
+        return PixelCodec(image_size, patch_size)
+    vae = load_autoencoder(codec, vae_path, device, scaling_factor)
+    check_image_size(vae, image_size)
+    return LatentCodec(vae, image_size, patch_size)
+
+
+def check_image_size(vae: Autoencoder, image_size: int) -> None:
+    """RAE's encoder resizes any input to its own size, so only the decoder's output size round-trips."""
+    if isinstance(vae, RAE) and image_size != vae.image_size:
+        raise ValueError(f"codec rae needs image_size {vae.image_size} (its decoder's output size)")
+
+
+def latent_shape(vae: Autoencoder | None, image_size: int) -> tuple[int, int, int]:
+    """``(C, h, w)`` of one image's model-space latent (pixels: the image itself)."""
+    if vae is None:
+        return (3, image_size, image_size)
+    s = image_size // vae.downsample
+    return (vae.latent_channels, s, s)
+
+
+def name_of(vae: Autoencoder | None) -> str:
+    """The codec name of an autoencoder object (``None``: pixels)."""
+    if vae is None:
+        return "pixel"
+    return {SDVAE: "sd_vae", Flux2AE: "flux2", RAE: "rae"}[type(vae)]
