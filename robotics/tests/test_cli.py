@@ -36,3 +36,8 @@ def test_train_then_roll_out_the_model_in_the_fake_env(tmp_path):
     assert "[env: fake] move_near" in r.stdout
     row = json.loads((tmp_path / "eval" / "episodes.jsonl").read_text().splitlines()[0])
     assert row["length"] == 80 and row["env"] == "fake" and row["max_episode_steps"] == 80
+    val = json.loads((tmp_path / "eval" / "validation.json").read_text())
+    assert "validation on held-out episodes" in r.stdout and {"action_l1_raw", "gripper_accuracy",
+                                                              "val_loss_fm_video"} <= set(val)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_fm_action" in rec and "loss_fm_video" in rec for rec in logged)

@@ -171,7 +171,7 @@ def test_selfflow_policy_chunk_is_bounded_and_seeded(fake_data_dir):
     assert a.shape == (4, 7) and np.isfinite(a).all() and np.abs(a).max() <= 1
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
-    m2 = RT1Modality({**cfg.data.options, "patch": (2, 8, 8)})
+    m2 = RT1Modality({**cfg.data.options, "patch": (2, 8, 8), "context": "noised"})
     with pytest.raises(ValueError, match=r"patch\[0\] = 1"):
         SelfFlowPolicy(model, m2)
 
@@ -196,3 +196,62 @@ def test_cli_needs_simpler_or_explicit_fake(tmp_path, monkeypatch, capsys):
     assert "[env: fake] move_near: success_rate 1.000" in capsys.readouterr().out
     assert json.loads((tmp_path / "summary.json").read_text())["env"] == "fake"
     assert _run_cli(["--policy", "oracle"], monkeypatch) == 2  # never the oracle outside the fake env
+
+
+class _Spy(torch.nn.Module):
+    """Wraps a backbone and records its inputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x, ids, t, cond, **kw):
+        self.calls.append((x.clone(), t))
+        return self.model(x, ids, t, cond, **kw)
+
+
+@pytest.mark.parametrize("video", ["joint", "marginal"])
+def test_policy_keeps_the_context_clean_and_padding_fixed(fake_data_dir, video):
+    """Under the token schedule the sampler feeds what training fed: the current frame clean at t = 0, the
+    padding/flag channels as data, actions at t (and future frames at t, or held at pure noise, t = 1)."""
+    cfg = load_config("configs/tiny/rt1.yaml", [f"data.options.fake_dir={fake_data_dir}"])
+    m = RT1Modality(cfg.data.options)
+    model = build_backbone(build_model_config(cfg, m, uses_projector=False))
+    torch.nn.init.normal_(model.final["rt1"].linear.weight, std=0.5)
+    spy = _Spy(model)
+    image = np.random.default_rng(0).integers(0, 255, (512, 640, 3), dtype=np.uint8)
+    policy = SelfFlowPolicy(spy, m, steps=3, seed=0, video=video)
+    chunk = policy(image, "open top drawer")
+    assert chunk.shape == (4, 7) and np.isfinite(chunk).all()
+    groups = m.group_index()
+    frames = torch.zeros(1, 3, 2, *m.options.image_size)
+    frames[0, :, 0] = policy.frame(image)
+    x0 = m.pack(frames, torch.zeros(1, 4, 7)).x
+    first_noise = spy.calls[0][0]
+    for step, (x, t) in enumerate(spy.calls):
+        dense = t.dense()[0]
+        level = 1 - step / 3
+        assert torch.equal(x[0, groups == 0], x0[0, groups == 0]) and (dense[groups == 0] == 0).all()
+        assert torch.equal(x[0, groups == 2, 7:], x0[0, groups == 2, 7:])  # action tokens' padding + flag
+        assert torch.equal(x[0, groups == 1, 192:], x0[0, groups == 1, 192:])  # video tokens' padding + flag
+        assert torch.allclose(dense[groups == 2], torch.tensor(level))
+        if video == "marginal":
+            assert (dense[groups == 1] == 1).all() and torch.equal(x[0, groups == 1], first_noise[0, groups == 1])
+        else:
+            assert torch.allclose(dense[groups == 1], torch.tensor(level))
+
+
+def test_validation_metrics(fake_data_dir):
+    from selfflow.robotics.validate import validate
+
+    cfg = load_config("configs/tiny/rt1.yaml", [f"data.options.fake_dir={fake_data_dir}"])
+    m = RT1Modality(cfg.data.options)
+    model = build_backbone(build_model_config(cfg, m, uses_projector=False))
+    out = validate(model, m, steps=2)
+    assert out["windows"] >= 1 and out["action_steps"] >= 1
+    for k in ("action_l1", "action_mse", "action_l1_raw", "action_mse_raw", "gripper_accuracy",
+              "val_loss_fm_video", "val_loss_fm_action"):
+        assert np.isfinite(out[k]), k
+    assert 0 <= out["gripper_accuracy"] <= 1 and out["action_l1_raw"] > 0 and out["action_mse"] > 0
+    # the zero-initialised head predicts v = 0: the sampled chunk is its starting noise, clamped to [−1, 1]
+    assert out["val_loss_fm_action"] > 0.5

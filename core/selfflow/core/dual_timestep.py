@@ -40,20 +40,32 @@ class DualTimesteps:
 
 
 def exact_count_mask(batch: int, length: int, ratio: float, generator: torch.Generator | None = None,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(B, L)`` bool with exactly ``round(ratio·L)`` True entries per row at uniformly random places."""
+                     device: torch.device | str = "cpu", eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, L)`` bool with exactly ``round(ratio·L)`` True entries per row at uniformly random places.
+
+    ``eligible (L,)`` bool restricts the mask to those tokens (exactly ``round(ratio·n_eligible)`` per row,
+    e.g. the video tokens of a video–action sequence); the generator advances by the same ``B·L`` draws
+    either way, so later draws of the step do not depend on it.
+    """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"mask ratio must lie in [0, 1], got {ratio}")
-    n_masked = round(ratio * length)
-    ranks = torch.rand(batch, length, generator=generator, device=device).argsort(dim=1).argsort(dim=1)
+    u = torch.rand(batch, length, generator=generator, device=device)
+    if eligible is None:
+        n_masked = round(ratio * length)
+    else:
+        n_masked = round(ratio * int(eligible.sum()))  # pass a host tensor to avoid a device sync
+        eligible = eligible.to(device=u.device, dtype=torch.bool)
+        u = torch.where(eligible, u, 2.0)  # ineligible tokens rank last, never among the first n_masked
+    ranks = u.argsort(dim=1).argsort(dim=1)
     return ranks < n_masked
 
 
 def sample_dual_timesteps(batch: int, length: int, dist: TimestepDistribution, mask_ratio: float,
-                          generator: torch.Generator | None = None,
-                          device: torch.device | str = "cpu") -> DualTimesteps:
-    """Draw ``t``, ``s`` from ``dist`` and a mask of ratio ``mask_ratio`` (0 → plain flow matching)."""
+                          generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                          eligible: torch.Tensor | None = None) -> DualTimesteps:
+    """Draw ``t``, ``s`` from ``dist`` and a mask of ratio ``mask_ratio`` (0 → plain flow matching) over the
+    ``eligible (L,)`` tokens (None: all)."""
     t = dist.sample(batch, generator, device)
     s = dist.sample(batch, generator, device)
-    mask = exact_count_mask(batch, length, mask_ratio, generator, device)
+    mask = exact_count_mask(batch, length, mask_ratio, generator, device, eligible)
     return DualTimesteps(t=t, s=s, mask=mask)

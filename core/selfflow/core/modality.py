@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from .mmdit import Conditioning
 from .timesteps import TimestepDistribution
+from .token_schedule import TokenSchedule
 from .tokens import Tokens
 
 Batch = dict[str, torch.Tensor]
@@ -83,6 +84,22 @@ class Modality(ABC):
         the captions' context plus a null (empty-caption) context for CFG.
         """
         return 0
+
+    # --- token roles (optional hook) ---------------------------------------------------------------
+    def token_schedule(self) -> TokenSchedule | None:
+        """Token groups and per-sample schedule modes (:mod:`selfflow.core.token_schedule`), or ``None``.
+
+        For modalities whose tokens play different roles in one sequence (a robot policy's context frame,
+        future frames and actions): the objective then draws a mode per sample (independent / shared /
+        one group at pure noise / …), averages the flow-matching loss per group with the groups' weights
+        and logs ``loss_fm_<group>``. ``None`` (the default) keeps the plain objective, bit for bit.
+        """
+        return None
+
+    def token_groups(self, tokens: Tokens) -> torch.Tensor | None:
+        """Each token's group ``(L,)`` long, an index into ``token_schedule().groups`` (the same layout for
+        every sample of the batch); ``None`` when :meth:`token_schedule` is ``None``."""
+        return None
 
     # --- data -------------------------------------------------------------------------------------
     @abstractmethod

@@ -6,6 +6,10 @@ runs only up to block ``k``, without gradients. Vanilla flow matching is the sam
 ratio at 0 and ``γ = 0`` (no teacher forward at all); the paper's ablations are other settings of the same
 knobs. REPA aligns the student's projected block-``l`` features with an external frozen encoder's per-token
 features (``tokens.target``, computed by the modality, so core never imports the encoder's library).
+
+A modality whose tokens play different roles (video and actions) passes its token groups and a
+:class:`~selfflow.core.token_schedule.TokenSchedule`: per-sample schedule modes applied after Dual-Timestep
+Scheduling, and per-group loss means (``loss_fm_<group>``). Without them every number is unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 from .dual_timestep import DualTimesteps, sample_dual_timesteps
 from .mmdit import Conditioning
 from .timesteps import TimestepDistribution, interpolate, target_velocity
+from .token_schedule import TokenSchedule, schedule_levels
 from .tokens import Tokens
 
 
@@ -121,27 +126,35 @@ class StepNoise:
     @classmethod
     def draw(cls, shape: tuple[int, int, int], obj: ResolvedObjective, generator: torch.Generator | None,
              device: torch.device | str, dtype: torch.dtype = torch.float32,
-             shard: tuple[int, int] = (0, 1)) -> StepNoise:
+             shard: tuple[int, int] = (0, 1), eligible: torch.Tensor | None = None) -> StepNoise:
         """Draw for the *global* batch ``world × B`` and keep rank ``r``'s slice, so a sample's noise does
-        not depend on how many ranks share the batch (1 rank and N ranks train on the same numbers)."""
+        not depend on how many ranks share the batch (1 rank and N ranks train on the same numbers).
+        ``eligible (L,)`` bool: the tokens the mask may pick (None: all)."""
         rank, world = shard
         b, length, ch = shape
         g = b * world
         drop = torch.rand(g, generator=generator, device=device) < obj.label_dropout
         noise = torch.randn((g, length, ch), generator=generator, device=device, dtype=dtype)
-        dual = sample_dual_timesteps(g, length, obj.timesteps, obj.mask_ratio, generator, device)
+        dual = sample_dual_timesteps(g, length, obj.timesteps, obj.mask_ratio, generator, device, eligible)
         sl = slice(rank * b, (rank + 1) * b)
         return cls(noise=noise[sl], dual=DualTimesteps(dual.t[sl], dual.s[sl], dual.mask[sl]), drop=drop[sl])
 
 
 def self_flow_loss(student: nn.Module, teacher: nn.Module | None, tokens: Tokens, cond: Conditioning,
                    obj: ResolvedObjective, *, null_label: int = 0, modality: str | None = None,
-                   generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)
+                   generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1),
+                   schedule: TokenSchedule | None = None, groups: torch.Tensor | None = None
                    ) -> dict[str, torch.Tensor]:
     """Losses for one batch: ``loss`` (to minimise), ``loss_fm``, ``loss_rep`` (0 when γ = 0).
 
     ``shard = (rank, world)`` says which slice of the global batch this is (see :meth:`StepNoise.draw`).
+    ``schedule`` and ``groups (L,)`` (the modality's :meth:`~selfflow.core.modality.Modality.token_schedule`
+    and :meth:`~selfflow.core.modality.Modality.token_groups`) switch to per-group schedules and loss means,
+    adding ``loss_fm_<group>`` to the dict.
     """
+    if schedule is not None and groups is not None:
+        return _scheduled_loss(student, teacher, tokens, cond, obj, schedule, groups, null_label=null_label,
+                               modality=modality, generator=generator, shard=shard)
     x0 = tokens.x
     rnd = StepNoise.draw(tuple(x0.shape), obj, generator, x0.device, x0.dtype, shard)
     noise, dual = rnd.noise, rnd.dual
@@ -185,3 +198,58 @@ def _with_alignment(pred: torch.Tensor, target: torch.Tensor, feats: torch.Tenso
     loss_rep = -F.cosine_similarity(feats.float(), aligned_to.float(), dim=-1).mean()
     loss = loss_fm + gamma * loss_rep
     return {"loss": loss, "loss_fm": loss_fm.detach(), "loss_rep": loss_rep.detach()}
+
+
+def _scheduled_loss(student: nn.Module, teacher: nn.Module | None, tokens: Tokens, cond: Conditioning,
+                    obj: ResolvedObjective, schedule: TokenSchedule, groups: torch.Tensor, *, null_label: int,
+                    modality: str | None, generator: torch.Generator | None, shard: tuple[int, int]
+                    ) -> dict[str, torch.Tensor]:
+    """:func:`self_flow_loss` under a token schedule (see :mod:`selfflow.core.token_schedule`)."""
+    x0 = tokens.x
+    groups = groups.to(x0.device)
+    rnd = StepNoise.draw(tuple(x0.shape), obj, generator, x0.device, x0.dtype, shard,
+                         eligible=schedule.eligible(groups.cpu()))
+    cond = drop_labels(cond, rnd.drop, null_label)
+    lv = schedule_levels(schedule, groups, rnd.dual, obj.timesteps, generator, shard)
+    # (L, C) or None: a group's first `channels` are its content; the rest (padding, flags) stays as given.
+    channels = schedule.channel_mask(groups, x0.shape[-1])
+    x_tau = _content_only(interpolate(x0, rnd.noise, lv.student.dense()), x0, channels)
+    target = target_velocity(x0, rnd.noise)
+    rep = obj.gamma > 0
+    if not rep:
+        pred = student(x_tau, tokens.ids, lv.student, cond, modality=modality)
+    else:
+        if obj.external_target and tokens.target is None:
+            raise ValueError("objective.kind=repa needs per-token encoder features in tokens.target")
+        if not obj.external_target and teacher is None:
+            raise ValueError("the representation loss (γ > 0) needs an EMA teacher")
+        pred, feats = student(x_tau, tokens.ids, lv.student, cond, modality=modality,
+                              capture=(obj.student_layer,), project=True)
+        feats = feats[obj.student_layer]
+        if obj.external_target:
+            aligned = tokens.target
+        else:
+            with torch.no_grad():
+                x_teacher = _content_only(interpolate(x0, rnd.noise, lv.teacher.dense()), x0, channels)
+                _, t_feats = teacher(x_teacher, tokens.ids, lv.teacher, cond, modality=modality,
+                                     capture=(obj.teacher_layer,), stop_after=obj.teacher_layer)
+            aligned = t_feats[obj.teacher_layer]
+        if feats.shape != aligned.shape:
+            raise ValueError(f"projected features {tuple(feats.shape)} do not match the alignment target "
+                             f"{tuple(aligned.shape)}: set the projector's output width to the target's")
+    sq = (pred.float() - target.float()).pow(2)  # (B, L, C)
+    err = sq.mean(-1) if channels is None else (sq * channels).sum(-1) / channels.sum(-1)  # (B, L) per-token MSE
+    loss_fm = (lv.fm_weight * err).sum()
+    if rep:
+        cos = F.cosine_similarity(feats.float(), aligned.float(), dim=-1)  # (B, L)
+        loss_rep = -(lv.rep_weight * cos).sum()
+    else:
+        loss_rep = torch.zeros((), device=x0.device)
+    out = {"loss": loss_fm + obj.gamma * loss_rep, "loss_fm": loss_fm.detach(), "loss_rep": loss_rep.detach()}
+    out.update({f"loss_fm_{name}": (w * err).sum().detach() for name, w in lv.group_weight.items()})
+    return out
+
+
+def _content_only(x_t: torch.Tensor, x0: torch.Tensor, channels: torch.Tensor | None) -> torch.Tensor:
+    """Noise only the content channels ``(L, C)`` of each token; padding and flags keep their data values."""
+    return x_t if channels is None else torch.where(channels, x_t, x0)

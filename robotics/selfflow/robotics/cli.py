@@ -25,6 +25,9 @@ def _run(args: argparse.Namespace) -> int:
     tasks = list(TASKS) if args.task == "all" else [args.task]
     factory = _policy_factory(args)
     summary = evaluate(factory, tasks, args.env, args.out, args.limit, args.seed)
+    if getattr(args, "validation", None) is not None:
+        print("validation on held-out episodes: " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in args.validation.items()))
     for task, s in summary["tasks"].items():
         print(f"[env: {summary['env']}] {task}: success_rate {s['success_rate']:.3f} over {s['episodes']} "
               f"episodes (of {s['full_sweep_episodes']} in the sweep), success at the final step, "
@@ -52,13 +55,32 @@ def _policy_factory(args: argparse.Namespace):
     from selfflow.core.sampling_cli import load_run_model
 
     model, modality, _ = load_run_model(Path(args.run), device=args.device, modality_name="rt1")
-    chunk_fn = SelfFlowPolicy(model, modality, steps=args.steps, seed=args.seed,
-                              device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    if args.validate and args.policy == "model":
+        args.validation = _validate(model, modality, args, device)
+    chunk_fn = SelfFlowPolicy(model, modality, steps=args.steps, seed=args.seed, device=device, video=args.video)
     if args.policy == "zero":
         still = modality.normalizer.normalize(np.zeros((modality.options.chunk, 7), np.float32))  # raw 0
         chunk_fn = lambda image, text: still  # noqa: E731
     return lambda env: SimplerPolicyAdapter(chunk_fn, modality.normalizer, exec_horizon=args.exec_horizon,
                                             sticky_steps=args.sticky_steps, gripper=modality.options.gripper)
+
+
+def _validate(model, modality, args: argparse.Namespace, device) -> dict | None:
+    """Validation metrics on the run's held-out episodes (``validation.json`` in ``--out``), if its data is here."""
+    import json
+
+    from .validate import validate
+
+    if not (modality.root / "val").is_dir():
+        print(f"no validation split at {modality.root / 'val'}: skipping the validation metrics")
+        return None
+    metrics = {"split": str(modality.root / "val"), **validate(model, modality, steps=args.steps, seed=args.seed,
+                                                               device=device)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "validation.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,6 +97,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=10, help="Euler steps per action chunk")
     p.add_argument("--exec-horizon", type=int, default=2, help="actions executed per chunk")
     p.add_argument("--sticky-steps", type=int, default=15)
+    p.add_argument("--video", choices=["joint", "marginal"], default="joint",
+                   help="future frames: denoised with the actions, or held at pure noise (the schedule's policy mode)")
+    p.add_argument("--no-validate", dest="validate", action="store_false",
+                   help="skip the held-out action/video metrics (validation.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/simpler-eval")

@@ -8,16 +8,28 @@ so video frames and the action chunk form ONE token sequence of a common width::
 
 ``Cv = c·pt·ph·pw`` with ``c = 3`` in pixel space (as the video package's pixel codec) or the Wan VAE's latent
 channels (``codec: wan2.2 | wan2.1``, encoded on the fly; its causal first latent frame is the current frame
-alone, so the policy can pin it). ``R = action_repeat`` copies of the
-action fill the token (default: as many as fit), and decoding averages them. Core's loss is a plain mean
-over tokens × channels, so K actions × 7 channels would weigh ~0.3 % of a tiny model's loss and barely
-train; the copies act as an action-loss weight ≈ R without a core change (a per-group weight hook is
-the clean way, see README.md). Action ``k`` produces frame
-``k + 1``, so it sits at that frame's latent time ``t_k`` (pixels: ``(k + 1) // pt``; Wan, temporal stride
-``s``: ``(k // s + 1) // pt``; clamped to the last latent frame); its spatial slot
-``h = grid_h`` lies outside the video grid, ``w = k`` keeps the K actions apart. The last channel flags the
-token type. The objective's per-token loss covers video and actions alike (README.md, section Robotics, lists the
-core hooks that per-group loss weights and per-group timestep schedules need).
+alone, so the policy can pin it). Action ``k`` produces frame ``k + 1``, so it sits at that frame's latent
+time ``t_k`` (pixels: ``(k + 1) // pt``; Wan, temporal stride ``s``: ``(k // s + 1) // pt``; clamped to the
+last latent frame); its spatial slot ``h = grid_h`` lies outside the video grid, ``w = k`` keeps the K
+actions apart. The last channel flags the token type.
+
+**Schedule** (core's token-group hook, :mod:`selfflow.core.token_schedule`). Three groups: ``context`` (the
+current frame's tokens, latent frame 0: always clean, t = 0, no loss — the policy conditions on the observed
+image exactly as trained), ``video`` (future frames: Self-Flow's Dual-Timestep masking and representation
+loss, weight 1) and ``action`` (weight ``action_loss_weight``, its own level from ``action_timesteps``). Per
+sample one of four modes is drawn with ``schedule`` probabilities (after UWM / VideoVLA):
+
+- ``independent``: video at ``t`` (masked tokens ``s``), actions at their own ``t_a``;
+- ``shared``: actions at the video's ``t``;
+- ``policy``: future video at pure noise (t = 1, no video loss), actions at ``t_a`` — the fast test-time mode;
+- ``video``: actions at pure noise (t = 1, no action loss) — video predicted *without* actions (UWM's
+  marginal "video" mode; clean actions would instead be forward dynamics, which this mix does not train).
+
+Losses are per-group means (video, action) combined with the weights, each logged (``loss_fm_video``,
+``loss_fm_action``), and the action group's mean covers its 7·R action channels only. ``schedule: null``
+restores the plain per-token objective (and noised context), where ``action_repeat`` copies (default: as
+many as fit) were the only action-loss weight; under the schedule ``action_repeat`` defaults to 1 (copies
+would also lower the actions' effective noise level below their scheduled ``t``).
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from selfflow.core.mmdit import Conditioning
 from selfflow.core.modality import Batch, DataStream, Modality
 from selfflow.core.registry import register_modality
 from selfflow.core.timesteps import TimestepDistribution
+from selfflow.core.token_schedule import ScheduleMode, TokenGroup, TokenSchedule
 from selfflow.core.tokens import Tokens, grid_ids, patchify, unpatchify
 from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
 from selfflow.text.encoder import TextEncoderOptions
@@ -44,6 +57,17 @@ from .fractal import FAKE_INSTRUCTIONS, write_fake_shards
 from .normalize import ActionNormalizer, ActionStats
 
 ACTION_DIM = 7
+
+
+class RT1Schedule(BaseModel):
+    """Probabilities of the schedule modes per sample (normalised; see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    independent: float = Field(0.45, ge=0)
+    shared: float = Field(0.2, ge=0)
+    policy: float = Field(0.2, ge=0, description="future video at pure noise (t = 1), actions denoised")
+    video: float = Field(0.15, ge=0, description="actions at pure noise (t = 1): video without actions")
 
 
 class RT1Options(BaseModel):
@@ -61,7 +85,16 @@ class RT1Options(BaseModel):
     patch: tuple[int, int, int] = (1, 8, 8)
     action_norm: Literal["bound", "gaussian"] = "bound"
     gripper: Literal["absolute", "relative"] = "absolute"
-    action_repeat: int | None = Field(None, ge=1, description="copies of the action per token (None: fill)")
+    action_repeat: int | None = Field(None, ge=1, description="copies of the action per token (None: 1 "
+                                      "under the schedule; fill the token with schedule: null)")
+    schedule: RT1Schedule | None = Field(default_factory=RT1Schedule,
+                                         description="null: plain per-token objective (legacy)")
+    action_loss_weight: float = Field(1.0, ge=0, description="weight of the action group's mean loss")
+    action_timesteps: TimestepDistribution = Field(
+        default_factory=lambda: TimestepDistribution(kind="uniform"),
+        description="the actions' own level (independent and policy modes)")
+    context: Literal["clean", "noised"] = Field(
+        "clean", description="current frame: clean, no loss (needs patch[0] = 1); noised: like the others")
     conditioning: Literal["text", "class"] = Field("text", description="class: only for the fake instructions")
     text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
     sample_captions: list[str] | None = Field(None, description="preview instructions (None: the fake ones)")
@@ -89,6 +122,9 @@ class RT1Modality(CaptionedModalityMixin, Modality):
         if f % pt or h % ph or w % pw:
             raise ValueError(f"data.options: latent (T, H, W) = {(f, h, w)} not divisible by patch {o.patch}")
         self.grid = (f // pt, h // ph, w // pw)
+        if o.schedule is not None and o.context == "clean" and pt != 1:
+            raise ValueError(f"data.options.context = clean needs data.options.patch[0] = 1 (got {o.patch}): "
+                             "a token must not mix the current frame with a future one (or set context: noised)")
         self.action_copies  # noqa: B018 - validates action_repeat now, not at the first batch
         if o.dataset == "episode_shards" and not o.shards:
             raise ValueError("dataset 'episode_shards' needs data.options.shards (from `selfflow prepare rt1`)")
@@ -123,7 +159,7 @@ class RT1Modality(CaptionedModalityMixin, Modality):
     @property
     def action_copies(self) -> int:
         fit = (self.token_channels - 1) // ACTION_DIM
-        r = self.options.action_repeat or fit
+        r = self.options.action_repeat or (1 if self.options.schedule is not None else fit)
         if r > fit:
             raise ValueError(f"data.options.action_repeat = {r}, but at most {fit} copies fit in a token")
         return r
@@ -158,6 +194,35 @@ class RT1Modality(CaptionedModalityMixin, Modality):
         actions = x[:, lv:, :ACTION_DIM * r].reshape(x.shape[0], -1, r, ACTION_DIM).mean(2)
         z = unpatchify(x[:, :lv, :cv], self.grid, self.options.patch)
         return (z if self.wan is None else self.wan.to(z.device).decode(z)), actions
+
+    # --- schedule (core's token-group hook) --------------------------------------------------------
+    def token_schedule(self) -> TokenSchedule | None:
+        o = self.options
+        if o.schedule is None:
+            return None
+        clean = {"context": "clean"}
+        p = o.schedule
+        return TokenSchedule(
+            groups=(TokenGroup("context", 0.0, channels=self.video_channels),
+                    TokenGroup("video", 1.0, self_flow=True, channels=self.video_channels),
+                    TokenGroup("action", o.action_loss_weight, timesteps=o.action_timesteps,
+                               channels=ACTION_DIM * self.action_copies)),
+            modes=(ScheduleMode("independent", p.independent, clean),
+                   ScheduleMode("shared", p.shared, {**clean, "action": "shared"}),
+                   ScheduleMode("policy", p.policy, {**clean, "video": "noise"}),
+                   ScheduleMode("video", p.video, {**clean, "action": "noise"})))
+
+    def group_index(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``(L,)`` long: 0 context (latent frame 0, when ``context: clean``), 1 future video, 2 action."""
+        lv, per_frame = self.num_video_tokens, self.grid[1] * self.grid[2]
+        groups = torch.full((lv + self.options.chunk,), 1, dtype=torch.long, device=device)
+        if self.options.context == "clean":
+            groups[:per_frame] = 0
+        groups[lv:] = 2
+        return groups
+
+    def token_groups(self, tokens: Tokens) -> torch.Tensor | None:
+        return self.group_index(tokens.x.device) if self.options.schedule is not None else None
 
     # --- data -------------------------------------------------------------------------------------
     def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataStream:

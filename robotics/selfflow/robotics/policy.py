@@ -1,11 +1,12 @@
 """Self-Flow as a policy, and its SIMPLER adapter.
 
 :class:`SelfFlowPolicy` samples a normalised action chunk ``(K, 7)`` from the current image and the
-instruction: every token starts from noise and is integrated with Euler steps (t = 1 → 0), while the
-context frame's tokens are pinned at each step to the noisy interpolant of the observed frame,
-``(1 − t)·x0 + t·ε`` — the level at which training showed them (the core objective noises every token;
-a clean-context hook would let them stay at t = 0, see the README). Future frames are denoised jointly
-("imagine-then-act").
+instruction with Euler steps (t = 1 → 0). Under the rt1 token schedule (``context: clean``, the default) the
+current frame's tokens stay the observed frame at t = 0 — exactly what training showed — while the action
+tokens (and the future frames, ``video="joint"``: "imagine-then-act") are integrated from noise; with
+``video="marginal"`` the future frames stay pure noise at t = 1 (the schedule's ``policy`` mode) and only
+the actions move. A legacy run (``schedule: null``, noised context) pins the context tokens at each step to
+the observed frame's noisy interpolant ``(1 − t)·x0 + t·ε`` instead, the level training noised them to.
 
 :class:`SimplerPolicyAdapter` follows SIMPLER's duck-typed policy contract: ``reset(task_description)``
 and ``step(image, task_description) → (raw_action, action)`` with float64 ``world_vector (3)``,
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from selfflow.core.mmdit import Conditioning
+from selfflow.core.modulation import TokenTimesteps
 from selfflow.core.timesteps import interpolate
 
 from .normalize import ActionNormalizer, gripper_abs_to_rel, rpy_to_axis_angle
@@ -36,11 +39,14 @@ class SelfFlowPolicy:
     """A trained ``rt1`` model (EMA weights) → :data:`ChunkFn`."""
 
     def __init__(self, model: torch.nn.Module, modality, steps: int = 10, seed: int = 0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", video: Literal["joint", "marginal"] = "joint"):
         if modality.options.patch[0] != 1:
             raise ValueError(f"the policy pins the current frame's tokens: it needs data.options.patch[0] = 1 "
                              f"(got {modality.options.patch}), so that no token mixes it with a future frame")
+        if video == "marginal" and (modality.options.schedule is None or modality.options.context != "clean"):
+            raise ValueError("video='marginal' needs a run trained with the rt1 token schedule (its policy mode)")
         self.model, self.modality, self.steps, self.device = model.eval(), modality, steps, torch.device(device)
+        self.video = video
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def frame(self, image: np.ndarray) -> torch.Tensor:
@@ -52,29 +58,49 @@ class SelfFlowPolicy:
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray, instruction: str) -> np.ndarray:
-        m, o = self.modality, self.modality.options
-        frames = torch.zeros(1, 3, o.frames, *o.image_size)
-        frames[0, :, 0] = self.frame(image)
-        x0 = m.pack(frames, torch.zeros(1, o.chunk, 7)).x.to(self.device)  # (1, L, C)
-        ids = m.sample_ids(1, self.device)
-        context = (ids[..., 0] < 1) & (torch.arange(ids.shape[1], device=self.device) < m.num_video_tokens)
-        context = context[..., None]  # (1, L, 1): video tokens of latent frame 0
+        m = self.modality
         if m.conditioner.encoder is not None:
             from selfflow.text.conditioning import caption_conditioning
 
             cond = caption_conditioning(m.conditioner.encoder, [instruction], self.device)
         else:
-            cond = m.with_labels({"captions": [instruction]})
-            cond = m.conditioner.from_batch(cond, self.device)
+            cond = m.conditioner.from_batch(m.with_labels({"captions": [instruction]}), self.device)
+        return self.sample(self.frame(image)[None], cond)[0].clamp(-1, 1).float().cpu().numpy()
+
+    @torch.no_grad()
+    def sample(self, current: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Current frames ``(B, 3, H, W)`` in [−1, 1] and their conditioning → normalised chunks ``(B, K, 7)``
+        (not clamped)."""
+        m, o = self.modality, self.modality.options
+        b = current.shape[0]
+        frames = torch.zeros(b, 3, o.frames, *o.image_size)
+        frames[:, :, 0] = current.cpu()
+        x0 = m.pack(frames.to(self.device), torch.zeros(b, o.chunk, 7, device=self.device)).x  # (B, L, C)
+        ids = m.sample_ids(b, self.device)
         noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
-        x = noise.clone()
         ts = torch.linspace(1.0, 0.0, self.steps + 1, device=self.device)
+        if o.schedule is None or o.context != "clean":
+            context = (ids[..., 0] < 1) & (torch.arange(ids.shape[1], device=self.device) < m.num_video_tokens)
+            context = context[..., None]  # (B, L, 1): video tokens of latent frame 0
+            x = noise.clone()
+            for t, t_next in pairwise(ts):
+                x = torch.where(context, interpolate(x0, noise, t.expand(b)), x)
+                x = x + (t_next - t) * self.model(x, ids, t.expand(b), cond, modality=m.name)
+            return m.unpack(x)[1]
+        groups = m.group_index(self.device)  # (L,): 0 context, 1 future video, 2 actions
+        level = torch.where(groups == 0, 0, 1)
+        if self.video == "marginal":
+            level = torch.where(groups == 1, 2, level)
+        index = level[None].expand(b, -1)  # (B, L) into the levels [0, t, 1]
+        content = m.token_schedule().channel_mask(groups, x0.shape[-1])  # (L, C): padding/flags stay data
+        content = torch.ones_like(x0[0], dtype=torch.bool) if content is None else content
+        moving = (level == 1)[:, None] & content  # (L, C)
+        x = torch.where((groups == 0)[:, None] | ~content, x0, noise)  # (B, L, C): noise on moving/held content
         for t, t_next in pairwise(ts):
-            x = torch.where(context, interpolate(x0, noise, t.expand(1)), x)
-            v = self.model(x, ids, t.expand(1), cond, modality=m.name)
-            x = x + (t_next - t) * v
-        _, actions = m.unpack(x)
-        return actions[0].clamp(-1, 1).float().cpu().numpy()
+            levels = torch.stack([torch.zeros_like(t), t, torch.ones_like(t)])[None].expand(b, -1)  # (B, 3)
+            v = self.model(x, ids, TokenTimesteps.from_levels(levels, index), cond, modality=m.name)
+            x = torch.where(moving, x + (t_next - t) * v, x)
+        return m.unpack(x)[1]
 
 
 class SimplerPolicyAdapter:
