@@ -13,7 +13,7 @@ CONFIG ?=
 ARGS ?=
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup test lint train-image train-mixed train-video train-audio finetune-rt1 eval-simpler eval bench clean-venv
+.PHONY: help setup test lint train-image train-mixed train-video train-audio finetune-rt1 eval-simpler eval bench bench-quality clean-venv fault-test
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -63,6 +63,12 @@ eval: setup  ## probe-FD / accuracy of a run on synthetic shapes (RUN=runs/tiny-
 
 bench: setup  ## speed benchmarks: a table and bench.json
 	$(PY) benchmarks/run.py $(ARGS)
+
+bench-quality: setup  ## FM vs Self-Flow + ablations on synthetic shapes, 3 seeds: probe-FD curves (CPU, ~40-60 min)
+	$(PY) benchmarks/quality.py $(ARGS)
+
+fault-test: setup  ## fault-injection suite (kills, corrupt data, config fuzzing …): writes docs/RELIABILITY.md (~6 min)
+	OMP_NUM_THREADS=1 $(PY) reliability/run.py $(ARGS)
 
 clean-venv:  ## remove .venv
 	rm -rf $(VENV)

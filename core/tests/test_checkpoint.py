@@ -44,3 +44,18 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path):
         save_checkpoint({"w": Unsaveable()}, tmp_path, 2)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_full_disk_keeps_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+    from selfflow.core.checkpoint import CheckpointWriteError
+
+    save_checkpoint({"w": torch.ones(1)}, tmp_path, 1)
+    monkeypatch.setenv("SELFFLOW_FAULT_SAVE_ENOSPC", "2")
+    with pytest.raises(CheckpointWriteError, match=r"step_00000002\.pt.*No space left.*step_00000001\.pt is intact"):
+        save_checkpoint({"w": torch.zeros(1)}, tmp_path, 2, keep_last=1)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    assert not list(tmp_path.glob("*.tmp"))
+    assert load_checkpoint(tmp_path / "step_00000001.pt")["w"].tolist() == [1.0]
+    monkeypatch.delenv("SELFFLOW_FAULT_SAVE_ENOSPC")
+    save_checkpoint({"w": torch.zeros(1)}, tmp_path, 2, keep_last=1)  # space again: the next save works
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2]

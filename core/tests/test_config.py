@@ -34,3 +34,24 @@ def test_bad_value_and_bad_override(tmp_path):
     p.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(p)
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc/run", "a/../../b", "", "C:/x", "..\\up"])
+def test_run_name_must_stay_inside_output_dir(name):
+    with pytest.raises(ConfigError, match=r"name: .*relative path without '\.\.'"):
+        load_config(None, [f"name={name!r}"])
+    assert load_config(None, ["name=sweep/run1"]).run_dir.as_posix() == "runs/sweep/run1"
+
+
+def test_preset_of_the_wrong_type_is_a_config_error():
+    with pytest.raises(ConfigError, match="model preset must be a name"):
+        load_config(None, ["model.preset={x: 1}"])
+
+
+def test_modality_errors_name_the_option_key(tmp_path):
+    from selfflow.core.run_setup import build_modalities
+
+    missing = str(tmp_path / "no-vae")
+    cfg = load_config(None, ["data.options.codec=sd_vae", f"data.options.vae_path={missing}"])
+    with pytest.raises(FileNotFoundError, match=r"data\.options\.vae_path="):
+        build_modalities(cfg)

@@ -18,10 +18,10 @@ def _inputs(b=3, ctx=False):
     return x, ids, cond
 
 
-@pytest.mark.parametrize("ctx", [False, True])
-def test_distinct_level_modulation_equals_naive_per_token(ctx):
+@pytest.mark.parametrize("ctx,class_token", [(False, False), (True, False), (False, True), (True, True)])
+def test_distinct_level_modulation_equals_naive_per_token(ctx, class_token):
     """Two levels per sample + gather == the modulation Linear evaluated on every token (L levels)."""
-    model = randomize(MMDiT(tiny_config(context_dim=10 if ctx else 0))).eval()
+    model = randomize(MMDiT(tiny_config(context_dim=10 if ctx else 0, class_token=class_token))).eval()
     x, ids, cond = _inputs(ctx=ctx)
     t, s = torch.rand(3), torch.rand(3)
     mask = torch.rand(3, 16) < 0.3
@@ -67,6 +67,27 @@ def test_context_mask_hides_padding():
     changed = cond.context.clone()
     changed[:, 3:] += 5.0  # only padded positions change
     assert torch.allclose(out, model(x, ids, t, cond.model_copy(update={"context": changed})), atol=1e-5)
+
+
+@pytest.mark.parametrize("ctx", [False, True])
+def test_class_token_reaches_the_data_through_attention(ctx):
+    """With the label's modulation path cut, the label still changes the output through its context token;
+    text padding stays hidden (the mask is extended for the class token)."""
+    model = randomize(MMDiT(tiny_config(context_dim=10 if ctx else 0, class_token=True))).eval()
+    assert model.double_blocks[0].has_context
+    with torch.no_grad():
+        model.label_embed.weight.zero_()
+    x, ids, cond = _inputs(ctx=ctx)
+    t = torch.rand(3)
+    out = model(x, ids, t, cond)
+    other = model(x, ids, t, cond.model_copy(update={"labels": torch.tensor([1, 2, 4])}))
+    assert (out - other).abs().amax() > 1e-3
+    if ctx:
+        changed = cond.context.clone()
+        changed[:, 3:] += 5.0
+        assert torch.allclose(out, model(x, ids, t, cond.model_copy(update={"context": changed})), atol=1e-5)
+    with pytest.raises(ValueError, match="class_token needs a class-conditional"):
+        MMDiT(MMDiTConfig(class_token=True, modalities={"image": 12}))
 
 
 def test_errors_name_what_is_missing():

@@ -75,3 +75,22 @@ def test_stream_splits_by_rank_resumes_and_skips_corrupt_members(tmp_path, caplo
         LatentShardStream(urls, 1, collate_samples, world_size=2).load_state_dict(state)
     with pytest.raises(ValueError, match="cannot be split"):
         LatentShardStream(urls[:1], 1, collate_samples, rank=0, world_size=2)
+
+
+def test_stream_skips_wrong_shapes_dtypes_and_missing_keys_naming_shard_and_key(tmp_path, caplog):
+    good = npy_bytes(np.zeros((2, 3)))
+    bad = {"trunc": {"latent.npy": good[:-5]}, "nokey": {"emb.npy": npy_bytes(np.ones((1, 4)))},
+           "shape": {"latent.npy": npy_bytes(np.zeros((3, 2)))},
+           "dtype": {"latent.npy": npy_bytes(np.zeros((2, 3)), dtype=np.int32)},
+           "nan": {"latent.npy": npy_bytes(np.full((2, 3), np.nan))},
+           "emb": {"latent.npy": good, "emb.npy": npy_bytes(np.ones(4))}}
+    with wds.TarWriter(str(tmp_path / "s-000000.tar")) as sink:
+        sink.write({"__key__": "first", "latent.npy": good, "txt": "item 0"})
+        for key, members in bad.items():
+            sink.write({"__key__": key, **members, "txt": "item 9"})
+        sink.write({"__key__": "last", "latent.npy": good, "txt": "item 1"})
+    s = LatentShardStream(shard_urls(tmp_path), 2, collate_samples)
+    batch = next(iter(s))
+    assert _keys([batch]) == [0, 1] and s.skipped == len(bad)
+    for key in bad:
+        assert f"s-000000.tar, key {key})" in caplog.text

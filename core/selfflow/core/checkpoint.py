@@ -2,31 +2,31 @@
 
 A checkpoint is written to ``<name>.tmp`` then renamed, so a crash mid-write never leaves a file that
 looks complete; only ``step_XXXXXXXX.pt`` files are ever loaded, always with ``weights_only=True`` (no
-pickled code runs). Older checkpoints beyond ``keep_last`` are deleted after a successful write.
+pickled code runs). Older checkpoints beyond ``keep_last`` are deleted after a successful write. A failed
+write (a full disk) removes its temporary file, leaves the previous checkpoints alone and raises
+:class:`CheckpointWriteError`, which stops the run with a message naming both files.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import faults
+
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 
-def _fault_delay(step: int) -> None:
-    """Fault-injection point for the kill-mid-write tests: ``SELFFLOW_FAULT_SAVE_DELAY=SECONDS[@STEP]``
-    holds the half-written file open before it is completed and renamed (at every save, or at STEP)."""
-    spec = os.environ.get("SELFFLOW_FAULT_SAVE_DELAY")
-    if not spec:
-        return
-    seconds, _, at = spec.partition("@")
-    if not at or int(at) == step:
-        time.sleep(float(seconds))
+class CheckpointWriteError(faults.RunStopped):
+    """Writing a checkpoint failed (e.g. no space left); the previous checkpoints are intact."""
+
+
+class CheckpointLoadError(ValueError):
+    """A checkpoint cannot be loaded safely (it holds pickled code, or it is not a checkpoint)."""
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
@@ -57,11 +57,18 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
-            _fault_delay(step)
+            faults.save_delay(step)  # fault hooks: no-ops unless their env variable is set
+            faults.save_enospc(step)
             os.fsync(f.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError | RuntimeError) and not isinstance(e, faults.RunStopped):
+            previous = latest_checkpoint(d)
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {final}: {e}. The previous checkpoint "
+                f"{previous or '(none)'} is intact; free space (or fix the error) and run the same command "
+                "again to resume from it.") from e
         raise
     for _, old in list_checkpoints(d)[:-keep_last]:
         old.unlink(missing_ok=True)
@@ -78,4 +85,4 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # the unpickler refuses anything but tensors and plain containers
-        raise ValueError(f"cannot load checkpoint {path} safely (weights_only=True): {e}") from e
+        raise CheckpointLoadError(f"cannot load checkpoint {path} safely (weights_only=True): {e}") from e

@@ -10,7 +10,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import, in any subcommand
 
+from .checkpoint import CheckpointLoadError
 from .config import ConfigError, load_config
+from .faults import RunStopped
 from .registry import available_modalities, command_registrars
 
 EPILOG = """examples:
@@ -130,10 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, KeyError) as e:
+    except (ConfigError, CheckpointLoadError, FileNotFoundError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"selfflow: error: {msg}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # a deliberate stop (bad data, non-finite steps, failed checkpoint write)
+        print(f"selfflow: stopped: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -6,11 +6,19 @@ instead of a silently ignored setting. The resolved config is written to the run
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 
 from .dit import DiTConfig
 from .mmdit import MMDiTConfig
@@ -91,6 +99,8 @@ class TrainConfig(_Section):
     parallel: Literal["auto", "none", "ddp", "fsdp2"] = Field("auto", description="auto: ddp with >1 rank")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_nonfinite_steps: int = Field(10, ge=1, description="abort after this many non-finite steps in a row")
+    max_bad_data_fraction: float = Field(0.05, ge=0, le=1, description="stop when more than this fraction of "
+                                         "the samples read were corrupt and skipped (1: never stop)")
     activation_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each block")
     tf32: bool = Field(True, description="TF32 matmuls on CUDA")
@@ -129,6 +139,16 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_inside_output_dir(cls, name: str) -> str:
+        """The run directory (checkpoints, samples, metrics) must stay inside ``output_dir``."""
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if (not name.strip() or "\0" in name or PurePosixPath(name).is_absolute()
+                or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive or ".." in parts):
+            raise ValueError("must be a non-empty relative path without '..' (the run directory is output_dir/name)")
+        return name
 
     @property
     def run_dir(self) -> Path:

@@ -42,7 +42,13 @@ def init_distributed(device: torch.device, timeout_s: int = 1800) -> DistInfo:
         device = torch.device("cuda", local_rank)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # Workers restarted by `torchrun --max-restarts` meet in the same agent store as the dead ones: keep
+        # each attempt's keys apart, or the new group reads the old workers' addresses (connection refused).
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"selfflow/attempt_{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 

@@ -10,6 +10,7 @@ def mmdit_forward_flops(cfg: MMDiTConfig, n_data: int, n_context: int = 0, upto:
                         token_channels: int = 0) -> float:
     """FLOPs of one sample's forward through blocks ``1 … upto`` (all blocks and the heads if None)."""
     d, h = cfg.hidden_size, cfg.mlp_hidden
+    n_context += int(cfg.class_token)  # the label's context token
     n = n_data + n_context
     stream = 3 * d * d + d * d + 2 * h * d + h * d  # qkv, proj, SwiGLU in + out
     single = d * (3 * d + 2 * h) + (d + h) * d
@@ -18,7 +19,7 @@ def mmdit_forward_flops(cfg: MMDiTConfig, n_data: int, n_context: int = 0, upto:
     blocks = cfg.depth if upto is None else upto
     for b in range(1, blocks + 1):
         if b <= cfg.depth_double:
-            total += 2 * stream * n_data + (2 * stream * n_context if cfg.context_dim else 0) + attn
+            total += 2 * stream * n_data + 2 * stream * n_context + attn
         else:
             total += 2 * single * n + attn
     if upto is None:

@@ -41,6 +41,8 @@ def apply_preset(data: Any, presets: dict[str, dict[str, Any]], what: str) -> An
     """Fill a raw config dict from ``presets[data["preset"]]``; keys given explicitly win."""
     if isinstance(data, dict) and data.get("preset") is not None:
         name = data["preset"]
+        if not isinstance(name, str):
+            raise ValueError(f"{what} must be a name, one of {sorted(presets)} (got {name!r})")
         if name not in presets:
             raise ValueError(f"unknown {what} {name!r}; choose one of {sorted(presets)}")
         data = {**presets[name], **data}
@@ -62,6 +64,8 @@ class MMDiTConfig(BaseModel):
     axes_dim: tuple[int, int, int] = (8, 12, 12)
     rope_theta: float = Field(10000.0, gt=0)
     num_classes: int = Field(0, ge=0, description="class labels (0: none); id num_classes is the null label")
+    class_token: bool = Field(False, description="also feed the label as one context token (joint attention), "
+                              "besides the shared modulation")
     context_dim: int = Field(0, ge=0, description="text-embedding width (0: no context stream)")
     projector_mult: float = Field(2.0, ge=0, description="projector hidden = mult·hidden (0: no projector)")
     attention: str = "auto"
@@ -82,6 +86,11 @@ class MMDiTConfig(BaseModel):
         if self.depth_double + self.depth_single == 0:
             raise ValueError("the model needs at least one block")
         return self
+
+    @property
+    def has_context_stream(self) -> bool:
+        """Whether the double blocks carry a context stream (text tokens and/or the class token)."""
+        return bool(self.context_dim) or self.class_token
 
     @property
     def depth(self) -> int:
@@ -260,6 +269,8 @@ class MMDiT(nn.Module):
         super().__init__()
         if not cfg.modalities:
             raise ValueError("MMDiTConfig.modalities is empty: name at least one modality and its channels")
+        if cfg.class_token and not cfg.num_classes:
+            raise ValueError("model.class_token needs a class-conditional modality (num_classes > 0)")
         self.cfg = cfg
         d = cfg.hidden_size
         self.img_in = nn.ModuleDict({m: nn.Linear(c, d, bias=False) for m, c in cfg.modalities.items()})
@@ -267,7 +278,10 @@ class MMDiT(nn.Module):
                                      nn.Linear(d, d, bias=False))
         self.label_embed = nn.Embedding(cfg.num_classes + 1, d) if cfg.num_classes else None
         self.txt_in = nn.Linear(cfg.context_dim, d, bias=False) if cfg.context_dim else None
-        has_ctx = bool(cfg.context_dim)
+        # FLUX.2 shares one modulation across all blocks, so a label that only shifts that modulation is a
+        # narrow pathway; as a context token every data token can also attend to it.
+        self.class_token_embed = nn.Embedding(cfg.num_classes + 1, d) if cfg.class_token else None
+        has_ctx = cfg.has_context_stream
         self.double_mod_img = Modulation(d, 2) if cfg.depth_double else None
         self.double_mod_txt = Modulation(d, 2) if cfg.depth_double and has_ctx else None
         self.single_mod = Modulation(d, 1) if cfg.depth_single else None
@@ -295,8 +309,9 @@ class MMDiT(nn.Module):
             nn.init.zeros_(fin.linear.weight)
         nn.init.normal_(self.time_in[0].weight, std=0.02)
         nn.init.normal_(self.time_in[2].weight, std=0.02)
-        if self.label_embed is not None:
-            nn.init.normal_(self.label_embed.weight, std=0.02)
+        for emb in (self.label_embed, self.class_token_embed):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02)
 
     @property
     def depth(self) -> int:
@@ -342,11 +357,17 @@ class MMDiT(nn.Module):
         vec = self.condition_vector(tt, cond.labels)  # (B, K, D)
         img = self.img_in[modality](x)
 
-        txt, n_txt = None, 0
+        txt, n_txt, context_mask = None, 0, cond.context_mask
         if self.txt_in is not None:
             if cond.context is None:
                 raise ValueError("this model has a context stream: pass cond.context (B, Lc, context_dim)")
             txt = self.txt_in(cond.context.to(img.dtype))
+        if self.class_token_embed is not None:
+            cls = self.class_token_embed(cond.labels)[:, None].to(img.dtype)  # (B, 1, D)
+            txt = cls if txt is None else torch.cat([cls, txt], 1)
+            if context_mask is not None:
+                context_mask = torch.cat([context_mask.new_ones(b, 1), context_mask], 1)
+        if txt is not None:
             n_txt = txt.shape[1]
         # Context tokens are modulated with the token-average conditioning vector of their sample; with a
         # single level that is the sample's vector itself.
@@ -362,8 +383,8 @@ class MMDiT(nn.Module):
         txt_ids = torch.zeros(b, n_txt, ids.shape[-1], dtype=ids.dtype, device=ids.device)
         rope = rope_cos_sin(torch.cat([txt_ids, ids], 1), self.cfg.axes_dim, self.cfg.rope_theta)
         mask = None
-        if cond.context_mask is not None and n_txt:
-            keep = torch.cat([cond.context_mask.bool(), cond.context_mask.new_ones(b, n_img, dtype=torch.bool)], 1)
+        if context_mask is not None and n_txt:
+            keep = torch.cat([context_mask.bool(), context_mask.new_ones(b, n_img, dtype=torch.bool)], 1)
             mask = keep[:, None, None, :]  # (B, 1, 1, Lc + L)
 
         captured: dict[int, torch.Tensor] = {}

@@ -37,6 +37,12 @@ def build_entry_modality(entry: MixtureEntry, where: str) -> Modality:
             key = ".".join(str(p) for p in err["loc"])
             lines.append(f"  {where}.options.{key}: {err['msg']} (got {err['input']!r})")
         raise ConfigError("\n".join(lines)) from None
+    except (ValueError, FileNotFoundError) as e:  # a missing file or inconsistent options: name the keys
+        keys = [f"{where}.options.{k}={v!r}" for k, v in entry.options.items()
+                if isinstance(v, str) and v and v in str(e)]
+        if keys and len(e.args) == 1 and isinstance(e.args[0], str):
+            e.args = (f"{', '.join(keys)}: {e.args[0]}",)
+        raise
 
 
 def build_modalities(cfg: RunConfig) -> dict[str, Modality]:

@@ -20,11 +20,11 @@ import yaml
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import parallel
+from . import faults, parallel
 from .backbones import build_backbone
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointWriteError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, save_config
-from .distributed import all_mean, barrier, init_distributed
+from .distributed import all_mean, barrier, broadcast_object, init_distributed
 from .ema import ema_update, make_ema
 from .flops import train_step_flops
 from .generate import generate
@@ -47,8 +47,16 @@ from .run_setup import (  # noqa: F401 - re-exported for callers of the former t
 )
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(faults.RunStopped):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class BadDataError(faults.RunStopped):
+    """Too large a fraction of the samples read were corrupt (``train.max_bad_data_fraction``)."""
+
+
+# The bad-data fraction is only judged after this many samples: a few early corrupt ones are not a trend.
+MIN_SAMPLES_FOR_BAD_FRACTION = 64
 
 
 class Trainer:
@@ -108,6 +116,7 @@ class Trainer:
         self.stream = self.streams[self.modality.name]
         self.step = 0
         self.skipped_steps = 0
+        self.data_samples = 0  # samples trained on (global), for the bad-data fraction
         self.nonfinite_in_a_row = 0
         self.tokens_per_sample: dict[str, int] = {}
 
@@ -150,6 +159,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "generator": self.generator.get_state().cpu(),
             "skipped_steps": self.skipped_steps,
+            "data_samples": self.data_samples,
             "world_size": self.dist.world_size,
             "config": yaml.safe_dump(self.cfg.model_dump(mode="json")),
         }
@@ -168,12 +178,19 @@ class Trainer:
         self.generator.set_state(state["generator"].to(self.generator.get_state().device))
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.data_samples = int(state.get("data_samples", 0))
 
     def save(self) -> Path | None:
         state = self.state_dict()
-        path = None
+        path, error = None, None
         if self.dist.is_main:
-            path = save_checkpoint(state, self.ckpt_dir, self.step, self.cfg.train.keep_last)
+            try:
+                path = save_checkpoint(state, self.ckpt_dir, self.step, self.cfg.train.keep_last)
+            except CheckpointWriteError as e:  # e.g. a full disk: every rank must stop, not only rank 0
+                error = str(e)
+        error = broadcast_object(error)
+        if error:
+            raise CheckpointWriteError(error)
         barrier()
         return path
 
@@ -196,7 +213,8 @@ class Trainer:
         name = name or self.modality.name
         modality, objective = self.modalities[name], self.objectives[name]
         accum = len(batches)
-        sums = {"loss": 0.0, "loss_fm": 0.0, "loss_rep": 0.0}
+        sums: dict[str, float] = {}  # loss, loss_fm, loss_rep (+ loss_fm_<group> under a token schedule)
+        schedule = modality.token_schedule()
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                   enabled=self.cfg.train.precision == "bf16")
         # Every micro-step replays the same global draw and takes its slice: micro-batch i of rank r holds
@@ -212,16 +230,22 @@ class Trainer:
                 losses = self_flow_loss(self.model, self.ema if objective.uses_teacher else None, tokens,
                                         cond, objective, null_label=self.raw.null_label,
                                         modality=name, generator=self.generator,
-                                        shard=(i * world + rank, accum * world))
+                                        shard=(i * world + rank, accum * world), schedule=schedule,
+                                        groups=modality.token_groups(tokens) if schedule else None)
                 # Always backward, even on a non-finite loss: every rank must join the gradient reduction.
                 (losses["loss"] / accum).backward()
-            for k in sums:
-                sums[k] += float(losses[k].detach()) / accum
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.optim.grad_clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        # Corrupt samples the streams skipped (cumulative, this rank): summed over ranks in the same reduction.
+        sums["data_skipped"] = float(sum(getattr(s, "skipped", 0) for s in self.streams.values()))
         out = all_mean(sums, self.device)
+        out["data_skipped"] = round(out["data_skipped"] * self.dist.world_size)
         out["grad_norm"] = float(grad_norm)
+        self.data_samples += self.global_batch(name)
+        self._check_bad_data(out["data_skipped"])
         if not (math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
@@ -239,6 +263,18 @@ class Trainer:
         self.scheduler.step()
         ema_update(self.ema, self.raw, self.cfg.ema.decay_at(self.step))
         return out
+
+    def _check_bad_data(self, skipped: int) -> None:
+        """Stop when more than ``train.max_bad_data_fraction`` of the samples read were corrupt (every rank
+        sees the same reduced counts, so all stop together)."""
+        seen = self.data_samples + skipped
+        limit = self.cfg.train.max_bad_data_fraction
+        if seen >= MIN_SAMPLES_FOR_BAD_FRACTION and skipped > limit * seen:
+            last = latest_checkpoint(self.ckpt_dir)
+            raise BadDataError(
+                f"{skipped} of {seen} samples read so far were corrupt and skipped ({skipped / seen:.1%} > "
+                f"train.max_bad_data_fraction={limit}) at step {self.step}; stopping. The warnings of "
+                f"selfflow.shards name each bad shard and key; the last good checkpoint is {last or 'none'}.")
 
     # --- loop -------------------------------------------------------------------------------------
     def write_samples(self) -> Path | None:
@@ -329,8 +365,11 @@ class Trainer:
             while self.step < tc.steps:
                 t0 = time.perf_counter()
                 name = self.schedule.next()
-                last = self.train_step([next(data[name]) for _ in range(tc.grad_accum_steps)], name)
+                batches = faults.poison_batches([next(data[name]) for _ in range(tc.grad_accum_steps)],
+                                                self.step + 1)
+                last = self.train_step(batches, name)
                 self.step += 1
+                faults.kill_point(self.step, self.dist.rank, self.run_dir)
                 window_t += time.perf_counter() - t0
                 window_n[name] += 1
                 bar.update(1)

@@ -15,7 +15,10 @@ video, an unreadable WAV) is skipped, counted and listed in the shard's ``.json`
 
 **Reading** (:class:`LatentShardStream`) splits the shard list by node (rank) and by DataLoader worker,
 shuffles the shard order per epoch with a seed shared by all ranks, and skips corrupt members and shards
-(counted in ``skipped`` and logged) instead of stopping the run.
+(counted in ``skipped`` and logged with shard and key) instead of stopping the run: unreadable or truncated
+``.npy``, a missing ``latent.npy``, a non-float or non-finite array, a latent whose shape differs from the
+stream's first sample. The trainer reports the count (``data_skipped`` in ``metrics.jsonl``) and stops when
+it exceeds ``train.max_bad_data_fraction`` of the samples read.
 """
 
 from __future__ import annotations
@@ -152,15 +155,24 @@ def split_by_rank(rank: int, world_size: int) -> Callable[[list[str]], list[str]
     return split
 
 
+def _float_array(raw: Sample, member: str, ndim: int | None = None) -> torch.Tensor:
+    """A finite floating-point array member as float32; raises naming the member if it is not one."""
+    arr = npy_load(raw[member])
+    if arr.dtype.kind != "f" or (ndim is not None and arr.ndim != ndim) or not np.isfinite(arr).all():
+        raise ValueError(f"{member} of sample {raw.get('__key__')} is not a finite float array"
+                         f"{'' if ndim is None else f' with {ndim} dims'} (dtype {arr.dtype}, shape {arr.shape})")
+    return torch.from_numpy(arr.astype(np.float32))
+
+
 def decode_sample(raw: Sample) -> Sample:
     """Tar member bytes → ``latent`` tensor, optional ``caption``, ``emb``, ``label``; raises if corrupt."""
     if "latent.npy" not in raw:
         raise KeyError(f"sample {raw.get('__key__')} has no latent.npy")
-    out: Sample = {"key": raw["__key__"], "latent": torch.from_numpy(npy_load(raw["latent.npy"]).astype(np.float32))}
+    out: Sample = {"key": raw["__key__"], "latent": _float_array(raw, "latent.npy")}
     if "txt" in raw:
         out["caption"] = raw["txt"].decode("utf-8")
     if "emb.npy" in raw:
-        out["emb"] = torch.from_numpy(npy_load(raw["emb.npy"]).astype(np.float32))
+        out["emb"] = _float_array(raw, "emb.npy", ndim=2)
     if "cls" in raw:
         out["label"] = int(raw["cls"])
     return out
@@ -181,11 +193,21 @@ class LatentShardStream(DataStream):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         split_by_rank(rank, world_size)(self.urls)  # fail early with a clear message
         self.epoch = self.consumed = self.skipped = 0
+        self.latent_shape: tuple[int, ...] | None = None  # of the first good sample: the others must match
 
-    def _on_error(self, exn: Exception) -> bool:
+    def _on_error(self, exn: Exception, shard: str = "?", key: str = "?") -> bool:
         self.skipped += 1
-        log.warning("skipping a corrupt shard member: %s: %s", type(exn).__name__, exn)
+        log.warning("skipping a corrupt shard member (shard %s, key %s): %s: %s", shard, key,
+                    type(exn).__name__, exn)
         return True  # keep going
+
+    def _checked(self, sample: Sample) -> Sample:
+        shape = tuple(sample["latent"].shape)
+        if self.latent_shape is None:
+            self.latent_shape = shape
+        elif shape != self.latent_shape:
+            raise ValueError(f"latent shape {shape} differs from the stream's {self.latent_shape}")
+        return sample
 
     def _epoch_samples(self, epoch: int) -> Iterator[Sample]:
         urls = list(self.urls)
@@ -195,9 +217,11 @@ class LatentShardStream(DataStream):
                             empty_check=False)
         for raw in ds:
             try:
-                yield decode_sample(raw)
+                sample = self._checked(decode_sample(raw))
             except Exception as e:
-                self._on_error(e)
+                self._on_error(e, raw.get("__url__", "?"), raw.get("__key__", "?"))
+                continue
+            yield sample
 
     def __iter__(self) -> Iterator[dict]:
         while True:

@@ -1,0 +1,73 @@
+"""Clean-stop errors and the fault-injection hooks the reliability suite (``make fault-test``) drives.
+
+A :class:`RunStopped` error ends a run on purpose with a message that says why and what is intact (the CLI
+prints it and exits with status 3, no traceback). The hooks below do nothing unless their environment
+variable is set; each is read where the fault would happen in production:
+
+- ``SELFFLOW_FAULT_SAVE_DELAY=SECONDS[@STEP]``: hold a checkpoint's half-written ``.tmp`` open (kill mid-write).
+- ``SELFFLOW_FAULT_SAVE_ENOSPC=STEP``: the checkpoint write of STEP fails with ``ENOSPC`` (a full disk).
+- ``SELFFLOW_FAULT_KILL_AT=STEP[@RANK]``: SIGKILL this process after optimizer step STEP — once per run
+  directory (a marker file records it, so the restarted process does not kill itself again).
+- ``SELFFLOW_FAULT_NAN_AT=STEP[,STEP…]``: the batches of these (1-based) steps are replaced by NaNs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class RunStopped(RuntimeError):
+    """A run stopped deliberately (too many bad steps or samples, a failed checkpoint write)."""
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name, "").strip()
+
+
+def save_delay(step: int) -> None:
+    """``SELFFLOW_FAULT_SAVE_DELAY``: sleep while the checkpoint file of ``step`` is half written."""
+    spec = _env("SELFFLOW_FAULT_SAVE_DELAY")
+    if not spec:
+        return
+    seconds, _, at = spec.partition("@")
+    if not at or int(at) == step:
+        time.sleep(float(seconds))
+
+
+def save_enospc(step: int) -> None:
+    """``SELFFLOW_FAULT_SAVE_ENOSPC``: fail the checkpoint write of ``step`` as a full disk would."""
+    spec = _env("SELFFLOW_FAULT_SAVE_ENOSPC")
+    if spec and int(spec) == step:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def kill_point(step: int, rank: int, run_dir: str | Path) -> None:
+    """``SELFFLOW_FAULT_KILL_AT``: SIGKILL this process once, after ``step`` on ``rank`` (default 0)."""
+    spec = _env("SELFFLOW_FAULT_KILL_AT")
+    if not spec:
+        return
+    at, _, who = spec.partition("@")
+    if int(at) != step or int(who or 0) != rank:
+        return
+    marker = Path(run_dir) / f".fault_killed_{step}_{rank}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def poison_batches(batches: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+    """``SELFFLOW_FAULT_NAN_AT``: NaN every floating tensor of the batches of (1-based) ``step``."""
+    spec = _env("SELFFLOW_FAULT_NAN_AT")
+    if not spec or step not in {int(s) for s in spec.split(",") if s.strip()}:
+        return batches
+    return [{k: torch.full_like(v, float("nan")) if torch.is_tensor(v) and v.is_floating_point() else v
+             for k, v in b.items()} for b in batches]

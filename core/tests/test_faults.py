@@ -1,0 +1,58 @@
+"""Fault hooks and clean stops: NaN batches are skipped, repeated ones stop the run, too many corrupt
+samples stop it, and the CLI reports a stop without a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from selfflow.core.faults import kill_point, poison_batches
+from selfflow.core.trainer import BadDataError, NonFiniteLossError, Trainer
+
+from .test_trainer import _cfg
+
+
+def test_hooks_are_inert_without_their_variables(tmp_path, monkeypatch):
+    batch = {"media": torch.ones(2), "labels": torch.tensor([1, 2])}
+    assert poison_batches([batch], 3)[0] is batch
+    monkeypatch.setenv("SELFFLOW_FAULT_NAN_AT", "3,5")
+    poisoned = poison_batches([batch], 3)[0]
+    assert poisoned["media"].isnan().all() and poisoned["labels"].tolist() == [1, 2]
+    assert poison_batches([batch], 4)[0] is batch
+    monkeypatch.setenv("SELFFLOW_FAULT_KILL_AT", "7@1")
+    kill_point(7, 0, tmp_path)  # another rank: no kill
+    (tmp_path / ".fault_killed_7_1").touch()
+    kill_point(7, 1, tmp_path)  # already fired once for this run directory: no kill
+
+
+def test_nan_batches_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFFLOW_FAULT_NAN_AT", "2")
+    trainer = Trainer(_cfg(tmp_path, "nan1", "train.steps=3"), progress=False)
+    trainer.fit()
+    assert trainer.skipped_steps == 1 and trainer.step == 3
+    monkeypatch.setenv("SELFFLOW_FAULT_NAN_AT", "2,3,4")
+    trainer = Trainer(_cfg(tmp_path, "nan3", "train.steps=6", "train.max_nonfinite_steps=3"), progress=False)
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row"):
+        trainer.fit()
+
+
+def test_bad_data_fraction_stops_the_run(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, "bad", "train.steps=2", "train.max_bad_data_fraction=0.1"), progress=False)
+    trainer.data_samples = 100
+    trainer._check_bad_data(11)  # 11 of 111 < 10 %
+    with pytest.raises(BadDataError, match=r"13 of 113 samples.*max_bad_data_fraction=0.1"):
+        trainer._check_bad_data(13)
+    trainer.data_samples = 10
+    trainer._check_bad_data(20)  # too few samples to judge
+
+
+def test_cli_reports_a_stop_without_traceback(tmp_path):
+    sets = [a for s in ["model.preset=tiny", "data.options.image_size=16", "train.batch_size=2",
+                        "train.steps=4", "train.max_nonfinite_steps=2", f"output_dir={tmp_path}", "name=stop"]
+            for a in ("--set", s)]
+    proc = subprocess.run([sys.executable, "-m", "selfflow.core.cli", "train", "--no-progress", *sets],
+                          capture_output=True, text=True, timeout=300,
+                          env={"SELFFLOW_FAULT_NAN_AT": "1,2", "OMP_NUM_THREADS": "1", "PATH": ""})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "selfflow: stopped: 2 optimizer steps in a row" in proc.stderr and "Traceback" not in proc.stderr

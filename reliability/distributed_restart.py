@@ -1,0 +1,78 @@
+"""Distributed faults: a rank dies under ``torchrun --max-restarts=1`` (2 gloo ranks on CPU).
+
+``SELFFLOW_FAULT_KILL_AT=STEP@RANK`` makes that rank SIGKILL itself once after optimizer step STEP (a marker
+file in the run directory stops the restarted worker from doing it again). torchrun's agent tears the group
+down and restarts both workers, which must resume from the newest complete checkpoint and finish with the
+losses of an uninterrupted 2-rank run.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from .common import ROOT, Outcome, Timer, losses, lost_steps, run, train_cmd
+
+SETS = ("train.steps=16", "train.checkpoint_every=4", "train.batch_size=2", "train.sample_every=0",
+        "train.parallel=ddp")
+
+
+def run_all(work: Path | None = None, kills: tuple[tuple[int, int], ...] = ((6, 1), (11, 0))) -> list[Outcome]:
+    from selfflow.core.checkpoint import list_checkpoints
+    from selfflow.core.metrics import read_metrics
+
+    work = Path(work or ROOT / "runs" / "reliability" / "distributed")
+    work.mkdir(parents=True, exist_ok=True)
+    out = Outcome("distributed", "a rank SIGKILLed under torchrun --max-restarts=1 (2 gloo ranks)",
+                  "workers restart, resume from the last checkpoint; losses equal the reference")
+    shutil.rmtree(work / "ref", ignore_errors=True)
+    ref = run(train_cmd(work, "ref", *SETS, nproc=2), timeout=900)
+    if ref.returncode:
+        raise RuntimeError(f"reference 2-rank run failed: {ref.stderr[-2000:]}")
+    reference = losses(read_metrics(work / "ref" / "metrics.jsonl"))
+    for step, rank in kills:
+        name = f"kill{step}r{rank}"
+        shutil.rmtree(work / name, ignore_errors=True)
+        with Timer(out):
+            proc = run(train_cmd(work, name, *SETS, nproc=2, max_restarts=1), timeout=900,
+                       SELFFLOW_FAULT_KILL_AT=f"{step}@{rank}")
+        text = proc.stdout + proc.stderr
+        resumed = re.search(r"resuming from \S+ \(step (\d+)\)", text)
+        expected = step // 4 * 4
+        got = losses(read_metrics(work / name / "metrics.jsonl")) if (work / name / "metrics.jsonl").is_file() else []
+        lost = lost_steps(reference, got)
+        fired = (work / name / f".fault_killed_{step}_{rank}").exists()
+        ok = (proc.returncode == 0 and fired and resumed is not None and int(resumed.group(1)) == expected
+              and [s for s, _ in list_checkpoints(work / name / "checkpoints")][-1] == 16)
+        out.record(ok and not lost, crash=proc.returncode != 0, lost=lost,
+                   why=f"kill rank {rank} at step {step}: exit {proc.returncode}, fired {fired}, "
+                       f"resumed {resumed.group(1) if resumed else None} (expected {expected}), {lost} steps "
+                       f"differ: {text[-800:]}")
+    out.note = "16 steps, DDP, checkpoint every 4; kills at " + ", ".join(f"step {s} rank {r}" for s, r in kills)
+    return [out, full_disk(work, reference)]
+
+
+def full_disk(work: Path, reference: list[tuple], at: int = 8) -> Outcome:
+    """ENOSPC while rank 0 writes checkpoint ``at``: every rank stops with the message (no hang), the previous
+    checkpoint is intact, and the same command then resumes to the reference losses."""
+    from selfflow.core.checkpoint import list_checkpoints
+    from selfflow.core.metrics import read_metrics
+
+    out = Outcome("distributed", "disk full (ENOSPC) during a save on 2 ranks",
+                  "all ranks stop with the error; previous checkpoint intact; rerun resumes")
+    name = "enospc"
+    shutil.rmtree(work / name, ignore_errors=True)
+    cmd = train_cmd(work, name, *SETS, nproc=2)
+    with Timer(out):
+        stopped = run(cmd, timeout=600, SELFFLOW_FAULT_SAVE_ENOSPC=str(at))
+        left = [s for s, _ in list_checkpoints(work / name / "checkpoints")]
+        again = run(cmd, timeout=600)
+    lost = lost_steps(reference, losses(read_metrics(work / name / "metrics.jsonl")))
+    text = stopped.stdout + stopped.stderr
+    ok = (stopped.returncode != 0 and text.count("selfflow: stopped: cannot write checkpoint") == 2
+          and "No space left on device" in text and left and left[-1] == at - 4 and again.returncode == 0)
+    out.record(ok and not lost, lost=lost, why=f"exit {stopped.returncode}, left {left}, rerun exit "
+                                                f"{again.returncode}: {text[-800:]}")
+    out.note = f"checkpoint {at} fails on rank 0; both ranks print the stop message"
+    return out
