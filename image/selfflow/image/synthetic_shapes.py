@@ -33,7 +33,7 @@ def shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float,
     elif shape == "diamond":
         d = (abs(dx) + abs(dy) - 1.3 * r) / np.sqrt(2)
     elif shape == "cross":
-        arm = 0.38 * r
+        arm = 0.5 * r  # arms as wide as a 4-px patch at the smallest size: a plus, not a blob
         d = np.minimum(np.maximum(abs(dx) - r, abs(dy) - arm), np.maximum(abs(dx) - arm, abs(dy) - r))
     elif shape == "triangle":  # pointing up: base at cy + r, apex at cy − r
         d = np.maximum(dy - r, (2 * abs(dx) - (dy + r)) / np.sqrt(5))
@@ -48,7 +48,7 @@ def render_sample(seed: int, index: int, size: int = 32) -> tuple[np.ndarray, in
     rng = np.random.default_rng([seed, index])
     label = int(rng.integers(len(CLASSES)))
     colour, shape = CLASSES[label]
-    r = rng.uniform(0.17, 0.28) * size
+    r = rng.uniform(0.2, 0.3) * size  # ≥ 12 px across at 32 px: each shape spans ≥ 3×3 patches of 4 px
     cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
     rgb = np.clip(np.array(COLOURS[colour]) * rng.uniform(0.85, 1.1), 0, 1)
     background = rng.uniform(0.0, 0.12)
