@@ -25,7 +25,7 @@ from torch import nn
 
 from .frechet import FeatureStats, stats_distance
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: the shapes renderer changed (larger shapes, plus-shaped crosses)
 
 
 class ShapesProbe(nn.Module):
