@@ -1,0 +1,140 @@
+"""Data-loading benchmarks: video clip decode (decord vs PyAV) and latent shard reads (webdataset tar vs
+one ``.npy`` file per sample), in samples/s. Inputs are generated in a temporary directory (so they sit in
+the page cache: these are decode/parse costs, not disk speed)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .timing import Row, paired_median
+
+VIDEO_FRAMES, VIDEO_SIZE, FPS, GOP = 192, 256, 24, 24
+CLIP_FRAMES, CLIP_STRIDE = 17, 2
+
+
+def _write_test_mp4(path: Path) -> Path:
+    """8 s of 256² H.264 at 24 fps with a keyframe every second (as typical camera/web video): a textured
+    background and a moving square, so the encoder has real work and the decoder real bits."""
+    import av
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:VIDEO_SIZE, :VIDEO_SIZE]
+    texture = rng.integers(0, 40, (VIDEO_SIZE, VIDEO_SIZE, 1), dtype=np.uint8)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width = stream.height = VIDEO_SIZE
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = GOP
+        stream.options = {"crf": "20", "keyint_min": str(GOP), "sc_threshold": "0"}
+        for t in range(VIDEO_FRAMES):
+            frame = np.empty((VIDEO_SIZE, VIDEO_SIZE, 3), np.uint8)
+            frame[..., 0] = (xx + 3 * t) % 256
+            frame[..., 1] = (yy + 2 * t) % 256
+            frame[..., 2] = 128
+            frame = frame + texture
+            x0 = (5 * t) % (VIDEO_SIZE - 48)
+            frame[64:112, x0:x0 + 48] = (240, 30, 30)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def bench_video_decode(tmp: Path, quick: bool) -> list[Row]:
+    from selfflow.video.clips import clip_indices
+    from selfflow.video.video_io import has_decord, read_frames
+
+    if not has_decord():
+        return [Row("video clip decode: decord not installed (PyAV only)", 0.0, None, None, None, "clips/s")]
+    path = _write_test_mp4(tmp / "clip.mp4")
+    n_clips = 6 if quick else 12
+    rng = np.random.default_rng(0)
+    windows = [clip_indices(VIDEO_FRAMES, CLIP_FRAMES, CLIP_STRIDE, rng) for _ in range(n_clips)]
+    a = read_frames(path, windows[0], "decord")
+    b = read_frames(path, windows[0], "pyav")
+    if not np.array_equal(a, b):  # same bitstream, same FFmpeg: the frames must match
+        raise AssertionError("decord and PyAV decoded different frames")
+
+    def reader(backend):
+        return lambda: [read_frames(path, w, backend) for w in windows]
+
+    t_d, t_p = paired_median(reader("decord"), reader("pyav"), 3 if quick else 5)
+    tag = f"{CLIP_FRAMES}-frame clips (stride {CLIP_STRIDE}) at random starts, {VIDEO_SIZE}² H.264, GOP {GOP}"
+    rows = [Row(f"video decode {tag}: decord vs PyAV", n_clips / t_d, n_clips / t_p, t_p / t_d, None,
+                "clips/s", "each clip opens the file, as the clip dataset does")]
+    # Whole-video sequential decode (no seeking): the decoders themselves.
+    every = list(range(VIDEO_FRAMES))
+    t_d, t_p = paired_median(lambda: read_frames(path, every, "decord"),
+                             lambda: read_frames(path, every, "pyav"), 2 if quick else 3)
+    rows.append(Row(f"video decode all {VIDEO_FRAMES} frames sequentially: decord vs PyAV",
+                    VIDEO_FRAMES / t_d, VIDEO_FRAMES / t_p, t_p / t_d, None, "frames/s"))
+    return rows
+
+
+def bench_shard_read(tmp: Path, quick: bool) -> list[Row]:
+    from selfflow.text.shards import (
+        LatentShardStream,
+        collate_samples,
+        encode_sample,
+        npy_load,
+        write_shards,
+    )
+
+    n, batch = (256, 32) if quick else (512, 32)
+    shape = (16, 5, 16, 16)  # a Wan-VAE latent of a 17-frame 128² clip, float16
+    rng = np.random.default_rng(0)
+    latents = [rng.standard_normal(shape).astype(np.float16) for _ in range(n)]
+    emb = rng.standard_normal((24, 64)).astype(np.float16)
+    items = list(range(n))
+    shard_dir, npy_dir = tmp / "shards", tmp / "npy"
+    write_shards(items, lambda i: {"latent": latents[i], "emb": emb, "caption": f"sample {i}", "label": i % 10},
+                 shard_dir, shard_size=128)
+    npy_dir.mkdir()
+    for i in items:  # the baseline layout: the same members as loose files, one directory per sample
+        d = npy_dir / f"{i:06d}"
+        d.mkdir()
+        for k, v in encode_sample({"latent": latents[i], "emb": emb, "caption": f"sample {i}",
+                                   "label": i % 10}).items():
+            (d / k).write_bytes(v.encode() if isinstance(v, str) else v)
+    urls = sorted(str(p) for p in shard_dir.glob("*.tar"))
+
+    def read_shards():
+        stream = iter(LatentShardStream(urls, batch, collate_samples))
+        return [next(stream) for _ in range(n // batch)]
+
+    def read_npy():
+        dirs = sorted(npy_dir.iterdir())
+        out = []
+        for b in range(0, n, batch):
+            samples = []
+            for d in dirs[b:b + batch]:
+                samples.append({"latent": torch.from_numpy(npy_load((d / "latent.npy").read_bytes()).astype(np.float32)),
+                                "emb": torch.from_numpy(npy_load((d / "emb.npy").read_bytes()).astype(np.float32)),
+                                "caption": (d / "txt").read_text(), "label": int((d / "cls").read_text())})
+            out.append(collate_samples(samples))
+        return out
+
+    t_s, t_n = paired_median(read_shards, read_npy, 3 if quick else 5)
+    return [Row(f"latent read {n} samples {shape} f16 + caption emb: webdataset tar vs loose .npy files",
+                n / t_s, n / t_n, t_n / t_s, None, "samples/s",
+                "LatentShardStream (1 process, no DataLoader workers) vs np.load per file; page cache")]
+
+
+def bench_data_loading(quick: bool) -> list[Row]:
+    with tempfile.TemporaryDirectory(prefix="selfflow-bench-") as d:
+        tmp = Path(d)
+        rows = []
+        try:
+            rows += bench_video_decode(tmp, quick)
+        except ImportError as e:  # selfflow-video not installed
+            rows.append(Row(f"video decode: skipped ({e})", 0.0, None, None, None, "clips/s"))
+        try:
+            rows += bench_shard_read(tmp, quick)
+        except ImportError as e:
+            rows.append(Row(f"latent shard read: skipped ({e})", 0.0, None, None, None, "samples/s"))
+        return rows
