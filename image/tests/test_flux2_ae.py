@@ -14,17 +14,15 @@ from selfflow.image.flux2_ae import (
 from selfflow.image.modality import ImageModality
 from selfflow.image.sd_vae import LatentCodec
 
+from .conftest import tiny_flux2_ae
+
 
 @pytest.fixture(scope="module")
 def tiny_flux2_dir(tmp_path_factory):
     """A tiny random AutoencoderKLFlux2 (4 raw channels, downsampling 2) with non-trivial BN statistics."""
     d = tmp_path_factory.mktemp("flux2")
     torch.manual_seed(0)
-    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                             norm_num_groups=8, sample_size=32, patch_size=(2, 2))
-    vae.bn.running_mean.copy_(torch.randn(16))
-    vae.bn.running_var.copy_(torch.rand(16) + 0.5)
+    vae = tiny_flux2_ae()
     vae.save_pretrained(d)
     return d
 

@@ -13,20 +13,13 @@ from selfflow.image.latent_shards import LatentShardStream, list_shards
 from selfflow.image.prepare_imagenet import center_crop_adm, list_images
 from selfflow.image.sd_vae import SDVAE
 
+from .conftest import write_jpeg_folder
+
 
 @pytest.fixture(scope="module")
 def jpeg_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    rng = np.random.default_rng(0)
-    for c, wnid in enumerate(["n01", "n02"]):
-        (root / wnid).mkdir()
-        for i in range(4):
-            h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
-            arr = (rng.random((h, w, 3)) * 255).astype(np.uint8)
-            arr[..., c] = 200  # some class signal
-            Image.fromarray(arr).save(root / wnid / f"img{i}.JPEG", quality=90)
-    (root / "n02" / "broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    return root
+    return write_jpeg_folder(tmp_path_factory.mktemp("train"), seed=0, per_class=4, size=(40, 90), signal=200,
+                             broken_in="n02", broken_bytes=b"\xff\xd8\xff\xe0 not really a jpeg")
 
 
 def test_prepare_writes_moments_equal_to_direct_encoding(tiny_vae_dir, jpeg_folder, tmp_path, capsys):

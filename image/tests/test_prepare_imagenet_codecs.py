@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from diffusers import AutoencoderKLFlux2, AutoencoderRAE
-from PIL import Image
+from diffusers import AutoencoderRAE
 
 from selfflow.core.cli import main
 from selfflow.core.config import load_config
@@ -21,6 +20,8 @@ from selfflow.image.prepare_image_text import load_image
 from selfflow.image.prepare_imagenet import list_images
 from selfflow.image.rae import rae_latent_stats
 
+from .conftest import tiny_flux2_ae, write_jpeg_folder
+
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 
 
@@ -29,11 +30,7 @@ def codec_dirs(tmp_path_factory):
     """Tiny random autoencoders at 32 px: FLUX.2 (4 raw channels, downsampling 2 → 16×8×8 after the 2×2
     patchify, non-trivial BN statistics) and RAE (4×4×64 latents, non-trivial latent statistics)."""
     torch.manual_seed(0)
-    flux2 = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                               up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                               norm_num_groups=8, sample_size=32, patch_size=(2, 2))
-    flux2.bn.running_mean.copy_(torch.randn(16))
-    flux2.bn.running_var.copy_(torch.rand(16) + 0.5)
+    flux2 = tiny_flux2_ae()
     mean, std = rae_latent_stats(torch.randn(64, 4, 4), torch.rand(64, 4, 4) + 0.2)
     rae = AutoencoderRAE(encoder_hidden_size=64, encoder_num_hidden_layers=1, decoder_hidden_size=32,
                          decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=64,
@@ -46,16 +43,8 @@ def codec_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def jpeg_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    rng = np.random.default_rng(1)
-    for c, wnid in enumerate(["n01", "n02"]):
-        (root / wnid).mkdir()
-        for i in range(3):
-            arr = (rng.random((int(rng.integers(36, 80)), int(rng.integers(36, 80)), 3)) * 255).astype(np.uint8)
-            arr[..., c] = 220
-            Image.fromarray(arr).save(root / wnid / f"img{i}.JPEG", quality=90)
-    (root / "n01" / "broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    return root
+    return write_jpeg_folder(tmp_path_factory.mktemp("train"), seed=1, per_class=3, size=(36, 80), signal=220,
+                             broken_in="n01", broken_bytes=b"\xff\xd8\xff\xe0 truncated")
 
 
 @pytest.mark.parametrize("codec", ["flux2", "rae"])
