@@ -165,9 +165,7 @@ def self_flow_loss(student: nn.Module, teacher: nn.Module | None, tokens: Tokens
     target = target_velocity(x0, noise)
 
     if obj.external_target and obj.gamma > 0:
-        if tokens.target is None:
-            raise ValueError("objective.kind=repa needs per-token encoder features in tokens.target: configure "
-                             "the modality's REPA encoder (e.g. data.options.repa_encoder for images)")
+        _require_external_target(tokens)
         pred, feats = student(x_tau, tokens.ids, tau, cond, modality=modality,
                               capture=(obj.student_layer,), project=True)
         return _with_alignment(pred, target, feats[obj.student_layer], tokens.target, obj.gamma)
@@ -191,13 +189,23 @@ def self_flow_loss(student: nn.Module, teacher: nn.Module | None, tokens: Tokens
 def _with_alignment(pred: torch.Tensor, target: torch.Tensor, feats: torch.Tensor, aligned_to: torch.Tensor,
                     gamma: float) -> dict[str, torch.Tensor]:
     """``MSE + γ·(−cos)`` in fp32 (a cast before normalising avoids the bf16/fp16 NaNs users report)."""
-    if feats.shape != aligned_to.shape:
-        raise ValueError(f"projected features {tuple(feats.shape)} do not match the alignment target "
-                         f"{tuple(aligned_to.shape)}: set the projector's output width to the target's")
+    _check_alignment_shapes(feats, aligned_to)
     loss_fm = F.mse_loss(pred.float(), target.float())
     loss_rep = -F.cosine_similarity(feats.float(), aligned_to.float(), dim=-1).mean()
     loss = loss_fm + gamma * loss_rep
     return {"loss": loss, "loss_fm": loss_fm.detach(), "loss_rep": loss_rep.detach()}
+
+
+def _require_external_target(tokens: Tokens) -> None:
+    if tokens.target is None:
+        raise ValueError("objective.kind=repa needs per-token encoder features in tokens.target: configure "
+                         "the modality's REPA encoder (e.g. data.options.repa_encoder for images)")
+
+
+def _check_alignment_shapes(feats: torch.Tensor, aligned_to: torch.Tensor) -> None:
+    if feats.shape != aligned_to.shape:
+        raise ValueError(f"projected features {tuple(feats.shape)} do not match the alignment target "
+                         f"{tuple(aligned_to.shape)}: set the projector's output width to the target's")
 
 
 def _scheduled_loss(student: nn.Module, teacher: nn.Module | None, tokens: Tokens, cond: Conditioning,
@@ -219,8 +227,8 @@ def _scheduled_loss(student: nn.Module, teacher: nn.Module | None, tokens: Token
     if not rep:
         pred = student(x_tau, tokens.ids, lv.student, cond, modality=modality)
     else:
-        if obj.external_target and tokens.target is None:
-            raise ValueError("objective.kind=repa needs per-token encoder features in tokens.target")
+        if obj.external_target:
+            _require_external_target(tokens)
         if not obj.external_target and teacher is None:
             raise ValueError("the representation loss (γ > 0) needs an EMA teacher")
         pred, feats = student(x_tau, tokens.ids, lv.student, cond, modality=modality,
@@ -234,9 +242,7 @@ def _scheduled_loss(student: nn.Module, teacher: nn.Module | None, tokens: Token
                 _, t_feats = teacher(x_teacher, tokens.ids, lv.teacher, cond, modality=modality,
                                      capture=(obj.teacher_layer,), stop_after=obj.teacher_layer)
             aligned = t_feats[obj.teacher_layer]
-        if feats.shape != aligned.shape:
-            raise ValueError(f"projected features {tuple(feats.shape)} do not match the alignment target "
-                             f"{tuple(aligned.shape)}: set the projector's output width to the target's")
+        _check_alignment_shapes(feats, aligned)
     sq = (pred.float() - target.float()).pow(2)  # (B, L, C)
     err = sq.mean(-1) if channels is None else (sq * channels).sum(-1) / channels.sum(-1)  # (B, L) per-token MSE
     loss_fm = (lv.fm_weight * err).sum()
