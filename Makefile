@@ -13,7 +13,7 @@ CONFIG ?=
 ARGS ?=
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup test lint train-image train-mixed train-video train-audio finetune-rt1 eval-simpler eval bench bench-quality clean-venv fault-test
+.PHONY: help setup test lint train-image train-mixed train-video train-audio finetune-rt1 eval-simpler eval bench bench-quality clean-venv fault-test golden
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ bench-quality: setup  ## FM vs Self-Flow + ablations on synthetic shapes, 3 seed
 
 fault-test: setup  ## fault-injection suite (kills, corrupt data, config fuzzing …): writes docs/RELIABILITY.md (~6 min)
 	OMP_NUM_THREADS=1 $(PY) reliability/run.py $(ARGS)
+
+golden: setup  ## the golden run: fixed-seed 30-step image/mixed/rt1 trainings, bitwise against reliability/golden_run.json
+	$(PY) reliability/golden_run.py $(or $(ACTION),check) $(ARGS)
 
 clean-venv:  ## remove .venv
 	rm -rf $(VENV)
