@@ -9,12 +9,11 @@ import torch
 
 from selfflow.core.dit import DiT, DiTConfig
 from selfflow.core.ema import make_ema
-from selfflow.core.mmdit import Conditioning
 from selfflow.core.modulation import TokenTimesteps
 from selfflow.core.objective import ObjectiveConfig
 from selfflow.core.sampler import SamplerConfig, sample
 from selfflow.core.timesteps import TimestepDistribution
-from selfflow.core.tokens import Tokens, grid_ids
+from selfflow.core.tokens import Conditioning, Tokens, grid_ids
 
 from .timing import Row, paired_median
 from .train_step import make_train_step

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from selfflow.core.mmdit import Conditioning, MMDiT, MMDiTConfig
+from selfflow.core.mmdit import MMDiT, MMDiTConfig
 from selfflow.core.sampler import SamplerConfig, sample, solve_ode, time_grid
-from selfflow.core.tokens import grid_ids
+from selfflow.core.tokens import Conditioning, grid_ids
 
 from .timing import Row, paired_median
 

@@ -7,11 +7,11 @@ import torch
 
 from selfflow.core.ema import ema_update, make_ema
 from selfflow.core.flops import train_step_flops
-from selfflow.core.mmdit import Conditioning, MMDiT, MMDiTConfig
+from selfflow.core.mmdit import MMDiT, MMDiTConfig
 from selfflow.core.modulation import TokenTimesteps
 from selfflow.core.objective import ObjectiveConfig, self_flow_loss
 from selfflow.core.timesteps import TimestepDistribution
-from selfflow.core.tokens import grid_ids
+from selfflow.core.tokens import Conditioning, grid_ids
 
 from .timing import Row, paired_median
 

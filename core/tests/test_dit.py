@@ -5,9 +5,8 @@ from selfflow.core.backbones import build_backbone, count_parameters
 from selfflow.core.config import load_config
 from selfflow.core.dit import DiT, DiTConfig, sincos_pos_embed_2d
 from selfflow.core.flops import dit_forward_flops
-from selfflow.core.mmdit import Conditioning
 from selfflow.core.modulation import TokenTimesteps
-from selfflow.core.tokens import grid_ids
+from selfflow.core.tokens import Conditioning, grid_ids
 
 from .conftest import randomize
 

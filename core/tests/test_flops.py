@@ -3,8 +3,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from selfflow.core.flops import mmdit_forward_flops, train_step_flops
-from selfflow.core.mmdit import Conditioning, MMDiT
-from selfflow.core.tokens import grid_ids
+from selfflow.core.mmdit import MMDiT
+from selfflow.core.tokens import Conditioning, grid_ids
 
 from .conftest import tiny_config
 

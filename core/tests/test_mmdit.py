@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from selfflow.core.mmdit import PRESETS, Conditioning, MMDiT, MMDiTConfig, count_parameters
+from selfflow.core.mmdit import PRESETS, MMDiT, MMDiTConfig, count_parameters
 from selfflow.core.modulation import TokenTimesteps
-from selfflow.core.tokens import grid_ids
+from selfflow.core.tokens import Conditioning, grid_ids
 
 from .conftest import randomize, tiny_config
 

@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from selfflow.core.ema import make_ema
-from selfflow.core.mmdit import Conditioning, MMDiT
+from selfflow.core.mmdit import MMDiT
 from selfflow.core.modulation import TokenTimesteps
 from selfflow.core.objective import ObjectiveConfig, self_flow_loss
 from selfflow.core.timesteps import TimestepDistribution
-from selfflow.core.tokens import Tokens, grid_ids
+from selfflow.core.tokens import Conditioning, Tokens, grid_ids
 
 from .conftest import randomize, tiny_config
 

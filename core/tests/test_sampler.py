@@ -1,7 +1,7 @@
 import torch
 
-from selfflow.core.mmdit import Conditioning
 from selfflow.core.sampler import SamplerConfig, guided_velocity, sample, solve_ode, time_grid
+from selfflow.core.tokens import Conditioning
 
 
 def _gaussian_velocity(m: float, s: float):

@@ -1,8 +1,8 @@
 import torch
 
-from selfflow.core.mmdit import Conditioning
 from selfflow.core.sampler import SamplerConfig, sample, solve_ode, time_grid
 from selfflow.core.sde import sde_grid, solve_sde
+from selfflow.core.tokens import Conditioning
 
 from .test_sampler import _gaussian_velocity
 

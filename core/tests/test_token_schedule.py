@@ -5,7 +5,7 @@ import torch
 
 from selfflow.core.dual_timestep import exact_count_mask
 from selfflow.core.ema import make_ema
-from selfflow.core.mmdit import Conditioning, MMDiT
+from selfflow.core.mmdit import MMDiT
 from selfflow.core.modulation import TokenTimesteps
 from selfflow.core.objective import ObjectiveConfig, StepNoise, self_flow_loss
 from selfflow.core.timesteps import TimestepDistribution
@@ -16,7 +16,7 @@ from selfflow.core.token_schedule import (
     draw_modes,
     schedule_levels,
 )
-from selfflow.core.tokens import Tokens, grid_ids
+from selfflow.core.tokens import Conditioning, Tokens, grid_ids
 
 from .conftest import randomize, tiny_config
 

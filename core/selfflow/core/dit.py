@@ -24,8 +24,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention, resolve_backend
-from .mmdit import Conditioning, Projector, apply_preset, project_captured
+from .mmdit import Projector, apply_preset, project_captured
 from .modulation import TokenTimesteps, gather_levels, timestep_embedding
+from .tokens import Conditioning
 
 TIME_EMBED_DIM = 256
 

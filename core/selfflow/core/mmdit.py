@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import attention, resolve_backend
 from .modulation import TokenTimesteps, gather_levels, timestep_embedding
 from .rope import apply_rope, rope_cos_sin
+from .tokens import Conditioning
 
 TIME_EMBED_DIM = 256
 
@@ -242,17 +243,6 @@ class Projector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear2(nn.functional.silu(self.linear1(x)))
-
-
-class Conditioning(BaseModel):
-    """What a sample is conditioned on: class ``labels (B,)``, text ``context (B, Lc, Dc)`` with an
-    optional ``context_mask (B, Lc)`` (True = real token), or nothing."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    labels: torch.Tensor | None = None
-    context: torch.Tensor | None = None
-    context_mask: torch.Tensor | None = None
 
 
 class MMDiT(nn.Module):

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from .mmdit import Conditioning
 from .timesteps import TimestepDistribution
 from .token_schedule import TokenSchedule
-from .tokens import Tokens
+from .tokens import Conditioning, Tokens
 
 Batch = dict[str, torch.Tensor]
 

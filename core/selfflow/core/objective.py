@@ -23,10 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from .dual_timestep import DualTimesteps, sample_dual_timesteps
-from .mmdit import Conditioning
 from .timesteps import TimestepDistribution, interpolate, target_velocity
 from .token_schedule import TokenSchedule, schedule_levels
-from .tokens import Tokens
+from .tokens import Conditioning, Tokens
 
 
 class ObjectiveConfig(BaseModel):

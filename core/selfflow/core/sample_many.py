@@ -24,9 +24,9 @@ from torch import nn
 from tqdm import tqdm
 
 from .distributed import DistInfo, barrier
-from .mmdit import Conditioning
 from .modality import Modality
 from .sampler import SamplerConfig, sample
+from .tokens import Conditioning
 
 
 class SampleManyConfig(BaseModel):

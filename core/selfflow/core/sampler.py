@@ -14,9 +14,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .mmdit import Conditioning
 from .sde import solve_sde
 from .timesteps import shift_time
+from .tokens import Conditioning
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, L, C), t (B,)) → v
 

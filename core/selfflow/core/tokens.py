@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 
 @dataclass
@@ -29,6 +30,17 @@ class Tokens:
             raise ValueError(f"x {tuple(self.x.shape)} and ids {tuple(self.ids.shape)} disagree on (B, L)")
         if self.target is not None and self.target.shape[:2] != self.x.shape[:2]:
             raise ValueError(f"target {tuple(self.target.shape)} and x {tuple(self.x.shape)} disagree on (B, L)")
+
+
+class Conditioning(BaseModel):
+    """What a sample is conditioned on: class ``labels (B,)``, text ``context (B, Lc, Dc)`` with an
+    optional ``context_mask (B, Lc)`` (True = real token), or nothing."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    labels: torch.Tensor | None = None
+    context: torch.Tensor | None = None
+    context_mask: torch.Tensor | None = None
 
 
 def grid_ids(t: int, h: int, w: int, batch: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:

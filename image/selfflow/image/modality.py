@@ -14,10 +14,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from selfflow.core.indexed_stream import IndexedStream
-from selfflow.core.mmdit import Conditioning
 from selfflow.core.modality import Batch, DataStream, Modality
 from selfflow.core.registry import register_modality
-from selfflow.core.tokens import Tokens, grid_ids
+from selfflow.core.tokens import Conditioning, Tokens, grid_ids
 from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
 from selfflow.text.encoder import TextEncoderOptions
 

@@ -42,12 +42,11 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfflow.core.mmdit import Conditioning
 from selfflow.core.modality import Batch, DataStream, Modality
 from selfflow.core.registry import register_modality
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.token_schedule import ScheduleMode, TokenGroup, TokenSchedule
-from selfflow.core.tokens import Tokens, grid_ids, patchify, unpatchify
+from selfflow.core.tokens import Conditioning, Tokens, grid_ids, patchify, unpatchify
 from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
 from selfflow.text.encoder import TextEncoderOptions
 from selfflow.text.shards import shard_urls

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from selfflow.core.mmdit import Conditioning
 from selfflow.core.modulation import TokenTimesteps
 from selfflow.core.timesteps import interpolate
+from selfflow.core.tokens import Conditioning
 
 from .normalize import ActionNormalizer, gripper_abs_to_rel, rpy_to_axis_angle
 

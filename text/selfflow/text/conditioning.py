@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from selfflow.core.mmdit import Conditioning
+from selfflow.core.tokens import Conditioning
 
 from .encoder import TextEncoder, pad_embeddings
 

@@ -14,11 +14,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from selfflow.core.indexed_stream import IndexedStream
-from selfflow.core.mmdit import Conditioning
 from selfflow.core.modality import Batch, DataStream, Modality
 from selfflow.core.registry import register_modality
 from selfflow.core.timesteps import TimestepDistribution
-from selfflow.core.tokens import Tokens, grid_ids, patchify, unpatchify
+from selfflow.core.tokens import Conditioning, Tokens, grid_ids, patchify, unpatchify
 from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
 from selfflow.text.encoder import TextEncoderOptions
 from selfflow.text.shards import LatentShardStream, collate_samples, shard_urls
