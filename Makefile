@@ -13,7 +13,7 @@ CONFIG ?=
 ARGS ?=
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup test lint train-image train-mixed train-video train-audio finetune-rt1 eval-simpler eval bench bench-quality clean-venv fault-test golden
+.PHONY: help setup test lint train-image train-mixed train-video train-audio finetune-rt1 eval-simpler eval bench bench-quality clean-venv fault-test golden gpu-wheels gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -72,6 +72,28 @@ fault-test: setup  ## fault-injection suite (kills, corrupt data, config fuzzing
 
 golden: setup  ## the golden run: fixed-seed 30-step image/mixed/rt1 trainings, bitwise against reliability/golden_run.json
 	$(PY) reliability/golden_run.py $(or $(ACTION),check) $(ARGS)
+
+# The GPU machines have Python 3.12 with their own CUDA torch and no network: fetch our other dependencies here.
+GPU_WHEELS := gpu-wheels
+GPU_VENV := .venv-gpu
+GPU_REQS := "numpy>=1.24" "pydantic>=2.5" "pyyaml>=6" "tqdm>=4.60" "tensorboard>=2.14" "matplotlib>=3.7" \
+	"pillow>=10" "safetensors>=0.4" "einops>=0.7" "webdataset>=0.2.100" "transformers>=4.45" "diffusers>=0.35" \
+	"av>=12" "decord>=0.6" "soundfile>=0.12" "tfrecord>=1.14" pytest pytest-timeout setuptools wheel
+
+gpu-wheels:  ## download the non-torch wheels for a CUDA machine (Python 3.12, manylinux x86_64) into gpu-wheels/
+	$(PY) -m pip download --quiet --dest $(GPU_WHEELS) --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform any $(GPU_REQS)
+
+gpu-check:  ## on a CUDA machine, offline: install beside its torch, run the cuda tests and the speed table (<= 8 min)
+	@test -d $(GPU_WHEELS) || { echo "gpu-check: no $(GPU_WHEELS)/ (run make gpu-wheels where PyPI is reachable)"; exit 2; }
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --no-index --find-links $(GPU_WHEELS) $(GPU_REQS)
+	$(GPU_VENV)/bin/python -m pip install --quiet --no-index --no-deps --no-build-isolation \
+		--config-settings editable_mode=compat $(foreach p,$(PACKAGES),-e ./$(p))
+	$(GPU_VENV)/bin/python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+	$(GPU_VENV)/bin/python -m pytest -q -m cuda -p no:cacheprovider core/tests/test_cuda.py
+	$(GPU_VENV)/bin/python benchmarks/gpu_check.py
 
 clean-venv:  ## remove .venv
 	rm -rf $(VENV)

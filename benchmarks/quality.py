@@ -7,7 +7,7 @@ Self-Flow run costs ~1.3× the wall time of a flow-matching run (its EMA teacher
 time per run is reported). Seed k gives every method the same initialisation, data order and
 evaluation noise, so differences are paired.
 
-Every ``--eval-every`` steps the trainer's online evaluator (``train.eval_every``, the ``shapes_probe``
+Every ``--eval-every`` steps the trainer's online evaluator (``eval.every``, the ``shapes_probe``
 evaluator of ``selfflow eval probe``) samples ``--eval-samples`` images from the EMA model (Euler, 10 steps,
 CFG 2.0, classes cycling) and scores probe-FD and conditional accuracy. Writes ``OUT/{table.md,
 results.json, curves.png}``; each run lives in ``OUT/runs/<method>-s<seed>`` and re-running the command
@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 METHODS = ["flow_matching", "self_flow", "self_flow_no_mask", "self_flow_no_rep"]
@@ -48,9 +49,9 @@ def run_name(method: str, seed: int) -> str:
 def train_command(method: str, seed: int, s: dict, runs_dir: Path, threads: int) -> list[str]:
     sets = [f"name={run_name(method, seed)}", f"output_dir={runs_dir}", f"objective.kind={method}",
             f"train.seed={seed}", f"train.steps={s['steps']}", f"train.batch_size={s['batch_size']}",
-            f"train.eval_every={s['eval_every']}", f"train.eval_samples={s['eval_samples']}",
-            f"train.checkpoint_every={s['eval_every']}", "train.keep_last=1", "train.sample_every=0",
-            f"train.plot_every={s['steps']}", f"train.num_threads={threads}", *SAMPLER]
+            f"eval.every={s['eval_every']}", f"eval.num_samples={s['eval_samples']}",
+            f"checkpoint.every={s['eval_every']}", "checkpoint.keep_last=1", "sample.every=0",
+            f"logging.plot_every={s['steps']}", f"train.num_threads={threads}", *SAMPLER]
     cmd = [sys.executable, "-m", "selfflow.core.cli", "train", "--config", str(ROOT / "configs/tiny/image.yaml"),
            "--no-progress"]
     for kv in sets:
@@ -60,8 +61,8 @@ def train_command(method: str, seed: int, s: dict, runs_dir: Path, threads: int)
 
 def read_run(run_dir: Path, method: str, seed: int, batch: int) -> dict | None:
     """The evaluations (and timing, when finished) of one run, or None before its first evaluation."""
+    from benchmarks.quality_report import read_evals
     from selfflow.core.metrics import read_metrics
-    from selfflow.eval.bench_quality import read_evals
 
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
@@ -103,7 +104,7 @@ def run_one(method: str, seed: int, s: dict, runs_dir: Path, threads: int) -> st
 
 
 def report(s: dict, out: Path, wall_total: float | None = None) -> str:
-    from selfflow.eval.bench_quality import (
+    from benchmarks.quality_report import (
         aggregate,
         markdown_table,
         paired_differences,

@@ -27,16 +27,14 @@ from benchmarks.train_step import bench_modulation_and_early_exit, bench_train_s
 
 
 def optional_rows(quick: bool) -> list[Row]:
-    """Benchmarks that other packages contribute, when installed."""
-    rows: list[Row] = []
-    for module, func in (("selfflow.eval.bench", "bench_fd"), ("selfflow.eval.bench_media", "bench_extractors")):
-        try:
-            mod = __import__(module, fromlist=[func])
-        except ImportError:
-            continue
-        for r in getattr(mod, func)():
-            rows.append(Row(**{k: r.get(k) for k in ("name", "ours", "baseline", "ratio", "target", "unit")}))
-    return rows
+    """The eval package's metric and extractor benchmarks, when that package is installed."""
+    try:
+        from benchmarks.eval_extractors import bench_extractors
+        from benchmarks.eval_metrics import bench_fd
+    except ImportError:
+        return []
+    keys = ("name", "ours", "baseline", "ratio", "target", "unit")
+    return [Row(**{k: r.get(k) for k in keys}) for r in (*bench_fd(), *bench_extractors())]
 
 
 def machine_info() -> dict:

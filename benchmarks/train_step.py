@@ -9,7 +9,7 @@ from selfflow.core.ema import ema_update, make_ema
 from selfflow.core.flops import train_step_flops
 from selfflow.core.mmdit import MMDiT, MMDiTConfig
 from selfflow.core.modulation import TokenTimesteps
-from selfflow.core.objective import ObjectiveConfig, self_flow_loss
+from selfflow.core.objective import ObjectiveConfig
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.tokens import Conditioning, grid_ids
 
@@ -21,8 +21,8 @@ def make_train_step(model, ema, opt, tokens, cond, obj, null_label: int):
     gen = torch.Generator().manual_seed(0)
 
     def step():
-        losses = self_flow_loss(model, ema if obj.uses_teacher else None, tokens, cond, obj,
-                                null_label=null_label, generator=gen)
+        losses = obj.loss(model, ema if obj.uses_teacher else None, tokens, cond, null_label=null_label,
+                          modality=None, generator=gen)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A tiny MMDiT on 16×16 synthetic shapes: a step takes a few milliseconds, so kill/resume cycles are cheap.
 TINY_MODEL = ["model.hidden_size=32", "model.num_heads=2", "model.depth_double=1", "model.depth_single=2",
               "model.axes_dim=[4,6,6]", "sample.steps=2", "sample.num_samples=10", "ema.decay=0.9",
-              "optim.warmup_steps=2", "train.log_every=1", "train.plot_every=1000", "train.num_threads=1"]
+              "optim.warmup_steps=2", "logging.every=1", "logging.plot_every=1000", "train.num_threads=1"]
 TINY_IMAGE = ["data.options.image_size=16", "data.options.patch_size=4"]
 
 

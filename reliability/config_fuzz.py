@@ -18,7 +18,6 @@ import random
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from .common import ROOT, Outcome, Timer
@@ -88,38 +87,28 @@ def mutate(raw: dict, kind: str, rng: random.Random) -> tuple[dict, str, Any]:
     return raw, ".".join(map(str, path)), value
 
 
-def build_run(path: Path) -> None:
+def check_run(path: Path) -> None:
     """What ``selfflow train`` does before training (no data read, backbone on the meta device)."""
     from selfflow.core import parallel
-    from selfflow.core.backbones import build_backbone
     from selfflow.core.config import ConfigError, load_config
     from selfflow.core.distributed import DistInfo
-    from selfflow.core.run_setup import (
-        build_modalities,
-        build_model_config,
-        pick_device,
-        resolve_objectives,
-    )
+    from selfflow.core.run_setup import build_run, pick_device
 
     cfg = load_config(path)
     try:
         pick_device(cfg.train.device if cfg.train.device != "cuda" else "auto")
-        modalities = build_modalities(cfg)
-        objectives = resolve_objectives(cfg, modalities)
+        build_run(cfg, device="meta")
         try:
             parallel.resolve_strategy(cfg.train.parallel, DistInfo())
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        model_cfg = build_model_config(cfg, modalities, any(o.uses_projector for o in objectives.values()))
-        with torch.device("meta"):
-            build_backbone(model_cfg)
     except ConfigError as e:  # as the CLI reports it: with the file
         raise ConfigError(f"invalid config {path}: {e}") from None
 
 
 def _try(path: Path) -> BaseException | None:
     try:
-        build_run(path)
+        check_run(path)
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             raise

@@ -88,7 +88,7 @@ def _read_media(path: Path) -> dict[str, Any]:
 
 
 def media_faults(work: Path, per_kind: int = 2, seed: int = 0) -> list[Outcome]:
-    from selfflow.text.shards import write_shards
+    from selfflow.core.data.shard_writer import write_shards
 
     rng = random.Random(seed)
     outs = []
@@ -146,7 +146,8 @@ MEMBER_FAULTS: dict[str, Any] = {
 
 def shard_member_faults(work: Path, trials: int = 3, per_kind: int = 5, seed: int = 0) -> list[Outcome]:
     """Shards mixing good samples and ``per_kind`` bad members of every kind, read for one epoch."""
-    from selfflow.text.shards import LatentShardStream, collate_samples, shard_urls
+    from selfflow.core.data.shard_format import collate_samples, shard_urls
+    from selfflow.core.data.shard_stream import ShardStream
 
     outs = {k: Outcome("data", f"shard member: {k}", "skipped, counted, logged with shard and key")
             for k in MEMBER_FAULTS}
@@ -169,7 +170,7 @@ def shard_member_faults(work: Path, trials: int = 3, per_kind: int = 5, seed: in
         logging.getLogger("selfflow.shards").addHandler(handler)
         try:
             t0 = _now()
-            stream = LatentShardStream(shard_urls(folder), 3, collate_samples, seed=t)
+            stream = ShardStream(shard_urls(folder), 3, collate_samples, seed=t)
             it, seen = iter(stream), []
             while (batch := next(it)) and stream.epoch == 0:  # one epoch (the stream reads on into the next)
                 seen += batch["captions"]
@@ -241,8 +242,8 @@ def training_run_faults(work: Path) -> list[Outcome]:
         raise FileNotFoundError(f"no episode shards in {src}")
     base = ["data.modality=rt1", "data.options.dataset=episode_shards", "data.options.frames=2",
             "data.options.chunk=4", "data.options.image_size=[16,16]", "data.options.patch=[1,8,8]",
-            "data.options.conditioning=text", "train.batch_size=2", "train.checkpoint_every=0",
-            "train.sample_every=0", "sample.num_samples=2"]
+            "data.options.conditioning=text", "train.batch_size=2", "checkpoint.every=0",
+            "sample.every=0", "sample.num_samples=2"]
     for label, n_bad, limit, outcome in (("some", 2, "1.0", out_ok), ("many", 8, "0.05", out_abort)):
         data = work / f"rt1-{label}"
         shutil.rmtree(data, ignore_errors=True)

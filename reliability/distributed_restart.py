@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .common import ROOT, Outcome, Timer, losses, lost_steps, run, train_cmd
 
-SETS = ("train.steps=16", "train.checkpoint_every=4", "train.batch_size=2", "train.sample_every=0",
+SETS = ("train.steps=16", "checkpoint.every=4", "train.batch_size=2", "sample.every=0",
         "train.parallel=ddp")
 
 

@@ -23,8 +23,8 @@ GOLDEN = ROOT / "reliability" / "golden_run.json"
 TIMING_KEYS = ("samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb", "lr_time", "seconds")
 
 # Overrides shared by every golden run: few steps, everything logged, small previews, one thread.
-COMMON = ["train.steps=30", "train.log_every=1", "train.plot_every=1000", "train.sample_every=0",
-          "train.checkpoint_every=15", "train.num_threads=1", "sample.num_samples=4", "sample.steps=4"]
+COMMON = ["train.steps=30", "logging.every=1", "logging.plot_every=1000", "sample.every=0",
+          "checkpoint.every=15", "train.num_threads=1", "sample.num_samples=4", "sample.steps=4"]
 
 RUNS: dict[str, tuple[str, list[str]]] = {
     "image": ("configs/tiny/image.yaml", []),

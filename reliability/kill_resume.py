@@ -25,8 +25,8 @@ import numpy as np
 from .common import ROOT, Outcome, Timer, env, losses, lost_steps, run, train_cmd
 
 STEPS, EVERY = 30, 3
-SETS = (f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.batch_size=2",
-        "train.sample_every=7", "train.keep_last=2")
+SETS = (f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "train.batch_size=2",
+        "sample.every=7", "checkpoint.keep_last=2")
 
 
 def _complete(ckpts: Path) -> list[int]:
@@ -168,7 +168,7 @@ def killed_sampling(work: Path, kills: int = 6) -> list[Outcome]:
                   "restart completes; samples identical to an uninterrupted call")
     runs = work / "samplerun"
     if not (runs / "ema.safetensors").is_file():
-        proc = run(train_cmd(work, "samplerun", "train.steps=4", "train.batch_size=2", "train.sample_every=0"))
+        proc = run(train_cmd(work, "samplerun", "train.steps=4", "train.batch_size=2", "sample.every=0"))
         if proc.returncode:
             raise RuntimeError(proc.stderr[-2000:])
     num, batch = 40, 4

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .common import ROOT, Outcome, Timer, run, train_cmd
 
-SETS = ("train.steps=12", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=4",
+SETS = ("train.steps=12", "train.batch_size=2", "sample.every=0", "checkpoint.every=4",
         "train.max_nonfinite_steps=3")
 
 

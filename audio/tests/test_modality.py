@@ -12,7 +12,7 @@ from selfflow.core.registry import get_modality
 from selfflow.core.trainer import Trainer
 
 TINY = ["data.modality=audio", "model.hidden_size=32", "model.num_heads=2", "model.depth_double=1",
-        "model.depth_single=2", "model.axes_dim=[4,6,6]", "train.batch_size=2", "train.log_every=1",
+        "model.depth_single=2", "model.axes_dim=[4,6,6]", "train.batch_size=2", "logging.every=1",
         "sample.steps=2", "sample.num_samples=2", "ema.decay=0.9", "train.steps=2", "data.options.text.dim=8"]
 
 
@@ -64,7 +64,7 @@ def test_prepare_skips_corrupt_files_and_trains_on_latents(tmp_path, oobleck_dir
                              "data.options.codec=songbloom", f"data.options.shards={tmp_path / 'shards'}",
                              f"data.options.vae_dir={oobleck_dir}", "data.options.patch=4"])
     trainer = Trainer(cfg, progress=False)
-    tokens, cond = trainer.modality.encode(next(iter(trainer.stream)), "cpu")
+    tokens, cond = trainer.run.modalities["audio"].encode(next(iter(trainer.streams["audio"])), "cpu")
     assert tokens.x.shape == (2, 16, 16) and cond.context.shape[-1] == 8
     result = trainer.fit()
     assert sf.read(result["samples"])[0].shape[1] == 2

@@ -55,3 +55,17 @@ def test_modality_errors_name_the_option_key(tmp_path):
     cfg = load_config(None, ["data.options.codec=sd_vae", f"data.options.vae_path={missing}"])
     with pytest.raises(FileNotFoundError, match=r"data\.options\.vae_path="):
         build_modalities(cfg)
+
+
+def test_a_moved_key_names_its_new_place_in_files_and_overrides(tmp_path):
+    p = tmp_path / "old.yaml"
+    p.write_text("train:\n  steps: 5\n  log_every: 2\n  checkpoint_every: 10\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "train.log_every moved to logging.every" in msg
+    assert "train.checkpoint_every moved to checkpoint.every" in msg
+    with pytest.raises(ConfigError, match=r"train\.eval_samples moved to eval\.num_samples"):
+        load_config(None, ["train.eval_samples=3"])
+    cfg = load_config(None, ["logging.every=2", "checkpoint.keep_last=1", "eval.every=4", "sample.every=3"])
+    assert (cfg.logging.every, cfg.checkpoint.keep_last, cfg.eval.every, cfg.sample.every) == (2, 1, 4, 3)

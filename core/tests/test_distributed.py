@@ -15,7 +15,7 @@ pytestmark = pytest.mark.distributed
 
 
 def run_train(tmp_path, name, nproc, *extra, env=None, check=True):
-    sets = [a for s in [*TINY, f"output_dir={tmp_path}", f"name={name}", "train.sample_every=0",
+    sets = [a for s in [*TINY, f"output_dir={tmp_path}", f"name={name}", "sample.every=0",
                         "train.num_threads=1", *extra] for a in ("--set", s)]
     if nproc == 1:
         cmd = [sys.executable, "-m", "selfflow.core.cli", "train", "--no-progress", *sets]
@@ -44,7 +44,7 @@ def test_ddp_and_fsdp2_match_one_rank(tmp_path):
     assert len(one) == 20
     for name in ("ddp", "fsdp"):
         state = torch.load(tmp_path / name / "checkpoints/step_00000020.pt", weights_only=True)
-        assert state["world_size"] == 2
+        assert state["trainer"]["world_size"] == 2
     assert_same_losses(one, ddp)
     assert_same_losses(one, fsdp)
 

@@ -3,8 +3,7 @@ import torch
 
 from selfflow.core.backbones import build_backbone, count_parameters
 from selfflow.core.config import load_config
-from selfflow.core.dit import DiT, DiTConfig, sincos_pos_embed_2d
-from selfflow.core.flops import dit_forward_flops
+from selfflow.core.dit import DiT, DiTConfig, dit_forward_flops, sincos_pos_embed_2d
 from selfflow.core.modulation import TokenTimesteps
 from selfflow.core.tokens import Conditioning, grid_ids
 
@@ -81,7 +80,7 @@ def test_positions_follow_ids_and_the_dit_table():
     assert torch.allclose(model(x, ids, t, cond)[:, perm], model(x[:, perm], ids[:, perm], t, cond), atol=1e-5)
 
 
-def test_xl_preset_matches_the_official_size_and_config_union():
+def test_xl_preset_matches_the_official_size_and_builds_from_a_run_config():
     cfg = DiTConfig(preset="XL/2", num_classes=1000, modalities={"image": 16})
     assert count_parameters(cfg) == 680_441_504  # training-anchors §1.4
     run = load_config(None, ["model.arch=dit", "model.preset=B/2"])

@@ -1,5 +1,5 @@
-"""Fault hooks and clean stops: NaN batches are skipped, repeated ones stop the run, too many corrupt
-samples stop it, and the CLI reports a stop without a traceback."""
+"""Fault hooks and clean stops: NaN batches are skipped, repeated ones stop the run, and the CLI reports a
+stop without a traceback (the bad-data policy: test_step_guard.py)."""
 
 import subprocess
 import sys
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from selfflow.core.faults import kill_point, poison_batches
-from selfflow.core.trainer import BadDataError, NonFiniteLossError, Trainer
+from selfflow.core.step_guard import NonFiniteLossError
+from selfflow.core.trainer import Trainer
 
 from .test_trainer import _cfg
 
@@ -30,21 +31,11 @@ def test_nan_batches_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFFLOW_FAULT_NAN_AT", "2")
     trainer = Trainer(_cfg(tmp_path, "nan1", "train.steps=3"), progress=False)
     trainer.fit()
-    assert trainer.skipped_steps == 1 and trainer.step == 3
+    assert trainer.guard.skipped_steps == 1 and trainer.step == 3
     monkeypatch.setenv("SELFFLOW_FAULT_NAN_AT", "2,3,4")
     trainer = Trainer(_cfg(tmp_path, "nan3", "train.steps=6", "train.max_nonfinite_steps=3"), progress=False)
     with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row"):
         trainer.fit()
-
-
-def test_bad_data_fraction_stops_the_run(tmp_path):
-    trainer = Trainer(_cfg(tmp_path, "bad", "train.steps=2", "train.max_bad_data_fraction=0.1"), progress=False)
-    trainer.data_samples = 100
-    trainer._check_bad_data(11)  # 11 of 111 < 10 %
-    with pytest.raises(BadDataError, match=r"13 of 113 samples.*max_bad_data_fraction=0.1"):
-        trainer._check_bad_data(13)
-    trainer.data_samples = 10
-    trainer._check_bad_data(20)  # too few samples to judge
 
 
 def test_cli_reports_a_stop_without_traceback(tmp_path):

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from selfflow.core.flops import mmdit_forward_flops, train_step_flops
-from selfflow.core.mmdit import MMDiT
+from selfflow.core.flops import train_step_flops
+from selfflow.core.mmdit import MMDiT, mmdit_forward_flops
 from selfflow.core.tokens import Conditioning, grid_ids
 
 from .conftest import tiny_config

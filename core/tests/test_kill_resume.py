@@ -15,11 +15,11 @@ from selfflow.core.metrics import read_metrics
 from .test_distributed import assert_same_losses, run_train
 from .test_trainer import TINY
 
-ARGS = ("train.steps=12", "train.checkpoint_every=3", "train.batch_size=2")
+ARGS = ("train.steps=12", "checkpoint.every=3", "train.batch_size=2")
 
 
 def start(tmp_path, name, env=None):
-    sets = [a for s in [*TINY, f"output_dir={tmp_path}", f"name={name}", "train.sample_every=0",
+    sets = [a for s in [*TINY, f"output_dir={tmp_path}", f"name={name}", "sample.every=0",
                         "train.num_threads=1", *ARGS] for a in ("--set", s)]
     return subprocess.Popen([sys.executable, "-m", "selfflow.core.cli", "train", "--no-progress", *sets],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -13,8 +13,8 @@ from selfflow.core.metrics import read_metrics
 from selfflow.core.trainer import Trainer
 
 MIXED = ["model.hidden_size=32", "model.num_heads=2", "model.depth_double=1", "model.depth_single=2",
-         "model.axes_dim=[4,6,6]", "train.batch_size=2", "train.log_every=1", "train.plot_every=3",
-         "sample.steps=2", "sample.num_samples=4", "ema.warmup=true", "train.sample_every=0",
+         "model.axes_dim=[4,6,6]", "train.batch_size=2", "logging.every=1", "logging.plot_every=3",
+         "sample.steps=2", "sample.num_samples=4", "ema.warmup=true", "sample.every=0",
          "train.num_threads=1",
          "data.mixture=[{modality: image, weight: 0.6, batch_size: 3, options: {image_size: 16, patch_size: 4, "
          "conditioning: text, text: {kind: tiny, dim: 16}}}, {modality: audio, weight: 0.4, options: "
@@ -28,7 +28,7 @@ def _cfg(tmp_path, name, *extra):
 def test_mixed_run_logs_and_samples_each_modality(tmp_path):
     trainer = Trainer(_cfg(tmp_path, "mix", "train.steps=8"), progress=False)
     assert set(trainer.raw.img_in) == {"image", "audio"} and trainer.raw.cfg.context_dim == 16
-    assert trainer.objectives["image"].mask_ratio == 0.25 and trainer.objectives["audio"].mask_ratio == 0.5
+    assert trainer.run.objectives["image"].mask_ratio == 0.25 and trainer.run.objectives["audio"].mask_ratio == 0.5
     trainer.fit()
     records = read_metrics(tmp_path / "mix" / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 9))

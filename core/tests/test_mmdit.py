@@ -1,7 +1,10 @@
+import math
+
 import pytest
 import torch
 
-from selfflow.core.mmdit import PRESETS, MMDiT, MMDiTConfig, count_parameters
+from selfflow.core.backbones import count_parameters
+from selfflow.core.mmdit import PRESETS, MMDiT, MMDiTConfig
 from selfflow.core.modulation import TokenTimesteps
 from selfflow.core.tokens import Conditioning, grid_ids
 
@@ -117,3 +120,26 @@ def test_paper_preset_parameter_count_on_meta():
     assert n == expected
     assert 620e6 < n - projector < 635e6  # the paper's "~625M" backbone
     assert PRESETS["paper625m"]["hidden_size"] == 1152
+
+
+@pytest.mark.parametrize("theta", [2000.0, 10000.0])
+def test_rope_theta_sets_the_rotation_frequencies(theta, monkeypatch):
+    """model.rope_theta reaches the rotary angles: h-axis pair i of a token at h turns by h·θ^(−2i/6)."""
+    import selfflow.core.mmdit as mmdit
+
+    original, seen = mmdit.rope_cos_sin, []
+
+    def recording(*args):
+        seen.append(original(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(mmdit, "rope_cos_sin", recording)
+    model = MMDiT(tiny_config(rope_theta=theta)).eval()  # axes_dim (4, 6, 6): 2 + 3 + 3 channel pairs
+    x, ids, cond = _inputs()
+    model(x, ids, torch.rand(3), cond)
+    cos, sin = seen[0]  # (B, 1, L, 8)
+    token = 2 * 4 + 3  # (h, w) = (2, 3) on the row-major 4×4 grid
+    assert ids[0, token].tolist() == [0, 2, 3]
+    for column, angle in ((2 + 1, 2 * theta ** (-2 / 6)), (2 + 3 + 2, 3 * theta ** (-4 / 6))):
+        assert cos[0, 0, token, column].item() == pytest.approx(math.cos(angle), abs=1e-6)
+        assert sin[0, 0, token, column].item() == pytest.approx(math.sin(angle), abs=1e-6)

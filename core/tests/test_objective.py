@@ -4,7 +4,7 @@ import torch
 from selfflow.core.ema import make_ema
 from selfflow.core.mmdit import MMDiT
 from selfflow.core.modulation import TokenTimesteps
-from selfflow.core.objective import ObjectiveConfig, self_flow_loss
+from selfflow.core.objective import ObjectiveConfig, drop_labels
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.tokens import Conditioning, Tokens, grid_ids
 
@@ -38,7 +38,7 @@ def test_teacher_sees_tau_min_at_its_layer_without_grad():
     tokens, cond = _batch()
     obj = _resolve("self_flow", student_layer=1, teacher_layer=3, label_dropout=0.0)
     gen = torch.Generator().manual_seed(0)
-    losses = self_flow_loss(student, teacher, tokens, cond, obj, null_label=5, generator=gen)
+    losses = obj.loss(student, teacher, tokens, cond, null_label=5, modality=None, generator=gen)
     (s_call,), (t_call,) = student.calls, teacher.calls
     assert s_call["capture"] == (1,) and s_call["project"] and s_call["grad"]
     assert t_call["capture"] == (3,) and t_call["stop_after"] == 3 and not t_call["grad"]
@@ -64,7 +64,7 @@ def test_flow_matching_has_no_teacher_and_no_mask():
     tokens, cond = _batch()
     obj = _resolve("flow_matching")
     assert obj.mask_ratio == 0 and obj.gamma == 0 and not obj.uses_teacher
-    losses = self_flow_loss(student, None, tokens, cond, obj, null_label=5)
+    losses = obj.loss(student, None, tokens, cond, null_label=5, modality=None, generator=None)
     (call,) = student.calls
     assert call["t"].shape == (4,) and "capture" not in call
     assert losses["loss_rep"].item() == 0
@@ -73,14 +73,19 @@ def test_flow_matching_has_no_teacher_and_no_mask():
 def test_ablation_presets():
     assert _resolve("self_flow_no_mask").mask_ratio == 0 and _resolve("self_flow_no_mask").gamma == 0.8
     assert _resolve("self_flow_no_rep").gamma == 0 and _resolve("self_flow_no_rep").mask_ratio == 0.25
+    assert _resolve("self_flow_no_rep", gamma=0.5).gamma == 0  # a kind without the term ignores γ
+    cleaner = _resolve("self_flow_slightly_cleaner")
+    assert cleaner.mask_ratio == 0.25 and cleaner.gamma == 0.8 and cleaner.teacher_level == "min_ts"
+    repa = _resolve("repa")
+    assert repa.gamma == 0.5 and repa.mask_ratio == 0 and repa.uses_projector and not repa.uses_teacher
+    assert _resolve("self_flow_no_mask").teacher_level == "t"
+    assert _resolve("self_flow_no_mask", teacher_level="min_ts").teacher_level == "min_ts"
     assert _resolve("self_flow").student_layer == 1 and _resolve("self_flow").teacher_layer == 3
     with pytest.raises(ValueError, match="teacher_layer"):
         _resolve("self_flow", teacher_layer=9)
 
 
 def test_label_dropout_uses_null_label():
-    from selfflow.core.objective import drop_labels
-
     cond = Conditioning(labels=torch.zeros(4000, dtype=torch.long))
     dropped = drop_labels(cond, 0.1, null_label=5, generator=torch.Generator().manual_seed(0)).labels
     assert set(dropped.unique().tolist()) == {0, 5}
@@ -98,7 +103,7 @@ def test_loss_falls_on_a_fixed_batch(kind):
     first, last = None, None
     for step in range(60):
         gen = torch.Generator().manual_seed(step % 4)  # a small fixed set of noise draws
-        losses = self_flow_loss(model, teacher, tokens, cond, obj, null_label=5, generator=gen)
+        losses = obj.loss(model, teacher, tokens, cond, null_label=5, modality=None, generator=gen)
         opt.zero_grad()
         losses["loss"].backward()
         opt.step()
@@ -107,13 +112,72 @@ def test_loss_falls_on_a_fixed_batch(kind):
     assert last < 0.6 * first
 
 
-def test_step_noise_does_not_depend_on_the_number_of_ranks():
-    from selfflow.core.objective import StepNoise
+def test_an_unknown_kind_is_an_error_listing_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown objective.kind 'nope'; known: .*flow_matching.*self_flow_no_mask"):
+        ObjectiveConfig(kind="nope")
 
-    obj = _resolve("self_flow")
-    whole = StepNoise.draw((6, 16, 12), obj, torch.Generator().manual_seed(3), "cpu")
-    parts = [StepNoise.draw((3, 16, 12), obj, torch.Generator().manual_seed(3), "cpu", shard=(r, 2))
-             for r in range(2)]
-    assert torch.equal(torch.cat([p.noise for p in parts]), whole.noise)
-    assert torch.equal(torch.cat([p.dual.tau for p in parts]), whole.dual.tau)
-    assert torch.equal(torch.cat([p.drop for p in parts]), whole.drop)
+
+def _replay(seed, b=4, length=16):
+    """The step's draws, recomputed from the generator: label dropout, noise, t, s, then the mask."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.rand(b, generator=gen)
+    noise = torch.randn(b, length, 12, generator=gen)
+    return noise, torch.rand(b, generator=gen), torch.rand(b, generator=gen)
+
+
+@pytest.mark.parametrize("teacher_level", [None, "min_ts"])
+def test_no_mask_teacher_level(teacher_level):
+    """SRA's no-mask variant (the default): the teacher sees the student's own x_t at t; ``min_ts`` keeps the
+    earlier choice, min(t, s) of an otherwise unused s. Losses recomputed by hand from the draws."""
+    student = randomize(Spy(tiny_config()))
+    teacher = make_ema(student)
+    teacher.calls = []
+    tokens, cond = _batch()
+    obj = _resolve("self_flow_no_mask", student_layer=1, teacher_layer=3, label_dropout=0.0,
+                   teacher_level=teacher_level)
+    losses = obj.loss(student, teacher, tokens, cond, null_label=5, modality=None,
+                      generator=torch.Generator().manual_seed(0))
+    noise, t, s = _replay(0)
+    level = t if teacher_level is None else torch.minimum(t, s)
+    assert not torch.equal(level, t) or teacher_level is None
+    x_student = (1 - t[:, None, None]) * tokens.x + t[:, None, None] * noise
+    x_teacher = (1 - level[:, None, None]) * tokens.x + level[:, None, None] * noise
+    assert torch.equal(student.calls[0]["t"], t) and torch.equal(teacher.calls[0]["t"], level)
+    with torch.no_grad():
+        pred, s_feats = student(x_student, tokens.ids, t, cond, capture=(1,), project=True)
+        _, t_feats = teacher(x_teacher, tokens.ids, level, cond, capture=(3,))
+    fm = ((pred - (noise - tokens.x)) ** 2).mean()
+    rep = -torch.nn.functional.cosine_similarity(s_feats[1], t_feats[3], dim=-1).mean()
+    assert torch.allclose(losses["loss_fm"], fm, rtol=1e-5) and torch.allclose(losses["loss_rep"], rep, rtol=1e-5)
+
+
+def test_slightly_cleaner_second_level():
+    """Masked tokens at s = max(t − 0.1, 0), the rest at t; the teacher at min(t, s) = s."""
+    student = randomize(Spy(tiny_config()))
+    teacher = make_ema(student)
+    teacher.calls = []
+    tokens, cond = _batch()
+    obj = _resolve("self_flow_slightly_cleaner", label_dropout=0.0)
+    obj.loss(student, teacher, tokens, cond, null_label=5, modality=None, generator=torch.Generator().manual_seed(1))
+    _, t, _ = _replay(1)
+    s = (t - 0.1).clamp(min=0)
+    dense = student.calls[0]["t"].dense()
+    masked = dense != t[:, None]
+    assert masked.sum(1).tolist() == [4, 4, 4, 4]
+    assert torch.equal(dense[masked], s[:, None].expand(-1, 16)[masked])
+    assert torch.equal(teacher.calls[0]["t"], s)
+
+
+def test_repa_aligns_with_the_external_target_and_runs_no_teacher():
+    student = randomize(Spy(tiny_config()))
+    tokens, cond = _batch()
+    obj = _resolve("repa", label_dropout=0.0)
+    with pytest.raises(ValueError, match=r"tokens\.target"):
+        obj.loss(student, None, tokens, cond, null_label=5, modality=None, generator=None)
+    width = student(tokens.x, tokens.ids, torch.rand(4), cond, capture=(1,), project=True)[1][1].shape[-1]
+    target = torch.randn(4, 16, width)
+    student.calls = []
+    losses = obj.loss(student, None, Tokens(tokens.x, tokens.ids, target=target), cond, null_label=5,
+                      modality=None, generator=torch.Generator().manual_seed(0))
+    assert len(student.calls) == 1 and losses["loss_rep"].item() != 0
+    assert torch.allclose(losses["loss"], losses["loss_fm"] + 0.5 * losses["loss_rep"])

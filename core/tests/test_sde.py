@@ -79,3 +79,40 @@ def test_heun_error_against_a_500_step_solution_falls_with_steps():
     errs = [(solve_ode(v, x1.clone(), time_grid(n, shift=2.0), "heun") - ref).abs().max().item()
             for n in (5, 10, 20, 40)]
     assert errs[0] > errs[1] > errs[2] > errs[3] and errs[3] < 0.05 * errs[0]
+
+
+def test_shifted_grid_spaces_the_steps_as_the_shifted_ode_grid_and_keeps_the_last_step():
+    rec = Recorder()
+    x = torch.randn(2, 4, 3)
+    sample(rec, x, torch.zeros(2, 4, 3, dtype=torch.long), Conditioning(),
+           SamplerConfig(solver="sde", steps=50, shift=3.0), generator=torch.Generator().manual_seed(0))
+    end = 0.04 / (3 - 2 * 0.04)  # the u that shift 3 maps onto 0.04
+    u = torch.linspace(1, end, 50, dtype=torch.float64)
+    warped = 3 * u / (1 + 2 * u)
+    assert len(rec.t) == 50
+    assert torch.allclose(torch.tensor(rec.t, dtype=torch.float64), warped, atol=1e-6)
+    assert abs(rec.t[-1] - 0.04) < 1e-6 and rec.t[1] > 1 - 0.96 / 49  # last call at 0.04; early steps shorter
+    assert torch.equal(sde_grid(250, 0.04, 1.0), torch.linspace(0, 0.96, 250))  # shift 1: the official grid
+
+
+def test_shifted_sde_follows_its_grid_and_samples_the_target():
+    m, s = 1.5, 0.3
+    v = _gaussian_velocity(m, s)
+    x1 = torch.randn(3, 4, 2, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    xi = [torch.randn(3, 4, 2, generator=g).double() for _ in range(29)]
+    grid = sde_grid(30, 0.04, 2.0).double()
+    x = x1.clone()
+    for i in range(29):  # Euler–Maruyama with the step sizes of the warped grid
+        si, dt = float(grid[i]), float(grid[i + 1] - grid[i])
+        vs = -v(x, torch.full((3,), 1 - si))
+        score = (si * vs - x) / ((1 - si) ** 2 + si * (1 - si))
+        x = x + (vs + (1 - si) * score) * dt + (2 * (1 - si) * dt) ** 0.5 * xi[i]
+    si = float(grid[-1])
+    vs = -v(x, torch.full((3,), 1 - si))
+    ref = x + (vs + (1 - si) * (si * vs - x) / ((1 - si) ** 2 + si * (1 - si))) * 0.04
+    ours = solve_sde(v, x1.clone(), 30, generator=torch.Generator().manual_seed(3), shift=2.0)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    x = solve_sde(v, torch.randn(4000, 1, 1, dtype=torch.float64), 250, generator=torch.Generator().manual_seed(0),
+                  shift=3.0)
+    assert abs(x.mean().item() - m) < 0.03 and abs(x.std().item() - s) < 0.03

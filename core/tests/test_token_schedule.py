@@ -7,7 +7,8 @@ from selfflow.core.dual_timestep import exact_count_mask
 from selfflow.core.ema import make_ema
 from selfflow.core.mmdit import MMDiT
 from selfflow.core.modulation import TokenTimesteps
-from selfflow.core.objective import ObjectiveConfig, StepNoise, self_flow_loss
+from selfflow.core.noise_plan import StepNoise
+from selfflow.core.objective import ObjectiveConfig
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.token_schedule import (
     ScheduleMode,
@@ -125,8 +126,8 @@ def test_policy_only_feeds_pure_noise_on_video_and_data_on_context():
     teacher.calls = []
     tokens, cond = _batch()
     sched = _schedule((0, 0, 1, 0))
-    losses = self_flow_loss(student, teacher, tokens, cond, _obj(), null_label=5,
-                            generator=torch.Generator().manual_seed(0), schedule=sched, groups=GROUPS)
+    losses = _obj().loss(student, teacher, tokens, cond, null_label=5, modality=None,
+                         generator=torch.Generator().manual_seed(0), schedule=sched, groups=GROUPS)
     (call,) = student.calls
     gen = torch.Generator().manual_seed(0)
     torch.rand(4, generator=gen)
@@ -161,8 +162,8 @@ def test_per_group_means_equal_a_hand_computation(action_channels):
                               sched.modes)
     obj = _obj("flow_matching")
     gen = torch.Generator().manual_seed(5)
-    losses = self_flow_loss(student, None, tokens, cond, obj, null_label=5, generator=gen, schedule=sched,
-                            groups=GROUPS)
+    losses = obj.loss(student, None, tokens, cond, null_label=5, modality=None, generator=gen, schedule=sched,
+                      groups=GROUPS)
     (call,) = student.calls
     gen = torch.Generator().manual_seed(5)
     rnd = StepNoise.draw((8, 16, 12), obj, gen, "cpu", eligible=sched.eligible(GROUPS))
@@ -189,11 +190,11 @@ def test_slices_average_to_the_global_loss():
     teacher = make_ema(student)
     tokens, cond = _batch(8)
     sched, obj = _schedule(), _obj()
-    kw = dict(null_label=5, schedule=sched, groups=GROUPS)
-    whole = self_flow_loss(student, teacher, tokens, cond, obj, generator=torch.Generator().manual_seed(2), **kw)
-    parts = [self_flow_loss(student, teacher, Tokens(tokens.x[r * 4:(r + 1) * 4], tokens.ids[r * 4:(r + 1) * 4]),
-                            Conditioning(labels=cond.labels[r * 4:(r + 1) * 4]), obj,
-                            generator=torch.Generator().manual_seed(2), shard=(r, 2), **kw) for r in range(2)]
+    kw = dict(null_label=5, modality=None, schedule=sched, groups=GROUPS)
+    whole = obj.loss(student, teacher, tokens, cond, generator=torch.Generator().manual_seed(2), **kw)
+    parts = [obj.loss(student, teacher, Tokens(tokens.x[r * 4:(r + 1) * 4], tokens.ids[r * 4:(r + 1) * 4]),
+                      Conditioning(labels=cond.labels[r * 4:(r + 1) * 4]),
+                      generator=torch.Generator().manual_seed(2), shard=(r, 2), **kw) for r in range(2)]
     for k in ("loss", "loss_fm", "loss_rep", "loss_fm_video", "loss_fm_action"):
         assert torch.allclose((parts[0][k] + parts[1][k]) / 2, whole[k], rtol=1e-4, atol=1e-6), k
 
@@ -203,9 +204,10 @@ def test_without_a_schedule_the_numbers_are_unchanged():
     teacher = make_ema(student)
     tokens, cond = _batch()
     obj = _obj()
-    a = self_flow_loss(student, teacher, tokens, cond, obj, null_label=5, generator=torch.Generator().manual_seed(4))
-    b = self_flow_loss(student, teacher, tokens, cond, obj, null_label=5, generator=torch.Generator().manual_seed(4),
-                       schedule=None, groups=GROUPS)
+    a = obj.loss(student, teacher, tokens, cond, null_label=5, modality=None,
+                 generator=torch.Generator().manual_seed(4))
+    b = obj.loss(student, teacher, tokens, cond, null_label=5, modality=None,
+                 generator=torch.Generator().manual_seed(4), schedule=None, groups=GROUPS)
     assert set(a) == {"loss", "loss_fm", "loss_rep"} and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -217,8 +219,8 @@ def test_scheduled_loss_trains_the_small_group():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     hist = []
     for step in range(60):
-        losses = self_flow_loss(model, None, tokens, cond, obj, null_label=5, schedule=sched, groups=GROUPS,
-                                generator=torch.Generator().manual_seed(step % 4))
+        losses = obj.loss(model, None, tokens, cond, null_label=5, modality=None, schedule=sched, groups=GROUPS,
+                          generator=torch.Generator().manual_seed(step % 4))
         opt.zero_grad()
         losses["loss"].backward()
         opt.step()
@@ -234,9 +236,20 @@ def test_padding_channels_are_not_noised():
     tokens, cond = _batch()
     base = _schedule()
     sched = TokenSchedule((*base.groups[:2], TokenGroup("action", 3.0, channels=5)), base.modes)
-    self_flow_loss(student, teacher, tokens, cond, _obj(), null_label=5, generator=torch.Generator().manual_seed(0),
-                   schedule=sched, groups=GROUPS)
+    _obj().loss(student, teacher, tokens, cond, null_label=5, modality=None,
+                generator=torch.Generator().manual_seed(0), schedule=sched, groups=GROUPS)
     for call in (student.calls[0], teacher.calls[0]):
         assert torch.equal(call["x"][:, ACT, 5:], tokens.x[:, ACT, 5:])
         assert not torch.equal(call["x"][:, ACT, :5], tokens.x[:, ACT, :5])
         assert not torch.equal(call["x"][:, VID], tokens.x[:, VID])
+
+
+def test_teacher_level_t_puts_representation_tokens_at_t():
+    sched, obj = _schedule(), _obj(teacher_level="t")
+    gen = torch.Generator().manual_seed(0)
+    rnd = StepNoise.draw((64, 16, 12), obj, gen, "cpu", eligible=sched.eligible(GROUPS))
+    lv = schedule_levels(sched, GROUPS, rnd.dual, obj.timesteps, gen, teacher_level=obj.teacher_level)
+    teach, rep = lv.teacher.dense(), lv.rep_weight > 0
+    assert rep.any() and (rnd.dual.s != rnd.dual.t).all()
+    assert torch.equal(teach[rep], rnd.dual.t[:, None].expand(-1, 16)[rep])
+    assert torch.equal(teach[~rep], lv.student.dense()[~rep])

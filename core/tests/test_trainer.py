@@ -9,7 +9,7 @@ from selfflow.core.metrics import read_metrics
 from selfflow.core.trainer import Trainer
 
 TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth_double=1", "model.depth_single=2",
-        "model.axes_dim=[4,6,6]", "train.batch_size=4", "train.log_every=1", "train.plot_every=2",
+        "model.axes_dim=[4,6,6]", "train.batch_size=4", "logging.every=1", "logging.plot_every=2",
         "data.options.image_size=16", "data.options.patch_size=4", "sample.steps=2", "sample.num_samples=10",
         "ema.decay=0.9", "optim.warmup_steps=2"]
 
@@ -56,17 +56,17 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path):
 def test_nonfinite_loss_skips_the_step(tmp_path, monkeypatch):
     trainer = Trainer(_cfg(tmp_path, "nan", "train.steps=2"), progress=False)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    batch = next(iter(trainer.stream))
+    batch = next(iter(trainer.streams["image"]))
     batch["media"][0, 0, 0, 0] = float("nan")
-    out = trainer.train_step([batch])
-    assert out["skipped"] == 1.0 and trainer.skipped_steps == 1
+    out = trainer.train_step([batch], "image")
+    assert out["skipped"] == 1.0 and trainer.guard.skipped_steps == 1
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
-    trainer.train_step([next(iter(trainer.stream))])  # a good step resets the count
-    assert trainer.nonfinite_in_a_row == 0
+    trainer.train_step([next(iter(trainer.streams["image"]))], "image")  # a good step resets the count
+    assert trainer.guard.nonfinite_in_a_row == 0
 
 
 def test_repeated_nonfinite_steps_abort_and_keep_the_last_checkpoint(tmp_path):
-    from selfflow.core.trainer import NonFiniteLossError
+    from selfflow.core.step_guard import NonFiniteLossError
 
     cfg = _cfg(tmp_path, "nan2", "train.steps=2")
     Trainer(cfg, progress=False).fit()
@@ -93,7 +93,7 @@ def test_grad_accumulation_equals_a_big_batch(tmp_path):
 
 
 def test_lr_schedule():
-    from selfflow.core.trainer import lr_factor
+    from selfflow.core.run_setup import lr_factor
 
     assert [lr_factor(s, 4, 20, "constant", 0) for s in (0, 3, 10)] == [0.25, 1.0, 1.0]
     assert lr_factor(4, 4, 20, "cosine", 0.1) == pytest.approx(1.0)
@@ -120,7 +120,7 @@ def test_config_is_saved_resolved(tmp_path):
 
 @pytest.mark.parametrize("option", ["train.activation_checkpointing=true", "train.compile=true"])
 def test_checkpointing_and_compile_keep_the_losses(tmp_path, option):
-    Trainer(_cfg(tmp_path, "plain", "train.steps=2", "train.sample_every=0"), progress=False).fit()
+    Trainer(_cfg(tmp_path, "plain", "train.steps=2", "sample.every=0"), progress=False).fit()
     Trainer(_cfg(tmp_path, "opt", "train.steps=2", option), progress=False).fit()
     a = read_metrics(tmp_path / "plain" / "metrics.jsonl")
     b = read_metrics(tmp_path / "opt" / "metrics.jsonl")

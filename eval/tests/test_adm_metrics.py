@@ -78,7 +78,8 @@ def adm_pr_numpy(ref: np.ndarray, smp: np.ndarray, *, fp16: bool, k: int = 3) ->
             nu = np.square(u).astype(np.float32).sum(1).astype(np.float16)[:, None]
             nv = np.square(v).astype(np.float32).sum(1).astype(np.float16)[None, :]
             mm = (u.astype(np.float32) @ v.astype(np.float32).T).astype(np.float16)
-            d16 = np.maximum(nu - np.float16(2) * mm + nv, np.float16(0))
+            with np.errstate(over="ignore", invalid="ignore"):  # fp16 overflow is the point
+                d16 = np.maximum(nu - np.float16(2) * mm + nv, np.float16(0))
             if np.isfinite(d16).all():
                 return d16.astype(np.float32)
             u, v = u.astype(np.float32), v.astype(np.float32)
@@ -139,6 +140,24 @@ def test_fp16_overflow_falls_back_to_fp32() -> None:
     a = precision_recall(u, v, block=64, fp16=True)
     b = precision_recall(u, v, block=64, fp16=False)
     assert (a.precision, a.recall) == (b.precision, b.recall)
+
+
+def test_fp16_cross_term_overflow_keeps_the_clamped_fp16_block() -> None:
+    # ‖x‖² ≈ 40000 fits in fp16 (max 65504) but 2u·v ≈ 80000 overflows to −inf. ADM clamps first
+    # (max(−inf, 0) = 0), finds the block finite and keeps it: every distance is 0, so every radius is
+    # 0 and every point lies within (≤) every ball → precision = recall = 1.
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(40, 8)).astype(np.float32)
+    smp = (rng.normal(size=(50, 8)) + 6.0 * np.eye(8)[1]).astype(np.float32)  # far from ref in fp32
+    ref[:, 0] += 200.0
+    smp[:, 0] += 200.0
+    u, v = torch.from_numpy(ref), torch.from_numpy(smp)
+    assert float((u * u).sum(1).max()) < 65504 and float((u @ v.T).max()) * 2 > 65504
+    assert torch.equal(pairwise_sq_distances(u, v, fp16=True), torch.zeros(40, 50))
+    pr16 = precision_recall(u, v, block=64, fp16=True)
+    assert (pr16.precision, pr16.recall) == (1.0, 1.0) == adm_pr_numpy(ref, smp, fp16=True)
+    pr32 = precision_recall(u, v, block=64, fp16=False)
+    assert pr32.precision < 0.5 and pr32.recall < 0.5  # a test-then-clamp order would give these
 
 
 def test_precision_recall_hand_made() -> None:

@@ -3,6 +3,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from selfflow.eval import adm_eval, cli
 from selfflow.eval.adm_metrics import inception_score, precision_recall
 from selfflow.eval.inception import WEIGHTS_URL
+from selfflow.eval.registry import Metric
 
 
 def run(argv: list[str]) -> int:
@@ -54,7 +59,7 @@ def tf_features(data, inception_weights: Path) -> dict[str, np.ndarray]:
 
 
 class FDSpy:
-    """Stands in for frechet_distance: records its arguments and returns preset values.
+    """Stands in for checked_distance: records its arguments and returns preset values.
 
     The 2048-d FD costs seconds on CI CPUs and is validated against scipy in test_frechet.py; here
     we check what the CLI feeds it (which statistics, in which order) and where the result goes."""
@@ -63,9 +68,9 @@ class FDSpy:
         self.calls: list[tuple[np.ndarray, ...]] = []
         self.values = values
 
-    def __call__(self, mu1, sigma1, mu2, sigma2) -> float:
-        self.calls.append((np.asarray(mu1), np.asarray(sigma1), np.asarray(mu2), np.asarray(sigma2)))
-        return self.values[len(self.calls) - 1]
+    def __call__(self, metric: str, a, b) -> tuple[float, list[str]]:
+        self.calls.append((a.mean, a.cov, b.mean, b.cov))
+        return self.values[len(self.calls) - 1], []
 
 
 def assert_stats_close(mu, sigma, feats: np.ndarray) -> None:
@@ -79,7 +84,7 @@ def test_stats_then_adm_matches_independent_computation(data, inception_weights:
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     root = data["root"]
     spy = FDSpy([3.5, 4.5])
-    monkeypatch.setattr(adm_eval, "frechet_distance", spy)
+    monkeypatch.setattr(adm_eval, "checked_distance", spy)
     assert run(["eval", "stats", str(data["ref_dir"]), "--out", str(root / "ref_stats.npz"),
                 "--inception", str(inception_weights), "--keep-features", "--no-progress"]) == 0
     with np.load(root / "ref_stats.npz") as z:
@@ -115,7 +120,7 @@ def test_adm_reference_batch_uses_stored_statistics(data, inception_weights: Pat
     """Like ADM: ref mu/sigma from the file (not from its arr_0, which only feeds precision/recall)."""
     root = data["root"]
     spy = FDSpy([11.0, 22.0])
-    monkeypatch.setattr(adm_eval, "frechet_distance", spy)
+    monkeypatch.setattr(adm_eval, "checked_distance", spy)
     rng = np.random.default_rng(0)
     mu, mu_s = rng.uniform(0, 1, 2048), rng.uniform(0, 1, 2023)
     np.savez(root / "VIRTUAL_ref.npz", arr_0=data["ref_imgs"], mu=mu, sigma=np.eye(2048) * 0.01,
@@ -137,6 +142,23 @@ def test_adm_reference_batch_uses_stored_statistics(data, inception_weights: Pat
     assert (m["precision"], m["recall"]) == (pr.precision, pr.recall)
     assert "fp32" in m["protocol"]["precision_recall"]
     assert math.isfinite(m["is"]) and m["is"] >= 1.0
+
+
+def test_adm_notes_small_n_and_unpublished_weights(data, inception_weights: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """8-sample runs once printed FID −3.8e15 with no notes: too few samples and random weights
+    (not the published 6726825d… file) must be said in the JSON and on stderr."""
+    out = data["root"] / "m3.json"
+    with pytest.warns(UserWarning, match="only 5 generated"):
+        assert run(["eval", "adm", str(data["ref_dir"]), str(data["samples"]), "--inception",
+                    str(inception_weights), "--out", str(out), "--no-progress"]) == 0
+    notes = json.loads(out.read_text())["notes"]
+    assert any(n.startswith("FID: only 5 generated") and "2048-d" in n for n in notes)
+    assert any(n.startswith("FID: only 4 reference") for n in notes)
+    assert any(n.startswith("sFID: only 5 generated") and "2023-d" in n for n in notes)
+    assert any("not the published 6726825d" in n for n in notes)
+    err = capsys.readouterr().err
+    assert all(f"note: {n}" in err for n in notes)
 
 
 def test_errors_are_clear(data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -161,7 +183,35 @@ def test_registered_with_core_cli() -> None:
 
 def test_broken_metric_module_does_not_break_the_cli(monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setitem(cli.EVAL_SUBCOMMANDS, "fvd", "selfflow.eval.no_such_module:add_parser")
+    monkeypatch.setitem(cli.METRICS, "fvd", Metric("selfflow.eval.no_such_module:add_parser"))
     assert run(["eval", "fvd"]) == 2
     assert "no_such_module" in capsys.readouterr().err
     assert run(["eval"]) == 1  # the other subcommands are still there
+
+
+@pytest.mark.distributed
+def test_two_rank_stats_through_core_distributed_setup(data, inception_weights: Path, tmp_path: Path) -> None:
+    """``torchrun``-style env (RANK, WORLD_SIZE, MASTER_*): the CLI joins through core's
+    init_distributed, shards the images, rank 0 writes the file, both ranks exit 0."""
+    single = tmp_path / "single.npz"
+    assert run(["eval", "stats", str(data["ref_dir"]), "--out", str(single), "--inception",
+                str(inception_weights), "--no-progress", "--device", "cpu"]) == 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = tmp_path / "two.npz"
+    procs = []
+    for r in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "LOCAL_RANK": str(r),
+               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "selfflow.core.cli", "eval", "stats", str(data["ref_dir"]), "--out",
+             str(two), "--inception", str(inception_weights), "--no-progress", "--device", "cpu"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, out.decode()[-3000:]
+    with np.load(single) as a, np.load(two) as b:
+        assert int(b["count"]) == int(a["count"]) == 4
+        np.testing.assert_allclose(b["mu"], a["mu"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(b["sigma"], a["sigma"], rtol=1e-3, atol=1e-4 * np.abs(a["sigma"]).max())

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from selfflow.eval import clip_score as cs
+from selfflow.eval.cli_media import add_t2i_parser
 
 
 def smooth_images(n: int, h: int, w: int, seed: int) -> np.ndarray:
@@ -148,7 +149,7 @@ def test_t2i_cli_runs_both_metrics(tiny_dir: str, tmp_path) -> None:
     assert texts_j == texts_t and [f.name for f in files_j] == [f.name for f in files_t]
 
     parser = argparse.ArgumentParser()
-    cs.add_cli(parser.add_subparsers())
+    add_t2i_parser(parser.add_subparsers())
     out = tmp_path / "res.json"
     args = parser.parse_args(["t2i", "--images", str(gen), "--ref", str(ref), "--dinov2", str(d2),
                               "--clip", tiny_dir, "--prompts", str(tmp_path / "prompts.jsonl"),
@@ -159,7 +160,7 @@ def test_t2i_cli_runs_both_metrics(tiny_dir: str, tmp_path) -> None:
     model, tok = cs.load_clip(tiny_dir)
     direct = cs.clip_score(files_j, texts_j, model, tok, progress=False)["clip_score"]
     assert res["clip_score"]["clip_score"] == pytest.approx(direct, rel=1e-9)
-    help_text = parser.format_help() + cs.add_cli(argparse.ArgumentParser().add_subparsers()).format_help()
+    help_text = parser.format_help() + add_t2i_parser(argparse.ArgumentParser().add_subparsers()).format_help()
     assert "openai/clip-vit-large-patch14" in help_text and "facebook/dinov2-large" in help_text
 
 

@@ -5,7 +5,13 @@ import pytest
 import scipy.linalg
 import torch
 
-from selfflow.eval.frechet import FeatureStats, frechet_distance, stats_distance
+from selfflow.eval.frechet import (
+    FeatureStats,
+    checked_distance,
+    frechet_distance,
+    frechet_notes,
+    stats_distance,
+)
 
 
 def fd_sqrtm(mu1, s1, mu2, s2) -> float:
@@ -132,3 +138,29 @@ def test_save_load_roundtrip_and_adm_layout(tmp_path) -> None:
         frozen.update(x)
     with pytest.raises(KeyError, match="mu_s"):
         FeatureStats.load(tmp_path / "adm.npz", prefix="_s")
+
+
+def test_checked_distance_notes_negative_and_complex() -> None:
+    # Σ2 = diag(4, −4) is not PSD (a broken statistics file): tr√(Σ1Σ2) keeps √4 = 2 and drops the
+    # imaginary √4 = 2, so FD = 0 + (2 + 0) − 2·2 = −2 with an imaginary trace of 2
+    a = FeatureStats.from_moments(np.zeros(2), np.eye(2))
+    b = FeatureStats.from_moments(np.zeros(2), np.diag([4.0, -4.0]))
+    with pytest.warns(UserWarning):
+        value, notes = checked_distance("FID", a, b)
+    assert value == pytest.approx(-2.0)
+    assert len(notes) == 2  # counts unknown (precomputed statistics): no small-N note
+    assert notes[0].startswith("FID is negative (-2)")
+    assert "complex (imaginary trace 2 > 0.001)" in notes[1]
+
+
+def test_checked_distance_notes_small_n_only_when_below_dim() -> None:
+    rng = np.random.default_rng(0)
+    few, many = FeatureStats().update(rng.normal(size=(8, 16))), FeatureStats().update(rng.normal(size=(40, 16)))
+    with pytest.warns(UserWarning, match="only 8 generated"):
+        value, notes = checked_distance("FD", few, many)
+    assert value > 0 and notes == [notes[0]] and "16-d" in notes[0]
+    assert checked_distance("FD", many, many)[1] == []
+    assert frechet_notes("FD", 1.0, dim=16, counts={"x": 16, "y": -1}) == []
+    assert frechet_notes("FD", -1e-9, dim=16, counts={}, scale=10.0) == []  # round-off
+    with pytest.warns(UserWarning):
+        assert frechet_notes("FD", -1e-3, dim=16, counts={}, scale=10.0) != []

@@ -13,8 +13,10 @@ from PIL import Image
 from torch import nn
 
 from selfflow.eval import fvd as fvd_mod
+from selfflow.eval.cli_media import add_fvd_parser
 from selfflow.eval.frechet import frechet_distance
 from selfflow.eval.i3d import I3DFeatures, load_i3d
+from selfflow.eval.video_io import list_videos, read_video
 
 # the published detector is TorchScript, which torch now flags as deprecated
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")
@@ -60,24 +62,11 @@ def videos(n: int, t: int, seed: int, shift: float = 0.0, hw: tuple[int, int] = 
     return np.clip(v, 0, 255).astype(np.uint8)
 
 
-def test_clip_selection_start_stride_and_short_videos() -> None:
-    vids = [np.broadcast_to(np.arange(t, dtype=np.uint8)[:, None, None, None], (t, 4, 4, 3)).copy()
-            for t in (40, 10, 16, 31, 33)]
-    report = fvd_mod.ClipReport()
-    clips = list(fvd_mod.iter_clips(vids, num_frames=16, start=1, stride=2, report=report))
-    # need 1 + 15*2 + 1 = 32 frames: the 10-, 16- and 31-frame videos are skipped
-    assert report.used == 2 and report.skipped_short == 3
-    for clip in clips:
-        assert clip.shape == (16, 4, 4, 3)
-        assert list(clip[:, 0, 0, 0]) == list(range(1, 32, 2))
-    first = list(fvd_mod.iter_clips(vids, max_clips=1))
-    assert len(first) == 1 and list(first[0][:, 0, 0, 0]) == list(range(16))
-
-
 def test_fvd_matches_hand_computation(i3d_file: str, tmp_path) -> None:
     real, fake = videos(48, 20, seed=1), videos(48, 18, seed=2, shift=40.0)
     res = fvd_mod.fvd(fake, real, i3d_file, batch_size=10, progress=False)
-    assert set(res) >= {"fvd", "protocol", "weights", "detector_kwargs", "n_fake", "n_real"}
+    assert set(res) >= {"fvd", "protocol", "weights", "detector_kwargs", "n_fake", "n_real", "notes"}
+    assert any(n.startswith("FVD: only 48 generated") and "400-d" in n for n in res["notes"])
     assert res["detector_kwargs"] == {"rescale": True, "resize": True, "return_features": True}
     assert res["n_fake"] == res["n_real"] == 48 and res["weights"] == i3d_file
     # by hand: first 16 frames, [B,3,T,H,W] uint8, documented kwargs, biased covariance
@@ -110,7 +99,7 @@ def test_fvd_matches_hand_computation(i3d_file: str, tmp_path) -> None:
 def test_extractor_rejects_float_videos_and_batches_by_shape(i3d_file: str) -> None:
     ext = I3DFeatures(load_i3d(i3d_file), batch_size=4, progress=False)
     with pytest.raises(TypeError, match="uint8"):
-        ext.embed_batch(np.zeros((1, 16, 8, 8, 3), dtype=np.float32))
+        ext.features(np.zeros((1, 16, 8, 8, 3), dtype=np.float32))
     clips = [videos(1, 16, seed=s, hw=hw)[0] for s, hw in enumerate([(24, 40), (24, 40), (32, 32)])]
     mixed = ext(clips)
     alone = np.concatenate([ext([c]) for c in clips])
@@ -132,13 +121,13 @@ def test_cli_reads_video_folders(i3d_file: str, tmp_path) -> None:
         Image.fromarray(fr).save(frames / f"{j:04d}.png")
     gif = [Image.fromarray(fr) for fr in fake[2]]
     gif[0].save(fake_dir / "2.gif", save_all=True, append_images=gif[1:], duration=40)
-    read = [fvd_mod.read_video(p) for p in fvd_mod.list_videos(fake_dir)]
+    read = [read_video(p) for p in list_videos(fake_dir)]
     np.testing.assert_array_equal(read[0], fake[0])
     np.testing.assert_array_equal(read[1], fake[1])  # PNG frames are lossless
     assert read[2].shape == fake[2].shape  # GIF is palettised: only the shape is exact
 
     parser = argparse.ArgumentParser()
-    fvd_mod.add_cli(parser.add_subparsers())
+    add_fvd_parser(parser.add_subparsers())
     out = tmp_path / "res.json"
     args = parser.parse_args(["fvd", "--fake", str(fake_dir), "--real", str(real_dir),
                               "--i3d", i3d_file, "--out", str(out)])

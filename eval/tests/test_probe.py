@@ -45,7 +45,7 @@ def test_online_evaluation_during_training(probe, tmp_path):
     from selfflow.core.trainer import Trainer
 
     cfg = load_config(None, ["model.preset=tiny", "model.depth_single=1", "train.batch_size=4", "train.steps=4",
-                             "train.eval_every=2", "train.eval_samples=20", "sample.steps=2",
+                             "eval.every=2", "eval.num_samples=20", "sample.steps=2",
                              "sample.num_samples=10", f"output_dir={tmp_path}", "name=online"])
     Trainer(cfg, progress=False).fit()
     evals = [r for r in read_metrics(tmp_path / "online" / "metrics.jsonl") if "probe_fd" in r]

@@ -24,7 +24,7 @@ def test_paper_recipes():
     assert sf.sample.solver == "sde" and sf.sample.steps == 250
     repa = load_config(CONFIGS / "imagenet256" / "repa_sit_xl2.yaml")
     r = repa.objective.resolve(28, 0.25, repa.objective.timesteps)
-    assert r.gamma == 0.5 and r.student_layer == 8 and r.external_target and not r.uses_teacher
+    assert r.gamma == 0.5 and r.student_layer == 8 and r.kind.alignment == "target" and not r.uses_teacher
     assert repa.model.projector_dims == (2048, 2048, 768) and repa.data.options["repa_resolution"] == 224
     fm = load_config(CONFIGS / "imagenet256" / "fm_sit_xl2.yaml").objective.resolve(28, 0.25, obj.timesteps)
     assert fm.gamma == 0 and fm.mask_ratio == 0
@@ -78,11 +78,11 @@ def test_tiny_recipe_trains(kind, tmp_path, tiny_dinov2, tiny_rae):
     last = result["last"]
     assert torch.isfinite(torch.tensor(last["loss"]))
     if kind == "rae":
-        assert trainer.modality.token_channels == 64 and trainer.modality.codec.grid == (1, 4, 4)
+        assert trainer.run.modalities["image"].token_channels == 64 and trainer.run.modalities["image"].codec.grid == (1, 4, 4)
     if kind in ("selfflow", "no_mask", "repa", "rae"):
         assert last["loss_rep"] != 0  # the −cos alignment term is computed
         assert trainer.raw.projector is not None
     else:
         assert last["loss_rep"] == 0 and trainer.raw.projector is None
     if kind == "repa":
-        assert trainer.modality.repa is not None and trainer.raw.projector(torch.zeros(1, 64)).shape == (1, 32)
+        assert trainer.run.modalities["image"].repa is not None and trainer.raw.projector(torch.zeros(1, 64)).shape == (1, 32)

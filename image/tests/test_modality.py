@@ -42,3 +42,16 @@ def test_encode_decode_and_grid(tmp_path):
     assert path.suffix == ".png" and Image.open(path).mode == "RGB"
     with pytest.raises(ValueError, match="patch_size"):
         ImageModality({"patch_size": 0})
+
+
+def test_an_option_of_another_dataset_is_an_error_naming_it():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"synthetic_shapes\.flip\n  Extra inputs are not permitted"):
+        ImageModality({"flip": True})
+    with pytest.raises(ValidationError, match=r"latent_shards\.data_seed\n  Extra inputs are not permitted"):
+        ImageModality({"dataset": "latent_shards", "shards": "x", "codec": "sd_vae", "data_seed": 1})
+    with pytest.raises(ValidationError, match=r"image_text_shards\.shards\n  Field required"):
+        ImageModality({"dataset": "image_text_shards"})
+    with pytest.raises(ValueError, match=r"dataset must be one of .* got 'imagenet'"):
+        ImageModality({"dataset": "imagenet"})

@@ -82,8 +82,8 @@ def test_prepare_folder_with_sd_vae_then_train_and_sample(captioned_folder, tiny
             "sample.num_samples=2", "sample.steps=2", f"data.options.shards={out}", "data.options.codec=sd_vae",
             f"data.options.vae_path={tiny_vae_dir}", "data.options.patch_size=2", "data.options.text.dim=8"]
     trainer = Trainer(load_config(CONFIG, sets), progress=False)
-    assert trainer.model_cfg.context_dim == 8 and trainer.modality.num_classes == 0
-    batch = next(iter(trainer.stream))
+    assert trainer.run.model_config.context_dim == 8 and trainer.run.modalities["image"].num_classes == 0
+    batch = next(iter(trainer.streams["image"]))
     assert batch["latent"].shape == (2, 4, 16, 16) and len(batch["emb"]) == 2 and len(batch["captions"]) == 2
     result = trainer.fit()
     assert result["samples"].is_file() and np.isfinite(result["last"]["loss"])

@@ -9,7 +9,8 @@ import webdataset as wds
 from PIL import Image
 
 from selfflow.core.cli import main
-from selfflow.image.latent_shards import LatentShardStream, list_shards
+from selfflow.core.data.shard_format import shard_urls
+from selfflow.image.latent_shards import imagenet_stream
 from selfflow.image.prepare_imagenet import center_crop_adm, list_images
 from selfflow.image.sd_vae import SDVAE
 
@@ -30,7 +31,7 @@ def test_prepare_writes_moments_equal_to_direct_encoding(tiny_vae_dir, jpeg_fold
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "8 images in shards, 1 unreadable images skipped" in printed
-    shards = list_shards(out)
+    shards = shard_urls(out)
     assert [s.rsplit("/", 1)[-1] for s in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
 
     vae = SDVAE.from_pretrained(tiny_vae_dir)
@@ -71,19 +72,18 @@ def test_latent_stream_splits_ranks_samples_moments_and_resumes(tiny_vae_dir, jp
     out = tmp_path / "s"
     assert main(["prepare", "imagenet", "--src", str(jpeg_folder), "--out", str(out), "--vae", str(tiny_vae_dir),
                  "--image-size", "32", "--shard-size", "2", "--device", "cpu", "--no-progress"]) == 0
-    shards = list_shards(out)  # 4 shards of 2
-    ranks = [LatentShardStream(shards, 2, seed=3, rank=r, world_size=2, shuffle_buffer=2) for r in range(2)]
+    ranks = [imagenet_stream(str(out), 2, seed=3, rank=r, world_size=2, shuffle_buffer=2) for r in range(2)]
     firsts = [next(iter(s)) for s in ranks]
     assert firsts[0]["latents"].shape == (2, 4, 16, 16) and firsts[0]["labels"].shape == (2,)
     assert not torch.equal(firsts[0]["latents"], firsts[1]["latents"])  # disjoint shards per rank
 
-    stream = LatentShardStream(shards, 2, seed=3, rank=0, world_size=1, num_workers=2, shuffle_buffer=3)
+    stream = imagenet_stream(str(out), 2, seed=3, rank=0, world_size=1, num_workers=2, shuffle_buffer=3)
     it = iter(stream)
     run = [next(it) for _ in range(6)]  # crosses an epoch boundary (4 batches per epoch)
-    again = LatentShardStream(shards, 2, seed=3, rank=0, world_size=1, num_workers=2, shuffle_buffer=3)
+    again = imagenet_stream(str(out), 2, seed=3, rank=0, world_size=1, num_workers=2, shuffle_buffer=3)
     it2 = iter(again)
     [next(it2) for _ in range(3)]
-    resumed = LatentShardStream(shards, 2, seed=3, rank=0, world_size=1, num_workers=2, shuffle_buffer=3)
+    resumed = imagenet_stream(str(out), 2, seed=3, rank=0, world_size=1, num_workers=2, shuffle_buffer=3)
     resumed.load_state_dict(again.state_dict())
     rest = [b for _, b in zip(range(3), iter(resumed))]
     for a, b in zip(run[3:], rest):

@@ -12,9 +12,10 @@ from diffusers import AutoencoderRAE
 
 from selfflow.core.cli import main
 from selfflow.core.config import load_config
+from selfflow.core.data.shard_format import shard_urls
 from selfflow.core.trainer import Trainer
 from selfflow.image.codecs import load_autoencoder
-from selfflow.image.latent_shards import LatentShardStream, list_shards
+from selfflow.image.latent_shards import imagenet_stream
 from selfflow.image.modality import ImageModality
 from selfflow.image.prepare_image_text import load_image
 from selfflow.image.prepare_imagenet import list_images
@@ -62,7 +63,7 @@ def test_prepared_latents_equal_direct_encoding_and_train(codec, codec_dirs, jpe
 
     vae = load_autoencoder(codec, codec_dirs[codec])
     files, _ = list_images(jpeg_folder)
-    shards = list_shards(out)
+    shards = shard_urls(out)
     samples = [s for sh in shards for s in wds.WebDataset(sh, shardshuffle=False, empty_check=False)]
     assert len(samples) == 6 and all("moments.npy" not in s for s in samples)
     for s in samples:
@@ -76,7 +77,7 @@ def test_prepared_latents_equal_direct_encoding_and_train(codec, codec_dirs, jpe
                                    atol=1e-5, rtol=0)
 
     # the reader returns the stored latents as they are (or their mirrored version)
-    batch = next(iter(LatentShardStream(shards, 3, seed=0, rank=0, world_size=1, flip=True, shuffle_buffer=1)))
+    batch = next(iter(imagenet_stream(str(out), 3, seed=0, rank=0, world_size=1, flip=True, shuffle_buffer=1)))
     stored = {s["__key__"]: (np.load(io.BytesIO(s["latent.npy"])), np.load(io.BytesIO(s["latent_flip.npy"])))
               for s in samples}
     for z in batch["latents"].numpy():
@@ -87,7 +88,7 @@ def test_prepared_latents_equal_direct_encoding_and_train(codec, codec_dirs, jpe
             f"data.options.shards={out}", f"data.options.vae_path={codec_dirs[codec]}", "data.options.num_classes=2",
             "data.options.flip=true"]
     trainer = Trainer(load_config(TINY / f"imagenet256_{codec}.yaml", sets), progress=False)
-    assert trainer.modality.token_channels == shape[0]
+    assert trainer.run.modalities["image"].token_channels == shape[0]
     result = trainer.fit()
     assert result["samples"].is_file() and np.isfinite(result["last"]["loss"])
 
@@ -101,7 +102,7 @@ def test_imagenet_dtype_float16_and_rae_size_check(codec_dirs, jpeg_folder, tmp_
     base = ["prepare", "imagenet", "--src", str(jpeg_folder), "--out", str(out), "--image-size", "32",
             "--shard-size", "8", "--device", "cpu", "--no-progress"]
     assert main([*base, "--codec", "flux2", "--vae", str(codec_dirs["flux2"]), "--latent-dtype", "float16"]) == 0
-    s = next(iter(wds.WebDataset(list_shards(out)[0], shardshuffle=False, empty_check=False)))
+    s = next(iter(wds.WebDataset(shard_urls(out)[0], shardshuffle=False, empty_check=False)))
     assert np.load(io.BytesIO(s["latent.npy"])).dtype == np.float16
     with pytest.raises(ValueError, match="codec rae needs image_size 32"):
         main([*base, "--image-size", "64", "--codec", "rae", "--vae", str(codec_dirs["rae"])])

@@ -5,7 +5,8 @@ import pytest
 import webdataset as wds
 from scipy.spatial.transform import Rotation
 
-from selfflow.robotics.dataset import EpisodeWindowStream, cut_window, decode_episode
+from selfflow.core.data.shard_format import shard_urls
+from selfflow.robotics.dataset import cut_window, decode_episode, episode_window_stream
 from selfflow.robotics.fractal import (
     GRIPPER,
     IS_FIRST,
@@ -21,7 +22,6 @@ from selfflow.robotics.normalize import (
     rpy_to_axis_angle,
 )
 from selfflow.robotics.prepare import episode_key, is_validation
-from selfflow.text.shards import shard_urls
 
 
 def _source_episodes(folder):
@@ -144,7 +144,7 @@ def test_window_stream_resumes_exactly(prepared):
     urls = shard_urls(out / "train")
 
     def make():
-        return EpisodeWindowStream(urls, 2, norm, frames=2, chunk=3, size=(16, 20), seed=5)
+        return episode_window_stream(urls, 2, norm, frames=2, chunk=3, size=(16, 20), seed=5)
 
     a = make()
     it = iter(a)

@@ -47,8 +47,10 @@ def test_action_time_follows_the_frame_it_produces(fake_data_dir):
 def test_bad_options_are_clear_errors(fake_data_dir):
     with pytest.raises(ValueError, match="not divisible by patch"):
         _modality(fake_data_dir, image_size=(30, 40))
-    with pytest.raises(ValueError, match=r"needs data\.options\.shards"):
+    with pytest.raises(ValueError, match=r"episode_shards\.shards\n  Field required"):
         RT1Modality({"dataset": "episode_shards"})
+    with pytest.raises(ValueError, match=r"episode_shards\.fake_dir\n  Extra inputs are not permitted"):
+        RT1Modality({"dataset": "episode_shards", "shards": "x", "fake_dir": "y"})
     m = _modality(fake_data_dir, conditioning="class")
     with pytest.raises(ValueError, match="conditioning 'class' knows only"):
         m.with_labels({"captions": ["stack the blocks"]})
@@ -65,11 +67,12 @@ def test_tiny_model_overfits_one_batch_of_action_chunks(fake_data_dir, tmp_path)
         "train.batch_size=4", "optim.lr=0.003", "optim.warmup_steps=0", "data.options.image_size=[16,16]"])
     torch.manual_seed(0)
     tr = Trainer(cfg, resume=False, progress=False)
-    assert tr.objective.mask_ratio == 0.1 and tr.objective.gamma == 0.8  # Self-Flow stays on (video)
-    m = tr.modality
+    objective = tr.run.objectives["rt1"]
+    assert objective.mask_ratio == 0.1 and objective.gamma == 0.8  # Self-Flow stays on (video)
+    m = tr.run.modalities["rt1"]
     assert m.action_copies == 1 and m.token_groups(m.pack(torch.zeros(1, 3, 2, 16, 16), torch.zeros(1, 4, 7))
                                                   ).tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    batch = next(iter(tr.stream))
+    batch = next(iter(tr.streams["rt1"]))
     tokens, cond = m.encode(batch, "cpu")
 
     def action_error() -> float:
@@ -77,7 +80,7 @@ def test_tiny_model_overfits_one_batch_of_action_chunks(fake_data_dir, tmp_path)
 
     before = action_error()
     for _ in range(80):
-        out = tr.train_step([batch])
+        out = tr.train_step([batch], "rt1")
     after = action_error()
     assert {"loss_fm_video", "loss_fm_action"} <= set(out) and np.isfinite(out["loss"])
     assert "loss_fm_context" not in out  # the clean current frame carries no loss
@@ -90,8 +93,9 @@ def test_legacy_plain_objective_still_trains(fake_data_dir, tmp_path):
         f"output_dir={tmp_path}", f"data.options.fake_dir={fake_data_dir}", "train.steps=2",
         "train.batch_size=2", "data.options.image_size=[16,16]", "data.options.schedule=null"])
     tr = Trainer(cfg, resume=False, progress=False)
-    assert tr.modality.token_schedule() is None and tr.modality.action_copies == 28
-    out = tr.train_step([next(iter(tr.stream))])
+    m = tr.run.modalities["rt1"]
+    assert m.token_schedule() is None and m.action_copies == 28
+    out = tr.train_step([next(iter(tr.streams["rt1"]))], "rt1")
     assert {"loss", "loss_fm", "loss_rep"} <= set(out) and not any(k.startswith("loss_fm_") for k in out)
 
 

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from selfflow.text.build_encoder import build_text_encoder
 from selfflow.text.cache import CachedTextEncoder
-from selfflow.text.encoder import HFTextEncoder, build_text_encoder, pad_embeddings
+from selfflow.text.encoder import HFTextEncoder, pad_embeddings
 from selfflow.text.tiny import TinyTextEncoder, tokenize
 
 

@@ -15,7 +15,7 @@ from selfflow.video.synthetic_moving_shapes import CAPTIONS
 from .conftest import moving_bar_video
 
 TINY = ["data.modality=video", "model.hidden_size=32", "model.num_heads=2", "model.depth_double=1",
-        "model.depth_single=2", "model.axes_dim=[4,6,6]", "train.batch_size=2", "train.log_every=1",
+        "model.depth_single=2", "model.axes_dim=[4,6,6]", "train.batch_size=2", "logging.every=1",
         "sample.steps=2", "sample.num_samples=2", "ema.decay=0.9", "train.steps=2"]
 
 
@@ -74,7 +74,7 @@ def test_trainer_end_to_end(tmp_path, conditioning):
                              "data.options.image_size=16", f"data.options.conditioning={conditioning}",
                              "data.options.text.dim=8", "sample.cfg_scale=2.0"])
     trainer = Trainer(cfg, progress=False)
-    assert trainer.model_cfg.context_dim == (8 if conditioning == "text" else 0)
+    assert trainer.run.model_config.context_dim == (8 if conditioning == "text" else 0)
     result = trainer.fit()
     assert result["samples"].suffix == ".mp4" and result["samples"].is_file()
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "v" / "metrics.jsonl"))
@@ -100,7 +100,7 @@ def test_prepare_shards_and_train_on_latents(tmp_path, wan_dir):
                              f"data.options.vae_dir={wan_dir}", "data.options.text.dim=8",
                              "data.options.patch=[1,1,1]"])
     trainer = Trainer(cfg, progress=False)
-    batch = next(iter(trainer.stream))
+    batch = next(iter(trainer.streams["video"]))
     assert batch["latent"].shape == (2, 4, 2, 2, 2) and len(batch["emb"]) == 2
     result = trainer.fit()
     assert result["samples"].is_file()

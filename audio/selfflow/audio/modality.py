@@ -14,34 +14,46 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfflow.core.indexed_stream import IndexedStream
-from selfflow.core.modality import Batch, DataStream, Modality
+from selfflow.core.data.indexed_stream import IndexedStream
+from selfflow.core.data.shard_format import shard_urls
+from selfflow.core.data.shard_stream import ShardStream
+from selfflow.core.data.stats import latent_stats
+from selfflow.core.modality import Batch, DataStream, Modality, options_union
 from selfflow.core.registry import register_modality
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.tokens import Conditioning, Tokens
 from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
 from selfflow.text.encoder import TextEncoderOptions
-from selfflow.text.shards import LatentShardStream, collate_samples, latent_stats, shard_urls
 
 from .audio_io import write_wav
 from .synthetic_tones import CAPTIONS, render_batch
 from .waveform_codec import WaveformCodec, frames_to_tokens, tokens_to_frames
 
 
-class AudioOptions(BaseModel):
+class _CommonAudioOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset: Literal["synthetic_tones", "latent_shards"] = "synthetic_tones"
     codec: Literal["waveform", "songbloom", "stable_audio"] = Field("waveform", description="latent_shards: an Oobleck VAE")
-    sample_rate: int = Field(8000, ge=1000, description="synthetic tones: Hz")
-    num_samples: int = Field(4096, ge=64, description="synthetic tones: samples per clip")
+    sample_rate: int = Field(8000, ge=1000, description="Hz of synthetic tones (shards: codec.json's, if recorded)")
+    num_samples: int = Field(4096, ge=64, description="waveform codec: samples per clip")
     patch: int = Field(64, ge=1, description="waveform samples per token (latents: frames per token)")
     conditioning: Literal["class", "text"] = "text"
     text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
     sample_captions: list[str] | None = Field(None, description="preview prompts (None: the synthetic captions)")
-    shards: str | None = Field(None, description="latent_shards: directory written by `selfflow prepare audio`")
     vae_dir: str | None = Field(None, description="Oobleck codec: local diffusers-format directory (decoding)")
-    data_seed: int = 0
+
+
+class SyntheticTonesOptions(_CommonAudioOptions):
+    dataset: Literal["synthetic_tones"] = "synthetic_tones"
+    data_seed: int = Field(0, description="which synthetic stream (independent of the training seed)")
+
+
+class AudioShardsOptions(_CommonAudioOptions):
+    dataset: Literal["latent_shards"]
+    shards: str = Field(description="directory written by `selfflow prepare audio`")
+
+
+AudioOptions = options_union("dataset", "synthetic_tones", SyntheticTonesOptions, AudioShardsOptions)
 
 
 @register_modality
@@ -57,9 +69,8 @@ class AudioModality(CaptionedModalityMixin, Modality):
         self.waveform = None
         self.info: dict[str, Any] = {}
         if o.dataset == "latent_shards":
-            if o.codec == "waveform" or not o.shards:
-                raise ValueError("dataset 'latent_shards' needs an Oobleck codec (songbloom | stable_audio) and "
-                                 "shards: the directory written by `selfflow prepare audio`")
+            if o.codec == "waveform":
+                raise ValueError("dataset 'latent_shards' needs an Oobleck codec (codec: songbloom | stable_audio)")
             info = Path(o.shards) / "codec.json"
             if not info.is_file():
                 raise FileNotFoundError(f"{info} not found: is {o.shards} a `selfflow prepare audio` output?")
@@ -96,7 +107,7 @@ class AudioModality(CaptionedModalityMixin, Modality):
     def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataStream:
         o = self.options
         if o.dataset == "latent_shards":
-            return LatentShardStream(shard_urls(o.shards), batch_size, collate_samples, seed, rank, world_size)
+            return ShardStream(shard_urls(o.shards), batch_size, seed=seed, rank=rank, world_size=world_size)
 
         def render(indices: range) -> Batch:
             media, labels, captions = render_batch(o.data_seed, indices, o.sample_rate, o.num_samples)

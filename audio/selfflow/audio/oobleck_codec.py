@@ -5,7 +5,7 @@
 - Stable Audio Open 1.0's VAE (the alternative): 44.1 kHz stereo, 2048×, 64 channels, diffusers format.
 
 Neither VAE ships latent statistics, so the normalisation ``(z − mean) / std`` uses per-channel statistics
-of the prepared dataset (:func:`selfflow.text.shards.latent_stats`), or none (0 / 1) until they are set.
+of the prepared dataset (:func:`selfflow.core.data.stats.latent_stats`), or none (0 / 1) until they are set.
 The encoder takes the posterior mean.
 """
 
@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from selfflow.core.codec import NormalizedVAE
+
 WEIGHTS = {
     "songbloom": "CypressYang/SongBloom (stable_audio_1920_vae.json + autoencoder_music_dsp1920.ckpt; "
                  "convert with `python -m selfflow.audio.songbloom CONFIG CKPT OUT_DIR`)",
@@ -25,19 +27,17 @@ WEIGHTS = {
 }
 
 
-class OobleckCodec(nn.Module):
+class OobleckCodec(NormalizedVAE):
     """``(B, 2, N)`` waveform in [-1, 1] ↔ normalised latents ``(B, C, N / hop)``."""
 
     def __init__(self, vae: nn.Module, mean: list[float] | None = None, std: list[float] | None = None):
-        super().__init__()
-        self.vae = vae.eval().requires_grad_(False)
         cfg = vae.config
-        self.latent_channels = cfg.decoder_input_channels
+        c = cfg.decoder_input_channels
+        super().__init__(vae, torch.zeros(1, c, 1), torch.ones(1, c, 1))
+        self.latent_channels = c
         self.hop = math.prod(cfg.downsampling_ratios)
         self.sample_rate = int(cfg.sampling_rate)
         self.audio_channels = int(cfg.audio_channels)
-        self.register_buffer("mean", torch.zeros(1, self.latent_channels, 1))
-        self.register_buffer("std", torch.ones(1, self.latent_channels, 1))
         if mean is not None and std is not None:
             self.set_stats(mean, std)
 
@@ -65,27 +65,11 @@ class OobleckCodec(nn.Module):
             raise ValueError(f"audio length {num_samples} is not a multiple of the VAE hop {self.hop}")
         return num_samples // self.hop
 
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.mean.to(z)) / self.std.to(z)
-
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.std.to(z) + self.mean.to(z)
-
     @torch.no_grad()
     def encode_raw(self, wave: torch.Tensor) -> torch.Tensor:
         """Posterior mean ``(B, C, N / hop)``, unnormalised (what shards store)."""
         self.latent_length(wave.shape[-1])
-        dtype = next(self.vae.parameters()).dtype
-        return self.vae.encode(wave.to(dtype)).latent_dist.mean.float()
-
-    @torch.no_grad()
-    def encode(self, wave: torch.Tensor) -> torch.Tensor:
-        return self.normalize(self.encode_raw(wave))
-
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode(self.denormalize(z).to(dtype)).sample.float().clamp(-1, 1)
+        return super().encode_raw(wave)
 
     def describe(self) -> dict[str, Any]:
         return {"codec": f"oobleck-z{self.latent_channels}-hop{self.hop}", "sample_rate": self.sample_rate}

@@ -3,7 +3,7 @@
 Each item: a ``seconds`` window (random start drawn from ``(seed, item index)``; zero-padded when the
 file is shorter) read at the VAE's sample rate in stereo → the raw posterior mean ``(C, T)`` float16.
 Latent statistics for the normalisation are the per-channel dataset statistics merged from the shard
-reports at training time (:func:`selfflow.text.shards.latent_stats`).
+reports at training time (:func:`selfflow.core.data.stats.latent_stats`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from selfflow.text.encoder import build_text_encoder
-from selfflow.text.manifest import MediaItem, PrepareOptions, list_media
-from selfflow.text.shards import write_json, write_shards
+from selfflow.core.data.manifest import MediaItem, list_media
+from selfflow.core.data.prepare_options import PrepareOptions
+from selfflow.core.data.shard_writer import write_json, write_shards
+from selfflow.text.build_encoder import build_text_encoder
 
 from .audio_io import audio_duration, fit_length, read_audio
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 
-from selfflow.core.prepare import prepare_subparsers
-from selfflow.text.manifest import add_prepare_arguments, prepare_options_from_args, print_report
+from selfflow.core.cli import prepare_subparsers
+from selfflow.core.data.prepare_options import (
+    add_prepare_arguments,
+    prepare_options_from_args,
+    print_report,
+)
 
 
 def _run(args: argparse.Namespace) -> int:

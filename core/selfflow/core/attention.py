@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 BACKENDS = ("auto", "sdpa", "xformers", "math")
 
@@ -53,5 +54,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias).transpose(1, 2)
     else:
         raise ValueError(f"unknown attention backend {backend!r}")
-    b, h, seq, d = out.shape
-    return out.transpose(1, 2).reshape(b, seq, h * d)
+    return rearrange(out, "b h l d -> b l (h d)")

@@ -1,43 +1,126 @@
-"""Backbone registry: ``model.arch`` in a run config → config class and module class.
+"""The open backbone registry: ``model.arch`` → the config class that validates the run config's ``model``
+section and the module class that :func:`build_backbone` instantiates from it.
 
-A backbone is an ``nn.Module`` with the API of :class:`~selfflow.core.mmdit.MMDiT`:
+The built-in ``mmdit`` and ``dit`` are registered here. Other packages add backbones without touching core:
 
-- ``forward(x, ids, t, cond, *, modality, capture=(), stop_after=None, project=False)``;
-- ``blocks()`` → the list of transformer blocks (the unit of FSDP2 sharding, compile and activation
-  checkpointing), an ``activation_checkpointing`` attribute, ``depth``, ``null_label``, ``projector``;
-- ``forward_flops(n_data, n_context=0, upto=None)`` → analytic FLOPs of one sample's forward.
+- call :func:`register_backbone` (tests, notebooks), or
+- advertise an entry point in the group ``selfflow.backbones``: ``arch = "package.module:SPEC"``, where
+  ``SPEC`` is a ``(config_cls, module_cls)`` pair (e.g. a :class:`BackboneSpec`) or a function of no
+  arguments returning one (to defer heavy imports). It is loaded the first time a config names ``arch``.
 
-Its config is a pydantic model with a literal ``arch`` field, ``depth``, ``modalities``, ``num_classes``
-and ``projector_mult`` (the trainer fills the last three from the modality and the objective).
+``config_cls`` is a pydantic model satisfying :class:`~.backbone_protocol.BackboneConfig` whose ``arch``
+field defaults to the registered name; ``module_cls(config)`` builds a
+:class:`~.backbone_protocol.Backbone` (see :mod:`.block_walk` and :mod:`.projector` for the shared parts).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from importlib.metadata import entry_points
+from typing import Any, NamedTuple
 
 import torch
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticCustomError
 from torch import nn
 
+from .backbone_protocol import Backbone, BackboneConfig
 from .dit import DiT, DiTConfig
 from .mmdit import MMDiT, MMDiTConfig
 
-BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {"mmdit": (MMDiTConfig, MMDiT), "dit": (DiTConfig, DiT)}
+ENTRY_POINT_GROUP = "selfflow.backbones"
+DEFAULT_ARCH = "mmdit"
 
 
-def register_backbone(arch: str, config_cls: type, module_cls: type[nn.Module]) -> None:
-    BACKBONES[arch] = (config_cls, module_cls)
+class BackboneSpec(NamedTuple):
+    config_cls: type[BaseModel]
+    module_cls: type[nn.Module]
 
 
-def build_backbone(cfg: Any) -> nn.Module:
+_BACKBONES: dict[str, BackboneSpec] = {}
+_PROTOCOL_MEMBERS = sorted({*Backbone.__annotations__, *(n for n in vars(Backbone) if not n.startswith("_"))})
+
+
+def register_backbone(arch: str, config_cls: type[BaseModel], module_cls: type[nn.Module]) -> None:
+    """Make ``model.arch: <arch>`` validate with ``config_cls`` and build ``module_cls(config)``."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, BaseModel)):
+        raise TypeError(f"backbone {arch!r}: the config class must be a pydantic BaseModel, got {config_cls!r}")
+    field = config_cls.model_fields.get("arch")
+    if field is None or field.default != arch:
+        raise TypeError(f"backbone {arch!r}: {config_cls.__name__} needs an 'arch' field defaulting to {arch!r}")
+    if not (isinstance(module_cls, type) and issubclass(module_cls, nn.Module)):
+        raise TypeError(f"backbone {arch!r}: the module class must be a torch.nn.Module, got {module_cls!r}")
+    _BACKBONES[arch] = BackboneSpec(config_cls, module_cls)
+
+
+def _entry_points() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_backbones() -> list[str]:
+    """Registered archs and those installed packages advertise (not loaded)."""
+    return sorted(set(_BACKBONES) | set(_entry_points()))
+
+
+def backbone_spec(arch: str) -> BackboneSpec:
+    """The config and module classes of ``arch`` (registered first, then the entry points)."""
+    if arch in _BACKBONES:
+        return _BACKBONES[arch]
+    eps = _entry_points()
+    if arch not in eps:
+        raise KeyError(f"unknown backbone {arch!r}; known: {', '.join(available_backbones())} (backbone "
+                       f"packages register under the {ENTRY_POINT_GROUP!r} entry point group)")
     try:
-        _, module_cls = BACKBONES[cfg.arch]
-    except KeyError:
-        raise ValueError(f"unknown model.arch {cfg.arch!r}; known: {sorted(BACKBONES)}") from None
-    return module_cls(cfg)
+        spec = eps[arch].load()
+        if callable(spec) and not isinstance(spec, tuple):
+            spec = spec()
+    except Exception as e:  # a broken plug-in: say which one, not only the import error
+        raise ValueError(f"backbone plug-in {arch!r} (entry point {eps[arch].value!r}) failed to load: "
+                         f"{type(e).__name__}: {e}") from e
+    if not (isinstance(spec, tuple) and len(spec) == 2):
+        raise TypeError(f"entry point {arch} = {eps[arch].value!r} ({ENTRY_POINT_GROUP}) must give a "
+                        f"(config_cls, module_cls) pair, got {spec!r}")
+    register_backbone(arch, *spec)
+    return _BACKBONES[arch]
 
 
-def count_parameters(cfg: Any) -> int:
+def validate_model_config(value: Any) -> BaseModel:
+    """The run config's ``model`` section → an instance of the config class of its ``arch`` (default
+    ``mmdit``). Errors keep their key paths (``hidden_size``, ``arch``) for the config error message."""
+    arch = value.get("arch", DEFAULT_ARCH) if isinstance(value, dict) else getattr(value, "arch", DEFAULT_ARCH)
+    try:
+        spec = backbone_spec(arch) if isinstance(arch, str) else None
+    except KeyError as e:
+        spec, reason = None, e.args[0]
+    else:
+        reason = f"must be a backbone name, one of {', '.join(available_backbones())}"
+    if spec is None:
+        raise ValidationError.from_exception_data("model", [{
+            "type": PydanticCustomError("unknown_backbone", reason), "loc": ("arch",), "input": arch}])
+    if isinstance(value, spec.config_cls):
+        return value
+    return spec.config_cls.model_validate(value)
+
+
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    """The backbone a validated model config describes, checked against the backbone protocol."""
+    try:
+        spec = backbone_spec(cfg.arch)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+    model = spec.module_cls(cfg)
+    missing = [m for m in _PROTOCOL_MEMBERS if not hasattr(model, m)]
+    if missing:
+        raise TypeError(f"backbone {cfg.arch!r} ({spec.module_cls.__name__}) lacks {missing} of the backbone "
+                        "protocol (selfflow.core.backbone_protocol.Backbone)")
+    return model
+
+
+def count_parameters(cfg: BackboneConfig) -> int:
     """Parameters of the backbone ``cfg`` describes (fixed tables included), counted on the meta device."""
     with torch.device("meta"):
         model = build_backbone(cfg)
     return sum(p.numel() for p in model.parameters())
+
+
+register_backbone("mmdit", MMDiTConfig, MMDiT)
+register_backbone("dit", DiTConfig, DiT)

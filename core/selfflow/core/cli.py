@@ -24,6 +24,15 @@ EPILOG = """examples:
 """
 
 
+def _objective_summary(trainer) -> str:
+    """``self_flow (image: R_M=0.25, γ=0.8; layers 2→4)``: the objective as each modality resolved it."""
+    objectives = trainer.run.objectives
+    parts = [f"{n}: R_M={o.mask_ratio}, γ={o.gamma}" for n, o in objectives.items()]
+    first = next(iter(objectives.values()))
+    return (f"{trainer.cfg.objective.kind} ({'; '.join(parts)}; "
+            f"layers {first.student_layer}→{first.teacher_layer})")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .distributed import destroy
     from .trainer import Trainer
@@ -35,7 +44,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if main_rank:
             n = sum(p.numel() for p in trainer.raw.parameters())
             how = f"{trainer.dist.world_size} rank(s), {trainer.strategy}"
-            print(f"{cfg.name}: {n / 1e6:.2f}M parameters, {trainer.objective_name}, {how}, {trainer.device}")
+            print(f"{cfg.name}: {n / 1e6:.2f}M parameters, {_objective_summary(trainer)}, {how}, {trainer.device}")
             if trainer.resumed_from is not None:
                 print(f"resuming from {trainer.resumed_from} (step {trainer.step})")
         result = trainer.fit()
@@ -54,6 +63,32 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return run_sample(args)
 
 
+_PREPARE_TARGETS = "_selfflow_prepare_targets"
+
+
+def prepare_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The target group of ``selfflow prepare`` (created on first use). A modality package's
+    ``selfflow.commands`` registrar adds its dataset target (``imagenet``, ``video`` …) here, so no package
+    has to know about the others."""
+    targets = getattr(subparsers, _PREPARE_TARGETS, None)
+    if targets is None:
+        prep = subparsers.add_parser(
+            "prepare", help="prepare a dataset (encode to latents, write shards)",
+            description="Dataset preparation; each installed modality package adds its targets.")
+        targets = prep.add_subparsers(dest="prepare_target", metavar="TARGET")
+        prep.set_defaults(func=lambda args: (prep.print_help(), 1)[1])
+        setattr(subparsers, _PREPARE_TARGETS, targets)
+    return targets
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import format_plan, make_plan
+
+    cfg = load_config(args.config, args.set)
+    print(format_plan(make_plan(cfg), args.batch or cfg.train.batch_size, args.gpus, args.gpu_mem))
+    return 0
+
+
 def _cmd_modalities(args: argparse.Namespace) -> int:
     for name in available_modalities():
         print(name)
@@ -70,8 +105,11 @@ def add_sample_arguments(smp: argparse.ArgumentParser) -> None:
     smp.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none)")
     smp.add_argument("--guidance-low", type=float, help="apply CFG for t ≥ this (RF time)")
     smp.add_argument("--guidance-high", type=float, help="apply CFG for t ≤ this (RF time; official 0.7)")
-    smp.add_argument("--shift", type=float, help="time shift of the ODE grid")
-    smp.add_argument("--seed", type=int, default=0, help="noise seed (same seed → same samples)")
+    smp.add_argument("--shift", type=float, help="time shift of the ODE or SDE grid (1: uniform / official)")
+    smp.add_argument("--seed", type=int, help="noise seed (same seed → same samples; default 0, 31 with "
+                                               "--official-repro)")
+    smp.add_argument("--precision", choices=["fp32", "bf16"],
+                     help="bf16: model under bfloat16 autocast (CUDA; ~100x slower on CPU); default fp32")
     smp.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to use")
     smp.add_argument("--modality", help="mixed runs: which modality to sample (default: the first)")
     smp.add_argument("--out", type=Path, help="grid path (default: RUN/samples/sample_seed<S>)")
@@ -85,6 +123,11 @@ def add_sample_arguments(smp: argparse.ArgumentParser) -> None:
     many.add_argument("--official-ckpt", type=Path, help="a released checkpoint instead of --run")
     many.add_argument("--checkpoint-kind", help="which installed loader reads it (default: the only one)")
     many.add_argument("--vae", type=Path, help="local autoencoder directory for --official-ckpt")
+    many.add_argument("--official-repro", action="store_true",
+                      help="the official sample.py's per-batch seeds (31 + rank·100000 + batch), global "
+                           "generator, bf16 autocast and uint8 truncation, to reproduce its samples_N.npz")
+    many.add_argument("--official-world-size", type=int,
+                      help="--official-repro: GPUs of the official run to reproduce (default: this run's ranks)")
     many.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -115,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "torchrun ranks and resumable; --official-ckpt samples a released checkpoint.")
     add_sample_arguments(smp)
     smp.set_defaults(func=_cmd_sample)
+
+    plan = sub.add_parser(
+        "plan", help="parameters, FLOPs and GPU memory of a run config (no GPU needed)",
+        description="Capacity planning: parameters, FLOPs per step, activation memory per micro-batch with "
+                    "and without activation checkpointing, weights + EMA + optimizer memory under DDP and "
+                    "FSDP2, and the largest micro-batch that fits (method: selfflow.core.plan).")
+    plan.add_argument("--config", type=Path, help="YAML run config")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs (FSDP2 shards over them; default 1)")
+    plan.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GB (default 80)")
+    plan.add_argument("--batch", type=int, help="micro-batch per GPU (default: the config's train.batch_size)")
+    plan.set_defaults(func=_cmd_plan)
 
     mods = sub.add_parser("modalities", help="list installed modalities")
     mods.set_defaults(func=_cmd_modalities)

@@ -12,15 +12,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
-    Discriminator,
     Field,
-    Tag,
+    SerializeAsAny,
     ValidationError,
     field_validator,
 )
 
-from .dit import DiTConfig
+from .backbones import validate_model_config
 from .mmdit import MMDiTConfig
 from .objective import ObjectiveConfig
 from .sampler import SamplerConfig
@@ -83,19 +83,14 @@ class EMAConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """The training loop itself: steps, batch, precision, parallelism, stop policies, fine-tuning start."""
+
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1, description="per rank")
     seed: int = 0
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA); fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = Field(0, ge=0, description="torch CPU threads (0: leave torch's default)")
-    log_every: int = Field(10, ge=1)
-    sample_every: int = Field(0, ge=0, description="0: only at the end")
-    checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
-    keep_last: int = Field(2, ge=1)
-    plot_every: int = Field(100, ge=1)
-    eval_every: int = Field(0, ge=0, description="online evaluation period (0: off); needs an evaluator")
-    eval_samples: int = Field(200, ge=1, description="samples generated for each online evaluation")
     parallel: Literal["auto", "none", "ddp", "fsdp2"] = Field("auto", description="auto: ddp with >1 rank")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_nonfinite_steps: int = Field(10, ge=1, description="abort after this many non-finite steps in a row")
@@ -104,29 +99,43 @@ class TrainConfig(_Section):
     activation_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each block")
     tf32: bool = Field(True, description="TF32 matmuls on CUDA")
-    peak_tflops: float | None = Field(None, gt=0, description="per-device peak for MFU (None: not reported)")
     init_from: str | None = Field(None, description="fine-tune: start from this checkpoint file, run "
                                   "directory or ema.safetensors (new modality heads start fresh)")
     init_weights: Literal["ema", "model"] = Field("ema", description="which weights of init_from to start from")
     freeze: list[str] = Field(default_factory=list, description="parameter-name prefixes to keep frozen")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(0, ge=0, description="checkpoint period in steps (0: only at the end)")
+    keep_last: int = Field(2, ge=1, description="newest checkpoints kept")
+
+
+class LoggingConfig(_Section):
+    every: int = Field(10, ge=1, description="metrics.jsonl / TensorBoard / W&B period in steps")
+    plot_every: int = Field(100, ge=1, description="loss.png period in steps")
+    tensorboard: bool = Field(True, description="mirror the metrics to TensorBoard events")
     wandb: bool = Field(False, description="log to Weights & Biases when installed")
     wandb_project: str = "selfflow"
+    peak_tflops: float | None = Field(None, gt=0, description="per-device peak for MFU (None: not reported)")
+
+
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0, description="online evaluation period (0: off); needs an evaluator")
+    num_samples: int = Field(200, ge=1, description="samples generated for each online evaluation")
 
 
 class SampleConfig(SamplerConfig):
+    """The sampler of the run, and its preview grids during training."""
+
+    every: int = Field(0, ge=0, description="preview period in steps (0: only at the end)")
     num_samples: int = Field(64, ge=1, description="samples per grid written during training")
     seed: int = 1234
     use_ema: bool = True
 
 
-def _arch(value: Any) -> str:
-    """``model.arch``, defaulting to the MMDiT when the key is absent."""
-    return value.get("arch", "mmdit") if isinstance(value, dict) else getattr(value, "arch", "mmdit")
-
-
-ModelConfig = Annotated[Annotated[MMDiTConfig, Tag("mmdit")] | Annotated[DiTConfig, Tag("dit")],
-                        Discriminator(_arch)]
-_ARCH_TAGS = ("mmdit", "dit")
+# The config class of the backbone registered as ``model.arch`` (default mmdit; see .backbones), so plug-in
+# backbones bring their own schema; serialised with all of that class's fields.
+ModelConfig = Annotated[SerializeAsAny[BaseModel], BeforeValidator(validate_model_config)]
 
 
 class RunConfig(_Section):
@@ -137,6 +146,9 @@ class RunConfig(_Section):
     ema: EMAConfig = Field(default_factory=EMAConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     data: DataConfig = Field(default_factory=DataConfig)
 
@@ -155,12 +167,35 @@ class RunConfig(_Section):
         return Path(self.output_dir) / self.name
 
 
+# Keys that left ``train`` for the section of the component that reads them.
+MOVED_KEYS = {
+    "train.log_every": "logging.every",
+    "train.plot_every": "logging.plot_every",
+    "train.peak_tflops": "logging.peak_tflops",
+    "train.wandb": "logging.wandb",
+    "train.wandb_project": "logging.wandb_project",
+    "train.checkpoint_every": "checkpoint.every",
+    "train.keep_last": "checkpoint.keep_last",
+    "train.sample_every": "sample.every",
+    "train.eval_every": "eval.every",
+    "train.eval_samples": "eval.num_samples",
+}
+
+
+def _moved_keys(raw: dict[str, Any]) -> list[str]:
+    """``<old> moved to <new>`` for every moved key the config still uses."""
+    out = []
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            out.append(f"  {old} moved to {new}")
+    return out
+
+
 def _format_errors(err: ValidationError, source: str, raw: dict[str, Any]) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         loc = list(e["loc"])
-        if len(loc) > 1 and loc[0] == "model" and loc[1] in _ARCH_TAGS:
-            del loc[1]  # the union's tag is not a key the user wrote
         key = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (value {e['input']!r})")
@@ -216,6 +251,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         raw = apply_overrides(raw, overrides)
         source += " with overrides " + " ".join(overrides)
+    moved = _moved_keys(raw)
+    if moved:
+        raise ConfigError("\n".join([f"invalid config {source}:", *moved]))
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:

@@ -19,16 +19,16 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from einops import rearrange
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import attention, resolve_backend
-from .mmdit import Projector, apply_preset, project_captured
-from .modulation import TokenTimesteps, gather_levels, timestep_embedding
+from .block_walk import BlockWalk
+from .modulation import TIME_EMBED_DIM, TokenTimesteps, gather_levels, modulate, timestep_embedding
+from .presets import apply_preset
+from .projector import MLPProjector, Projector
 from .tokens import Conditioning
-
-TIME_EMBED_DIM = 256
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and tiny runs.
@@ -139,8 +139,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 × (B, H, L, Dh)
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
         return self.proj(attention(q, k, v, None, backend))
 
 
@@ -153,10 +152,6 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
 
 
 class DiTBlock(nn.Module):
@@ -189,22 +184,6 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class MLPProjector(nn.Module):
-    """REPA's projector: ``Linear → SiLU`` repeated, last Linear without activation."""
-
-    def __init__(self, dim: int, dims: tuple[int, ...]):
-        super().__init__()
-        layers: list[nn.Module] = []
-        for i, out in enumerate(dims):
-            layers.append(nn.Linear(dims[i - 1] if i else dim, out))
-            if i < len(dims) - 1:
-                layers.append(nn.SiLU())
-        self.mlp = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
-
-
 class BlockList(nn.ModuleList):
     """The blocks under the official name ``blocks.i``; calling it, ``model.blocks()``, gives the list the
     backbone API asks for (units of FSDP2 sharding, compile and activation checkpointing)."""
@@ -216,7 +195,7 @@ class BlockList(nn.ModuleList):
 class DiT(nn.Module):
     """``forward(x, ids, t, cond, *, modality, capture, stop_after, project)`` → RF velocity ``(B, L, C)``.
 
-    Same contract as :class:`~selfflow.core.mmdit.MMDiT`; ``cond`` may also be a labels tensor ``(B,)``
+    The :class:`~.backbone_protocol.Backbone` contract; ``cond`` may also be a labels tensor ``(B,)``
     (so ``model(x, ids, t, labels)`` mirrors the official ``forward(x, timesteps=t, vector=labels)``).
     """
 
@@ -271,8 +250,6 @@ class DiT(nn.Module):
         return self.cfg.num_classes
 
     def forward_flops(self, n_data: int, n_context: int = 0, upto: int | None = None) -> float:
-        from .flops import dit_forward_flops
-
         return dit_forward_flops(self.cfg, n_data, upto, self.channels)
 
     def condition_vector(self, tt: TokenTimesteps, labels: torch.Tensor | None) -> torch.Tensor:
@@ -300,36 +277,37 @@ class DiT(nn.Module):
         if modality is not None and modality not in self.cfg.modalities:
             raise KeyError(f"modality {modality!r} is not the one this DiT was built for "
                            f"({next(iter(self.cfg.modalities))!r})")
-        for k in (*capture, *(() if stop_after is None else (stop_after,))):
-            if not 1 <= k <= self.depth:
-                raise ValueError(f"block {k} is out of range 1..{self.depth}")
+        walk = BlockWalk(self, capture, stop_after, project)
         b, n, _ = x.shape
         tt = TokenTimesteps.coerce(t, b, n)
         backend = resolve_backend(self.cfg.attention, x.device)
         c = self.condition_vector(tt, cond.labels)
         h = self.x_embedder(x) + self.position_embedding(ids).to(x.dtype)
-        captured: dict[int, torch.Tensor] = {}
-        for i, block in enumerate(self.blocks, start=1):
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, tt.index, backend, use_reentrant=False)
-            else:
-                h = block(h, c, tt.index, backend)
-            if i in capture:
-                captured[i] = h
-            if i == stop_after:
-                return None, self._finish_capture(captured, project)
+        for block in self.blocks:
+            h = walk(block, h, c, tt.index, backend)
+            if walk.finished(h):
+                return walk.stopped()
         out = self.to_tokens(self.final_layer(h, c, tt.index))
         if self.cfg.time_input == "sit":
             out = -out
-        return (out, self._finish_capture(captured, project)) if capture else out
+        return walk.output(out)
 
     def to_tokens(self, out: torch.Tensor) -> torch.Tensor:
         """Final-layer output, ordered ``(p, q, c)`` as DiT's unpatchify, → our ``(c, p, q)`` tokens; the
         learned-sigma half is dropped."""
-        b, n, _ = out.shape
         p = self.cfg.patch_size
-        out = out.view(b, n, p, p, -1).permute(0, 1, 4, 2, 3)  # (B, L, c_out, p, q)
-        return out[:, :, : self.latent_channels].reshape(b, n, self.channels)
+        out = rearrange(out, "b l (p q c) -> b l c p q", p=p, q=p)[:, :, : self.latent_channels]
+        return rearrange(out, "b l c p q -> b l (c p q)")
 
-    def _finish_capture(self, captured: dict[int, torch.Tensor], project: bool) -> dict[int, torch.Tensor]:
-        return project_captured(self.projector, captured, project)
+
+def dit_forward_flops(cfg: DiTConfig, n_data: int, upto: int | None = None, token_channels: int = 0) -> float:
+    """Matmul FLOPs of one sample's forward through blocks ``1 … upto`` (all and the head if None), with the
+    adaLN computed once per sample (one distinct level), as :class:`DiT` does."""
+    d, h, n = cfg.hidden_size, cfg.mlp_hidden, n_data
+    per_block = 2 * n * (4 * d * d + 2 * d * h) + 2 * 2 * n * n * d + 2 * 6 * d * d
+    total = 2.0 * token_channels * d * n + 2.0 * (TIME_EMBED_DIM * d + d * d)  # patch embed, timestep MLP
+    total += per_block * (cfg.depth if upto is None else upto)
+    if upto is None:
+        out = token_channels * (2 if cfg.learn_sigma else 1)
+        total += 2.0 * d * out * n + 2.0 * d * 2 * d
+    return total

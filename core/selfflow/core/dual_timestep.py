@@ -3,17 +3,22 @@
 Per sample draw ``t`` and ``s`` independently from the base distribution (unsorted, so each token's
 noise level keeps the base marginal), mask exactly ``round(R_M·L)`` random tokens, and give masked tokens
 ``s`` and the others ``t``. The student sees ``x_τ`` per token; the EMA teacher sees every token at the
-cleaner level ``τ_min = min(t, s)``.
+cleaner level ``τ_min = min(t, s)`` (``teacher_level="min_ts"``), or — SRA's choice when nothing is masked —
+at the student's level ``t`` (``teacher_level="t"``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from .modulation import TokenTimesteps
 from .timesteps import TimestepDistribution
+
+TeacherLevel = Literal["min_ts", "t"]
+TEACHER_LEVELS: tuple[str, ...] = ("min_ts", "t")
 
 
 @dataclass
@@ -33,6 +38,10 @@ class DualTimesteps:
     def tau_min(self) -> torch.Tensor:
         """The teacher's single level per sample ``(B,)``."""
         return torch.minimum(self.t, self.s)
+
+    def teacher_level(self, level: TeacherLevel) -> torch.Tensor:
+        """The teacher's single level per sample ``(B,)``: ``τ_min`` or ``t``."""
+        return self.tau_min if level == "min_ts" else self.t
 
     def token_timesteps(self) -> TokenTimesteps:
         """The student's τ as two levels per sample: index 0 → t, 1 → s (no search, no device sync)."""

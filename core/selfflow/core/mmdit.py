@@ -3,7 +3,7 @@
 Double-stream blocks (data stream + context stream, joint attention) then single-stream blocks; QK
 RMSNorm; SwiGLU MLPs; bias-free linears; 3D RoPE over ``(t, h, w)``; adaLN modulation shared across
 blocks (as in FLUX.2) and computed on the distinct timesteps of each sample (:mod:`.modulation`).
-Only the input and output projections are per modality.
+Only the input and output projections are per modality. The blocks live in :mod:`.mmdit_blocks`.
 
 Blocks are numbered ``1 … depth_double + depth_single`` (double blocks first), the numbering used by
 ``capture=`` / ``stop_after=`` and by the Self-Flow student/teacher layers.
@@ -16,14 +16,15 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .attention import attention, resolve_backend
-from .modulation import TokenTimesteps, gather_levels, timestep_embedding
-from .rope import apply_rope, rope_cos_sin
+from .attention import resolve_backend
+from .block_walk import BlockWalk
+from .mmdit_blocks import DoubleStreamBlock, FinalLayer, Modulation, SingleStreamBlock
+from .modulation import TIME_EMBED_DIM, TokenTimesteps, gather_levels, timestep_embedding
+from .presets import apply_preset
+from .projector import Projector
+from .rope import rope_cos_sin
 from .tokens import Conditioning
-
-TIME_EMBED_DIM = 256
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~1.3M: CPU experiments and tests.
@@ -36,18 +37,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper625m": dict(hidden_size=1152, num_heads=16, depth_double=7, depth_single=14,
                       axes_dim=(24, 24, 24), context_dim=4096),
 }
-
-
-def apply_preset(data: Any, presets: dict[str, dict[str, Any]], what: str) -> Any:
-    """Fill a raw config dict from ``presets[data["preset"]]``; keys given explicitly win."""
-    if isinstance(data, dict) and data.get("preset") is not None:
-        name = data["preset"]
-        if not isinstance(name, str):
-            raise ValueError(f"{what} must be a name, one of {sorted(presets)} (got {name!r})")
-        if name not in presets:
-            raise ValueError(f"unknown {what} {name!r}; choose one of {sorted(presets)}")
-        data = {**presets[name], **data}
-    return data
 
 
 class MMDiTConfig(BaseModel):
@@ -63,7 +52,8 @@ class MMDiTConfig(BaseModel):
     depth_double: int = Field(2, ge=0)
     depth_single: int = Field(4, ge=0)
     axes_dim: tuple[int, int, int] = (8, 12, 12)
-    rope_theta: float = Field(10000.0, gt=0)
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base: axis channel pair i turns by "
+                              "theta^(-2i/axes_dim) per position (FLUX.1/this default: 10000; FLUX.2: 2000)")
     num_classes: int = Field(0, ge=0, description="class labels (0: none); id num_classes is the null label")
     class_token: bool = Field(False, description="also feed the label as one context token (joint attention), "
                               "besides the shared modulation")
@@ -102,151 +92,9 @@ class MMDiTConfig(BaseModel):
         return int(self.hidden_size * self.mlp_ratio)
 
 
-class QKNorm(nn.Module):
-    """RMSNorm of queries and keys per head (learned scale), for stable attention logits."""
-
-    def __init__(self, head_dim: int):
-        super().__init__()
-        self.query_norm = nn.RMSNorm(head_dim, eps=1e-6)
-        self.key_norm = nn.RMSNorm(head_dim, eps=1e-6)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.query_norm(q), self.key_norm(k)
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w_in = nn.Linear(dim, 2 * hidden, bias=False)
-        self.w_out = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.w_in(x).chunk(2, dim=-1)
-        return self.w_out(nn.functional.silu(a) * b)
-
-
-class StreamAttention(nn.Module):
-    """The per-stream half of joint attention: qkv projection with QK norm, and the output projection."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.norm = QKNorm(dim // heads)
-        self.proj = nn.Linear(dim, dim, bias=False)
-
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, seq, _ = x.shape
-        q, k, v = self.qkv(x).view(b, seq, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 × (B, H, L, Dh)
-        q, k = self.norm(q, k)
-        return q, k, v
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
-
-
-class DoubleStreamBlock(nn.Module):
-    """Separate weights for the data and context streams, one attention over both."""
-
-    def __init__(self, dim: int, heads: int, mlp_hidden: int, has_context: bool):
-        super().__init__()
-        self.img_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.img_attn = StreamAttention(dim, heads)
-        self.img_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.img_mlp = SwiGLU(dim, mlp_hidden)
-        self.has_context = has_context
-        if has_context:
-            self.txt_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-            self.txt_attn = StreamAttention(dim, heads)
-            self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-            self.txt_mlp = SwiGLU(dim, mlp_hidden)
-
-    def forward(self, img: torch.Tensor, txt: torch.Tensor | None, img_mod: list[torch.Tensor],
-                txt_mod: list[torch.Tensor] | None, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        shift1, scale1, gate1, shift2, scale2, gate2 = img_mod
-        q, k, v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), shift1, scale1))
-        n_txt = 0
-        if txt is not None:
-            t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
-            tq, tk, tv = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), t_shift1, t_scale1))
-            q, k, v = torch.cat([tq, q], 2), torch.cat([tk, k], 2), torch.cat([tv, v], 2)
-            n_txt = txt.shape[1]
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, mask, backend)
-        txt_out, img_out = out[:, :n_txt], out[:, n_txt:]
-        img = img + gate1 * self.img_attn.proj(img_out)
-        img = img + gate2 * self.img_mlp(modulate(self.img_norm2(img), shift2, scale2))
-        if txt is not None:
-            txt = txt + t_gate1 * self.txt_attn.proj(txt_out)
-            txt = txt + t_gate2 * self.txt_mlp(modulate(self.txt_norm2(txt), t_shift2, t_scale2))
-        return img, txt
-
-
-class SingleStreamBlock(nn.Module):
-    """One set of weights over the concatenated ``[context; data]`` sequence; attention ∥ MLP."""
-
-    def __init__(self, dim: int, heads: int, mlp_hidden: int):
-        super().__init__()
-        self.heads, self.dim, self.mlp_hidden = heads, dim, mlp_hidden
-        self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear1 = nn.Linear(dim, 3 * dim + 2 * mlp_hidden, bias=False)
-        self.norm = QKNorm(dim // heads)
-        self.linear2 = nn.Linear(dim + mlp_hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor, mod: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, backend: str) -> torch.Tensor:
-        shift, scale, gate = mod
-        b, seq, _ = x.shape
-        qkv, mlp_in = self.linear1(modulate(self.pre_norm(x), shift, scale)).split(
-            [3 * self.dim, 2 * self.mlp_hidden], dim=-1)
-        q, k, v = qkv.view(b, seq, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = self.norm(q, k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        a, g = mlp_in.chunk(2, dim=-1)
-        out = torch.cat([attention(q, k, v, mask, backend), nn.functional.silu(a) * g], dim=-1)
-        return x + gate * self.linear2(out)
-
-
-class Modulation(nn.Module):
-    """``n`` (shift, scale, gate) triples from the conditioning vector, shared by every block."""
-
-    def __init__(self, dim: int, n: int):
-        super().__init__()
-        self.n = n
-        self.lin = nn.Linear(dim, 3 * n * dim, bias=False)
-
-    def forward(self, vec: torch.Tensor) -> torch.Tensor:
-        return self.lin(nn.functional.silu(vec))  # (B, K, 3·n·D)
-
-
-class FinalLayer(nn.Module):
-    def __init__(self, dim: int, out_channels: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=False))
-        self.linear = nn.Linear(dim, out_channels, bias=False)
-
-    def forward(self, x: torch.Tensor, vec: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        shift, scale = gather_levels(self.adaLN_modulation(vec), index).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
-
-
-class Projector(nn.Module):
-    """Self-Flow's head from student features to the teacher's space: Linear → SiLU → Linear."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.linear1 = nn.Linear(dim, hidden)
-        self.linear2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(nn.functional.silu(self.linear1(x)))
-
-
 class MMDiT(nn.Module):
-    """``forward(x, ids, t, cond, *, modality, capture, stop_after)`` → velocity ``(B, L, C)``.
+    """``forward(x, ids, t, cond, *, modality, capture, stop_after, project)`` → velocity ``(B, L, C)``
+    (the :class:`~.backbone_protocol.Backbone` contract).
 
     ``t`` is ``(B,)``, ``(B, L)`` or a :class:`TokenTimesteps`, in RF time (t=0 data, t=1 noise); the
     output is the RF velocity ``ε − x0``. With ``capture=(k, …)`` it returns ``(velocity, {k: (B, L, D)})``,
@@ -312,8 +160,6 @@ class MMDiT(nn.Module):
         return [*self.double_blocks, *self.single_blocks]
 
     def forward_flops(self, n_data: int, n_context: int = 0, upto: int | None = None) -> float:
-        from .flops import mmdit_forward_flops
-
         return mmdit_forward_flops(self.cfg, n_data, n_context, upto, token_channels=max(self.cfg.modalities.values()))
 
     @property
@@ -338,9 +184,7 @@ class MMDiT(nn.Module):
         if modality not in self.img_in:
             raise KeyError(f"modality {modality!r} has no projections in this model "
                            f"(known: {sorted(self.img_in)})")
-        for k in (*capture, *(() if stop_after is None else (stop_after,))):
-            if not 1 <= k <= self.depth:
-                raise ValueError(f"block {k} is out of range 1..{self.depth}")
+        walk = BlockWalk(self, capture, stop_after, project)
         b, n_img, _ = x.shape
         tt = TokenTimesteps.coerce(t, b, n_img)
         backend = resolve_backend(self.cfg.attention, x.device)
@@ -377,54 +221,42 @@ class MMDiT(nn.Module):
             keep = torch.cat([context_mask.bool(), context_mask.new_ones(b, n_img, dtype=torch.bool)], 1)
             mask = keep[:, None, None, :]  # (B, 1, 1, Lc + L)
 
-        captured: dict[int, torch.Tensor] = {}
-        block_no = 0
         if self.double_blocks:
             img_mod = list(gather_levels(self.double_mod_img(vec), idx_img).chunk(6, dim=-1))
             txt_mod = (list(self.double_mod_txt(txt_vec).chunk(6, dim=-1))
                        if self.double_mod_txt is not None else None)
             for block in self.double_blocks:
-                img, txt = self._run(block, img, txt, img_mod, txt_mod, rope, mask, backend)
-                block_no += 1
-                if block_no in capture:
-                    captured[block_no] = img
-                if block_no == stop_after:
-                    return None, self._finish_capture(captured, project)
+                img, txt = walk(block, img, txt, img_mod, txt_mod, rope, mask, backend)
+                if walk.finished(img):
+                    return walk.stopped()
         if self.single_blocks:
             single_mod = list(gather_levels(self.single_mod(vec_all), idx_all).chunk(3, dim=-1))
-            h = img if txt is None else torch.cat([txt, img], 1)
+            h = img if txt is None else torch.cat([txt, img], 1)  # (B, Lc + L, D)
             for block in self.single_blocks:
-                h = self._run(block, h, single_mod, rope, mask, backend)
-                block_no += 1
-                if block_no in capture:
-                    captured[block_no] = h[:, n_txt:]
-                if block_no == stop_after:
-                    return None, self._finish_capture(captured, project)
+                h = walk(block, h, single_mod, rope, mask, backend)
+                if walk.finished(h, n_txt):
+                    return walk.stopped()
             img = h[:, n_txt:]
-        out = self.final[modality](img, vec, idx_img)
-        return (out, self._finish_capture(captured, project)) if capture else out
-
-    def _run(self, block: nn.Module, *args):
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
-    def _finish_capture(self, captured: dict[int, torch.Tensor], project: bool) -> dict[int, torch.Tensor]:
-        return project_captured(self.projector, captured, project)
+        return walk.output(self.final[modality](img, vec, idx_img))
 
 
-def project_captured(projector: nn.Module | None, captured: dict[int, torch.Tensor], project: bool
-                     ) -> dict[int, torch.Tensor]:
-    """Captured hidden states, through the Self-Flow projector when ``project`` (shared by the backbones)."""
-    if not project:
-        return captured
-    if projector is None:
-        raise RuntimeError("this model was built without a projector (model.projector_mult = 0)")
-    return {k: projector(h) for k, h in captured.items()}
-
-
-def count_parameters(cfg: MMDiTConfig) -> int:
-    """Parameters of ``MMDiT(cfg)``, counted on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = MMDiT(cfg)
-    return sum(p.numel() for p in model.parameters())
+def mmdit_forward_flops(cfg: MMDiTConfig, n_data: int, n_context: int = 0, upto: int | None = None,
+                        token_channels: int = 0) -> float:
+    """Matmul FLOPs of one sample's forward through blocks ``1 … upto`` (all blocks and the heads if None);
+    norms and elementwise ops are a few percent and left out, as is customary for MFU."""
+    d, h = cfg.hidden_size, cfg.mlp_hidden
+    n_context += int(cfg.class_token)  # the label's context token
+    n = n_data + n_context
+    stream = 3 * d * d + d * d + 2 * h * d + h * d  # qkv, proj, SwiGLU in + out
+    single = d * (3 * d + 2 * h) + (d + h) * d
+    attn = 2 * 2 * n * n * d  # QKᵀ and AV
+    total = 2.0 * token_channels * d * n_data  # input projection
+    blocks = cfg.depth if upto is None else upto
+    for b in range(1, blocks + 1):
+        if b <= cfg.depth_double:
+            total += 2 * stream * n_data + 2 * stream * n_context + attn
+        else:
+            total += 2 * single * n + attn
+    if upto is None:
+        total += 2.0 * d * token_channels * n_data + 2.0 * d * 2 * d  # output head + its modulation
+    return total

@@ -11,11 +11,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Discriminator, Tag, TypeAdapter
 
 from .timesteps import TimestepDistribution
 from .token_schedule import TokenSchedule
@@ -41,18 +41,38 @@ class DataStream(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def options_union(key: str, default: str, *models: type[BaseModel]) -> Any:
+    """One options model per value of ``key`` (e.g. per ``dataset``): each model declares ``key`` as a
+    ``Literal`` of its value(s), and an option that does not belong to the chosen model is an error naming
+    it (``latent_shards.data_seed: Extra inputs are not permitted``). ``key`` may be omitted: ``default``."""
+    tags = {}
+    for model in models:
+        for value in model.model_fields[key].annotation.__args__:  # Literal["a", "b"] → ("a", "b")
+            tags[value] = model
+
+    def tag(value: Any) -> str:
+        chosen = value.get(key, default) if isinstance(value, dict) else getattr(value, key, default)
+        if chosen not in tags:
+            raise ValueError(f"{key} must be one of {sorted(tags)}, got {chosen!r}")
+        return chosen
+
+    return Annotated[Union[tuple(Annotated[tags[v], Tag(v)] for v in tags)], Discriminator(tag)]  # noqa: UP007
+
+
 class Modality(ABC):
     """Base class of modalities; subclasses set the class attributes and implement the methods."""
 
     name: ClassVar[str]
-    Options: ClassVar[type[BaseModel]]
+    # a pydantic model, or a union of them keyed by a field (see :func:`options_union`)
+    Options: ClassVar[Any]
     default_mask_ratio: ClassVar[float]
+    # a subclass may make it a property when it depends on the options (image: on the codec)
     default_timesteps: ClassVar[TimestepDistribution] = TimestepDistribution()
 
     def __init__(self, options: dict[str, Any] | BaseModel | None = None):
         if isinstance(options, BaseModel):
             options = options.model_dump()
-        self.options = self.Options.model_validate(options or {})
+        self.options = TypeAdapter(self.Options).validate_python(options or {})
 
     # --- shapes -----------------------------------------------------------------------------------
     @property

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+TIME_EMBED_DIM = 256  # width of the sinusoidal timestep embedding fed to the backbones' time MLPs
+
 
 @dataclass
 class TokenTimesteps:
@@ -88,6 +90,11 @@ def gather_levels(per_level: torch.Tensor, index: torch.Tensor | None) -> torch.
     if per_level.shape[1] == 2:  # Dual-Timestep Scheduling: a select, whose backward is cheaper than scatter
         return torch.where(index.unsqueeze(-1).bool(), per_level[:, 1:2], per_level[:, :1])
     return per_level.gather(1, index.unsqueeze(-1).expand(-1, -1, per_level.shape[-1]))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: ``x · (1 + scale) + shift`` (zero modulation is the identity)."""
+    return x * (1 + scale) + shift
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,

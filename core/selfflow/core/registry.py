@@ -6,9 +6,11 @@ Packages advertise themselves through Python entry points:
 - group ``selfflow.commands``: ``name = "package.module:register"``, a function ``register(subparsers)``
   that adds a subcommand to the ``selfflow`` CLI;
 - group ``selfflow.evaluators``: ``name = "package.module:Factory"``, ``Factory(modality)`` returning a
-  callable ``(media, labels) → {metric: value}`` used for online evaluation during training.
+  callable ``(media, labels) → {metric: value}`` used for online evaluation during training;
+- group ``selfflow.objectives``: ``name = "package.module:KIND"``, an
+  :class:`~selfflow.core.objective_kinds.ObjectiveKind` called ``name`` (a value of ``objective.kind``).
 
-Tests and notebooks can also call :func:`register_modality` directly.
+Tests and notebooks can also call :func:`register_modality` and :func:`register_objective` directly.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
+from .objective_kinds import BUILTIN_OBJECTIVES, ObjectiveKind
+
 if TYPE_CHECKING:
     from .modality import Modality
 
 _MODALITIES: dict[str, type[Modality]] = {}
+_OBJECTIVES: dict[str, ObjectiveKind] = {kind.name: kind for kind in BUILTIN_OBJECTIVES}
 
 
 def register_modality(cls: type[Modality]) -> type[Modality]:
@@ -66,3 +71,29 @@ def get_evaluator(name: str):
 def checkpoint_loaders() -> dict[str, Any]:
     """``name → load(path, options)`` for every installed released-checkpoint loader."""
     return {name: ep.load() for name, ep in sorted(_entry_points("selfflow.checkpoints").items())}
+
+
+def register_objective(kind: ObjectiveKind) -> ObjectiveKind:
+    """Register an objective kind under ``kind.name`` (a value of ``objective.kind``)."""
+    _OBJECTIVES[kind.name] = kind
+    return kind
+
+
+def available_objectives() -> list[str]:
+    return sorted(set(_OBJECTIVES) | set(_entry_points("selfflow.objectives")))
+
+
+def get_objective(name: str) -> ObjectiveKind:
+    """The objective kind called ``name`` (built-in or registered first, then entry points)."""
+    if name in _OBJECTIVES:
+        return _OBJECTIVES[name]
+    eps = _entry_points("selfflow.objectives")
+    if name not in eps:
+        raise KeyError(f"unknown objective.kind {name!r}; known: {', '.join(available_objectives())} "
+                       "(plug-ins register under the 'selfflow.objectives' entry point group)")
+    kind = eps[name].load()
+    if not isinstance(kind, ObjectiveKind) or kind.name != name:
+        raise TypeError(f"entry point selfflow.objectives:{name} = {eps[name].value} must be an ObjectiveKind "
+                        f"named {name!r}, got {kind!r}")
+    _OBJECTIVES[name] = kind
+    return kind

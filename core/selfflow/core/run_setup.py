@@ -1,9 +1,11 @@
-"""Building the pieces of a run from its config: device, modalities, backbone config, optimizer groups,
-LR schedule, and fine-tuning initialisation (``train.init_from``, ``train.freeze``)."""
+"""Building the pieces of a run from its config: :func:`build_run` (modalities → objectives → backbone
+config → backbone, what every entry point shares), the device, optimizer groups, LR schedule, and
+fine-tuning initialisation (``train.init_from``, ``train.freeze``)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,9 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from .backbones import build_backbone
 from .checkpoint import latest_checkpoint, load_checkpoint
-from .config import ConfigError, MixtureEntry, RunConfig
+from .config import ConfigError, MixtureEntry, RunConfig, load_config
 from .modality import Modality
 from .objective import ResolvedObjective
 from .registry import get_modality
@@ -55,11 +58,6 @@ def build_modalities(cfg: RunConfig) -> dict[str, Modality]:
     return {e.modality: build_entry_modality(e, where(i)) for i, e in enumerate(entries)}
 
 
-def build_modality(cfg: RunConfig) -> Modality:
-    """The first (for single-modality runs: the only) modality of the run."""
-    return next(iter(build_modalities(cfg).values()))
-
-
 def resolve_objectives(cfg: RunConfig, modalities: dict[str, Modality]) -> dict[str, ResolvedObjective]:
     """Each modality's objective: the run's objective with the mixture entry's overrides and the
     modality's defaults (mask ratio, timestep distribution)."""
@@ -100,6 +98,63 @@ def build_model_config(cfg: RunConfig, modalities: Modality | dict[str, Modality
     if not uses_projector:
         update["projector_mult"] = 0.0
     return cfg.model.model_copy(update=update)
+
+
+@dataclass
+class Run:
+    """A run's pieces, built from its config the same way by training, sampling, evaluation and the
+    config fuzzer."""
+
+    config: RunConfig
+    modalities: dict[str, Modality]  # by name, in config order (one for single-modality runs)
+    objectives: dict[str, ResolvedObjective]  # by modality name
+    model_config: Any  # the backbone config with every modality's projections
+    backbone: nn.Module  # freshly initialised; on the CPU (or the device given to build_run)
+
+    @property
+    def mixed(self) -> bool:
+        return len(self.modalities) > 1
+
+
+def build_run(cfg: RunConfig, *, device: str | torch.device = "cpu") -> Run:
+    """Modalities → objectives → backbone config → backbone. The backbone is initialised after seeding
+    torch's global RNG with ``train.seed``, so a run's initial weights depend on its config only;
+    ``device="meta"`` builds it without memory (config checks)."""
+    modalities = build_modalities(cfg)
+    objectives = resolve_objectives(cfg, modalities)
+    model_config = build_model_config(cfg, modalities, any(o.uses_projector for o in objectives.values()))
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device):
+        backbone = build_backbone(model_config)
+    return Run(cfg, modalities, objectives, model_config, backbone)
+
+
+def load_run_model(run_dir: str | Path, weights: str = "ema", device: str | torch.device = "auto",
+                   modality_name: str | None = None) -> tuple[nn.Module, Modality, RunConfig]:
+    """``(model, modality, cfg)`` of a run directory, from ``ema.safetensors`` or the newest checkpoint
+    (``weights``: ``"ema"`` or ``"model"``), in eval mode on ``device``. For a mixed run,
+    ``modality_name`` picks the modality to sample (default: the first)."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory: {cfg_path} is missing")
+    run = build_run(load_config(cfg_path))
+    if modality_name is not None and modality_name not in run.modalities:
+        raise ConfigError(f"{run_dir} trained {sorted(run.modalities)}, not {modality_name!r}")
+    modality = run.modalities[modality_name or next(iter(run.modalities))]
+    ema_file = run_dir / "ema.safetensors"
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if weights == "ema" and ema_file.is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(ema_file))
+    elif ckpt is not None:
+        state = load_checkpoint(ckpt)[weights]
+    else:
+        raise FileNotFoundError(f"no weights in {run_dir}: neither {ema_file} nor checkpoints/step_*.pt")
+    run.backbone.load_state_dict(state)
+    dev = pick_device(device) if isinstance(device, str) else device
+    return run.backbone.to(dev).eval(), modality, run.config
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -7,6 +7,10 @@ on any number of ranks and across restarts. Each finished batch leaves its per-s
 atomically) and then a part file ``parts/batch_XXXXXX.npy`` with its evaluation array; a batch with a part
 file is done and skipped on restart. Rank 0 finally concatenates the parts into ``samples_N.npz``
 (``arr_0``, the ADM evaluator's format; the output directory must be shared by the ranks).
+
+``official_repro`` swaps this layout for the official ``sample.py``'s (:mod:`.official_repro`): batches seeded
+per (rank, batch) of an official run on ``official_world_size`` GPUs, the global generator, bf16 autocast and
+truncation to uint8 — still resumable, and still the same on any number of our ranks.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from tqdm import tqdm
 
 from .distributed import DistInfo, barrier
 from .modality import Modality
-from .sampler import SamplerConfig, sample
+from .official_repro import SeededBatch, official_batches, official_generate_batch
+from .sampler import SamplerConfig, autocast, sample
 from .tokens import Conditioning
 
 
@@ -39,6 +44,9 @@ class SampleManyConfig(BaseModel):
     png: bool = Field(True, description="write one file per sample (PNG for images)")
     npz: bool = Field(True, description="write samples_N.npz (arr_0) when the modality has an array format")
     out_dir: Path
+    official_repro: bool = Field(False, description="the official sample.py's seeds, bf16 and uint8 truncation")
+    official_world_size: int | None = Field(None, ge=1, description="official_repro: GPUs of the official run "
+                                            "being reproduced (None: this run's ranks)")
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
@@ -79,7 +87,39 @@ def generate_batch(model: nn.Module, modality: Modality, sampler: SamplerConfig,
     ids = modality.sample_ids(n, device)
     noise = torch.cat([torch.randn((1, ids.shape[1], modality.token_channels), generator=g) for g in gens])
     x = sample(model, noise.to(device), ids, cond, sampler, null, modality.name, generator=gens)
-    return modality.decode(x.float()), labels
+    with autocast(sampler.precision, device):
+        return modality.decode(x.float()), labels
+
+
+def plan_batches(opts: SampleManyConfig, world_size: int) -> list[SeededBatch]:
+    """Every batch of the run in ``samples_N.npz`` order."""
+    if opts.official_repro:
+        return official_batches(opts.num, opts.batch_size, opts.official_world_size or world_size, opts.seed)
+    return [SeededBatch(list(range(lo, min(lo + opts.batch_size, opts.num))), opts.seed)
+            for lo in range(0, opts.num, opts.batch_size)]
+
+
+def _generate_and_write(model: nn.Module, modality: Modality, sampler: SamplerConfig, indices: list[int],
+                        opts: SampleManyConfig, device: torch.device, out: Path) -> np.ndarray | None:
+    """Our default batch: per-index seeds, the modality's files and evaluation array."""
+    media, labels = generate_batch(model, modality, sampler, indices, opts.seed, opts.labels, device)
+    if opts.png:
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            for k, i in enumerate(indices):
+                label = None if labels is None else int(labels[k])
+                written = modality.write_sample(media[k], label, Path(tmp) / f"{i:06d}")
+                os.replace(written, out / written.name)
+    return modality.evaluation_array(media)
+
+
+def _write_images(rows: np.ndarray, indices: list[int], out: Path) -> None:
+    """The official mode's per-sample PNGs: exactly the (truncated) rows of the ``.npz``."""
+    from PIL import Image
+
+    for row, i in zip(rows, indices):
+        tmp = out / f"{i:06d}.tmp.png"
+        Image.fromarray(row).save(tmp)
+        os.replace(tmp, out / f"{i:06d}.png")
 
 
 def sample_many(model: nn.Module, modality: Modality, sampler: SamplerConfig, opts: SampleManyConfig,
@@ -87,7 +127,8 @@ def sample_many(model: nn.Module, modality: Modality, sampler: SamplerConfig, op
     """Generate ``opts.num`` samples into ``opts.out_dir``; returns the ``.npz`` path on rank 0 (else None)."""
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n_batches = -(-opts.num // opts.batch_size)
+    batches = plan_batches(opts, dist.world_size)
+    n_batches = len(batches)
     remaining = [j for j in range(n_batches) if not part_path(out, j).is_file()]
     barrier()  # every rank lists the finished batches before any rank adds one
     mine = remaining[dist.rank::dist.world_size]
@@ -96,15 +137,13 @@ def sample_many(model: nn.Module, modality: Modality, sampler: SamplerConfig, op
                disable=not (progress and dist.is_main), desc=f"sample on {dist.world_size} rank(s)",
                dynamic_ncols=True)
     for j in mine:
-        indices = list(range(j * opts.batch_size, min((j + 1) * opts.batch_size, opts.num)))
-        media, labels = generate_batch(model, modality, sampler, indices, opts.seed, opts.labels, dist.device)
-        if opts.png:
-            with tempfile.TemporaryDirectory(dir=out) as tmp:
-                for k, i in enumerate(indices):
-                    label = None if labels is None else int(labels[k])
-                    written = modality.write_sample(media[k], label, Path(tmp) / f"{i:06d}")
-                    os.replace(written, out / written.name)
-        array = modality.evaluation_array(media)
+        indices = batches[j].indices
+        if opts.official_repro:
+            array, _ = official_generate_batch(model, modality, sampler, batches[j], dist.device)
+            if opts.png:  # positions past num (the official last rank's overshoot) are generated, not kept
+                _write_images(array, [i for i in indices if i < opts.num], out)
+        else:
+            array = _generate_and_write(model, modality, sampler, indices, opts, dist.device, out)
         _atomic_save_npy(part_path(out, j), np.zeros(0, np.uint8) if array is None else array)
         if delay := os.environ.get("SELFFLOW_FAULT_SAMPLE_DELAY"):  # kill/restart tests: slow each batch
             time.sleep(float(delay))

@@ -4,11 +4,18 @@ ImageNet numbers is in :mod:`.sde` and selected here with ``solver: sde``.
 A sampler integrates ``dx/dt = v(x, t)`` on a time grid; guidance is a wrapper around the velocity
 function that runs the conditional and unconditional halves in one batched forward, inside a guidance
 interval of t. Same generator seed → same samples.
+
+Two conventions follow the reference code rather than the textbook: Heun takes a plain Euler step on its
+last step, to t = 0 (REPA ``euler_sampler``, EDM Algorithm 1: 2N − 1 model calls), and guidance runs only
+for ``cfg_scale > 1`` (REPA and the official Self-Flow sampler: a scale ≤ 1 samples the conditional model).
+``precision: bf16`` runs the model under ``torch.autocast(bfloat16)`` as the official ``sample.py`` does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -27,10 +34,26 @@ class SamplerConfig(BaseModel):
     solver: Literal["euler", "heun", "sde"] = Field(
         "euler", description="ODE euler/heun, or sde: Euler–Maruyama as the official ImageNet sampler")
     steps: int = Field(50, ge=1, description="ODE steps; for sde the model calls (250: 249 SDE + last step)")
-    shift: float = Field(1.0, gt=0, description="time shift of the ODE grid (1: uniform; not used by sde)")
+    shift: float = Field(1.0, gt=0, description="time shift of the grid, ODE or SDE (1: uniform / official)")
     last_step_size: float = Field(0.04, gt=0, lt=1, description="sde: deterministic last step to the data")
-    cfg_scale: float = Field(1.0, ge=0, description="classifier-free guidance (1: none)")
+    cfg_scale: float = Field(1.0, ge=0, description="classifier-free guidance (≤ 1: none, as the official)")
     guidance_interval: tuple[float, float] = Field((0.0, 1.0), description="apply CFG for t in [lo, hi]")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: model under bfloat16 autocast")
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device | str) -> Iterator[None]:
+    """``torch.autocast(bfloat16)`` on ``device`` for ``precision == "bf16"``, else nothing."""
+    if precision == "fp32":
+        yield
+        return
+    if precision != "bf16":
+        raise ValueError(f"unknown sampling precision {precision!r} (fp32, bf16)")
+    kind = torch.device(device).type
+    if kind == "cpu":
+        warnings.warn("bf16 sampling on the CPU is about 100x slower than fp32", stacklevel=3)
+    with torch.autocast(kind, dtype=torch.bfloat16):
+        yield
 
 
 def time_grid(steps: int, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -42,21 +65,22 @@ def time_grid(steps: int, shift: float = 1.0, device: torch.device | str = "cpu"
 def solve_ode(velocity: VelocityFn, x: torch.Tensor, grid: torch.Tensor,
               solver: Literal["euler", "heun"] = "euler", progress: Callable[[], None] | None = None
               ) -> torch.Tensor:
-    """Integrate from ``grid[0]`` to ``grid[-1]``. Heun uses 2 velocity calls per step (the last, to t=0,
-    included)."""
+    """Integrate from ``grid[0]`` to ``grid[-1]``. Heun uses 2 velocity calls per step except the last, an
+    Euler step (as REPA and EDM): ``2N − 1`` calls for N steps."""
+    if solver not in ("euler", "heun"):
+        raise ValueError(f"unknown solver {solver!r} (euler, heun)")
     b = x.shape[0]
+    last = len(grid) - 2
     for i in range(len(grid) - 1):
         t, t_next = float(grid[i]), float(grid[i + 1])
         dt = t_next - t
         v = velocity(x, torch.full((b,), t, device=x.device))
-        if solver == "euler":
+        if solver == "euler" or i == last:
             x = x + dt * v
-        elif solver == "heun":
+        else:
             x_pred = x + dt * v
             v_next = velocity(x_pred, torch.full((b,), t_next, device=x.device))
             x = x + dt * 0.5 * (v + v_next)
-        else:
-            raise ValueError(f"unknown solver {solver!r} (euler, heun)")
         if progress is not None:
             progress()
     return x
@@ -77,12 +101,13 @@ def concat_conditions(a: Conditioning, b: Conditioning) -> Conditioning:
 def guided_velocity(model: Callable, ids: torch.Tensor, cond: Conditioning, null_cond: Conditioning | None,
                     cfg_scale: float = 1.0, interval: tuple[float, float] = (0.0, 1.0),
                     modality: str | None = None) -> VelocityFn:
-    """``v = v_u + w·(v_c − v_u)`` for t in ``interval``, else ``v_c``; both halves in one forward."""
+    """``v = v_u + w·(v_c − v_u)`` for t in ``interval`` and ``w > 1``, else ``v_c``; both halves in one
+    forward."""
     lo, hi = interval
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tv = float(t[0])
-        if cfg_scale == 1.0 or null_cond is None or not lo <= tv <= hi:
+        if not uses_guidance(cfg_scale, null_cond) or not lo <= tv <= hi:
             return model(x, ids, t, cond, modality=modality)
         both = model(torch.cat([x, x]), torch.cat([ids, ids]), torch.cat([t, t]),
                      concat_conditions(cond, null_cond), modality=modality)
@@ -92,6 +117,11 @@ def guided_velocity(model: Callable, ids: torch.Tensor, cond: Conditioning, null
     return velocity
 
 
+def uses_guidance(cfg_scale: float, null_cond: Conditioning | None) -> bool:
+    """Guidance runs for ``cfg_scale > 1`` only (the reference samplers' test), and needs a null condition."""
+    return cfg_scale > 1.0 and null_cond is not None
+
+
 def sample(model: Callable, noise: torch.Tensor, ids: torch.Tensor, cond: Conditioning,
            cfg: SamplerConfig, null_cond: Conditioning | None = None, modality: str | None = None,
            progress: Callable[[], None] | None = None,
@@ -99,8 +129,9 @@ def sample(model: Callable, noise: torch.Tensor, ids: torch.Tensor, cond: Condit
     """Generate from ``noise (B, L, C)`` at t = 1 down to data tokens at t = 0. ``generator`` drives the
     SDE's Brownian increments (one, or one per sample)."""
     velocity = guided_velocity(model, ids, cond, null_cond, cfg.cfg_scale, cfg.guidance_interval, modality)
-    if cfg.solver == "sde":
-        guided = cfg.cfg_scale != 1.0 and null_cond is not None  # the official loop carries [null; cond]
-        return solve_sde(velocity, noise, cfg.steps, cfg.last_step_size, generator, 2 if guided else 1, progress)
-    grid = time_grid(cfg.steps, cfg.shift, noise.device)
-    return solve_ode(velocity, noise, grid, cfg.solver, progress)
+    with autocast(cfg.precision, noise.device):
+        if cfg.solver == "sde":
+            factor = 2 if uses_guidance(cfg.cfg_scale, null_cond) else 1  # the official loop carries [null; cond]
+            return solve_sde(velocity, noise, cfg.steps, cfg.last_step_size, generator, factor, progress, cfg.shift)
+        grid = time_grid(cfg.steps, cfg.shift, noise.device)
+        return solve_ode(velocity, noise, grid, cfg.solver, progress)

@@ -7,45 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from .backbones import build_backbone
-from .checkpoint import latest_checkpoint, load_checkpoint
-from .config import ConfigError, load_config
+from .config import ConfigError
 from .distributed import destroy, init_distributed
 from .generate import generate
+from .official_repro import OFFICIAL_SEED
 from .registry import checkpoint_loaders
-from .run_setup import build_modalities, build_model_config, pick_device, resolve_objectives
+from .run_setup import load_run_model, pick_device
 from .sample_many import SampleManyConfig, sample_many
 from .sampler import SamplerConfig
-
-
-def load_run_model(run_dir: Path, weights: str = "ema", device: str | torch.device = "auto",
-                   modality_name: str | None = None):
-    """``(model, modality, cfg)`` of a run directory, from ``ema.safetensors`` or the newest checkpoint.
-    For a mixed run, ``modality_name`` picks the modality to sample (default: the first)."""
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory: {cfg_path} is missing")
-    cfg = load_config(cfg_path)
-    modalities = build_modalities(cfg)
-    if modality_name is not None and modality_name not in modalities:
-        raise ConfigError(f"{run_dir} trained {sorted(modalities)}, not {modality_name!r}")
-    modality = modalities[modality_name or next(iter(modalities))]
-    uses_projector = any(o.uses_projector for o in resolve_objectives(cfg, modalities).values())
-    model_cfg = build_model_config(cfg, modalities, uses_projector)
-    dev = pick_device(device) if isinstance(device, str) else device
-    model = build_backbone(model_cfg)
-    ema_file = run_dir / "ema.safetensors"
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    if weights == "ema" and ema_file.is_file():
-        state = load_file(str(ema_file))
-    elif ckpt is not None:
-        state = load_checkpoint(ckpt)[weights]
-    else:
-        raise FileNotFoundError(f"no weights in {run_dir}: neither {ema_file} nor checkpoints/step_*.pt")
-    model.load_state_dict(state)
-    return model.to(dev).eval(), modality, cfg
 
 
 def _load_official(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, SamplerConfig]:
@@ -61,7 +31,7 @@ def _load_official(args: argparse.Namespace, device: torch.device) -> tuple[Any,
 
 def _sampler(base: SamplerConfig, args: argparse.Namespace) -> SamplerConfig:
     update = {k: v for k, v in {"steps": args.steps, "solver": args.solver, "cfg_scale": args.cfg_scale,
-                                "shift": args.shift}.items() if v is not None}
+                                "shift": args.shift, "precision": args.precision}.items() if v is not None}
     if args.guidance_high is not None or args.guidance_low is not None:
         lo, hi = base.guidance_interval
         update["guidance_interval"] = (args.guidance_low if args.guidance_low is not None else lo,
@@ -71,6 +41,10 @@ def _sampler(base: SamplerConfig, args: argparse.Namespace) -> SamplerConfig:
 
 def run_sample(args: argparse.Namespace) -> int:
     many = args.out_dir is not None or args.official_ckpt is not None
+    if args.official_repro and not many:
+        raise ConfigError("--official-repro writes many samples: add --out-dir DIR (or --official-ckpt PATH)")
+    if args.seed is None:
+        args.seed = OFFICIAL_SEED if args.official_repro else 0
     if not many:
         if args.run is None:
             raise ConfigError("selfflow sample needs --run RUN (or --official-ckpt PATH --out-dir DIR)")
@@ -95,7 +69,8 @@ def run_sample(args: argparse.Namespace) -> int:
         sampler = _sampler(base, args)
         out_dir = args.out_dir or ((args.run or Path("samples")) / "samples" / f"eval_seed{args.seed}")
         opts = SampleManyConfig(num=args.num or 50_000, batch_size=args.batch_size, seed=args.seed,
-                                labels=args.labels, png=args.png, npz=args.npz, out_dir=out_dir)
+                                labels=args.labels, png=args.png, npz=args.npz, out_dir=out_dir,
+                                official_repro=args.official_repro, official_world_size=args.official_world_size)
         npz = sample_many(model.to(dist.device), modality, sampler, opts, dist, progress=not args.no_progress)
     finally:
         destroy()

@@ -11,7 +11,7 @@ VideoVLA). A modality opts in with two methods (:meth:`Modality.token_groups`, :
   with a probability and a rule per group.
 
 Per sample the objective draws a mode (from the step generator, for the global batch, then sliced — the
-same rank/resume invariance as :class:`~selfflow.core.objective.StepNoise`) and applies it **after**
+same rank/resume invariance as :class:`~selfflow.core.noise_plan.StepNoise`) and applies it **after**
 Dual-Timestep Scheduling. A group's rule says where its tokens' level comes from (time convention: t = 0
 data, t = 1 noise):
 
@@ -27,9 +27,10 @@ Losses are averaged **per group** over the loss-carrying tokens of the global ba
 content ``channels``: padding to a common width is neither noised nor in the mean), then
 combined: ``loss_fm = Σ_g w_g · mean_g``. The dict also holds each group's unweighted ``loss_fm_<name>``.
 The representation loss covers loss-carrying tokens of Self-Flow groups only. The EMA teacher sees those
-tokens at ``τ_min = min(t, s)`` and **every other token at the student's own level**: a cleaner view of
-the video is the distillation target, while a cleaner view of, e.g., the actions would hand the teacher
-information the student cannot recover (and the actions have their own flow-matching loss).
+tokens at ``τ_min = min(t, s)`` (or at ``t``: the objective's ``teacher_level``) and **every other token at
+the student's own level**: a cleaner view of the video is the distillation target, while a cleaner view of,
+e.g., the actions would hand the teacher information the student cannot recover (and the actions have
+their own flow-matching loss).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Literal
 
 import torch
 
-from .dual_timestep import DualTimesteps
+from .dual_timestep import DualTimesteps, TeacherLevel
 from .modulation import TokenTimesteps
 from .timesteps import TimestepDistribution
 
@@ -164,8 +165,9 @@ def draw_modes(schedule: TokenSchedule, n: int, generator: torch.Generator | Non
 
 def schedule_levels(schedule: TokenSchedule, groups: torch.Tensor, dual: DualTimesteps,
                     default_timesteps: TimestepDistribution, generator: torch.Generator | None,
-                    shard: tuple[int, int] = (0, 1)) -> ScheduledLevels:
-    """Apply ``schedule`` after Dual-Timestep Scheduling: ``groups (L,)`` long, ``dual`` this rank's slice.
+                    shard: tuple[int, int] = (0, 1), teacher_level: TeacherLevel = "min_ts") -> ScheduledLevels:
+    """Apply ``schedule`` after Dual-Timestep Scheduling: ``groups (L,)`` long, ``dual`` this rank's slice;
+    ``teacher_level``: the teacher's level on representation tokens (``τ_min`` or ``t``).
 
     Draws, for the global batch ``world × B``: one mode per sample, then each non-Self-Flow group's own level.
     """
@@ -190,7 +192,7 @@ def schedule_levels(schedule: TokenSchedule, groups: torch.Tensor, dual: DualTim
     level = tab["level"][modes[:, None], groups[None, :]]  # (B, L)
     student_idx = level + (dual.mask & tab["dual"][modes[:, None], groups[None, :]]).long()
     rep_tok = tab["rep"][modes[:, None], groups[None, :]]  # (B, L) bool
-    teacher_idx = torch.where(rep_tok, TAU_MIN, student_idx)
+    teacher_idx = torch.where(rep_tok, TAU_MIN if teacher_level == "min_ts" else T, student_idx)
 
     # Global token counts per group (from the global modes: no collective needed).
     per_group = torch.bincount(layout, minlength=len(schedule.groups)).float().to(device)  # (G,) per sample

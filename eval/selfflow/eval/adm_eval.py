@@ -22,9 +22,9 @@ import torch
 
 from .adm_metrics import ADM_BLOCK, ADM_K, ADM_SPLIT_SIZE, inception_score, precision_recall
 from .extract import extract_activations, pool_to_logits, rank
-from .frechet import FeatureStats, frechet_distance, save_npz_atomic
+from .frechet import FeatureStats, checked_distance, save_npz_atomic
 from .image_io import ImageSource, npz_keys, open_images, read_reference_stats
-from .inception import WEIGHTS_NAME, WEIGHTS_URL, FIDInceptionV3, sha256_file
+from .inception import WEIGHTS_NAME, WEIGHTS_URL, FIDInceptionV3, sha256_file, weights_hash_notes
 
 PROTOCOL = "adm-tf-inception-2015-12-05"
 POOL_KEY = "pool_3"  # optional cached pool_3 features in our statistics files
@@ -111,11 +111,13 @@ def evaluate_adm(ref: str | os.PathLike[str], samples: str | os.PathLike[str], m
     """The five ADM numbers plus provenance. Keys: fid, sfid, is, precision, recall, protocol, weights…"""
     ref_set = load_feature_set(ref, model, batch_size=batch_size, progress=progress)
     smp_set = load_feature_set(samples, model, batch_size=batch_size, progress=progress)
+    weights = _weights_record(model)
     notes = ref_set.notes + smp_set.notes
-    fid = frechet_distance(smp_set.pool_stats.mean, smp_set.pool_stats.cov,
-                           ref_set.pool_stats.mean, ref_set.pool_stats.cov)
-    sfid = frechet_distance(smp_set.spatial_stats.mean, smp_set.spatial_stats.cov,
-                            ref_set.spatial_stats.mean, ref_set.spatial_stats.cov)
+    if "sha256" in weights[0]:
+        notes += weights_hash_notes(weights[0]["sha256"])
+    fid, fid_notes = checked_distance("FID", smp_set.pool_stats, ref_set.pool_stats)
+    sfid, sfid_notes = checked_distance("sFID", smp_set.spatial_stats, ref_set.spatial_stats)
+    notes += fid_notes + sfid_notes
     isc = prec = rec = None
     if smp_set.pool is not None:
         isc = inception_score(pool_to_logits(smp_set.pool, model))
@@ -131,7 +133,7 @@ def evaluate_adm(ref: str | os.PathLike[str], samples: str | os.PathLike[str], m
     return {
         "fid": fid, "sfid": sfid, "is": isc, "precision": prec, "recall": rec,
         "protocol": protocol_info(fp16_distances=fp16_distances, batch_size=batch_size),
-        "weights": _weights_record(model),
+        "weights": weights,
         "ref": str(ref_set.path), "samples": str(smp_set.path),
         "num_samples": None if smp_set.pool is None else len(smp_set.pool),
         "num_ref_images": None if ref_set.pool is None else len(ref_set.pool),

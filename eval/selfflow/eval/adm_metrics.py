@@ -8,7 +8,8 @@ and kynkaat/improved-precision-and-recall-metric). Facts reproduced here:
 - P/R: k = 3; the radius of a point is the squared distance to its 3rd nearest neighbour in its own
   set (the 4th smallest value of its distance row, self included). Squared distances are
   ``max(‖u‖² − 2u·v + ‖v‖², 0)`` computed in **float16** per (10000 × 10000) block, recomputed in
-  float32 when the fp16 block has a non-finite entry. A sample counts for precision if it lies
+  float32 when the clamped fp16 block has a non-finite entry (clamp first, then test: an overflow
+  of 2u·v to −inf is clamped to 0 and kept, as in ADM). A sample counts for precision if it lies
   within (≤) the radius of any reference point; a reference point counts for recall if it lies
   within the radius of any sample.
 
@@ -59,7 +60,8 @@ def pairwise_sq_distances(u: torch.Tensor, v: torch.Tensor, *, fp16: bool = True
     """(len(u), len(v)) squared L2 distances ``max(‖u‖² − 2u·v + ‖v‖², 0)`` as float32.
 
     ``fp16``: ADM's float16 graph — every op's output rounded to fp16 (float32 accumulation inside
-    the sums and the matmul); if anything overflowed, the whole block is recomputed in float32.
+    the sums and the matmul), clamped at 0; if the clamped block is not finite, the whole block is
+    recomputed in float32.
     Works in place on one (len(u), len(v)) buffer to bound memory for 10000² blocks.
     """
     u32, v32 = u.float(), v.float()
@@ -71,8 +73,11 @@ def pairwise_sq_distances(u: torch.Tensor, v: torch.Tensor, *, fp16: bool = True
         _round16_(d.mul_(-2.0))  # −2·mm: exact in fp16 unless it overflows
         _round16_(d.add_(nu))  # ‖u‖² − 2u·v
         _round16_(d.add_(nv))  # … + ‖v‖²
+        # ADM clamps before its finiteness test: a −inf (2u·v overflowed while the norms fit)
+        # becomes 0 and the fp16 block is kept; only +inf or NaN falls back to float32.
+        d.clamp_min_(0.0)
         if torch.isfinite(d).all():
-            return d.clamp_min_(0.0)
+            return d
         del d
     nu = (u32 * u32).sum(1, keepdim=True)
     nv = (v32 * v32).sum(1, keepdim=True).T

@@ -142,6 +142,10 @@ class ClapAudioEmbedder(nn.Module):
     def window_samples(self) -> int:
         return self.variant.window_s * self.variant.sample_rate
 
+    def features(self, windows: list[np.ndarray]) -> np.ndarray:
+        """The :class:`~selfflow.eval.extractor.FeatureExtractor` view: B windows → (B, D) float64."""
+        return self(np.stack(windows))
+
     @torch.no_grad()
     def forward(self, windows: np.ndarray) -> np.ndarray:
         """(B, window_samples) float waveforms at the variant's rate → (B, D) float64."""

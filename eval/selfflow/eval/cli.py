@@ -1,16 +1,15 @@
 """``selfflow eval …``: registered with the core CLI through the ``selfflow.commands`` entry point.
 
-Subcommands live in :data:`EVAL_SUBCOMMANDS` (name → ``"module:function"``); each function receives
-the ``eval`` subparsers object, adds its parser and sets ``func=handler`` (handler(args) -> exit
-code). A registrar module that fails to import (a missing optional dependency) leaves a stub
-subcommand that reports the error instead of breaking the whole ``selfflow`` CLI; handlers import
-torch and the networks only when they run.
+The subcommands are the :data:`selfflow.eval.registry.METRICS`; each registrar receives the ``eval``
+subparsers object, adds its parser and sets ``func=handler`` (handler(args) -> exit code). A
+registrar module that fails to import (a missing optional dependency) leaves a stub subcommand that
+reports the error instead of breaking the whole ``selfflow`` CLI; handlers import torch and the
+networks only when they run. This module holds the Inception commands (adm, stats) and the probe.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -18,26 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# name → "module:function(subparsers)". Other metrics (fvd, fad, t2i) are added here.
-EVAL_SUBCOMMANDS: dict[str, str] = {
-    "adm": "selfflow.eval.cli:add_adm_parser",
-    "stats": "selfflow.eval.cli:add_stats_parser",
-    "t2i": "selfflow.eval.clip_score:add_cli",
-    "fvd": "selfflow.eval.fvd:add_cli",
-    "fad": "selfflow.eval.fad:add_cli",
-    "probe": "selfflow.eval.probe:add_cli",
-}
+from .registry import METRICS, load
 
 EPILOG = """examples:
   selfflow eval adm VIRTUAL_imagenet256_labeled.npz samples.npz --inception pt_inception-2015-12-05-6726825d.pth --out metrics.json
   selfflow eval adm ref_stats.npz samples_dir/ --out metrics.json      # weights from $SELFFLOW_WEIGHTS
   selfflow eval stats images_dir/ --out ref_stats.npz --keep-features
 """
-
-
-def _load_registrar(spec: str) -> Callable[[Any], None]:
-    module, _, func = spec.partition(":")
-    return getattr(importlib.import_module(module), func)
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -48,9 +34,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                     "$SELFFLOW_WEIGHTS to a directory that holds them.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="eval_command", metavar="METRIC")
-    for name, spec in EVAL_SUBCOMMANDS.items():
+    for name, metric in METRICS.items():
         try:
-            registrar = _load_registrar(spec)
+            registrar = load(metric.command)
         except ImportError as e:
             stub = sub.add_parser(name, help=f"(unavailable: {e})")
             stub.set_defaults(func=lambda args, e=e: _fail(e))
@@ -106,48 +92,25 @@ def add_stats_parser(sub: Any) -> None:
 def _device(name: str) -> Any:
     import torch
 
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
-    return torch.device("cpu" if name == "auto" else name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
-def _init_distributed(device: Any) -> bool:
-    """Under torchrun (WORLD_SIZE > 1) start a process group if nobody did; True if we started it."""
-    import torch
-    import torch.distributed as dist
+def _run(args: argparse.Namespace, body: Callable[[Any, bool], int]) -> int:
+    """Join torchrun's process group if any (core's restart-safe setup, which also picks this rank's
+    GPU), load the network, run ``body(model, is_main)``; input errors become exit code 2."""
+    from selfflow.core.distributed import destroy, init_distributed
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _load_model(args: argparse.Namespace) -> Any:
     from .inception import load_inception
 
-    return load_inception(args.inception, device=_device(args.device))
-
-
-def _run(args: argparse.Namespace, body: Callable[[Any], int]) -> int:
-    """Resolve the device, join torchrun's process group if any, map input errors to exit code 2."""
-    import torch.distributed as dist
-
-    started = _init_distributed(_device(args.device))
+    dist = init_distributed(_device(args.device))
     try:
-        return body(_load_model(args))
+        return body(load_inception(args.inception, device=dist.device), dist.is_main)
     except (FileNotFoundError, KeyError, ValueError) as e:
         return _fail(e)
     finally:
-        if started:
-            dist.destroy_process_group()
+        destroy()
 
 
 def _fail(e: Exception) -> int:
@@ -159,10 +122,10 @@ def _fail(e: Exception) -> int:
 def cmd_adm(args: argparse.Namespace) -> int:
     from .adm_eval import evaluate_adm, format_adm
 
-    def body(model: Any) -> int:
+    def body(model: Any, is_main: bool) -> int:
         metrics = evaluate_adm(args.ref, args.samples, model, batch_size=args.batch_size,
                                fp16_distances=not args.fp32_distances, progress=not args.no_progress)
-        if _rank() != 0:
+        if not is_main:
             return 0
         for note in metrics["notes"]:
             print(f"note: {note}", file=sys.stderr)
@@ -178,10 +141,10 @@ def cmd_adm(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from .adm_eval import compute_stats_file
 
-    def body(model: Any) -> int:
+    def body(model: Any, is_main: bool) -> int:
         info = compute_stats_file(args.src, model, args.out, keep_features=args.keep_features,
                                   batch_size=args.batch_size, progress=not args.no_progress)
-        if _rank() == 0:
+        if is_main:
             print(f"wrote {info['out']} ({info['count']} images, keys: {', '.join(info['keys'])})")
         return 0
 
@@ -193,3 +156,46 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def _run_probe(args: argparse.Namespace) -> int:
+    from selfflow.core.generate import generate
+    from selfflow.core.run_setup import load_run_model
+
+    from .probe import ShapesProbeEvaluator
+
+    model, modality, cfg = load_run_model(args.run, args.weights, args.device)
+    if modality.evaluator != "shapes_probe":
+        raise ValueError(f"{args.run} does not train on synthetic shapes; the probe only applies there")
+    sampler = cfg.sample.model_copy(update={k: v for k, v in (("steps", args.steps),
+                                                               ("cfg_scale", args.cfg_scale)) if v is not None})
+    device = next(model.parameters()).device
+    media, labels = generate(model, modality, args.num, sampler, args.seed, device)
+    scores = ShapesProbeEvaluator(modality)(media, labels)
+    result = {**scores, "protocol": "shapes-probe-v1 (a proxy on synthetic data, not FID)",
+              "run": str(args.run), "num_samples": args.num, "sampler": sampler.model_dump()}
+    out = args.out or args.run / "probe_metrics.json"
+    Path(out).write_text(json.dumps(result, indent=2))
+    print(f"probe_fd {scores['probe_fd']:.4f}   probe_acc {scores['probe_acc']:.3f}   ({args.num} samples)")
+    print(f"wrote {out}")
+    return 0
+
+
+def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "probe", help="probe-FD and conditional accuracy of a run on synthetic shapes (no downloads)",
+        description="Generate samples from a run trained on the built-in synthetic shapes and score them with "
+                    "a small probe CNN trained on the dataset's labels (cached in $SELFFLOW_CACHE or "
+                    "~/.cache/selfflow): probe_fd (Fréchet distance in the probe's feature space, lower is "
+                    "better) and probe_acc (fraction of samples recognised as their class). A proxy for "
+                    "comparing runs on the toy data, not FID.")
+    p.add_argument("--run", type=Path, required=True, help="run directory (holds config.yaml)")
+    p.add_argument("--num", type=int, default=500, help="samples to generate (classes cycle)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps)")
+    p.add_argument("--cfg-scale", type=float, help="guidance scale (default: the run's sample.cfg_scale)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, help="JSON output (default: RUN/probe_metrics.json)")
+    p.set_defaults(func=_run_probe)
+    return p

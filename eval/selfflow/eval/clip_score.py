@@ -1,5 +1,4 @@
-"""CLIP score for text-to-image samples, and the ``selfflow eval t2i`` subcommand (FD-DINOv2 +
-CLIP score).
+"""CLIP score for text-to-image samples (``selfflow eval t2i`` pairs it with FD-DINOv2).
 
 Convention (torchmetrics ``CLIPScore``, the de-facto T2I reference): CLIP ViT-L/14
 (``openai/clip-vit-large-patch14``); per (image, prompt) pair ``100 · max(cos(E_I, E_T), 0)``;
@@ -15,7 +14,6 @@ ViT-B/32, prefix "A photo depicts"): results always carry backbone and scale in 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Sequence
@@ -30,9 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .dinov2 import WEIGHTS_HELP as DINOV2_WEIGHTS_HELP
-from .dinov2 import ImageSource, batched, iter_images, list_images
-from .report import report_results
+from .extractor import batched, extract
+from .image_io import ImageInput, iter_images, list_images
 
 PROTOCOL = ("CLIP score (torchmetrics convention): CLIP ViT-L/14; PIL bicubic shortest side 224 "
             "on uint8, centre crop 224, CLIP mean/std; text truncated to 77 tokens keeping EOS; "
@@ -111,14 +108,14 @@ class ClipScorer:
                                        ).pooler_output
         return F.normalize(self.model.text_projection(pooled), dim=-1)
 
-    def image_features(self, source: ImageSource) -> np.ndarray:
+    def features(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(B, D) float64 L2-normalised image embeddings of uint8 (H, W, 3) images."""
+        return self._image_batch(images).double().cpu().numpy()
+
+    def image_features(self, source: ImageInput) -> np.ndarray:
         images, total = iter_images(source)
-        out = []
-        with tqdm(total=total, desc="CLIP images", unit="img", disable=not self.progress) as bar:
-            for batch in batched(images, self.batch_size):
-                out.append(self._image_batch(batch).double().cpu().numpy())
-                bar.update(len(batch))
-        return np.concatenate(out)
+        return extract(self, images, batch_size=self.batch_size, total=total, desc="CLIP images",
+                       unit="img", progress=self.progress)
 
     def text_features(self, texts: Sequence[str]) -> np.ndarray:
         out = [self._text_batch(b).double().cpu().numpy()
@@ -126,7 +123,7 @@ class ClipScorer:
                                 self.batch_size)]
         return np.concatenate(out)
 
-    def scores(self, images: ImageSource, texts: Sequence[str]) -> np.ndarray:
+    def scores(self, images: ImageInput, texts: Sequence[str]) -> np.ndarray:
         """Per-pair ``100 · max(cos, 0)`` (float64)."""
         img = self.image_features(images)
         if len(img) != len(texts):
@@ -135,7 +132,7 @@ class ClipScorer:
         return 100.0 * np.maximum((img * txt).sum(-1), 0.0)
 
 
-def clip_score(images: ImageSource, prompts: Sequence[str], model: Any | str | os.PathLike,
+def clip_score(images: ImageInput, prompts: Sequence[str], model: Any | str | os.PathLike,
                tokenizer: Any = None, *, batch_size: int = 64, device: str = "cpu",
                progress: bool = True) -> dict[str, Any]:
     """Mean CLIP score of (image, prompt) pairs. ``model``: a local CLIP directory, or a loaded
@@ -179,55 +176,3 @@ def read_prompts(prompts: str | os.PathLike, image_dir: str | os.PathLike) -> tu
     if len(texts) != len(files):
         raise ValueError(f"{path} has {len(texts)} prompts but {root} has {len(files)} images")
     return files, texts
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI: selfflow eval t2i
-
-
-def _run_t2i(args: argparse.Namespace) -> int:
-    from .dinov2 import fd_dinov2
-
-    results: dict[str, Any] = {}
-    if args.dinov2 and args.ref:
-        results["fd_dinov2"] = fd_dinov2(args.images, args.ref, args.dinov2,
-                                         batch_size=args.batch_size, device=args.device,
-                                         save_real_stats=args.save_ref_stats)
-    if args.clip and args.prompts:
-        files, texts = read_prompts(args.prompts, args.images)
-        results["clip_score"] = clip_score(files, texts, args.clip, batch_size=args.batch_size,
-                                           device=args.device)
-    if not results:
-        print("nothing to compute: give --dinov2 with --ref, and/or --clip with --prompts")
-        return 2
-    return report_results(results, args.out)
-
-
-def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``t2i`` (FD-DINOv2 and CLIP score) to an argparse subparsers object."""
-    parser = subparsers.add_parser(
-        "t2i", help="text-to-image metrics: FD-DINOv2 and CLIP score",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
-            "FD-DINOv2 (dgm-eval protocol) between --images and --ref, and/or CLIP score "
-            "(ViT-L/14, mean of 100*max(cos,0)) of --images against --prompts.\n\n"
-            "Inputs: --images is a folder of generated images (png/jpg, any size). --ref is a "
-            "folder of reference images or a .npz of DINOv2 statistics saved by --save-ref-stats. "
-            "--prompts is a .jsonl ({\"image\": \"relative/path.png\", \"prompt\": \"...\"} per "
-            "line) or a .txt with one prompt per line in the sorted order of --images.\n\n"
-            "Weights (local directories, nothing is downloaded):\n"
-            f"  --dinov2: {DINOV2_WEIGHTS_HELP}\n"
-            f"  --clip:   {WEIGHTS_HELP}"))
-    parser.add_argument("--images", required=True, help="folder of generated images")
-    parser.add_argument("--ref", help="reference image folder or DINOv2 stats .npz")
-    parser.add_argument("--prompts", help="prompts (.jsonl or .txt) paired with --images")
-    parser.add_argument("--dinov2", help="local Hugging Face DINOv2 ViT-L/14 directory "
-                                         "(facebook/dinov2-large)")
-    parser.add_argument("--clip", help="local Hugging Face CLIP directory "
-                                       "(openai/clip-vit-large-patch14)")
-    parser.add_argument("--save-ref-stats", help="write the reference DINOv2 stats to this .npz")
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", help="also write the JSON results to this file")
-    parser.set_defaults(func=_run_t2i)
-    return parser

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import types
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
+
+from .extractor import extract
+from .frechet import FeatureStats, checked_distance
+from .image_io import ImageInput, iter_images
 
 PROTOCOL = ("dgm-eval FD-DINOv2: ViT-L/14 CLS token after final LayerNorm; PIL bicubic 224x224 "
             "squash on uint8; ImageNet mean/std; pos-embed bicubic scale_factor (16+0.1)/37, "
@@ -45,69 +48,6 @@ WEIGHTS_HELP = ("a Hugging Face Dinov2Model directory (config.json + model.safet
                 "`huggingface-cli download facebook/dinov2-large --local-dir DIR` on a machine with "
                 "network (https://huggingface.co/facebook/dinov2-large, the conversion of "
                 "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth)")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
-
-# ----------------------------------------------------------------------------------------------
-# image input
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files of a folder (recursively), sorted by path; a clear error if there are none."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    return files
-
-
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as uint8 RGB (H, W, 3)."""
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-ImageSource = str | os.PathLike | np.ndarray | torch.Tensor | Sequence[Any]
-
-
-def iter_images(source: ImageSource) -> tuple[Iterator[np.ndarray], int]:
-    """Uint8 RGB (H, W, 3) images from a folder, an (N, H, W, 3) uint8 array/tensor, or a list of
-    arrays / PIL images / paths. Returns (iterator, count)."""
-    if isinstance(source, (str, os.PathLike)):
-        files = list_images(source)
-        return (load_rgb(f) for f in files), len(files)
-    if isinstance(source, torch.Tensor):
-        source = source.detach().cpu().numpy()
-    if isinstance(source, np.ndarray):
-        if source.ndim != 4 or source.shape[-1] != 3 or source.dtype != np.uint8:
-            raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {source.dtype} "
-                             f"{tuple(source.shape)}")
-        return iter(source), len(source)
-
-    def convert(item: Any) -> np.ndarray:
-        if isinstance(item, Image.Image):
-            return np.asarray(item.convert("RGB"), dtype=np.uint8)
-        if isinstance(item, (str, os.PathLike)):
-            return load_rgb(item)
-        arr = np.asarray(item)
-        if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 (H, W, 3) image, got {arr.dtype} {arr.shape}")
-        return arr
-
-    return (convert(x) for x in source), len(source)
-
-
-def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,30 +130,21 @@ class DinoV2Features:
         self.device = torch.device(device)
         self.progress = progress
 
-    @property
-    def dim(self) -> int:
-        return int(self.model.config.hidden_size)
-
     @torch.no_grad()
-    def embed_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    def features(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(B, 1024) float64 CLS features of uint8 (H, W, 3) images of any sizes."""
         x = dgm_eval_preprocess(images).to(self.device)
         out = self.model(pixel_values=x)
         # pooler_output = last_hidden_state[:, 0] after the final LayerNorm = x_norm_clstoken
         return out.pooler_output.double().cpu().numpy()
 
-    def __call__(self, source: ImageSource, desc: str = "DINOv2") -> np.ndarray:
+    def __call__(self, source: ImageInput, desc: str = "DINOv2") -> np.ndarray:
         images, total = iter_images(source)
-        feats = [np.empty((0, self.dim))]
-        with tqdm(total=total, desc=desc, unit="img", disable=not self.progress) as bar:
-            for batch in batched(images, self.batch_size):
-                feats.append(self.embed_batch(batch))
-                bar.update(len(batch))
-        return np.concatenate(feats).astype(np.float64)
+        return extract(self, images, batch_size=self.batch_size, total=total, desc=desc, unit="img",
+                       progress=self.progress)
 
 
-def _stats_of(source: ImageSource, extractor: DinoV2Features, desc: str) -> Any:
-    from .frechet import FeatureStats
-
+def _stats_of(source: ImageInput, extractor: DinoV2Features, desc: str) -> FeatureStats:
     if isinstance(source, (str, os.PathLike)) and Path(source).suffix == ".npz":
         return FeatureStats.load(source)
     stats = FeatureStats()
@@ -221,14 +152,12 @@ def _stats_of(source: ImageSource, extractor: DinoV2Features, desc: str) -> Any:
     return stats
 
 
-def fd_dinov2(fake: ImageSource, real: ImageSource, model: Any | str | os.PathLike, *,
+def fd_dinov2(fake: ImageInput, real: ImageInput, model: Any | str | os.PathLike, *,
               batch_size: int = 50, device: str = "cpu", progress: bool = True,
               save_real_stats: str | os.PathLike | None = None) -> dict[str, Any]:
     """FD-DINOv2 between generated and reference images. ``fake``/``real``: a folder, a uint8
     (N, H, W, 3) array, a list of images, or (``real`` only, typically) a ``.npz`` saved by
     ``FeatureStats.save``. ``model``: a loaded Dinov2Model or its local directory."""
-    from .frechet import frechet_distance
-
     weights = str(model) if isinstance(model, (str, os.PathLike)) else getattr(
         model.config, "_name_or_path", "in-memory model")
     if isinstance(model, (str, os.PathLike)):
@@ -238,6 +167,6 @@ def fd_dinov2(fake: ImageSource, real: ImageSource, model: Any | str | os.PathLi
     if save_real_stats is not None:
         s_real.save(save_real_stats)
     s_fake = _stats_of(fake, extractor, "DINOv2 fake")
-    fd = frechet_distance(s_fake.mean, s_fake.cov, s_real.mean, s_real.cov)
+    fd, notes = checked_distance("FD-DINOv2", s_fake, s_real)
     return {"fd_dinov2": float(fd), "protocol": PROTOCOL, "weights": weights,
-            "n_fake": int(s_fake.count), "n_real": int(s_real.count)}
+            "n_fake": int(s_fake.count), "n_real": int(s_real.count), "notes": notes}

@@ -12,6 +12,7 @@ immune to the sqrtm regressions and the removal of ``disp=`` in scipy 1.18.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -221,12 +222,16 @@ def _to_numpy64(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
+# The reference codes reject a sqrtm whose diagonal has an imaginary part above 1e-3 (§1.1 of the
+# anchors); here the same defect shows as negative eigenvalues of √Σ1 Σ2 √Σ1, whose clipped square
+# roots are that imaginary trace.
+IMAGINARY_TRACE_TOL = 1e-3
 
-    ``‖μ1−μ2‖² + tr Σ1 + tr Σ2 − 2 tr √(√Σ1 Σ2 √Σ1)``; tiny negative eigenvalues from round-off are
-    clipped to 0. The result is not clamped (identical inputs may give ≈ −1e-9·scale).
-    """
+
+def _frechet_terms(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike,
+                   sigma2: ArrayLike) -> tuple[float, float, float]:
+    """(distance, imaginary trace Σ√|λ⁻| dropped by clipping negative eigenvalues, the scale
+    ‖μ1−μ2‖² + tr Σ1 + tr Σ2 that round-off is relative to), in float64."""
     m1, m2 = _to_numpy64(mu1).reshape(-1), _to_numpy64(mu2).reshape(-1)
     s1, s2 = np.atleast_2d(_to_numpy64(sigma1)), np.atleast_2d(_to_numpy64(sigma2))
     d = m1.shape[0]
@@ -241,8 +246,57 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     inner = root1 @ s2 @ root1
     lam = np.linalg.eigvalsh((inner + inner.T) / 2)
     tr_covmean = float(np.sqrt(np.clip(lam, 0.0, None)).sum())
+    imaginary = float(np.sqrt(np.clip(-lam, 0.0, None)).sum())
     diff = m1 - m2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+    scale = float(diff @ diff + np.trace(s1) + np.trace(s2))
+    return scale - 2.0 * tr_covmean, imaginary, scale
+
+
+def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
+
+    ``‖μ1−μ2‖² + tr Σ1 + tr Σ2 − 2 tr √(√Σ1 Σ2 √Σ1)``; tiny negative eigenvalues from round-off are
+    clipped to 0. The result is not clamped (identical inputs may give ≈ −1e-9·scale).
+    """
+    return _frechet_terms(mu1, sigma1, mu2, sigma2)[0]
+
+
+# Identical sets give FD ≈ −1e-9·scale (and ≈ −1e-8 relative when N < D): not worth a note.
+NEGATIVE_REL_TOL = 1e-6
+
+
+def frechet_notes(metric: str, value: float, *, dim: int, counts: dict[str, int],
+                  imaginary_trace: float = 0.0, scale: float = 0.0) -> list[str]:
+    """Why a Fréchet distance should not be trusted, one line each; each is also a ``UserWarning``.
+
+    ``counts``: feature vectors per side (``{"samples": 8, "ref": 50000}``; a count ≤ 0 means
+    unknown, as for precomputed statistics). Flags N below the feature dimension (a singular
+    covariance: the distance is mostly estimator bias), a distance negative beyond round-off
+    (``< −1e-6·scale``, ``scale = ‖Δμ‖² + tr Σ1 + tr Σ2``) and a complex matrix square root (both
+    numerical breakdowns, typically of the former).
+    """
+    notes = [f"{metric}: only {n} {side} feature vectors for a {dim}-d feature; the covariance is "
+             f"singular and the distance is dominated by small-N bias (use at least {dim})"
+             for side, n in counts.items() if 0 < n < dim]
+    if value < -NEGATIVE_REL_TOL * scale:
+        notes.append(f"{metric} is negative ({value:.6g}): the statistics are numerically degenerate "
+                     "and the value is meaningless")
+    if imaginary_trace > IMAGINARY_TRACE_TOL:
+        notes.append(f"{metric}: the matrix square root is complex (imaginary trace "
+                     f"{imaginary_trace:.3g} > {IMAGINARY_TRACE_TOL}); reference implementations "
+                     "reject such statistics")
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    return notes
+
+
+def checked_distance(metric: str, a: FeatureStats, b: FeatureStats) -> tuple[float, list[str]]:
+    """``frechet_distance`` of two ``FeatureStats`` and the :func:`frechet_notes` about it."""
+    value, imaginary, scale = _frechet_terms(a.mean, a.cov, b.mean, b.cov)
+    dim = int(a.mean.shape[0])
+    notes = frechet_notes(metric, value, dim=dim, counts={"generated": a.count, "reference": b.count},
+                          imaginary_trace=imaginary, scale=scale)
+    return value, notes
 
 
 def stats_distance(a: FeatureStats, b: FeatureStats) -> float:

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from .extractor import extract
 
 I3D_FILE = "i3d_torchscript.pt"
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
@@ -69,8 +70,9 @@ class I3DFeatures:
         self.progress = progress
 
     @torch.no_grad()
-    def embed_batch(self, clips: torch.Tensor | np.ndarray) -> np.ndarray:
-        x = to_bcthw_uint8(clips).to(self.device)
+    def features(self, clips: list[np.ndarray] | torch.Tensor | np.ndarray) -> np.ndarray:
+        """(B, 400) float64 features of B uint8 clips of one shape, (T, H, W, 3) each."""
+        x = to_bcthw_uint8(np.stack(clips) if isinstance(clips, list) else clips).to(self.device)
         feats = self.detector(x, **I3D_KWARGS)
         if feats.ndim != 2:
             raise ValueError(f"I3D returned shape {tuple(feats.shape)}, expected (B, D)")
@@ -80,22 +82,5 @@ class I3DFeatures:
                  desc: str = "I3D") -> np.ndarray:
         """Features of an iterable of (T, H, W, 3) uint8 clips; consecutive clips of the same shape
         are batched together."""
-        out: list[np.ndarray] = []
-        batch: list[np.ndarray] = []
-        with tqdm(total=total, desc=desc, unit="clip", disable=not self.progress) as bar:
-            for clip in clips:
-                if batch and clip.shape != batch[0].shape:  # sizes differ: flush first
-                    out.append(self.embed_batch(np.stack(batch)))
-                    bar.update(len(batch))
-                    batch = []
-                batch.append(clip)
-                if len(batch) == self.batch_size:
-                    out.append(self.embed_batch(np.stack(batch)))
-                    bar.update(len(batch))
-                    batch = []
-            if batch:
-                out.append(self.embed_batch(np.stack(batch)))
-                bar.update(len(batch))
-        if not out:
-            raise ValueError("no clips to embed")
-        return np.concatenate(out).astype(np.float64)
+        return extract(self, clips, batch_size=self.batch_size, split_on_shape=True, total=total,
+                       desc=desc, unit="clip", progress=self.progress)

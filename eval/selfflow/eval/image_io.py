@@ -1,4 +1,5 @@
-"""Image sources for the ADM metrics: ADM ``.npz`` batches and image folders.
+"""Image readers: ADM ``.npz`` batches and image folders (:class:`ImageSource`, sharded, for the ADM
+metrics) and :func:`iter_images` over folders, arrays or lists (for FD-DINOv2 and CLIP score).
 
 ADM batch files hold ``arr_0``: uint8 (N, H, W, 3). Reference batches (e.g.
 ``VIRTUAL_imagenet256_labeled.npz``) also carry precomputed statistics ``mu``/``sigma`` (pool_3) and
@@ -14,16 +15,19 @@ from __future__ import annotations
 import os
 import zipfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+
+# A folder, a uint8 (N, H, W, 3) array or tensor, or a list of arrays / PIL images / paths.
+ImageInput = str | os.PathLike | np.ndarray | Sequence[Any]
 
 
 class ImageSource(ABC):
@@ -111,18 +115,13 @@ class FolderImages(ImageSource):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise FileNotFoundError(f"no such image directory: {self.path}")
-        self.files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not self.files:
-            raise ValueError(f"{self.path}: no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
+        self.files = list_images(self.path)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def load(self, i: int) -> np.ndarray:
-        with Image.open(self.files[i]) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return load_rgb(self.files[i])
 
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
         stop = len(self) if stop is None else min(stop, len(self))
@@ -159,3 +158,49 @@ def read_reference_stats(path: str | os.PathLike[str]) -> dict[str, np.ndarray] 
             if k in keys:
                 out[k] = z[k]
     return out
+
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files of a folder (recursively), sorted by path; FileNotFoundError without the folder,
+    ValueError when it holds no images."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return files
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """An image file as uint8 RGB (H, W, 3)."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def iter_images(source: ImageInput) -> tuple[Iterator[np.ndarray], int]:
+    """Uint8 RGB (H, W, 3) images from a folder, an (N, H, W, 3) uint8 array/tensor, or a list of
+    arrays / PIL images / paths. Returns (iterator, count)."""
+    if isinstance(source, (str, os.PathLike)):
+        files = list_images(source)
+        return (load_rgb(f) for f in files), len(files)
+    if hasattr(source, "detach"):  # a torch tensor
+        source = source.detach().cpu().numpy()
+    if isinstance(source, np.ndarray):
+        if source.ndim != 4 or source.shape[-1] != 3 or source.dtype != np.uint8:
+            raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {source.dtype} "
+                             f"{tuple(source.shape)}")
+        return iter(source), len(source)
+
+    def convert(item: Any) -> np.ndarray:
+        if isinstance(item, Image.Image):
+            return np.asarray(item.convert("RGB"), dtype=np.uint8)
+        if isinstance(item, (str, os.PathLike)):
+            return load_rgb(item)
+        arr = np.asarray(item)
+        if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 (H, W, 3) image, got {arr.dtype} {arr.shape}")
+        return arr
+
+    return (convert(x) for x in source), len(source)

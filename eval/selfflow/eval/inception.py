@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
 # The same tensors published by torch-fidelity under another name.
 ALT_WEIGHTS_NAMES = ("weights-inception-2015-12-05-6726825d.pth",)
+# Both release names end in the first 8 hex digits of the file's SHA-256 (the torch.hub convention).
+PUBLISHED_SHA256_PREFIX = "6726825d"
 WEIGHTS_ENV = "SELFFLOW_WEIGHTS"
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7
@@ -281,6 +284,16 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def weights_hash_notes(sha256: str) -> list[str]:
+    """A warning line (also a ``UserWarning``) when ``sha256`` is not the published weights' hash."""
+    if sha256.startswith(PUBLISHED_SHA256_PREFIX):
+        return []
+    note = (f"Inception weights sha256 {sha256[:16]}… is not the published "
+            f"{PUBLISHED_SHA256_PREFIX}… of {WEIGHTS_NAME}: the metrics are not comparable to ADM's")
+    warnings.warn(note, UserWarning, stacklevel=2)
+    return [note]
 
 
 def load_inception(path: str | os.PathLike[str] | None = None, *, device: torch.device | str = "cpu",

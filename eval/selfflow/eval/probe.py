@@ -13,12 +13,9 @@ tiny network trained on 10 classes of coloured shapes.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -124,44 +121,3 @@ class ShapesProbeEvaluator:
 
     def __call__(self, media: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
         return probe_metrics(media, labels, self.probe, self.reference)
-
-
-def _run_probe(args: argparse.Namespace) -> int:
-    from selfflow.core.generate import generate
-    from selfflow.core.sampling_cli import load_run_model
-
-    model, modality, cfg = load_run_model(args.run, args.weights, args.device)
-    if modality.evaluator != "shapes_probe":
-        raise ValueError(f"{args.run} does not train on synthetic shapes; the probe only applies there")
-    sampler = cfg.sample.model_copy(update={k: v for k, v in (("steps", args.steps),
-                                                               ("cfg_scale", args.cfg_scale)) if v is not None})
-    device = next(model.parameters()).device
-    media, labels = generate(model, modality, args.num, sampler, args.seed, device)
-    scores = ShapesProbeEvaluator(modality)(media, labels)
-    result = {**scores, "protocol": "shapes-probe-v1 (a proxy on synthetic data, not FID)",
-              "run": str(args.run), "num_samples": args.num, "sampler": sampler.model_dump()}
-    out = args.out or args.run / "probe_metrics.json"
-    Path(out).write_text(json.dumps(result, indent=2))
-    print(f"probe_fd {scores['probe_fd']:.4f}   probe_acc {scores['probe_acc']:.3f}   ({args.num} samples)")
-    print(f"wrote {out}")
-    return 0
-
-
-def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "probe", help="probe-FD and conditional accuracy of a run on synthetic shapes (no downloads)",
-        description="Generate samples from a run trained on the built-in synthetic shapes and score them with "
-                    "a small probe CNN trained on the dataset's labels (cached in $SELFFLOW_CACHE or "
-                    "~/.cache/selfflow): probe_fd (Fréchet distance in the probe's feature space, lower is "
-                    "better) and probe_acc (fraction of samples recognised as their class). A proxy for "
-                    "comparing runs on the toy data, not FID.")
-    p.add_argument("--run", type=Path, required=True, help="run directory (holds config.yaml)")
-    p.add_argument("--num", type=int, default=500, help="samples to generate (classes cycle)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps)")
-    p.add_argument("--cfg-scale", type=float, help="guidance scale (default: the run's sample.cfg_scale)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weights", choices=["ema", "model"], default="ema")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", type=Path, help="JSON output (default: RUN/probe_metrics.json)")
-    p.set_defaults(func=_run_probe)
-    return p

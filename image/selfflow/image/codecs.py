@@ -14,6 +14,8 @@ from typing import Literal
 
 import torch
 
+from selfflow.core.timesteps import TimestepDistribution, dimension_shift
+
 from .flux2_ae import Flux2AE
 from .pixel_codec import PixelCodec
 from .rae import RAE
@@ -78,3 +80,16 @@ def name_of(vae: Autoencoder | None) -> str:
     if vae is None:
         return "pixel"
     return {SDVAE: "sd_vae", Flux2AE: "flux2", RAE: "rae"}[type(vae)]
+
+
+def default_timesteps(codec: str, latent: tuple[int, int, int]) -> TimestepDistribution:
+    """The paper's training-time distribution for a codec's latents ``(C, h, w)`` (DESIGN.md §4, the
+    recipes in configs/imagenet256/): uniform for pixels and SD-VAE; logit-normal with the dimension
+    shift ``sqrt(C·h·w / 4096)`` for FLUX.2 (√8 at 256 px); RAE's plateau-logit-normal with that train shift
+    (≈ 6.93 at 256 px). A config's ``objective.timesteps`` overrides it."""
+    shift = dimension_shift(latent[0] * latent[1] * latent[2])
+    if codec == "flux2":
+        return TimestepDistribution(kind="logit_normal", mean=0.0, std=1.0, shift=shift)
+    if codec == "rae":
+        return TimestepDistribution(kind="plateau_logit_normal", mean=0.0, std=1.0, plateau=0.1, shift=shift)
+    return TimestepDistribution()

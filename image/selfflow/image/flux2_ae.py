@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from selfflow.core.codec import NormalizedVAE
+
 FLUX2_HINT = ("black-forest-labs/FLUX.2-dev (subfolder vae/, or a FLUX.2 [klein] repo), e.g. `huggingface-cli "
               "download black-forest-labs/FLUX.2-dev --include 'vae/*' --local-dir DIR` and point at DIR/vae")
 
@@ -45,12 +47,12 @@ def unpatchify_2x2(z: torch.Tensor) -> torch.Tensor:
     return z.view(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c4 // 4, h * 2, w * 2)
 
 
-class Flux2AE:
+class Flux2AE(NormalizedVAE):
     """Encode/decode with a frozen ``AutoencoderKLFlux2`` in the patchified, BN-normalised space
     (``latent_channels`` = 4 × raw, ``downsample`` = 2 × the VAE's); plugs into ``sd_vae.LatentCodec``."""
 
     def __init__(self, vae):
-        self.vae = vae
+        super().__init__(vae)
         self.eps = float(vae.config.batch_norm_eps)
 
     @classmethod
@@ -65,37 +67,19 @@ class Flux2AE:
     def downsample(self) -> int:
         return 2 ** len(self.vae.config.block_out_channels)  # VAE's 2^(levels−1), times the 2×2 patch
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
-
-    def _stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def latent_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The checkpoint's BatchNorm running statistics, ``(1, 128, 1, 1)`` fp32."""
         mean = self.vae.bn.running_mean.view(1, -1, 1, 1).to(z.device, torch.float32)
         std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1).to(z.device, torch.float32) + self.eps)
         return mean, std
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw posterior mean ``(B, 32, h, w)`` → model space ``(B, 128, h/2, w/2)``."""
-        z = patchify_2x2(raw.float())
-        mean, std = self._stats(z)
-        return (z - mean) / std
+        return super().normalize(patchify_2x2(raw.float()))
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         """Model space ``(B, 128, h', w')`` → raw ``(B, 32, 2h', 2w')``."""
-        mean, std = self._stats(z)
-        return unpatchify_2x2(z.float() * std + mean)
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Posterior mean, patchified and normalised (fp32)."""
-        raw = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist.mode()
-        return self.normalize(raw)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Model-space latents → images in [-1, 1]."""
-        raw = self.denormalize(latents.to(self.device))
-        return self.vae.decode(raw.to(self.vae.dtype)).sample.float().clamp(-1, 1)
+        return unpatchify_2x2(super().denormalize(z.float()))
 
 
 def convert_flux2_ae_single_file(state_dict: dict[str, torch.Tensor],

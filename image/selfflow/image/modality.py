@@ -13,46 +13,73 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfflow.core.indexed_stream import IndexedStream
-from selfflow.core.modality import Batch, DataStream, Modality
+from selfflow.core.data.indexed_stream import IndexedStream
+from selfflow.core.data.shard_format import shard_urls
+from selfflow.core.data.shard_stream import ShardStream
+from selfflow.core.modality import Batch, DataStream, Modality, options_union
 from selfflow.core.registry import register_modality
+from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.tokens import Conditioning, Tokens, grid_ids
 from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
 from selfflow.text.encoder import TextEncoderOptions
 
-from .codecs import CodecName, build_codec
+from .codecs import CodecName, build_codec, default_timesteps
 from .grid import save_grid, to_uint8
 from .sd_vae import LatentCodec
 from .synthetic_shapes import CAPTIONS, CLASS_NAMES, render_batch
 
 
-class ImageOptions(BaseModel):
+class _CommonImageOptions(BaseModel):
+    """Options every image dataset takes."""
+
     model_config = ConfigDict(extra="forbid")
 
-    dataset: Literal["synthetic_shapes", "latent_shards", "image_text_shards"] = Field(
-        "synthetic_shapes", description="latent_shards: `selfflow prepare imagenet` output (class labels); "
-        "image_text_shards: `selfflow prepare image-text` output (captions)")
     codec: CodecName = "pixel"
     image_size: int = Field(32, ge=8)
     patch_size: int = Field(4, ge=1)
-    data_seed: int = Field(0, description="which synthetic stream (independent of the training seed)")
     conditioning: Literal["class", "text"] | None = Field(
         None, description="None: text for image_text_shards, else class; synthetic shapes: labels or captions")
     text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
-    sample_captions: list[str] | None = Field(
-        None, description="image_text_shards: preview prompts (None: the captions recorded in codec.json)")
     vae_path: str | None = Field(None, description="local diffusers directory: AutoencoderKL (sd_vae), "
                                  "AutoencoderKLFlux2 (flux2) or AutoencoderRAE (rae)")
     scaling_factor: float = Field(0.18215, gt=0, description="SD-VAE latent scale")
-    shards: str | None = Field(None, description="latent_shards / image_text_shards: directory of prepared "
-                               "*.tar shards (latent_shards: or a glob)")
-    num_classes: int = Field(1000, ge=0, description="latent_shards: number of classes (ImageNet 1000)")
-    flip: bool = Field(False, description="latent_shards: use the stored mirrored moments / latents half the time")
-    num_workers: int = Field(0, ge=0, description="latent_shards: data-loader workers per rank")
-    shuffle_buffer: int = Field(1000, ge=1, description="latent_shards: samples in the shuffle buffer")
     repa_encoder: str | None = Field(None, description="local DINOv2 directory: REPA target features")
     repa_resolution: int = Field(224, ge=14, description="REPA encoder input size (224 → 16×16 tokens)")
     device: str = Field("auto", description="where the VAE / REPA encoder run (auto: CUDA if available)")
+
+
+class SyntheticShapesOptions(_CommonImageOptions):
+    """The built-in coloured shapes, rendered on the fly (the embedded default)."""
+
+    dataset: Literal["synthetic_shapes"] = "synthetic_shapes"
+    data_seed: int = Field(0, description="which synthetic stream (independent of the training seed)")
+
+
+class _ShardOptions(_CommonImageOptions):
+    num_workers: int = Field(0, ge=0, description="data-loader workers per rank")
+
+
+class ImageNetShardsOptions(_ShardOptions):
+    """``selfflow prepare imagenet`` output: latents (or SD-VAE moments) with class labels."""
+
+    dataset: Literal["latent_shards"]
+    shards: str = Field(description="directory of prepared *.tar shards, or a glob")
+    num_classes: int = Field(1000, ge=0, description="number of classes (ImageNet 1000)")
+    flip: bool = Field(False, description="use the stored mirrored moments / latents half the time")
+    shuffle_buffer: int = Field(1000, ge=1, description="samples in the shuffle buffer")
+
+
+class ImageTextShardsOptions(_ShardOptions):
+    """``selfflow prepare image-text`` output: latents with captions and caption embeddings."""
+
+    dataset: Literal["image_text_shards"]
+    shards: str = Field(description="directory of prepared *.tar shards")
+    sample_captions: list[str] | None = Field(
+        None, description="preview prompts (None: the captions recorded in codec.json)")
+
+
+ImageOptions = options_union("dataset", "synthetic_shapes", SyntheticShapesOptions, ImageNetShardsOptions,
+                             ImageTextShardsOptions)
 
 
 @register_modality
@@ -76,8 +103,9 @@ class ImageModality(CaptionedModalityMixin, Modality):
         if o.dataset == "synthetic_shapes":
             names, captions = CLASS_NAMES, CAPTIONS
         else:
-            names = [str(i) for i in range(o.num_classes)]
-            captions = o.sample_captions or self.shard_info.get("sample_captions") or [""]
+            names = [str(i) for i in range(o.num_classes)] if isinstance(o, ImageNetShardsOptions) else []
+            given = o.sample_captions if isinstance(o, ImageTextShardsOptions) else None
+            captions = given or self.shard_info.get("sample_captions") or [""]
         self.conditioner = CaptionConditioner(mode, captions if mode == "text" else names, o.text,
                                               captions if o.dataset == "image_text_shards" else None)
         self._check_text_encoder()
@@ -93,14 +121,12 @@ class ImageModality(CaptionedModalityMixin, Modality):
         o = self.options
         if o.dataset == "synthetic_shapes":
             return {}
-        if not o.shards:
-            raise ValueError(f"dataset {o.dataset} needs shards: <directory of prepared *.tar shards>")
         if o.dataset == "latent_shards" and o.codec == "pixel":
             raise ValueError("dataset latent_shards needs codec: sd_vae, flux2 or rae (the prepared codec)")
         root = Path(o.shards)
         path = (root if root.is_dir() else root.parent) / "codec.json"  # latent_shards may name a glob
         if not path.is_file():
-            if o.dataset == "image_text_shards" and o.sample_captions is None:
+            if isinstance(o, ImageTextShardsOptions) and o.sample_captions is None:
                 raise FileNotFoundError(f"{path} not found: is {o.shards} a `selfflow prepare image-text` output? "
                                         "(to sample without the shards, set data.options.sample_captions)")
             # sampling a trained run where its shards are absent, or SD-VAE shards from before codec.json:
@@ -139,22 +165,29 @@ class ImageModality(CaptionedModalityMixin, Modality):
         return self.codec.token_channels
 
     @property
+    def default_timesteps(self) -> TimestepDistribution:  # type: ignore[override]
+        """Depends on the codec (:func:`.codecs.default_timesteps`): uniform in pixel and SD-VAE space."""
+        o = self.options
+        if isinstance(self.codec, LatentCodec):
+            c, s = self.codec.vae.latent_channels, self.codec.latent_size
+            return default_timesteps(o.codec, (c, s, s))
+        return default_timesteps(o.codec, (3, o.image_size, o.image_size))
+
+    @property
     def evaluator(self) -> str | None:
         return "shapes_probe" if self.options.dataset == "synthetic_shapes" else None
 
     def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataStream:
         o = self.options
         if o.dataset == "latent_shards":
-            from .latent_shards import LatentShardStream, list_shards
+            from .latent_shards import imagenet_stream
 
-            return LatentShardStream(list_shards(o.shards), batch_size, seed, rank, world_size, flip=o.flip,
-                                     scale=o.scaling_factor, pixels=self.repa is not None,
-                                     num_workers=o.num_workers, shuffle_buffer=o.shuffle_buffer)
+            return imagenet_stream(o.shards, batch_size, seed, rank, world_size, flip=o.flip,
+                                   scale=o.scaling_factor, pixels=self.repa is not None, num_classes=o.num_classes,
+                                   num_workers=o.num_workers, shuffle_buffer=o.shuffle_buffer)
         if o.dataset == "image_text_shards":
-            from selfflow.text.shards import LatentShardStream as CaptionedShardStream
-            from selfflow.text.shards import collate_samples, shard_urls
-
-            return CaptionedShardStream(shard_urls(o.shards), batch_size, collate_samples, seed, rank, world_size)
+            return ShardStream(shard_urls(o.shards), batch_size, seed=seed, rank=rank, world_size=world_size,
+                               num_workers=o.num_workers)
 
         def render(indices: range) -> Batch:
             images, labels = render_batch(o.data_seed, indices, o.image_size)
@@ -212,8 +245,9 @@ def load_official_for_sampling(path: str | Path, options: dict[str, Any]):
     device = options.get("device", "cpu")
     modality = ImageModality({"codec": "sd_vae", "vae_path": str(options["vae"]), "image_size": 256,
                               "patch_size": 2, "device": str(device)})
-    modality.options.num_classes = 1000  # ImageNet labels (the synthetic dataset is never read here)
-    modality.options.dataset = "latent_shards"
+    # ImageNet labels; no shards are read here (model_construct: ``shards`` stays unset)
+    common = {k: getattr(modality.options, k) for k in _CommonImageOptions.model_fields}
+    modality.options = ImageNetShardsOptions.model_construct(**common, dataset="latent_shards", num_classes=1000)
     modality.conditioner = CaptionConditioner("class", [str(i) for i in range(1000)], modality.options.text)
     model = load_official_selfflow(path, device)
     return model, modality, SamplerConfig(solver="sde", steps=250, cfg_scale=1.0, guidance_interval=(0.0, 0.7))

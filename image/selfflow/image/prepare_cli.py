@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from selfflow.core.prepare import prepare_subparsers
+from selfflow.core.cli import prepare_subparsers
 
 
 def _run(args: argparse.Namespace) -> int:
     from selfflow.core.distributed import barrier, destroy, init_distributed
-    from selfflow.core.trainer import pick_device
+    from selfflow.core.run_setup import pick_device
 
     from .codecs import load_autoencoder
     from .prepare_imagenet import PrepareOptions, prepare_imagenet, summarize
@@ -26,12 +26,12 @@ def _run(args: argparse.Namespace) -> int:
         barrier()
     finally:
         destroy()
-    print(f"rank {dist.rank}: {mine['shards']} shard(s) written, {mine['already_done']} already done, "
+    print(f"rank {dist.rank}: {mine['shards']} shard(s) written, {mine['existing']} already done, "
           f"{mine['written']} images, {mine['skipped']} skipped")
     if dist.is_main:
         total = summarize(args.out)
         print(f"{args.out}: {total['written']} images in shards, {total['skipped']} unreadable images skipped "
-              "(listed in stats/*.json)")
+              "(listed in the shards' .json reports)")
     return 0
 
 

@@ -1,6 +1,6 @@
 """``selfflow prepare image-text``: captioned images → model-space latents (+ caption embeddings) → shards.
 
-Two input layouts (:func:`selfflow.text.manifest.list_media`, shared with video and audio):
+Two input layouts (:func:`selfflow.core.data.manifest.list_media`, shared with video and audio):
 
 - a **folder** of images (recursively) with captions beside them: ``cat.jpg`` + ``cat.txt``;
 - a **JSON-lines manifest**: one ``{"path": "cat.jpg", "caption": "a cat"}`` per line (``file`` or
@@ -12,7 +12,7 @@ the chosen codec into the same model space that on-the-fly training uses (:mod:`
 SD-VAE posterior mean × 0.18215, FLUX.2 patchified BN-normalised mean, RAE normalised tokens, or the pixels
 themselves (``pixel``: no autoencoder). The latent is stored as float16 ``latent.npy`` with the caption
 (``txt``; a missing caption is stored as the empty caption) and, when a text encoder is given, its unpadded
-embedding (``emb.npy``). Shards are written by :func:`selfflow.text.shards.write_shards` — split over
+embedding (``emb.npy``). Shards are written by :func:`selfflow.core.data.shard_writer.write_shards` — split over
 torchrun ranks, resumable, unreadable images skipped, counted and listed in the shards' ``.json`` reports —
 and ``codec.json`` records the codec, latent shape, text encoder and a few preview captions.
 Train with ``data.options.dataset: image_text_shards``.
@@ -29,9 +29,10 @@ import torch
 from PIL import Image
 from pydantic import Field, field_validator
 
-from selfflow.text.encoder import build_text_encoder
-from selfflow.text.manifest import MediaItem, PrepareOptions, list_media
-from selfflow.text.shards import write_json, write_shards
+from selfflow.core.data.manifest import MediaItem, list_media
+from selfflow.core.data.prepare_options import PrepareOptions
+from selfflow.core.data.shard_writer import write_json, write_shards
+from selfflow.text.build_encoder import build_text_encoder
 
 from .codecs import CodecName, check_image_size, codec_name, latent_shape, load_autoencoder, name_of
 from .prepare_imagenet import IMAGE_EXTS, center_crop_adm
@@ -100,7 +101,7 @@ def prepare_image_text(options: PrepareImageTextOptions | dict[str, Any]) -> dic
 
 
 def _run(args: argparse.Namespace) -> int:
-    from selfflow.text.manifest import prepare_options_from_args, print_report
+    from selfflow.core.data.prepare_options import prepare_options_from_args, print_report
 
     opts = {**prepare_options_from_args(args), "codec": args.codec, "image_size": args.image_size}
     return print_report("image-text", prepare_image_text(opts))
@@ -108,8 +109,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """``selfflow prepare image-text`` (added by :func:`selfflow.image.prepare_cli.register`)."""
-    from selfflow.core.prepare import prepare_subparsers
-    from selfflow.text.manifest import add_prepare_arguments
+    from selfflow.core.cli import prepare_subparsers
+    from selfflow.core.data.prepare_options import add_prepare_arguments
 
     p = prepare_subparsers(subparsers).add_parser(
         "image-text", help="captioned images → latents (+ caption embeddings) in webdataset shards",

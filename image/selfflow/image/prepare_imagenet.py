@@ -16,20 +16,24 @@ What is stored depends on the codec (``codec.json`` in the output directory reco
 ``--flip`` also stores the mirrored image's moments / latent (``moments_flip.npy`` / ``latent_flip.npy``).
 Shard ``k`` holds files ``[k·S, (k+1)·S)`` of the sorted list; shards are dealt to ranks round-robin and a
 finished shard (renamed from ``.tmp`` when complete) is skipped on restart. Unreadable images are skipped,
-counted and listed in ``stats/shard-XXXXXX.json``.
+counted and listed in the shard's report ``shard-XXXXXX.json`` — all done by the shared writer,
+:func:`selfflow.core.data.shard_writer.write_shards`.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from selfflow.core.data.shard_format import npy_bytes
+from selfflow.core.data.shard_writer import write_json, write_shards
 
 from .codecs import Autoencoder, check_image_size, latent_shape, name_of
 from .sd_vae import SDVAE
@@ -75,12 +79,6 @@ def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1
 
 
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
-
-
 def _encode(vae: Autoencoder, x: torch.Tensor, dtype: str) -> np.ndarray:
     """What a shard stores for a batch: SD-VAE moments (mean, std), else the model-space latent."""
     if isinstance(vae, SDVAE):
@@ -88,50 +86,46 @@ def _encode(vae: Autoencoder, x: torch.Tensor, dtype: str) -> np.ndarray:
     return vae.encode(x).cpu().numpy().astype(dtype)
 
 
-def write_shard(vae: Autoencoder, items: list[tuple[int, Path, int]], path: Path, opts: PrepareOptions) -> dict:
-    """Encode ``items = [(index, file, label)]`` into ``path`` (atomically); returns the shard's counts."""
-    import webdataset as wds
+@dataclass
+class _ShardEncoder:
+    """Loads one ``(index, file, label)`` (ADM crop) and encodes a batch of loaded images into tar members:
+    ``{key: index:08d}``, ``moments.npy`` or ``latent.npy`` (+ ``_flip``), ``cls`` and optionally ``png``."""
 
-    loaded, skipped = [], []
-    for index, f, label in items:
-        try:
-            with Image.open(f) as im:
-                loaded.append((index, label, center_crop_adm(im.convert("RGB"), opts.image_size)))
-        except Exception as e:  # truncated or corrupt file: skip it, count it, keep going
-            skipped.append({"file": str(f), "error": f"{type(e).__name__}: {e}"})
-    member = "moments" if isinstance(vae, SDVAE) else "latent"
-    tmp = path.with_name(path.name + ".tmp")
-    with wds.TarWriter(str(tmp)) as sink:
-        for start in range(0, len(loaded), opts.batch_size):
-            chunk = loaded[start: start + opts.batch_size]
-            x = _to_tensor([im for _, _, im in chunk])
-            stored = _encode(vae, x, opts.latent_dtype)
-            if opts.flip:
-                flipped = _encode(vae, x.flip(-1), opts.latent_dtype)
-            for k, (index, label, im) in enumerate(chunk):
-                rec = {"__key__": f"{index:08d}", f"{member}.npy": _npy(stored[k]), "cls": str(label).encode()}
-                if opts.flip:
-                    rec[f"{member}_flip.npy"] = _npy(flipped[k])
-                if opts.store_pixels:
-                    buf = io.BytesIO()
-                    im.save(buf, format="PNG")
-                    rec["png"] = buf.getvalue()
-                sink.write(rec)
-    os.replace(tmp, path)
-    return {"written": len(loaded), "skipped": len(skipped), "skipped_files": skipped}
+    vae: Autoencoder
+    opts: PrepareOptions
+
+    def load(self, item: tuple[int, Path, int]) -> tuple[int, int, Image.Image]:
+        index, f, label = item
+        with Image.open(f) as im:  # a truncated or corrupt file raises: the writer skips and lists it
+            return index, label, center_crop_adm(im.convert("RGB"), self.opts.image_size)
+
+    def encode(self, chunk: list[tuple[int, int, Image.Image]]) -> list[dict[str, Any]]:
+        member = "moments" if isinstance(self.vae, SDVAE) else "latent"
+        x = _to_tensor([im for _, _, im in chunk])
+        stored = _encode(self.vae, x, self.opts.latent_dtype)
+        flipped = _encode(self.vae, x.flip(-1), self.opts.latent_dtype) if self.opts.flip else None
+        out = []
+        for k, (index, label, im) in enumerate(chunk):
+            rec = {"__key__": f"{index:08d}", f"{member}.npy": npy_bytes(stored[k], stored.dtype),
+                   "cls": str(label).encode()}
+            if flipped is not None:
+                rec[f"{member}_flip.npy"] = npy_bytes(flipped[k], flipped.dtype)
+            if self.opts.store_pixels:
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+                rec["png"] = buf.getvalue()
+            out.append(rec)
+        return out
 
 
 def prepare_imagenet(vae: Autoencoder, opts: PrepareOptions, rank: int = 0, world_size: int = 1,
                      progress: bool = True) -> dict:
-    """This rank's shards; returns its totals (``written``, ``skipped``, ``shards``, ``already_done``)."""
-    from tqdm import tqdm
-
-    from selfflow.text.shards import write_json
-
+    """This rank's shards (through the shared writer: atomic, resumable, unreadable images skipped and listed
+    in each shard's ``.json`` report); returns its totals (``written``, ``skipped``, ``shards``, ``existing``)."""
     check_image_size(vae, opts.image_size)
     files, classes = list_images(Path(opts.src))
     out = Path(opts.out)
-    (out / "stats").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (out / "classes.json").write_text(json.dumps(classes))
         write_json(out / "codec.json", {
@@ -139,29 +133,17 @@ def prepare_imagenet(vae: Autoencoder, opts: PrepareOptions, rank: int = 0, worl
             "stored": "moments" if isinstance(vae, SDVAE) else "latent",
             "latent_shape": list(latent_shape(vae, opts.image_size)), "flip": opts.flip,
             "scaling_factor": vae.scale if isinstance(vae, SDVAE) else None})
-    n_shards = -(-len(files) // opts.shard_size)
-    totals = {"written": 0, "skipped": 0, "shards": 0, "already_done": 0}
-    mine = list(range(rank, n_shards, world_size))
-    for k in tqdm(mine, disable=not progress, desc=f"prepare rank {rank}", unit="shard"):
-        path = out / f"shard-{k:06d}.tar"
-        stats_path = out / "stats" / f"shard-{k:06d}.json"
-        if path.is_file() and stats_path.is_file():
-            totals["already_done"] += 1
-            continue
-        lo = k * opts.shard_size
-        items = [(i, f, label) for i, (f, label) in enumerate(files[lo: lo + opts.shard_size], start=lo)]
-        stats = write_shard(vae, items, path, opts)
-        stats_path.write_text(json.dumps(stats, indent=1))
-        totals["written"] += stats["written"]
-        totals["skipped"] += stats["skipped"]
-        totals["shards"] += 1
-    return totals
+    encoder = _ShardEncoder(vae, opts)
+    items = [(i, f, label) for i, (f, label) in enumerate(files)]
+    return write_shards(items, encoder.load, out, shard_size=opts.shard_size, rank=rank, world_size=world_size,
+                        key=lambda item: str(item[1]), encode_batch=encoder.encode, batch_size=opts.batch_size,
+                        members=dict, progress=progress)
 
 
 def summarize(out: Path) -> dict:
-    """Counts over every shard's stats file (all ranks)."""
+    """Counts over every shard's report (all ranks)."""
     written = skipped = 0
-    for p in sorted((Path(out) / "stats").glob("shard-*.json")):
+    for p in sorted(Path(out).glob("shard-*.json")):
         s = json.loads(p.read_text())
-        written, skipped = written + s["written"], skipped + s["skipped"]
+        written, skipped = written + s["samples"], skipped + len(s["skipped"])
     return {"written": written, "skipped": skipped}

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from selfflow.core.codec import NormalizedVAE
+
 from .flux2_ae import load_local_diffusers
 
 RAE_EPS = 1e-5  # both RAE's sqrt(var + eps) and diffusers' (std + eps)
@@ -32,12 +34,9 @@ def rae_latent_stats(mean: torch.Tensor, var: torch.Tensor, eps: float = RAE_EPS
     return mean.double().tolist(), std.tolist()
 
 
-class RAE:
+class RAE(NormalizedVAE):
     """Encode/decode with a frozen ``AutoencoderRAE`` (normalised latent space); plugs into
-    ``sd_vae.LatentCodec`` with patch 1."""
-
-    def __init__(self, vae):
-        self.vae = vae
+    ``sd_vae.LatentCodec`` with patch 1. diffusers normalises inside, so :meth:`normalize` is the identity."""
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> RAE:
@@ -59,18 +58,19 @@ class RAE:
         c = self.vae.config
         return c.patch_size * (c.encoder_input_size // c.encoder_patch_size)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def vae_input(self, media: torch.Tensor) -> torch.Tensor:
+        return (media.float() + 1) / 2
+
+    def vae_output(self, out: torch.Tensor) -> torch.Tensor:
+        return 2 * out - 1
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_raw(self, media: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] ``(B, 3, H, W)`` → normalised latents ``(B, C, h, w)`` (fp32)."""
-        x = ((images.float() + 1) / 2).to(self.device, self.vae.dtype)
-        return self.vae.encode(x).latent.float()
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents → images in [-1, 1] at ``downsample × h``."""
-        y = self.vae.decode(latents.to(self.device, self.vae.dtype)).sample.float()
-        return (2 * y - 1).clamp(-1, 1)
+        return self.vae.encode(self.vae_input(media).to(self.device, self.dtype)).latent.float()

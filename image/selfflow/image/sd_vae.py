@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from selfflow.core.codec import NormalizedVAE
 from selfflow.core.tokens import Tokens, patchify, unpatchify
 
 SD_VAE_SCALE = 0.18215
@@ -33,11 +34,13 @@ def load_autoencoder_kl(path: str | Path, device: torch.device | str = "cpu"):
     return vae.to(device).eval().requires_grad_(False)
 
 
-class SDVAE:
-    """Encode/decode with a frozen ``AutoencoderKL`` in the scaled latent space."""
+class SDVAE(NormalizedVAE):
+    """Encode/decode with a frozen ``AutoencoderKL`` in the scaled latent space: the normalisation is the
+    product ``z·scale`` (not ``z / (1/scale)``), bitwise the reference code's."""
 
     def __init__(self, vae, scaling_factor: float = SD_VAE_SCALE):
-        self.vae, self.scale = vae, scaling_factor
+        super().__init__(vae)
+        self.scale = scaling_factor
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu",
@@ -52,26 +55,17 @@ class SDVAE:
     def downsample(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.scale
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.scale
 
     @torch.no_grad()
     def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscaled posterior ``mean, std`` ``(B, 4, h, w)`` (fp32)."""
-        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
+        dist = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Scaled posterior mean (deterministic)."""
-        return self.moments(images)[0] * self.scale
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents → images in [-1, 1]."""
-        out = self.vae.decode((latents / self.scale).to(self.device, self.vae.dtype)).sample
-        return out.float().clamp(-1, 1)
 
 
 class LatentCodec:

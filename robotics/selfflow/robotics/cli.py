@@ -52,7 +52,7 @@ def _policy_factory(args: argparse.Namespace):
         if args.policy == "zero":
             return lambda env: SimplerPolicyAdapter(lambda image, text: np.zeros((4, 7), np.float32), identity)
         raise SystemExit("--policy model needs --run <run directory of an rt1 training>")
-    from selfflow.core.sampling_cli import load_run_model
+    from selfflow.core.run_setup import load_run_model
 
     model, modality, _ = load_run_model(Path(args.run), device=args.device, modality_name="rt1")
     device = next(model.parameters()).device

@@ -12,15 +12,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 
-from selfflow.text.shards import LatentShardStream, npy_load, split_by_rank
+from selfflow.core.data.shard_format import npy_load
+from selfflow.core.data.shard_stream import ShardStream
 
 from .normalize import ActionNormalizer
 
@@ -77,24 +77,27 @@ def collate_windows(items: list[dict[str, Any]]) -> dict[str, Any]:
             "captions": [w["caption"] for w in items]}
 
 
-class EpisodeWindowStream(LatentShardStream):
-    """The shard stream of :mod:`selfflow.text.shards` (rank split, seeded shard order, resumable
-    position, corrupt samples skipped) over episodes, yielding one window per episode."""
+@dataclass(frozen=True)
+class WindowDecoder:
+    """A shard-stream decoder: an episode's tar members → one window, its start drawn from
+    ``(seed, epoch, key)``; raises (the stream skips and counts the episode) on a corrupt one."""
 
-    def __init__(self, urls: list[str], batch_size: int, normalizer: ActionNormalizer, frames: int, chunk: int,
-                 size: tuple[int, int], seed: int = 0, rank: int = 0, world_size: int = 1):
-        super().__init__(urls, batch_size, collate_windows, seed, rank, world_size)
-        self.normalizer, self.frames, self.chunk, self.size = normalizer, frames, chunk, size
+    normalizer: ActionNormalizer
+    frames: int
+    chunk: int
+    size: tuple[int, int]
+    seed: int
 
-    def _epoch_samples(self, epoch: int) -> Iterator[dict[str, Any]]:
-        urls = sorted(self.urls, key=lambda u: hashlib.sha256(f"{self.seed}/{epoch}/{u}".encode()).digest())
-        ds = wds.WebDataset(urls, nodesplitter=split_by_rank(self.rank, self.world_size),
-                            workersplitter=wds.split_by_worker, shardshuffle=False, handler=self._on_error,
-                            empty_check=False)
-        for raw in ds:
-            try:
-                ep = decode_episode(raw)
-                start = window_start(self.seed, epoch, ep["key"], len(ep["jpegs"]))
-                yield cut_window(ep, start, self.frames, self.chunk, self.size, self.normalizer)
-            except Exception as e:
-                self._on_error(e)
+    def __call__(self, raw: dict[str, Any], epoch: int) -> dict[str, Any]:
+        ep = decode_episode(raw)
+        start = window_start(self.seed, epoch, ep["key"], len(ep["jpegs"]))
+        return cut_window(ep, start, self.frames, self.chunk, self.size, self.normalizer)
+
+
+def episode_window_stream(urls: list[str], batch_size: int, normalizer: ActionNormalizer, frames: int,
+                          chunk: int, size: tuple[int, int], seed: int = 0, rank: int = 0,
+                          world_size: int = 1) -> ShardStream:
+    """The shard stream (rank split, seeded shard order, resumable position, corrupt episodes skipped)
+    over episodes, yielding one window per episode."""
+    return ShardStream(urls, batch_size, collate_windows, seed, rank, world_size, shape_key=None,
+                       decode=WindowDecoder(normalizer, frames, chunk, size, seed))

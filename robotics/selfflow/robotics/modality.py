@@ -42,16 +42,16 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfflow.core.modality import Batch, DataStream, Modality
+from selfflow.core.data.shard_format import shard_urls
+from selfflow.core.modality import Batch, DataStream, Modality, options_union
 from selfflow.core.registry import register_modality
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.token_schedule import ScheduleMode, TokenGroup, TokenSchedule
 from selfflow.core.tokens import Conditioning, Tokens, grid_ids, patchify, unpatchify
 from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
 from selfflow.text.encoder import TextEncoderOptions
-from selfflow.text.shards import shard_urls
 
-from .dataset import EpisodeWindowStream
+from .dataset import episode_window_stream
 from .fractal import FAKE_INSTRUCTIONS, write_fake_shards
 from .normalize import ActionNormalizer, ActionStats
 
@@ -69,13 +69,10 @@ class RT1Schedule(BaseModel):
     video: float = Field(0.15, ge=0, description="actions at pure noise (t = 1): video without actions")
 
 
-class RT1Options(BaseModel):
+class _CommonRT1Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset: Literal["fake", "episode_shards"] = Field("fake", description="fake: generated RT-1 TFRecords")
-    shards: str | None = Field(None, description="episode_shards: output directory of `selfflow prepare rt1`")
     split: Literal["train", "val"] = "train"
-    fake_dir: str = Field("runs/rt1-fake-data", description="fake: where the generated data is converted")
     frames: int = Field(2, ge=1, description="frames per window: the current one + future ones")
     chunk: int = Field(4, ge=1, description="actions per window (K)")
     image_size: tuple[int, int] = Field((32, 40), description="(H, W) frames are resized to (fractal: 256×320)")
@@ -97,6 +94,21 @@ class RT1Options(BaseModel):
     conditioning: Literal["text", "class"] = Field("text", description="class: only for the fake instructions")
     text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
     sample_captions: list[str] | None = Field(None, description="preview instructions (None: the fake ones)")
+
+
+class FakeRT1Options(_CommonRT1Options):
+    """Generated RT-1-format TFRecords, converted once (embedded runs and tests)."""
+
+    dataset: Literal["fake"] = "fake"
+    fake_dir: str = Field("runs/rt1-fake-data", description="where the generated data is converted")
+
+
+class EpisodeShardsOptions(_CommonRT1Options):
+    dataset: Literal["episode_shards"]
+    shards: str = Field(description="output directory of `selfflow prepare rt1`")
+
+
+RT1Options = options_union("dataset", "fake", FakeRT1Options, EpisodeShardsOptions)
 
 
 @register_modality
@@ -125,8 +137,6 @@ class RT1Modality(CaptionedModalityMixin, Modality):
             raise ValueError(f"data.options.context = clean needs data.options.patch[0] = 1 (got {o.patch}): "
                              "a token must not mix the current frame with a future one (or set context: noised)")
         self.action_copies  # noqa: B018 - validates action_repeat now, not at the first batch
-        if o.dataset == "episode_shards" and not o.shards:
-            raise ValueError("dataset 'episode_shards' needs data.options.shards (from `selfflow prepare rt1`)")
         self.root = Path(o.shards) if o.dataset == "episode_shards" else Path(o.fake_dir)
         if o.dataset == "fake" and not (self.root / "stats.json").is_file():
             make_fake_dataset(self.root)
@@ -232,7 +242,7 @@ class RT1Modality(CaptionedModalityMixin, Modality):
             if count < batch_size * world_size:
                 raise ValueError(f"{self.root}/{o.split} holds {count} episode(s), fewer than one global batch "
                                  f"({world_size} × {batch_size}): lower train.batch_size")
-        return EpisodeWindowStream(shard_urls(self.root / o.split), batch_size, self.normalizer, o.frames,
+        return episode_window_stream(shard_urls(self.root / o.split), batch_size, self.normalizer, o.frames,
                                    o.chunk, tuple(o.image_size), seed, rank, world_size)
 
     def encode(self, batch: Batch, device: torch.device | str) -> tuple[Tokens, Conditioning]:

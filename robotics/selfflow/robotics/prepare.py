@@ -30,7 +30,8 @@ import numpy as np
 import webdataset as wds
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfflow.text.shards import npy_bytes, write_json
+from selfflow.core.data.shard_format import npy_bytes
+from selfflow.core.data.shard_writer import write_json
 
 from .fractal import Episode, read_episodes
 from .normalize import ActionStats

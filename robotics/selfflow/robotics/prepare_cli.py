@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from selfflow.core.prepare import prepare_subparsers
+from selfflow.core.cli import prepare_subparsers
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -20,15 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from selfflow.core.data.shard_format import shard_urls
+from selfflow.core.data.shard_stream import ShardStream
 from selfflow.core.modulation import TokenTimesteps
 from selfflow.core.timesteps import interpolate, target_velocity
-from selfflow.text.shards import shard_urls
 
-from .dataset import EpisodeWindowStream
+from .dataset import episode_window_stream
 from .policy import SelfFlowPolicy
 
 
-def val_stream(modality, batch_size: int = 8, seed: int = 0) -> tuple[EpisodeWindowStream, int]:
+def val_stream(modality, batch_size: int = 8, seed: int = 0) -> tuple[ShardStream, int]:
     """A stream over the modality's ``val`` split and the number of its batches that covers it once."""
     o = modality.options
     manifest = modality.root / "manifest.json"
@@ -36,7 +37,7 @@ def val_stream(modality, batch_size: int = 8, seed: int = 0) -> tuple[EpisodeWin
     if count < 1:
         raise ValueError(f"{modality.root} holds no validation episodes (prepare with a val fraction > 0)")
     bs = min(batch_size, count)
-    stream = EpisodeWindowStream(shard_urls(modality.root / "val"), bs, modality.normalizer, o.frames, o.chunk,
+    stream = episode_window_stream(shard_urls(modality.root / "val"), bs, modality.normalizer, o.frames, o.chunk,
                                  tuple(o.image_size), seed)
     return stream, max(1, count // bs)
 

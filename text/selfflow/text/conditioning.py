@@ -43,7 +43,7 @@ class CaptionConditioner:
 
     def __init__(self, mode: str, class_names: list[str], text_options: dict | object,
                  sample_captions: list[str] | None = None):
-        from .encoder import build_text_encoder
+        from .build_encoder import build_text_encoder
 
         if mode not in ("class", "text"):
             raise ValueError(f"conditioning must be 'class' or 'text', got {mode!r}")

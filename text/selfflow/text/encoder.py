@@ -8,7 +8,8 @@ Two implementations:
   axis (as FLUX.2 does), so ``Dc = hidden_size · len(layers)``.
 
 Encoders return *unpadded* per-caption embeddings (:meth:`TextEncoder.encode_unpadded`), which is what the
-on-disk cache and the shards store; :func:`pad_embeddings` makes a batch.
+on-disk cache and the shards store; :func:`pad_embeddings` makes a batch;
+:func:`selfflow.text.build_encoder.build_text_encoder` builds the one a config names.
 """
 
 from __future__ import annotations
@@ -106,18 +107,3 @@ class HFTextEncoder(TextEncoder):
         hidden = torch.cat([out.hidden_states[i] for i in self.layers], dim=-1).float().cpu()  # (B, L, D)
         keep = batch["attention_mask"].bool().cpu()
         return [h[k] for h, k in zip(hidden, keep)]
-
-
-def build_text_encoder(options: TextEncoderOptions | dict, device: torch.device | str = "cpu") -> TextEncoder:
-    """The encoder ``options`` describe, wrapped in the on-disk cache when ``cache_dir`` is set."""
-    from .cache import CachedTextEncoder
-    from .tiny import TinyTextEncoder
-
-    opts = TextEncoderOptions.model_validate(options)
-    if opts.kind == "tiny":
-        enc: TextEncoder = TinyTextEncoder(opts.dim, opts.max_length)
-    else:
-        if opts.model_dir is None:
-            raise ValueError("text.kind is 'hf' but text.model_dir is not set (a local model directory)")
-        enc = HFTextEncoder(opts.model_dir, opts.layers, opts.max_length, device)
-    return CachedTextEncoder(enc, opts.cache_dir) if opts.cache_dir else enc

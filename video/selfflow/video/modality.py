@@ -13,35 +13,46 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfflow.core.indexed_stream import IndexedStream
-from selfflow.core.modality import Batch, DataStream, Modality
+from selfflow.core.data.indexed_stream import IndexedStream
+from selfflow.core.data.shard_format import shard_urls
+from selfflow.core.data.shard_stream import ShardStream
+from selfflow.core.modality import Batch, DataStream, Modality, options_union
 from selfflow.core.registry import register_modality
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.tokens import Conditioning, Tokens, grid_ids, patchify, unpatchify
 from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
 from selfflow.text.encoder import TextEncoderOptions
-from selfflow.text.shards import LatentShardStream, collate_samples, shard_urls
 
 from .pixel_codec import VideoPixelCodec
 from .synthetic_moving_shapes import CAPTIONS, render_batch
 from .writer import save_video_samples
 
 
-class VideoOptions(BaseModel):
+class _CommonVideoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset: Literal["synthetic_moving_shapes", "latent_shards"] = "synthetic_moving_shapes"
     codec: Literal["pixel", "wan2.2", "wan2.1"] = Field("pixel", description="latent_shards: a Wan VAE")
-    frames: int = Field(8, ge=1, description="synthetic clips: frames (4k+1 with a Wan codec)")
-    image_size: int = Field(32, ge=8, description="synthetic clips: height = width")
+    frames: int = Field(8, ge=1, description="clip frames (4k+1 with a Wan codec)")
+    image_size: int = Field(32, ge=8, description="clip height = width")
     patch: tuple[int, int, int] | None = Field(None, description="(pt, ph, pw); None: pixel (2,4,4), Wan (1,2,2)")
     conditioning: Literal["class", "text"] | None = Field(None, description="None: class (synthetic), text (shards)")
     text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
     sample_captions: list[str] | None = Field(None, description="preview prompts (None: the synthetic captions)")
-    shards: str | None = Field(None, description="latent_shards: directory written by `selfflow prepare video`")
     vae_dir: str | None = Field(None, description="Wan codec: local diffusers-format vae/ directory")
     fps: int = Field(8, ge=1, description="of written samples")
+
+
+class SyntheticMovingShapesOptions(_CommonVideoOptions):
+    dataset: Literal["synthetic_moving_shapes"] = "synthetic_moving_shapes"
     data_seed: int = Field(0, description="which synthetic stream (independent of the training seed)")
+
+
+class VideoShardsOptions(_CommonVideoOptions):
+    dataset: Literal["latent_shards"]
+    shards: str = Field(description="directory written by `selfflow prepare video`")
+
+
+VideoOptions = options_union("dataset", "synthetic_moving_shapes", SyntheticMovingShapesOptions, VideoShardsOptions)
 
 
 @register_modality
@@ -56,9 +67,8 @@ class VideoModality(CaptionedModalityMixin, Modality):
         o = self.options
         self.shard_info: dict[str, Any] = {}
         if o.dataset == "latent_shards":
-            if o.codec == "pixel" or not o.shards:
-                raise ValueError("dataset 'latent_shards' needs a Wan codec (codec: wan2.2 | wan2.1) and "
-                                 "shards: the directory written by `selfflow prepare video`")
+            if o.codec == "pixel":
+                raise ValueError("dataset 'latent_shards' needs a Wan codec (codec: wan2.2 | wan2.1)")
             info = Path(o.shards) / "codec.json"
             if not info.is_file():
                 raise FileNotFoundError(f"{info} not found: is {o.shards} a `selfflow prepare video` output?")
@@ -105,7 +115,7 @@ class VideoModality(CaptionedModalityMixin, Modality):
     def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataStream:
         o = self.options
         if o.dataset == "latent_shards":
-            return LatentShardStream(shard_urls(o.shards), batch_size, collate_samples, seed, rank, world_size)
+            return ShardStream(shard_urls(o.shards), batch_size, seed=seed, rank=rank, world_size=world_size)
 
         def render(indices: range) -> Batch:
             media, labels, captions = render_batch(o.data_seed, indices, o.frames, o.image_size)

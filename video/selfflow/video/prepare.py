@@ -3,7 +3,7 @@
 Each item: one clip (:class:`ClipSpec`, a random window drawn from ``(seed, item index)``) → the raw
 posterior mean of the Wan VAE (``(C, T, H, W)`` float16) → a shard sample with its caption and, when a
 text encoder is configured, the unpadded caption embedding. Ranks split the shards
-(:func:`selfflow.text.shards.write_shards`: parallel, resumable, corrupt files skipped and counted). The
+(:func:`selfflow.core.data.shard_writer.write_shards`: parallel, resumable, corrupt files skipped and counted). The
 output directory's ``codec.json`` records the codec, its normalisation and the latent shape.
 """
 
@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from selfflow.text.encoder import build_text_encoder
-from selfflow.text.manifest import MediaItem, PrepareOptions, list_media
-from selfflow.text.shards import write_json, write_shards
+from selfflow.core.data.manifest import MediaItem, list_media
+from selfflow.core.data.prepare_options import PrepareOptions
+from selfflow.core.data.shard_writer import write_json, write_shards
+from selfflow.text.build_encoder import build_text_encoder
 
 from .clips import ClipSpec, sample_clip
 from .video_io import Backend

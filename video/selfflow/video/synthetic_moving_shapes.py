@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from selfflow.image.synthetic_shapes import COLOURS, shape_mask
+from selfflow.core.data.shapes import COLOURS, shape_mask
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 CLASSES: list[tuple[str, str, str]] = [

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from selfflow.core.codec import NormalizedVAE
+
 # Where the diffusers-format weights are published (the `vae/` folder of these repos).
 WEIGHTS = {
     "wan2.2": "Wan-AI/Wan2.2-TI2V-5B-Diffusers (subfolder vae/)",
@@ -24,16 +26,14 @@ WEIGHTS = {
 }
 
 
-class WanCodec(nn.Module):
+class WanCodec(NormalizedVAE):
     """``(B, 3, F, H, W)`` video in [-1, 1] ↔ normalised latents ``(B, C, (F−1)/ct + 1, H/cs, W/cs)``."""
 
     def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae.eval().requires_grad_(False)
         cfg = vae.config
         c = cfg.z_dim
-        self.register_buffer("mean", torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, c, 1, 1, 1))
-        self.register_buffer("std", torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, c, 1, 1, 1))
+        super().__init__(vae, torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, c, 1, 1, 1),
+                         torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, c, 1, 1, 1))
         self.latent_channels = c
         self.compression = (int(cfg.scale_factor_temporal), int(cfg.scale_factor_spatial),
                             int(cfg.scale_factor_spatial))
@@ -69,27 +69,11 @@ class WanCodec(nn.Module):
             raise ValueError(f"Wan VAE input needs {ct}k+1 frames and sizes divisible by {ch}; got "
                              f"{frames} frames of {height}×{width}")
 
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.mean.to(z)) / self.std.to(z)
-
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.std.to(z) + self.mean.to(z)
-
     @torch.no_grad()
     def encode_raw(self, video: torch.Tensor) -> torch.Tensor:
         """Posterior mean, unnormalised (what shards store)."""
         self.check_input(*video.shape[2:])
-        dtype = next(self.vae.parameters()).dtype
-        return self.vae.encode(video.to(dtype)).latent_dist.mean.float()
-
-    @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        return self.normalize(self.encode_raw(video))
-
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode(self.denormalize(z).to(dtype)).sample.float().clamp(-1, 1)
+        return super().encode_raw(video)
 
     def describe(self) -> dict[str, Any]:
         """What shards record about the codec (``codec.json``)."""

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from selfflow.eval.bench_quality import (
+from benchmarks.quality_report import (
     aggregate,
     markdown_table,
     paired_differences,

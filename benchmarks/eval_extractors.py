@@ -41,7 +41,7 @@ def _images(n: int, h: int, w: int) -> np.ndarray:
 def bench_dinov2() -> dict[str, Any]:
     from transformers import Dinov2Config, Dinov2Model
 
-    from .dinov2 import DinoV2Features, use_official_pos_embed
+    from selfflow.eval.dinov2 import DinoV2Features, use_official_pos_embed
 
     model = use_official_pos_embed(Dinov2Model(Dinov2Config(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
@@ -54,7 +54,7 @@ def bench_dinov2() -> dict[str, Any]:
 def bench_clip() -> list[dict[str, Any]]:
     from transformers import CLIPConfig, CLIPModel
 
-    from .clip_score import ClipScorer
+    from selfflow.eval.clip_score import ClipScorer
 
     cfg = CLIPConfig(text_config={"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
                                   "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -95,7 +95,7 @@ class _TinyI3D(nn.Module):
 
 
 def bench_i3d() -> dict[str, Any]:
-    from .i3d import I3DFeatures
+    from selfflow.eval.i3d import I3DFeatures
 
     det = torch.jit.script(_TinyI3D().eval())
     ext = I3DFeatures(det, batch_size=8, progress=False)
@@ -108,7 +108,7 @@ def bench_clap() -> dict[str, Any]:
     from transformers import ClapAudioConfig, ClapAudioModel
     from transformers.models.clap.modeling_clap import ClapProjectionLayer
 
-    from .clap import VARIANTS, ClapAudioEmbedder
+    from selfflow.eval.clap import VARIANTS, ClapAudioEmbedder
 
     cfg = ClapAudioConfig(patch_embeds_hidden_size=8, depths=[1, 1, 1, 1], hidden_size=64,
                           num_attention_heads=[1, 1, 2, 2], projection_dim=16)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import math
 
-from selfflow.eval.bench import bench_fd
+from benchmarks.eval_metrics import bench_fd
 
 
 def test_bench_fd_rows() -> None:

@@ -1,57 +1,12 @@
-"""Lists of captioned media files for ``selfflow prepare``, and the shared prepare options.
-
-Input is either a directory (every file with one of the given extensions, recursively, sorted; the
-caption of ``clip.mp4`` is ``clip.txt`` beside it, if present) or a JSON-lines manifest with one object
-per line: ``{"path": "...", "caption": "...", "label": 3}`` (relative paths are relative to the manifest;
-``file`` or ``file_name`` — the Hugging Face ``imagefolder`` ``metadata.jsonl`` column — may stand for
-``path``).
-"""
+"""The options and command-line arguments every media ``selfflow prepare`` target shares, and its report."""
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from .encoder import TextEncoderOptions
-
-
-@dataclass(frozen=True)
-class MediaItem:
-    path: Path
-    caption: str | None = None
-    label: int | None = None
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-
-_PATH_KEYS = ("path", "file", "file_name")
-
-
-def list_media(source: str | Path, extensions: tuple[str, ...]) -> list[MediaItem]:
-    src = Path(source)
-    if src.is_dir():
-        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in extensions)
-        return [MediaItem(p, p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file()
-                          else None) for p in files]
-    if src.is_file() and src.suffix == ".jsonl":
-        items = []
-        for n, line in enumerate(src.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                path = Path(next(row[k] for k in _PATH_KEYS if k in row))
-            except (json.JSONDecodeError, StopIteration, TypeError) as e:
-                raise ValueError(f"{src}:{n}: expected {{\"path\": …, \"caption\": …}} ({e})") from None
-            items.append(MediaItem(path if path.is_absolute() else src.parent / path, row.get("caption"),
-                                   row.get("label")))
-        return items
-    raise FileNotFoundError(f"prepare input {src} is neither a directory nor a .jsonl manifest")
 
 
 class PrepareOptions(BaseModel):
@@ -62,13 +17,15 @@ class PrepareOptions(BaseModel):
     input: str = Field(description="directory of media (+ .txt captions) or a .jsonl manifest")
     out: str = Field(description="output directory for the shards")
     shard_size: int = Field(256, ge=1, description="samples per shard")
-    text: TextEncoderOptions | None = Field(None, description="also store caption embeddings (None: captions only)")
+    # validated by the text package's build_text_encoder (core does not import modality packages)
+    text: dict[str, Any] | None = Field(None, description="also store caption embeddings of this text "
+                                        "encoder (TextEncoderOptions; None: captions only)")
     rank: int = Field(default_factory=lambda: int(os.environ.get("RANK", "0")), ge=0)
     world_size: int = Field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", "1")), ge=1)
     seed: int = Field(0, description="clip / crop positions are drawn from (seed, item index)")
 
 
-def add_prepare_arguments(p, vae_required: bool = True) -> None:
+def add_prepare_arguments(p: argparse.ArgumentParser, vae_required: bool = True) -> None:
     """The ``selfflow prepare <target>`` arguments every media target shares (see :class:`PrepareOptions`);
     ``vae_required=False`` for targets that can also store pixels (no autoencoder)."""
     p.add_argument("--input", required=True, help="directory of media (+ NAME.txt captions) or a .jsonl manifest")
@@ -82,7 +39,7 @@ def add_prepare_arguments(p, vae_required: bool = True) -> None:
     p.add_argument("--device", default="cpu")
 
 
-def prepare_options_from_args(args) -> dict:
+def prepare_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Parsed shared arguments → the option dict of a prepare function (rank/world from the environment)."""
     text = None
     if args.text_model_dir:
@@ -94,7 +51,7 @@ def prepare_options_from_args(args) -> dict:
             "text": text, "seed": args.seed, "device": args.device}
 
 
-def print_report(target: str, report: dict) -> int:
+def print_report(target: str, report: dict[str, Any]) -> int:
     print(f"prepare {target}: {report['written']} samples in {report['shards']} new shard(s), "
           f"{report['existing']} shard(s) already done, {report['skipped']} unreadable file(s) skipped "
           "(listed in the shards' .json reports)")

@@ -1,4 +1,4 @@
-"""Speed benchmarks of the image metrics, for ``make bench``.
+"""Speed benchmarks of the image metrics (the eval package), rows of ``make bench``.
 
 Each row: ``{name, ours, baseline, ratio, target, unit}`` where ``ratio`` is always "how many
 times better ours is" (baseline_time / our_time for seconds, ours / baseline for throughputs) and
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .frechet import frechet_distance
+from selfflow.eval.frechet import frechet_distance
 
 
 def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -63,7 +63,7 @@ def bench_fd(dim: int = 2048, repeats: int = 3, baseline_repeats: int = 1, *,
 
 
 def _bench_inception(batch: int, repeats: int) -> dict[str, Any]:
-    from .inception import FIDInceptionV3, exact_fp32
+    from selfflow.eval.inception import FIDInceptionV3, exact_fp32
 
     torch.manual_seed(0)
     model = FIDInceptionV3()  # random weights: speed does not depend on their values

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .modality import Batch, DataStream
+from ..modality import Batch, DataStream
 
 
 class IndexedStream(DataStream):

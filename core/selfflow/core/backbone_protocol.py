@@ -1,0 +1,72 @@
+"""What the trainer, the objective and the samplers require of a backbone and of its config.
+
+Any ``nn.Module`` that satisfies :class:`Backbone`, with a pydantic config that satisfies
+:class:`BackboneConfig`, can be registered (:mod:`.backbones`) and trained with Self-Flow. Blocks are
+numbered ``1 … depth`` in forward order; ``capture=`` / ``stop_after=`` and the objective's student and
+teacher layers use that numbering. :class:`~.block_walk.BlockWalk` implements the capture / early-exit /
+projection part of ``forward`` once for every backbone, and :mod:`.projector` holds the projector heads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """A velocity network ``forward(x (B, L, C), ids (B, L, 3), t, cond) → v (B, L, C)`` in RF time.
+
+    ``t`` is ``(B,)``, ``(B, L)`` or a :class:`~.modulation.TokenTimesteps`; ``cond`` a
+    :class:`~.tokens.Conditioning` (or None). With ``capture=(k, …)`` it returns ``(velocity, {k: (B, L, D)})``,
+    the data-token hidden states after block ``k``; ``project=True`` passes them through ``projector``;
+    ``stop_after=k`` ends the forward after block ``k`` and returns ``(None, captures)`` (the EMA teacher
+    needs nothing deeper). ``modality`` selects the input/output projections of a multi-modality model.
+    """
+
+    projector: nn.Module | None  # student features → representation target (None: built without one)
+    activation_checkpointing: bool  # recompute each block in backward (set by the trainer)
+
+    @property
+    def depth(self) -> int:
+        """Number of blocks."""
+        ...
+
+    @property
+    def null_label(self) -> int:
+        """The class id that means "no label" (classifier-free guidance, label dropout)."""
+        ...
+
+    def blocks(self) -> list[nn.Module]:
+        """The blocks in forward order: units of FSDP2 sharding, ``torch.compile`` and checkpointing."""
+        ...
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, t: Any, cond: Any = None, *,
+                modality: str | None = None, capture: tuple[int, ...] = (), stop_after: int | None = None,
+                project: bool = False) -> Any:
+        ...
+
+    def forward_flops(self, n_data: int, n_context: int = 0, upto: int | None = None) -> float:
+        """Analytic matmul FLOPs of one sample's forward through blocks ``1 … upto`` (all and the head if None)."""
+        ...
+
+
+@runtime_checkable
+class BackboneConfig(Protocol):
+    """A pydantic model (``extra="forbid"``) with a literal ``arch`` field naming its backbone.
+
+    The run config's ``model`` section is validated against the config class registered for
+    ``model.arch``. Before building, the trainer fills ``modalities`` (modality → token channels),
+    ``num_classes`` and ``projector_mult`` (0: the objective needs no projector) with ``model_copy``.
+    """
+
+    arch: str
+    modalities: dict[str, int]
+    num_classes: int
+    projector_mult: float
+
+    @property
+    def depth(self) -> int:
+        ...

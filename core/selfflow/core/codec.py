@@ -1,0 +1,92 @@
+"""The codec interface (media ↔ model-space latents) and the normalised-VAE base every autoencoder uses.
+
+A :class:`Codec` maps media (images ``(B, 3, H, W)``, video ``(B, 3, F, H, W)``, waveforms ``(B, A, N)``, all
+in [-1, 1]) to the latents the backbone is trained on and back. :class:`NormalizedVAE` is the shared
+implementation for frozen diffusers autoencoders: ``encode = normalize(encode_raw(media))`` where
+``encode_raw`` is the posterior mean and ``normalize`` is ``(z − mean) / std`` with per-channel
+statistics; ``decode`` inverts both and clamps to [-1, 1]. Subclasses change only what differs: the
+statistics (Wan's config, the dataset's for Oobleck, FLUX.2's BatchNorm after a 2×2 patchify), a scale
+(SD-VAE's ``z·0.18215``, kept as a product so the numbers stay those of the reference code) or none at all
+(RAE, which diffusers normalises inside), and the input/output range of the autoencoder.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+
+class Codec(ABC):
+    """Media ↔ latents. ``latent_channels`` is the channel count of the model-space latent."""
+
+    latent_channels: int
+
+    @abstractmethod
+    def encode(self, media: torch.Tensor) -> torch.Tensor:
+        """Media in [-1, 1] → model-space latents (float32)."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents → media in [-1, 1] (float32)."""
+
+
+class NormalizedVAE(nn.Module, Codec):
+    """A frozen diffusers autoencoder with per-channel latent normalisation (see the module doc).
+
+    ``mean`` / ``std`` (shaped to broadcast against a raw latent, e.g. ``(1, C, 1, 1, 1)`` for video) become
+    buffers, so ``.to(device)`` moves them with the autoencoder; a subclass without them overrides
+    :meth:`latent_stats` or :meth:`normalize` / :meth:`denormalize`.
+    """
+
+    def __init__(self, vae: nn.Module, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        if mean is not None and std is not None:
+            self.register_buffer("mean", mean.float())
+            self.register_buffer("std", std.float())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def latent_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` on ``z``'s device and dtype."""
+        return self.mean.to(z), self.std.to(z)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw posterior latent → model space."""
+        mean, std = self.latent_stats(z)
+        return (z - mean) / std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Model space → raw latent."""
+        mean, std = self.latent_stats(z)
+        return z * std + mean
+
+    def vae_input(self, media: torch.Tensor) -> torch.Tensor:
+        """Media in [-1, 1] → what the autoencoder takes (the identity; RAE wants [0, 1])."""
+        return media
+
+    def vae_output(self, out: torch.Tensor) -> torch.Tensor:
+        """What the autoencoder emits → media in [-1, 1] before clamping (the identity)."""
+        return out
+
+    @torch.no_grad()
+    def encode_raw(self, media: torch.Tensor) -> torch.Tensor:
+        """Posterior mean, unnormalised (fp32): what latent shards store where the normalisation may change."""
+        return self.vae.encode(self.vae_input(media).to(self.device, self.dtype)).latent_dist.mean.float()
+
+    @torch.no_grad()
+    def encode(self, media: torch.Tensor) -> torch.Tensor:
+        return self.normalize(self.encode_raw(media))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raw = self.denormalize(latents.to(self.device))
+        return self.vae_output(self.vae.decode(raw.to(self.dtype)).sample.float()).clamp(-1, 1)

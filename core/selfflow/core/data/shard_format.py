@@ -1,0 +1,122 @@
+"""The shard sample format every ``selfflow prepare`` target writes and every shard stream reads.
+
+A shard is a webdataset tar: one member per field, named ``{key}.{field}``. The common fields are
+``latent.npy`` (float16 raw latent, e.g. ``(C, T, H, W)`` video or ``(C, T)`` audio), optional ``txt``
+(caption), ``emb.npy`` (unpadded ``(Li, D)`` float16 caption embedding), ``cls`` (class index) and ``json``
+(source info); a modality may add its own (ImageNet ``moments.npy``, RT-1 ``f000.jpg`` …) and decode them
+with its own :data:`Decoder`. Decoders raise on anything corrupt; the stream skips and counts that sample.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+Sample = dict[str, Any]
+Decoder = Callable[[Sample, int], Sample]  # (raw tar members with ``__key__``, epoch) → decoded sample
+
+
+def npy_bytes(array: np.ndarray | torch.Tensor, dtype: Any = np.float16) -> bytes:
+    if isinstance(array, torch.Tensor):
+        array = array.detach().float().cpu().numpy()
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
+    return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` of an ``.npy`` header. Cached: a shard repeats a few headers, and
+    numpy parses each with ``ast.literal_eval`` (a third of a latent's decode time)."""
+    buf = io.BytesIO(prefix)
+    if np.lib.format.read_magic(buf) == (1, 0):
+        return np.lib.format.read_array_header_1_0(buf)
+    return np.lib.format.read_array_header_2_0(buf)
+
+
+def npy_load(data: bytes) -> np.ndarray:
+    """The array of ``.npy`` bytes (as ``np.load(..., allow_pickle=False)``, a writable copy)."""
+    if data[:6] == b"\x93NUMPY" and data[6] in (1, 2) and len(data) >= 12:
+        width = 2 if data[6] == 1 else 4  # header-length field: 2 bytes in version 1, 4 in version 2
+        offset = 8 + width + int.from_bytes(data[8:8 + width], "little")
+        shape, fortran, dtype = _npy_header(bytes(data[:offset]))
+        count = int(np.prod(shape))
+        if not dtype.hasobject and len(data) == offset + count * dtype.itemsize:
+            flat = np.frombuffer(data, dtype, count=count, offset=offset)
+            return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+    return np.load(io.BytesIO(data), allow_pickle=False)  # anything unusual: numpy's checks and errors
+
+
+def float_array(raw: Sample, member: str, ndim: int | None = None) -> np.ndarray:
+    """A finite floating-point array member as float32; raises naming the member if it is not one (also
+    for garbage bytes and pickled object arrays, which ``allow_pickle=False`` refuses)."""
+    if member not in raw:
+        raise KeyError(f"sample {raw.get('__key__')} has no {member}")
+    arr = npy_load(raw[member])
+    if arr.dtype.kind != "f" or (ndim is not None and arr.ndim != ndim) or not np.isfinite(arr).all():
+        raise ValueError(f"{member} of sample {raw.get('__key__')} is not a finite float array"
+                         f"{'' if ndim is None else f' with {ndim} dims'} (dtype {arr.dtype}, shape {arr.shape})")
+    return arr.astype(np.float32)
+
+
+def class_label(raw: Sample, num_classes: int | None) -> int:
+    """The ``cls`` member as an int in ``[0, num_classes)`` (any int ≥ 0 when ``num_classes`` is None)."""
+    text = raw["cls"].decode("utf-8", "replace").strip() if isinstance(raw["cls"], bytes) else str(raw["cls"])
+    if not text.isdigit() or (num_classes is not None and int(text) >= num_classes):
+        bound = "" if num_classes is None else f" < {num_classes}"
+        raise ValueError(f"cls of sample {raw.get('__key__')} is {text[:20]!r}, not an integer 0 ≤ label{bound}")
+    return int(text)
+
+
+def encode_sample(sample: Sample) -> Sample:
+    """``latent`` / ``emb`` arrays, ``caption``, ``label`` and ``info`` → tar members (see module doc)."""
+    out: Sample = {"latent.npy": npy_bytes(sample["latent"])}
+    if sample.get("emb") is not None:
+        out["emb.npy"] = npy_bytes(sample["emb"])
+    if sample.get("caption") is not None:
+        out["txt"] = str(sample["caption"])
+    if sample.get("label") is not None:
+        out["cls"] = str(int(sample["label"]))
+    if sample.get("info") is not None:
+        out["json"] = json.dumps(sample["info"])
+    return out
+
+
+def decode_sample(raw: Sample, epoch: int = 0, num_classes: int | None = None) -> Sample:
+    """Tar members → ``latent`` tensor, optional ``caption``, ``emb``, ``label``; raises if corrupt.
+    (A :data:`Decoder`; bind ``num_classes`` with :func:`functools.partial`.)"""
+    out: Sample = {"key": raw["__key__"], "latent": torch.from_numpy(float_array(raw, "latent.npy"))}
+    if "txt" in raw:
+        out["caption"] = raw["txt"].decode("utf-8")
+    if "emb.npy" in raw:
+        out["emb"] = torch.from_numpy(float_array(raw, "emb.npy", ndim=2))
+    if "cls" in raw:
+        out["label"] = class_label(raw, num_classes)
+    return out
+
+
+def collate_samples(samples: list[Sample]) -> dict[str, Any]:
+    """Decoded samples → ``latent (B, …)`` (raw, stacked), and ``labels``, ``captions``, ``emb`` (list of
+    unpadded ``(Li, D)``) when every sample has them."""
+    batch: dict[str, Any] = {"latent": torch.stack([s["latent"] for s in samples])}
+    if all("label" in s for s in samples):
+        batch["labels"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+    if all("caption" in s for s in samples):
+        batch["captions"] = [s["caption"] for s in samples]
+    if all("emb" in s for s in samples):
+        batch["emb"] = [s["emb"] for s in samples]
+    return batch
+
+
+def shard_urls(spec: str | Path) -> list[str]:
+    """The ``*.tar`` files of a directory, or of a glob pattern (``dir/*.tar``), sorted."""
+    p = Path(spec)
+    return sorted(glob.glob(str(p / "*.tar")) if p.is_dir() else glob.glob(str(spec)))

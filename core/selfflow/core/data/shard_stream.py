@@ -1,0 +1,247 @@
+"""Reading shards: the one resumable stream every modality's prepared data goes through.
+
+Each epoch the shard list is ordered by ``sha256(seed/epoch/url)`` (the same order on every rank); rank
+``r`` of ``W`` reads shards ``r, r+W, …``, and its data-loader workers split those again. Samples may pass
+through a seeded shuffle buffer. A modality's :data:`~selfflow.core.data.shard_format.Decoder` turns the
+raw members into a sample.
+
+**One skip policy.** Whatever is corrupt is skipped, counted in :attr:`ShardStream.skipped` and logged
+with the shard URL and the sample key — never raised: a member that is garbage, a pickled object array, of
+the wrong dtype or shape, non-finite (NaN moments skip the sample, not the step), a class label that is not
+an integer in range, a missing field (all raised by the decoder), a truncated tar (the samples after the
+cut are lost) and a shard that cannot be read at all. A lost shard counts as all the samples its
+``.json`` report says it holds (one when there is no report) and also in :attr:`ShardStream.lost_shards`,
+so the trainer's ``train.max_bad_data_fraction`` (judged from ``skipped``) trips when much of the data is
+unreadable.
+
+**Position** = (epoch, events consumed in the epoch), where an event is one sample or one skip, in the
+deterministic order the (possibly multi-worker) reader produces them: resuming replays the epoch up to
+that point without re-counting its skips, and continues with the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..modality import DataStream
+from .shard_format import Decoder, Sample, collate_samples, decode_sample
+
+log = logging.getLogger("selfflow.shards")
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A skip event: ``lost`` samples of ``url`` (at ``key``) could not be used, because of ``error``."""
+
+    url: str
+    key: str
+    error: str
+    lost: int = 1
+    whole_shard: bool = False
+
+
+def split_by_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
+    """Rank ``rank``'s shards; fewer shards than ranks is an error."""
+    if len(urls) < world_size:
+        raise ValueError(f"{len(urls)} shard(s) cannot be split over {world_size} ranks: write more "
+                         "shards (prepare --shard-size smaller) or use fewer ranks")
+    return urls[rank::world_size]
+
+
+def _expected_samples(url: str) -> int | None:
+    """The sample count the writer's ``.json`` report gives for a shard (None when there is none)."""
+    try:
+        return int(json.loads(Path(url).with_suffix(".json").read_text())["samples"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """webdataset naming: ``dir/key.field.ext`` → (``dir/key``, ``field.ext``)."""
+    head, _, base = name.rpartition("/")
+    stem, _, field = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), field
+
+
+def read_shard(url: str) -> Iterator[Sample | Skip]:
+    """The raw samples (``__key__``, ``__url__`` and one bytes entry per field) of one tar, and a
+    :class:`Skip` for the samples lost when the tar is unreadable or truncated (a truncation at a member
+    boundary reads as a clean end: the writer's report tells that samples are missing)."""
+    seen, key, current = 0, "?", None
+    try:
+        with tarfile.open(url, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, field = _split_name(member.name)
+                data = tar.extractfile(member).read()
+                if current is not None and current["__key__"] != key:
+                    seen += 1
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[field] = data
+        if current is not None:
+            seen += 1
+            yield current
+    except (OSError, EOFError, tarfile.TarError, ValueError) as e:
+        # the incomplete sample at the cut is lost too; a report tells how many more were expected
+        lost = max(1, (_expected_samples(url) or 0) - seen)
+        yield Skip(url, key, f"unreadable shard: {type(e).__name__}: {e}", lost, whole_shard=seen == 0)
+        return
+    expected = _expected_samples(url)
+    if expected is not None and seen < expected:
+        yield Skip(url, key, f"truncated shard: {seen} of the {expected} samples its report lists",
+                   expected - seen, whole_shard=seen == 0)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A sample event: the decoded ``sample`` of ``key`` in shard ``url``."""
+
+    url: str
+    key: str
+    sample: Sample
+
+
+class _EpochReader(IterableDataset):
+    """One rank's epoch as events (decoded samples and :class:`Skip`), each worker reading a slice of the
+    shards; picklable, so it runs in data-loader workers."""
+
+    def __init__(self, urls: list[str], decode: Decoder, epoch: int, seed: int, shuffle_buffer: int):
+        super().__init__()
+        self.urls, self.decode, self.epoch = urls, decode, epoch
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+
+    def _decoded(self, raw: Sample) -> Decoded | Skip:
+        try:
+            return Decoded(raw["__url__"], raw["__key__"], self.decode(raw, self.epoch))
+        except Exception as e:  # any decoder error means a corrupt sample: skip it, keep the run going
+            return Skip(raw["__url__"], raw["__key__"], f"{type(e).__name__}: {e}")
+
+    def __iter__(self) -> Iterator[Decoded | Skip]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(f"{self.seed}/{self.epoch}/{wid}")
+        buffer: list[Sample] = []
+        for url in self.urls[wid::nw]:
+            for raw in read_shard(url):
+                if isinstance(raw, Skip):
+                    yield raw
+                elif self.shuffle_buffer <= 1:
+                    yield self._decoded(raw)
+                else:
+                    buffer.append(raw)
+                    if len(buffer) >= self.shuffle_buffer:
+                        yield self._decoded(buffer.pop(rng.randrange(len(buffer))))
+        rng.shuffle(buffer)
+        for raw in buffer:
+            yield self._decoded(raw)
+
+
+def _events(batch: Any) -> Any:
+    return batch  # the loader hands events over as they are (no tensor conversion)
+
+
+class ShardStream(DataStream):
+    """Endless batches ``collate(list of decoded samples)`` from ``urls`` for one rank (see module doc).
+
+    ``decode``: raw members and epoch → sample (default: the common latent / caption / label fields);
+
+    ``shape_key``: the decoded field whose shape must equal the first good sample's (None: no check);
+    ``num_workers``: data-loader worker processes (0: decode in this process).
+    """
+
+    def __init__(self, urls: list[str], batch_size: int,
+                 collate: Callable[[list[Sample]], dict] = collate_samples, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, *, decode: Decoder = decode_sample, shape_key: str | None = "latent", num_workers: int = 0, shuffle_buffer: int = 0):
+        if not urls:
+            raise FileNotFoundError("no shards found (run `selfflow prepare …` first, and check data.options.shards)")
+        self.urls, self.batch_size, self.collate, self.decode = sorted(urls), batch_size, collate, decode
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shape_key, self.num_workers, self.shuffle_buffer = shape_key, num_workers, shuffle_buffer
+        split_by_rank(self.urls, rank, world_size)  # fail early with a clear message
+        self.epoch = self.consumed = 0
+        self.skipped = self.lost_shards = 0  # cumulative; the trainer reads ``skipped``
+        self._at_position = (0, 0)  # (skipped, lost_shards) at the last yielded batch: what a resume restores
+        self.shape: tuple[int, ...] | None = None
+
+    def epoch_shards(self, epoch: int) -> list[str]:
+        """This rank's shards of ``epoch``, in reading order."""
+        order = sorted(self.urls, key=lambda u: hashlib.sha256(f"{self.seed}/{epoch}/{u}".encode()).digest())
+        return split_by_rank(order, self.rank, self.world_size)
+
+    def _epoch_events(self, epoch: int) -> Iterator[Decoded | Skip]:
+        reader = _EpochReader(self.epoch_shards(epoch), self.decode, epoch, self.seed, self.shuffle_buffer)
+        workers = min(self.num_workers, len(reader.urls))
+        if workers == 0:
+            return iter(reader)
+        return iter(DataLoader(reader, batch_size=None, num_workers=workers, collate_fn=_events))
+
+    def _skip(self, event: Skip) -> None:
+        self.skipped += event.lost
+        self.lost_shards += event.whole_shard
+        log.warning("skipping %d corrupt sample(s) (shard %s, key %s): %s", event.lost, event.url, event.key,
+                    event.error)
+
+    def _shape_error(self, event: Decoded) -> Skip | None:
+        if self.shape_key is None:
+            return None
+        shape = tuple(event.sample[self.shape_key].shape)
+        if self.shape is None:
+            self.shape = shape
+        elif shape != self.shape:
+            return Skip(event.url, event.key, f"{self.shape_key} shape {shape} differs from the stream's {self.shape}")
+        return None
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            batch: list[Sample] = []
+            produced = 0
+            for i, event in enumerate(self._epoch_events(self.epoch)):
+                if i < self.consumed:  # replayed: only the reference shape is taken again
+                    if isinstance(event, Decoded):
+                        self._shape_error(event)
+                    continue
+                if not isinstance(event, Skip):
+                    event = self._shape_error(event) or event
+                if isinstance(event, Skip):
+                    self._skip(event)
+                    continue
+                batch.append(event.sample)
+                produced += 1
+                if len(batch) == self.batch_size:
+                    self.consumed = i + 1
+                    self._at_position = (self.skipped, self.lost_shards)
+                    yield self.collate(batch)
+                    batch = []
+            if not produced and not self.consumed:
+                raise RuntimeError(f"rank {self.rank} read no valid sample from its shards "
+                                   f"({self.skipped} corrupt samples skipped, {self.lost_shards} shards lost)")
+            self.epoch, self.consumed = self.epoch + 1, 0  # a partial last batch is dropped
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "consumed": self.consumed, "skipped": self._at_position[0],
+                "lost_shards": self._at_position[1], "world_size": self.world_size,
+                "batch_size": self.batch_size, "num_workers": self.num_workers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        was = (state["world_size"], state["batch_size"], state.get("num_workers", 0))
+        if was != (self.world_size, self.batch_size, self.num_workers):
+            raise ValueError("cannot resume a shard stream with another world size, batch size or number of "
+                             f"data-loader workers (was {was[0]}×{was[1]}, {was[2]} workers; now "
+                             f"{self.world_size}×{self.batch_size}, {self.num_workers} workers)")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.skipped, self.lost_shards = int(state["skipped"]), int(state.get("lost_shards", 0))
+        self._at_position = (self.skipped, self.lost_shards)

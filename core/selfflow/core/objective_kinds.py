@@ -1,0 +1,74 @@
+"""The objective kinds: each ``objective.kind`` is one :class:`ObjectiveKind` entry, not a set of flags.
+
+An entry says how the noise plan draws the levels (whether Dual-Timestep masking applies, how the second
+level ``s`` relates to ``t``, where the teacher looks) and which loss terms run (flow matching always; the
+representation term against the EMA teacher, an external target, or none) with its default weight γ.
+The built-ins below are registered in :mod:`selfflow.core.registry`; an ablation is a new entry, added with
+:func:`~selfflow.core.registry.register_objective` or the ``selfflow.objectives`` entry-point group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .dual_timestep import TeacherLevel
+from .noise_plan import SecondLevel
+
+Alignment = Literal["none", "teacher", "target"]
+
+
+@dataclass(frozen=True)
+class ObjectiveKind:
+    """One objective.
+
+    - ``masked``: Dual-Timestep masking with the modality's ratio ``R_M`` (False: ``R_M = 0``, every token at
+      ``t``);
+    - ``alignment``: the representation term's target — ``teacher`` (the EMA model at ``teacher_level``,
+      stopped at its layer), ``target`` (``tokens.target``, an external encoder's features: REPA) or ``none``;
+    - ``gamma``: its default weight γ;
+    - ``teacher_level``: the teacher's default level, ``min_ts`` (``τ_min = min(t, s)``) or ``t``;
+    - ``second_level``: a rule ``(t, s) → s`` replacing the independently drawn ``s`` (None: keep it).
+    """
+
+    name: str
+    summary: str
+    masked: bool = True
+    alignment: Alignment = "teacher"
+    gamma: float = 0.8
+    teacher_level: TeacherLevel = "min_ts"
+    second_level: SecondLevel | None = None
+
+
+@dataclass(frozen=True)
+class SlightlyCleaner:
+    """``s = max(t − gap, 0)``: the second level only slightly cleaner than the first.
+
+    The paper's ablation ("s only slightly cleaner than t", §5.4: about as bad as no masking) constrains
+    the second timestep to lie just below ``t``; its exact formula is not in our sources, so this is our
+    parameterisation: a fixed gap in time, clipped at the data end. The masked tokens then differ from the
+    others by ``gap`` only, and the teacher (at ``τ_min = s``) sees a view barely cleaner than the student's.
+    """
+
+    gap: float = 0.1
+
+    def __call__(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return (t - self.gap).clamp(min=0.0)
+
+
+BUILTIN_OBJECTIVES: tuple[ObjectiveKind, ...] = (
+    ObjectiveKind("self_flow", "Dual-Timestep Scheduling + self-distillation (R_M from the modality, γ 0.8)"),
+    ObjectiveKind("flow_matching", "vanilla rectified flow (no mask, no representation loss)",
+                  masked=False, alignment="none", gamma=0.0),
+    # SRA's no-mask variant: the teacher sees the student's own level t (not min(t, s) of an unused s).
+    ObjectiveKind("self_flow_no_mask", "ablation: representation loss without masking (teacher at t)",
+                  masked=False, teacher_level="t"),
+    ObjectiveKind("self_flow_no_rep", "ablation: Dual-Timestep Scheduling without the representation loss",
+                  alignment="none", gamma=0.0),
+    ObjectiveKind("self_flow_slightly_cleaner", "ablation: masked tokens at s = max(t − 0.1, 0), only "
+                  "slightly cleaner than t", second_level=SlightlyCleaner(0.1)),
+    ObjectiveKind("repa", "flow matching + γ·(−cos(proj(h_l), tokens.target)), γ 0.5",
+                  masked=False, alignment="target", gamma=0.5),
+)

@@ -1,0 +1,179 @@
+"""Capacity planning without a GPU: ``selfflow plan --config C [--gpus N --gpu-mem GB]``.
+
+Method. The run's backbone is built on the ``meta`` device (no memory, no compute) and one student forward
+runs there at micro-batch 1 under ``saved_tensors_hooks``: the bytes autograd keeps for backward are summed
+per block and outside the blocks (parameters excluded, shared storages counted once). ``(L, L)`` attention
+matrices are left out: the flash / memory-efficient SDPA kernels (CUDA, and PyTorch's CPU flash kernel) keep
+only ``O(L)`` statistics. Activation checkpointing keeps each block's input plus one block's activations
+while it is recomputed; backward holds about one more block's worth of gradients. The step's transient memory (what the CPU bench measures as peak − resident before
+the step) is the larger of the activations and the gradients (backward frees the one as it fills the other)
+plus the teacher's no-grad forward (one block's largest intermediate and the captured features).
+
+Persistent state per parameter: fp32 weights, gradients, two AdamW moments and the fp32 EMA (20 bytes);
+DDP adds its gradient buckets (4 bytes); FSDP2 shards all of it over the GPUs and all-gathers two blocks'
+parameters at a time. bf16 autocast is counted as halving the activations (matmul inputs are saved in bf16;
+an estimate, not measured here). Accuracy against ``benchmarks/memory.py``'s peak-RSS method on the CPU:
+see ``core/tests/test_plan.py`` (within 15 % of the measured step transient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .flops import train_step_flops
+from .modulation import TokenTimesteps
+from .run_setup import build_run
+
+GIB = 2**30
+STATE_BYTES = {"ddp": 20 + 4, "fsdp2": 20}  # per parameter: weights, grads, AdamW m and v, EMA (+ DDP buckets)
+
+
+@dataclass
+class ActivationProfile:
+    """Bytes autograd saves for backward for one sample: outside the blocks, per block, and each block's
+    input (what activation checkpointing keeps)."""
+
+    outside: int
+    blocks: list[int]
+    block_inputs: list[int]
+    largest_intermediate: int  # the biggest tensor one block produces (the teacher's no-grad transient)
+
+    def per_sample(self, checkpointing: bool) -> int:
+        # Backward of a block holds gradients about the size of its saved activations: one more block.
+        if not checkpointing:
+            return self.outside + sum(self.blocks) + max(self.blocks)
+        return self.outside + sum(self.block_inputs) + 2 * max(self.blocks)
+
+
+def activation_profile(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, t: TokenTimesteps, cond,
+                       student_layer: int | None) -> ActivationProfile:
+    """Run ``model`` (on the meta device) once and sort the bytes saved for backward by block."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    length = x.shape[1]
+    seen: set[int] = set()
+    kept: list[torch.Tensor] = []  # held so that no storage address is reused within the forward
+    current = [-1]  # index of the running block, -1 outside
+    sizes = [0] * (model.depth + 1)
+    inputs = [0] * model.depth
+    largest = [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        key = tensor.untyped_storage()._cdata
+        if key in params or key in seen or tensor.shape[-2:] == (length, length):
+            return tensor
+        seen.add(key)
+        kept.append(tensor)
+        sizes[current[0]] += tensor.untyped_storage().nbytes()
+        return tensor
+
+    def nbytes(value) -> int:
+        values = value if isinstance(value, tuple) else (value,)
+        return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+
+    def enter(i: int):
+        def hook(_module, args):
+            current[0] = i
+            inputs[i] = nbytes(tuple(args))
+        return hook
+
+    def leave(_module, _args, out):
+        current[0] = -1
+
+    blocks = list(model.blocks())
+    handles = [b.register_forward_pre_hook(enter(i)) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(leave) for b in blocks]
+    for b in blocks:  # the widest intermediate of a block (the MLP's hidden layer)
+        handles += [m.register_forward_hook(lambda _m, _a, out: largest.__setitem__(0, max(largest[0], nbytes(out))))
+                    for m in b.modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            capture = (student_layer,) if student_layer else ()
+            model(x, ids, t, cond, capture=capture, project=bool(capture) and model.projector is not None)
+    finally:
+        for h in handles:
+            h.remove()
+    return ActivationProfile(sizes[-1], sizes[:-1], inputs, largest[0])
+
+
+@dataclass
+class Plan:
+    name: str
+    params: int
+    tokens: int
+    flops_per_sample: float
+    profile: ActivationProfile
+    grad_bytes: int
+    teacher_bytes: int
+    bf16: bool
+
+    def activations(self, batch: int, checkpointing: bool) -> float:
+        scale = 0.5 if self.bf16 else 1.0
+        return scale * batch * self.profile.per_sample(checkpointing)
+
+    def step_transient(self, batch: int, checkpointing: bool = False) -> float:
+        """Peak − resident memory of one step (activations or gradients, plus the teacher's forward)."""
+        return max(self.activations(batch, checkpointing), self.grad_bytes) + batch * self.teacher_bytes
+
+    def state(self, strategy: str, gpus: int) -> float:
+        """Weights + gradients + AdamW + EMA per GPU (FSDP2: sharded, plus two gathered blocks)."""
+        per_param = STATE_BYTES[strategy] * self.params
+        if strategy == "ddp":
+            return per_param
+        gathered = 2 * 4 * self.params / max(1, len(self.profile.blocks))
+        return per_param / gpus + gathered
+
+    def largest_batch(self, strategy: str, gpus: int, gpu_mem: float, checkpointing: bool) -> int:
+        """The largest micro-batch whose state + activations fit ``gpu_mem`` bytes (90 % usable)."""
+        free = 0.9 * gpu_mem - self.state(strategy, gpus)
+        per_sample = self.activations(1, checkpointing) + self.teacher_bytes
+        return max(0, int(free // per_sample))
+
+
+def make_plan(cfg) -> Plan:
+    """The plan of a run config: build it on the meta device and profile one sample's forward."""
+    run = build_run(cfg, device="meta")
+    model = run.backbone
+    name, modality = next(iter(run.modalities.items()))
+    objective = run.objectives[name]
+    with torch.device("meta"):
+        ids = modality.sample_ids(1, "meta")
+        x = torch.zeros(1, ids.shape[1], modality.token_channels)
+        levels = torch.tensor([[0.5, 0.25]])
+        length = ids.shape[1]
+        # Training always hands the student two levels per sample (dual_timestep), so per-token modulation.
+        t = TokenTimesteps.from_levels(levels, (torch.arange(length) % 2)[None])
+        cond, _, _ = modality.sample_conditions(1, "meta")
+    uses_teacher = objective.uses_teacher
+    student_layer = objective.student_layer if objective.uses_projector else None
+    profile = activation_profile(model, x, ids, t, cond, student_layer)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    teacher_layer = objective.teacher_layer if uses_teacher else None
+    n_context = 0 if cond.context is None else cond.context.shape[1]
+    teacher = (profile.largest_intermediate + profile.block_inputs[0]) if uses_teacher else 0
+    return Plan(cfg.name, params, ids.shape[1], train_step_flops(model, ids.shape[1], n_context, teacher_layer),
+                profile, 4 * params, teacher, cfg.train.precision == "bf16")
+
+
+def format_plan(plan: Plan, batch: int, gpus: int, gpu_mem_gb: float) -> str:
+    """The plan as a short table (GiB) for micro-batch ``batch`` on ``gpus`` GPUs of ``gpu_mem_gb``."""
+    gib = lambda v: f"{v / GIB:8.2f} GiB"  # noqa: E731
+    lines = [
+        f"{plan.name}: {plan.params / 1e6:.1f}M trainable parameters, {plan.tokens} tokens per sample"
+        f"{', bf16 activations (estimate)' if plan.bf16 else ''}",
+        f"  FLOPs per step (micro-batch {batch}):  {plan.flops_per_sample * batch / 1e12:.2f} TFLOP "
+        f"({plan.flops_per_sample / 1e9:.1f} GFLOP per sample)",
+        f"  activations per micro-batch:    {gib(plan.activations(batch, False))}   "
+        f"with activation checkpointing {gib(plan.activations(batch, True))}",
+    ]
+    for strategy in ("ddp", "fsdp2"):
+        lines.append(f"  weights+grads+AdamW+EMA {strategy:5s}:  {gib(plan.state(strategy, gpus))} per GPU "
+                     f"({gpus} GPU{'s' if gpus > 1 else ''})")
+    mem = gpu_mem_gb * 1e9
+    for strategy in ("ddp", "fsdp2"):
+        fits = [plan.largest_batch(strategy, gpus, mem, ac) for ac in (False, True)]
+        lines.append(f"  largest micro-batch on {gpu_mem_gb:g} GB, {strategy:5s}:  {fits[0]} "
+                     f"(with activation checkpointing {fits[1]})")
+    return "\n".join(lines)

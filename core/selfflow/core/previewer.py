@@ -1,0 +1,86 @@
+"""Previews and online evaluation during training, with their rank choreography.
+
+Preview grids (section ``sample``: ``every``, ``num_samples``, ``seed``, ``use_ema``) and online evaluation
+(section ``eval``: ``every``, ``num_samples``; modalities with an evaluator) generate with the EMA (or the
+student). Under DDP or a single process only rank 0 generates and the others wait at a barrier; under FSDP2
+every rank must join each forward (the weights are sharded), so all generate and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .config import RunConfig
+from .distributed import DistInfo, barrier
+from .generate import generate
+from .modality import Modality
+from .parallel import Strategy
+from .registry import get_evaluator
+
+
+class Previewer:
+    def __init__(self, cfg: RunConfig, modalities: dict[str, Modality], model: nn.Module, dist: DistInfo,
+                 strategy: Strategy, device: Any):
+        self.sample_cfg, self.eval_cfg, self.total = cfg.sample, cfg.eval, cfg.train.steps
+        self.modalities = modalities
+        self.model = model
+        self.dist, self.strategy, self.device = dist, strategy, device
+        self.sample_dir = cfg.run_dir / "samples"
+        self._evaluators: dict[str, Any] | None = None  # built on first use (an evaluator may load a network)
+
+    @property
+    def _mixed(self) -> bool:
+        return len(self.modalities) > 1
+
+    @property
+    def _all_ranks_generate(self) -> bool:
+        return self.strategy == "fsdp2"
+
+    def samples_due(self, step: int) -> bool:
+        """A periodic preview at ``step`` (the final one is written after the loop)."""
+        return bool(self.sample_cfg.every) and step % self.sample_cfg.every == 0 and step < self.total
+
+    def eval_due(self, step: int) -> bool:
+        return bool(self.eval_cfg.every) and (step % self.eval_cfg.every == 0 or step == self.total)
+
+    def write_samples(self, step: int) -> Path | None:
+        """Preview samples of every modality (a mixed run writes ``samples/<modality>/``); returns the
+        first file written (rank 0)."""
+        s = self.sample_cfg
+        if not self._all_ranks_generate and not self.dist.is_main:
+            barrier()
+            return None
+        first = None
+        for name, modality in self.modalities.items():
+            media, labels = generate(self.model, modality, s.num_samples, s, s.seed, self.device)
+            folder = self.sample_dir / name if self._mixed else self.sample_dir
+            if self.dist.is_main:
+                path = modality.save_samples(media, labels, folder / f"step_{step:08d}")
+                first = first or path
+        if not self._all_ranks_generate:
+            barrier()
+        return first
+
+    def evaluate(self) -> dict[str, float]:
+        """Generate ``eval.num_samples`` for each modality that has an evaluator (e.g. probe-FD on synthetic
+        shapes) and score them (rank 0; keys are suffixed ``/<modality>`` in mixed runs)."""
+        s = self.sample_cfg
+        if self._evaluators is None:
+            self._evaluators = {n: get_evaluator(m.evaluator)(m) for n, m in self.modalities.items() if m.evaluator}
+        evaluators = self._evaluators
+        if not evaluators or (not self._all_ranks_generate and not self.dist.is_main):
+            if evaluators:
+                barrier()
+            return {}
+        out: dict[str, float] = {}
+        for name, evaluator in evaluators.items():
+            media, labels = generate(self.model, self.modalities[name], self.eval_cfg.num_samples, s, s.seed + 1,
+                                     self.device)
+            if self.dist.is_main:
+                out.update({(f"{k}/{name}" if self._mixed else k): v for k, v in evaluator(media, labels).items()})
+        if not self._all_ranks_generate:
+            barrier()
+        return out

@@ -1,0 +1,128 @@
+"""The training log: what a run reports while it trains (section ``logging`` of the config).
+
+Rank 0 writes step records to ``metrics.jsonl`` and TensorBoard (:class:`~selfflow.core.metrics.MetricsLogger`),
+optionally to Weights & Biases, draws ``loss.png`` and shows a tqdm bar. Each record carries the rates of its
+logging window — samples/s, tokens/s, MFU (with ``logging.peak_tflops``) and peak GPU memory — whose steps
+may span several modalities.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from tqdm import tqdm
+
+from .config import RunConfig, save_config
+from .distributed import DistInfo
+from .metrics import MetricsLogger, plot_losses
+
+
+class StepCost(NamedTuple):
+    """What one optimizer step of a modality processes, over all ranks."""
+
+    samples: int
+    tokens: int
+    flops: float  # analytic training FLOPs (0 when MFU is not reported)
+
+
+class TrainingLog:
+    """Opened by :meth:`open` at the start of ``fit`` and closed by :meth:`close`; ``step_cost(modality)``
+    gives the :class:`StepCost` of one step of that modality (called at logging time)."""
+
+    def __init__(self, cfg: RunConfig, dist: DistInfo, device: torch.device, *, progress: bool,
+                 step_cost: Callable[[str], StepCost]):
+        self.cfg = cfg
+        self.log_cfg = cfg.logging
+        self.dist = dist
+        self.device = device
+        self.progress = progress and dist.is_main
+        self.step_cost = step_cost
+        self.run_dir = cfg.run_dir
+        self._metrics: MetricsLogger | None = None
+        self._wandb: Any = None
+        self._bar: tqdm | None = None
+        self._window_s = 0.0
+        self._window_steps: dict[str, int] = {}
+        self._t0 = 0.0
+
+    def open(self, step: int) -> None:
+        """Write ``config.yaml`` and start the sinks, resuming at ``step`` (records after it are dropped)."""
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            self._metrics = MetricsLogger(self.run_dir, resume_step=step, tensorboard=self.log_cfg.tensorboard)
+            self._wandb = self._open_wandb()
+        self._bar = tqdm(total=self.cfg.train.steps, initial=step, disable=not self.progress, dynamic_ncols=True,
+                         desc=f"train {self.cfg.name}", unit="step")
+
+    def _open_wandb(self) -> Any:
+        if not self.log_cfg.wandb:
+            return None
+        try:
+            import wandb
+        except ImportError:
+            print("logging.wandb is on but wandb is not installed; logging to metrics.jsonl/TensorBoard only")
+            return None
+        return wandb.init(project=self.log_cfg.wandb_project, name=self.cfg.name,
+                          config=self.cfg.model_dump(mode="json"), resume="allow")
+
+    def step_started(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def step_done(self, step: int, modality: str, values: dict[str, float], extra: dict[str, Any]) -> None:
+        """Count the step in the window; on a logging step (``logging.every``, and the last step) write
+        ``{step, modality, **values, **rates, **extra}``; draw the plot every ``logging.plot_every`` steps."""
+        self._window_s += time.perf_counter() - self._t0
+        self._window_steps[modality] = self._window_steps.get(modality, 0) + 1
+        self._bar.update(1)
+        if step % self.log_cfg.every == 0 or step == self.cfg.train.steps:
+            rates = self._rates()
+            record = {"step": step, "modality": modality, **values, **rates, **extra}
+            self._window_s, self._window_steps = 0.0, {}
+            self._write(record)
+            self._bar.set_postfix(loss=f"{values['loss']:.4f}", rep=f"{values['loss_rep']:.3f}",
+                                  sps=f"{rates['samples_per_s']:.0f}", tps=f"{rates['tokens_per_s']:.0f}")
+        if self._metrics is not None and self.log_cfg.plot_every and step % self.log_cfg.plot_every == 0:
+            plot_losses(self._metrics.path, self.run_dir / "loss.png")
+
+    def scores(self, step: int, scores: dict[str, float]) -> None:
+        """Online-evaluation scores: to ``metrics.jsonl`` and the console (rank 0)."""
+        if self._metrics is not None and scores:
+            self._metrics.log({"step": step, **scores})
+            self._bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._metrics is not None:
+            self._metrics.log(record)
+        if self._wandb is not None:
+            self._wandb.log(record, step=record["step"])
+
+    def _rates(self) -> dict[str, float]:
+        seconds = max(self._window_s, 1e-9)
+        costs = {m: (n, self.step_cost(m)) for m, n in self._window_steps.items()}
+        out = {"samples_per_s": sum(n * c.samples for n, c in costs.values()) / seconds,
+               "tokens_per_s": sum(n * c.tokens for n, c in costs.values()) / seconds}
+        if self.log_cfg.peak_tflops:
+            flops = sum(n * c.flops for n, c in costs.values())
+            out["mfu"] = flops / seconds / (self.log_cfg.peak_tflops * 1e12 * self.dist.world_size)
+        if self.device.type == "cuda":
+            out["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return out
+
+    def close(self) -> None:
+        """Close the bar and the metrics file (W&B stays open for :meth:`finish`)."""
+        if self._bar is not None:
+            self._bar.close()
+        if self._metrics is not None:
+            self._metrics.close()
+
+    def finish(self) -> Path | None:
+        """After a completed run: the final loss plot (rank 0) and the end of the W&B run."""
+        plot = plot_losses(self._metrics.path, self.run_dir / "loss.png") if self._metrics is not None else None
+        if self._wandb is not None:
+            self._wandb.finish()
+        return plot

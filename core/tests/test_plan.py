@@ -1,0 +1,84 @@
+"""``selfflow plan``: its memory estimate against the peak RSS of real CPU training steps, and the CLI."""
+
+import ctypes
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfflow.core.cli import main
+from selfflow.core.config import load_config
+from selfflow.core.plan import make_plan
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs/tiny/image.yaml"
+BATCH = 64
+
+
+def measure_step_transient(config: str, overrides: list[str], batch: int) -> float:
+    """Run in a fresh process: bytes of peak − resident RSS of a training step after a warm-up step
+    (the method of benchmarks/memory.py: malloc_trim, reset VmHWM via clear_refs, step, read VmHWM)."""
+    from selfflow.core.ema import ema_update, make_ema
+    from selfflow.core.run_setup import build_run
+    from selfflow.core.tokens import Tokens
+
+    torch.set_num_threads(1)
+    run = build_run(load_config(config, overrides))
+    (name, modality), obj = next(iter(run.modalities.items())), next(iter(run.objectives.values()))
+    model, ema = run.backbone, make_ema(run.backbone)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = modality.sample_ids(batch, "cpu")
+    tokens = Tokens(torch.randn(batch, ids.shape[1], modality.token_channels), ids)
+    cond = modality.sample_conditions(batch, "cpu")[0]
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        losses = obj.loss(model, ema, tokens, cond, null_label=modality.num_classes, modality=name, generator=gen)
+        losses["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema_update(ema, model, 0.999)
+
+    def status_kb(key: str) -> int:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+        return int(line.split()[1])
+
+    step()
+    libc = ctypes.CDLL("libc.so.6")
+    transients = []
+    for _ in range(3):
+        gc.collect()
+        libc.malloc_trim(0)
+        before = status_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+        step()
+        transients.append((status_kb("VmHWM") - before) * 1024)
+    return sorted(transients)[1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux peak-RSS reset")
+@pytest.mark.parametrize("overrides", [[], ["objective.kind=flow_matching"]])
+def test_plan_within_15_percent_of_measured_cpu_step(overrides):
+    overrides = [f"train.batch_size={BATCH}", *overrides]
+    plan = make_plan(load_config(CONFIG, overrides))
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from test_plan import measure_step_transient; "
+            "print(json.dumps(measure_step_transient(sys.argv[2], sys.argv[4:], int(sys.argv[3]))))")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(CONFIG), str(BATCH),
+                          *overrides], capture_output=True, text=True, check=True,
+                         env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": ""})
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    estimate = plan.step_transient(BATCH)
+    assert abs(estimate - measured) / measured < 0.15, (estimate / 2**20, measured / 2**20)
+
+
+def test_plan_cli(capsys):
+    assert main(["plan", "--config", str(CONFIG), "--gpus", "8", "--gpu-mem", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable parameters" in out and "fsdp2" in out and "largest micro-batch on 80 GB" in out
+    plan = make_plan(load_config(CONFIG))
+    assert plan.activations(4, True) < plan.activations(4, False)
+    assert plan.state("fsdp2", 8) < plan.state("ddp", 8)

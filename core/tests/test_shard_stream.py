@@ -1,0 +1,140 @@
+import io
+import logging
+import re
+import tarfile
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from selfflow.core.data.shard_format import decode_sample, npy_bytes, shard_urls
+from selfflow.core.data.shard_stream import ShardStream
+from selfflow.core.data.shard_writer import write_shards
+
+GOOD = npy_bytes(np.zeros((2, 3)))
+
+def _process(i):
+    return {"latent": np.full((2, 3), float(i), dtype=np.float32), "caption": f"item {i}", "label": i % 2,
+            "emb": np.ones((i % 3 + 1, 4), dtype=np.float32)}
+
+def _keys(batches):
+    return sorted(int(c.split()[1]) for b in batches for c in b["captions"])
+
+def _one_epoch(stream):
+    it, batches = iter(stream), []
+    while (b := next(it)) and stream.epoch == 0:
+        batches.append(b)
+    return batches
+
+def _object_npy():
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return buf.getvalue()
+
+def test_stream_splits_by_rank_resumes_and_skips_corrupt_members(tmp_path, caplog):
+    write_shards(list(range(16)), lambda i: _process(i + 10), tmp_path, shard_size=4)
+    with wds.TarWriter(str(tmp_path / "shard-000009.tar")) as sink:  # one corrupt member, one good
+        sink.write({"__key__": "bad", "latent.npy": b"garbage", "txt": "item 90"})
+        sink.write({"__key__": "ok", "latent.npy": GOOD, "txt": "item 91"})
+    (tmp_path / "shard-000010.tar").write_bytes(b"\x00" * 100 + b"not a tar")  # a broken shard, no report
+    urls = shard_urls(tmp_path)
+    assert len(urls) == 6
+    per_rank = [ShardStream(urls, 1, seed=0, rank=rank, world_size=2) for rank in range(2)]
+    batches = [_one_epoch(s) for s in per_rank]
+    keys0, keys1 = _keys(batches[0]), _keys(batches[1])
+    assert not set(keys0) & set(keys1) and sorted(keys0 + keys1) == [*range(10, 26), 91]
+    # the garbage member and the broken shard (each also counted again when epoch 1 reaches it first)
+    assert set(re.findall(r"shard \S+/(shard-\d+\.tar), key (\S+)\)", caplog.text)) == {
+        ("shard-000010.tar", "?"), ("shard-000009.tar", "bad")}
+    assert sum(s.skipped for s in per_rank) >= 2 and sum(s.lost_shards for s in per_rank) >= 1
+    assert "shard-000010.tar, key ?" in caplog.text and "shard-000009.tar, key bad)" in caplog.text
+    # resume mid-epoch: the next batches are the ones an uninterrupted stream yields
+    s = ShardStream(urls, 2, seed=3)
+    it = iter(s)
+    next(it)
+    state = s.state_dict()
+    expected = [next(it) for _ in range(3)]
+    s2 = ShardStream(urls, 2, seed=3)
+    s2.load_state_dict(state)
+    it2 = iter(s2)
+    got = [next(it2) for _ in range(3)]
+    assert [b["captions"] for b in got] == [b["captions"] for b in expected]
+    assert got[0]["latent"].shape == (2, 2, 3) and isinstance(got[0]["emb"][0], torch.Tensor)
+    with pytest.raises(ValueError, match="world size"):
+        ShardStream(urls, 1, world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="cannot be split"):
+        ShardStream(urls[:1], 1, rank=0, world_size=2)
+
+BAD_MEMBERS = {
+    "garbage": {"latent.npy": b"garbage"}, "object": {"latent.npy": _object_npy()},
+    "trunc": {"latent.npy": GOOD[:-5]}, "nokey": {"emb.npy": npy_bytes(np.ones((1, 4)))},
+    "shape": {"latent.npy": npy_bytes(np.zeros((3, 2)))},
+    "dtype": {"latent.npy": npy_bytes(np.zeros((2, 3)), dtype=np.int32)},
+    "nan": {"latent.npy": npy_bytes(np.full((2, 3), np.nan))},
+    "inf": {"latent.npy": npy_bytes(np.full((2, 3), np.inf), dtype=np.float32)},
+    "emb": {"latent.npy": GOOD, "emb.npy": npy_bytes(np.ones(4))},
+    "cat": {"latent.npy": GOOD, "cls": "cat"}, "big": {"latent.npy": GOOD, "cls": "999999"},
+    "neg": {"latent.npy": GOOD, "cls": "-3"},
+}
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_corrupt_member_is_skipped_counted_and_named_and_resume_stays_exact(tmp_path, caplog, workers):
+    caplog.set_level(logging.WARNING, "selfflow.shards")
+    with wds.TarWriter(str(tmp_path / "s-000000.tar")) as sink:
+        sink.write({"__key__": "first", "latent.npy": GOOD, "txt": "item 0", "cls": "1"})
+        for key, members in BAD_MEMBERS.items():
+            sink.write({"__key__": key, **members, "txt": "item 9"})
+        for i in range(1, 5):
+            sink.write({"__key__": f"last{i}", "latent.npy": GOOD, "txt": f"item {i}", "cls": "2"})
+
+    stream = ShardStream(shard_urls(tmp_path), 1, decode=partial(decode_sample, num_classes=10),
+                         num_workers=workers)
+    it = iter(stream)
+    first = next(it)
+    assert _keys([first]) == [0] and stream.skipped == 0
+    state = stream.state_dict()
+    second = next(it)  # all the bad members lie between the first and the second good sample
+    assert _keys([second]) == [1] and stream.skipped == len(BAD_MEMBERS)
+    for key in BAD_MEMBERS:
+        assert f"s-000000.tar, key {key})" in caplog.text
+    assert "(shard ?" not in caplog.text and "key ?)" not in caplog.text
+    resumed = ShardStream(shard_urls(tmp_path), 1, decode=partial(decode_sample, num_classes=10),
+                          num_workers=workers)
+    resumed.load_state_dict(state)
+    rit = iter(resumed)
+    assert [_keys([next(rit)]) for _ in range(4)] == [[1], [2], [3], [4]]
+    assert resumed.skipped == len(BAD_MEMBERS)  # the skips after the saved position, counted once
+
+def test_truncated_and_unreadable_shards_count_the_samples_they_held(tmp_path, caplog):
+    write_shards(list(range(12)), _process, tmp_path, shard_size=4)  # reports say 4 samples per shard
+    whole = (tmp_path / "shard-000001.tar").read_bytes()
+    (tmp_path / "shard-000001.tar").write_bytes(whole[: len(whole) // 2])  # truncated mid-shard
+    (tmp_path / "shard-000002.tar").write_bytes(b"\x00" * 100 + b"not a tar")  # unreadable
+    stream = ShardStream(shard_urls(tmp_path), 1)
+    good = _keys(_one_epoch(stream))
+    lost = {"shard-000001": 0, "shard-000002": 0}
+    for n, shard in re.findall(r"skipping (\d+) corrupt sample\(s\) \(shard \S+/(shard-\d+)\.tar", caplog.text):
+        lost[shard] += int(n)
+    assert lost["shard-000002"] == 4  # unreadable: all the samples its report lists
+    assert len([k for k in good if 4 <= k < 8]) + lost["shard-000001"] == 4  # truncated: the ones after the cut
+    assert 0 < lost["shard-000001"] < 4 and stream.lost_shards >= 1
+
+def test_a_rank_with_only_unreadable_shards_stops_with_a_clear_error(tmp_path):
+    (tmp_path / "a.tar").write_bytes(b"junk")
+    with pytest.raises(RuntimeError, match="read no valid sample"):
+        next(iter(ShardStream([str(tmp_path / "a.tar")], 1)))
+    with pytest.raises(FileNotFoundError, match="no shards"):
+        ShardStream([], 1)
+
+def test_nested_keys_group_members_like_webdataset(tmp_path):
+    path = tmp_path / "n.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("d/x.latent.npy", GOOD), ("d/x.txt", b"item 7"), ("d/y.latent.npy", GOOD),
+                           ("d/y.txt", b"item 8")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    batch = next(iter(ShardStream([str(path)], 2)))
+    assert batch["captions"] == ["item 7", "item 8"]

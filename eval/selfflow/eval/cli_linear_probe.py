@@ -1,0 +1,57 @@
+"""``selfflow eval linear-probe``: per-block linear-probe accuracy of a run's frozen EMA model (JSON + PNG).
+
+Kept apart from :mod:`.linear_probe` so that building the CLI does not import torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def add_linear_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "linear-probe", help="linear-probe accuracy of a run's blocks on noised held-out images",
+        description="Freeze the run's EMA model, take each block's token-mean hidden states of held-out labelled "
+                    "images noised to each level t (null condition), fit a closed-form ridge classifier "
+                    "(λ chosen on a split of the fitting set) and report test accuracy per block and level. "
+                    "Built-in labelled datasets only (synthetic_shapes, digits).")
+    p.add_argument("--run", type=Path, required=True, help="run directory (holds config.yaml)")
+    p.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.25, 0.5],
+                   help="noise levels t (0 = clean data, 1 = noise)")
+    p.add_argument("--blocks", type=int, nargs="+", help="blocks to probe, 1…depth (default: all)")
+    p.add_argument("--num-fit", type=int, default=1000, help="labelled images to fit the classifier on")
+    p.add_argument("--num-test", type=int, default=500, help="held-out images to score it on")
+    p.add_argument("--seed", type=int, default=0, help="noise and validation-split seed")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, help="JSON output (default: RUN/linear_probe.json; the plot beside it)")
+    p.set_defaults(func=cmd_linear_probe)
+    return p
+
+
+def cmd_linear_probe(args: argparse.Namespace) -> int:
+    from selfflow.core.run_setup import load_run_model
+
+    from .cli import _fail
+    from .linear_probe import linear_probe, plot_probe
+
+    if any(not 0 <= t < 1 for t in args.levels):
+        return _fail(ValueError(f"--levels must lie in [0, 1), got {args.levels}"))
+    try:
+        model, modality, _ = load_run_model(args.run, args.weights, args.device)
+        result = linear_probe(model, modality, args.levels, args.blocks, args.num_fit, args.num_test, args.seed)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        return _fail(e)
+    result = {**result, "run": str(args.run), "weights": args.weights}
+    out = args.out or args.run / "linear_probe.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot = plot_probe(result, out.with_suffix(".png"), f"{args.run.name}: linear probe ({args.weights})")
+    header = "block " + " ".join(f"t={t:<5}" for t in args.levels)
+    print(header)
+    for k in result["blocks"]:
+        print(f"{k:>5} " + " ".join(f"{result['accuracy'][str(k)][str(t)]:.3f}  " for t in args.levels))
+    print(f"wrote {out}, {plot}")
+    return 0

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+
+from selfflow.eval.linear_probe import (
+    LinearProbeEvaluator,
+    block_features,
+    labelled_splits,
+    ridge_probe,
+)
+
+
+def test_ridge_probe_separates_separable_classes_and_not_random_labels():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 3
+    centres = torch.randn(3, 16, generator=g) * 3
+    x = centres[y] + 0.3 * torch.randn(300, 16, generator=g)
+    acc, lam = ridge_probe(x[:200], y[:200], x[200:], y[200:], 3)
+    assert acc == 1.0 and lam > 0
+    noise = torch.randn(300, 16, generator=g)
+    acc_random, _ = ridge_probe(noise[:200], y[:200], noise[200:], y[200:], 3)
+    assert acc_random < 0.6
+
+
+def test_labelled_splits_name_the_dataset_they_cannot_probe():
+    class Options:
+        dataset = "latent_shards"
+
+    class Modality:
+        options = Options()
+
+    with pytest.raises(ValueError, match="latent_shards"):
+        labelled_splits(Modality(), 1, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from selfflow.core.cli import main
+
+    root = tmp_path_factory.mktemp("runs")
+    sets = ["model.preset=tiny", "model.depth_single=1", "train.batch_size=4", "train.steps=2",
+            "sample.num_samples=4", "sample.steps=2", f"output_dir={root}", "name=lp"]
+    assert main(["train", "--no-progress", *[a for s in sets for a in ("--set", s)]]) == 0
+    return root / "lp"
+
+
+def test_block_features_are_token_means_per_block_and_depend_on_the_noise_level(tiny_run):
+    from selfflow.core.run_setup import load_run_model
+
+    model, modality, _ = load_run_model(tiny_run, device="cpu")
+    (images, _), _ = labelled_splits(modality, 6, 1)
+    clean = block_features(model, modality, images, 0.0, [1, 3])
+    noisy = block_features(model, modality, images, 0.5, [1, 3])
+    assert sorted(clean) == [1, 3] and clean[1].shape == (6, model.cfg.hidden_size)
+    assert not torch.allclose(clean[3], noisy[3])
+    assert torch.equal(clean[1], block_features(model, modality, images, 0.0, [1], batch=4)[1])
+
+
+def test_online_evaluator_scores_a_model(tiny_run):
+    from selfflow.core.run_setup import load_run_model
+
+    model, modality, _ = load_run_model(tiny_run, device="cpu")
+    scores = LinearProbeEvaluator(modality, levels=(0.0,), n_fit=40, n_test=20)(model)
+    assert set(scores) == {f"lp_acc/b{k}/t0.0" for k in range(1, model.depth + 1)} | {"lp_acc_best"}
+    assert all(0 <= v <= 1 for v in scores.values())
+
+
+def test_linear_probe_cli_writes_json_and_plot(tiny_run, capsys):
+    from selfflow.core.cli import main
+
+    assert main(["eval", "linear-probe", "--run", str(tiny_run), "--num-fit", "40", "--num-test", "20",
+                 "--levels", "0", "0.5", "--blocks", "1", "3"]) == 0
+    result = json.loads((tiny_run / "linear_probe.json").read_text())
+    assert result["blocks"] == [1, 3] and set(result["accuracy"]["3"]) == {"0.0", "0.5"}
+    assert (tiny_run / "linear_probe.png").is_file()
+    assert "block" in capsys.readouterr().out
+    assert main(["eval", "linear-probe", "--run", str(tiny_run), "--levels", "1.0"]) == 2

@@ -1,0 +1,35 @@
+"""Video reading and StyleGAN-V's clip selection."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from selfflow.eval.video_io import ClipReport, is_stats_file, iter_clips, iter_frames
+
+
+def test_clip_selection_start_stride_and_short_videos() -> None:
+    vids = [np.broadcast_to(np.arange(t, dtype=np.uint8)[:, None, None, None], (t, 4, 4, 3)).copy()
+            for t in (40, 10, 16, 32, 33)]
+    report = ClipReport()
+    clips = list(iter_clips(vids, 16, 2048, start=1, stride=2, report=report))
+    # StyleGAN-V keeps a video with ≥ 16·stride frames after the start: 1 + 32 = 33 here, so the
+    # 32-frame video is dropped although frames 1, 3, …, 31 exist
+    assert report.used == 2 and report.skipped_short == 3
+    assert report.lengths == [40, 33]
+    for clip in clips:
+        assert clip.shape == (16, 4, 4, 3)
+        assert list(clip[:, 0, 0, 0]) == list(range(1, 32, 2))
+    first = list(iter_clips(vids, 16, 1))
+    assert len(first) == 1 and list(first[0][:, 0, 0, 0]) == list(range(16))
+    # at stride 2 and start 0 a 31-frame video has frames 0, 2, …, 30 but is dropped (needs 32)
+    short = ClipReport()
+    assert list(iter_clips(vids[3:4], 16, 2048, stride=2, report=short)) != []
+    assert list(iter_clips([vids[3][:31]], 16, 2048, stride=2, report=short)) == []
+    assert (short.used, short.skipped_short) == (1, 1)
+
+
+def test_frames_in_order_up_to_the_cap_and_stats_files() -> None:
+    vids = [np.full((t, 2, 2, 3), t, dtype=np.uint8) for t in (3, 4)]
+    frames = list(iter_frames(vids, 5))
+    assert [int(f[0, 0, 0]) for f in frames] == [3, 3, 3, 4, 4]
+    assert is_stats_file("real.npz") and not is_stats_file("videos/") and not is_stats_file(vids)

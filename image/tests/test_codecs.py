@@ -1,0 +1,28 @@
+import pytest
+
+from selfflow.core.timesteps import TimestepDistribution
+from selfflow.image.codecs import default_timesteps
+from selfflow.image.modality import ImageModality
+
+
+def test_default_timesteps_follow_the_codec_as_in_the_paper_recipes():
+    assert default_timesteps("pixel", (3, 32, 32)) == TimestepDistribution()  # uniform, no shift
+    assert default_timesteps("sd_vae", (4, 32, 32)) == TimestepDistribution()
+    flux2 = default_timesteps("flux2", (128, 16, 16))
+    assert flux2.kind == "logit_normal" and flux2.shift == pytest.approx(8**0.5)  # configs/imagenet256 recipe
+    rae = default_timesteps("rae", (768, 16, 16))
+    assert rae.kind == "plateau_logit_normal" and rae.plateau == 0.1
+    assert rae.shift == pytest.approx(6.928203230275509)
+
+
+def test_the_modality_default_uses_its_codec_latent_shape(tmp_path):
+    from diffusers import AutoencoderKLFlux2
+
+    assert ImageModality({}).default_timesteps == TimestepDistribution()
+    AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                       up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                       norm_num_groups=8, sample_size=32, patch_size=(2, 2)).save_pretrained(tmp_path)
+    m = ImageModality({"codec": "flux2", "vae_path": str(tmp_path), "image_size": 32, "patch_size": 1,
+                       "device": "cpu"})
+    # 16 channels at 8×8 after the 2×2 patchify: sqrt(16·8·8 / 4096)
+    assert m.default_timesteps.kind == "logit_normal" and m.default_timesteps.shift == pytest.approx(0.5)
