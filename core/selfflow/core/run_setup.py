@@ -37,7 +37,10 @@ def build_entry_modality(entry: MixtureEntry, where: str) -> Modality:
     except ValidationError as e:
         lines = [f"invalid {where}.options for modality {entry.modality!r}:"]
         for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"])
+            loc = list(err["loc"])
+            if len(loc) > 1 and isinstance(loc[0], str) and loc[0] not in entry.options:
+                del loc[0]  # the per-dataset union's tag (e.g. synthetic_shapes) is not a key the user wrote
+            key = ".".join(str(p) for p in loc)
             lines.append(f"  {where}.options.{key}: {err['msg']} (got {err['input']!r})")
         raise ConfigError("\n".join(lines)) from None
     except (ValueError, FileNotFoundError) as e:  # a missing file or inconsistent options: name the keys
