@@ -29,7 +29,7 @@ $(STAMP): $(PYPROJECTS) Makefile
 	$(PY) -m pip install --quiet $(DEV_TOOLS)
 	@touch $(STAMP)
 
-test: setup  ## lint + the whole test suite
+test: setup  ## lint + the whole test suite (~6 min on 2 cores)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q $(ARGS)
 
@@ -42,7 +42,7 @@ LAUNCH = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc
 train-image: setup  ## train the tiny Self-Flow model on synthetic shapes (CPU, < 10 min)
 	$(LAUNCH) train --config $(or $(CONFIG),configs/tiny/image.yaml) $(ARGS)
 
-train-mixed: setup  ## tiny text-conditioned model on synthetic image + video + audio together (CPU, ~15 min)
+train-mixed: setup  ## the main job: tiny text-conditioned model on synthetic image + video + audio together (CPU, ~6 min)
 	$(LAUNCH) train --config $(or $(CONFIG),configs/tiny/mixed.yaml) $(ARGS)
 
 train-video: setup  ## train the tiny model on synthetic moving shapes, writes MP4/GIF samples (CPU)
@@ -61,10 +61,10 @@ eval-simpler: setup  ## rollouts of runs/tiny-rt1 on the FAKE SIMPLER stand-in (
 eval: setup  ## probe-FD / accuracy of a run on synthetic shapes (RUN=runs/tiny-image)
 	$(VENV)/bin/selfflow eval probe --run $(or $(RUN),runs/tiny-image) $(ARGS)
 
-bench: setup  ## speed benchmarks: a table and bench.json
+bench: setup  ## speed benchmarks: a table and bench.json (~5 min on 2 quiet cores)
 	$(PY) benchmarks/run.py $(ARGS)
 
-bench-quality: setup  ## FM vs Self-Flow + ablations on synthetic shapes, 3 seeds: probe-FD curves (CPU, ~40-60 min)
+bench-quality: setup  ## flow matching vs REPA vs Self-Flow on digits, 5 paired seeds: CIs, linear probes, speed-ups (CPU, ~60 min; ARGS=--quick ~10 min)
 	$(PY) benchmarks/quality.py $(ARGS)
 
 fault-test: setup  ## fault-injection suite (kills, corrupt data, config fuzzing …): writes docs/RELIABILITY.md (~6 min)

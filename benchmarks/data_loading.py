@@ -4,7 +4,9 @@ the page cache: these are decode/parse costs, not disk speed)."""
 
 from __future__ import annotations
 
+import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,8 +101,8 @@ def bench_shard_read(tmp: Path, quick: bool) -> list[Row]:
             (d / k).write_bytes(v.encode() if isinstance(v, str) else v)
     urls = sorted(str(p) for p in shard_dir.glob("*.tar"))
 
-    def read_shards():
-        stream = iter(ShardStream(urls, batch, collate_samples))
+    def read_shards(workers: int = 0):
+        stream = iter(ShardStream(urls, batch, collate_samples, num_workers=workers))
         return [next(stream) for _ in range(n // batch)]
 
     def read_npy():
@@ -116,9 +118,29 @@ def bench_shard_read(tmp: Path, quick: bool) -> list[Row]:
         return out
 
     t_s, t_n = paired_median(read_shards, read_npy, 3 if quick else 5)
-    return [Row(f"latent read {n} samples {shape} f16 + caption emb: webdataset tar vs loose .npy files",
+    rows = [Row(f"latent read {n} samples {shape} f16 + caption emb: webdataset tar vs loose .npy files",
                 n / t_s, n / t_n, t_n / t_s, ">= 1.0", "samples/s",
-                "LatentShardStream (1 process, no DataLoader workers) vs np.load per file; page cache")]
+                "ShardStream (1 process, no DataLoader workers) vs np.load per file; page cache")]
+    # DataLoader workers (each reads its slice of the shards). A worker's start-up (a process importing
+    # torch) is paid once per epoch; the steady rate counts from the first batch on. One H100-class GPU
+    # consumes ~1,000+ SiT-XL/2 latents/s: compare samples/s per worker with that.
+    def steady_rate(workers: int) -> tuple[float, float]:
+        stream = iter(ShardStream(urls, batch, collate_samples, num_workers=workers))
+        t0 = time.perf_counter()
+        next(stream)
+        t1 = time.perf_counter()
+        for _ in range(n // batch - 1):
+            next(stream)
+        return t1 - t0, (n - batch) / (time.perf_counter() - t1)
+
+    base_start, base_rate = steady_rate(0)
+    for workers in (1, 2):
+        start, rate = steady_rate(workers)
+        rows.append(Row(f"latent read, steady state: {workers} DataLoader worker(s) vs in-process",
+                        rate, base_rate, rate / base_rate, None, "samples/s",
+                        f"{rate / workers:.0f} samples/s per worker; first batch after {start:.2f} s "
+                        f"(in-process {base_start:.3f} s); {os.cpu_count()} CPU cores"))
+    return rows
 
 
 def bench_data_loading(quick: bool) -> list[Row]:

@@ -38,7 +38,7 @@ def _setup(preset: str, batch: int, grid: int, channels: int, kind: str):
     torch.manual_seed(0)
     model = MMDiT(cfg)
     ema = make_ema(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
     obj = ObjectiveConfig(kind=kind).resolve(cfg.depth, 0.25, TimestepDistribution())
     x = torch.randn(batch, grid * grid, channels)
     from selfflow.core.tokens import Tokens

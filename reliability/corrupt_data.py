@@ -263,6 +263,7 @@ def training_run_faults(work: Path) -> list[Outcome]:
 
         for shard in sorted(data.rglob("*.tar")):
             _rewrite_tar(shard, edit)
+        shutil.rmtree(work / "runs" / f"rt1-{label}", ignore_errors=True)  # a fresh run, never a resumed one
         with Timer(outcome):
             proc = run(_train(work, f"rt1-{label}", base, data, limit, steps=40), timeout=900)
         metrics = work / "runs" / f"rt1-{label}" / "metrics.jsonl"

@@ -19,11 +19,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reliability import (
+    cli_faults,
     config_fuzz,
     corrupt_data,
     distributed_restart,
     kill_resume,
+    latent_shard_faults,
     numerical,
+    prepare_faults,
+    state_faults,
     untrusted,
 )
 from reliability.common import ROOT, Outcome
@@ -31,7 +35,11 @@ from reliability.common import ROOT, Outcome
 FAMILIES: dict[str, Callable[[], list[Outcome]]] = {
     "config": lambda: config_fuzz.run(n_mutations=252),
     "data": corrupt_data.run_all,
+    "latent-shards": latent_shard_faults.run_all,
+    "prepare": prepare_faults.run_all,
     "process": kill_resume.run_all,
+    "state": state_faults.run_all,
+    "cli": cli_faults.run_all,
     "numerical": numerical.run_all,
     "distributed": distributed_restart.run_all,
     "untrusted": untrusted.run_all,
@@ -86,10 +94,24 @@ def render(outcomes: list[Outcome], seconds: float) -> str:
               "`write_shards` (as `selfflow prepare` does), shard members through `LatentShardStream`, and a "
               "tiny RT-1 training run on corrupted episode shards (`data_skipped` in `metrics.jsonl`, "
               "`train.max_bad_data_fraction`).",
+              "- **data (ImageNet latent shards)**: `reliability/latent_shard_faults.py` — bad `moments.npy` / "
+              "`cls` members, a tar cut in the middle and garbage shards, read by `imagenet_stream` (issue #16 "
+              "items 1, 3).",
+              "- **data (prepare)**: `reliability/prepare_faults.py` — `selfflow prepare image-text` over "
+              "non-UTF-8 captions and 12000² / 20000² PNGs, `selfflow prepare rt1` over cut, bit-flipped and "
+              "garbage TFRecords, an absurd `train.batch_size` (items 7, 10).",
               "- **process**: `reliability/kill_resume.py` — SIGKILL from outside at random moments and while a "
               "checkpoint is held half written (`SELFFLOW_FAULT_SAVE_DELAY`), ENOSPC during a save "
               "(`SELFFLOW_FAULT_SAVE_ENOSPC`), SIGKILL of `selfflow sample --out-dir`; restarts are compared "
               "exactly with uninterrupted runs.",
+              "- **process (state)**: `reliability/state_faults.py` — a truncated, empty, directory or "
+              "NaN newest checkpoint, a torn `metrics.jsonl` line, SIGKILL inside its rewrite, EROFS at a "
+              "checkpoint write (patched in a child process: the suite runs as root, where chmod cannot make a "
+              "folder read-only) (items 2, 4, 5, 6).",
+              "- **cli**: `reliability/cli_faults.py` — YAML alias bomb, binary / Latin-1 / deeply nested "
+              "configs, conflicting or non-finite options, an output folder under a file, a tampered "
+              "`ema.safetensors`, resuming with another model size, bad `selfflow sample` arguments: exit 2 "
+              "with an `error:` naming the file, key or option (items 4, 8, 9).",
               "- **numerical**: `reliability/numerical.py` — NaN batches (`SELFFLOW_FAULT_NAN_AT`) in a tiny run.",
               "- **distributed**: `reliability/distributed_restart.py` — `SELFFLOW_FAULT_KILL_AT=STEP@RANK` under "
               "`torchrun --max-restarts=1` with 2 gloo ranks.",

@@ -84,3 +84,60 @@ def test_export_ema_writes_safetensors_with_the_model_config(tmp_path):
     with safe_open(str(path), "pt") as f:
         assert torch.equal(f.get_tensor("weight"), model.weight)
         assert '"hidden_size"' in f.metadata()["model_config"]
+
+
+def test_resume_skips_a_broken_newest_checkpoint_names_it_and_moves_it_aside(tmp_path, caplog):
+    src = _pieces(1)
+    first = _checkpointer(tmp_path, src, keep_last=5).save(1)
+    broken = first.with_name("step_00000002.pt")
+    broken.write_bytes(first.read_bytes()[:100])  # truncated
+    dst = _pieces(2)
+    with caplog.at_level("WARNING", logger="selfflow.checkpoint"):
+        assert _checkpointer(tmp_path, dst).resume() == first
+    assert torch.equal(src[0].weight, dst[0].weight)
+    assert "step_00000002.pt is truncated or corrupt" in caplog.text and "moved to step_00000002.pt.corrupt" in caplog.text
+    assert not broken.exists() and broken.with_name("step_00000002.pt.corrupt").exists()
+
+
+def test_resume_refuses_nonfinite_weights_and_a_state_that_does_not_fit(tmp_path):
+    from selfflow.core.checkpoint import CheckpointLoadError
+
+    model, opt, gen, streams = _pieces(1)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    state = _checkpointer(tmp_path, (model, opt, gen, streams)).state_dict()
+    path = tmp_path / "run" / "checkpoints" / "step_00000001.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)  # written behind the checkpointer's back (it refuses non-finite state)
+    with pytest.raises(CheckpointLoadError, match=r"step_00000001\.pt is not finite: model\['weight'\] holds NaN"):
+        _checkpointer(tmp_path, _pieces(2)).resume()
+    path.unlink()
+    _checkpointer(tmp_path, _pieces(1)).save(1)
+    wide = torch.nn.Linear(4, 2)
+    other = (wide, torch.optim.AdamW(wide.parameters()), torch.Generator(), _pieces(1)[3])
+    with pytest.raises(CheckpointLoadError, match=r"cannot resume from .*step_00000001\.pt: its model state does not fit"):
+        _checkpointer(tmp_path, other).resume()
+
+
+def test_resume_refuses_a_changed_model_objective_or_data_config(tmp_path):
+    def ckpt(*sets):
+        model, _, _, streams = _pieces(1)
+        cfg = load_config(None, [f"output_dir={tmp_path}", "name=run", *sets])
+        return Checkpointer(cfg, DistInfo(), {"model": ModelState(model), "streams": StreamsState(streams)})
+
+    ckpt("model.depth_single=2").save(1)
+    assert ckpt("model.depth_single=2", "train.steps=9", "logging.every=3", "checkpoint.every=2").resume()
+    with pytest.raises(ConfigError, match=r"model\.depth_single \(checkpoint 2, now 3\)"):
+        ckpt("model.depth_single=3").resume()
+    with pytest.raises(ConfigError, match=r"data\.options\.image_size \(checkpoint \(unset\), now 8\).*--no-resume"):
+        ckpt("model.depth_single=2", "data.options.image_size=8").resume()
+
+
+def test_a_nonfinite_ema_is_never_exported(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.bias.fill_(float("inf"))
+    cfg = load_config(None, [f"output_dir={tmp_path}", "name=run"])
+    with pytest.raises(CheckpointWriteError, match=r"refusing to export .*ema\.safetensors.*bias holds inf"):
+        _checkpointer(tmp_path, _pieces(1)).export_ema(model, cfg.model)
+    assert not (tmp_path / "run" / "ema.safetensors").exists()

@@ -31,3 +31,54 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert "train.nope" in capsys.readouterr().err
     assert main(["sample", "--run", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_a_finished_run_rerun_does_nothing_unless_steps_are_raised(tmp_path, capsys):
+    sets = [a for s in [*TINY, f"output_dir={tmp_path}", "name=done"] for a in ("--set", s)]
+    run = tmp_path / "done"
+    assert main(["train", "--no-progress", *sets, "--set", "train.steps=2"]) == 0
+    outputs = {p: p.stat().st_mtime_ns for p in [run / "ema.safetensors", run / "loss.png",
+                                                 *run.glob("checkpoints/*"), *run.glob("samples/*")]}
+    capsys.readouterr()
+    assert main(["train", "--no-progress", *sets, "--set", "train.steps=2"]) == 0
+    assert "already finished (step 2, train.steps=2)" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in outputs} == outputs and len(list(run.glob("samples/*"))) == 1
+    assert main(["train", "--no-progress", *sets, "--set", "train.steps=3"]) == 0
+    assert (run / "checkpoints" / "step_00000003.pt").is_file()
+    log = (run / "train.log").read_text()
+    assert log.count("resuming from") == 2 and "already finished" in log
+
+
+def _sets(*overrides):
+    return [a for s in overrides for a in ("--set", s)]
+
+
+def test_expected_failures_are_one_line_errors_with_exit_2(tmp_path, capsys):
+    def error(argv):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("selfflow: error: ") and err.count("\n") == 1 and "Traceback" not in err
+        return err
+
+    binary = tmp_path / "run.yaml"
+    binary.write_bytes(b"\x00\xff\xfe binary")
+    assert "run.yaml is not UTF-8 text" in error(["train", "--config", str(binary)])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    err = error(["train", "--no-progress", *_sets(*TINY, f"output_dir={blocker}", "train.steps=1")])
+    assert str(blocker) in err and "Not a directory" in err
+    err = error(["train", "--no-progress", *_sets(*TINY, "data.options.image_size=30", f"output_dir={tmp_path}")])
+    assert "data.options.image_size=30" in err and "not divisible by patch_size" in err
+
+
+def test_a_changed_model_and_a_tampered_ema_are_refused_naming_key_and_file(tmp_path, capsys):
+    sets = _sets(*TINY, f"output_dir={tmp_path}", "name=r", "train.steps=1", "sample.num_samples=4")
+    assert main(["train", "--no-progress", *sets]) == 0
+    capsys.readouterr()
+    assert main(["train", "--no-progress", *sets, "--set", "model.depth_single=3", "--set", "train.steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "model.depth_single (checkpoint 2, now 3)" in err and "step_00000001.pt" in err
+    ema = tmp_path / "r" / "ema.safetensors"
+    ema.write_bytes(ema.read_bytes()[:50])
+    assert main(["sample", "--run", str(tmp_path / "r"), "--num", "2", "--steps", "1"]) == 2
+    assert f"{ema} is truncated or corrupt" in capsys.readouterr().err

@@ -69,3 +69,100 @@ def test_a_moved_key_names_its_new_place_in_files_and_overrides(tmp_path):
         load_config(None, ["train.eval_samples=3"])
     cfg = load_config(None, ["logging.every=2", "checkpoint.keep_last=1", "eval.every=4", "sample.every=3"])
     assert (cfg.logging.every, cfg.checkpoint.keep_last, cfg.eval.every, cfg.sample.every) == (2, 1, 4, 3)
+
+
+def test_batch_size_is_bounded_per_rank():
+    assert load_config(None, ["train.batch_size=65536"]).train.batch_size == 65536
+    with pytest.raises(ConfigError, match=r"train\.batch_size.*less than or equal to 65536.*1000000"):
+        load_config(None, ["train.batch_size=1000000"])
+    with pytest.raises(ConfigError, match=r"data\.mixture\.0\.batch_size.*less than or equal to 65536"):
+        load_config(None, ["data.mixture=[{modality: image, batch_size: 100000}]"])
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "'inf'"])
+def test_config_floats_must_be_finite(value):
+    with pytest.raises(ConfigError, match=r"optim\.lr: (must be a finite number|Input should be)"):
+        load_config(None, [f"optim.lr={value}"])
+
+
+def test_nonfinite_floats_are_named_anywhere_in_a_file(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("ema:\n  decay: 0.9\ndata:\n  options:\n    noise: .nan\n")
+    with pytest.raises(ConfigError, match=rf"{p.name}:\n  data\.options\.noise: must be a finite number \(got nan\)"):
+        load_config(p)
+
+
+def test_unreadable_config_files_are_config_errors_naming_the_file(tmp_path):
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    with pytest.raises(ConfigError, match=r"model\.bin is not UTF-8 text \(byte 0x89 at offset 0\)"):
+        load_config(binary)
+    with pytest.raises(ConfigError, match=r"is a directory"):
+        load_config(tmp_path)
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")))
+    with pytest.raises(ConfigError, match=r"bomb\.yaml expands to more than"):
+        load_config(bomb)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 5000 + "]" * 5000)
+    with pytest.raises(ConfigError, match=r"deep\.yaml nests too deeply"):
+        load_config(deep)
+    with pytest.raises(ConfigError, match=r"override train\.steps is not valid YAML"):
+        load_config(None, ["train.steps=[1"])
+
+
+def test_errors_never_echo_a_huge_value():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.nope=" + "x" * 100_000])
+    assert len(str(e.value)) < 1000 and "100002 characters" in str(e.value)
+
+
+def test_resume_conflicts_name_fixed_keys_only():
+    from selfflow.core.config import resume_conflicts
+
+    stored = {"model": {"depth": 2}, "train": {"steps": 5},
+              "data": {"mixture": [{"modality": "image", "options": {"root": "a"}}]}}
+    current = {"model": {"depth": 3, "new_field": 1}, "train": {"steps": 9},
+               "data": {"mixture": [{"modality": "image", "options": {"root": "b", "size": 8},
+                                     "sample": {"steps": 50}}]}}  # a sampler setting never conflicts
+    assert resume_conflicts(stored, current) == [
+        "model.depth (checkpoint 2, now 3)",
+        "data.mixture.0.options.root (checkpoint 'a', now 'b')",
+        "data.mixture.0.options.size (checkpoint (unset), now 8)",
+    ]
+    assert resume_conflicts(stored, stored) == []
+
+
+class _Modality:
+    """Stands in for a registered modality: RunConfig.sampler reads only ``name`` and ``default_sampler``."""
+
+    def __init__(self, name, **defaults):
+        from selfflow.core.sampler import SamplerSettings
+
+        self.name, self.default_sampler = name, SamplerSettings(**defaults)
+
+
+def test_sampler_precedence_entry_over_run_over_modality_defaults(tmp_path):
+    p = tmp_path / "mixed.yaml"
+    p.write_text("data:\n  mixture:\n"
+                 "    - {modality: image, sample: {cfg_scale: 3.5}}\n"
+                 "    - {modality: video, sample: {steps: 7}}\n"
+                 "sample: {steps: 50, cfg_scale: 5.0}\n")
+    cfg = load_config(p)
+    image, video = cfg.sampler(_Modality("image")), cfg.sampler(_Modality("video", shift=3.0, steps=9))
+    assert (image.cfg_scale, image.steps, image.shift) == (3.5, 50, 1.0)  # entry > run; SamplerConfig's shift
+    assert (video.cfg_scale, video.steps, video.shift) == (5.0, 7, 3.0)  # run > defaults; entry > run
+    assert load_config(p, ["sample.shift=2"]).sampler(_Modality("video", shift=3.0)).shift == 2.0  # run > defaults
+
+
+def test_single_modality_run_sampler_and_defaults():
+    cfg = load_config(None, ["sample.cfg_scale=2"])
+    got = cfg.sampler(_Modality("image", shift=4.0, cfg_scale=9.0))
+    assert (got.cfg_scale, got.shift, got.solver, got.steps) == (2.0, 4.0, "euler", 50)
+    assert cfg.eval.cfg_scale == 1.0  # online metrics default to no guidance
+
+
+def test_bad_entry_sampler_value_names_its_key():
+    with pytest.raises(ConfigError, match=r"data\.mixture\.0\.sample\.steps"):
+        load_config(None, ["data.mixture=[{modality: image, sample: {steps: 0}}]"])

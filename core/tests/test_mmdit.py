@@ -143,3 +143,8 @@ def test_rope_theta_sets_the_rotation_frequencies(theta, monkeypatch):
     for column, angle in ((2 + 1, 2 * theta ** (-2 / 6)), (2 + 3 + 2, 3 * theta ** (-4 / 6))):
         assert cos[0, 0, token, column].item() == pytest.approx(math.cos(angle), abs=1e-6)
         assert sin[0, 0, token, column].item() == pytest.approx(math.sin(angle), abs=1e-6)
+
+
+def test_rope_theta_defaults_to_flux2s_2000():
+    """FLUX.2's MMDiT uses θ = 2000 (FLUX.1: 10000); a run that does not set model.rope_theta gets FLUX.2's."""
+    assert MMDiTConfig().rope_theta == 2000.0

@@ -1,5 +1,8 @@
+from collections import Counter
+
 import pytest
 import torch
+from torch import nn
 
 from selfflow.core import previewer as previewer_module
 from selfflow.core.config import load_config
@@ -18,12 +21,19 @@ def run(tmp_path):
 
 
 @pytest.fixture
-def calls(monkeypatch):
+def samplers():
+    """The sampler of every generate() call seen by ``calls``."""
+    return []
+
+
+@pytest.fixture
+def calls(monkeypatch, samplers):
     """Every generate() call as (modality, n, seed), with blank samples."""
     seen = []
 
-    def fake_generate(model, modality, n, sampler, seed, device):
+    def fake_generate(model, modality, n, sampler, seed, device, progress=None):
         seen.append((modality.name, n, seed))
+        samplers.append(sampler)
         return torch.zeros(n, 3, 16, 16), torch.zeros(n, dtype=torch.long)
 
     monkeypatch.setattr(previewer_module, "generate", fake_generate)
@@ -60,3 +70,63 @@ def test_evaluate_scores_modalities_with_an_evaluator(run, calls, monkeypatch):
     assert _previewer(run).evaluate() == {"score": 3.0}
     assert calls == [("image", 3, run.config.sample.seed + 1)]
     assert _previewer(run, rank=1, strategy="ddp").evaluate() == {}
+
+
+def test_evaluators_of_the_eval_section_run_after_the_modality_s_own_and_may_take_the_model(run, calls,
+                                                                                           monkeypatch):
+    class ModelEvaluator:
+        needs_model = True
+
+        def __init__(self, modality):
+            pass
+
+        def __call__(self, model):
+            return {"model_is_the_backbone": float(model is run.backbone)}
+
+    factories = {"shapes_probe": lambda modality: lambda media, labels: {"score": float(len(media))},
+                 "on_model": ModelEvaluator}
+    monkeypatch.setattr(previewer_module, "get_evaluator", factories.__getitem__)
+    cfg = run.config.model_copy(update={"eval": run.config.eval.model_copy(update={"evaluators": ["on_model"]})})
+    p = Previewer(cfg, run.modalities, run.backbone, DistInfo(rank=0, world_size=1), "none", "cpu")
+    assert p.evaluate() == {"score": 3.0, "model_is_the_backbone": 1.0}
+    assert len(calls) == 1  # samples are generated once per modality, and not for a model evaluator
+
+
+@pytest.mark.parametrize(("extra", "scale"), [([], 1.0), (["eval.cfg_scale=2.5"], 2.5)])
+def test_online_evaluation_samples_without_guidance_unless_configured(run, calls, samplers, monkeypatch, extra,
+                                                                      scale, tmp_path):
+    monkeypatch.setattr(previewer_module, "get_evaluator", lambda name: lambda modality: lambda media, labels: {})
+    cfg = load_config(None, [*TINY, f"output_dir={tmp_path}", "sample.cfg_scale=4", "sample.steps=3", *extra])
+    p = Previewer(cfg, run.modalities, run.backbone, DistInfo(rank=0, world_size=1), "none", "cpu")
+    p.evaluate()
+    p.write_samples(4)
+    assert [(s.cfg_scale, s.steps) for s in samplers] == [(scale, 3), (4.0, 3)]  # eval, then the preview
+
+
+class _StepSpy(nn.Module):
+    """The backbone, counting its forwards per modality (one per Euler step without guidance)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone, self.steps = backbone, Counter()
+
+    def forward(self, *args, modality=None, **kwargs):
+        self.steps[modality] += 1
+        return self.backbone(*args, modality=modality, **kwargs)
+
+
+def test_a_mixed_run_previews_each_modality_with_its_entry_s_sampler(tmp_path):
+    text = "conditioning: text, text: {kind: tiny, dim: 16}"
+    image = f"{{dataset: synthetic_shapes, image_size: 16, patch_size: 4, {text}}}"
+    audio = f"{{dataset: synthetic_tones, num_samples: 256, patch: 64, {text}}}"
+    cfg = load_config(None, [*TINY, f"output_dir={tmp_path}", "name=mixed", "sample.num_samples=2",
+                             "sample.solver=euler", "sample.steps=2",
+                             f"data.mixture=[{{modality: image, options: {image}, sample: {{steps: 3}}}},"
+                             f" {{modality: audio, options: {audio}, sample: {{steps: 5}}}}]"])
+    mixed = build_run(cfg)
+    spy = _StepSpy(mixed.backbone)
+    p = Previewer(cfg, mixed.modalities, spy, DistInfo(rank=0, world_size=1), "none", "cpu")
+    assert p.samplers["audio"].shift == 2.0  # audio's default: its training shift, set by no level here
+    p.write_samples(1)
+    assert spy.steps == {"image": 3, "audio": 5}
+    assert (tmp_path / "mixed" / "samples" / "audio").is_dir()

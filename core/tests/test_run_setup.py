@@ -42,3 +42,27 @@ def test_load_run_model_reads_a_run_directory_given_as_str(tmp_path):
         load_run_model(cfg.run_dir, weights="model")
     with pytest.raises(ConfigError, match="is not a run directory"):
         load_run_model(str(tmp_path))
+
+
+def test_inconsistent_modality_options_are_config_errors_naming_the_keys(tmp_path):
+    from selfflow.core.run_setup import build_modalities
+
+    with pytest.raises(ConfigError, match=r"data\.options\.image_size=30, data\.options\.patch_size=4: .*divisible"):
+        build_modalities(_cfg(tmp_path, "data.options.image_size=30"))
+
+
+def test_run_weights_that_are_not_finite_or_do_not_fit_are_refused_naming_the_file(tmp_path):
+    from selfflow.core.checkpoint import CheckpointLoadError
+
+    cfg = _cfg(tmp_path)
+    state = {k: v.clone().contiguous() for k, v in build_run(cfg).backbone.state_dict().items()}
+    cfg.run_dir.mkdir(parents=True)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    ema = cfg.run_dir / "ema.safetensors"
+    first = next(iter(state))
+    save_file({**state, first: torch.full_like(state[first], float("nan"))}, str(ema))
+    with pytest.raises(CheckpointLoadError, match=rf"ema\.safetensors is not finite: {first} holds NaN"):
+        load_run_model(cfg.run_dir, device="cpu")
+    save_file({**state, first: torch.zeros(3)}, str(ema))
+    with pytest.raises(CheckpointLoadError, match=r"the ema weights in .* do not fit its config\.yaml"):
+        load_run_model(cfg.run_dir, device="cpu")

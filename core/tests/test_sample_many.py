@@ -64,7 +64,9 @@ def test_two_ranks_equal_one_rank_bit_for_bit(run_dir, tmp_path):
     from PIL import Image
 
     assert np.array_equal(np.asarray(Image.open(tmp_path / "two" / "000013.png")), a[13])  # PNG == npz row
-    assert "selfflow eval adm" in out1 and "samples_64.npz" in out1
+    assert "selfflow eval probe" in out1 and "samples_64.npz" in out1 and "imagenet" not in out1.lower()
+    labels = np.load(tmp_path / "two" / f"samples_{NUM}.npz")["arr_1"]  # the class of each row, any rank count
+    assert np.array_equal(labels, np.load(tmp_path / "one" / f"samples_{NUM}.npz")["arr_1"]) and labels.shape == (NUM,)
 
 
 def test_killed_half_way_and_restarted_finishes_exactly(run_dir, tmp_path):

@@ -3,8 +3,10 @@ import torch
 
 from selfflow.core.sampler import (
     SamplerConfig,
+    SamplerSettings,
     autocast,
     guided_velocity,
+    resolve_sampler,
     sample,
     solve_ode,
     time_grid,
@@ -150,3 +152,21 @@ def test_same_seed_same_samples():
     a = sample(model, torch.randn(1, 3, 2, generator=torch.Generator().manual_seed(5)), ids, cond, cfg)
     b = sample(model, torch.randn(1, 3, 2, generator=torch.Generator().manual_seed(5)), ids, cond, cfg)
     assert torch.equal(a, b)
+
+
+def test_resolve_sampler_later_levels_win_and_unset_fields_keep_the_defaults():
+    modality = SamplerSettings(shift=3.0, steps=10)
+    run = SamplerSettings(steps=20, cfg_scale=4.0, solver="heun")
+    entry = SamplerSettings(cfg_scale=5.0)
+    got = resolve_sampler(modality, run, entry)
+    assert (got.shift, got.steps, got.cfg_scale, got.solver) == (3.0, 20, 5.0, "heun")
+    assert got.guidance_interval == SamplerConfig().guidance_interval and got.precision == "fp32"
+    assert resolve_sampler() == SamplerConfig()
+    assert resolve_sampler(run, modality).steps == 10  # the order is the precedence
+
+
+def test_sampler_settings_validate_the_fields_they_set():
+    with pytest.raises(ValueError, match="steps"):
+        SamplerSettings(steps=0)
+    with pytest.raises(ValueError, match="unknown"):
+        SamplerSettings(unknown=1)

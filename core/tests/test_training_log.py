@@ -1,5 +1,10 @@
+import logging
+import sys
+import types
+
 import pytest
 import torch
+from PIL import Image
 
 from selfflow.core.config import load_config
 from selfflow.core.distributed import DistInfo
@@ -53,3 +58,66 @@ def test_resume_drops_records_after_the_resumed_step(tmp_path):
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records] == [2, 4] and "mfu" not in records[0]
     assert (tmp_path / "run" / "tensorboard").is_dir()
+
+
+MIXTURE = ["data.mixture=[{modality: image, weight: 0.5}, {modality: audio, weight: 0.5}]"]
+
+
+def test_mixed_runs_plot_per_step_values_per_modality(tmp_path):
+    log = _log(tmp_path, "logging.plot_every=100", *MIXTURE)
+    record = {"step": 2, "modality": "audio", "loss": 0.5, "grad_norm": 1.0, "lr": 0.1, "samples_per_s": 3.0,
+              "skipped_steps": 0, "steps/audio": 1}
+    assert log._tags(record, "audio") == {"loss/audio": 0.5, "grad_norm/audio": 1.0, "lr": 0.1,
+                                          "samples_per_s": 3.0, "skipped_steps": 0, "steps/audio": 1}
+    assert _log(tmp_path)._tags(record, "audio")["loss"] == 0.5  # one modality: plain tags
+
+
+class FakeWandb(types.ModuleType):
+    """Records ``wandb.init`` keyword arguments and logged values."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.inits, self.logged = [], []
+        self.Image = self.Audio = self.Video = lambda path: ("media", path)
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        return types.SimpleNamespace(log=lambda values, step: self.logged.append((step, values)),
+                                     finish=lambda: None)
+
+
+def test_wandb_resumes_the_stored_run_and_gets_sample_media(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for step in (0, 2):  # a run, then its resume
+        log = _log(tmp_path, "logging.wandb=true", "logging.tensorboard=false", "logging.plot_every=100")
+        log.open(step)
+        _steps(log, [step + 1, step + 2])
+        log.close()
+        log.finish()
+    first, second = fake.inits
+    assert first["id"] == second["id"] == (tmp_path / "run" / "wandb_run_id").read_text().strip()
+    assert second["resume"] == "allow"
+    assert [s for s, _ in fake.logged] == [2, 4]
+    png = tmp_path / "s.png"
+    Image.new("RGB", (4, 4)).save(png)
+    log.media(4, "image", png)
+    assert fake.logged[-1] == (4, {"samples/image": ("media", str(png))})
+
+
+def test_text_log_appends_the_console_lines_to_train_log(tmp_path, capsys):
+    for line in ("first run", "resumed run"):
+        log = _log(tmp_path)
+        with log.text_log():
+            logging.getLogger("selfflow").info(line)
+            logging.getLogger("selfflow.shards").warning("skipped a sample")
+        logging.getLogger("selfflow").info("not logged after the run")
+    text = (tmp_path / "run" / "train.log").read_text()
+    assert [ln.split(" ", 3)[3] for ln in text.splitlines()] == ["first run", "skipped a sample", "resumed run",
+                                                                  "skipped a sample"]
+    captured = capsys.readouterr()
+    assert captured.out == "first run\nresumed run\n" and captured.err.count("skipped a sample") == 2
+    with pytest.raises(RuntimeError), _log(tmp_path).text_log():
+        raise RuntimeError("disk full")
+    assert (tmp_path / "run" / "train.log").read_text().splitlines()[-1].endswith(
+        "ERROR stopped: RuntimeError: disk full")

@@ -16,9 +16,10 @@ def test_probe_recognises_real_classes_and_is_cached(probe):
     images, labels = render_batch(11, range(500))
     _, preds = probe_features(probe, images)
     assert (preds == labels).float().mean() > 0.9
-    from selfflow.eval.probe import _cache_path
+    from selfflow.core.cached_training import cache_file
+    from selfflow.eval.probe import PROBE_VERSION
 
-    path = _cache_path(0, 400, 32)
+    path = cache_file("shapes_probe", f"v{PROBE_VERSION}-0-400-32")
     assert path.is_file()
     marked = {k: torch.full_like(v, 0.5) for k, v in probe.state_dict().items()}
     torch.save(marked, path)  # the next call must read this file instead of training
@@ -59,9 +60,10 @@ def test_probe_cli_scores_a_run(probe, tmp_path, capsys):
     from selfflow.core.cli import main
 
     sets = ["model.preset=tiny", "model.depth_single=1", "train.batch_size=4", "train.steps=2",
-            "sample.num_samples=10", "sample.steps=2", f"output_dir={tmp_path}", "name=cli"]
+            "sample.num_samples=10", "sample.steps=2", "sample.cfg_scale=3", f"output_dir={tmp_path}", "name=cli"]
     assert main(["train", "--no-progress", *[a for s in sets for a in ("--set", s)]]) == 0
     assert main(["eval", "probe", "--run", str(tmp_path / "cli"), "--num", "30", "--steps", "2"]) == 0
     result = json.loads((tmp_path / "cli" / "probe_metrics.json").read_text())
     assert result["num_samples"] == 30 and result["probe_fd"] > 0 and "not FID" in result["protocol"]
+    assert (result["sampler"]["cfg_scale"], result["sampler"]["steps"]) == (1.0, 2)  # a metric: no guidance
     assert "probe_fd" in capsys.readouterr().out

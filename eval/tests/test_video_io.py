@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from selfflow.eval.video_io import ClipReport, is_stats_file, iter_clips, iter_frames
+from selfflow.eval.video_io import ClipReport, is_stats_file, iter_clips, iter_frames, list_videos
 
 
 def test_clip_selection_start_stride_and_short_videos() -> None:
@@ -33,3 +33,11 @@ def test_frames_in_order_up_to_the_cap_and_stats_files() -> None:
     frames = list(iter_frames(vids, 5))
     assert [int(f[0, 0, 0]) for f in frames] == [3, 3, 3, 4, 4]
     assert is_stats_file("real.npz") and not is_stats_file("videos/") and not is_stats_file(vids)
+
+
+def test_list_videos_skips_the_parts_of_a_sample_out_dir(tmp_path):
+    np.save(tmp_path / "000000.npy", np.zeros((2, 4, 4, 3), np.uint8))
+    (tmp_path / "parts").mkdir()
+    np.save(tmp_path / "parts" / "batch_000000.npy", np.zeros(0, np.uint8))
+    (tmp_path / "frames").mkdir()  # a folder of frames is still a video
+    assert [p.name for p in list_videos(tmp_path)] == ["000000.npy", "frames"]

@@ -128,3 +128,19 @@ def test_manifest_with_pixels_trains_and_checks_its_inputs(captioned_folder, tmp
         ImageModality({**base, "codec": "sd_vae", "vae_path": "x"})
     with pytest.raises(FileNotFoundError, match="prepare image-text"):
         ImageModality({**base, "shards": str(tmp_path)})
+
+
+def test_non_utf8_caption_and_over_large_image_are_skipped_and_listed(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(src / "good.png")
+    (src / "good.txt").write_text("a black square")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(src / "latin1.png")
+    (src / "latin1.txt").write_bytes(b"caf\xe9")
+    Image.new("1", (12000, 12000)).save(src / "huge.png")  # PIL alone only warns, then decodes 430 MB
+    out = tmp_path / "out"
+    report = prepare_image_text({"input": str(src), "out": str(out), "codec": "pixel", "image_size": 16})
+    assert report == {"written": 1, "skipped": 2, "shards": 1, "existing": 0}
+    skipped = {Path(s["item"]).name: s["error"] for s in json.loads((out / "image-000000.json").read_text())["skipped"]}
+    assert "latin1.txt is not UTF-8" in skipped["latin1.png"] and "too large" in skipped["huge.png"]
+    assert json.loads((out / "codec.json").read_text())["sample_captions"] == ["a black square"]

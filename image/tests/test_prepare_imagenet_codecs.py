@@ -114,3 +114,4 @@ def test_flux2_recipe_validates():
     obj = cfg.objective.resolve(28, 0.25, cfg.objective.timesteps)
     assert (obj.mask_ratio, obj.gamma, obj.student_layer, obj.teacher_layer) == (0.25, 0.8, 8, 20)
     assert abs(obj.timesteps.shift - (128 * 256 / 4096) ** 0.5) < 1e-9
+    assert obj.timesteps.kind == "logit_normal"  # the paper's distribution for its FLUX.2-AE runs

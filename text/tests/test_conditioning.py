@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from selfflow.core.mmdit import MMDiT, MMDiTConfig
@@ -30,3 +31,13 @@ def test_class_mode_cycles_labels_with_a_null_label():
     c = CaptionConditioner("class", ["x", "y", "z"], {})
     _, null, labels = c.for_samples(4, "cpu")
     assert labels.tolist() == [0, 1, 2, 0] and (null.labels == 3).all() and c.context_dim == 0
+
+
+def test_for_prompts_encodes_each_prompt_with_an_empty_caption_null():
+    text = CaptionConditioner("text", ["a b"], {"dim": 4})
+    cond, null = text.for_prompts(["a red circle", "a b"], "cpu")
+    expected = text.from_batch({"captions": ["a red circle", "a b"]}, "cpu")
+    assert torch.equal(cond.context, expected.context) and torch.equal(cond.context_mask, expected.context_mask)
+    assert not null.context_mask.any() and null.context.shape == cond.context.shape
+    with pytest.raises(ValueError, match="class-conditional"):
+        CaptionConditioner("class", ["x"], {}).for_prompts(["x"], "cpu")

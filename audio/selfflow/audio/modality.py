@@ -7,7 +7,6 @@ R_M = 0.5 (paper) and uniform timesteps shifted towards noise (shift 2.0; overri
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,11 +14,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from selfflow.core.data.indexed_stream import IndexedStream
-from selfflow.core.data.shard_format import shard_urls
+from selfflow.core.data.shard_format import read_codec_info, shard_urls
 from selfflow.core.data.shard_stream import ShardStream
 from selfflow.core.data.stats import latent_stats
 from selfflow.core.modality import Batch, DataStream, Modality, options_union
 from selfflow.core.registry import register_modality
+from selfflow.core.sampler import SamplerSettings
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.tokens import Conditioning, Tokens
 from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
@@ -62,6 +62,7 @@ class AudioModality(CaptionedModalityMixin, Modality):
     Options = AudioOptions
     default_mask_ratio = 0.5
     default_timesteps = TimestepDistribution(kind="uniform", shift=2.0)
+    default_sampler = SamplerSettings(shift=default_timesteps.shift)  # sample at the training shift
 
     def __init__(self, options: dict[str, Any] | BaseModel | None = None):
         super().__init__(options)
@@ -71,10 +72,7 @@ class AudioModality(CaptionedModalityMixin, Modality):
         if o.dataset == "latent_shards":
             if o.codec == "waveform":
                 raise ValueError("dataset 'latent_shards' needs an Oobleck codec (codec: songbloom | stable_audio)")
-            info = Path(o.shards) / "codec.json"
-            if not info.is_file():
-                raise FileNotFoundError(f"{info} not found: is {o.shards} a `selfflow prepare audio` output?")
-            self.info = json.loads(info.read_text())
+            self.info = read_codec_info(o.shards, "audio")
             if self.info.get("latent_mean") is None:  # dataset statistics from the shard reports
                 self.info["latent_mean"], self.info["latent_std"] = latent_stats(o.shards)
             self.channels, self.length = self.info["latent_shape"]

@@ -15,7 +15,7 @@ field defaults to the registered name; ``module_cls(config)`` builds a
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, NamedTuple
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 from .backbone_protocol import Backbone, BackboneConfig
 from .dit import DiT, DiTConfig
 from .mmdit import MMDiT, MMDiTConfig
+from .registry import load_registered
 
 ENTRY_POINT_GROUP = "selfflow.backbones"
 DEFAULT_ARCH = "mmdit"
@@ -52,35 +53,31 @@ def register_backbone(arch: str, config_cls: type[BaseModel], module_cls: type[n
     _BACKBONES[arch] = BackboneSpec(config_cls, module_cls)
 
 
-def _entry_points() -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-
 def available_backbones() -> list[str]:
     """Registered archs and those installed packages advertise (not loaded)."""
-    return sorted(set(_BACKBONES) | set(_entry_points()))
+    return sorted(set(_BACKBONES) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 
 
 def backbone_spec(arch: str) -> BackboneSpec:
     """The config and module classes of ``arch`` (registered first, then the entry points)."""
-    if arch in _BACKBONES:
+    def load(ep: EntryPoint) -> BackboneSpec:
+        try:
+            spec = ep.load()
+            if callable(spec) and not isinstance(spec, tuple):
+                spec = spec()
+        except Exception as e:  # a broken plug-in: say which one, not only the import error
+            raise ValueError(f"backbone plug-in {arch!r} (entry point {ep.value!r}) failed to load: "
+                             f"{type(e).__name__}: {e}") from e
+        if not (isinstance(spec, tuple) and len(spec) == 2):
+            raise TypeError(f"entry point {arch} = {ep.value!r} ({ENTRY_POINT_GROUP}) must give a "
+                            f"(config_cls, module_cls) pair, got {spec!r}")
+        register_backbone(arch, *spec)
         return _BACKBONES[arch]
-    eps = _entry_points()
-    if arch not in eps:
-        raise KeyError(f"unknown backbone {arch!r}; known: {', '.join(available_backbones())} (backbone "
-                       f"packages register under the {ENTRY_POINT_GROUP!r} entry point group)")
-    try:
-        spec = eps[arch].load()
-        if callable(spec) and not isinstance(spec, tuple):
-            spec = spec()
-    except Exception as e:  # a broken plug-in: say which one, not only the import error
-        raise ValueError(f"backbone plug-in {arch!r} (entry point {eps[arch].value!r}) failed to load: "
-                         f"{type(e).__name__}: {e}") from e
-    if not (isinstance(spec, tuple) and len(spec) == 2):
-        raise TypeError(f"entry point {arch} = {eps[arch].value!r} ({ENTRY_POINT_GROUP}) must give a "
-                        f"(config_cls, module_cls) pair, got {spec!r}")
-    register_backbone(arch, *spec)
-    return _BACKBONES[arch]
+
+    return load_registered(
+        _BACKBONES, ENTRY_POINT_GROUP, arch,
+        lambda: (f"unknown backbone {arch!r}; known: {', '.join(available_backbones())} (backbone "
+                 f"packages register under the {ENTRY_POINT_GROUP!r} entry point group)"), load)
 
 
 def validate_model_config(value: Any) -> BaseModel:

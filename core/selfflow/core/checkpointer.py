@@ -6,10 +6,15 @@ guard, the trainer's step counter) has ``state_dict()`` / ``load_state_dict()``;
 ``{component name: its state}`` plus the resolved config. The adapters below give the model, optimizer,
 generator and streams that interface; model and optimizer state is gathered unsharded (a collective under
 FSDP2), so a checkpoint loads on any number of ranks and with either strategy.
+
+A resume loads the newest intact checkpoint (a truncated, empty or non-finite newer one is named, moved aside
+as ``<name>.corrupt`` and skipped) and refuses one whose model, objective or data config differs from the
+run's (:func:`~selfflow.core.config.resume_conflicts`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,9 +25,21 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import parallel
-from .checkpoint import CheckpointWriteError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import CheckpointConfig, ConfigError, RunConfig
+from .atomic import atomic_path
+from .checkpoint import (
+    CheckpointLoadError,
+    CheckpointWriteError,
+    latest_checkpoint,
+    load_newest_intact,
+    nonfinite_tensor,
+    save_checkpoint,
+)
+from .config import CheckpointConfig, ConfigError, RunConfig, resume_conflicts
 from .distributed import DistInfo, barrier, broadcast_object
+from .pretrained import save_pretrained
+from .safe_yaml import YamlError, parse_yaml
+
+log = logging.getLogger("selfflow.checkpoint")
 
 
 class Stateful(Protocol):
@@ -93,7 +110,8 @@ class Checkpointer:
 
     def __init__(self, cfg: RunConfig, dist: DistInfo, components: dict[str, Stateful]):
         self.cfg: CheckpointConfig = cfg.checkpoint
-        self.config_text = yaml.safe_dump(cfg.model_dump(mode="json"))
+        self.config = cfg.model_dump(mode="json")
+        self.config_text = yaml.safe_dump(self.config)
         self.dist = dist
         self.components = components
         self.run_dir = cfg.run_dir
@@ -106,16 +124,41 @@ class Checkpointer:
     def state_dict(self) -> dict[str, Any]:
         return {**{n: c.state_dict() for n, c in self.components.items()}, "config": self.config_text}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], source: Path | str = "the checkpoint") -> None:
+        """Restore every component; a state that does not fit this run is an error naming ``source``."""
+        missing = [n for n in self.components if n not in state]
+        if missing:
+            raise CheckpointLoadError(f"{source} has no {', '.join(missing)} state: not a checkpoint of this run")
         for name, component in self.components.items():
-            component.load_state_dict(state[name])
+            try:
+                component.load_state_dict(state[name])
+            except (RuntimeError, KeyError, IndexError, TypeError) as e:
+                first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+                raise CheckpointLoadError(f"cannot resume from {source}: its {name} state does not fit this "
+                                          f"run ({first})") from e
 
     def resume(self) -> Path | None:
-        """Load the newest complete checkpoint, if any; returns its path."""
-        ckpt = latest_checkpoint(self.dir)
-        if ckpt is not None:
-            self.load_state_dict(load_checkpoint(ckpt, map_location="cpu"))
-        return ckpt
+        """Load the newest intact checkpoint, if any; returns its path. Newer broken ones are named, moved
+        aside (rank 0) and skipped; a changed model, objective or data config is refused."""
+        found = load_newest_intact(self.dir, map_location="cpu")
+        if found is None:
+            return None
+        path, state, skipped = found
+        try:
+            stored = parse_yaml(str(state.get("config") or "{}"), f"the config stored in {path}")
+        except YamlError as e:
+            raise CheckpointLoadError(str(e)) from None
+        conflicts = resume_conflicts(stored if isinstance(stored, dict) else {}, self.config)
+        if conflicts:
+            raise ConfigError(
+                f"cannot resume from {path}: the config differs from the one it was trained with in "
+                f"{'; '.join(conflicts)}. Use the same settings, another run name, or --no-resume to start afresh")
+        self.load_state_dict(state, path)
+        if self.dist.is_main:
+            for bad, why in skipped:
+                log.warning("selfflow: warning: skipped a broken checkpoint: %s%s; resuming from %s",
+                            why, _move_aside(bad), path)
+        return path
 
     def save(self, step: int) -> Path | None:
         """Write the state as step ``step`` on rank 0; a failed write (e.g. a full disk) stops every rank,
@@ -140,9 +183,24 @@ class Checkpointer:
         if not self.dist.is_main:
             return None
         path = Path(path or self.run_dir / "ema.safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"model_config": model_config.model_dump_json()})
-        tmp.replace(path)
+        bad = nonfinite_tensor(tensors)
+        if bad:
+            raise CheckpointWriteError(f"refusing to export {path}: the EMA weights are not finite ({bad}); "
+                                       f"the last good checkpoint is {latest_checkpoint(self.dir) or '(none)'}")
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata={"model_config": model_config.model_dump_json()})
+        # beside it, the same weights with the configs that rebuild the model (selfflow.core.pretrained)
+        save_pretrained(path.parent / "pretrained", path, RunConfig.model_validate(self.config), model_config)
         return path
+
+
+def _move_aside(bad: Path) -> str:
+    """Rename a broken checkpoint to ``<name>.corrupt``, so that it is neither loaded again nor kept as the
+    newest by pruning; says where it went (best effort: a read-only disk leaves it in place)."""
+    aside = bad.with_name(bad.name + ".corrupt")
+    try:
+        bad.replace(aside)
+    except OSError:
+        return ""
+    return f" (moved to {aside.name})"

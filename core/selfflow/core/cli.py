@@ -4,21 +4,27 @@ packages register under the ``selfflow.commands`` entry point group (e.g. ``self
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import, in any subcommand
 
+from .arg_types import device_name, finite_float, positive_int
 from .checkpoint import CheckpointLoadError
 from .config import ConfigError, load_config
+from .export_cli import add_export_parser
 from .faults import RunStopped
 from .registry import available_modalities, command_registrars
+from .safe_yaml import YamlError
 
 EPILOG = """examples:
   selfflow train --config configs/tiny/image.yaml
   selfflow train --config configs/tiny/image.yaml --set objective.kind=flow_matching --set name=tiny-fm
   selfflow sample --run runs/tiny-image --num 40 --cfg-scale 3 --out grid.png
+  selfflow sample --run runs/tiny-mixed --modality video --prompt "a red circle moving left" --out-dir out/
   torchrun --nproc_per_node=8 -m selfflow.core.cli sample --official-ckpt selfflow_imagenet256.pt \
       --vae sd-vae-ft-ema --solver sde --steps 250 --num-samples 50000 --out-dir samples/selfflow
 """
@@ -40,20 +46,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     try:
         trainer = Trainer(cfg, resume=not args.no_resume, progress=not args.no_progress)
-        main_rank = trainer.dist.is_main
-        if main_rank:
-            n = sum(p.numel() for p in trainer.raw.parameters())
-            how = f"{trainer.dist.world_size} rank(s), {trainer.strategy}"
-            print(f"{cfg.name}: {n / 1e6:.2f}M parameters, {_objective_summary(trainer)}, {how}, {trainer.device}")
-            if trainer.resumed_from is not None:
-                print(f"resuming from {trainer.resumed_from} (step {trainer.step})")
-        result = trainer.fit()
+        with trainer.log.text_log():  # rank 0's console lines also go to <run_dir>/train.log
+            return _train(trainer)
     finally:
         destroy()
+
+
+def _train(trainer) -> int:
+    """Report, then train (a finished run is left as it is: no new checkpoint, samples or export)."""
+    cfg, main_rank = trainer.cfg, trainer.dist.is_main
+    log = logging.getLogger("selfflow")
     if main_rank:
-        print(f"run directory: {cfg.run_dir}")
+        n = sum(p.numel() for p in trainer.raw.parameters())
+        how = f"{trainer.dist.world_size} rank(s), {trainer.strategy}"
+        log.info(f"{cfg.name}: {n / 1e6:.2f}M parameters, {_objective_summary(trainer)}, {how}, {trainer.device}")
+        if trainer.resumed_from is not None:
+            log.info(f"resuming from {trainer.resumed_from} (step {trainer.step})")
+    if trainer.finished:
+        if main_rank:
+            log.info(f"{cfg.name} is already finished (step {trainer.step}, train.steps={cfg.train.steps}); "
+                     f"nothing to do. Its outputs are in {cfg.run_dir}; raise train.steps to train further")
+        return 0
+    result = trainer.fit()
+    if main_rank:
+        log.info(f"run directory: {cfg.run_dir}")
         for key in ("checkpoint", "samples", "loss_plot", "ema"):
-            print(f"  {key:10s} {result[key]}")
+            log.info(f"  {key:10s} {result[key]}")
     return 0
 
 
@@ -97,42 +115,60 @@ def _cmd_modalities(args: argparse.Namespace) -> int:
 
 def add_sample_arguments(smp: argparse.ArgumentParser) -> None:
     # --run-dir / --num-samples: spellings that torchrun's own parser does not mistake for --run-path/--numa-…
-    smp.add_argument("--run", "--run-dir", dest="run", type=Path, help="run directory (holds config.yaml)")
-    smp.add_argument("--num", "--num-samples", dest="num", type=int,
-                     help="number of samples (default: 40 for a grid, 50000 with --out-dir)")
-    smp.add_argument("--steps", type=int, help="ODE steps / SDE model calls (default: the run's sample.steps)")
+    smp.add_argument("--run", "--run-dir", dest="run", type=Path,
+                     help="run directory (config.yaml), pretrained directory (config.json) or ema.safetensors")
+    smp.add_argument("--num", "--num-samples", dest="num", type=positive_int,
+                     help="number of samples (default: one per prompt with prompts, else 40 for a grid, 50000 "
+                          "with --out-dir)")
+    smp.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
+                     help="text-conditioned runs: a prompt (repeatable); sample i gets prompt i mod P")
+    smp.add_argument("--prompts", dest="prompt_file", type=Path, metavar="FILE",
+                     help="prompts from a .txt (one per line) or .jsonl (a \"prompt\" or \"caption\" field per "
+                          "line), after any --prompt; e.g. an evaluation set's captions")
+    smp.add_argument("--steps", type=positive_int,
+                     help="ODE steps / SDE model calls (default: the modality's resolved sampler)")
     smp.add_argument("--solver", choices=["euler", "heun", "sde"], help="ODE solver, or the official SDE")
-    smp.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none)")
-    smp.add_argument("--guidance-low", type=float, help="apply CFG for t ≥ this (RF time)")
-    smp.add_argument("--guidance-high", type=float, help="apply CFG for t ≤ this (RF time; official 0.7)")
-    smp.add_argument("--shift", type=float, help="time shift of the ODE or SDE grid (1: uniform / official)")
+    smp.add_argument("--cfg-scale", type=finite_float, help="classifier-free guidance scale (1: none)")
+    smp.add_argument("--guidance-low", type=finite_float, help="apply CFG for t ≥ this (RF time)")
+    smp.add_argument("--guidance-high", type=finite_float, help="apply CFG for t ≤ this (RF time; official 0.7)")
+    smp.add_argument("--shift", type=finite_float, help="time shift of the ODE or SDE grid (1: uniform / official)")
     smp.add_argument("--seed", type=int, help="noise seed (same seed → same samples; default 0, 31 with "
                                                "--official-repro)")
     smp.add_argument("--precision", choices=["fp32", "bf16"],
                      help="bf16: model under bfloat16 autocast (CUDA; ~100x slower on CPU); default fp32")
     smp.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to use")
-    smp.add_argument("--modality", help="mixed runs: which modality to sample (default: the first)")
+    smp.add_argument("--modality", help="mixed runs: which modality to sample (default: the first), with its entry's sampler")
     smp.add_argument("--out", type=Path, help="grid path (default: RUN/samples/sample_seed<S>)")
-    smp.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    smp.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     many = smp.add_argument_group("many samples for evaluation (sharded over torchrun ranks, resumable)")
-    many.add_argument("--out-dir", type=Path, help="write one file per sample and samples_N.npz here")
-    many.add_argument("--batch-size", type=int, default=64, help="samples per forward")
+    many.add_argument("--out-dir", type=Path, help="write one file per sample, samples_N.npz and (with prompts) "
+                                                    "prompts.jsonl here")
+    many.add_argument("--batch-size", type=positive_int, default=64, help="samples per forward")
     many.add_argument("--labels", choices=["random", "balanced"], default="random", help="class labels")
     many.add_argument("--png", action=argparse.BooleanOptionalAction, default=True, help="per-sample files")
-    many.add_argument("--npz", action=argparse.BooleanOptionalAction, default=True, help="ADM .npz (arr_0)")
+    many.add_argument("--npz", action=argparse.BooleanOptionalAction, default=True,
+                      help="ADM .npz (arr_0; arr_1: class labels)")
     many.add_argument("--official-ckpt", type=Path, help="a released checkpoint instead of --run")
     many.add_argument("--checkpoint-kind", help="which installed loader reads it (default: the only one)")
     many.add_argument("--vae", type=Path, help="local autoencoder directory for --official-ckpt")
     many.add_argument("--official-repro", action="store_true",
                       help="the official sample.py's per-batch seeds (31 + rank·100000 + batch), global "
                            "generator, bf16 autocast and uint8 truncation, to reproduce its samples_N.npz")
-    many.add_argument("--official-world-size", type=int,
+    many.add_argument("--official-world-size", type=positive_int,
                       help="--official-repro: GPUs of the official run to reproduce (default: this run's ranks)")
     many.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``selfflow sample: error: …`` and where to read more, not the usage
+    block (subcommands inherit the class through ``add_subparsers``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="selfflow", description="Train, sample and evaluate Self-Flow models (arXiv 2603.06507).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -140,9 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", help="train a model from a YAML config",
         description="Train Self-Flow (or a baseline: objective.kind=flow_matching) from a YAML run config. "
-                    "The run directory (output_dir/name) receives config.yaml, checkpoints/, samples/, "
-                    "metrics.jsonl, tensorboard/ and loss.png. An existing run resumes from its newest "
-                    "complete checkpoint.")
+                    "The run directory (output_dir/name) receives config.yaml, train.log (the console "
+                    "lines), checkpoints/, samples/, metrics.jsonl, tensorboard/ (losses and sample media), "
+                    "loss.png and ema.safetensors. An existing run resumes from its newest complete "
+                    "checkpoint; a finished one is left as it is (raise train.steps to train further).")
     train.add_argument("--config", type=Path, help="YAML run config (default: built-in defaults)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.steps=200 (repeatable; value is YAML)")
@@ -154,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sample", help="generate samples from a trained run",
         description="Generate samples from a run directory's EMA weights (ema.safetensors, or the EMA "
                     "inside the newest checkpoint) and write them with the modality's writer (PNG grid …). "
-                    "With --out-dir: N samples (default 50000) as files plus an ADM .npz, sharded over "
-                    "torchrun ranks and resumable; --official-ckpt samples a released checkpoint.")
+                    "With --out-dir: N samples (default 50000, or one per prompt) as files plus an ADM .npz, "
+                    "sharded over torchrun ranks and resumable; --official-ckpt samples a released checkpoint. "
+                    "Text-conditioned runs take --prompt/--prompts; the output records each sample's prompt.")
     add_sample_arguments(smp)
     smp.set_defaults(func=_cmd_sample)
 
@@ -171,12 +209,23 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch", type=int, help="micro-batch per GPU (default: the config's train.batch_size)")
     plan.set_defaults(func=_cmd_plan)
 
+    add_export_parser(sub)
+
     mods = sub.add_parser("modalities", help="list installed modalities")
     mods.set_defaults(func=_cmd_modalities)
 
     for register in command_registrars().values():
         register(sub)
     return parser
+
+
+def _error_message(e: Exception) -> str:
+    """One line naming the file, key or value: an OS error as ``<what went wrong>: <file>``."""
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        return f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+    return str(e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,9 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, CheckpointLoadError, FileNotFoundError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"selfflow: error: {msg}", file=sys.stderr)
+    except (ConfigError, CheckpointLoadError, YamlError, OSError, KeyError) as e:  # the user can fix these
+        print(f"selfflow: error: {_error_message(e)}", file=sys.stderr)
         return 2
     except RunStopped as e:  # a deliberate stop (bad data, non-finite steps, failed checkpoint write)
         print(f"selfflow: stopped: {e}", file=sys.stderr)

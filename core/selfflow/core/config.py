@@ -6,8 +6,10 @@ instead of a silently ignored setting. The resolved config is written to the run
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -20,15 +22,25 @@ from pydantic import (
     field_validator,
 )
 
+from .atomic import atomic_write_text
 from .backbones import validate_model_config
 from .mmdit import MMDiTConfig
 from .objective import ObjectiveConfig
-from .sampler import SamplerConfig
+from .safe_yaml import YamlError, parse_yaml
+from .sampler import SamplerConfig, SamplerSettings, resolve_sampler
 from .timesteps import TimestepDistribution
+
+if TYPE_CHECKING:
+    from .modality import Modality
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file, key and value."""
+
+
+# A per-rank batch above this is a typo (an extra zero or two), not a run: refused at validation instead of
+# an out-of-memory crash minutes later.
+MAX_BATCH_SIZE = 65536
 
 
 class _Section(BaseModel):
@@ -36,14 +48,19 @@ class _Section(BaseModel):
 
 
 class MixtureEntry(_Section):
-    """One modality of a mixed run: its data options, its share of the steps and its batch size."""
+    """One modality of a mixed run: its data options, its share of the steps, its batch size and its sampler."""
 
     modality: str = Field(description="registered modality name")
     options: dict[str, Any] = Field(default_factory=dict, description="validated by the modality")
     weight: float = Field(1.0, gt=0, description="relative probability of a step on this modality")
-    batch_size: int | None = Field(None, ge=1, description="per rank (None: train.batch_size)")
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE, description="per rank (None: train.batch_size)")
     mask_ratio: float | None = Field(None, ge=0, le=1, description="None: objective / modality default")
     timesteps: TimestepDistribution | None = Field(None, description="None: objective / modality default")
+    sample: SamplerSettings = Field(
+        default_factory=SamplerSettings,
+        description="this modality's sampler (previews, online evaluation, `selfflow sample --modality`); "
+                    "precedence: these keys > the run's `sample` section > the modality's defaults (e.g. video's "
+                    "training shift) > SamplerConfig's defaults")
 
 
 class DataConfig(_Section):
@@ -71,6 +88,9 @@ class OptimConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "cosine"] = Field("constant", description="after the warm-up")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
+    implementation: Literal["fused", "foreach", "for-loop"] = Field(
+        "fused", description="AdamW kernel: fused (one kernel for all tensors; fastest on CPU and GPU), foreach "
+        "(torch's default on GPU) or for-loop (torch's default on CPU); they differ at float rounding")
 
 
 class EMAConfig(_Section):
@@ -86,7 +106,7 @@ class TrainConfig(_Section):
     """The training loop itself: steps, batch, precision, parallelism, stop policies, fine-tuning start."""
 
     steps: int = Field(1000, ge=1)
-    batch_size: int = Field(32, ge=1, description="per rank")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE, description="per rank")
     seed: int = 0
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA); fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -122,10 +142,19 @@ class LoggingConfig(_Section):
 class EvalConfig(_Section):
     every: int = Field(0, ge=0, description="online evaluation period (0: off); needs an evaluator")
     num_samples: int = Field(200, ge=1, description="samples generated for each online evaluation")
+    cfg_scale: float = Field(1.0, ge=0, description="guidance of the online evaluation's samples (1: none, as the "
+                             "paper's metrics); the other sampler settings are each modality's resolved ones")
+    evaluators: list[str] = Field(default_factory=list, description="evaluators run besides the modality's own "
+                                  "(selfflow.evaluators entry points, e.g. linear_probe)")
 
 
-class SampleConfig(SamplerConfig):
-    """The sampler of the run, and its preview grids during training."""
+class SampleConfig(SamplerSettings):
+    """The run's sampler settings and its preview grids during training.
+
+    A sampler key set here applies to every modality unless its mixture entry's ``sample`` sets it; a key set
+    nowhere takes the modality's default (``Modality.default_sampler``, e.g. its training shift), then
+    SamplerConfig's (euler, 50 steps, shift 1, cfg 1). :meth:`RunConfig.sampler` resolves the levels.
+    """
 
     every: int = Field(0, ge=0, description="preview period in steps (0: only at the end)")
     num_samples: int = Field(64, ge=1, description="samples per grid written during training")
@@ -166,6 +195,13 @@ class RunConfig(_Section):
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
+    def sampler(self, modality: Modality) -> SamplerConfig:
+        """``modality``'s sampler: its mixture entry's ``sample`` > the run's ``sample`` > the modality's
+        ``default_sampler`` > SamplerConfig's defaults."""
+        entry = next((e for e in self.data.entries() if e.modality == modality.name), None)
+        levels = [modality.default_sampler, self.sample] + ([entry.sample] if entry is not None else [])
+        return resolve_sampler(*levels)
+
 
 # Keys that left ``train`` for the section of the component that reads them.
 MOVED_KEYS = {
@@ -192,16 +228,67 @@ def _moved_keys(raw: dict[str, Any]) -> list[str]:
     return out
 
 
+def short_repr(value: Any, limit: int = 120) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error message never echoes a huge input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def _format_errors(err: ValidationError, source: str, raw: dict[str, Any]) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         loc = list(e["loc"])
         key = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (value {e['input']!r})")
+            lines.append(f"  {key}: unknown key (value {short_repr(e['input'])})")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e['input']!r})")
+            lines.append(f"  {key}: {e['msg']} (got {short_repr(e['input'])})")
     return "\n".join(lines)
+
+
+def _nonfinite_floats(value: Any, key: str = "") -> list[str]:
+    """``key: must be a finite number (got inf)`` for every NaN / ±inf float in a dumped config."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"  {key}: must be a finite number (got {value})"]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    return [line for k, v in items for line in _nonfinite_floats(v, f"{key}.{k}" if key else str(k))]
+
+
+# What a resume may not change: the checkpoint's weights and data positions only make sense for these.
+# Everything else (train.steps, logging, eval, sample, checkpoint cadence, parallelism …) may change.
+RESUME_FIXED_SECTIONS = ("model", "objective", "data")
+_RESUME_FREE_KEYS = re.compile(r"^data\.mixture\.\d+\.sample\.")  # a mixture entry's sampler: samples only
+_ABSENT = object()
+
+
+def _flatten(value: Any, key: str, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(v, f"{key}.{k}", out)
+    elif isinstance(value, list) and any(isinstance(v, dict) for v in value):  # data.mixture: entry by entry
+        for i, v in enumerate(value):
+            _flatten(v, f"{key}.{i}", out)
+    else:
+        out[key] = value
+    return out
+
+
+def resume_conflicts(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key (checkpoint A, now B)`` for every key of :data:`RESUME_FIXED_SECTIONS` that differs between a
+    checkpoint's dumped config and the current one. A key the stored config lacks is a field added by a
+    newer version and is not a conflict — unless it is a modality option (``…options.<key>``), where any
+    new key changes the data."""
+    lines = []
+    for section in RESUME_FIXED_SECTIONS:
+        old = _flatten(stored.get(section, {}), section, {})
+        new = _flatten(current.get(section, {}), section, {})
+        for key in sorted(set(old) | set(new)):
+            a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+            if a == b or (a is _ABSENT and ".options." not in key) or _RESUME_FREE_KEYS.match(key):
+                continue
+            shown = ["(unset)" if v is _ABSENT else short_repr(v, 60) for v in (a, b)]
+            lines.append(f"{key} (checkpoint {shown[0]}, now {shown[1]})")
+    return lines
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -212,9 +299,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        parsed = yaml.safe_load(value) if value != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from e
+        parsed = parse_yaml(value, f"the value of override {key}") if value != "" else ""
+    except YamlError as e:
+        raise ConfigError(str(e)) from None
     return key.split("."), parsed
 
 
@@ -239,26 +326,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         source = str(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory, not a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+            loaded = parse_yaml(path.read_bytes().decode("utf-8"), f"config file {path}")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                              f"{e.start}): is it a YAML file?") from None
+        except (YamlError, OSError) as e:
+            raise ConfigError(str(e)) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         raw = loaded or {}
     if overrides:
         raw = apply_overrides(raw, overrides)
-        source += " with overrides " + " ".join(overrides)
+        source += " with overrides " + " ".join(o if len(o) <= 120 else short_repr(o) for o in overrides)
     moved = _moved_keys(raw)
     if moved:
         raise ConfigError("\n".join([f"invalid config {source}:", *moved]))
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source, raw)) from None
+    nonfinite = _nonfinite_floats(cfg.model_dump())
+    if nonfinite:
+        raise ConfigError("\n".join([f"invalid config {source}:", *nonfinite]))
+    return cfg
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

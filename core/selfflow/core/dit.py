@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 from einops import rearrange
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 
 from .attention import attention, resolve_backend
@@ -58,7 +58,7 @@ class DiTConfig(BaseModel):
     time_input: Literal["sit", "rf"] = Field("sit", description="sit: embed 1 − t and negate (official)")
     num_classes: int = Field(0, ge=0, description="class labels (0: none); id num_classes is the null label")
     projector_mult: float = Field(2.0, ge=0, description="Self-Flow projector hidden = mult·hidden (0: none)")
-    projector_dims: tuple[int, ...] = Field(
+    projector_dims: tuple[PositiveInt, ...] = Field(
         (), description="REPA-style MLP projector dims (hidden…, out), e.g. [2048, 2048, 768]; () = Self-Flow")
     attention: str = "auto"
     modalities: dict[str, int] = Field(default_factory=dict, description="modality → token channels")

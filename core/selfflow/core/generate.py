@@ -2,18 +2,80 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
+from pydantic import BaseModel, ValidationError
 from torch import nn
 
+from .config import ConfigError
 from .modality import Modality
 from .sampler import SamplerConfig, sample
+from .tokens import Conditioning
+
+
+def sampler_config(base: BaseModel, *, steps: int | None = None, solver: str | None = None,
+                   cfg_scale: float | None = None, shift: float | None = None, precision: str | None = None,
+                   guidance_low: float | None = None, guidance_high: float | None = None) -> SamplerConfig:
+    """``base``'s sampler fields (a run's ``sample`` section or a :class:`SamplerConfig`) with the given
+    overrides; ``None`` keeps the base value."""
+    update: dict[str, Any] = {k: v for k, v in {"steps": steps, "solver": solver, "cfg_scale": cfg_scale,
+                                                "shift": shift, "precision": precision}.items() if v is not None}
+    if guidance_low is not None or guidance_high is not None:
+        lo, hi = base.guidance_interval
+        update["guidance_interval"] = (lo if guidance_low is None else guidance_low,
+                                       hi if guidance_high is None else guidance_high)
+    try:
+        return SamplerConfig.model_validate({**base.model_dump(include=set(SamplerConfig.model_fields)), **update})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"sampler setting {'.'.join(map(str, err['loc']))}: {err['msg']} "
+                          f"(got {err['input']!r})") from None
+
+
+def require_prompts(modality: Modality) -> None:
+    """A clear error unless ``modality`` is text-conditioned."""
+    if not modality.context_dim:
+        kind = f"class-conditional ({modality.num_classes} classes)" if modality.num_classes else "unconditional"
+        raise ConfigError(f"prompts need a text-conditioned run, but its {modality.name!r} modality is {kind}"
+                          + (": give class labels instead" if modality.num_classes else ""))
+
+
+def conditions_for(modality: Modality, n: int, device: torch.device | str, *, prompts: Sequence[str] | None = None,
+                   labels: Sequence[int] | torch.Tensor | None = None
+                   ) -> tuple[Conditioning, Conditioning | None, torch.Tensor | None]:
+    """Conditioning of ``n`` samples, its CFG null and display labels: sample ``i`` gets ``prompts[i mod P]``
+    (text-conditioned runs) or ``labels[i mod K]`` (class-conditional runs); with neither, the modality's
+    preview conditioning (classes or its sample captions in turn)."""
+    if prompts is not None and labels is not None:
+        raise ConfigError("give prompts or class labels, not both")
+    if prompts is not None:
+        require_prompts(modality)
+        if not prompts:
+            raise ConfigError("the prompt list is empty")
+        cond, null = modality.prompt_conditions([prompts[i % len(prompts)] for i in range(n)], device)
+        return cond, null, None
+    if labels is not None:
+        k = modality.num_classes
+        if not k:
+            raise ConfigError(f"class labels need a class-conditional run; its {modality.name!r} modality has no "
+                              "classes" + (": give prompts instead" if modality.context_dim else ""))
+        given = torch.as_tensor(labels, dtype=torch.long).flatten()
+        if given.numel() == 0 or bool(((given < 0) | (given >= k)).any()):
+            raise ConfigError(f"class labels must lie in 0…{k - 1}, got {given.tolist()}")
+        chosen = given[torch.arange(n) % given.numel()].to(device)
+        return Conditioning(labels=chosen), Conditioning(labels=torch.full_like(chosen, k)), chosen
+    return modality.sample_conditions(n, device)
 
 
 @torch.no_grad()
 def generate(model: nn.Module, modality: Modality, n: int, sampler: SamplerConfig, seed: int,
-             device: torch.device | str, progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``n`` samples as decoded media and their display labels. Same seed → same samples."""
-    cond, null_cond, labels = modality.sample_conditions(n, device)
+             device: torch.device | str, progress=None, *, prompts: Sequence[str] | None = None,
+             labels: Sequence[int] | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n`` samples as decoded media and their display labels (``None`` with prompts). Same seed → same
+    samples. ``prompts`` / ``labels``: see :func:`conditions_for`."""
+    cond, null_cond, shown = conditions_for(modality, n, device, prompts=prompts, labels=labels)
     ids = modality.sample_ids(n, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     noise = torch.randn((n, ids.shape[1], modality.token_channels), generator=gen, device=device)
@@ -23,4 +85,4 @@ def generate(model: nn.Module, modality: Modality, n: int, sampler: SamplerConfi
         x = sample(model, noise, ids, cond, sampler, null_cond, modality.name, progress, gen)
     finally:
         model.train(was_training)
-    return modality.decode(x.float()), labels
+    return modality.decode(x.float()), shown

@@ -1,17 +1,27 @@
-"""Run logging: ``metrics.jsonl`` (one JSON object per logged step), TensorBoard events, loss plots."""
+"""Run logging: ``metrics.jsonl`` (one JSON object per logged step), TensorBoard events (scalars and sample
+media), loss plots."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import wave
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .atomic import atomic_path, atomic_write_text
+
+log = logging.getLogger("selfflow.metrics")
+
 
 class MetricsLogger:
-    """Appends step records to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+    """Appends step records to ``metrics.jsonl`` and mirrors scalars and sample media to TensorBoard.
 
-    On resume, records after the resumed step are dropped first, so the file reads as one clean run.
+    On resume, records after the resumed step are dropped first (an atomic rewrite: a kill leaves the old
+    file or the new one, never a truncated one), so the file reads as one clean run.
     """
 
     def __init__(self, run_dir: str | Path, resume_step: int = 0, tensorboard: bool = True):
@@ -28,19 +38,47 @@ class MetricsLogger:
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
+            if step:
+                log.warning("%s is missing: the metrics of steps 1-%d are lost; logging continues from step %d",
+                            self.path, step, step + 1)
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        records = read_metrics(self.path)
+        if step and not records:
+            log.warning("%s is empty: the metrics of steps 1-%d are lost; logging continues from step %d",
+                        self.path, step, step + 1)
+        kept = [r for r in records if r.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any], scalars: dict[str, float] | None = None) -> None:
+        """Append ``record``; TensorBoard gets ``scalars`` (tag → value; default: the record's finite numbers)."""
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
-            step = record["step"]
-            for k, v in record.items():
-                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+            for tag, v in (scalar_values(record) if scalars is None else scalars).items():
+                self._tb.add_scalar(tag, v, record["step"])
+
+    def log_media(self, step: int, tag: str, path: str | Path) -> None:
+        """A written sample file in TensorBoard: a PNG as an image, a WAV as audio, an MP4/GIF clip as a video
+        (needs moviepy) or else as a strip of its frames."""
+        if self._tb is None:
+            return
+        path = Path(path)
+        if path.suffix == ".png":
+            self._tb.add_image(tag, read_png(path), step, dataformats="HWC")
+        elif path.suffix == ".wav":
+            samples, rate = read_wav(path)
+            self._tb.add_audio(tag, samples.mean(0, keepdims=True), step, sample_rate=rate)
+        elif path.suffix in (".mp4", ".gif"):
+            frames = read_gif(path.with_suffix(".gif"))  # (T, H, W, 3); the GIF is written beside the MP4
+            try:
+                import moviepy  # noqa: F401 - add_video encodes with it
+            except ImportError:
+                self._tb.add_image(tag, frame_strip(frames), step, dataformats="HWC")
+            else:
+                import torch
+
+                clip = torch.from_numpy(frames).permute(0, 3, 1, 2)[None]  # (1, T, 3, H, W)
+                self._tb.add_video(tag, clip, step)
 
     def close(self) -> None:
         self._file.close()
@@ -48,8 +86,58 @@ class MetricsLogger:
             self._tb.close()
 
 
+def scalar_values(record: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a record except its step (what TensorBoard and W&B plot)."""
+    return {k: v for k, v in record.items()
+            if k != "step" and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a ``metrics.jsonl``; a line that is not JSON (the torn last line of a killed run) is
+    dropped with a warning naming the file and line."""
+    out = []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            log.warning("%s line %d is not a JSON record (a write cut short?); dropped: %.80s", path, number, line)
+            continue
+        out.append(record)
+    return out
+
+
+def read_png(path: Path) -> np.ndarray:
+    """RGB uint8 ``(H, W, 3)``."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """A 16-bit PCM WAV (what the audio writer produces) as float ``(C, N)`` in [-1, 1] and its sample rate."""
+    with wave.open(str(path), "rb") as w:
+        channels, rate = w.getnchannels(), w.getframerate()
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    return pcm.reshape(-1, channels).T.astype(np.float32) / 32768.0, rate
+
+
+def read_gif(path: Path) -> np.ndarray:
+    """The frames of a GIF as RGB uint8 ``(T, H, W, 3)``."""
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as im:
+        return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+
+
+def frame_strip(frames: np.ndarray, max_frames: int = 8) -> np.ndarray:
+    """Up to ``max_frames`` evenly spaced frames of ``(T, H, W, 3)`` side by side: ``(H, k·W, 3)``."""
+    keep = np.unique(np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int))
+    return np.concatenate(list(frames[keep]), axis=1)
 
 
 def plot_losses(metrics_path: str | Path, out_path: str | Path,
@@ -85,6 +173,7 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path,
     axes[0][0].legend()
     fig.tight_layout()
     out = Path(out_path)
-    fig.savefig(out, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out

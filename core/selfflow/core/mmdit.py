@@ -52,8 +52,8 @@ class MMDiTConfig(BaseModel):
     depth_double: int = Field(2, ge=0)
     depth_single: int = Field(4, ge=0)
     axes_dim: tuple[int, int, int] = (8, 12, 12)
-    rope_theta: float = Field(10000.0, gt=0, description="RoPE base: axis channel pair i turns by "
-                              "theta^(-2i/axes_dim) per position (FLUX.1/this default: 10000; FLUX.2: 2000)")
+    rope_theta: float = Field(2000.0, gt=0, description="RoPE base: axis channel pair i turns by "
+                              "theta^(-2i/axes_dim) per position (FLUX.2: 2000, this default; FLUX.1: 10000)")
     num_classes: int = Field(0, ge=0, description="class labels (0: none); id num_classes is the null label")
     class_token: bool = Field(False, description="also feed the label as one context token (joint attention), "
                               "besides the shared modulation")

@@ -2,8 +2,8 @@
 
 A modality owns everything specific to its media: options (a pydantic model, validated from the run
 config's ``data.options``), its data stream, its codec (media ↔ latents), its token layout (latents ↔
-:class:`Tokens`), its defaults for Self-Flow (mask ratio R_M, timestep distribution) and how samples are
-written (PNG grids, MP4, WAV). Core never branches on a modality's name.
+:class:`Tokens`), its defaults for Self-Flow (mask ratio R_M, timestep distribution) and for sampling, and how
+samples are written (PNG grids, MP4, WAV). Core never branches on a modality's name.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Discriminator, Tag, TypeAdapter
 
+from .sampler import SamplerSettings
 from .timesteps import TimestepDistribution
 from .token_schedule import TokenSchedule
 from .tokens import Conditioning, Tokens
@@ -52,7 +53,7 @@ def options_union(key: str, default: str, *models: type[BaseModel]) -> Any:
 
     def tag(value: Any) -> str:
         chosen = value.get(key, default) if isinstance(value, dict) else getattr(value, key, default)
-        if chosen not in tags:
+        if not isinstance(chosen, str) or chosen not in tags:
             raise ValueError(f"{key} must be one of {sorted(tags)}, got {chosen!r}")
         return chosen
 
@@ -68,6 +69,9 @@ class Modality(ABC):
     default_mask_ratio: ClassVar[float]
     # a subclass may make it a property when it depends on the options (image: on the codec)
     default_timesteps: ClassVar[TimestepDistribution] = TimestepDistribution()
+    # the lowest level of sampler settings, under the run's ``sample`` and the mixture entry's ``sample``
+    # (e.g. the training shift); unset fields keep SamplerConfig's defaults
+    default_sampler: ClassVar[SamplerSettings] = SamplerSettings()
 
     def __init__(self, options: dict[str, Any] | BaseModel | None = None):
         if isinstance(options, BaseModel):
@@ -142,6 +146,12 @@ class Modality(ABC):
         labels = torch.arange(n, device=device) % self.num_classes
         return (Conditioning(labels=labels), Conditioning(labels=torch.full_like(labels, self.num_classes)),
                 labels)
+
+    def prompt_conditions(self, prompts: list[str], device: torch.device | str
+                          ) -> tuple[Conditioning, Conditioning]:
+        """Conditioning for one sample per prompt and its null (the empty caption) for CFG; text-conditioned
+        modalities (``context_dim > 0``) implement it."""
+        raise NotImplementedError(f"modality {self.name!r} cannot be conditioned on prompts")
 
     @abstractmethod
     def sample_ids(self, n: int, device: torch.device | str) -> torch.Tensor:

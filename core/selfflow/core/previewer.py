@@ -1,9 +1,11 @@
 """Previews and online evaluation during training, with their rank choreography.
 
 Preview grids (section ``sample``: ``every``, ``num_samples``, ``seed``, ``use_ema``) and online evaluation
-(section ``eval``: ``every``, ``num_samples``; modalities with an evaluator) generate with the EMA (or the
-student). Under DDP or a single process only rank 0 generates and the others wait at a barrier; under FSDP2
-every rank must join each forward (the weights are sharded), so all generate and rank 0 writes.
+(section ``eval``: ``every``, ``num_samples``, ``cfg_scale``; modalities with an evaluator) generate with the
+EMA (or the student), each modality with its own sampler (:meth:`RunConfig.sampler`); online evaluation
+replaces its guidance by ``eval.cfg_scale`` (default 1: none, as the paper's metrics). Under DDP or a single process only rank 0 generates and the others wait at a barrier; under FSDP2
+every rank must join each forward (the weights are sharded), so all generate and rank 0 writes. Each
+preview file written is handed to the training log (TensorBoard / W&B media).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from tqdm import tqdm
 
 from .config import RunConfig
 from .distributed import DistInfo, barrier
@@ -19,16 +22,21 @@ from .generate import generate
 from .modality import Modality
 from .parallel import Strategy
 from .registry import get_evaluator
+from .training_log import TrainingLog
 
 
 class Previewer:
     def __init__(self, cfg: RunConfig, modalities: dict[str, Modality], model: nn.Module, dist: DistInfo,
-                 strategy: Strategy, device: Any):
+                 strategy: Strategy, device: Any, log: TrainingLog | None = None):
         self.sample_cfg, self.eval_cfg, self.total = cfg.sample, cfg.eval, cfg.train.steps
         self.modalities = modalities
+        self.samplers = {name: cfg.sampler(m) for name, m in modalities.items()}
+        self.eval_samplers = {name: s.model_copy(update={"cfg_scale": cfg.eval.cfg_scale})
+                              for name, s in self.samplers.items()}
         self.model = model
         self.dist, self.strategy, self.device = dist, strategy, device
         self.sample_dir = cfg.run_dir / "samples"
+        self.log = log
         self._evaluators: dict[str, Any] | None = None  # built on first use (an evaluator may load a network)
 
     @property
@@ -54,33 +62,47 @@ class Previewer:
             barrier()
             return None
         first = None
+        show = self.log is not None and self.log.progress
         for name, modality in self.modalities.items():
-            media, labels = generate(self.model, modality, s.num_samples, s, s.seed, self.device)
+            sampler = self.samplers[name]
+            with tqdm(total=sampler.steps, desc=f"preview {name}", unit="step", leave=False, disable=not show) as bar:
+                media, labels = generate(self.model, modality, s.num_samples, sampler, s.seed, self.device,
+                                         progress=bar.update)
             folder = self.sample_dir / name if self._mixed else self.sample_dir
             if self.dist.is_main:
                 path = modality.save_samples(media, labels, folder / f"step_{step:08d}")
                 first = first or path
+                if self.log is not None:
+                    self.log.media(step, name, path)
         if not self._all_ranks_generate:
             barrier()
         return first
 
     def evaluate(self) -> dict[str, float]:
-        """Generate ``eval.num_samples`` for each modality that has an evaluator (e.g. probe-FD on synthetic
-        shapes) and score them (rank 0; keys are suffixed ``/<modality>`` in mixed runs)."""
+        """Generate ``eval.num_samples`` for each modality that has evaluators (its own, e.g. probe-FD on
+        synthetic shapes, then ``eval.evaluators``) and score them (rank 0; keys are suffixed ``/<modality>``
+        in mixed runs). An evaluator with ``needs_model = True`` is called with the model instead of samples."""
         s = self.sample_cfg
         if self._evaluators is None:
-            self._evaluators = {n: get_evaluator(m.evaluator)(m) for n, m in self.modalities.items() if m.evaluator}
+            self._evaluators = {n: [get_evaluator(e)(m) for e in [m.evaluator, *self.eval_cfg.evaluators] if e]
+                                for n, m in self.modalities.items() if m.evaluator or self.eval_cfg.evaluators}
         evaluators = self._evaluators
         if not evaluators or (not self._all_ranks_generate and not self.dist.is_main):
             if evaluators:
                 barrier()
             return {}
         out: dict[str, float] = {}
-        for name, evaluator in evaluators.items():
-            media, labels = generate(self.model, self.modalities[name], self.eval_cfg.num_samples, s, s.seed + 1,
-                                     self.device)
-            if self.dist.is_main:
-                out.update({(f"{k}/{name}" if self._mixed else k): v for k, v in evaluator(media, labels).items()})
+        for name, group in evaluators.items():
+            samples = None  # generated once per modality, on first need
+            for evaluator in group:
+                if getattr(evaluator, "needs_model", False):
+                    scores = evaluator(self.model)
+                else:
+                    samples = samples or generate(self.model, self.modalities[name], self.eval_cfg.num_samples,
+                                                  self.eval_samplers[name], s.seed + 1, self.device)
+                    scores = evaluator(*samples)
+                if self.dist.is_main:
+                    out.update({(f"{k}/{name}" if self._mixed else k): v for k, v in scores.items()})
         if not self._all_ranks_generate:
             barrier()
         return out

@@ -15,13 +15,16 @@ Tests and notebooks can also call :func:`register_modality` and :func:`register_
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .objective_kinds import BUILTIN_OBJECTIVES, ObjectiveKind
 
 if TYPE_CHECKING:
     from .modality import Modality
+
+T = TypeVar("T")
 
 _MODALITIES: dict[str, type[Modality]] = {}
 _OBJECTIVES: dict[str, ObjectiveKind] = {kind.name: kind for kind in BUILTIN_OBJECTIVES}
@@ -37,21 +40,29 @@ def _entry_points(group: str) -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=group)}
 
 
+def load_registered(table: dict[str, T], group: str, name: str, unknown: Callable[[], str],
+                    load: Callable[[EntryPoint], T] = EntryPoint.load) -> T:
+    """``table[name]`` if registered; else the entry point ``name`` of ``group``, loaded once and cached in
+    ``table``; else ``KeyError(unknown())``. The one lookup behind every registry of core."""
+    if name in table:
+        return table[name]
+    eps = _entry_points(group)
+    if name not in eps:
+        raise KeyError(unknown())
+    table[name] = load(eps[name])
+    return table[name]
+
+
 def available_modalities() -> list[str]:
     return sorted(set(_MODALITIES) | set(_entry_points("selfflow.modalities")))
 
 
 def get_modality(name: str) -> type[Modality]:
     """The modality class called ``name`` (explicitly registered first, then entry points)."""
-    if name in _MODALITIES:
-        return _MODALITIES[name]
-    eps = _entry_points("selfflow.modalities")
-    if name not in eps:
-        raise KeyError(f"unknown modality {name!r}; installed: {available_modalities() or 'none'} "
-                       "(modality packages register under the 'selfflow.modalities' entry point group)")
-    cls = eps[name].load()
-    _MODALITIES[name] = cls
-    return cls
+    return load_registered(
+        _MODALITIES, "selfflow.modalities", name,
+        lambda: (f"unknown modality {name!r}; installed: {available_modalities() or 'none'} "
+                 "(modality packages register under the 'selfflow.modalities' entry point group)"))
 
 
 def command_registrars() -> dict[str, Any]:
@@ -59,13 +70,15 @@ def command_registrars() -> dict[str, Any]:
     return {name: ep.load() for name, ep in sorted(_entry_points("selfflow.commands").items())}
 
 
+_EVALUATORS: dict[str, Any] = {}
+
+
 def get_evaluator(name: str):
     """The evaluator factory registered as ``name`` (see the module docstring)."""
-    eps = _entry_points("selfflow.evaluators")
-    if name not in eps:
-        raise KeyError(f"unknown evaluator {name!r}; installed: {sorted(eps) or 'none'} "
-                       "(the eval package registers them under the 'selfflow.evaluators' group)")
-    return eps[name].load()
+    return load_registered(
+        _EVALUATORS, "selfflow.evaluators", name,
+        lambda: (f"unknown evaluator {name!r}; installed: {sorted(_entry_points('selfflow.evaluators')) or 'none'} "
+                 "(the eval package registers them under the 'selfflow.evaluators' group)"))
 
 
 def checkpoint_loaders() -> dict[str, Any]:
@@ -85,15 +98,14 @@ def available_objectives() -> list[str]:
 
 def get_objective(name: str) -> ObjectiveKind:
     """The objective kind called ``name`` (built-in or registered first, then entry points)."""
-    if name in _OBJECTIVES:
-        return _OBJECTIVES[name]
-    eps = _entry_points("selfflow.objectives")
-    if name not in eps:
-        raise KeyError(f"unknown objective.kind {name!r}; known: {', '.join(available_objectives())} "
-                       "(plug-ins register under the 'selfflow.objectives' entry point group)")
-    kind = eps[name].load()
-    if not isinstance(kind, ObjectiveKind) or kind.name != name:
-        raise TypeError(f"entry point selfflow.objectives:{name} = {eps[name].value} must be an ObjectiveKind "
-                        f"named {name!r}, got {kind!r}")
-    _OBJECTIVES[name] = kind
-    return kind
+    def load(ep: EntryPoint) -> ObjectiveKind:
+        kind = ep.load()
+        if not isinstance(kind, ObjectiveKind) or kind.name != name:
+            raise TypeError(f"entry point selfflow.objectives:{name} = {ep.value} must be an ObjectiveKind "
+                            f"named {name!r}, got {kind!r}")
+        return kind
+
+    return load_registered(
+        _OBJECTIVES, "selfflow.objectives", name,
+        lambda: (f"unknown objective.kind {name!r}; known: {', '.join(available_objectives())} "
+                 "(plug-ins register under the 'selfflow.objectives' entry point group)"), load)

@@ -5,8 +5,14 @@ round-robin to the ranks. A sample's label, initial noise and (SDE) Brownian inc
 seeded by ``(seed, index)``, and a batch always holds the same indices — so the samples are bit-identical
 on any number of ranks and across restarts. Each finished batch leaves its per-sample files (PNG …, written
 atomically) and then a part file ``parts/batch_XXXXXX.npy`` with its evaluation array; a batch with a part
-file is done and skipped on restart. Rank 0 finally concatenates the parts into ``samples_N.npz``
-(``arr_0``, the ADM evaluator's format; the output directory must be shared by the ranks).
+file is done and skipped on restart (a ``parts/batch_XXXXXX.json`` beside it, written first, names the batch's
+files, labels and prompts). Rank 0 finally concatenates the parts into ``samples_N.npz`` (``arr_0``, the ADM
+evaluator's format; ``arr_1`` the class labels of class-conditional runs; ``prompts`` those of text-conditioned
+runs) and, for text-conditioned runs, writes ``prompts.jsonl`` (each sample's file and prompt, what ``selfflow
+eval`` pairs samples with). The output directory must be shared by the ranks.
+
+Sample ``i`` of a text-conditioned run gets ``prompts[i mod P]``: the given prompts, else the modality's
+sample captions.
 
 ``official_repro`` swaps this layout for the official ``sample.py``'s (:mod:`.official_repro`): batches seeded
 per (rank, batch) of an official run on ``official_world_size`` GPUs, the global generator, bf16 autocast and
@@ -15,6 +21,7 @@ truncation to uint8 — still resumable, and still the same on any number of our
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -27,9 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm import tqdm
 
+from .atomic import atomic_write_text
 from .distributed import DistInfo, barrier
+from .generate import conditions_for, require_prompts
 from .modality import Modality
 from .official_repro import SeededBatch, official_batches, official_generate_batch
+from .prompts import write_prompt_records
 from .sampler import SamplerConfig, autocast, sample
 from .tokens import Conditioning
 
@@ -47,6 +57,8 @@ class SampleManyConfig(BaseModel):
     official_repro: bool = Field(False, description="the official sample.py's seeds, bf16 and uint8 truncation")
     official_world_size: int | None = Field(None, ge=1, description="official_repro: GPUs of the official run "
                                             "being reproduced (None: this run's ranks)")
+    prompts: list[str] | None = Field(None, min_length=1, description="text-conditioned runs: sample i gets "
+                                      "prompts[i mod P] (None: the modality's sample captions)")
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
@@ -57,6 +69,11 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
 
 def part_path(out_dir: Path, batch: int) -> Path:
     return out_dir / "parts" / f"batch_{batch:06d}.npy"
+
+
+def meta_path(out_dir: Path, batch: int) -> Path:
+    """The batch's files, labels and prompts (JSON), written before its part file."""
+    return part_path(out_dir, batch).with_suffix(".json")
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -71,8 +88,10 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
 @torch.no_grad()
 def generate_batch(model: nn.Module, modality: Modality, sampler: SamplerConfig, indices: list[int], seed: int,
-                   label_mode: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decoded media and labels for ``indices``; every random number comes from the samples' generators."""
+                   label_mode: str, device: torch.device, prompts: list[str] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decoded media and labels for ``indices``; every random number comes from the samples' generators.
+    ``prompts``: sample ``i`` gets ``prompts[i mod P]``."""
     gens = [sample_generator(seed, i) for i in indices]
     n = len(indices)
     labels = None
@@ -82,6 +101,8 @@ def generate_batch(model: nn.Module, modality: Modality, sampler: SamplerConfig,
                                for i, g in zip(indices, gens)], device=device)
         cond = Conditioning(labels=labels)
         null = Conditioning(labels=torch.full_like(labels, k))
+    elif prompts is not None:
+        cond, null, _ = conditions_for(modality, n, device, prompts=[prompts[i % len(prompts)] for i in indices])
     else:
         cond, null, _ = modality.sample_conditions(n, device)
     ids = modality.sample_ids(n, device)
@@ -100,16 +121,20 @@ def plan_batches(opts: SampleManyConfig, world_size: int) -> list[SeededBatch]:
 
 
 def _generate_and_write(model: nn.Module, modality: Modality, sampler: SamplerConfig, indices: list[int],
-                        opts: SampleManyConfig, device: torch.device, out: Path) -> np.ndarray | None:
-    """Our default batch: per-index seeds, the modality's files and evaluation array."""
-    media, labels = generate_batch(model, modality, sampler, indices, opts.seed, opts.labels, device)
+                        opts: SampleManyConfig, prompts: list[str] | None, device: torch.device, out: Path
+                        ) -> tuple[np.ndarray | None, list[str | None], torch.Tensor | None]:
+    """Our default batch: per-index seeds, the modality's files; returns the evaluation array, the file
+    names (``None`` without ``png``) and the labels."""
+    media, labels = generate_batch(model, modality, sampler, indices, opts.seed, opts.labels, device, prompts)
+    files: list[str | None] = [None] * len(indices)
     if opts.png:
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             for k, i in enumerate(indices):
                 label = None if labels is None else int(labels[k])
                 written = modality.write_sample(media[k], label, Path(tmp) / f"{i:06d}")
                 os.replace(written, out / written.name)
-    return modality.evaluation_array(media)
+                files[k] = written.name
+    return modality.evaluation_array(media), files, labels
 
 
 def _write_images(rows: np.ndarray, indices: list[int], out: Path) -> None:
@@ -125,6 +150,11 @@ def _write_images(rows: np.ndarray, indices: list[int], out: Path) -> None:
 def sample_many(model: nn.Module, modality: Modality, sampler: SamplerConfig, opts: SampleManyConfig,
                 dist: DistInfo, progress: bool = True) -> Path | None:
     """Generate ``opts.num`` samples into ``opts.out_dir``; returns the ``.npz`` path on rank 0 (else None)."""
+    if opts.prompts is not None:
+        require_prompts(modality)
+    prompts = opts.prompts
+    if prompts is None and not modality.num_classes and modality.context_dim:
+        prompts = modality.class_names or None  # a text-conditioned modality's sample captions
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     batches = plan_batches(opts, dist.world_size)
@@ -139,38 +169,56 @@ def sample_many(model: nn.Module, modality: Modality, sampler: SamplerConfig, op
     for j in mine:
         indices = batches[j].indices
         if opts.official_repro:
-            array, _ = official_generate_batch(model, modality, sampler, batches[j], dist.device)
-            if opts.png:  # positions past num (the official last rank's overshoot) are generated, not kept
-                _write_images(array, [i for i in indices if i < opts.num], out)
+            array, labels = official_generate_batch(model, modality, sampler, batches[j], dist.device)
+            kept = [i for i in indices if i < opts.num]  # the official last rank's overshoot is not kept
+            files: list[str | None] = [f"{i:06d}.png" if opts.png else None for i in kept]
+            if opts.png:
+                _write_images(array, kept, out)
         else:
-            array = _generate_and_write(model, modality, sampler, indices, opts, dist.device, out)
+            array, files, labels = _generate_and_write(model, modality, sampler, indices, opts, prompts,
+                                                       dist.device, out)
+        meta = {"files": files, "labels": None if labels is None else labels.tolist()[:len(files)],
+                "prompts": None if prompts is None else [prompts[i % len(prompts)] for i in indices]}
+        atomic_write_text(meta_path(out, j), json.dumps(meta))
         _atomic_save_npy(part_path(out, j), np.zeros(0, np.uint8) if array is None else array)
         if delay := os.environ.get("SELFFLOW_FAULT_SAMPLE_DELAY"):  # kill/restart tests: slow each batch
             time.sleep(float(delay))
         bar.update(min(len(indices) * dist.world_size, bar.total - bar.n))
     bar.close()
     barrier()
-    if not (dist.is_main and opts.npz):
+    if not dist.is_main:
         return None
-    return assemble_npz(out, opts.num, n_batches)
+    return assemble(out, opts.num, n_batches, opts.npz)
 
 
-def assemble_npz(out: Path, num: int, n_batches: int) -> Path | None:
-    """Concatenate the part files into ``samples_<num>.npz`` (``arr_0``), atomically."""
-    parts = []
+def assemble(out: Path, num: int, n_batches: int, npz: bool = True) -> Path | None:
+    """Concatenate the part files into ``samples_<num>.npz`` (``arr_0``; ``arr_1`` labels, ``prompts``),
+    atomically, and write ``prompts.jsonl`` when the samples have prompts. Returns the ``.npz`` path."""
+    parts, files, labels, prompts = [], [], [], []
     for j in range(n_batches):
         p = part_path(out, j)
         if not p.is_file():
             raise FileNotFoundError(f"{p} is missing: a rank did not finish (or {out} is not shared by all "
                                     "ranks); run the same command again to complete it")
         parts.append(np.load(p))
-    if not parts or parts[0].size == 0:
+        meta = json.loads(meta_path(out, j).read_text())
+        files += meta["files"]
+        labels += meta["labels"] or []
+        prompts += meta["prompts"] or []
+    prompts = prompts[:num]
+    if prompts:
+        write_prompt_records(out, files[:num], prompts)
+    if not (npz and parts and parts[0].size):
         return None
-    arr = np.concatenate(parts)[:num]
-    if len(arr) != num:
-        raise RuntimeError(f"expected {num} samples in the parts, found {len(arr)}")
+    arrays = {"arr_0": np.concatenate(parts)[:num]}
+    if len(arrays["arr_0"]) != num:
+        raise RuntimeError(f"expected {num} samples in the parts, found {len(arrays['arr_0'])}")
+    if len(labels) >= num:
+        arrays["arr_1"] = np.asarray(labels[:num], dtype=np.int64)
+    if prompts:
+        arrays["prompts"] = np.asarray(prompts, dtype=str)
     path = out / f"samples_{num}.npz"
     tmp = out / f"samples_{num}.tmp.npz"
-    np.savez(tmp, arr_0=arr)
+    np.savez(tmp, **arrays)
     os.replace(tmp, path)
     return path

@@ -41,6 +41,30 @@ class SamplerConfig(BaseModel):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: model under bfloat16 autocast")
 
 
+class SamplerSettings(BaseModel):
+    """Sampler settings of one level of a run (a modality's defaults, the run's ``sample`` section, a mixture
+    entry's ``sample``); a field left ``None`` is inherited from the level below (see :func:`resolve_sampler`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    solver: Literal["euler", "heun", "sde"] | None = Field(None, description="euler/heun ODE, or sde")
+    steps: int | None = Field(None, ge=1, description="ODE steps; for sde the model calls")
+    shift: float | None = Field(None, gt=0, description="time shift of the grid (1: uniform)")
+    last_step_size: float | None = Field(None, gt=0, lt=1, description="sde: deterministic last step")
+    cfg_scale: float | None = Field(None, ge=0, description="classifier-free guidance (≤ 1: none)")
+    guidance_interval: tuple[float, float] | None = Field(None, description="apply CFG for t in [lo, hi]")
+    precision: Literal["fp32", "bf16"] | None = Field(None, description="bf16: model under bfloat16 autocast")
+
+
+def resolve_sampler(*levels: SamplerSettings) -> SamplerConfig:
+    """The :class:`SamplerConfig` of ``levels``, lowest precedence first: a level's set fields override the
+    levels before it, and fields no level sets keep :class:`SamplerConfig`'s defaults."""
+    fields: dict = {}
+    for level in levels:
+        fields.update(level.model_dump(include=set(SamplerSettings.model_fields), exclude_none=True))
+    return SamplerConfig.model_validate(fields)
+
+
 @contextlib.contextmanager
 def autocast(precision: str, device: torch.device | str) -> Iterator[None]:
     """``torch.autocast(bfloat16)`` on ``device`` for ``precision == "bf16"``, else nothing."""

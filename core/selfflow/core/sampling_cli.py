@@ -6,16 +6,24 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from .atomic import atomic_write_text
 from .config import ConfigError
 from .distributed import destroy, init_distributed
-from .generate import generate
+from .generate import generate, sampler_config
+from .modality import Modality
 from .official_repro import OFFICIAL_SEED
+from .pretrained import load_model
+from .prompts import PROMPTS_FILE, gather_prompts
 from .registry import checkpoint_loaders
-from .run_setup import load_run_model, pick_device
-from .sample_many import SampleManyConfig, sample_many
+from .run_setup import pick_device
+from .sample_many import SampleManyConfig, part_path, sample_many
 from .sampler import SamplerConfig
+
+VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".npy")
+AUDIO_SUFFIXES = (".wav", ".flac")
 
 
 def _load_official(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, SamplerConfig]:
@@ -29,14 +37,71 @@ def _load_official(args: argparse.Namespace, device: torch.device) -> tuple[Any,
     return loaders[name](args.official_ckpt, {"vae": args.vae, "device": device})
 
 
-def _sampler(base: SamplerConfig, args: argparse.Namespace) -> SamplerConfig:
-    update = {k: v for k, v in {"steps": args.steps, "solver": args.solver, "cfg_scale": args.cfg_scale,
-                                "shift": args.shift, "precision": args.precision}.items() if v is not None}
-    if args.guidance_high is not None or args.guidance_low is not None:
-        lo, hi = base.guidance_interval
-        update["guidance_interval"] = (args.guidance_low if args.guidance_low is not None else lo,
-                                       args.guidance_high if args.guidance_high is not None else hi)
-    return SamplerConfig.model_validate({**base.model_dump(include=set(SamplerConfig.model_fields)), **update})
+def _sampler(base: Any, args: argparse.Namespace) -> SamplerConfig:
+    return sampler_config(base, steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale, shift=args.shift,
+                          precision=args.precision, guidance_low=args.guidance_low, guidance_high=args.guidance_high)
+
+
+def _run_root(run: Path) -> Path:
+    """Where a sampled model's outputs go by default: the run (or pretrained) directory of a weights file."""
+    return run.parent if run.is_file() else run
+
+
+def _write_grid_captions(path: Path, modality: Modality, prompts: list[str] | None,
+                         labels: torch.Tensor | None, n: int) -> Path | None:
+    """``<grid>.prompts.txt`` beside a text-conditioned grid: sample i's prompt on line i."""
+    if not modality.context_dim:
+        return None
+    if prompts is None:
+        if labels is None:
+            return None
+        prompts = [modality.class_names[int(k)] for k in labels]
+    lines = [prompts[i % len(prompts)] for i in range(n)]
+    return atomic_write_text(path.with_name(path.stem + ".prompts.txt"), "\n".join(lines) + "\n")
+
+
+def eval_hint(modality: Modality, run: Path | None, out_dir: Path, npz: Path | None) -> str | None:
+    """The ``selfflow eval`` command that fits what was sampled (``None`` when none does)."""
+    written = sorted(p.suffix for p in out_dir.glob("000000.*") if p.suffix != ".tmp")
+    suffix = written[0] if written else ""
+    paired = (out_dir / PROMPTS_FILE).is_file()
+    if modality.evaluator and run is not None and (_run_root(run) / "config.yaml").is_file():
+        return f"evaluate with (probe features of the synthetic data):\n  selfflow eval probe --run {_run_root(run)}"
+    if suffix in VIDEO_SUFFIXES:
+        return (f"evaluate with (FVD against real videos{'; prompts paired from prompts.jsonl' if paired else ''}):"
+                f"\n  selfflow eval fvd --fake {out_dir} --real REAL_VIDEOS --i3d i3d_torchscript.pt")
+    if suffix in AUDIO_SUFFIXES:
+        return (f"evaluate with (FAD against real audio{'; prompts paired from prompts.jsonl' if paired else ''}):"
+                f"\n  selfflow eval fad --fake {out_dir} --real REAL_AUDIO --clap-a CLAP_DIR")
+    if paired:
+        return (f"evaluate with (CLIP score of the prompts in prompts.jsonl; FD-DINOv2 against --ref):\n"
+                f"  selfflow eval t2i --images {out_dir} --clip CLIP_DIR --dinov2 DINOV2_DIR --ref REF_IMAGES")
+    if npz is None:
+        return None
+    shape = np.load(part_path(out_dir, 0), mmap_mode="r").shape  # (B, H, W, 3) rows of the npz
+    if modality.num_classes == 1000 and shape[1:] == (256, 256, 3):
+        return ("evaluate with (ImageNet 256; ADM's reference batch):\n"
+                f"  selfflow eval adm VIRTUAL_imagenet256_labeled.npz {npz}")
+    return (f"evaluate with (a reference batch of your data's images at {shape[1]}x{shape[2]}: selfflow eval stats "
+            f"REAL_IMAGES --out ref.npz):\n  selfflow eval adm ref.npz {npz}")
+
+
+def _sample_grid(args: argparse.Namespace, prompts: list[str] | None) -> int:
+    if args.run is None:
+        raise ConfigError("selfflow sample needs --run RUN (or --official-ckpt PATH --out-dir DIR)")
+    loaded = load_model(args.run, args.device, getattr(args, "modality", None), args.weights)
+    sampler = _sampler(loaded.config.sampler(loaded.modality), args)
+    device = next(loaded.model.parameters()).device
+    n = args.num or (len(prompts) if prompts else 40)
+    with torch.inference_mode():
+        media, labels = generate(loaded.model, loaded.modality, n, sampler, args.seed, device, prompts=prompts)
+    out = args.out or _run_root(args.run) / "samples" / f"sample_seed{args.seed}"
+    written = loaded.modality.save_samples(media, labels, out)
+    print(f"wrote {written}")
+    captions = _write_grid_captions(written, loaded.modality, prompts, labels, n)
+    if captions is not None:
+        print(f"wrote {captions}")
+    return 0
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -45,38 +110,35 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ConfigError("--official-repro writes many samples: add --out-dir DIR (or --official-ckpt PATH)")
     if args.seed is None:
         args.seed = OFFICIAL_SEED if args.official_repro else 0
+    prompts = gather_prompts(args.prompts, args.prompt_file)
+    if prompts is not None and args.official_ckpt is not None:
+        raise ConfigError("--prompt/--prompts: the released checkpoints are class-conditional")
     if not many:
-        if args.run is None:
-            raise ConfigError("selfflow sample needs --run RUN (or --official-ckpt PATH --out-dir DIR)")
-        model, modality, cfg = load_run_model(args.run, args.weights, args.device, getattr(args, "modality", None))
-        sampler = _sampler(cfg.sample, args)
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            media, labels = generate(model, modality, args.num or 40, sampler, args.seed, device)
-        out = args.out or args.run / "samples" / f"sample_seed{args.seed}"
-        print(f"wrote {modality.save_samples(media, labels, out)}")
-        return 0
+        return _sample_grid(args, prompts)
 
     dist = init_distributed(pick_device(args.device))
     try:
         if args.official_ckpt is not None:
             model, modality, base = _load_official(args, dist.device)
         elif args.run is not None:
-            model, modality, cfg = load_run_model(args.run, args.weights, dist.device, getattr(args, "modality", None))
-            base = cfg.sample
+            loaded = load_model(args.run, dist.device, getattr(args, "modality", None), args.weights)
+            model, modality, base = loaded.model, loaded.modality, loaded.config.sampler(loaded.modality)
         else:
             raise ConfigError("--out-dir needs --run RUN or --official-ckpt PATH")
         sampler = _sampler(base, args)
-        out_dir = args.out_dir or ((args.run or Path("samples")) / "samples" / f"eval_seed{args.seed}")
-        opts = SampleManyConfig(num=args.num or 50_000, batch_size=args.batch_size, seed=args.seed,
-                                labels=args.labels, png=args.png, npz=args.npz, out_dir=out_dir,
-                                official_repro=args.official_repro, official_world_size=args.official_world_size)
+        out_dir = args.out_dir or (_run_root(args.run or Path("samples")) / "samples" / f"eval_seed{args.seed}")
+        opts = SampleManyConfig(num=args.num or (len(prompts) if prompts else 50_000), batch_size=args.batch_size,
+                                seed=args.seed, labels=args.labels, png=args.png, npz=args.npz, out_dir=out_dir,
+                                official_repro=args.official_repro, official_world_size=args.official_world_size,
+                                prompts=prompts)
         npz = sample_many(model.to(dist.device), modality, sampler, opts, dist, progress=not args.no_progress)
     finally:
         destroy()
     if dist.is_main:
         print(f"samples in {opts.out_dir}")
         if npz is not None:
-            print(f"wrote {npz}\nevaluate with (ImageNet 256; ADM's reference batch):\n"
-                  f"  selfflow eval adm VIRTUAL_imagenet256_labeled.npz {npz}")
+            print(f"wrote {npz}")
+        hint = eval_hint(modality, args.run, opts.out_dir, npz)
+        if hint:
+            print(hint)
     return 0

@@ -29,13 +29,13 @@ from .mixture import ModalitySchedule
 from .modality import Batch
 from .previewer import Previewer
 from .run_setup import (
+    build_optimizer,
     build_run,
     freeze,
     init_from,
-    lr_factor,
-    param_groups,
     pick_device,
     read_init_weights,
+    set_torch_globals,
 )
 from .step_guard import StepGuard
 from .training_log import StepCost, TrainingLog
@@ -43,23 +43,42 @@ from .training_log import StepCost, TrainingLog
 
 class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = True, progress: bool = True):
-        self.cfg = cfg
+        self.cfg, self.run_dir = cfg, cfg.run_dir
         tc = cfg.train
         self.dist = init_distributed(pick_device(tc.device))
         self.device = self.dist.device
-        if tc.num_threads:
-            torch.set_num_threads(tc.num_threads)
-        if self.device.type == "cuda" and tc.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        set_torch_globals(tc, self.device)
         self.run = build_run(cfg)
+        self.entries = {e.modality: e for e in cfg.data.entries()}
         try:
             self.strategy = parallel.resolve_strategy(tc.parallel, self.dist)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.entries = {e.modality: e for e in cfg.data.entries()}
-        self.run_dir = cfg.run_dir
+        self._wrap_models(resume)
+        self.optimizer, self.scheduler = build_optimizer(self.raw, cfg.optim, tc.steps)
+        # Same seed on every rank: each rank slices its part of the global draw (StepNoise.draw).
+        self.generator = torch.Generator(device=self.device).manual_seed(tc.seed * 1000 + 17)
+        self.schedule = ModalitySchedule({n: e.weight for n, e in self.entries.items()}, tc.seed * 1000 + 29)
+        self.streams = {n: m.stream(self.batch_size(n), tc.seed, self.dist.rank, self.dist.world_size)
+                        for n, m in self.run.modalities.items()}
+        self.step = 0
+        self.tokens_per_sample: dict[str, int] = {}
 
+        self.guard = StepGuard(tc, self.run_dir / "checkpoints")
+        self.log = TrainingLog(cfg, self.dist, self.device, progress=progress, step_cost=self._step_cost)
+        self.previewer = Previewer(cfg, self.run.modalities, self.ema if cfg.sample.use_ema else self.model,
+                                   self.dist, self.strategy, self.device, log=self.log)
+        self.checkpointer = Checkpointer(cfg, self.dist, {
+            "trainer": self, "model": ModelState(self.model), "ema": ModelState(self.ema),
+            "optimizer": OptimizerState(self.model, self.optimizer), "scheduler": self.scheduler,
+            "streams": StreamsState(self.streams), "schedule": self.schedule,
+            "generator": GeneratorState(self.generator), "guard": self.guard})
+        self.resumed_from = self.checkpointer.resume() if resume else None
+
+    def _wrap_models(self, resume: bool) -> None:
+        """The run's backbone on the device — fine-tuned from ``train.init_from`` on a fresh start, frozen where
+        asked, compiled — as the student (DDP/FSDP2-wrapped: ``model``; unwrapped: ``raw``) and its EMA."""
+        tc = self.cfg.train
         raw = self.run.backbone.to(self.device)
         raw.activation_checkpointing = tc.activation_checkpointing
         self.init_report: dict[str, list[str]] | None = None
@@ -79,28 +98,6 @@ class Trainer:
                                            find_unused=self.run.mixed or bool(tc.freeze))
         self.ema = parallel.wrap_teacher(ema, self.strategy, bf16)
         self.raw = parallel.unwrap(self.model)
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(param_groups(self.raw, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, o.warmup_steps, tc.steps, o.schedule, o.min_lr_ratio))
-        # Same seed on every rank: each rank slices its part of the global draw (StepNoise.draw).
-        self.generator = torch.Generator(device=self.device).manual_seed(tc.seed * 1000 + 17)
-        self.schedule = ModalitySchedule({n: e.weight for n, e in self.entries.items()}, tc.seed * 1000 + 29)
-        self.streams = {n: m.stream(self.batch_size(n), tc.seed, self.dist.rank, self.dist.world_size)
-                        for n, m in self.run.modalities.items()}
-        self.step = 0
-        self.tokens_per_sample: dict[str, int] = {}
-
-        self.guard = StepGuard(tc, self.run_dir / "checkpoints")
-        self.log = TrainingLog(cfg, self.dist, self.device, progress=progress, step_cost=self._step_cost)
-        self.previewer = Previewer(cfg, self.run.modalities, self.ema if cfg.sample.use_ema else self.model,
-                                   self.dist, self.strategy, self.device)
-        self.checkpointer = Checkpointer(cfg, self.dist, {
-            "trainer": self, "model": ModelState(self.model), "ema": ModelState(self.ema),
-            "optimizer": OptimizerState(self.model, self.optimizer), "scheduler": self.scheduler,
-            "streams": StreamsState(self.streams), "schedule": self.schedule,
-            "generator": GeneratorState(self.generator), "guard": self.guard})
-        self.resumed_from = self.checkpointer.resume() if resume else None
 
     def batch_size(self, name: str) -> int:
         """Per-rank micro-batch of a modality."""
@@ -171,6 +168,14 @@ class Trainer:
         self.scheduler.step()
         ema_update(self.ema, self.raw, self.cfg.ema.decay_at(self.step))
         return out
+
+    @property
+    def finished(self) -> bool:
+        """The resumed run already reached ``train.steps`` and wrote its final outputs (the EMA export is the
+        last of them, after the final checkpoint): a rerun has nothing to do."""
+        ema = self.run_dir / "ema.safetensors"
+        return (self.resumed_from is not None and self.step >= self.cfg.train.steps and ema.is_file()
+                and ema.stat().st_mtime >= self.resumed_from.stat().st_mtime)
 
     # --- loop -------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

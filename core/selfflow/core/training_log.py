@@ -3,22 +3,37 @@
 Rank 0 writes step records to ``metrics.jsonl`` and TensorBoard (:class:`~selfflow.core.metrics.MetricsLogger`),
 optionally to Weights & Biases, draws ``loss.png`` and shows a tqdm bar. Each record carries the rates of its
 logging window — samples/s, tokens/s, MFU (with ``logging.peak_tflops``) and peak GPU memory — whose steps
-may span several modalities.
+may span several modalities. In a mixed run the per-step values are plotted per modality (``loss/image``,
+``grad_norm/audio`` …). Preview samples go to TensorBoard and W&B as images, audio and videos.
+
+The console lines of a run (the ``selfflow`` logger) are also appended to ``<run_dir>/train.log``
+(:meth:`TrainingLog.text_log`). A W&B run's id is kept in ``<run_dir>/wandb_run_id``, so a resumed training
+continues the same W&B run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import secrets
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from tqdm import tqdm
 
+from .atomic import atomic_write_text
 from .config import RunConfig, save_config
 from .distributed import DistInfo
-from .metrics import MetricsLogger, plot_losses
+from .metrics import MetricsLogger, plot_losses, scalar_values
+
+logger = logging.getLogger("selfflow")
+# Values of the step's own modality (loss, loss_fm, loss_rep, loss_fm_<group> …, grad_norm, skipped); in a
+# mixed run their plots are split per modality. Run-level counts (skipped_steps, steps/<m>) are not.
+_PER_MODALITY = ("grad_norm", "skipped")
 
 
 class StepCost(NamedTuple):
@@ -45,9 +60,38 @@ class TrainingLog:
         self._metrics: MetricsLogger | None = None
         self._wandb: Any = None
         self._bar: tqdm | None = None
+        self._mixed = len(cfg.data.entries()) > 1
         self._window_s = 0.0
         self._window_steps: dict[str, int] = {}
         self._t0 = 0.0
+
+    @contextlib.contextmanager
+    def text_log(self) -> Iterator[None]:
+        """While active, on rank 0: the ``selfflow`` logger's INFO lines (and its packages' warnings) go to the
+        console — above the progress bar — and are appended to ``<run_dir>/train.log`` with a timestamp, as
+        is the error that ends the block, if one does."""
+        if not self.dist.is_main:
+            yield
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(self.run_dir / "train.log", mode="a", encoding="utf-8")
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handlers = (file, _ConsoleHandler())
+        level = logger.level
+        logger.setLevel(logging.INFO)
+        for h in handlers:
+            logger.addHandler(h)
+        try:
+            yield
+        except BaseException as e:  # the reason a run ended early belongs in its log (the CLI prints it too)
+            file.emit(logger.makeRecord(logger.name, logging.ERROR, __file__, 0,
+                                        f"stopped: {type(e).__name__}: {e}", None, None))
+            raise
+        finally:
+            for h in handlers:
+                logger.removeHandler(h)
+                h.close()
+            logger.setLevel(level)
 
     def open(self, step: int) -> None:
         """Write ``config.yaml`` and start the sinks, resuming at ``step`` (records after it are dropped)."""
@@ -65,10 +109,17 @@ class TrainingLog:
         try:
             import wandb
         except ImportError:
-            print("logging.wandb is on but wandb is not installed; logging to metrics.jsonl/TensorBoard only")
+            logger.warning("logging.wandb is on but wandb is not installed; logging to metrics.jsonl/TensorBoard "
+                           "only")
             return None
-        return wandb.init(project=self.log_cfg.wandb_project, name=self.cfg.name,
-                          config=self.cfg.model_dump(mode="json"), resume="allow")
+        # The id is stored before the run starts, so a resumed training (even after a kill) continues it.
+        id_file = self.run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else ""
+        if not run_id:
+            run_id = secrets.token_hex(4)
+            atomic_write_text(id_file, run_id + "\n")
+        return wandb.init(project=self.log_cfg.wandb_project, name=self.cfg.name, id=run_id, resume="allow",
+                          dir=str(self.run_dir), config=self.cfg.model_dump(mode="json"))
 
     def step_started(self) -> None:
         self._t0 = time.perf_counter()
@@ -83,7 +134,7 @@ class TrainingLog:
             rates = self._rates()
             record = {"step": step, "modality": modality, **values, **rates, **extra}
             self._window_s, self._window_steps = 0.0, {}
-            self._write(record)
+            self._write(record, self._tags(record, modality))
             self._bar.set_postfix(loss=f"{values['loss']:.4f}", rep=f"{values['loss_rep']:.3f}",
                                   sps=f"{rates['samples_per_s']:.0f}", tps=f"{rates['tokens_per_s']:.0f}")
         if self._metrics is not None and self.log_cfg.plot_every and step % self.log_cfg.plot_every == 0:
@@ -92,14 +143,37 @@ class TrainingLog:
     def scores(self, step: int, scores: dict[str, float]) -> None:
         """Online-evaluation scores: to ``metrics.jsonl`` and the console (rank 0)."""
         if self._metrics is not None and scores:
-            self._metrics.log({"step": step, **scores})
-            self._bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+            record = {"step": step, **scores}
+            self._write(record, scalar_values(record))
+            logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
 
-    def _write(self, record: dict[str, Any]) -> None:
-        if self._metrics is not None:
-            self._metrics.log(record)
+    def media(self, step: int, modality: str, path: Path) -> None:
+        """A preview file written at ``step`` (PNG, WAV, MP4): to TensorBoard and W&B (rank 0), tagged
+        ``samples/<modality>``."""
+        if self._metrics is None:
+            return
+        tag = f"samples/{modality}"
+        self._metrics.log_media(step, tag, path)
         if self._wandb is not None:
-            self._wandb.log(record, step=record["step"])
+            import wandb
+
+            kind = {".png": wandb.Image, ".wav": wandb.Audio, ".mp4": wandb.Video, ".gif": wandb.Video}
+            if path.suffix in kind:
+                self._wandb.log({tag: kind[path.suffix](str(path))}, step=step)
+
+    def _tags(self, record: dict[str, Any], modality: str) -> dict[str, float]:
+        """The plotted scalars of a step record: in a mixed run, per-step values get a ``/<modality>`` tag."""
+        values = scalar_values(record)
+        if not self._mixed:
+            return values
+        return {(f"{k}/{modality}" if k.startswith("loss") or k in _PER_MODALITY else k): v
+                for k, v in values.items()}
+
+    def _write(self, record: dict[str, Any], scalars: dict[str, float]) -> None:
+        if self._metrics is not None:
+            self._metrics.log(record, scalars)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=record["step"])
 
     def _rates(self) -> dict[str, float]:
         seconds = max(self._window_s, 1e-9)
@@ -126,3 +200,14 @@ class TrainingLog:
         if self._wandb is not None:
             self._wandb.finish()
         return plot
+
+
+class _ConsoleHandler(logging.Handler):
+    """Console output through ``tqdm.write``, so log lines print above a running progress bar (INFO to
+    stdout, warnings and errors to stderr)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stdout if record.levelno < logging.WARNING else sys.stderr)
+        except Exception:
+            self.handleError(record)

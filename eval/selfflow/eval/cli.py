@@ -162,17 +162,19 @@ def _run_probe(args: argparse.Namespace) -> int:
     from selfflow.core.generate import generate
     from selfflow.core.run_setup import load_run_model
 
-    from .probe import ShapesProbeEvaluator
+    from .registry import evaluators, load
 
     model, modality, cfg = load_run_model(args.run, args.weights, args.device)
-    if modality.evaluator != "shapes_probe":
-        raise ValueError(f"{args.run} does not train on synthetic shapes; the probe only applies there")
-    sampler = cfg.sample.model_copy(update={k: v for k, v in (("steps", args.steps),
-                                                               ("cfg_scale", args.cfg_scale)) if v is not None})
+    if modality.evaluator not in ("shapes_probe", "digits_probe"):
+        raise ValueError(f"{args.run} does not train on synthetic shapes or digits; the probe only applies there")
+    update = {"cfg_scale": cfg.eval.cfg_scale if args.cfg_scale is None else args.cfg_scale}  # metrics: no CFG
+    if args.steps is not None:
+        update["steps"] = args.steps
+    sampler = cfg.sampler(modality).model_copy(update=update)
     device = next(model.parameters()).device
     media, labels = generate(model, modality, args.num, sampler, args.seed, device)
-    scores = ShapesProbeEvaluator(modality)(media, labels)
-    result = {**scores, "protocol": "shapes-probe-v1 (a proxy on synthetic data, not FID)",
+    scores = load(evaluators()[modality.evaluator])(modality)(media, labels)
+    result = {**scores, "protocol": f"{modality.evaluator}-v1 (a proxy on built-in data, not FID)",
               "run": str(args.run), "num_samples": args.num, "sampler": sampler.model_dump()}
     out = args.out or args.run / "probe_metrics.json"
     Path(out).write_text(json.dumps(result, indent=2))
@@ -191,8 +193,8 @@ def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "comparing runs on the toy data, not FID.")
     p.add_argument("--run", type=Path, required=True, help="run directory (holds config.yaml)")
     p.add_argument("--num", type=int, default=500, help="samples to generate (classes cycle)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps)")
-    p.add_argument("--cfg-scale", type=float, help="guidance scale (default: the run's sample.cfg_scale)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the run's resolved sampler)")
+    p.add_argument("--cfg-scale", type=float, help="guidance scale (default: the run's eval.cfg_scale, 1: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--device", default="auto")

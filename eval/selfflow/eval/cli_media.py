@@ -28,6 +28,21 @@ def report_results(results: dict[str, Any], out: str | Path | None) -> int:
     return 0
 
 
+def recorded_prompts(folder: str | Path) -> dict[str, Any] | None:
+    """A summary of ``folder/prompts.jsonl`` (written by ``selfflow sample --out-dir`` for text-conditioned
+    runs: each sample's file and prompt), or ``None`` without one. Every file it lists must be in ``folder``."""
+    from selfflow.core.prompts import PROMPTS_FILE, read_prompt_records
+
+    path = Path(folder) / PROMPTS_FILE
+    if not path.is_file():
+        return None
+    records = read_prompt_records(path)
+    missing = [r["file"] for r in records if r["file"] is None or not (Path(folder) / r["file"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} lists {len(missing)} sample(s) missing from {folder}, e.g. {missing[0]}")
+    return {"file": str(path), "n": len(records), "distinct": len({r["prompt"] for r in records})}
+
+
 def _run_t2i(args: argparse.Namespace) -> int:
     from .clip_score import clip_score, read_prompts
     from .dinov2 import fd_dinov2
@@ -37,12 +52,14 @@ def _run_t2i(args: argparse.Namespace) -> int:
         results["fd_dinov2"] = fd_dinov2(args.images, args.ref, args.dinov2,
                                          batch_size=args.batch_size, device=args.device,
                                          save_real_stats=args.save_ref_stats)
-    if args.clip and args.prompts:
-        files, texts = read_prompts(args.prompts, args.images)
+    prompts = args.prompts or (recorded_prompts(args.images) or {}).get("file")
+    if args.clip and prompts:
+        files, texts = read_prompts(prompts, args.images)
         results["clip_score"] = clip_score(files, texts, args.clip, batch_size=args.batch_size,
                                            device=args.device)
     if not results:
-        print("nothing to compute: give --dinov2 with --ref, and/or --clip with --prompts")
+        print("nothing to compute: give --dinov2 with --ref, and/or --clip (with --prompts, or samples whose "
+              "prompts.jsonl pairs them)")
         return 2
     return report_results(results, args.out)
 
@@ -58,13 +75,15 @@ def add_t2i_parser(subparsers: Any) -> argparse.ArgumentParser:
             "Inputs: --images is a folder of generated images (png/jpg, any size). --ref is a "
             "folder of reference images or a .npz of DINOv2 statistics saved by --save-ref-stats. "
             "--prompts is a .jsonl ({\"image\": \"relative/path.png\", \"prompt\": \"...\"} per "
-            "line) or a .txt with one prompt per line in the sorted order of --images.\n\n"
+            "line) or a .txt with one prompt per line in the sorted order of --images; without it, "
+            "--images/prompts.jsonl (written by `selfflow sample --out-dir` with prompts) pairs them.\n\n"
             "Weights (local directories, nothing is downloaded):\n"
             f"  --dinov2: {DINOV2_WEIGHTS_HELP}\n"
             f"  --clip:   {CLIP_WEIGHTS_HELP}"))
     parser.add_argument("--images", required=True, help="folder of generated images")
     parser.add_argument("--ref", help="reference image folder or DINOv2 stats .npz")
-    parser.add_argument("--prompts", help="prompts (.jsonl or .txt) paired with --images")
+    parser.add_argument("--prompts", help="prompts (.jsonl or .txt) paired with --images (default: "
+                                          "IMAGES/prompts.jsonl when present)")
     parser.add_argument("--dinov2", help="local Hugging Face DINOv2 ViT-L/14 directory "
                                          "(facebook/dinov2-large)")
     parser.add_argument("--clip", help="local Hugging Face CLIP directory "
@@ -97,6 +116,8 @@ def _run_fvd(args: argparse.Namespace) -> int:
     if not results:
         print("nothing to compute: give --i3d and/or --frames-fid")
         return 2
+    if prompts := recorded_prompts(args.fake):
+        results["prompts"] = prompts
     return report_results(results, args.out)
 
 
@@ -151,9 +172,11 @@ def _run_fad(args: argparse.Namespace) -> int:
     if not (args.fake and args.real) or not any(models.values()):
         print("give --fake, --real and at least one of --clap / --clap-m / --clap-a")
         return 2
-    results = {VARIANTS[k].key: fad(args.fake, args.real, path, k, batch_size=args.batch_size,
-                                    fp16=not args.no_fp16, device=args.device)
-               for k, path in models.items() if path}
+    results: dict[str, Any] = {VARIANTS[k].key: fad(args.fake, args.real, path, k, batch_size=args.batch_size,
+                                                    fp16=not args.no_fp16, device=args.device)
+                               for k, path in models.items() if path}
+    if prompts := recorded_prompts(args.fake):
+        results["prompts"] = prompts
     return report_results(results, args.out)
 
 
@@ -169,7 +192,8 @@ def add_fad_parser(subparsers: Any) -> argparse.ArgumentParser:
             "FAD between --fake and --real with the fadtk protocol (mono, resample, 16-bit PCM, "
             "windows every 1 s over the whole file, zero-padded, one embedding per window).\n\n"
             "Inputs: folders of .wav (other formats need soundfile). --real may be a .npz of "
-            "statistics (--save-real-stats, or fadtk's fma_pop.npz).\n\n"
+            "statistics (fadtk's fma_pop.npz, or one written by selfflow.eval.fad.fad(..., "
+            "save_real_stats=PATH)).\n\n"
             "Variants and weights (the paper-name mapping is inferred, see README_media.md):\n"
             f"{lines}\n\n"
             "Weights are local directories: a Hugging Face ClapModel directory for the LAION "

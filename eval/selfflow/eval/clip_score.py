@@ -38,7 +38,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 WEIGHTS_HELP = ("a Hugging Face CLIPModel directory with its tokenizer (config.json, "
                 "model.safetensors, vocab.json, merges.txt / tokenizer.json), e.g. "
-                "`huggingface-cli download openai/clip-vit-large-patch14 --local-dir DIR` on a "
+                "`hf download openai/clip-vit-large-patch14 --local-dir DIR` on a "
                 "machine with network (https://huggingface.co/openai/clip-vit-large-patch14)")
 
 

@@ -3,53 +3,29 @@
 The same small CNN (:class:`~.probe.ShapesProbe`) is trained on the digits' training split (its own data
 order, seed 1000 + seed), deterministic and cached. ``probe_fd`` compares generated samples with the
 training split (1,500 images: the distribution the generator learns); ``probe_acc`` is how often the probe
-reads the digit a sample was conditioned on. The probe reads 99 % of the 297 test images right at 16 px (probe-FD 8.9 test vs train split, 3.2 for 297 training images).
+reads the digit a sample was conditioned on. The probe reads 99 % of the 297 test images right at 16 px
+(probe-FD 8.9 test vs train split, 3.2 for 297 training images).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from pathlib import Path
-
 import torch
-from torch import nn
+
+from selfflow.core.cached_training import cache_file, cached_classifier
 
 from .frechet import FeatureStats
 from .probe import ShapesProbe, probe_features, probe_metrics
 
-DIGITS_PROBE_VERSION = 1
-
-
-def _cache_path(seed: int, steps: int, image_size: int) -> Path:
-    root = Path(os.environ.get("SELFFLOW_CACHE", Path.home() / ".cache" / "selfflow"))
-    key = hashlib.sha1(f"v{DIGITS_PROBE_VERSION}-{seed}-{steps}-{image_size}".encode()).hexdigest()[:12]
-    return root / f"digits_probe_{key}.pt"
+DIGITS_PROBE_VERSION = 2  # 2: seeded initialisation
 
 
 def train_digits_probe(seed: int = 0, steps: int = 300, batch: int = 128, image_size: int = 16) -> ShapesProbe:
     """Train (or load from the cache) the probe CNN on the digits' training split."""
     from selfflow.image.digits import digits_batch
 
-    path = _cache_path(seed, steps, image_size)
-    probe = ShapesProbe(10)
-    if path.is_file():
-        probe.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return probe.eval()
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(probe.parameters(), lr=2e-3)
-    for step in range(steps):
-        images, labels = digits_batch(1000 + seed, range(step * batch, (step + 1) * batch), image_size)
-        _, logits = probe(images)
-        loss = nn.functional.cross_entropy(logits, labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save(probe.state_dict(), tmp)
-    tmp.replace(path)
-    return probe.eval()
+    path = cache_file("digits_probe", f"v{DIGITS_PROBE_VERSION}-{seed}-{steps}-{image_size}")
+    return cached_classifier(lambda: ShapesProbe(10), path, lambda net, images: net(images)[1],
+                             lambda indices: digits_batch(1000 + seed, indices, image_size), steps, batch, seed)
 
 
 def digits_reference_stats(probe: ShapesProbe, image_size: int = 16) -> FeatureStats:

@@ -45,7 +45,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DINOV2_SIZE = 224
 INTERPOLATE_OFFSET = 0.1
 WEIGHTS_HELP = ("a Hugging Face Dinov2Model directory (config.json + model.safetensors), e.g. "
-                "`huggingface-cli download facebook/dinov2-large --local-dir DIR` on a machine with "
+                "`hf download facebook/dinov2-large --local-dir DIR` on a machine with "
                 "network (https://huggingface.co/facebook/dinov2-large, the conversion of "
                 "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth)")
 

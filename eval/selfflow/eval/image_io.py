@@ -23,6 +23,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
+from selfflow.core.data.image_file import read_rgb
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
@@ -175,8 +177,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
     """An image file as uint8 RGB (H, W, 3)."""
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.asarray(read_rgb(path), dtype=np.uint8)
 
 
 def iter_images(source: ImageInput) -> tuple[Iterator[np.ndarray], int]:

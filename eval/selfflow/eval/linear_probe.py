@@ -136,15 +136,23 @@ def plot_probe(result: dict[str, Any], path: Any, title: str = "") -> Any:
 
 
 class LinearProbeEvaluator:
-    """Online form: ``LinearProbeEvaluator(modality)(model)`` → ``{"lp_acc/b<k>/t<t>": acc, "lp_acc_best": …}``
-    (the fitting and test images are made once)."""
+    """Online form (``eval.evaluators: [linear_probe]``): ``LinearProbeEvaluator(modality)(model)`` →
+    ``{"lp_acc/b<k>/t<t>": acc, "lp_acc_best": …}``. ``needs_model``: the trainer hands it the EMA model
+    (or the student with ``sample.use_ema: false``) instead of generated samples."""
+
+    needs_model = True
 
     def __init__(self, modality: Any, levels: Sequence[float] = LEVELS, n_fit: int = 1000, n_test: int = 500):
         self.modality, self.levels, self.n_fit, self.n_test = modality, tuple(levels), n_fit, n_test
         labelled_splits(modality, 1, 1)  # fail at construction on a dataset without labels
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        result = linear_probe(model, self.modality, self.levels, n_fit=self.n_fit, n_test=self.n_test)
+        was_training = model.training
+        model.eval()
+        try:
+            result = linear_probe(model, self.modality, self.levels, n_fit=self.n_fit, n_test=self.n_test)
+        finally:
+            model.train(was_training)
         out = {f"lp_acc/b{k}/t{t}": v for k, row in result["accuracy"].items() for t, v in row.items()}
         out["lp_acc_best"] = max(out.values())
         return out

@@ -13,16 +13,15 @@ tiny network trained on 10 classes of coloured shapes.
 
 from __future__ import annotations
 
-import hashlib
-import os
-from pathlib import Path
-
 import torch
 from torch import nn
+from tqdm import tqdm
+
+from selfflow.core.cached_training import cache_file, cached_classifier
 
 from .frechet import FeatureStats, stats_distance
 
-PROBE_VERSION = 2  # 2: the shapes renderer changed (larger shapes, plus-shaped crosses)
+PROBE_VERSION = 3  # 2: the shapes renderer changed (larger shapes, plus-shaped crosses); 3: seeded initialisation
 
 
 class ShapesProbe(nn.Module):
@@ -43,46 +42,21 @@ class ShapesProbe(nn.Module):
         return f, self.head(f)
 
 
-def _cache_path(seed: int, steps: int, image_size: int) -> Path:
-    root = Path(os.environ.get("SELFFLOW_CACHE", Path.home() / ".cache" / "selfflow"))
-    key = hashlib.sha1(f"v{PROBE_VERSION}-{seed}-{steps}-{image_size}".encode()).hexdigest()[:12]
-    return root / f"shapes_probe_{key}.pt"
-
-
-def train_shapes_probe(seed: int = 0, steps: int = 400, batch: int = 128, image_size: int = 32,
-                       cache: bool = True) -> ShapesProbe:
+def train_shapes_probe(seed: int = 0, steps: int = 400, batch: int = 128, image_size: int = 32) -> ShapesProbe:
     """Train (or load from the cache) the probe on synthetic-shapes stream ``1000 + seed``, which no
     training run uses by default (runs use data seed 0)."""
     from selfflow.image.synthetic_shapes import CLASS_NAMES, render_batch
 
-    path = _cache_path(seed, steps, image_size)
-    probe = ShapesProbe(len(CLASS_NAMES))
-    if cache and path.is_file():
-        probe.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return probe.eval()
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(probe.parameters(), lr=2e-3)
-    for step in range(steps):
-        images, labels = render_batch(1000 + seed, range(step * batch, (step + 1) * batch), image_size)
-        _, logits = probe(images)
-        loss = nn.functional.cross_entropy(logits, labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    probe.eval()
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        torch.save(probe.state_dict(), tmp)
-        tmp.replace(path)
-    return probe
+    path = cache_file("shapes_probe", f"v{PROBE_VERSION}-{seed}-{steps}-{image_size}")
+    return cached_classifier(lambda: ShapesProbe(len(CLASS_NAMES)), path, lambda net, images: net(images)[1],
+                             lambda indices: render_batch(1000 + seed, indices, image_size), steps, batch, seed)
 
 
 @torch.no_grad()
 def probe_features(probe: ShapesProbe, images: torch.Tensor, batch: int = 256
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     feats, preds = [], []
-    for i in range(0, len(images), batch):
+    for i in tqdm(range(0, len(images), batch), desc="probe features", unit="batch", leave=False, disable=None):
         f, logits = probe(images[i:i + batch].float().cpu())
         feats.append(f)
         preds.append(logits.argmax(-1))

@@ -3,7 +3,9 @@
 Adding a metric is one module (reader → extractor → ``FeatureStats`` → ``checked_distance``) plus
 one :data:`METRICS` entry naming its argparse registrar (``"module:function(subparsers)"``, which adds
 the parser and sets ``func=handler``) and, if the trainer may call it during training, its evaluator
-factory (``"module:Factory"``, ``Factory(modality)(media, labels) -> dict[str, float]``).
+factories (``"module:Factory"``, ``Factory(modality)(media, labels) -> dict[str, float]``; a factory whose
+class sets ``needs_model = True`` is called as ``(model)`` instead, with the EMA model: see core's
+``Previewer.evaluate``).
 
 The trainer finds evaluators through core's ``selfflow.evaluators`` entry-point group
 (``selfflow.core.registry.get_evaluator``); ``eval/pyproject.toml`` lists the same evaluators there
@@ -20,15 +22,17 @@ from typing import Any
 @dataclass(frozen=True)
 class Metric:
     command: str  # "module:function" adding `selfflow eval <name>` to an argparse subparsers object
-    evaluator: tuple[str, str] | None = None  # (entry-point name, "module:Factory") for training
+    evaluators: tuple[tuple[str, str], ...] = ()  # (entry-point name, "module:Factory") for training
 
 
 METRICS: dict[str, Metric] = {
     "adm": Metric("selfflow.eval.cli:add_adm_parser"),
     "stats": Metric("selfflow.eval.cli:add_stats_parser"),
     "probe": Metric("selfflow.eval.cli:add_probe_parser",
-                    evaluator=("shapes_probe", "selfflow.eval.probe:ShapesProbeEvaluator")),
-    "linear-probe": Metric("selfflow.eval.cli_linear_probe:add_linear_probe_parser"),
+                    evaluators=(("shapes_probe", "selfflow.eval.probe:ShapesProbeEvaluator"),
+                                ("digits_probe", "selfflow.eval.digits_probe:DigitsProbeEvaluator"))),
+    "linear-probe": Metric("selfflow.eval.cli_linear_probe:add_linear_probe_parser",
+                           evaluators=(("linear_probe", "selfflow.eval.linear_probe:LinearProbeEvaluator"),)),
     "t2i": Metric("selfflow.eval.cli_media:add_t2i_parser"),
     "fvd": Metric("selfflow.eval.cli_media:add_fvd_parser"),
     "fad": Metric("selfflow.eval.cli_media:add_fad_parser"),
@@ -43,4 +47,4 @@ def load(spec: str) -> Any:
 
 def evaluators() -> dict[str, str]:
     """Online evaluators: entry-point name → ``"module:Factory"``."""
-    return dict(m.evaluator for m in METRICS.values() if m.evaluator is not None)
+    return dict(e for m in METRICS.values() for e in m.evaluators)

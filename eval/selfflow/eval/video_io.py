@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageSequence
 
+from selfflow.core.data.image_file import read_rgb
+
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mov", ".mkv")
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -50,7 +52,7 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
         frames = sorted(f for f in p.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
         if not frames:
             raise ValueError(f"{p}: a video folder must contain frame images")
-        arr = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in frames])
+        arr = np.stack([np.asarray(read_rgb(f)) for f in frames])
     elif p.suffix == ".npy":
         arr = np.load(p)
     elif p.suffix == ".npz":
@@ -72,8 +74,10 @@ def list_videos(folder: str | os.PathLike) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"video folder not found: {root}")
+    # `selfflow sample --out-dir` keeps its per-batch part files in parts/: not a video
     items = sorted(p for p in root.iterdir()
-                   if p.is_dir() or p.suffix.lower() in (".npy", ".npz", ".gif", *VIDEO_SUFFIXES))
+                   if (p.is_dir() and not (p.name == "parts" and any(p.glob("batch_*.npy"))))
+                   or p.suffix.lower() in (".npy", ".npz", ".gif", *VIDEO_SUFFIXES))
     if not items:
         raise FileNotFoundError(f"no videos (.npy/.npz/.gif/.mp4/... or frame folders) in {root}")
     return items

@@ -17,7 +17,7 @@ import torch
 
 from selfflow.core.codec import NormalizedVAE
 
-FLUX2_HINT = ("black-forest-labs/FLUX.2-dev (subfolder vae/, or a FLUX.2 [klein] repo), e.g. `huggingface-cli "
+FLUX2_HINT = ("black-forest-labs/FLUX.2-dev (subfolder vae/, or a FLUX.2 [klein] repo), e.g. `hf "
               "download black-forest-labs/FLUX.2-dev --include 'vae/*' --local-dir DIR` and point at DIR/vae")
 
 

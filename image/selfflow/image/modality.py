@@ -1,6 +1,7 @@
-"""The image modality: synthetic shapes (embedded default), prepared ImageNet latent shards (class labels) or
-prepared image-text shards (captions); pixel space, SD-VAE, FLUX.2 or RAE latents; optional REPA target
-features; PNG grids, per-sample PNGs and ADM arrays."""
+"""The image modality: synthetic shapes (embedded default), scikit-learn's digits (embedded), prepared ImageNet
+latent shards (class labels) or prepared image-text shards (captions); pixel space, SD-VAE, FLUX.2 or RAE
+latents; optional REPA target features (DINOv2, or the toy encoder on the embedded datasets); PNG grids,
+per-sample PNGs and ADM arrays."""
 
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ from selfflow.core.tokens import Conditioning, Tokens, grid_ids
 from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
 from selfflow.text.encoder import TextEncoderOptions
 
+from . import digits
 from .codecs import CodecName, build_codec, default_timesteps
 from .grid import save_grid, to_uint8
 from .sd_vae import LatentCodec
 from .synthetic_shapes import CAPTIONS, CLASS_NAMES, render_batch
+from .toy_encoder import ToyRepaEncoder
 
 
 class _CommonImageOptions(BaseModel):
@@ -43,7 +46,9 @@ class _CommonImageOptions(BaseModel):
     vae_path: str | None = Field(None, description="local diffusers directory: AutoencoderKL (sd_vae), "
                                  "AutoencoderKLFlux2 (flux2) or AutoencoderRAE (rae)")
     scaling_factor: float = Field(0.18215, gt=0, description="SD-VAE latent scale")
-    repa_encoder: str | None = Field(None, description="local DINOv2 directory: REPA target features")
+    repa_encoder: str | None = Field(None, description="local DINOv2 directory: REPA target features; toy: a "
+                                     "small CNN trained once on the built-in dataset (synthetic_shapes, digits)")
+    toy_repa_dim: int = Field(128, ge=1, description="feature width of the toy REPA encoder (the model width)")
     repa_resolution: int = Field(224, ge=14, description="REPA encoder input size (224 → 16×16 tokens)")
     device: str = Field("auto", description="where the VAE / REPA encoder run (auto: CUDA if available)")
 
@@ -53,6 +58,15 @@ class SyntheticShapesOptions(_CommonImageOptions):
 
     dataset: Literal["synthetic_shapes"] = "synthetic_shapes"
     data_seed: int = Field(0, description="which synthetic stream (independent of the training seed)")
+
+
+class DigitsOptions(_CommonImageOptions):
+    """scikit-learn's handwritten digits (embedded, fixed 1,500 / 297 split; runs train on the 1,500)."""
+
+    dataset: Literal["digits"]
+    image_size: int = Field(16, ge=8)
+    patch_size: int = Field(2, ge=1)
+    data_seed: int = Field(0, description="order of the training split's epochs")
 
 
 class _ShardOptions(_CommonImageOptions):
@@ -78,8 +92,9 @@ class ImageTextShardsOptions(_ShardOptions):
         None, description="preview prompts (None: the captions recorded in codec.json)")
 
 
-ImageOptions = options_union("dataset", "synthetic_shapes", SyntheticShapesOptions, ImageNetShardsOptions,
-                             ImageTextShardsOptions)
+ImageOptions = options_union("dataset", "synthetic_shapes", SyntheticShapesOptions, DigitsOptions,
+                             ImageNetShardsOptions, ImageTextShardsOptions)
+BUILT_IN = ("synthetic_shapes", "digits")  # embedded, labelled datasets: probes and the toy REPA encoder
 
 
 @register_modality
@@ -102,6 +117,8 @@ class ImageModality(CaptionedModalityMixin, Modality):
                              "`selfflow prepare image-text` and dataset: image_text_shards")
         if o.dataset == "synthetic_shapes":
             names, captions = CLASS_NAMES, CAPTIONS
+        elif o.dataset == "digits":
+            names, captions = digits.CLASS_NAMES, digits.CAPTIONS
         else:
             names = [str(i) for i in range(o.num_classes)] if isinstance(o, ImageNetShardsOptions) else []
             given = o.sample_captions if isinstance(o, ImageTextShardsOptions) else None
@@ -110,16 +127,26 @@ class ImageModality(CaptionedModalityMixin, Modality):
                                               captions if o.dataset == "image_text_shards" else None)
         self._check_text_encoder()
         self.repa = None
-        if o.repa_encoder:
+        if o.repa_encoder == "toy":
+            self.repa = self._toy_repa(len(names))
+        elif o.repa_encoder:
             from .repa_encoder import RepaEncoder
 
             self.repa = RepaEncoder(o.repa_encoder, o.repa_resolution, self.device)
+
+    def _toy_repa(self, num_classes: int) -> ToyRepaEncoder:
+        o = self.options
+        if o.dataset not in BUILT_IN or o.codec != "pixel":
+            raise ValueError(f"data.options.repa_encoder: toy needs a built-in dataset ({', '.join(BUILT_IN)}) in "
+                             f"pixel space, got dataset {o.dataset} with codec {o.codec}")
+        _, h, _ = self.codec.grid
+        return ToyRepaEncoder(o.dataset, o.image_size, h, num_classes, o.data_seed, o.toy_repa_dim, self.device)
 
     def _read_shard_info(self) -> dict[str, Any]:
         """The shard directory's ``codec.json``, whose codec must be the configured one ({} for synthetic
         data, and when it is absent: SD-VAE shards from before it existed, or sampling away from the shards)."""
         o = self.options
-        if o.dataset == "synthetic_shapes":
+        if o.dataset in BUILT_IN:
             return {}
         if o.dataset == "latent_shards" and o.codec == "pixel":
             raise ValueError("dataset latent_shards needs codec: sd_vae, flux2 or rae (the prepared codec)")
@@ -175,7 +202,7 @@ class ImageModality(CaptionedModalityMixin, Modality):
 
     @property
     def evaluator(self) -> str | None:
-        return "shapes_probe" if self.options.dataset == "synthetic_shapes" else None
+        return {"synthetic_shapes": "shapes_probe", "digits": "digits_probe"}.get(self.options.dataset)
 
     def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataStream:
         o = self.options
@@ -188,6 +215,13 @@ class ImageModality(CaptionedModalityMixin, Modality):
         if o.dataset == "image_text_shards":
             return ShardStream(shard_urls(o.shards), batch_size, seed=seed, rank=rank, world_size=world_size,
                                num_workers=o.num_workers)
+        if o.dataset == "digits":
+            def render(indices: range) -> Batch:
+                images, labels = digits.digits_batch(o.data_seed, indices, o.image_size)
+                return {"media": images, "labels": labels,
+                        "captions": [digits.CAPTIONS[i] for i in labels.tolist()]}
+
+            return IndexedStream(render, batch_size, rank, world_size)
 
         def render(indices: range) -> Batch:
             images, labels = render_batch(o.data_seed, indices, o.image_size)

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from pydantic import Field, field_validator
 
-from selfflow.core.data.manifest import MediaItem, list_media
+from selfflow.core.data.image_file import read_rgb
+from selfflow.core.data.manifest import MediaItem, list_media, preview_captions
 from selfflow.core.data.prepare_options import PrepareOptions
 from selfflow.core.data.shard_writer import write_json, write_shards
 from selfflow.text.build_encoder import build_text_encoder
@@ -54,9 +54,9 @@ class PrepareImageTextOptions(PrepareOptions):
 
 
 def load_image(path: str, size: int) -> torch.Tensor:
-    """``(3, size, size)`` in [-1, 1]: the ADM centre crop of an RGB image; raises on a corrupt file."""
-    with Image.open(path) as im:
-        crop = center_crop_adm(im.convert("RGB"), size)
+    """``(3, size, size)`` in [-1, 1]: the ADM centre crop of an RGB image; raises on a corrupt or
+    over-large file (:func:`~selfflow.core.data.image_file.read_rgb`)."""
+    crop = center_crop_adm(read_rgb(path), size)
     return torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
 
 
@@ -94,7 +94,7 @@ def prepare_image_text(options: PrepareImageTextOptions | dict[str, Any]) -> dic
             "codec": name_of(vae), "image_size": opts.image_size, "latent_shape": list(shape),
             "space": "model", "scaling_factor": opts.scaling_factor if opts.codec == "sd_vae" else None,
             "text": None if encoder is None else {"cache_id": encoder.cache_id, "dim": encoder.dim},
-            "sample_captions": [it.caption for it in items if it.caption][:PREVIEW_CAPTIONS]})
+            "sample_captions": preview_captions(items, PREVIEW_CAPTIONS)})
     with torch.inference_mode():
         return write_shards(items, process, opts.out, prefix="image", shard_size=opts.shard_size,
                             rank=opts.rank, world_size=opts.world_size)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from selfflow.core.data.image_file import read_rgb
 from selfflow.core.data.shard_format import npy_bytes
 from selfflow.core.data.shard_writer import write_json, write_shards
 
@@ -96,8 +97,8 @@ class _ShardEncoder:
 
     def load(self, item: tuple[int, Path, int]) -> tuple[int, int, Image.Image]:
         index, f, label = item
-        with Image.open(f) as im:  # a truncated or corrupt file raises: the writer skips and lists it
-            return index, label, center_crop_adm(im.convert("RGB"), self.opts.image_size)
+        # a truncated, corrupt or over-large file raises: the writer skips and lists it
+        return index, label, center_crop_adm(read_rgb(f), self.opts.image_size)
 
     def encode(self, chunk: list[tuple[int, int, Image.Image]]) -> list[dict[str, Any]]:
         member = "moments" if isinstance(self.vae, SDVAE) else "latent"

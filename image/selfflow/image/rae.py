@@ -24,7 +24,7 @@ from .flux2_ae import load_local_diffusers
 
 RAE_EPS = 1e-5  # both RAE's sqrt(var + eps) and diffusers' (std + eps)
 RAE_HINT = ("nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08 (diffusers AutoencoderRAE format), e.g. "
-            "`huggingface-cli download nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08 --local-dir DIR`")
+            "`hf download nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08 --local-dir DIR`")
 
 
 def rae_latent_stats(mean: torch.Tensor, var: torch.Tensor, eps: float = RAE_EPS) -> tuple[list, list]:

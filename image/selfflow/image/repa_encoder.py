@@ -23,7 +23,7 @@ class RepaEncoder:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no DINOv2 model at {path} (config.json missing): download "
-                                    f"facebook/dinov2-base with `huggingface-cli download facebook/dinov2-base "
+                                    f"facebook/dinov2-base with `hf download facebook/dinov2-base "
                                     f"--local-dir {path}` on a machine with network access")
         from transformers import AutoModel
 

@@ -26,7 +26,7 @@ def load_autoencoder_kl(path: str | Path, device: torch.device | str = "cpu"):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no AutoencoderKL at {path} (config.json missing): download the diffusers folder of "
-            "stabilityai/sd-vae-ft-ema (or sd-vae-ft-mse), e.g. `huggingface-cli download "
+            "stabilityai/sd-vae-ft-ema (or sd-vae-ft-mse), e.g. `hf download "
             f"stabilityai/sd-vae-ft-ema --local-dir {path}`, on a machine with network access")
     from diffusers import AutoencoderKL
 

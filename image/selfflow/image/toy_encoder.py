@@ -8,24 +8,22 @@ then a 3×3 conv to ``dim`` channels, one feature vector per token (row-major, t
 ``dim`` defaults to 128, the tiny MMDiT's width, which its REPA projector maps to.
 
 Training is deterministic (seed, fixed batches of the dataset's training stream) and cached under
-``$SELFFLOW_CACHE`` (default ``~/.cache/selfflow``) by dataset, sizes and seed. It is a different network
+``$SELFFLOW_CACHE`` (default ``~/.cache/selfflow``) as ``toy_repa_<hash>.pt``, the hash of everything that
+changes the weights (version, dataset, image size, grid, classes, width, data seed, steps, batch, seed). It is a different network
 (its own seed, its own stream) from the evaluation probe of ``selfflow.eval``, but still trained on the same
 labels: its features and the probe's are correlated, which favours REPA on probe-FD (see the bench notes).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections.abc import Callable
-from pathlib import Path
-
 import torch
 from einops import rearrange
 from torch import nn
 
-TOY_ENCODER_VERSION = 1
-Batches = Callable[[range], tuple[torch.Tensor, torch.Tensor]]
+from selfflow.core.cached_training import cache_file, cached_classifier
+
+TOY_ENCODER_VERSION = 2  # 2: seeded initialisation
+TRAIN_STEPS, TRAIN_BATCH, TRAIN_SEED = 400, 128, 1  # its own seed: not the evaluation probe's initialisation
 
 
 class ToyEncoderNet(nn.Module):
@@ -49,34 +47,6 @@ class ToyEncoderNet(nn.Module):
         return self.features(images)
 
 
-def _cache_path(key: str) -> Path:
-    root = Path(os.environ.get("SELFFLOW_CACHE", Path.home() / ".cache" / "selfflow"))
-    return root / f"toy_repa_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
-
-
-def train_toy_encoder(net: ToyEncoderNet, batches: Batches, key: str, steps: int = 400, batch: int = 128,
-                      seed: int = 0) -> ToyEncoderNet:
-    """Train ``net`` on ``batches(range)`` (or load it from the cache under ``key``), frozen, in eval mode."""
-    path = _cache_path(f"v{TOY_ENCODER_VERSION}-{key}-{steps}-{batch}-{seed}")
-    if path.is_file():
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    else:
-        torch.manual_seed(seed)
-        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-        for step in range(steps):
-            images, labels = batches(range(step * batch, (step + 1) * batch))
-            logits = net.head(net(images).mean((2, 3)))
-            loss = nn.functional.cross_entropy(logits, labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        torch.save(net.state_dict(), tmp)
-        tmp.replace(path)
-    return net.eval().requires_grad_(False)
-
-
 class ToyRepaEncoder:
     """The REPA target of a built-in dataset: ``(B, 3, S, S)`` in [-1, 1] → ``(B, grid², dim)``."""
 
@@ -95,9 +65,12 @@ class ToyRepaEncoder:
         else:
             raise ValueError(f"repa_encoder: toy needs a built-in dataset (synthetic_shapes or digits), "
                              f"got {dataset!r}")
-        net = ToyEncoderNet(image_size, grid, num_classes, dim)
-        key = f"{dataset}-{image_size}-{grid}-{num_classes}-{dim}-{data_seed}"
-        self.net = train_toy_encoder(net, batches, key, seed=1).to(device)
+        steps, batch, seed = TRAIN_STEPS, TRAIN_BATCH, TRAIN_SEED
+        key = (f"v{TOY_ENCODER_VERSION}-{dataset}-{image_size}-{grid}-{num_classes}-{dim}-{data_seed}-"
+               f"{steps}-{batch}-{seed}")
+        net = cached_classifier(lambda: ToyEncoderNet(image_size, grid, num_classes, dim), cache_file("toy_repa", key),
+                                lambda n, images: n.head(n(images).mean((2, 3))), batches, steps, batch, seed)
+        self.net = net.requires_grad_(False).to(device)
         self.dim = dim
 
     @torch.no_grad()

@@ -4,7 +4,10 @@ One TFRecord record is one episode serialised as a ``tf.train.Example`` whose pe
 flattened and concatenated over the episode's T steps under ``steps/<field>`` keys (e.g.
 ``steps/action/world_vector`` holds 3·T floats). Framing and protobuf parsing come from the ``tfrecord``
 PyPI package; the JPEG bytes are taken straight from the proto (``tfrecord_loader`` strips trailing NUL
-bytes of multi-valued bytes features, which could corrupt a JPEG).
+bytes of multi-valued bytes features, which could corrupt a JPEG). The framing is read here, not by
+``tfrecord.reader`` (which checks no CRC and allocates whatever length a damaged header claims): a record
+whose data CRC fails is rejected alone; a damaged frame header or a truncated file ends that file, keeping
+the episodes before it.
 
 The 7-D raw action is ``world_vector (3) ++ rotation_delta (3) ++ gripper_closedness_action (1)`` in
 fractal's own units (relative gripper: +1 close, −1 open, 0 no change). The base-displacement dims are
@@ -15,13 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import count
 from pathlib import Path
 
 import numpy as np
+from google.protobuf.message import DecodeError
 from tfrecord import example_pb2
-from tfrecord.reader import tfrecord_iterator
 from tfrecord.writer import TFRecordWriter
 
 IMAGE = "steps/observation/image"
@@ -39,6 +44,15 @@ IS_FIRST, IS_LAST, IS_TERMINAL, REWARD = "steps/is_first", "steps/is_last", "ste
 
 class EpisodeError(ValueError):
     """A record that is not a usable fractal episode (missing key, wrong length, non-zero base motion)."""
+
+
+class TFRecordFrameError(ValueError):
+    """A TFRecord file whose framing is damaged at record ``index`` (truncated, bad length or length CRC):
+    nothing after it can be read."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
 
 
 @dataclass
@@ -68,7 +82,10 @@ def _floats(f, key: str, steps: int, width: int, where: str) -> np.ndarray:
 
 def parse_episode(record: bytes, where: str = "record") -> Episode:
     """One serialised ``tf.train.Example`` → :class:`Episode` (raises :class:`EpisodeError`)."""
-    f = example_pb2.Example.FromString(bytes(record)).features.feature
+    try:
+        f = example_pb2.Example.FromString(bytes(record)).features.feature
+    except DecodeError as e:
+        raise EpisodeError(f"{where}: not a tf.train.Example ({e})") from None
     if IS_FIRST not in f:
         raise EpisodeError(f"{where}: missing feature {IS_FIRST!r}: is this an RLDS fractal shard?")
     steps = len(f[IS_FIRST].int64_list.value)
@@ -88,28 +105,61 @@ def parse_episode(record: bytes, where: str = "record") -> Episode:
     if not texts:
         raise EpisodeError(f"{where}: missing feature {INSTRUCTION!r}")
     is_last = list(f[IS_LAST].int64_list.value) if IS_LAST in f else []
-    return Episode(frames=frames, actions=actions, instruction=texts[0].decode("utf-8"), proprio=proprio,
+    try:
+        instruction = texts[0].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EpisodeError(f"{where}: {INSTRUCTION!r} is not UTF-8 ({e})") from None
+    return Episode(frames=frames, actions=actions, instruction=instruction, proprio=proprio,
                    meta={"steps": steps, "is_last": bool(is_last and is_last[-1]),
                          "sha256": hashlib.sha256(bytes(record)).hexdigest()})
+
+
+def tfrecord_frames(path: str | Path) -> Iterator[tuple[bytes, bytes]]:
+    """``(record, stored masked CRC of the record)`` for each frame of one TFRecord file (the record's own
+    CRC is left to the caller: a mismatch spoils that record only). Raises :class:`TFRecordFrameError` at a
+    truncated frame or a length whose CRC fails."""
+    name, size = Path(path).name, Path(path).stat().st_size
+    with open(path, "rb") as f:
+        for index in count():
+            header = f.read(12)
+            if not header:
+                return
+            if len(header) < 12 or TFRecordWriter.masked_crc(header[:8]) != header[8:]:
+                raise TFRecordFrameError(f"{name}[{index}]: damaged record header at byte {f.tell() - len(header)} "
+                                         "(truncated or corrupt file); the rest of the file is skipped", index)
+            (length,) = struct.unpack("<Q", header[:8])
+            if length + 4 > size - f.tell():
+                raise TFRecordFrameError(f"{name}[{index}]: truncated record ({size - f.tell()} bytes left for a "
+                                         f"{length}-byte record); the rest of the file is skipped", index)
+            yield f.read(length), f.read(4)
 
 
 def read_episodes(path: str | Path, errors: list[dict] | None = None) -> Iterator[Episode]:
     """Every valid episode of one TFRecord shard, with ``meta["source"]`` and ``meta["index"]``.
 
-    A bad record is skipped and appended to ``errors`` (``{"source", "index", "error"}``) when given,
-    otherwise raised.
+    A bad record — and a damaged frame, a truncated or unreadable file, which end the file — is skipped
+    and appended to ``errors`` (``{"source", "index", "error"}``) when given, otherwise raised.
     """
-    for index, raw in enumerate(tfrecord_iterator(str(path))):
-        where = f"{Path(path).name}[{index}]"
-        try:
-            ep = parse_episode(raw, where)
-        except EpisodeError as e:
-            if errors is None:
-                raise
-            errors.append({"source": str(path), "index": index, "error": str(e)})
-            continue
-        ep.meta.update(source=Path(path).name, index=index)
-        yield ep
+    index = 0
+    try:
+        for index, (raw, crc) in enumerate(tfrecord_frames(path)):
+            where = f"{Path(path).name}[{index}]"
+            try:
+                if TFRecordWriter.masked_crc(raw) != crc:
+                    raise EpisodeError(f"{where}: record CRC mismatch (corrupt bytes)")
+                ep = parse_episode(raw, where)
+            except EpisodeError as e:
+                if errors is None:
+                    raise
+                errors.append({"source": str(path), "index": index, "error": str(e)})
+                continue
+            ep.meta.update(source=Path(path).name, index=index)
+            yield ep
+    except (TFRecordFrameError, OSError) as e:
+        if errors is None:
+            raise
+        at = e.index if isinstance(e, TFRecordFrameError) else index
+        errors.append({"source": str(path), "index": at, "error": f"{type(e).__name__}: {e}"})
 
 
 # --- fake shards (tests, the embedded default of `make finetune-rt1`) -----------------------------------

@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from selfflow.core.data.shard_format import shard_urls
 from selfflow.core.modality import Batch, DataStream, Modality, options_union
@@ -78,7 +78,7 @@ class _CommonRT1Options(BaseModel):
     image_size: tuple[int, int] = Field((32, 40), description="(H, W) frames are resized to (fractal: 256×320)")
     codec: Literal["pixel", "wan2.2", "wan2.1"] = Field("pixel", description="wan*: frames = 4k+1, vae_dir")
     vae_dir: str | None = Field(None, description="Wan codec: local diffusers-format vae/ directory")
-    patch: tuple[int, int, int] = (1, 8, 8)
+    patch: tuple[PositiveInt, PositiveInt, PositiveInt] = (1, 8, 8)
     action_norm: Literal["bound", "gaussian"] = "bound"
     gripper: Literal["absolute", "relative"] = "absolute"
     action_repeat: int | None = Field(None, ge=1, description="copies of the action per token (None: 1 "

@@ -82,6 +82,14 @@ class CaptionConditioner:
         cond = caption_conditioning(self.encoder, [self.sample_captions[i] for i in labels.tolist()], device)
         return cond, null_conditioning_like(cond), labels
 
+    def for_prompts(self, prompts: list[str], device: torch.device | str) -> tuple[Conditioning, Conditioning]:
+        """The conditioning of one sample per prompt (text mode) and its CFG null."""
+        if self.encoder is None:
+            raise ValueError("this run is class-conditional (conditioning: class): it takes class labels, "
+                             "not prompts")
+        cond = caption_conditioning(self.encoder, list(prompts), device)
+        return cond, null_conditioning_like(cond)
+
 
 class CaptionedModalityMixin:
     """Put before :class:`~selfflow.core.modality.Modality` in a modality's bases: its classes, context
@@ -104,3 +112,7 @@ class CaptionedModalityMixin:
     def sample_conditions(self, n: int, device: torch.device | str
                           ) -> tuple[Conditioning, Conditioning | None, torch.Tensor | None]:
         return self.conditioner.for_samples(n, device)
+
+    def prompt_conditions(self, prompts: list[str], device: torch.device | str
+                          ) -> tuple[Conditioning, Conditioning]:
+        return self.conditioner.for_prompts(prompts, device)

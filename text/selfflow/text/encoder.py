@@ -83,7 +83,7 @@ class HFTextEncoder(TextEncoder):
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(
                 f"text encoder directory {model_dir} has no config.json. Download the model on a machine "
-                "with network (e.g. `huggingface-cli download google/t5-v1_1-base --local-dir DIR`, or "
+                "with network (e.g. `hf download google/t5-v1_1-base --local-dir DIR`, or "
                 "Qwen/Qwen3-0.6B) and point data.options.text.model_dir at it.")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # effective only before the first HF import
         import transformers

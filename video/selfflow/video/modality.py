@@ -6,18 +6,18 @@ Defaults for Self-Flow: mask ratio R_M = 0.1 (paper), logit-normal timesteps wit
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from selfflow.core.data.indexed_stream import IndexedStream
-from selfflow.core.data.shard_format import shard_urls
+from selfflow.core.data.shard_format import read_codec_info, shard_urls
 from selfflow.core.data.shard_stream import ShardStream
 from selfflow.core.modality import Batch, DataStream, Modality, options_union
 from selfflow.core.registry import register_modality
+from selfflow.core.sampler import SamplerSettings
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.tokens import Conditioning, Tokens, grid_ids, patchify, unpatchify
 from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
@@ -34,7 +34,8 @@ class _CommonVideoOptions(BaseModel):
     codec: Literal["pixel", "wan2.2", "wan2.1"] = Field("pixel", description="latent_shards: a Wan VAE")
     frames: int = Field(8, ge=1, description="clip frames (4k+1 with a Wan codec)")
     image_size: int = Field(32, ge=8, description="clip height = width")
-    patch: tuple[int, int, int] | None = Field(None, description="(pt, ph, pw); None: pixel (2,4,4), Wan (1,2,2)")
+    patch: tuple[PositiveInt, PositiveInt, PositiveInt] | None = Field(
+        None, description="(pt, ph, pw); None: pixel (2,4,4), Wan (1,2,2)")
     conditioning: Literal["class", "text"] | None = Field(None, description="None: class (synthetic), text (shards)")
     text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
     sample_captions: list[str] | None = Field(None, description="preview prompts (None: the synthetic captions)")
@@ -61,6 +62,7 @@ class VideoModality(CaptionedModalityMixin, Modality):
     Options = VideoOptions
     default_mask_ratio = 0.1
     default_timesteps = TimestepDistribution(kind="logit_normal", mean=0.0, std=1.0, shift=3.0)
+    default_sampler = SamplerSettings(shift=default_timesteps.shift)  # sample at the training shift
 
     def __init__(self, options: dict[str, Any] | BaseModel | None = None):
         super().__init__(options)
@@ -69,10 +71,7 @@ class VideoModality(CaptionedModalityMixin, Modality):
         if o.dataset == "latent_shards":
             if o.codec == "pixel":
                 raise ValueError("dataset 'latent_shards' needs a Wan codec (codec: wan2.2 | wan2.1)")
-            info = Path(o.shards) / "codec.json"
-            if not info.is_file():
-                raise FileNotFoundError(f"{info} not found: is {o.shards} a `selfflow prepare video` output?")
-            self.shard_info = json.loads(info.read_text())
+            self.shard_info = read_codec_info(o.shards, "video")
         self.patch = tuple(o.patch or ((2, 4, 4) if o.codec == "pixel" else (1, 2, 2)))
         self.pixel = VideoPixelCodec(o.frames, o.image_size, self.patch) if o.codec == "pixel" else None
         self._wan = None

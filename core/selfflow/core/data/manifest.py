@@ -5,6 +5,10 @@ caption of ``clip.mp4`` is ``clip.txt`` beside it, if present) or a JSON-lines m
 per line: ``{"path": "...", "caption": "...", "label": 3}`` (relative paths are relative to the manifest;
 ``file`` or ``file_name`` — the Hugging Face ``imagefolder`` ``metadata.jsonl`` column — may stand for
 ``path``).
+
+A caption file beside a medium is read when the item is processed (:attr:`MediaItem.caption`), inside
+the shard writer's per-item ``try``: a caption that is not UTF-8 skips, counts and lists its item like a
+corrupt medium instead of stopping the whole ``prepare``.
 """
 
 from __future__ import annotations
@@ -16,9 +20,22 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class MediaItem:
+    """One medium: its caption is ``text`` (from a manifest) or the content of ``caption_file``."""
+
     path: Path
-    caption: str | None = None
+    text: str | None = None
     label: int | None = None
+    caption_file: Path | None = None
+
+    @property
+    def caption(self) -> str | None:
+        """The caption; raises ValueError naming the caption file when it is not UTF-8 text."""
+        if self.caption_file is None:
+            return self.text
+        try:
+            return self.caption_file.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"caption {self.caption_file} is not UTF-8 text ({e})") from None
 
     def __str__(self) -> str:
         return str(self.path)
@@ -31,11 +48,15 @@ def list_media(source: str | Path, extensions: tuple[str, ...]) -> list[MediaIte
     src = Path(source)
     if src.is_dir():
         files = sorted(p for p in src.rglob("*") if p.suffix.lower() in extensions)
-        return [MediaItem(p, p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file()
-                          else None) for p in files]
+        return [MediaItem(p, caption_file=p.with_suffix(".txt") if p.with_suffix(".txt").is_file() else None)
+                for p in files]
     if src.is_file() and src.suffix == ".jsonl":
+        try:
+            lines = src.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"manifest {src} is not UTF-8 text ({e})") from None
         items = []
-        for n, line in enumerate(src.read_text().splitlines(), 1):
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -47,3 +68,19 @@ def list_media(source: str | Path, extensions: tuple[str, ...]) -> list[MediaIte
                                    row.get("label")))
         return items
     raise FileNotFoundError(f"prepare input {src} is neither a directory nor a .jsonl manifest")
+
+
+def preview_captions(items: list[MediaItem], n: int) -> list[str]:
+    """The first ``n`` non-empty readable captions (for sample previews); unreadable ones are left to the
+    shard writer to skip and report."""
+    out: list[str] = []
+    for item in items:
+        if len(out) == n:
+            break
+        try:
+            caption = item.caption
+        except ValueError:
+            continue
+        if caption:
+            out.append(caption)
+    return out

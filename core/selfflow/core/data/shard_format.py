@@ -42,8 +42,9 @@ def _npy_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     return np.lib.format.read_array_header_2_0(buf)
 
 
-def npy_load(data: bytes) -> np.ndarray:
-    """The array of ``.npy`` bytes (as ``np.load(..., allow_pickle=False)``, a writable copy)."""
+def npy_load(data: bytes, copy: bool = True) -> np.ndarray:
+    """The array of ``.npy`` bytes (as ``np.load(..., allow_pickle=False)``): a writable copy, or with
+    ``copy=False`` possibly a read-only view of ``data`` (for a caller that converts it anyway)."""
     if data[:6] == b"\x93NUMPY" and data[6] in (1, 2) and len(data) >= 12:
         width = 2 if data[6] == 1 else 4  # header-length field: 2 bytes in version 1, 4 in version 2
         offset = 8 + width + int.from_bytes(data[8:8 + width], "little")
@@ -51,7 +52,8 @@ def npy_load(data: bytes) -> np.ndarray:
         count = int(np.prod(shape))
         if not dtype.hasobject and len(data) == offset + count * dtype.itemsize:
             flat = np.frombuffer(data, dtype, count=count, offset=offset)
-            return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+            array = flat.reshape(shape, order="F" if fortran else "C")
+            return array.copy(order="K") if copy else array
     return np.load(io.BytesIO(data), allow_pickle=False)  # anything unusual: numpy's checks and errors
 
 
@@ -60,11 +62,12 @@ def float_array(raw: Sample, member: str, ndim: int | None = None) -> np.ndarray
     for garbage bytes and pickled object arrays, which ``allow_pickle=False`` refuses)."""
     if member not in raw:
         raise KeyError(f"sample {raw.get('__key__')} has no {member}")
-    arr = npy_load(raw[member])
-    if arr.dtype.kind != "f" or (ndim is not None and arr.ndim != ndim) or not np.isfinite(arr).all():
+    arr = npy_load(raw[member], copy=False)
+    out = arr.astype(np.float32) if arr.dtype.kind == "f" else None  # a new array: the view is never handed out
+    if out is None or (ndim is not None and arr.ndim != ndim) or not np.isfinite(out).all():
         raise ValueError(f"{member} of sample {raw.get('__key__')} is not a finite float array"
                          f"{'' if ndim is None else f' with {ndim} dims'} (dtype {arr.dtype}, shape {arr.shape})")
-    return arr.astype(np.float32)
+    return out
 
 
 def class_label(raw: Sample, num_classes: int | None) -> int:
@@ -120,3 +123,15 @@ def shard_urls(spec: str | Path) -> list[str]:
     """The ``*.tar`` files of a directory, or of a glob pattern (``dir/*.tar``), sorted."""
     p = Path(spec)
     return sorted(glob.glob(str(p / "*.tar")) if p.is_dir() else glob.glob(str(spec)))
+
+
+def read_codec_info(shards: str | Path, target: str) -> dict[str, Any]:
+    """The ``codec.json`` that ``selfflow prepare <target>`` wrote beside its shards (codec, latent shape,
+    statistics …); a clear error when the directory is not such an output."""
+    info = Path(shards) / "codec.json"
+    if not info.is_file():
+        raise FileNotFoundError(f"{info} not found: is {shards} a `selfflow prepare {target}` output?")
+    try:
+        return json.loads(info.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{info} is not valid JSON: {e}") from None

@@ -1,0 +1,123 @@
+"""A trained model as a self-contained directory: ``config.json`` (the backbone config and the run config with
+its data, codec and text-encoder references) and ``model.safetensors`` (the EMA weights).
+
+:func:`save_pretrained` writes one (the trainer exports ``<run_dir>/pretrained/`` beside ``ema.safetensors``);
+:func:`from_pretrained` rebuilds the backbone and its modality through :func:`~.run_setup.build_run`, the build
+chain of training; :func:`load_model` accepts any of a run directory, a pretrained directory or a weights file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ValidationError
+from torch import nn
+
+from .atomic import atomic_path, atomic_write_text
+from .checkpoint import load_weights
+from .config import ConfigError, RunConfig, load_config
+from .modality import Modality
+from .run_setup import Run, build_run, pick_device, read_run_weights
+
+FORMAT = "selfflow-pretrained"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_pretrained(out_dir: str | Path, weights: str | Path | dict[str, torch.Tensor], run_config: RunConfig,
+                    model_config: BaseModel) -> Path:
+    """Write ``out_dir/config.json`` and ``out_dir/model.safetensors``. ``weights``: a state dict, or a
+    safetensors file to hard-link (copied where links are not possible). Returns ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        if isinstance(weights, dict):
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp),
+                      metadata={"model_config": model_config.model_dump_json()})
+        else:
+            tmp.unlink()
+            try:
+                os.link(weights, tmp)  # the same bytes as ema.safetensors: no second copy on disk
+            except OSError:
+                shutil.copyfile(weights, tmp)
+    config = {"format": FORMAT, "version": 1, "modalities": [e.modality for e in run_config.data.entries()],
+              "model_config": model_config.model_dump(mode="json"), "run_config": run_config.model_dump(mode="json")}
+    atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a selfflow pretrained config (\"format\": {FORMAT!r} missing)")
+    return config
+
+
+@dataclass
+class LoadedModel:
+    """A backbone in eval mode with the modality it samples, its run config and its backbone config."""
+
+    model: nn.Module
+    modality: Modality
+    config: RunConfig
+    model_config: BaseModel
+
+
+def _loaded(run: Run, state: dict[str, torch.Tensor], device: str | torch.device, modality_name: str | None,
+            source: str) -> LoadedModel:
+    modality = run.modality(modality_name, source)
+    run.backbone.load_state_dict(state)
+    dev = pick_device(device) if isinstance(device, str) else device
+    return LoadedModel(run.backbone.to(dev).eval(), modality, run.config, run.model_config)
+
+
+def from_pretrained(path: str | Path, device: str | torch.device = "auto", modality_name: str | None = None
+                    ) -> LoadedModel:
+    """A pretrained directory's model on ``device``; for a mixed model, ``modality_name`` picks the
+    modality to sample (default: the first)."""
+    root = Path(path)
+    config = _read_config(root / CONFIG_FILE)
+    try:
+        cfg = RunConfig.model_validate(config["run_config"])
+    except (KeyError, ValidationError) as e:
+        raise ConfigError(f"{root / CONFIG_FILE}: invalid run_config: {e}") from None
+    run = build_run(cfg)
+    built, stored = run.model_config.model_dump(mode="json"), config.get("model_config", {})
+    differ = sorted(k for k in set(built) | set(stored) if built.get(k) != stored.get(k))
+    if differ:
+        raise ConfigError(f"{root / CONFIG_FILE}: the run config builds a different model (keys {differ}): "
+                          "was it written by another selfflow version?")
+    return _loaded(run, load_weights(root / WEIGHTS_FILE), device, modality_name, str(root))
+
+
+def load_model(path: str | Path, device: str | torch.device = "auto", modality_name: str | None = None,
+               weights: str = "ema") -> LoadedModel:
+    """The model of a run directory (``config.yaml``; ``weights``: ``"ema"`` or ``"model"``), a pretrained
+    directory (``config.json``) or a weights file inside either."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".safetensors":
+        if p.name == WEIGHTS_FILE and (p.parent / CONFIG_FILE).is_file():
+            return from_pretrained(p.parent, device, modality_name)
+        if p.name == "ema.safetensors" and (p.parent / "config.yaml").is_file():
+            p, weights = p.parent, "ema"
+        else:
+            raise ConfigError(f"{p}: a weights file is loaded from its run directory (beside config.yaml) or "
+                              "pretrained directory (beside config.json)")
+    if (p / CONFIG_FILE).is_file():
+        return from_pretrained(p, device, modality_name)
+    if not (p / "config.yaml").is_file():
+        raise ConfigError(f"{p} is not a run directory (no config.yaml), a pretrained directory (no config.json) "
+                          "or a weights file in one")
+    return _loaded(build_run(load_config(p / "config.yaml")), read_run_weights(p, weights), device, modality_name,
+                   str(p))

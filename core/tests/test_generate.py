@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from selfflow.core.config import ConfigError, load_config
+from selfflow.core.generate import conditions_for, generate, sampler_config
+from selfflow.core.run_setup import build_run
+from selfflow.core.sampler import SamplerConfig
+
+from .test_pretrained import TEXT
+from .test_trainer import TINY
+
+
+def _run(tmp_path, *sets):
+    return build_run(load_config(None, [*TINY, f"output_dir={tmp_path}", *sets]))
+
+
+def test_prompts_cycle_and_change_the_samples(tmp_path):
+    run = _run(tmp_path, *TEXT)
+    modality = run.modalities["image"]
+    cond, null, shown = conditions_for(modality, 3, "cpu", prompts=["a red circle", "a blue square"])
+    assert shown is None and cond.context.shape[0] == 3 and not null.context_mask.any()
+    assert torch.equal(cond.context[0], cond.context[2]) and not torch.equal(cond.context[0], cond.context[1])
+    with torch.no_grad():
+        for p in run.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sampler = SamplerConfig(steps=2)
+    a, _ = generate(run.backbone, modality, 2, sampler, 0, "cpu", prompts=["a red circle"])
+    b, _ = generate(run.backbone, modality, 2, sampler, 0, "cpu", prompts=["a blue square"])
+    again, _ = generate(run.backbone, modality, 2, sampler, 0, "cpu", prompts=["a red circle"])
+    assert torch.equal(a, again) and not torch.equal(a, b)
+
+
+def test_prompts_on_a_class_conditional_run_and_labels_on_a_text_run_are_errors(tmp_path):
+    classes = _run(tmp_path).modalities["image"]
+    with pytest.raises(ConfigError, match=r"prompts need a text-conditioned run.*class-conditional \(10 classes\)"):
+        conditions_for(classes, 2, "cpu", prompts=["x"])
+    cond, null, shown = conditions_for(classes, 4, "cpu", labels=[3, 1])
+    assert cond.labels.tolist() == [3, 1, 3, 1] and null.labels.tolist() == [10] * 4 and shown.tolist() == [3, 1, 3, 1]
+    with pytest.raises(ConfigError, match=r"class labels must lie in 0…9, got \[10\]"):
+        conditions_for(classes, 2, "cpu", labels=[10])
+    text = _run(tmp_path, *TEXT).modalities["image"]
+    with pytest.raises(ConfigError, match=r"class labels need a class-conditional run.*give prompts instead"):
+        conditions_for(text, 2, "cpu", labels=[0])
+
+
+def test_sampler_config_overrides_and_names_a_bad_value():
+    base = SamplerConfig(steps=7, guidance_interval=(0.1, 0.9))
+    got = sampler_config(base, cfg_scale=2.0, guidance_high=0.7)
+    assert (got.steps, got.cfg_scale, got.guidance_interval) == (7, 2.0, (0.1, 0.7))
+    with pytest.raises(ConfigError, match=r"sampler setting cfg_scale: .* \(got -1.0\)"):
+        sampler_config(base, cfg_scale=-1.0)

@@ -1,0 +1,84 @@
+"""Pretrained directories (config.json + model.safetensors) and loading a model from any saved form."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from selfflow.core.checkpointer import Checkpointer
+from selfflow.core.config import ConfigError, load_config, save_config
+from selfflow.core.distributed import DistInfo
+from selfflow.core.pretrained import from_pretrained, load_model, save_pretrained
+from selfflow.core.run_setup import build_run
+
+from .test_trainer import TINY
+
+TEXT = ["data.options.conditioning=text", "data.options.text={kind: tiny, dim: 16}"]
+
+
+def make_run_dir(tmp_path, *sets, name="run"):
+    """A run directory (config.yaml + ema.safetensors) of a freshly built, slightly perturbed backbone."""
+    cfg = load_config(None, [*TINY, f"output_dir={tmp_path}", f"name={name}", *sets])
+    run = build_run(cfg)
+    with torch.no_grad():
+        for p in run.backbone.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    cfg.run_dir.mkdir(parents=True)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    save_file({k: v.contiguous() for k, v in run.backbone.state_dict().items()}, str(cfg.run_dir / "ema.safetensors"))
+    return cfg.run_dir, run
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_save_then_load_round_trips_weights_and_configs(tmp_path):
+    _, run = make_run_dir(tmp_path, *TEXT)
+    out = save_pretrained(tmp_path / "pre", run.backbone.state_dict(), run.config, run.model_config)
+    config = json.loads((out / "config.json").read_text())
+    assert config["modalities"] == ["image"] and config["run_config"]["data"]["options"]["text"]["dim"] == 16
+    loaded = from_pretrained(str(out), device="cpu")
+    assert _same(loaded.model, run.backbone) and not loaded.model.training
+    assert loaded.modality.context_dim == 16 and loaded.model_config == run.model_config
+
+
+def test_a_weights_file_is_hard_linked_not_copied(tmp_path):
+    run_dir, run = make_run_dir(tmp_path)
+    out = save_pretrained(tmp_path / "pre", run_dir / "ema.safetensors", run.config, run.model_config)
+    assert (out / "model.safetensors").stat().st_ino == (run_dir / "ema.safetensors").stat().st_ino
+    assert _same(from_pretrained(out, "cpu").model, run.backbone)
+
+
+def test_load_model_takes_a_run_dir_a_pretrained_dir_or_a_weights_file(tmp_path):
+    run_dir, run = make_run_dir(tmp_path)
+    pre = save_pretrained(tmp_path / "pre", run.backbone.state_dict(), run.config, run.model_config)
+    for source in (run_dir, str(run_dir), run_dir / "ema.safetensors", pre, str(pre / "model.safetensors")):
+        assert _same(load_model(source, "cpu").model, run.backbone), source
+    with pytest.raises(ConfigError, match="is not a run directory"):
+        load_model(tmp_path)
+    with pytest.raises(ConfigError, match=r"trained \['image'\], not 'audio'"):
+        load_model(pre, "cpu", "audio")
+
+
+def test_a_config_that_builds_another_model_is_refused(tmp_path):
+    _, run = make_run_dir(tmp_path)
+    pre = save_pretrained(tmp_path / "pre", run.backbone.state_dict(), run.config, run.model_config)
+    config = json.loads((pre / "config.json").read_text())
+    config["model_config"]["hidden_size"] = 64
+    (pre / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"builds a different model \(keys \['hidden_size'\]\)"):
+        from_pretrained(pre)
+    (pre / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a selfflow pretrained config"):
+        from_pretrained(pre)
+
+
+def test_the_ema_export_writes_a_pretrained_directory_beside_it(tmp_path):
+    cfg = load_config(None, [*TINY, f"output_dir={tmp_path}", "name=exp"])
+    run = build_run(cfg)
+    ckpt = Checkpointer(cfg, DistInfo(), {})
+    ema = ckpt.export_ema(run.backbone, run.model_config)
+    assert ema == cfg.run_dir / "ema.safetensors"
+    assert _same(from_pretrained(cfg.run_dir / "pretrained", "cpu").model, run.backbone)

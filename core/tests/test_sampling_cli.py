@@ -1,0 +1,87 @@
+"""``selfflow sample`` with prompts, labels in the ADM npz, the evaluation hint and argument validation."""
+
+import json
+
+import numpy as np
+import pytest
+
+from selfflow.core.cli import main
+
+from .test_pretrained import TEXT, make_run_dir
+
+FAST = ["--steps", "1", "--device", "cpu", "--no-progress"]
+AUDIO_TEXT = ("data.mixture=[{modality: image, options: {image_size: 16, patch_size: 4, conditioning: text, "
+              "text: {kind: tiny, dim: 16}}}, {modality: audio, options: {sample_rate: 8000, num_samples: 1024, "
+              "patch: 64, conditioning: text, text: {kind: tiny, dim: 16}}}]")
+
+
+def test_a_grid_from_prompts_writes_its_captions_beside_it(tmp_path, capsys):
+    run_dir, _ = make_run_dir(tmp_path, *TEXT)
+    assert main(["sample", "--run", str(run_dir), "--prompt", "a red circle", "--prompt", "a blue square",
+                 "--num", "3", "--out", str(tmp_path / "grid"), *FAST]) == 0
+    assert (tmp_path / "grid.png").is_file()
+    assert (tmp_path / "grid.prompts.txt").read_text().splitlines() == ["a red circle", "a blue square",
+                                                                        "a red circle"]
+
+
+def test_a_prompt_file_drives_an_out_dir_and_is_recorded(tmp_path, capsys):
+    run_dir, _ = make_run_dir(tmp_path, *TEXT)
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"caption": "a red circle"}\n{"caption": "a green triangle"}\n{"prompt": "a square"}\n')
+    out = tmp_path / "out"
+    assert main(["sample", "--run", str(run_dir), "--prompts", str(captions), "--out-dir", str(out),
+                 "--batch-size", "2", *FAST]) == 0
+    records = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["prompt"]) for r in records] == [
+        ("000000.png", "a red circle"), ("000001.png", "a green triangle"), ("000002.png", "a square")]
+    z = np.load(out / "samples_3.npz")
+    assert z["arr_0"].shape == (3, 16, 16, 3) and z["prompts"].tolist() == [r["prompt"] for r in records]
+    assert "arr_1" not in z.files
+    assert "selfflow eval probe" in capsys.readouterr().out
+
+
+def test_a_mixed_run_samples_the_chosen_modality_with_prompts(tmp_path, capsys):
+    run_dir, _ = make_run_dir(tmp_path, AUDIO_TEXT)
+    out = tmp_path / "audio"
+    assert main(["sample", "--run", str(run_dir), "--modality", "audio", "--prompt", "a low hum", "--num", "2",
+                 "--out-dir", str(out), *FAST]) == 0
+    records = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in records] == ["000000.wav", "000001.wav"]
+    assert {r["prompt"] for r in records} == {"a low hum"}
+    printed = capsys.readouterr().out
+    assert "selfflow eval fad --fake" in printed and "imagenet" not in printed.lower()
+
+
+def test_class_conditional_runs_refuse_prompts_and_store_labels_as_arr_1(tmp_path, capsys):
+    run_dir, _ = make_run_dir(tmp_path)
+    assert main(["sample", "--run", str(run_dir), "--prompt", "a cat", *FAST]) == 2
+    assert "prompts need a text-conditioned run" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["sample", "--run", str(run_dir), "--num", "12", "--labels", "balanced", "--out-dir", str(out),
+                 "--batch-size", "5", *FAST]) == 0
+    z = np.load(out / "samples_12.npz")
+    assert z["arr_1"].tolist() == [i % 10 for i in range(12)] and "prompts" not in z.files
+    assert not (out / "prompts.jsonl").exists()
+    printed = capsys.readouterr().out
+    assert "selfflow eval probe --run" in printed and "VIRTUAL_imagenet256" not in printed
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--batch-size", "0", "--out-dir", "x"], "argument --batch-size: must be an integer ≥ 1, got '0'"),
+    (["--steps", "0"], "argument --steps: must be an integer ≥ 1, got '0'"),
+    (["--cfg-scale", "nan"], "argument --cfg-scale: must be a finite number, got 'nan'"),
+    (["--num", "-5"], "argument --num/--num-samples: must be an integer ≥ 1, got '-5'"),
+    (["--device", "gpu"], "argument --device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+])
+def test_bad_sample_arguments_exit_2_naming_option_and_value(args, says, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["sample", "--run", "r", *args])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and says in err and "Traceback" not in err
+
+
+def test_cuda_on_a_machine_without_cuda_is_an_argument_error(monkeypatch, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        main(["sample", "--run", "r", "--device", "cuda"])
+    assert stop.value.code == 2 and "argument --device: 'cuda' asked for, but no CUDA device" in capsys.readouterr().err

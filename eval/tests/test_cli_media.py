@@ -1,0 +1,49 @@
+"""``selfflow eval t2i | fvd | fad`` pair samples with the prompts.jsonl written by ``selfflow sample --out-dir``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+from PIL import Image
+
+from selfflow.core.prompts import write_prompt_records
+from selfflow.eval.cli_media import add_t2i_parser, recorded_prompts
+
+from .test_clip_score import smooth_images, tiny_dir  # noqa: F401 — tiny_dir is a fixture
+
+
+def _samples(folder, prompts):
+    folder.mkdir()
+    files = []
+    for i, im in enumerate(smooth_images(len(prompts), 32, 32, seed=3)):
+        Image.fromarray(im).save(folder / f"{i:06d}.png")
+        files.append(f"{i:06d}.png")
+    write_prompt_records(folder, files, prompts)
+    return files
+
+
+def test_recorded_prompts_summarise_and_check_the_files(tmp_path):
+    assert recorded_prompts(tmp_path) is None
+    files = _samples(tmp_path / "s", ["a", "b", "a"])
+    assert recorded_prompts(tmp_path / "s") == {"file": str(tmp_path / "s" / "prompts.jsonl"), "n": 3, "distinct": 2}
+    (tmp_path / "s" / files[1]).unlink()
+    with pytest.raises(FileNotFoundError, match=r"lists 1 sample\(s\) missing .* e.g. 000001.png"):
+        recorded_prompts(tmp_path / "s")
+
+
+def test_t2i_pairs_images_with_their_recorded_prompts(tiny_dir, tmp_path):  # noqa: F811
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    _samples(tmp_path / "s", prompts)
+    (tmp_path / "explicit.txt").write_text("\n".join(prompts) + "\n")
+    parser = argparse.ArgumentParser()
+    add_t2i_parser(parser.add_subparsers())
+    scores = []
+    for extra in ([], ["--prompts", str(tmp_path / "explicit.txt")]):
+        out = tmp_path / f"res{len(extra)}.json"
+        args = parser.parse_args(["t2i", "--images", str(tmp_path / "s"), "--clip", tiny_dir, "--out", str(out),
+                                  *extra])
+        assert args.func(args) == 0
+        scores.append(json.loads(out.read_text())["clip_score"])
+    assert scores[0]["n"] == 3 and scores[0]["clip_score"] == scores[1]["clip_score"]
