@@ -6,7 +6,8 @@ Packages advertise themselves through Python entry points:
 - group ``selfflow.commands``: ``name = "package.module:register"``, a function ``register(subparsers)``
   that adds a subcommand to the ``selfflow`` CLI;
 - group ``selfflow.evaluators``: ``name = "package.module:Factory"``, ``Factory(modality)`` returning a
-  callable ``(media, labels) → {metric: value}`` used for online evaluation during training;
+  callable ``(media, labels) → {metric: value}`` used for online evaluation during training (one whose
+  ``needs_model`` is true is called with the EMA model instead of samples);
 - group ``selfflow.objectives``: ``name = "package.module:KIND"``, an
   :class:`~selfflow.core.objective_kinds.ObjectiveKind` called ``name`` (a value of ``objective.kind``).
 

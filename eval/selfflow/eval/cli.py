@@ -185,8 +185,9 @@ def _run_probe(args: argparse.Namespace) -> int:
 
 def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "probe", help="probe-FD and conditional accuracy of a run on synthetic shapes (no downloads)",
-        description="Generate samples from a run trained on the built-in synthetic shapes and score them with "
+        "probe", help="probe-FD and conditional accuracy of a run on synthetic shapes or digits (no downloads)",
+        description="Generate samples from a run trained on a built-in labelled dataset (synthetic shapes, "
+                    "digits) and score them with "
                     "a small probe CNN trained on the dataset's labels (cached in $SELFFLOW_CACHE or "
                     "~/.cache/selfflow): probe_fd (Fréchet distance in the probe's feature space, lower is "
                     "better) and probe_acc (fraction of samples recognised as their class). A proxy for "
