@@ -13,7 +13,7 @@ CONFIG ?=
 ARGS ?=
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup test lint train-image train-mixed train-video train-audio finetune-rt1 eval-simpler eval bench bench-quality clean-venv fault-test golden gpu-wheels gpu-check
+.PHONY: help setup test lint train-image train-mixed train-video train-audio finetune-rt1 eval-simpler eval bench bench-quality clean-venv fault-test golden gpu-wheels gpu-check gpu-check-cuda
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -74,25 +74,48 @@ golden: setup  ## the golden run: fixed-seed 30-step image/mixed/rt1 trainings, 
 	$(PY) reliability/golden_run.py $(or $(ACTION),check) $(ARGS)
 
 # The GPU machines have Python 3.12 with their own CUDA torch and no network: fetch our other dependencies here.
+# By default only what `make gpu-check` needs besides torch (and numpy and tqdm, which come with torch):
+# selfflow.core's configs and blocks (pydantic, einops), pytest, and setuptools to install our packages — 5.5 MB
+# of wheels, so gpu-wheels/ fits the device tool's 64 MiB carry. GPU_EXTRAS=1 adds every other dependency of our
+# seven packages (av, decord, transformers, diffusers, scikit-learn …), to train there too; far over 64 MiB.
 GPU_WHEELS := gpu-wheels
 GPU_VENV := .venv-gpu
-GPU_REQS := "numpy>=1.24" "pydantic>=2.5" "pyyaml>=6" "tqdm>=4.60" "tensorboard>=2.14" "matplotlib>=3.7" \
-	"pillow>=10" "safetensors>=0.4" "einops>=0.7" "webdataset>=0.2.100" "transformers>=4.45" "diffusers>=0.35" \
-	"av>=12" "decord>=0.6" "soundfile>=0.12" "tfrecord>=1.14" pytest pytest-timeout setuptools wheel
+GPU_EXTRAS ?=
+GPU_CHECK_REQS := "pydantic>=2.5" "einops>=0.7" pytest "setuptools>=68,<85" wheel
+GPU_EXTRA_REQS := "numpy>=1.24" "pyyaml>=6" "tqdm>=4.60" "tensorboard>=2.14" "matplotlib>=3.7" "pillow>=10" \
+	"safetensors>=0.4" "webdataset>=0.2.100" "transformers>=4.45" "diffusers>=0.35" "av>=12" "decord>=0.6" \
+	"soundfile>=0.12" "tfrecord>=1.14" "scikit-learn>=1.3" pytest-timeout
+GPU_REQS := $(GPU_CHECK_REQS) $(if $(GPU_EXTRAS),$(GPU_EXTRA_REQS))
+GPU_PACKAGES := $(if $(GPU_EXTRAS),$(PACKAGES),core)
 
-gpu-wheels:  ## download the non-torch wheels for a CUDA machine (Python 3.12, manylinux x86_64) into gpu-wheels/
+gpu-wheels:  ## download the non-torch wheels for a CUDA machine (Python 3.12, manylinux x86_64) into a fresh gpu-wheels/
+	rm -rf $(GPU_WHEELS)
 	$(PY) -m pip download --quiet --dest $(GPU_WHEELS) --only-binary=:all: --python-version 3.12 \
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 --platform any $(GPU_REQS)
+	@du -sh $(GPU_WHEELS)
 
 gpu-check:  ## on a CUDA machine, offline: install beside its torch, run the cuda tests and the speed table (<= 8 min)
+	@if $(PYTHON) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(MAKE) --no-print-directory gpu-check-cuda; \
+	else echo "gpu-check: $(PYTHON) has no CUDA GPU (or no torch) on this machine: nothing to check"; fi
+
+# The venv sees the machine's packages: --system-site-packages, plus a .pth of site.addsitedir lines when
+# $(PYTHON) is itself a venv (the device machines' /opt/torch/.venv), whose packages that flag does not reach.
+# It is made without pip (ensurepip may be missing there): the machine's pip runs in it and installs into it.
+gpu-check-cuda:
 	@test -d $(GPU_WHEELS) || { echo "gpu-check: no $(GPU_WHEELS)/ (run make gpu-wheels where PyPI is reachable)"; exit 2; }
-	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	test -x $(GPU_VENV)/bin/python || { $(PYTHON) -m venv --system-site-packages --without-pip $(GPU_VENV) && \
+		$(PYTHON) -c "import site, sys; sys.prefix == sys.base_prefix or open(sys.argv[1], 'w').write(''.join( \
+		'import site; site.addsitedir(%r)\n' % d for d in site.getsitepackages()))" \
+		"$$($(GPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/machine-site.pth"; }
+	$(GPU_VENV)/bin/python -m pip --version >/dev/null 2>&1 || $(GPU_VENV)/bin/python -m ensurepip --default-pip
 	$(GPU_VENV)/bin/python -m pip install --quiet --no-index --find-links $(GPU_WHEELS) $(GPU_REQS)
 	$(GPU_VENV)/bin/python -m pip install --quiet --no-index --no-deps --no-build-isolation \
-		--config-settings editable_mode=compat $(foreach p,$(PACKAGES),-e ./$(p))
-	$(GPU_VENV)/bin/python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-	$(GPU_VENV)/bin/python -m pytest -q -m cuda -p no:cacheprovider core/tests/test_cuda.py
+		--config-settings editable_mode=compat $(foreach p,$(GPU_PACKAGES),-e ./$(p))
+	$(GPU_VENV)/bin/python -c "import sys, torch; assert not torch.__file__.startswith(sys.prefix), 'torch in $(GPU_VENV)'; \
+		print('torch', torch.__version__, 'from', torch.__file__, 'cuda', torch.cuda.is_available())"
+	$(GPU_VENV)/bin/python -m pytest -q -m cuda -p no:cacheprovider core/tests/test_cuda.py core/tests/test_pinning.py
 	$(GPU_VENV)/bin/python benchmarks/gpu_check.py
 
 clean-venv:  ## remove .venv

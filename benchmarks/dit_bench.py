@@ -4,13 +4,15 @@ distinct-level vs per-token modulation, the teacher's early exit, and sampler th
 from __future__ import annotations
 
 import time
+from unittest import mock
 
 import torch
 
-from selfflow.core.dit import DiT, DiTConfig
+import selfflow.core.dit as dit_module
+from selfflow.core.dit import DiT, DiTConfig, dit_forward_flops
 from selfflow.core.ema import ema_update, make_ema
 from selfflow.core.loss_terms import alignment_loss
-from selfflow.core.modulation import TokenTimesteps
+from selfflow.core.modulation import TIME_EMBED_DIM, TokenTimesteps
 from selfflow.core.objective import ObjectiveConfig
 from selfflow.core.sampler import SamplerConfig, sample
 from selfflow.core.timesteps import TimestepDistribution
@@ -23,11 +25,14 @@ GRID, CH = 16, 16
 L = GRID * GRID
 
 
-def _model(preset: str, projector: bool = True) -> DiT:
+def _model_config(preset: str, projector: bool = True, attention: str = "auto") -> DiTConfig:
+    return DiTConfig(preset=preset, num_classes=1000, modalities={"image": CH},
+                     projector_mult=2.0 if projector else 0.0, attention=attention)
+
+
+def _model(preset: str, projector: bool = True, attention: str = "auto") -> DiT:
     torch.manual_seed(0)
-    cfg = DiTConfig(preset=preset, num_classes=1000, modalities={"image": CH},
-                    projector_mult=2.0 if projector else 0.0)
-    model = DiT(cfg)
+    model = DiT(_model_config(preset, projector, attention))
     with torch.no_grad():  # non-zero gates so every path does real work
         for p in model.parameters():
             if p.requires_grad and p.abs().sum() == 0:
@@ -45,12 +50,20 @@ def _train_step(kind: str, batch: int):
     return make_train_step(model, ema, opt, tokens, cond, obj, null_label=1000)
 
 
-def xl2_step_pair(batch: int = 2) -> tuple:
-    """SiT-XL/2 Self-Flow training steps (B, L=256): ours (distinct-level modulation, teacher stopped at block
+def _official_modulation(per_level: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """The official per-token class runs the adaLN Linear on every token's own conditioning and uses its
+    ``(B, L, 6D)`` output as is; with levels = tokens our gather would be an identity the official code never
+    pays for, so the naive step skips it."""
+    return per_level
+
+
+def xl2_step_pair(batch: int = 2, preset: str = "XL/2", attention: str = "auto") -> tuple:
+    """SiT-XL/2 (or ``preset``) Self-Flow training steps (B, L=256): ours (distinct-level modulation, teacher stopped at block
     20 by the objective) and the naive step of the official per-token class — every token's timestep through
-    the adaLN Linear (levels = tokens), the EMA teacher run through all 28 blocks — with the same loss terms,
-    backward, clipping, AdamW and EMA. Returns the two step closures."""
-    model = _model("XL/2")
+    the timestep MLP and the adaLN Linears (levels = tokens, no gather), the EMA teacher run through all 28
+    blocks and the final layer — with the same loss terms, backward, clipping, AdamW and EMA. Returns the two
+    step closures."""
+    model = _model(preset, attention=attention)
     ema = make_ema(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)  # as the trainer
     obj = ObjectiveConfig(kind="self_flow").resolve(model.depth, 0.25, TimestepDistribution())
@@ -67,9 +80,10 @@ def xl2_step_pair(batch: int = 2) -> tuple:
     x = tokens.x
 
     def naive() -> None:
-        pred, feats = model(x, tokens.ids, per_token, cond, capture=(obj.student_layer,), project=True)
-        with torch.no_grad():
-            _, target = ema(x, tokens.ids, teacher_t, cond, capture=(obj.teacher_layer,))
+        with mock.patch.object(dit_module, "gather_levels", _official_modulation):
+            pred, feats = model(x, tokens.ids, per_token, cond, capture=(obj.student_layer,), project=True)
+            with torch.no_grad():
+                _, target = ema(x, tokens.ids, teacher_t, cond, capture=(obj.teacher_layer,))
         loss = pred.square().mean() + obj.gamma * alignment_loss(feats[obj.student_layer],
                                                                  target[obj.teacher_layer])
         loss.backward()
@@ -81,6 +95,22 @@ def xl2_step_pair(batch: int = 2) -> tuple:
     return ours, naive
 
 
+def xl2_step_flops(preset: str = "XL/2") -> tuple[float, float]:
+    """Analytic FLOPs of one sample's XL/2 (or ``preset``) training step (forward + 2× backward + the teacher to
+    its layer, as the objective resolves it), ours and naive.
+
+    The naive forward adds, on every token but the one our modulation already pays for, the 6d² adaLN of each
+    block, the 2d² adaLN of the final layer and the timestep MLP; its teacher runs all blocks and the head.
+    """
+    cfg = _model_config(preset)
+    d, n = cfg.hidden_size, L
+    teacher_layer = ObjectiveConfig(kind="self_flow").resolve(cfg.depth, 0.25, TimestepDistribution()).teacher_layer
+    full = dit_forward_flops(cfg, n, None, CH)
+    ours = 3 * full + dit_forward_flops(cfg, n, teacher_layer, CH)
+    per_token = 2 * (n - 1) * (cfg.depth * 6 * d * d + 2 * d * d + TIME_EMBED_DIM * d + d * d)
+    return ours, 4 * (full + per_token)
+
+
 def bench_dit(quick: bool) -> list[Row]:
     reps = 2 if quick else 3
     batch = 2
@@ -90,10 +120,14 @@ def bench_dit(quick: bool) -> list[Row]:
                     t_sf / t_fm, None, "ms", "teacher to block 8 of 12; paper-scale estimate ≈ 1.24×"))
 
     t_ours, t_naive = paired_median(*xl2_step_pair(batch), 1 if quick else 2)
+    f_ours, f_naive = xl2_step_flops()
     rows.append(Row(f"SiT-XL/2 Self-Flow train step (B={batch}, L={L}): ours vs naive official-class step",
                     t_ours * 1e3, t_naive * 1e3, t_naive / t_ours, ">= 1.6", "ms",
                     "naive: per-token adaLN Linear + 28-block teacher; AdamW (fused, as the trainer), EMA and "
-                    "clipping are common to both"))
+                    f"clipping are common to both; the FLOP ratio below bounds it at {f_naive / f_ours:.2f}"))
+    rows.append(Row("SiT-XL/2 training-step FLOPs per sample: ours vs naive (the bound of the row above)",
+                    f_ours / 1e9, f_naive / 1e9, f_naive / f_ours, None, "GFLOP",
+                    "analytic (core.dit.dit_forward_flops): matmuls and attention, backward = 2× forward"))
 
     model = _model("B/2")
     x, ids = torch.randn(batch, L, CH), grid_ids(1, GRID, GRID, batch)

@@ -3,7 +3,10 @@
 ``SELFFLOW_FAULT_KILL_AT=STEP@RANK`` makes that rank SIGKILL itself once after optimizer step STEP (a marker
 file in the run directory stops the restarted worker from doing it again). torchrun's agent tears the group
 down and restarts both workers, which must resume from the newest complete checkpoint and finish with the
-losses of an uninterrupted 2-rank run.
+losses of an uninterrupted 2-rank run. A save that fails on one rank — a full disk on rank 0
+(``SELFFLOW_FAULT_SAVE_ENOSPC``), or any other error while gathering the state on either rank
+(``SELFFLOW_FAULT_SAVE_ERROR=STEP@RANK``) — must stop every rank with the message, not leave the others
+waiting in the next collective.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from subprocess import TimeoutExpired
 
 from .common import ROOT, Outcome, Timer, losses, lost_steps, run, train_cmd
 
@@ -50,7 +54,7 @@ def run_all(work: Path | None = None, kills: tuple[tuple[int, int], ...] = ((6, 
                        f"resumed {resumed.group(1) if resumed else None} (expected {expected}), {lost} steps "
                        f"differ: {text[-800:]}")
     out.note = "16 steps, DDP, checkpoint every 4; kills at " + ", ".join(f"step {s} rank {r}" for s, r in kills)
-    return [out, full_disk(work, reference)]
+    return [out, full_disk(work, reference), save_error(work, reference)]
 
 
 def full_disk(work: Path, reference: list[tuple], at: int = 8) -> Outcome:
@@ -75,4 +79,41 @@ def full_disk(work: Path, reference: list[tuple], at: int = 8) -> Outcome:
     out.record(ok and not lost, lost=lost, why=f"exit {stopped.returncode}, left {left}, rerun exit "
                                                 f"{again.returncode}: {text[-800:]}")
     out.note = f"checkpoint {at} fails on rank 0; both ranks print the stop message"
+    return out
+
+
+def save_error(work: Path, reference: list[tuple], at: int = 8) -> Outcome:
+    """An error that is not a write error (here: while gathering the state) on one rank during checkpoint
+    ``at``: both ranks stop with the message naming the checkpoint and that rank within seconds (no hang
+    until the process group's timeout), the previous checkpoint is intact (rank 0 failing) or the new one
+    complete (rank 1 failing), and a rerun resumes to the reference losses."""
+    from selfflow.core.checkpoint import list_checkpoints
+    from selfflow.core.metrics import read_metrics
+
+    out = Outcome("distributed", "an error other than a failed write during a save, on one of 2 ranks",
+                  "all ranks stop naming the checkpoint and rank (no hang); no torn checkpoint; rerun resumes")
+    for rank in (0, 1):
+        name = f"save_error_r{rank}"
+        shutil.rmtree(work / name, ignore_errors=True)
+        cmd = train_cmd(work, name, *SETS, nproc=2)
+        with Timer(out):
+            try:
+                stopped = run(cmd, timeout=300, SELFFLOW_FAULT_SAVE_ERROR=f"{at}@{rank}")
+            except TimeoutExpired:  # the other rank waited in a collective: the fault this case guards against
+                out.record(False, crash=True, why=f"rank {rank} failing: the run hung (killed after 300 s)")
+                continue
+            left = [s for s, _ in list_checkpoints(work / name / "checkpoints")]
+            again = run(cmd, timeout=600)
+        lost = lost_steps(reference, losses(read_metrics(work / name / "metrics.jsonl")))
+        text = stopped.stdout + stopped.stderr
+        path = work / name / "checkpoints" / f"step_{at:08d}.pt"
+        # rank 0's state is the whole checkpoint: when only rank 1 fails, the file is complete and kept
+        message = (f"selfflow: stopped: cannot write checkpoint {path}: rank 0 failed" if rank == 0 else
+                   f"selfflow: stopped: checkpoint {path} was written, but rank 1 failed")
+        ok = (stopped.returncode != 0 and text.count(message) == 2 and "SELFFLOW_FAULT_SAVE_ERROR" in text
+              and left and left[-1] == (at - 4 if rank == 0 else at) and again.returncode == 0)
+        out.record(ok and not lost, lost=lost, why=f"rank {rank} failing: exit {stopped.returncode}, left {left}, "
+                                                   f"rerun exit {again.returncode}: {text[-800:]}")
+    out.note = (f"checkpoint {at} fails on rank 0, then on rank 1 (`SELFFLOW_FAULT_SAVE_ERROR`); both ranks "
+                "print the stop message")
     return out

@@ -3,7 +3,9 @@
 Shards as ``selfflow prepare imagenet`` writes them (``moments.npy`` + ``cls`` per sample, a ``.json``
 report with the sample count) hold bad members among good ones — garbage or pickled ``moments.npy``, a
 wrong shape, non-finite moments, class labels ``cat``, 999999 and −3, a missing ``cls`` — and whole-shard
-faults: a tar cut in the middle and a shard of garbage. Read for one epoch by
+faults: a tar cut in the middle and a shard of garbage; and, read with ``pixels`` (REPA), ``png`` members
+over PIL's decompression-bomb bound (12000², which PIL alone only warns about and decodes, and 20000²).
+Read for one epoch by
 :func:`selfflow.image.latent_shards.imagenet_stream`, every bad member must be skipped and logged with its
 shard and key, every good sample of an intact shard delivered exactly once, and a lost shard must count
 all the samples its report lists (so ``train.max_bad_data_fraction`` sees half the data gone when half
@@ -58,7 +60,7 @@ def _write_shard(path: Path, members: list[tuple[str, str]]) -> None:
     path.with_suffix(".json").write_text(json.dumps({"samples": len(members), "skipped": []}))
 
 
-def _read_epoch(folder: Path, seed: int) -> tuple[list[str], int, list[str]]:
+def _read_epoch(folder: Path, seed: int, pixels: bool = False) -> tuple[list[str], int, list[str]]:
     """(keys of the good samples delivered in epoch 0, samples counted as skipped, distinct warnings).
 
     The stream reads on into epoch 1 to fill the batch after the last one of epoch 0, so a warning may come
@@ -68,7 +70,7 @@ def _read_epoch(folder: Path, seed: int) -> tuple[list[str], int, list[str]]:
     handler = _Capture()
     logging.getLogger("selfflow.shards").addHandler(handler)
     try:
-        stream = imagenet_stream(str(folder), 1, seed, 0, 1, num_classes=1000, shuffle_buffer=4)
+        stream = imagenet_stream(str(folder), 1, seed, 0, 1, num_classes=1000, shuffle_buffer=4, pixels=pixels)
         it, seen = iter(stream), []
         while (batch := next(it)) and stream.epoch == 0:
             seen.append(f"g{int(batch['labels'][0]):04d}")
@@ -111,6 +113,52 @@ def member_faults(work: Path, trials: int = 2, per_kind: int = 3, seed: int = 0)
     return list(outs.values())
 
 
+def _png(side: int, mode: str = "RGB") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, (side, side)).save(buf, format="png")  # 1-bit: a 12000² png is a few kB on disk
+    return buf.getvalue()
+
+
+def pixel_faults(work: Path, per_kind: int = 2) -> list[Outcome]:
+    """``png`` members over PIL's decompression-bomb bound in shards read with ``pixels`` (REPA): each is a
+    corrupt sample (skipped, counted, logged with shard and key), decoded never, warned about never."""
+    import warnings
+
+    from PIL import Image
+
+    kinds = {"png of 12000² (PIL only warns)": 12000, "png of 20000² (PIL refuses)": 20000}
+    outs = {k: Outcome("data", f"ImageNet latent shard: {k}", "skipped, counted, logged with shard and key; "
+                       "no DecompressionBombWarning") for k in kinds}
+    folder = work / "latent_pixels"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    small = _png(16)
+    members = [(f"g{i:04d}", small) for i in range(8)]
+    bad = [(kind, f"b{100 * n + j:04d}", _png(side, "1")) for n, (kind, side) in enumerate(kinds.items())
+           for j in range(per_kind)]
+    with wds.TarWriter(str(folder / "imagenet-000000.tar")) as sink:
+        for key, png in members[:1] + sorted(members[1:] + [(key, png) for _, key, png in bad]):
+            good = np.random.default_rng(int(key[1:])).standard_normal(SHAPE).astype(np.float16)
+            sink.write({"__key__": key, "moments.npy": _npy(good), "cls": key[1:].encode(), "png": png})
+    (folder / "imagenet-000000.json").write_text(json.dumps({"samples": len(members) + len(bad), "skipped": []}))
+    with Timer(outs[next(iter(kinds))]), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seen, skipped, lines = _read_epoch(folder, 0, pixels=True)
+    bombs = [str(w.message) for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    lost = len({k for k, _ in members} - set(seen))
+    for kind, key, _ in bad:
+        logged = any(f"key {key}): ValueError: image {key}.png is too large" in line for line in lines)
+        outs[kind].record(logged and key not in seen and not bombs and not lost and skipped == len(bad),
+                          why=f"{key} ({kind}): skipped {skipped} of {len(bad)}, {lost} good lost, "
+                                         f"warnings {bombs[:1]}: {lines[-3:]}")
+    outs[next(iter(kinds))].data_lost += lost
+    for o in outs.values():
+        o.note = f"{per_kind} per shard among {len(members)} good (pixels=True); {lost} good samples lost"
+    return list(outs.values())
+
+
 def shard_faults(work: Path) -> list[Outcome]:
     """A tar cut in the middle and a garbage shard (half the data unreadable)."""
     truncated = Outcome("data", "ImageNet latent shard cut in the middle (item 1)",
@@ -149,4 +197,4 @@ def run_all(work: Path | None = None) -> list[Outcome]:
     work = Path(work or ROOT / "runs" / "reliability" / "latent_shards")
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    return [*member_faults(work), *shard_faults(work)]
+    return [*member_faults(work), *pixel_faults(work), *shard_faults(work)]

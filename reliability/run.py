@@ -96,7 +96,7 @@ def render(outcomes: list[Outcome], seconds: float) -> str:
               "`train.max_bad_data_fraction`).",
               "- **data (ImageNet latent shards)**: `reliability/latent_shard_faults.py` — bad `moments.npy` / "
               "`cls` members, a tar cut in the middle and garbage shards, read by `imagenet_stream` (issue #16 "
-              "items 1, 3).",
+              "items 1, 3); `png` members of 12000² / 20000² read with `pixels` (REPA).",
               "- **data (prepare)**: `reliability/prepare_faults.py` — `selfflow prepare image-text` over "
               "non-UTF-8 captions and 12000² / 20000² PNGs, `selfflow prepare rt1` over cut, bit-flipped and "
               "garbage TFRecords, an absurd `train.batch_size` (items 7, 10).",
@@ -114,7 +114,8 @@ def render(outcomes: list[Outcome], seconds: float) -> str:
               "with an `error:` naming the file, key or option (items 4, 8, 9).",
               "- **numerical**: `reliability/numerical.py` — NaN batches (`SELFFLOW_FAULT_NAN_AT`) in a tiny run.",
               "- **distributed**: `reliability/distributed_restart.py` — `SELFFLOW_FAULT_KILL_AT=STEP@RANK` under "
-              "`torchrun --max-restarts=1` with 2 gloo ranks.",
+              "`torchrun --max-restarts=1` with 2 gloo ranks; a save failing on one rank: ENOSPC on rank 0 "
+              "(`SELFFLOW_FAULT_SAVE_ENOSPC`), an error gathering the state (`SELFFLOW_FAULT_SAVE_ERROR=STEP@RANK`).",
               "- **untrusted**: `reliability/untrusted.py` — a pickle that would run code, planted where "
               "checkpoints are read; a scan of `torch.load` call sites; run names escaping `output_dir`.",
               "",
@@ -126,8 +127,6 @@ def render(outcomes: list[Outcome], seconds: float) -> str:
               "- The shard stream takes the first good sample's latent shape as the reference; if the very first "
               "sample has the wrong shape, the good ones are skipped and `train.max_bad_data_fraction` stops "
               "the run (clear, but not a recovery).",
-              "- The RT-1 episode stream overrides the member loop, so its warnings carry the error "
-              "(naming the episode for structural faults) but not the shard: `(shard ?, key ?)`.",
               "- The surviving ranks of a killed torchrun worker print gloo's connection-reset traceback "
               "before the agent restarts them; that is torchrun's output, not a failed trial.",
               ""]

@@ -3,8 +3,9 @@ broken newest checkpoints (6), each through ``selfflow train`` on the tiny model
 
 A base run is killed after step 16 (checkpoints 5, 10 and 15 on disk); each case copies it, injects one
 fault and runs the same command again. Expected: the run resumes — from the newest *intact* checkpoint,
-naming the broken one — and its ``metrics.jsonl`` equals an uninterrupted reference run's exactly; or, for
-the read-only disk, it stops with exit 3 naming the intact checkpoint, without a traceback.
+naming the broken one on stderr and in ``train.log`` — and its ``metrics.jsonl`` equals an uninterrupted
+reference run's exactly; or, for the read-only disk, it stops with exit 3 naming the intact checkpoint,
+without a traceback.
 """
 
 from __future__ import annotations
@@ -89,11 +90,14 @@ def _copy(work: Path, base: str, name: str) -> Path:
 def _resumed(work: Path, name: str, reference: list[tuple], outcome: Outcome, *, must_name: str = "") -> None:
     from selfflow.core.metrics import read_metrics
 
+    text_log = work / name / "train.log"
+    before = text_log.stat().st_size if text_log.is_file() else 0
     with Timer(outcome):
         proc = run(train_cmd(work, name, *SETS))
     got = losses(read_metrics(work / name / "metrics.jsonl")) if (work / name / "metrics.jsonl").is_file() else []
     lost = lost_steps(reference, got)
-    ok = proc.returncode == 0 and not lost and must_name in proc.stderr
+    logged = text_log.read_bytes()[before:].decode() if text_log.is_file() else ""  # this run's lines
+    ok = proc.returncode == 0 and not lost and must_name in proc.stderr and must_name in logged
     outcome.record(ok, crash="Traceback" in proc.stderr, lost=lost,
                    why=f"{name}: exit {proc.returncode}, {lost} steps lost: {proc.stderr[-600:]}")
 
@@ -120,7 +124,7 @@ def run_all(work: Path | None = None) -> list[Outcome]:
         run_dir = _copy(work, "base", f"broken-{kind.replace(' ', '-')}")
         damage(run_dir / "checkpoints" / NEWEST)
         _resumed(work, run_dir.name, reference, out, must_name=NEWEST)
-        out.note = f"{NEWEST} named; resumed from step_{10:08d}.pt"
+        out.note = f"{NEWEST} named (stderr and train.log); resumed from step_{10:08d}.pt"
         outs.append(out)
 
     torn = Outcome("process", "torn last line in metrics.jsonl (item 2)", "resumes; losses equal the reference")

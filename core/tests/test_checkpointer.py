@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 import yaml
@@ -73,6 +76,12 @@ def test_due_keep_last_and_a_failed_write(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFFLOW_FAULT_SAVE_ENOSPC", "9")
     with pytest.raises(CheckpointWriteError, match=r"step_00000006\.pt is intact"):
         ckpt.save(9)
+    monkeypatch.delenv("SELFFLOW_FAULT_SAVE_ENOSPC")
+    monkeypatch.setenv("SELFFLOW_FAULT_SAVE_ERROR", "9")  # not a write error: a failure gathering the state
+    with pytest.raises(CheckpointWriteError, match=r"cannot write checkpoint .*step_00000009\.pt: rank 0 failed: "
+                                                   r"ValueError: injected fault .*previous checkpoints are intact"):
+        ckpt.save(9)
+    assert [p.name for p in ckpt.dir.iterdir()] == ["step_00000006.pt"]
 
 
 def test_export_ema_writes_safetensors_with_the_model_config(tmp_path):
@@ -141,3 +150,57 @@ def test_a_nonfinite_ema_is_never_exported(tmp_path):
     with pytest.raises(CheckpointWriteError, match=r"refusing to export .*ema\.safetensors.*bias holds inf"):
         _checkpointer(tmp_path, _pieces(1)).export_ema(model, cfg.model)
     assert not (tmp_path / "run" / "ema.safetensors").exists()
+
+
+# One rank of a 2-rank gloo group saving step 5, where one rank fails with an error that is not a write error:
+# gathering its state ("gather", rank 0; "gather@1", rank 1) or serialising it ("pickle", rank 0).
+_SAVE_ON_TWO_RANKS = """
+import datetime, sys
+import torch.distributed as dist
+from selfflow.core.checkpointer import Checkpointer
+from selfflow.core.config import load_config
+from selfflow.core.distributed import DistInfo, destroy
+
+rank, init_file, out, fault = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+
+class Part:
+    def state_dict(self):
+        if fault == ("gather" if rank == 0 else "gather@1"):
+            raise TypeError("a component cannot give its state")
+        return {"x": (lambda: 0) if rank == 0 and fault == "pickle" else 1}  # a lambda cannot be saved
+
+dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=30))
+try:
+    ckpt = Checkpointer(load_config(None, [f"output_dir={out}", "name=run"]), DistInfo(rank, 2), {"part": Part()})
+    try:
+        ckpt.save(5)
+        print("saved")
+    except Exception as e:
+        print(f"raised {type(e).__name__}: {e}")
+finally:
+    destroy()  # as the CLI does: a barrier, then the group is torn down
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault", ["gather", "pickle", "gather@1"])
+def test_any_failure_while_saving_on_one_rank_stops_every_rank(tmp_path, fault):
+    """One rank fails gathering or serialising the state (not a write error): both ranks raise the same
+    error naming the checkpoint and that rank, none waits forever in the next collective. Rank 0's state is
+    the whole checkpoint, so when only rank 1 fails the file is written and complete."""
+    procs = [subprocess.Popen([sys.executable, "-c", _SAVE_ON_TWO_RANKS, str(rank), str(tmp_path / "init"),
+                               str(tmp_path), fault], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    lines = [out.strip().splitlines()[-1] if out.strip() else err[-2000:] for out, err in outputs]
+    path = tmp_path / "run" / "checkpoints" / "step_00000005.pt"
+    expected = (f"raised CheckpointWriteError: checkpoint {path} was written, but rank 1 failed: TypeError"
+                if fault == "gather@1" else f"raised CheckpointWriteError: cannot write checkpoint {path}: rank 0 failed")
+    assert all(line.startswith(expected) for line in lines), lines
+    assert path.exists() == (fault == "gather@1")

@@ -134,6 +134,15 @@ def test_resume_conflicts_name_fixed_keys_only():
     assert resume_conflicts(stored, stored) == []
 
 
+def test_resume_may_change_pin_memory():
+    from selfflow.core.config import resume_conflicts
+
+    stored = {"data": {"modality": "image", "pin_memory": "auto"}}
+    assert resume_conflicts(stored, {"data": {"modality": "image", "pin_memory": False}}) == []
+    assert resume_conflicts(stored, {"data": {"modality": "video", "pin_memory": False}}) == [
+        "data.modality (checkpoint 'image', now 'video')"]
+
+
 class _Modality:
     """Stands in for a registered modality: RunConfig.sampler reads only ``name`` and ``default_sampler``."""
 

@@ -41,7 +41,7 @@ def step_loss_and_grad(model: DiT, bf16: bool) -> tuple[torch.Tensor, torch.Tens
     tokens, cond = batch()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         loss = obj.loss(model, make_ema(model), tokens, cond, null_label=10, modality=None,
-                        generator=torch.Generator().manual_seed(0))["loss"]
+                        generator=torch.Generator("cuda").manual_seed(0))["loss"]  # the noise is drawn on the GPU
     loss.backward()
     grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     model.zero_grad(set_to_none=True)

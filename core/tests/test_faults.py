@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from selfflow.core.faults import kill_point, poison_batches
+from selfflow.core.faults import kill_point, poison_batches, save_error
 from selfflow.core.step_guard import NonFiniteLossError
 from selfflow.core.trainer import Trainer
 
@@ -25,6 +25,12 @@ def test_hooks_are_inert_without_their_variables(tmp_path, monkeypatch):
     kill_point(7, 0, tmp_path)  # another rank: no kill
     (tmp_path / ".fault_killed_7_1").touch()
     kill_point(7, 1, tmp_path)  # already fired once for this run directory: no kill
+    save_error(4, 0)
+    monkeypatch.setenv("SELFFLOW_FAULT_SAVE_ERROR", "4@1")
+    save_error(4, 0)  # another rank
+    save_error(5, 1)  # another step
+    with pytest.raises(ValueError, match=r"injected fault \(SELFFLOW_FAULT_SAVE_ERROR=4@1\).*step 4"):
+        save_error(4, 1)
 
 
 def test_nan_batches_are_skipped_then_stop_the_run(tmp_path, monkeypatch):

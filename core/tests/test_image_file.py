@@ -1,12 +1,13 @@
 """Image files above PIL's decompression-bomb bound are a clear error, not a warning and a 430 MB decode."""
 
+import io
 import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from selfflow.core.data.image_file import read_rgb
+from selfflow.core.data.image_file import decode_rgb, read_rgb
 
 
 def test_reads_rgb_like_pil(tmp_path):
@@ -24,6 +25,18 @@ def test_over_large_image_is_an_error_naming_the_file(tmp_path, side):
         warnings.simplefilter("error")  # and no warning escapes
         with pytest.raises(ValueError, match=rf"image .*huge\.png is too large to decode: Image size \({side**2}"):
             read_rgb(path)
+
+
+def test_decoding_bytes_has_the_same_bound_and_names_the_image(monkeypatch):
+    buf = io.BytesIO()
+    Image.new("L", (10, 10)).save(buf, format="png")  # 100 px: above the lowered bound, below twice it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"image shard-3/key7\.png is too large to decode: Image size \(100 pixels"):
+            decode_rgb(buf.getvalue(), "shard-3/key7.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    assert decode_rgb(buf.getvalue(), "x").size == (10, 10)
 
 
 def test_corrupt_file_raises(tmp_path):

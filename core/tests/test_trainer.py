@@ -127,3 +127,13 @@ def test_checkpointing_and_compile_keep_the_losses(tmp_path, option):
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "loss_fm", "loss_rep", "grad_norm"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (option, key)
+
+
+def test_a_broken_checkpoint_skipped_on_resume_is_named_in_train_log(tmp_path):
+    Trainer(_cfg(tmp_path, "run", "train.steps=1"), progress=False).fit()
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "step_00000002.pt").write_bytes((ckpts / "step_00000001.pt").read_bytes()[:100])  # truncated
+    assert Trainer(_cfg(tmp_path, "run", "train.steps=2"), progress=False).step == 1
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "WARNING selfflow: warning: skipped a broken checkpoint: checkpoint " in log
+    assert "step_00000002.pt is truncated or corrupt" in log and "resuming from" in log

@@ -175,3 +175,36 @@ def test_prepare_by_ranks_resumes_and_matches_one_process(fake_tfrecords, prepar
     monkeypatch.setattr(prep, "convert_shard", boom)
     assert prep.prepare_rt1(opts)["episodes"] == single["episodes"]  # rerun: only the merge
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_an_over_large_frame_skips_the_episode(prepared, tmp_path, monkeypatch, caplog):
+    """A frame over PIL's decompression-bomb bound (lowered here to the real frames' size) makes its episode
+    a corrupt sample: skipped, counted and logged with shard and key — not a warning and a huge decode."""
+    import io
+    import logging
+    import warnings
+
+    from PIL import Image
+
+    out, _ = prepared
+    raw = next(iter(wds.WebDataset(shard_urls(out / "train"), shardshuffle=False, empty_check=False)))
+    members = {k: v for k, v in raw.items() if not k.startswith("__")}
+    w, h = Image.open(io.BytesIO(members[min(k for k in members if k.endswith(".jpg"))])).size
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", w * h)
+    buf = io.BytesIO()
+    Image.new("RGB", (w * 3 // 2, h)).save(buf, format="jpeg")  # 1.5× the bound: PIL alone only warns
+    bomb = {k: buf.getvalue() if k.endswith(".jpg") else v for k, v in members.items()}
+    shard = tmp_path / "episodes-000000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        sink.write({"__key__": "bomb", **bomb})
+        sink.write({"__key__": "good", **members})
+    caplog.set_level(logging.WARNING, "selfflow.shards")
+    norm = ActionNormalizer(ActionStats.load(out / "stats.json"))
+    stream = episode_window_stream([str(shard)], 1, norm, frames=2, chunk=3, size=(16, 20))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        it = iter(stream)
+        batches = [next(it), next(it)]  # two epochs: the bomb episode is met at least once
+    assert not [c for c in caught if issubclass(c.category, Image.DecompressionBombWarning)]
+    assert [b["frames"].shape for b in batches] == [(1, 3, 2, 16, 20)] * 2 and stream.skipped >= 1
+    assert "episodes-000000.tar, key bomb): ValueError: image bomb frame" in caplog.text

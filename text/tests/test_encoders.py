@@ -22,6 +22,11 @@ def test_tiny_encoder_is_deterministic_and_word_sensitive():
     assert pad_embeddings([torch.zeros(0, 4)], 4)[1].shape == (1, 1)  # never an empty context
 
 
+def test_pad_embeddings_pads_on_the_items_device():
+    emb, mask = pad_embeddings([torch.ones(2, 4, device="meta")], 4)  # a training batch arrives on the GPU
+    assert emb.device.type == mask.device.type == "meta"
+
+
 def test_cache_round_trip_and_keying(tmp_path):
     enc = CachedTextEncoder(TinyTextEncoder(8), tmp_path)
     first = enc.encode_unpadded(["a flute", "an organ"])

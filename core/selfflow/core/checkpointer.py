@@ -1,5 +1,5 @@
 """The checkpointer: gathers the training state from the components that own it, decides when to save,
-writes it on rank 0 (every rank learns of a failed write) and exports the EMA weights.
+writes it on rank 0 (a failure on any rank stops every rank) and exports the EMA weights.
 
 Each component (model, EMA, optimizer, LR schedule, data streams, modality schedule, step generator, step
 guard, the trainer's step counter) has ``state_dict()`` / ``load_state_dict()``; a checkpoint is
@@ -24,18 +24,19 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from . import parallel
+from . import faults, parallel
 from .atomic import atomic_path
 from .checkpoint import (
     CheckpointLoadError,
     CheckpointWriteError,
+    checkpoint_path,
     latest_checkpoint,
     load_newest_intact,
     nonfinite_tensor,
     save_checkpoint,
 )
 from .config import CheckpointConfig, ConfigError, RunConfig, resume_conflicts
-from .distributed import DistInfo, barrier, broadcast_object
+from .distributed import DistInfo, gather_objects
 from .pretrained import save_pretrained
 from .safe_yaml import YamlError, parse_yaml
 
@@ -161,19 +162,26 @@ class Checkpointer:
         return path
 
     def save(self, step: int) -> Path | None:
-        """Write the state as step ``step`` on rank 0; a failed write (e.g. a full disk) stops every rank,
-        not only rank 0. Returns the path on rank 0."""
-        state = self.state_dict()
+        """Write the state as step ``step`` on rank 0. A failure on any rank — gathering the state, a failed
+        write (e.g. a full disk), serialising it — stops every rank with a :class:`CheckpointWriteError`
+        naming the checkpoint and the failing rank, instead of leaving the others waiting in the next
+        collective. Returns the path on rank 0."""
         path, error = None, None
-        if self.dist.is_main:
-            try:
+        try:
+            faults.save_error(step, self.dist.rank)  # fault hook: a no-op unless its env variable is set
+            state = self.state_dict()
+            if self.dist.is_main:
                 path = save_checkpoint(state, self.dir, step, self.cfg.keep_last)
-            except CheckpointWriteError as e:
-                error = str(e)
-        error = broadcast_object(error)
-        if error:
-            raise CheckpointWriteError(error)
-        barrier()
+        except Exception as e:  # agreed on below by every rank, whatever it is
+            error = e
+            if not isinstance(e, CheckpointWriteError):  # a bug, not a full disk: keep its traceback
+                log.error("saving checkpoint %s failed on rank %d", checkpoint_path(self.dir, step),
+                          self.dist.rank, exc_info=e)
+        # The one collective of a save: every rank's failure (or None) to every rank; it is also the barrier
+        # after which rank 0's file is complete.
+        failures = {rank: f for rank, f in enumerate(gather_objects(_failure(error))) if f}
+        if failures:
+            raise CheckpointWriteError(_failed_save_message(checkpoint_path(self.dir, step), failures)) from error
         return path
 
     def export_ema(self, ema: nn.Module, model_config: Any, path: str | Path | None = None) -> Path | None:
@@ -204,3 +212,25 @@ def _move_aside(bad: Path) -> str:
     except OSError:
         return ""
     return f" (moved to {aside.name})"
+
+
+def _failure(error: Exception | None) -> tuple[bool, str] | None:
+    """What a rank tells the others about its part of a save: ``None`` (it went well) or ``(a failed write,
+    the reason)``."""
+    if error is None:
+        return None
+    if isinstance(error, CheckpointWriteError):
+        return True, str(error)  # already names the file and the previous, intact checkpoint
+    return False, f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+
+
+def _failed_save_message(path: Path, failures: dict[int, tuple[bool, str]]) -> str:
+    """One message for every rank, from the failures of the ranks that had one (``{rank: _failure}``)."""
+    parts = [why if write else f"rank {rank} failed: {why}" for rank, (write, why) in failures.items()]
+    if 0 not in failures:  # rank 0's state is the whole checkpoint: the file is complete
+        return (f"checkpoint {path} was written, but {'; '.join(parts)}. Every rank stops: fix the error and run "
+                "the same command again to resume from it")
+    if failures[0][0] and len(failures) == 1:
+        return parts[0]
+    return (f"cannot write checkpoint {path}: {'; '.join(parts)}. The previous checkpoints are intact: fix the "
+            "error and run the same command again to resume from the newest")

@@ -68,6 +68,9 @@ class DataConfig(_Section):
     options: dict[str, Any] = Field(default_factory=dict, description="validated by the modality")
     mixture: list[MixtureEntry] | None = Field(
         None, description="mixed training: one modality per step, drawn by weight (replaces modality/options)")
+    pin_memory: bool | Literal["auto"] = Field(
+        "auto", description="pin each batch in page-locked host memory and copy it to the GPU asynchronously "
+        "(auto: when training on CUDA; true on another device is an error)")
 
     def entries(self) -> list[MixtureEntry]:
         """The mixture, or the single modality as a one-entry mixture."""
@@ -257,7 +260,8 @@ def _nonfinite_floats(value: Any, key: str = "") -> list[str]:
 # What a resume may not change: the checkpoint's weights and data positions only make sense for these.
 # Everything else (train.steps, logging, eval, sample, checkpoint cadence, parallelism …) may change.
 RESUME_FIXED_SECTIONS = ("model", "objective", "data")
-_RESUME_FREE_KEYS = re.compile(r"^data\.mixture\.\d+\.sample\.")  # a mixture entry's sampler: samples only
+# A mixture entry's sampler (samples only) and how batches reach the device (not which batches).
+_RESUME_FREE_KEYS = re.compile(r"^data\.mixture\.\d+\.sample\.|^data\.pin_memory$")
 _ABSENT = object()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,12 +69,14 @@ def all_mean(values: dict[str, float], device: torch.device) -> dict[str, float]
     return dict(zip(keys, t.tolist()))
 
 
-def broadcast_object(obj, src: int = 0):
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order, on every rank (``[obj]`` without a process group); returns only
+    when every rank has called it, so it is a barrier too."""
     if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def destroy() -> None:

@@ -6,6 +6,8 @@ variable is set; each is read where the fault would happen in production:
 
 - ``SELFFLOW_FAULT_SAVE_DELAY=SECONDS[@STEP]``: hold a checkpoint's half-written ``.tmp`` open (kill mid-write).
 - ``SELFFLOW_FAULT_SAVE_ENOSPC=STEP``: the checkpoint write of STEP fails with ``ENOSPC`` (a full disk).
+- ``SELFFLOW_FAULT_SAVE_ERROR=STEP[@RANK]``: gathering the state of checkpoint STEP fails on RANK (default 0)
+  with an error that is not a write error (a bug in a component's ``state_dict``, an unpicklable value).
 - ``SELFFLOW_FAULT_KILL_AT=STEP[@RANK]``: SIGKILL this process after optimizer step STEP — once per run
   directory (a marker file records it, so the restarted process does not kill itself again).
 - ``SELFFLOW_FAULT_NAN_AT=STEP[,STEP…]``: the batches of these (1-based) steps are replaced by NaNs.
@@ -46,6 +48,16 @@ def save_enospc(step: int) -> None:
     spec = _env("SELFFLOW_FAULT_SAVE_ENOSPC")
     if spec and int(spec) == step:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def save_error(step: int, rank: int) -> None:
+    """``SELFFLOW_FAULT_SAVE_ERROR``: fail gathering the state of checkpoint ``step`` on one rank."""
+    spec = _env("SELFFLOW_FAULT_SAVE_ERROR")
+    if not spec:
+        return
+    at, _, who = spec.partition("@")
+    if int(at) == step and int(who or 0) == rank:
+        raise ValueError(f"injected fault (SELFFLOW_FAULT_SAVE_ERROR={spec}) while gathering the state of step {step}")
 
 
 def kill_point(step: int, rank: int, run_dir: str | Path) -> None:

@@ -131,7 +131,8 @@ class Modality(ABC):
 
     @abstractmethod
     def encode(self, batch: Batch, device: torch.device | str) -> tuple[Tokens, Conditioning]:
-        """Media batch → tokens and conditioning on ``device``."""
+        """Media batch → tokens and conditioning on ``device``. The trainer passes the batch already on
+        ``device`` (:func:`~selfflow.core.data.pinning.batch_to_device`); other callers pass CPU batches."""
 
     # --- sampling ---------------------------------------------------------------------------------
     def sample_conditions(self, n: int, device: torch.device | str

@@ -22,6 +22,7 @@ from . import faults, parallel
 from .checkpoint import latest_checkpoint
 from .checkpointer import Checkpointer, GeneratorState, ModelState, OptimizerState, StreamsState
 from .config import ConfigError, RunConfig
+from .data.pinning import batch_to_device, pin_batch, resolve_pin_memory
 from .distributed import all_mean, init_distributed
 from .ema import ema_update, make_ema
 from .flops import train_step_flops
@@ -52,6 +53,7 @@ class Trainer:
         self.entries = {e.modality: e for e in cfg.data.entries()}
         try:
             self.strategy = parallel.resolve_strategy(tc.parallel, self.dist)
+            self.pin_memory = resolve_pin_memory(cfg.data.pin_memory, self.device)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self._wrap_models(resume)
@@ -73,7 +75,8 @@ class Trainer:
             "optimizer": OptimizerState(self.model, self.optimizer), "scheduler": self.scheduler,
             "streams": StreamsState(self.streams), "schedule": self.schedule,
             "generator": GeneratorState(self.generator), "guard": self.guard})
-        self.resumed_from = self.checkpointer.resume() if resume else None
+        with self.log.text_log():  # what the resume says (a broken checkpoint skipped) belongs in train.log
+            self.resumed_from = self.checkpointer.resume() if resume else None
 
     def _wrap_models(self, resume: bool) -> None:
         """The run's backbone on the device — fine-tuned from ``train.init_from`` on a fresh start, frozen where
@@ -139,7 +142,8 @@ class Trainer:
         world, rank = self.dist.world_size, self.dist.rank
         for i, batch in enumerate(batches):
             self.generator.set_state(rng_state)
-            tokens, cond = modality.encode(batch, self.device)
+            # The batch moves here, for every modality (asynchronously when pinned); encode's own .to keep it.
+            tokens, cond = modality.encode(batch_to_device(batch, self.device), self.device)
             self.tokens_per_sample[name] = tokens.x.shape[1]
             with parallel.grad_sync(self.model, i == accum - 1), autocast:
                 losses = objective.loss(self.model, self.ema if objective.uses_teacher else None, tokens,
@@ -189,6 +193,8 @@ class Trainer:
                 self.log.step_started()
                 name = self.schedule.next()
                 batches = faults.poison_batches([next(data[name]) for _ in range(accum)], self.step + 1)
+                if self.pin_memory:
+                    batches = [pin_batch(b) for b in batches]
                 last = self.train_step(batches, name)
                 self.step += 1
                 faults.kill_point(self.step, self.dist.rank, self.run_dir)

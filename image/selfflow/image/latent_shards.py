@@ -12,14 +12,13 @@ same numbers. Reading, rank split, shuffling, workers and the skip policy are
 
 from __future__ import annotations
 
-import io
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
+from selfflow.core.data.image_file import decode_rgb
 from selfflow.core.data.shard_format import Sample, class_label, float_array, shard_urls
 from selfflow.core.data.shard_stream import ShardStream
 from selfflow.core.modality import Batch
@@ -28,7 +27,8 @@ from selfflow.core.modality import Batch
 @dataclass(frozen=True)
 class ImageNetDecoder:
     """Raw members → ``latents (C, h, w)``, ``labels`` and optionally ``pixels (3, H, W)``; raises on a
-    corrupt sample (garbage or non-finite moments, a label outside ``[0, num_classes)``, no ``png``)."""
+    corrupt sample (garbage or non-finite moments, a label outside ``[0, num_classes)``, no ``png``, a
+    ``png`` over PIL's decompression-bomb bound)."""
 
     seed: int
     flip: bool
@@ -53,7 +53,7 @@ class ImageNetDecoder:
         if self.pixels:
             if "png" not in raw:
                 raise KeyError(f"shard sample {key} has no png: prepare with --store-pixels for REPA")
-            img = np.asarray(Image.open(io.BytesIO(raw["png"])).convert("RGB"), dtype=np.float32)
+            img = np.asarray(decode_rgb(raw["png"], f"{key}.png"), dtype=np.float32)
             img = torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1
             out["pixels"] = img.flip(-1) if use_flip else img
         return out

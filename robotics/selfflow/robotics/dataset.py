@@ -10,7 +10,6 @@ windows.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from selfflow.core.data.image_file import decode_rgb
 from selfflow.core.data.shard_format import npy_load
 from selfflow.core.data.shard_stream import ShardStream
 
@@ -37,10 +37,10 @@ def decode_episode(raw: dict[str, Any]) -> dict[str, Any]:
             "meta": json.loads(raw["meta.json"]) if "meta.json" in raw else {}}
 
 
-def load_frame(jpeg: bytes, size: tuple[int, int]) -> np.ndarray:
+def load_frame(jpeg: bytes, size: tuple[int, int], name: str) -> np.ndarray:
     """JPEG → ``(3, H, W)`` float32 in [−1, 1] at ``size = (H, W)`` (bicubic with antialiasing, as the
-    policy does at test time)."""
-    img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    policy does at test time); one over PIL's decompression-bomb bound is a ``ValueError`` naming ``name``."""
+    img = decode_rgb(jpeg, name)
     if img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
     return np.asarray(img, np.float32).transpose(2, 0, 1) / 127.5 - 1
@@ -53,7 +53,7 @@ def cut_window(episode: dict[str, Any], start: int, frames: int, chunk: int, siz
     t = len(episode["jpegs"])
     target = normalizer.training_target(episode["actions"])  # (T, 7), absolute gripper if configured
     idx = [min(start + f, t - 1) for f in range(frames)]
-    video = np.stack([load_frame(episode["jpegs"][i], size) for i in idx], 1)
+    video = np.stack([load_frame(episode["jpegs"][i], size, f"{episode['key']} frame {i}") for i in idx], 1)
     acts = np.zeros((chunk, 7), np.float32)
     mask = np.zeros(chunk, bool)
     n = min(chunk, t - start)

@@ -65,8 +65,9 @@ def pad_embeddings(items: list[torch.Tensor], dim: int, length: int | None = Non
     token and CFG halves can be concatenated), or ``length`` if given.
     """
     n = max([1, *(int(e.shape[0]) for e in items)]) if length is None else length
-    out = torch.zeros(len(items), n, dim)
-    mask = torch.zeros(len(items), n, dtype=torch.bool)
+    device = items[0].device if items else None  # pad where the items are (a training batch: on the GPU)
+    out = torch.zeros(len(items), n, dim, device=device)
+    mask = torch.zeros(len(items), n, dtype=torch.bool, device=device)
     for i, e in enumerate(items):
         k = min(int(e.shape[0]), n)
         out[i, :k] = e[:k].float()

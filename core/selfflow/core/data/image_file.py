@@ -2,27 +2,39 @@
 
 PIL only *warns* (``DecompressionBombWarning``) for an image between ``Image.MAX_IMAGE_PIXELS`` (about
 89 Mpx, e.g. 9459²) and twice that, then decodes it — a 12000² PNG takes ~430 MB and seconds per file.
-Every loose-file image reader (``prepare imagenet``/``image-text``, the eval folders) goes through
-:func:`read_rgb`, which turns both the warning and PIL's error into one ``ValueError`` naming the file: the
-shard writer skips, counts and lists such a file; an eval folder stops with that message.
+Every image decode goes through :func:`decode_rgb`, which turns both the warning and PIL's error into one
+``ValueError`` naming the image: loose files (``prepare imagenet``/``image-text``, the eval folders) through
+:func:`read_rgb` — the shard writer skips, counts and lists such a file; an eval folder stops with that
+message — and the images inside training shards (REPA pixels, robot frames), which the shard stream then
+skips and counts as a corrupt sample.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
+from typing import BinaryIO
 
 from PIL import Image
 
 
-def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """The image file at ``path`` decoded as RGB; raises ``ValueError`` naming the file when it has more
-    than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (and PIL's own errors for a corrupt file)."""
-    # The file is opened here, not by PIL, so that it is closed when the size check raises inside open.
-    with open(path, "rb") as f, warnings.catch_warnings():
+def decode_rgb(data: bytes | BinaryIO, name: str) -> Image.Image:
+    """The encoded image ``data`` (bytes or a binary file) decoded as RGB; raises ``ValueError`` naming
+    ``name`` when it has more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (and PIL's own errors for a corrupt
+    image)."""
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(f) as im:
+            with Image.open(source) as im:
                 return im.convert("RGB")
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise ValueError(f"image {path} is too large to decode: {e}") from None
+            raise ValueError(f"image {name} is too large to decode: {e}") from None
+
+
+def read_rgb(path: str | os.PathLike) -> Image.Image:
+    """The image file at ``path`` decoded as RGB (:func:`decode_rgb`)."""
+    # The file is opened here, not by PIL, so that it is closed when the size check raises inside open.
+    with open(path, "rb") as f:
+        return decode_rgb(f, str(path))
