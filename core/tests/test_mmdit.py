@@ -148,3 +148,21 @@ def test_rope_theta_sets_the_rotation_frequencies(theta, monkeypatch):
 def test_rope_theta_defaults_to_flux2s_2000():
     """FLUX.2's MMDiT uses θ = 2000 (FLUX.1: 10000); a run that does not set model.rope_theta gets FLUX.2's."""
     assert MMDiTConfig().rope_theta == 2000.0
+
+
+def test_qk_norm_runs_in_fp32_and_returns_the_input_dtype():
+    """Under bf16 autocast the norm takes PyTorch's fused kernel (fp32 input and scale) and hands back bf16."""
+    import warnings
+
+    from selfflow.core.mmdit_blocks import QKNorm
+
+    norm = QKNorm(16)
+    with torch.no_grad():
+        norm.query_norm.weight.uniform_(0.5, 1.5)
+    q = torch.randn(2, 4, 8, 16).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Mismatch dtype between input and weight" would be raised here
+        out_q, out_k = norm(q, q)
+    assert out_q.dtype == out_k.dtype == torch.bfloat16
+    ref = q.float() * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + 1e-6) * norm.query_norm.weight
+    torch.testing.assert_close(out_q.float(), ref, rtol=1e-2, atol=1e-2)

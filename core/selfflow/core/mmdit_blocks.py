@@ -22,7 +22,9 @@ class QKNorm(nn.Module):
         self.key_norm = nn.RMSNorm(head_dim, eps=1e-6)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.query_norm(q), self.key_norm(k)
+        # In fp32, as FLUX.2's RMSNorm, and back to the input dtype: under bf16 autocast a bf16 input with the
+        # fp32 scale would miss PyTorch's fused rms_norm kernel.
+        return self.query_norm(q.float()).to(q.dtype), self.key_norm(k.float()).to(k.dtype)
 
 
 class SwiGLU(nn.Module):
