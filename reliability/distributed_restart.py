@@ -6,7 +6,8 @@ down and restarts both workers, which must resume from the newest complete check
 losses of an uninterrupted 2-rank run. A save that fails on one rank — a full disk on rank 0
 (``SELFFLOW_FAULT_SAVE_ENOSPC``), or any other error while gathering the state on either rank
 (``SELFFLOW_FAULT_SAVE_ERROR=STEP@RANK``) — must stop every rank with the message, not leave the others
-waiting in the next collective.
+waiting in the next collective. Under FSDP2, where gathering the state is itself a collective, a rank failing
+inside that gather stops alone with the message and torchrun stops the other (no gloo abort, no hang).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def run_all(work: Path | None = None, kills: tuple[tuple[int, int], ...] = ((6, 
                        f"resumed {resumed.group(1) if resumed else None} (expected {expected}), {lost} steps "
                        f"differ: {text[-800:]}")
     out.note = "16 steps, DDP, checkpoint every 4; kills at " + ", ".join(f"step {s} rank {r}" for s, r in kills)
-    return [out, full_disk(work, reference), save_error(work, reference)]
+    return [out, full_disk(work, reference), save_error(work, reference), save_error_fsdp2(work)]
 
 
 def full_disk(work: Path, reference: list[tuple], at: int = 8) -> Outcome:
@@ -116,4 +117,42 @@ def save_error(work: Path, reference: list[tuple], at: int = 8) -> Outcome:
                                                    f"rerun exit {again.returncode}: {text[-800:]}")
     out.note = (f"checkpoint {at} fails on rank 0, then on rank 1 (`SELFFLOW_FAULT_SAVE_ERROR`); both ranks "
                 "print the stop message")
+    return out
+
+
+def save_error_fsdp2(work: Path, at: int = 8) -> Outcome:
+    """Under FSDP2, rank 1 fails inside the sharded gather of checkpoint ``at``: the run stops within seconds
+    with that rank's message (no gloo abort from mismatched collectives, no hang), checkpoint ``at - 4`` is the
+    newest, and a rerun resumes to the losses of an uninterrupted FSDP2 run."""
+    from selfflow.core.checkpoint import list_checkpoints
+    from selfflow.core.metrics import read_metrics
+
+    out = Outcome("distributed", "an error inside the sharded (FSDP2) gather of a save, on rank 1 of 2",
+                  "the run stops with that rank's message (no abort, no hang); rerun resumes")
+    sets = [s for s in SETS if not s.startswith("train.parallel")] + ["train.parallel=fsdp2"]
+    shutil.rmtree(work / "fsdp_ref", ignore_errors=True)
+    ref = run(train_cmd(work, "fsdp_ref", *sets, nproc=2), timeout=900)
+    if ref.returncode:
+        raise RuntimeError(f"reference FSDP2 run failed: {ref.stderr[-2000:]}")
+    reference = losses(read_metrics(work / "fsdp_ref" / "metrics.jsonl"))
+    name = "fsdp_save_error"
+    shutil.rmtree(work / name, ignore_errors=True)
+    cmd = train_cmd(work, name, *sets, nproc=2)
+    with Timer(out):
+        try:
+            stopped = run(cmd, timeout=300, SELFFLOW_FAULT_SAVE_ERROR=f"{at}@1")
+        except TimeoutExpired:
+            out.record(False, crash=True, why="the run hung (killed after 300 s)")
+            return out
+        left = [s for s, _ in list_checkpoints(work / name / "checkpoints")]
+        again = run(cmd, timeout=600)
+    lost = lost_steps(reference, losses(read_metrics(work / name / "metrics.jsonl")))
+    text = stopped.stdout + stopped.stderr
+    path = work / name / "checkpoints" / f"step_{at:08d}.pt"
+    message = f"selfflow: stopped: cannot write checkpoint {path}: rank 1 failed gathering the sharded state"
+    ok = (stopped.returncode != 0 and message in text and "terminate called" not in text
+          and left and left[-1] == at - 4 and again.returncode == 0)
+    out.record(ok and not lost, crash="terminate called" in text, lost=lost,
+               why=f"exit {stopped.returncode}, left {left}, rerun exit {again.returncode}: {text[-800:]}")
+    out.note = f"FSDP2, checkpoint {at} fails on rank 1 inside the gather; the rerun matches an FSDP2 reference"
     return out

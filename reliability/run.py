@@ -115,7 +115,8 @@ def render(outcomes: list[Outcome], seconds: float) -> str:
               "- **numerical**: `reliability/numerical.py` — NaN batches (`SELFFLOW_FAULT_NAN_AT`) in a tiny run.",
               "- **distributed**: `reliability/distributed_restart.py` — `SELFFLOW_FAULT_KILL_AT=STEP@RANK` under "
               "`torchrun --max-restarts=1` with 2 gloo ranks; a save failing on one rank: ENOSPC on rank 0 "
-              "(`SELFFLOW_FAULT_SAVE_ENOSPC`), an error gathering the state (`SELFFLOW_FAULT_SAVE_ERROR=STEP@RANK`).",
+              "(`SELFFLOW_FAULT_SAVE_ENOSPC`), an error gathering the state (`SELFFLOW_FAULT_SAVE_ERROR=STEP@RANK`), "
+              "under DDP and inside FSDP2's sharded gather.",
               "- **untrusted**: `reliability/untrusted.py` — a pickle that would run code, planted where "
               "checkpoints are read; a scan of `torch.load` call sites; run names escaping `output_dir`.",
               "",

@@ -55,3 +55,29 @@ def test_two_rank_resume_matches_uninterrupted(tmp_path):
     # resume the FSDP2 checkpoint under DDP: checkpoints hold full state dicts, any strategy loads them
     split = run_train(tmp_path, "split", 2, "train.steps=6", "train.batch_size=2", "train.parallel=ddp")
     assert_same_losses(full, split, tol=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_a_rank_failing_inside_the_sharded_gather_stops_the_run(tmp_path):
+    """Under FSDP2 gathering a checkpoint's state is a collective: a rank failing inside it stops with the
+    message (instead of joining the save's agreement, which would pair with the others' all-gather: gloo
+    aborts, NCCL hangs), torchrun stops the others, the previous checkpoint is intact and a rerun resumes."""
+    from selfflow.core.checkpoint import list_checkpoints
+
+    sets = ("train.steps=6", "train.batch_size=2", "train.parallel=fsdp2", "checkpoint.every=2")
+    cmd_env = {"SELFFLOW_FAULT_SAVE_ERROR": "4@1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+         "selfflow.core.cli", "train", "--no-progress",
+         *[a for s in [*TINY, f"output_dir={tmp_path}", "name=run", "sample.every=0", "train.num_threads=1", *sets]
+           for a in ("--set", s)]],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", **cmd_env})
+    text = proc.stdout + proc.stderr
+    path = tmp_path / "run" / "checkpoints" / "step_00000004.pt"
+    assert proc.returncode != 0
+    assert (f"selfflow: stopped: cannot write checkpoint {path}: rank 1 failed gathering the sharded state: "
+            "ValueError: injected fault (SELFFLOW_FAULT_SAVE_ERROR=4@1)") in text, text[-3000:]
+    assert "terminate called" not in text  # no gloo abort from mismatched collectives
+    assert [s for s, _ in list_checkpoints(path.parent)] == [2]
+    resumed = run_train(tmp_path, "run", 2, *sets)
+    assert [r["step"] for r in resumed if "loss" in r][-1] == 6 and [s for s, _ in list_checkpoints(path.parent)][-1] == 6

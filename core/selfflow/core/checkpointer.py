@@ -36,7 +36,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import CheckpointConfig, ConfigError, RunConfig, resume_conflicts
-from .distributed import DistInfo, gather_objects
+from .distributed import DistInfo, gather_objects, leave_out_of_step
 from .pretrained import save_pretrained
 from .safe_yaml import YamlError, parse_yaml
 
@@ -109,8 +109,11 @@ class Checkpointer:
     """Saves and restores ``components`` under ``<run_dir>/checkpoints`` (section ``checkpoint`` of the
     config); every method that gathers state is a collective: call it on every rank."""
 
-    def __init__(self, cfg: RunConfig, dist: DistInfo, components: dict[str, Stateful]):
+    def __init__(self, cfg: RunConfig, dist: DistInfo, components: dict[str, Stateful],
+                 collective_state: bool = False):
+        """``collective_state``: gathering the state is itself a collective (sharded models, FSDP2)."""
         self.cfg: CheckpointConfig = cfg.checkpoint
+        self.collective_state = collective_state and dist.enabled
         self.config = cfg.model_dump(mode="json")
         self.config_text = yaml.safe_dump(self.config)
         self.dist = dist
@@ -165,8 +168,12 @@ class Checkpointer:
         """Write the state as step ``step`` on rank 0. A failure on any rank — gathering the state, a failed
         write (e.g. a full disk), serialising it — stops every rank with a :class:`CheckpointWriteError`
         naming the checkpoint and the failing rank, instead of leaving the others waiting in the next
-        collective. Returns the path on rank 0."""
-        path, error = None, None
+        collective. Returns the path on rank 0.
+
+        Under FSDP2 gathering the state is a collective of its own: a rank that fails inside it cannot join
+        the agreement below (the others are still in the gather, and a second collective would pair with
+        theirs), so it stops alone with the message and its exit stops the others."""
+        path, error, state = None, None, None
         try:
             faults.save_error(step, self.dist.rank)  # fault hook: a no-op unless its env variable is set
             state = self.state_dict()
@@ -177,6 +184,10 @@ class Checkpointer:
             if not isinstance(e, CheckpointWriteError):  # a bug, not a full disk: keep its traceback
                 log.error("saving checkpoint %s failed on rank %d", checkpoint_path(self.dir, step),
                           self.dist.rank, exc_info=e)
+            if state is None and self.collective_state:
+                leave_out_of_step()
+                raise CheckpointWriteError(_failed_gather_message(checkpoint_path(self.dir, step), self.dist.rank,
+                                                                  _failure(e)[1])) from e
         # The one collective of a save: every rank's failure (or None) to every rank; it is also the barrier
         # after which rank 0's file is complete.
         failures = {rank: f for rank, f in enumerate(gather_objects(_failure(error))) if f}
@@ -222,6 +233,15 @@ def _failure(error: Exception | None) -> tuple[bool, str] | None:
     if isinstance(error, CheckpointWriteError):
         return True, str(error)  # already names the file and the previous, intact checkpoint
     return False, f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+
+
+def _failed_gather_message(path: Path, rank: int, why: str) -> str:
+    """A rank that failed in the middle of gathering sharded state, alone (see :meth:`Checkpointer.save`)."""
+    return (f"cannot write checkpoint {path}: rank {rank} failed gathering the sharded state: {why}. This rank "
+            "stops; torchrun stops the others (without torchrun, the process group's timeout does); a rank "
+            "whose gather broke because another left names that rank's failure only in its log. The "
+            "previous checkpoints are intact: fix the error and run the same command again to resume "
+            "from the newest")
 
 
 def _failed_save_message(path: Path, failures: dict[int, tuple[bool, str]]) -> str:

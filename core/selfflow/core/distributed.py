@@ -79,11 +79,25 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+_out_of_step = False
+
+
+def leave_out_of_step() -> None:
+    """This rank stops while the others are inside a collective it will not finish (a failure in the middle
+    of gathering sharded state): :func:`destroy` must not wait for them in a barrier of its own, which would
+    pair with their collective (gloo aborts, NCCL hangs). Its exit is what stops them: torchrun tears the
+    group down when a worker fails (without torchrun, the process group's timeout does)."""
+    global _out_of_step
+    _out_of_step = True
+
+
 def destroy() -> None:
     """Tear the group down together: a rank that leaves while another still talks to it can abort
-    (gloo's pair threads), so every rank waits for the others first."""
+    (gloo's pair threads), so every rank waits for the others first — unless this one has left them
+    mid-collective (:func:`leave_out_of_step`)."""
     if dist.is_initialized():
         try:
-            dist.barrier()
+            if not _out_of_step:
+                dist.barrier()
         finally:
             dist.destroy_process_group()

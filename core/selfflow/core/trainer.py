@@ -74,7 +74,8 @@ class Trainer:
             "trainer": self, "model": ModelState(self.model), "ema": ModelState(self.ema),
             "optimizer": OptimizerState(self.model, self.optimizer), "scheduler": self.scheduler,
             "streams": StreamsState(self.streams), "schedule": self.schedule,
-            "generator": GeneratorState(self.generator), "guard": self.guard})
+            "generator": GeneratorState(self.generator), "guard": self.guard},
+            collective_state=self.strategy == "fsdp2")
         with self.log.text_log():  # what the resume says (a broken checkpoint skipped) belongs in train.log
             self.resumed_from = self.checkpointer.resume() if resume else None
 
