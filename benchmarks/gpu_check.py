@@ -3,15 +3,19 @@
 SiT-XL/2 (DiT XL/2) and the 625M MMDiT at 256 tokens: flow-matching vs Self-Flow step images/s and their
 ratio, MFU against a bf16 matrix product measured in the same run, peak memory, eager / compiled /
 activation-checkpointed; SiT-XL/2 250-step SDE sampling images/s against the bound of its model calls alone.
-Writes a table and bench-gpu.json. Without CUDA it says so and exits 0.
+Writes a table and bench-gpu.json (after every case, so a run cut short keeps what it measured; a failed case
+is recorded and the others run). Without CUDA it says so and exits 0.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -143,43 +147,109 @@ def sampling_case(sizes: Sizes) -> dict:
             "ratio_to_bound": (steps * one_call) / total}
 
 
-def measure(sizes: Sizes, compile_modes: tuple[bool, ...] = (False, True)) -> dict:
-    """Every training case and the sampling case at ``sizes``: the rows of bench-gpu.json."""
-    rows = []
-    for arch in ("dit", "mmdit"):
-        for compile_blocks, ckpt in ((False, False), (True, False), (False, True)):
-            if compile_blocks not in compile_modes:
-                continue
+CASES = ((False, False), (True, False), (False, True))  # (compile, activation checkpointing), most wanted first
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+
+
+def measure(sizes: Sizes, compile_modes: tuple[bool, ...] = (False, True), budget_s: float | None = None,
+            on_row: Callable[[str, dict], None] | None = None) -> dict:
+    """Every training case and the sampling case at ``sizes``: the rows of bench-gpu.json.
+
+    A GPU is lent for minutes, once: a case that fails (an out-of-memory batch, a compile error of the machine's
+    torch) is recorded with its error and the others still run; once ``budget_s`` seconds have passed the
+    remaining cases are recorded as skipped. Eager steps and sampling run first, then compiled, then
+    activation-checkpointed steps. ``on_row(section, row)`` sees each row as it is done."""
+    start = time.perf_counter()
+    result: dict = {"train": [], "sampling": None}
+
+    def run(section: str, fn: Callable[[], dict], **what) -> dict:
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            row = {**what, "skipped": f"time budget of {budget_s:.0f} s spent"}
+        else:
+            try:
+                row = {**what, **fn()}
+            except Exception as e:  # recorded, not raised: the rest of the run is worth more than a traceback
+                row = {**what, "error": _error(e)}
+            if sizes.device == "cuda":
+                torch.cuda.empty_cache()
+        if on_row is not None:
+            on_row(section, row)
+        return row
+
+    for compile_blocks, ckpt in CASES:
+        if compile_blocks not in compile_modes:
+            continue
+        for arch in ("dit", "mmdit"):
             for kind in ("flow_matching", "self_flow"):
-                rows.append(train_case(arch, kind, compile_blocks, ckpt, sizes))
-                if sizes.device == "cuda":
-                    torch.cuda.empty_cache()
-    return {"train": rows, "sampling": sampling_case(sizes)}
+                what = {"arch": arch, "kind": kind, "compile": compile_blocks, "checkpointing": ckpt,
+                        "batch": sizes.batch}
+                result["train"].append(run("train", partial(train_case, arch, kind, compile_blocks, ckpt, sizes),
+                                           **what))
+        if result["sampling"] is None:
+            result["sampling"] = run("sampling", partial(sampling_case, sizes))
+    return result
+
+
+def _row_line(r: dict, peak: float) -> str:
+    head = f"{r['arch']:6s} {r['kind']:14s} compile={r['compile']!s:5s} ckpt={r['checkpointing']!s:5s}"
+    if "images_per_s" not in r:
+        return f"{head} {r.get('error') or r.get('skipped')}"
+    return (f"{head} {r['images_per_s']:8.1f} img/s  MFU {100 * r['tflops'] / peak:5.1f}%  "
+            f"peak {r['peak_gib']:.1f} GiB")
+
+
+def print_table(result: dict, peak: float) -> None:
+    """FM vs Self-Flow per (model, compile, checkpointing), then sampling; cases without numbers say why."""
+    rows, sampling = result["train"], result["sampling"]
+    print(f"{'model':6s} {'compile':7s} {'ckpt':5s} {'FM img/s':>9s} {'SF img/s':>9s} {'SF/FM time':>10s} "
+          f"{'FM MFU':>7s} {'SF MFU':>7s} {'FM GiB':>7s} {'SF GiB':>7s}")
+    for fm, sf in zip(rows[::2], rows[1::2], strict=True):
+        if "images_per_s" not in fm or "images_per_s" not in sf:
+            print(f"{fm['arch']:6s} {fm['compile']!s:7s} {fm['checkpointing']!s:5s} (not measured: "
+                  f"{fm.get('error') or fm.get('skipped') or sf.get('error') or sf.get('skipped')})")
+            continue
+        print(f"{fm['arch']:6s} {fm['compile']!s:7s} {fm['checkpointing']!s:5s} {fm['images_per_s']:9.1f} "
+              f"{sf['images_per_s']:9.1f} {fm['images_per_s'] / sf['images_per_s']:10.2f} "
+              f"{100 * fm['tflops'] / peak:6.1f}% {100 * sf['tflops'] / peak:6.1f}% "
+              f"{fm['peak_gib']:7.1f} {sf['peak_gib']:7.1f}")
+    if "images_per_s" in sampling:
+        print(f"SiT-XL/2 SDE 250 steps, CFG 1.5 on [0, 0.7]: {sampling['images_per_s']:.2f} img/s "
+              f"({100 * sampling['ratio_to_bound']:.0f}% of the model-call bound)")
+    else:
+        print(f"SiT-XL/2 SDE sampling not measured: {sampling.get('error') or sampling.get('skipped')}")
 
 
 def main() -> int:
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device on this machine; nothing to measure (the cuda tests are skipped)")
         return 0
+    budget = float(os.environ.get("GPU_CHECK_BUDGET_S", "330"))
     peak = bf16_matmul_tflops()
-    result = measure(Sizes())
-    rows, sampling = result["train"], result["sampling"]
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  CUDA {torch.version.cuda}  "
-          f"bf16 matmul {peak:.0f} TFLOP/s")
-    print(f"{'model':6s} {'compile':7s} {'ckpt':5s} {'FM img/s':>9s} {'SF img/s':>9s} {'SF/FM time':>10s} "
-          f"{'FM MFU':>7s} {'SF MFU':>7s} {'FM GiB':>7s} {'SF GiB':>7s}")
-    for fm, sf in zip(rows[::2], rows[1::2], strict=True):
-        print(f"{fm['arch']:6s} {fm['compile']!s:7s} {fm['checkpointing']!s:5s} {fm['images_per_s']:9.1f} "
-              f"{sf['images_per_s']:9.1f} {fm['images_per_s'] / sf['images_per_s']:10.2f} "
-              f"{100 * fm['tflops'] / peak:6.1f}% {100 * sf['tflops'] / peak:6.1f}% "
-              f"{fm['peak_gib']:7.1f} {sf['peak_gib']:7.1f}")
-    print(f"SiT-XL/2 SDE 250 steps, CFG 1.5 on [0, 0.7]: {sampling['images_per_s']:.2f} img/s "
-          f"({100 * sampling['ratio_to_bound']:.0f}% of the model-call bound)")
-    OUT.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "cuda": torch.version.cuda, "bf16_matmul_tflops": peak, "train": rows,
-                               "sampling": sampling}, indent=1))
-    print(f"wrote {OUT}")
-    return 0
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "bf16_matmul_tflops": peak}
+    print(f"{info['device']}  torch {info['torch']}  CUDA {info['cuda']}  bf16 matmul {peak:.0f} TFLOP/s  "
+          f"(cases stop after {budget:.0f} s: GPU_CHECK_BUDGET_S)", flush=True)
+    done: dict = {"train": [], "sampling": None}
+
+    def on_row(section: str, row: dict) -> None:  # print and save each row at once: a cut-off run keeps them
+        if section == "train":
+            done["train"].append(row)
+            print(_row_line(row, peak), flush=True)
+        else:
+            done["sampling"] = row
+            print(f"sampling: {row}", flush=True)
+        OUT.write_text(json.dumps({**info, **done, "complete": False}, indent=1))
+
+    result = measure(Sizes(), budget_s=budget, on_row=on_row)
+    print()
+    print_table(result, peak)
+    OUT.write_text(json.dumps({**info, **result, "complete": True}, indent=1))
+    failed = [r for r in [*result["train"], result["sampling"]] if "error" in r]
+    print(f"wrote {OUT}" + (f"; {len(failed)} case(s) failed" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
