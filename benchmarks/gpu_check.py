@@ -1,7 +1,8 @@
 """``make gpu-check``'s speed part: bf16 training-step and sampling throughput on one CUDA GPU.
 
 SiT-XL/2 (DiT XL/2) and the 625M MMDiT at 256 tokens: flow-matching vs Self-Flow step images/s and their
-ratio, MFU against a bf16 matrix product measured in the same run, peak memory, eager / compiled /
+ratio, MFU against a bf16 matrix product measured in the same run, peak memory against what ``selfflow plan``
+predicts for the same model and batch, eager / compiled /
 activation-checkpointed; SiT-XL/2 250-step SDE sampling images/s against the bound of its model calls alone.
 Writes a table and bench-gpu.json (after every case, so a run cut short keeps what it measured; a failed case
 is recorded and the others run). Without CUDA it says so and exits 0.
@@ -14,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -35,11 +36,15 @@ class Sizes:
     sample_batch: int = 64
     sample_steps: int = 250
     reps: int = 5
+    # The 625M MMDiT is the paper's text-conditioned model (T5-XXL width 4096): captions of this many tokens
+    # (the text encoder's default max_length), with a context mask as label dropout makes it.
+    context_tokens: int = 64
+    mmdit_options: dict = field(default_factory=dict)
 
     @classmethod
     def smoke(cls) -> Sizes:
         return cls(device="cpu", presets={"dit": "tiny", "mmdit": "tiny"}, batch=2, grid=4, sample_batch=2,
-                   sample_steps=3, reps=1)
+                   sample_steps=3, reps=1, context_tokens=8, mmdit_options={"context_dim": 32})
 
 
 def sync(device: str) -> None:
@@ -67,7 +72,8 @@ def bf16_matmul_tflops(n: int = 8192, device: str = "cuda") -> float:
 
 
 def build(arch: str, kind: str, sizes: Sizes):
-    """The model, initialised on the device (a 675M-parameter init on the host would take longer than its steps)."""
+    """The model, initialised on the device (a 675M-parameter init on the host would take longer than its steps):
+    the class-conditional SiT-XL/2, or the text-conditioned MMDiT."""
     from selfflow.core.dit import DiT, DiTConfig
     from selfflow.core.mmdit import MMDiT, MMDiTConfig
 
@@ -78,7 +84,23 @@ def build(arch: str, kind: str, sizes: Sizes):
         if arch == "dit":
             return DiT(DiTConfig(preset=preset, num_classes=1000, modalities={"image": 16}, projector_mult=proj,
                                  grid_size=sizes.grid))
-        return MMDiT(MMDiTConfig(preset=preset, num_classes=1000, modalities={"image": 16}, projector_mult=proj))
+        return MMDiT(MMDiTConfig(preset=preset, modalities={"image": 16}, projector_mult=proj,
+                                 **sizes.mmdit_options))
+
+
+def conditioning(model, batch: int, sizes: Sizes, device: str) -> tuple:
+    """``(Conditioning, its null, context tokens)``: class labels for the DiT, a random caption embedding
+    ``(B, Lc, context_dim)`` with its mask for a text-conditioned MMDiT."""
+    from selfflow.core.tokens import Conditioning
+
+    context_dim = getattr(getattr(model, "cfg", None), "context_dim", 0)
+    if not context_dim:
+        return (Conditioning(labels=torch.arange(batch, device=device) % 1000),
+                Conditioning(labels=torch.full((batch,), 1000, device=device)), 0)
+    n = sizes.context_tokens
+    mask = torch.ones(batch, n, dtype=torch.bool, device=device)
+    return (Conditioning(context=torch.randn(batch, n, context_dim, device=device), context_mask=mask),
+            Conditioning(context=torch.zeros(batch, n, context_dim, device=device), context_mask=~mask), n)
 
 
 def peak_gib(device: str) -> float:
@@ -90,7 +112,7 @@ def train_case(arch: str, kind: str, compile_blocks: bool, checkpointing: bool, 
     from selfflow.core.flops import train_step_flops
     from selfflow.core.objective import ObjectiveConfig
     from selfflow.core.timesteps import TimestepDistribution
-    from selfflow.core.tokens import Conditioning, Tokens, grid_ids
+    from selfflow.core.tokens import Tokens, grid_ids
 
     dev = sizes.device
     model = build(arch, kind, sizes)
@@ -103,7 +125,7 @@ def train_case(arch: str, kind: str, compile_blocks: bool, checkpointing: bool, 
     obj = ObjectiveConfig(kind=kind).resolve(model.depth, 0.25, TimestepDistribution())
     b, g = sizes.batch, sizes.grid
     tokens = Tokens(torch.randn(b, g * g, 16, device=dev), grid_ids(1, g, g, b, dev))
-    cond = Conditioning(labels=torch.arange(b, device=dev) % 1000)
+    cond, _, n_context = conditioning(model, b, sizes, dev)
     gen = torch.Generator(dev).manual_seed(0)
 
     def step():
@@ -120,9 +142,27 @@ def train_case(arch: str, kind: str, compile_blocks: bool, checkpointing: bool, 
         torch.cuda.reset_peak_memory_stats()
     sec = timed(step, reps=sizes.reps, warmup=3 if compile_blocks else 2, device=dev)
     teacher = obj.teacher_layer if obj.uses_teacher else None
-    flops = b * train_step_flops(model, g * g, 0, teacher)
+    flops = b * train_step_flops(model, g * g, n_context, teacher)
     return {"arch": arch, "kind": kind, "compile": compile_blocks, "checkpointing": checkpointing, "batch": b,
-            "images_per_s": b / sec, "tflops": flops / sec / 1e12, "peak_gib": peak_gib(dev)}
+            "images_per_s": b / sec, "tflops": flops / sec / 1e12, "peak_gib": peak_gib(dev),
+            "plan_gib": planned_peak(arch, kind, checkpointing, sizes) / 2**30}
+
+
+def planned_peak(arch: str, kind: str, checkpointing: bool, sizes: Sizes) -> float:
+    """What ``selfflow plan`` predicts for this case's peak memory (bytes): the same model built on the meta
+    device, profiled by :func:`selfflow.core.plan.plan_model` (bf16)."""
+    from selfflow.core.objective import ObjectiveConfig
+    from selfflow.core.plan import plan_model
+    from selfflow.core.timesteps import TimestepDistribution
+    from selfflow.core.tokens import grid_ids
+
+    model = build(arch, kind, replace(sizes, device="meta"))
+    obj = ObjectiveConfig(kind=kind).resolve(model.depth, 0.25, TimestepDistribution())
+    g = sizes.grid
+    with torch.device("meta"):
+        x, ids = torch.zeros(1, g * g, 16), grid_ids(1, g, g, 1, "meta")
+        cond = conditioning(model, 1, sizes, "meta")[0]
+    return plan_model(f"{arch} {kind}", model, x, ids, cond, obj, bf16=True).step_peak(sizes.batch, checkpointing)
 
 
 def sampling_case(sizes: Sizes) -> dict:
@@ -133,8 +173,7 @@ def sampling_case(sizes: Sizes) -> dict:
     model = build("dit", "flow_matching", sizes).eval()
     noise = torch.randn(n, g * g, 16, device=dev)
     ids = grid_ids(1, g, g, n, dev)
-    cond = Conditioning(labels=torch.arange(n, device=dev))
-    null = Conditioning(labels=torch.full((n,), 1000, device=dev))
+    cond, null, _ = conditioning(model, n, sizes, dev)
     cfg = SamplerConfig(solver="sde", steps=steps, cfg_scale=1.5, guidance_interval=(0.0, 0.7))
     t = torch.rand(2 * n, device=dev)
     with torch.inference_mode(), torch.autocast(dev, dtype=torch.bfloat16):
@@ -198,7 +237,7 @@ def _row_line(r: dict, peak: float) -> str:
     if "images_per_s" not in r:
         return f"{head} {r.get('error') or r.get('skipped')}"
     return (f"{head} {r['images_per_s']:8.1f} img/s  MFU {100 * r['tflops'] / peak:5.1f}%  "
-            f"peak {r['peak_gib']:.1f} GiB")
+            f"peak {r['peak_gib']:.1f} GiB (selfflow plan: {r['plan_gib']:.1f})")
 
 
 def print_table(result: dict, peak: float) -> None:
@@ -215,6 +254,12 @@ def print_table(result: dict, peak: float) -> None:
               f"{sf['images_per_s']:9.1f} {fm['images_per_s'] / sf['images_per_s']:10.2f} "
               f"{100 * fm['tflops'] / peak:6.1f}% {100 * sf['tflops'] / peak:6.1f}% "
               f"{fm['peak_gib']:7.1f} {sf['peak_gib']:7.1f}")
+    print(f"selfflow plan vs measured peak memory (GiB; batch {rows[0]['batch'] if rows else '?'}):")
+    for r in rows:
+        if "peak_gib" in r:
+            print(f"  {r['arch']:6s} {r['kind']:14s} compile={r['compile']!s:5s} ckpt={r['checkpointing']!s:5s} "
+                  f"plan {r['plan_gib']:6.1f}  measured {r['peak_gib']:6.1f}  "
+                  f"({100 * (r['plan_gib'] / r['peak_gib'] - 1):+.0f} %)")
     if "images_per_s" in sampling:
         print(f"SiT-XL/2 SDE 250 steps, CFG 1.5 on [0, 0.7]: {sampling['images_per_s']:.2f} img/s "
               f"({100 * sampling['ratio_to_bound']:.0f}% of the model-call bound)")

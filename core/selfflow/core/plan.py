@@ -114,8 +114,15 @@ class Plan:
         return scale * batch * self.profile.per_sample(checkpointing)
 
     def step_transient(self, batch: int, checkpointing: bool = False) -> float:
-        """Peak − resident memory of one step (activations or gradients, plus the teacher's forward)."""
-        return max(self.activations(batch, checkpointing), self.grad_bytes) + batch * self.teacher_bytes
+        """Peak − resident memory of one step (activations or gradients, plus the teacher's forward; under bf16
+        also the bf16 copies of the weights that autocast makes and backward keeps, 2 bytes per parameter)."""
+        casts = 2 * self.params if self.bf16 else 0
+        return max(self.activations(batch, checkpointing), self.grad_bytes) + batch * self.teacher_bytes + casts
+
+    def step_peak(self, batch: int, checkpointing: bool = False) -> float:
+        """Peak memory of one unwrapped step on one device: fp32 weights, AdamW moments and EMA (16 bytes per
+        parameter, resident) plus the step's transient, which holds the gradients."""
+        return 16 * self.params + self.step_transient(batch, checkpointing)
 
     def state(self, strategy: str, gpus: int) -> float:
         """Weights + gradients + AdamW + EMA per GPU (FSDP2: sharded, plus two gathered blocks)."""
@@ -135,17 +142,21 @@ class Plan:
 def make_plan(cfg) -> Plan:
     """The plan of a run config: build it on the meta device and profile one sample's forward."""
     run = build_run(cfg, device="meta")
-    model = run.backbone
     name, modality = next(iter(run.modalities.items()))
-    objective = run.objectives[name]
     with torch.device("meta"):
         ids = modality.sample_ids(1, "meta")
         x = torch.zeros(1, ids.shape[1], modality.token_channels)
-        levels = torch.tensor([[0.5, 0.25]])
-        length = ids.shape[1]
-        # Training always hands the student two levels per sample (dual_timestep), so per-token modulation.
-        t = TokenTimesteps.from_levels(levels, (torch.arange(length) % 2)[None])
         cond, _, _ = modality.sample_conditions(1, "meta")
+    return plan_model(cfg.name, run.backbone, x, ids, cond, run.objectives[name], cfg.train.precision == "bf16")
+
+
+def plan_model(name: str, model: nn.Module, x: torch.Tensor, ids: torch.Tensor, cond, objective, bf16: bool) -> Plan:
+    """The plan of a backbone already built on the meta device, for one sample ``x (1, L, C)``, its ``ids`` and
+    conditioning, under a resolved objective (what ``benchmarks/gpu_check.py`` compares with a GPU's peak)."""
+    length = ids.shape[1]
+    with torch.device("meta"):
+        # Training always hands the student two levels per sample (dual_timestep), so per-token modulation.
+        t = TokenTimesteps.from_levels(torch.tensor([[0.5, 0.25]]), (torch.arange(length) % 2)[None])
     uses_teacher = objective.uses_teacher
     student_layer = objective.student_layer if objective.uses_projector else None
     profile = activation_profile(model, x, ids, t, cond, student_layer)
@@ -153,8 +164,8 @@ def make_plan(cfg) -> Plan:
     teacher_layer = objective.teacher_layer if uses_teacher else None
     n_context = 0 if cond.context is None else cond.context.shape[1]
     teacher = (profile.largest_intermediate + profile.block_inputs[0]) if uses_teacher else 0
-    return Plan(cfg.name, params, ids.shape[1], train_step_flops(model, ids.shape[1], n_context, teacher_layer),
-                profile, 4 * params, teacher, cfg.train.precision == "bf16")
+    return Plan(name, params, length, train_step_flops(model, length, n_context, teacher_layer),
+                profile, 4 * params, teacher, bf16)
 
 
 def format_plan(plan: Plan, batch: int, gpus: int, gpu_mem_gb: float) -> str:
