@@ -62,3 +62,14 @@ def test_a_failing_case_is_recorded_and_the_rest_still_run(monkeypatch, capsys):
     assert "(not measured: RuntimeError: CUDA out of memory" in capsys.readouterr().out
     spent = gc.measure(gc.Sizes.smoke(), compile_modes=(False,), budget_s=0.0)
     assert all(r["skipped"].startswith("time budget") for r in [*spent["train"], spent["sampling"]])
+
+
+def test_the_compiled_cases_run_tiny_on_the_cpu():
+    """The compiled training cases too (TorchDynamo's tracing is shared by the CPU and GPU backends, so a graph
+    error shows here; ~1 min of compilation)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.gpu_check import Sizes, measure
+
+    rows = measure(Sizes.smoke(), compile_modes=(True,))["train"]
+    assert [(r["compile"], r["checkpointing"]) for r in rows] == [(True, False)] * 4
+    assert all(r.get("images_per_s", 0) > 0 for r in rows), [r.get("error") for r in rows]
