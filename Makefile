@@ -74,25 +74,30 @@ golden: setup  ## the golden run: fixed-seed 30-step image/mixed/rt1 trainings, 
 	$(PY) reliability/golden_run.py $(or $(ACTION),check) $(ARGS)
 
 # The GPU machines have Python 3.12 with their own CUDA torch and no network: fetch our other dependencies here.
-# By default only what `make gpu-check` needs besides torch (and numpy and tqdm, which come with torch):
-# selfflow.core's configs and blocks (pydantic, einops), pytest, and setuptools to install our packages — 5.5 MB
-# of wheels, so gpu-wheels/ fits the device tool's 64 MiB carry. GPU_EXTRAS=1 adds every other dependency of our
-# seven packages (av, decord, transformers, diffusers, scikit-learn …), to train there too; far over 64 MiB.
+# By default only what `make gpu-check` needs besides what the H200 image already holds (torch, numpy, pyyaml,
+# tqdm, pillow, matplotlib, tensorboard, safetensors: docs/BENCHMARKS.md "GPU check"): pydantic, einops, pytest,
+# setuptools to install our packages, and webdataset (+ braceexpand, fetched without its numpy) for the trainer
+# that `selfflow train` on the GPU runs — a few MB, so gpu-wheels/ fits the device tool's 64 MiB carry.
+# GPU_EXTRAS=1 adds every other dependency of our seven packages (av, decord, transformers, diffusers …), to train
+# there on real data too; far over 64 MiB.
 GPU_WHEELS := gpu-wheels
 GPU_VENV := .venv-gpu
 GPU_EXTRAS ?=
 GPU_CHECK_REQS := "pydantic>=2.5" "einops>=0.7" pytest "setuptools>=68,<85" wheel
+GPU_CHECK_NODEPS := "webdataset>=0.2.100" braceexpand
 GPU_EXTRA_REQS := "numpy>=1.24" "pyyaml>=6" "tqdm>=4.60" "tensorboard>=2.14" "matplotlib>=3.7" "pillow>=10" \
 	"safetensors>=0.4" "webdataset>=0.2.100" "transformers>=4.45" "diffusers>=0.35" "av>=12" "decord>=0.6" \
 	"soundfile>=0.12" "tfrecord>=1.14" "scikit-learn>=1.3" pytest-timeout
 GPU_REQS := $(GPU_CHECK_REQS) $(if $(GPU_EXTRAS),$(GPU_EXTRA_REQS))
-GPU_PACKAGES := $(if $(GPU_EXTRAS),$(PACKAGES),core)
+GPU_PACKAGES := $(if $(GPU_EXTRAS),$(PACKAGES),core text image)
 
 gpu-wheels:  ## download the non-torch wheels for a CUDA machine (Python 3.12, manylinux x86_64) into a fresh gpu-wheels/
 	rm -rf $(GPU_WHEELS)
 	$(PY) -m pip download --quiet --dest $(GPU_WHEELS) --only-binary=:all: --python-version 3.12 \
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 --platform any $(GPU_REQS)
+	$(PY) -m pip download --quiet --dest $(GPU_WHEELS) --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform any $(GPU_CHECK_NODEPS)
 	@du -sh $(GPU_WHEELS)
 
 gpu-check:  ## on a CUDA machine, offline: install beside its torch, run the cuda tests and the speed table (<= 8 min)
@@ -110,7 +115,7 @@ gpu-check-cuda:
 		'import site; site.addsitedir(%r)\n' % d for d in site.getsitepackages()))" \
 		"$$($(GPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/machine-site.pth"; }
 	$(GPU_VENV)/bin/python -m pip --version >/dev/null 2>&1 || $(GPU_VENV)/bin/python -m ensurepip --default-pip
-	$(GPU_VENV)/bin/python -m pip install --quiet --no-index --find-links $(GPU_WHEELS) $(GPU_REQS)
+	$(GPU_VENV)/bin/python -m pip install --quiet --no-index --find-links $(GPU_WHEELS) $(GPU_REQS) $(GPU_CHECK_NODEPS)
 	$(GPU_VENV)/bin/python -m pip install --quiet --no-index --no-deps --no-build-isolation \
 		--config-settings editable_mode=compat $(foreach p,$(GPU_PACKAGES),-e ./$(p))
 	$(GPU_VENV)/bin/python -c "import sys, torch; assert not torch.__file__.startswith(sys.prefix), 'torch in $(GPU_VENV)'; \

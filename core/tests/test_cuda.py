@@ -1,6 +1,7 @@
 """The CUDA path (``make gpu-check``): bf16 autocast, SDPA kernels, torch.compile, FSDP2 over NCCL, bf16
 sampling and GPU→CPU checkpoints. Every test is marked ``cuda`` and skipped without a GPU."""
 
+import math
 import os
 
 import pytest
@@ -139,3 +140,37 @@ def test_checkpoint_saved_on_gpu_resumes_on_cpu(tmp_path):
     with torch.no_grad():
         ref = model(tokens.x.cuda(), tokens.ids.cuda(), t.cuda(), Conditioning(labels=cond.labels.cuda())).cpu()
         assert (cpu_model(tokens.x, tokens.ids, t, cond) - ref).abs().max() < 1e-4
+
+
+def train_split_and_resume(tmp_path, *sets: str) -> tuple[list[dict], list[dict]]:
+    """``selfflow train`` for 6 steps in one go, and for 3 then resumed to 6 (checkpoint every 3): both runs'
+    metrics records. What a user's first GPU run does: the CLI, the trainer, checkpoints, previews, export."""
+    from selfflow.core.cli import main
+    from selfflow.core.metrics import read_metrics
+
+    from .test_trainer import TINY
+
+    def train(name: str, steps: int) -> None:
+        args = [*TINY, f"output_dir={tmp_path}", f"name={name}", "checkpoint.every=3", f"train.steps={steps}",
+                *sets]
+        assert main(["train", "--no-progress", *[a for s in args for a in ("--set", s)]]) == 0
+
+    train("full", 6)
+    train("split", 3)
+    train("split", 6)
+    return [[r for r in read_metrics(tmp_path / n / "metrics.jsonl") if "loss" in r] for n in ("full", "split")]
+
+
+def test_selfflow_train_on_the_gpu_bf16_compiled_resumes(tmp_path):
+    """The CLI on CUDA in bf16 with compiled blocks: finite losses, a checkpoint that loads on the CPU, the EMA
+    export and sample previews, and a resumed run that continues with the uninterrupted run's losses (within
+    bf16 and the non-deterministic atomics of attention backward)."""
+    full, split = train_split_and_resume(tmp_path, "train.device=cuda", "train.precision=bf16", "train.compile=true")
+    assert [r["step"] for r in full] == [r["step"] for r in split] == list(range(1, 7))
+    assert all(math.isfinite(r["loss"]) for r in full)
+    for a, b in zip(full, split):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2, abs=1e-3), (a["step"], a["loss"], b["loss"])
+    run = tmp_path / "full"
+    state = load_checkpoint(run / "checkpoints" / "step_00000006.pt", map_location="cpu")
+    assert all(v.device.type == "cpu" for v in state["model"].values())
+    assert (run / "ema.safetensors").is_file() and any(run.rglob("*.png"))
