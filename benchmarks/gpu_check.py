@@ -271,7 +271,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device on this machine; nothing to measure (the cuda tests are skipped)")
         return 0
-    budget = float(os.environ.get("GPU_CHECK_BUDGET_S", "330"))
+    budget = float(os.environ.get("GPU_CHECK_BUDGET_S", "240"))
     peak = bf16_matmul_tflops()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "bf16_matmul_tflops": peak}
