@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import, 
 from .arg_types import device_name, finite_float, positive_int
 from .checkpoint import CheckpointLoadError
 from .config import ConfigError, load_config
+from .distributed import left_out_of_step
 from .export_cli import add_export_parser
 from .faults import RunStopped
 from .registry import available_modalities, command_registrars
@@ -241,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunStopped as e:  # a deliberate stop (bad data, non-finite steps, failed checkpoint write)
         print(f"selfflow: stopped: {e}", file=sys.stderr)
+        if left_out_of_step():  # the other ranks wait in a collective: exit now, so that torchrun stops them
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(3)  # no process-group destructor, which could wait on that collective
         return 3
 
 

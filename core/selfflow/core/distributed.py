@@ -91,13 +91,18 @@ def leave_out_of_step() -> None:
     _out_of_step = True
 
 
+def left_out_of_step() -> bool:
+    """Whether this rank has left the others inside a collective (:func:`leave_out_of_step`)."""
+    return _out_of_step
+
+
 def destroy() -> None:
     """Tear the group down together: a rank that leaves while another still talks to it can abort
-    (gloo's pair threads), so every rank waits for the others first — unless this one has left them
-    mid-collective (:func:`leave_out_of_step`)."""
-    if dist.is_initialized():
+    (gloo's pair threads), so every rank waits for the others first. A rank that has left the others
+    mid-collective (:func:`leave_out_of_step`) leaves the group as it is: destroying it could wait on that
+    collective (NCCL); the CLI ends the process at once instead (``os._exit``)."""
+    if dist.is_initialized() and not _out_of_step:
         try:
-            if not _out_of_step:
-                dist.barrier()
+            dist.barrier()
         finally:
             dist.destroy_process_group()
