@@ -30,9 +30,10 @@ def _model_config(preset: str, projector: bool = True, attention: str = "auto") 
                      projector_mult=2.0 if projector else 0.0, attention=attention)
 
 
-def _model(preset: str, projector: bool = True, attention: str = "auto") -> DiT:
+def _model(preset: str, projector: bool = True, attention: str = "auto", device: str = "cpu") -> DiT:
     torch.manual_seed(0)
-    model = DiT(_model_config(preset, projector, attention))
+    with torch.device(device):
+        model = DiT(_model_config(preset, projector, attention))
     with torch.no_grad():  # non-zero gates so every path does real work
         for p in model.parameters():
             if p.requires_grad and p.abs().sum() == 0:
@@ -57,35 +58,37 @@ def _official_modulation(per_level: torch.Tensor, index: torch.Tensor | None) ->
     return per_level
 
 
-def xl2_step_pair(batch: int = 2, preset: str = "XL/2", attention: str = "auto") -> tuple:
+def xl2_step_pair(batch: int = 2, preset: str = "XL/2", attention: str = "auto", device: str = "cpu",
+                  bf16: bool = False) -> tuple:
     """SiT-XL/2 (or ``preset``) Self-Flow training steps (B, L=256): ours (distinct-level modulation, teacher stopped at block
     20 by the objective) and the naive step of the official per-token class — every token's timestep through
     the timestep MLP and the adaLN Linears (levels = tokens, no gather), the EMA teacher run through all 28
     blocks and the final layer — with the same loss terms, backward, clipping, AdamW and EMA. Returns the two
-    step closures."""
-    model = _model(preset, attention=attention)
+    step closures (on ``device``, under bf16 autocast when ``bf16``: how ``benchmarks/gpu_check.py`` runs them)."""
+    model = _model(preset, attention=attention, device=device)
     ema = make_ema(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)  # as the trainer
     obj = ObjectiveConfig(kind="self_flow").resolve(model.depth, 0.25, TimestepDistribution())
-    tokens = Tokens(torch.randn(batch, L, CH), grid_ids(1, GRID, GRID, batch))
-    cond = Conditioning(labels=torch.arange(batch))
-    ours = make_train_step(model, ema, opt, tokens, cond, obj, null_label=1000)
-
-    t, s = torch.rand(batch), torch.rand(batch)
-    mask = torch.rand(batch, L) < 0.25
-    per_token = TokenTimesteps.from_levels(torch.where(mask, s[:, None], t[:, None]),
-                                           torch.arange(L).expand(batch, L))
-    teacher_t = TokenTimesteps.from_levels(torch.minimum(t, s)[:, None].expand(batch, L).contiguous(),
-                                           torch.arange(L).expand(batch, L))
+    with torch.device(device):
+        tokens = Tokens(torch.randn(batch, L, CH), grid_ids(1, GRID, GRID, batch, device))
+        cond = Conditioning(labels=torch.arange(batch))
+        t, s = torch.rand(batch), torch.rand(batch)
+        mask = torch.rand(batch, L) < 0.25
+        per_token = TokenTimesteps.from_levels(torch.where(mask, s[:, None], t[:, None]),
+                                               torch.arange(L).expand(batch, L))
+        teacher_t = TokenTimesteps.from_levels(torch.minimum(t, s)[:, None].expand(batch, L).contiguous(),
+                                               torch.arange(L).expand(batch, L))
+    ours = make_train_step(model, ema, opt, tokens, cond, obj, null_label=1000, bf16=bf16)
     x = tokens.x
 
     def naive() -> None:
-        with mock.patch.object(dit_module, "gather_levels", _official_modulation):
+        with (mock.patch.object(dit_module, "gather_levels", _official_modulation),
+              torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)):
             pred, feats = model(x, tokens.ids, per_token, cond, capture=(obj.student_layer,), project=True)
             with torch.no_grad():
                 _, target = ema(x, tokens.ids, teacher_t, cond, capture=(obj.teacher_layer,))
-        loss = pred.square().mean() + obj.gamma * alignment_loss(feats[obj.student_layer],
-                                                                 target[obj.teacher_layer])
+            loss = pred.float().square().mean() + obj.gamma * alignment_loss(feats[obj.student_layer],
+                                                                             target[obj.teacher_layer])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -3,7 +3,8 @@
 SiT-XL/2 (DiT XL/2) and the 625M MMDiT at 256 tokens: flow-matching vs Self-Flow step images/s and their
 ratio, MFU against a bf16 matrix product measured in the same run, peak memory against what ``selfflow plan``
 predicts for the same model and batch, eager / compiled /
-activation-checkpointed; SiT-XL/2 250-step SDE sampling images/s against the bound of its model calls alone.
+activation-checkpointed; SiT-XL/2 250-step SDE sampling images/s against the bound of its model calls alone;
+the SiT-XL/2 Self-Flow step against the naive step of the official per-token class.
 Writes a table and bench-gpu.json (after every case, so a run cut short keeps what it measured; a failed case
 is recorded and the others run). Without CUDA it says so and exits 0.
 """
@@ -186,6 +187,22 @@ def sampling_case(sizes: Sizes) -> dict:
             "ratio_to_bound": (steps * one_call) / total}
 
 
+def xl2_vs_naive_case(sizes: Sizes) -> dict:
+    """Issue 18's SiT-XL/2 comparison on the GPU: our Self-Flow step vs the naive step of the official
+    per-token class (``benchmarks/dit_bench.xl2_step_pair``, here in bf16 at the check's batch), against the
+    FLOP ratio of the two steps (``xl2_step_flops``), which bounds it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.dit_bench import xl2_step_flops, xl2_step_pair
+
+    preset, dev = sizes.presets["dit"], sizes.device
+    ours, naive = xl2_step_pair(sizes.batch, preset=preset, device=dev, bf16=True)
+    t_ours = timed(ours, reps=sizes.reps, device=dev)
+    t_naive = timed(naive, reps=sizes.reps, device=dev)
+    f_ours, f_naive = xl2_step_flops(preset)
+    return {"preset": preset, "batch": sizes.batch, "ours_s": t_ours, "naive_s": t_naive,
+            "ratio": t_naive / t_ours, "flop_bound": f_naive / f_ours, "peak_gib": peak_gib(dev)}
+
+
 CASES = ((False, False), (True, False), (False, True))  # (compile, activation checkpointing), most wanted first
 
 
@@ -202,7 +219,7 @@ def measure(sizes: Sizes, compile_modes: tuple[bool, ...] = (False, True), budge
     remaining cases are recorded as skipped. Eager steps and sampling run first, then compiled, then
     activation-checkpointed steps. ``on_row(section, row)`` sees each row as it is done."""
     start = time.perf_counter()
-    result: dict = {"train": [], "sampling": None}
+    result: dict = {"train": [], "sampling": None, "xl2_vs_naive": None}
 
     def run(section: str, fn: Callable[[], dict], **what) -> dict:
         if budget_s is not None and time.perf_counter() - start > budget_s:
@@ -229,6 +246,7 @@ def measure(sizes: Sizes, compile_modes: tuple[bool, ...] = (False, True), budge
                                            **what))
         if result["sampling"] is None:
             result["sampling"] = run("sampling", partial(sampling_case, sizes))
+            result["xl2_vs_naive"] = run("xl2_vs_naive", partial(xl2_vs_naive_case, sizes))
     return result
 
 
@@ -265,6 +283,13 @@ def print_table(result: dict, peak: float) -> None:
               f"({100 * sampling['ratio_to_bound']:.0f}% of the model-call bound)")
     else:
         print(f"SiT-XL/2 SDE sampling not measured: {sampling.get('error') or sampling.get('skipped')}")
+    pair = result.get("xl2_vs_naive") or {}
+    if "ratio" in pair:
+        print(f"SiT-XL/2 Self-Flow step, ours vs the naive official-class step (B={pair['batch']}, bf16): "
+              f"{pair['ours_s'] * 1e3:.0f} vs {pair['naive_s'] * 1e3:.0f} ms = {pair['ratio']:.2f}x "
+              f"(FLOP bound {pair['flop_bound']:.2f}x)")
+    elif pair:
+        print(f"SiT-XL/2 ours vs naive not measured: {pair.get('error') or pair.get('skipped')}")
 
 
 def main() -> int:
@@ -277,22 +302,22 @@ def main() -> int:
             "bf16_matmul_tflops": peak}
     print(f"{info['device']}  torch {info['torch']}  CUDA {info['cuda']}  bf16 matmul {peak:.0f} TFLOP/s  "
           f"(cases stop after {budget:.0f} s: GPU_CHECK_BUDGET_S)", flush=True)
-    done: dict = {"train": [], "sampling": None}
+    done: dict = {"train": [], "sampling": None, "xl2_vs_naive": None}
 
     def on_row(section: str, row: dict) -> None:  # print and save each row at once: a cut-off run keeps them
         if section == "train":
             done["train"].append(row)
             print(_row_line(row, peak), flush=True)
         else:
-            done["sampling"] = row
-            print(f"sampling: {row}", flush=True)
+            done[section] = row
+            print(f"{section}: {row}", flush=True)
         OUT.write_text(json.dumps({**info, **done, "complete": False}, indent=1))
 
     result = measure(Sizes(), budget_s=budget, on_row=on_row)
     print()
     print_table(result, peak)
     OUT.write_text(json.dumps({**info, **result, "complete": True}, indent=1))
-    failed = [r for r in [*result["train"], result["sampling"]] if "error" in r]
+    failed = [r for r in [*result["train"], result["sampling"], result["xl2_vs_naive"]] if r and "error" in r]
     print(f"wrote {OUT}" + (f"; {len(failed)} case(s) failed" if failed else ""))
     return 1 if failed else 0
 

@@ -16,13 +16,16 @@ from selfflow.core.tokens import Conditioning, grid_ids
 from .timing import Row, paired_median
 
 
-def make_train_step(model, ema, opt, tokens, cond, obj, null_label: int):
-    """One full training step (loss, backward, clip, AdamW, EMA) as a closure, for timing any backbone."""
-    gen = torch.Generator().manual_seed(0)
+def make_train_step(model, ema, opt, tokens, cond, obj, null_label: int, bf16: bool = False):
+    """One full training step (loss, backward, clip, AdamW, EMA) as a closure, for timing any backbone; noise
+    is drawn on the tokens' device, the loss under bf16 autocast when ``bf16``."""
+    device = tokens.x.device
+    gen = torch.Generator(device).manual_seed(0)
 
     def step():
-        losses = obj.loss(model, ema if obj.uses_teacher else None, tokens, cond, null_label=null_label,
-                          modality=None, generator=gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            losses = obj.loss(model, ema if obj.uses_teacher else None, tokens, cond, null_label=null_label,
+                              modality=None, generator=gen)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

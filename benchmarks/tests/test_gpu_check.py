@@ -35,6 +35,8 @@ def test_the_measuring_code_runs_tiny_on_the_cpu():
         assert plan[arch, True, "self_flow"] <= plan[arch, False, "self_flow"]  # equal when gradients dominate
     sampling = result["sampling"]
     assert sampling["images_per_s"] > 0 and sampling["ratio_to_bound"] > 0
+    pair = result["xl2_vs_naive"]  # ours vs the naive official-class step, bf16, against its FLOP bound
+    assert pair["ours_s"] > 0 and pair["naive_s"] > 0 and pair["flop_bound"] > 1
 
 
 def test_a_failing_case_is_recorded_and_the_rest_still_run(monkeypatch, capsys):
@@ -58,10 +60,12 @@ def test_a_failing_case_is_recorded_and_the_rest_still_run(monkeypatch, capsys):
                                               "allocate 2.00 GiB"] * 2
     assert all(r["images_per_s"] > 0 for r in rows if "error" not in r)
     assert result["sampling"]["images_per_s"] > 0 and seen.count("sampling") == 1 and seen.count("train") == 8
+    assert seen.count("xl2_vs_naive") == 1
     gc.print_table(result, peak=1.0)  # the final table names the failed case instead of stopping at it
     assert "(not measured: RuntimeError: CUDA out of memory" in capsys.readouterr().out
     spent = gc.measure(gc.Sizes.smoke(), compile_modes=(False,), budget_s=0.0)
-    assert all(r["skipped"].startswith("time budget") for r in [*spent["train"], spent["sampling"]])
+    assert all(r["skipped"].startswith("time budget")
+               for r in [*spent["train"], spent["sampling"], spent["xl2_vs_naive"]])
 
 
 def test_the_compiled_cases_run_tiny_on_the_cpu():
