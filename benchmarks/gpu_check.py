@@ -292,6 +292,41 @@ def print_table(result: dict, peak: float) -> None:
         print(f"SiT-XL/2 ours vs naive not measured: {pair.get('error') or pair.get('skipped')}")
 
 
+def judge(result: dict, peak: float) -> list[dict]:
+    """Issue 18's GPU targets from a result: SiT-XL/2 flow-matching MFU ≥ 40 % of the measured bf16 matmul and
+    Self-Flow step ≤ 1.25× the flow-matching step (in the faster of eager / compiled, without activation
+    checkpointing, which recomputes by design), sampling within 10 % of its model-call bound. ``ok`` is None
+    when the case was not measured."""
+    pairs = {}
+    for r in result["train"]:
+        if r["arch"] == "dit" and not r["checkpointing"] and "images_per_s" in r:
+            pairs.setdefault(r["compile"], {})[r["kind"]] = r
+    pairs = {mode: p for mode, p in pairs.items() if len(p) == 2}
+    best = max(pairs, key=lambda m: pairs[m]["flow_matching"]["images_per_s"], default=None)
+    mode = "" if best is None else f" ({'compiled' if best else 'eager'})"
+    mfu = ratio = None
+    if best is not None:
+        fm, sf = pairs[best]["flow_matching"], pairs[best]["self_flow"]
+        mfu, ratio = fm["tflops"] / peak, fm["images_per_s"] / sf["images_per_s"]
+    sampling = result.get("sampling") or {}
+    bound = sampling.get("ratio_to_bound")
+    return [
+        {"target": f"SiT-XL/2 flow-matching step MFU{mode}", "value": mfu, "goal": ">= 40 %",
+         "ok": None if mfu is None else mfu >= 0.40},
+        {"target": f"SiT-XL/2 Self-Flow step time / flow-matching step time{mode}", "value": ratio,
+         "goal": "<= 1.25", "ok": None if ratio is None else ratio <= 1.25},
+        {"target": "SiT-XL/2 SDE sampling / its model-call bound", "value": bound, "goal": ">= 0.90",
+         "ok": None if bound is None else bound >= 0.90},
+    ]
+
+
+def print_targets(targets: list[dict]) -> None:
+    for t in targets:
+        value = "not measured" if t["value"] is None else f"{t['value']:.3f}"
+        verdict = {True: "met", False: "NOT MET", None: "-"}[t["ok"]]
+        print(f"  {t['target']}: {value} (target {t['goal']}): {verdict}")
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device on this machine; nothing to measure (the cuda tests are skipped)")
@@ -316,7 +351,10 @@ def main() -> int:
     result = measure(Sizes(), budget_s=budget, on_row=on_row)
     print()
     print_table(result, peak)
-    OUT.write_text(json.dumps({**info, **result, "complete": True}, indent=1))
+    targets = judge(result, peak)
+    print("issue 18's GPU targets:")
+    print_targets(targets)
+    OUT.write_text(json.dumps({**info, **result, "targets": targets, "complete": True}, indent=1))
     failed = [r for r in [*result["train"], result["sampling"], result["xl2_vs_naive"]] if r and "error" in r]
     print(f"wrote {OUT}" + (f"; {len(failed)} case(s) failed" if failed else ""))
     return 1 if failed else 0
