@@ -196,6 +196,8 @@ def xl2_vs_naive_case(sizes: Sizes) -> dict:
 
     preset, dev = sizes.presets["dit"], sizes.device
     ours, naive = xl2_step_pair(sizes.batch, preset=preset, device=dev, bf16=True)
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t_ours = timed(ours, reps=sizes.reps, device=dev)
     t_naive = timed(naive, reps=sizes.reps, device=dev)
     f_ours, f_naive = xl2_step_flops(preset)
@@ -216,8 +218,8 @@ def measure(sizes: Sizes, compile_modes: tuple[bool, ...] = (False, True), budge
 
     A GPU is lent for minutes, once: a case that fails (an out-of-memory batch, a compile error of the machine's
     torch) is recorded with its error and the others still run; once ``budget_s`` seconds have passed the
-    remaining cases are recorded as skipped. Eager steps and sampling run first, then compiled, then
-    activation-checkpointed steps. ``on_row(section, row)`` sees each row as it is done."""
+    remaining cases are recorded as skipped. Eager steps, sampling and the XL/2 ours-vs-naive pair run first, then
+    compiled, then activation-checkpointed steps. ``on_row(section, row)`` sees each row as it is done."""
     start = time.perf_counter()
     result: dict = {"train": [], "sampling": None, "xl2_vs_naive": None}
 
