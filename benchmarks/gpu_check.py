@@ -219,11 +219,12 @@ def measure(sizes: Sizes, compile_modes: tuple[bool, ...] = (False, True), budge
     A GPU is lent for minutes, once: a case that fails (an out-of-memory batch, a compile error of the machine's
     torch) is recorded with its error and the others still run; once ``budget_s`` seconds have passed the
     remaining cases are recorded as skipped. Eager steps, sampling and the XL/2 ours-vs-naive pair run first, then
-    compiled, then activation-checkpointed steps. ``on_row(section, row)`` sees each row as it is done."""
+    compiled, then activation-checkpointed steps. ``on_row(section, row, result)`` sees each row as it is done,
+    with the result so far."""
     start = time.perf_counter()
     result: dict = {"train": [], "sampling": None, "xl2_vs_naive": None}
 
-    def run(section: str, fn: Callable[[], dict], **what) -> dict:
+    def run(section: str, fn: Callable[[], dict], **what) -> None:
         if budget_s is not None and time.perf_counter() - start > budget_s:
             row = {**what, "skipped": f"time budget of {budget_s:.0f} s spent"}
         else:
@@ -233,9 +234,12 @@ def measure(sizes: Sizes, compile_modes: tuple[bool, ...] = (False, True), budge
                 row = {**what, "error": _error(e)}
             if sizes.device == "cuda":
                 torch.cuda.empty_cache()
+        if section == "train":
+            result["train"].append(row)
+        else:
+            result[section] = row
         if on_row is not None:
-            on_row(section, row)
-        return row
+            on_row(section, row, result)
 
     for compile_blocks, ckpt in CASES:
         if compile_blocks not in compile_modes:
@@ -244,11 +248,10 @@ def measure(sizes: Sizes, compile_modes: tuple[bool, ...] = (False, True), budge
             for kind in ("flow_matching", "self_flow"):
                 what = {"arch": arch, "kind": kind, "compile": compile_blocks, "checkpointing": ckpt,
                         "batch": sizes.batch}
-                result["train"].append(run("train", partial(train_case, arch, kind, compile_blocks, ckpt, sizes),
-                                           **what))
+                run("train", partial(train_case, arch, kind, compile_blocks, ckpt, sizes), **what)
         if result["sampling"] is None:
-            result["sampling"] = run("sampling", partial(sampling_case, sizes))
-            result["xl2_vs_naive"] = run("xl2_vs_naive", partial(xl2_vs_naive_case, sizes))
+            run("sampling", partial(sampling_case, sizes))
+            run("xl2_vs_naive", partial(xl2_vs_naive_case, sizes))
     return result
 
 
@@ -339,16 +342,10 @@ def main() -> int:
             "bf16_matmul_tflops": peak}
     print(f"{info['device']}  torch {info['torch']}  CUDA {info['cuda']}  bf16 matmul {peak:.0f} TFLOP/s  "
           f"(cases stop after {budget:.0f} s: GPU_CHECK_BUDGET_S)", flush=True)
-    done: dict = {"train": [], "sampling": None, "xl2_vs_naive": None}
 
-    def on_row(section: str, row: dict) -> None:  # print and save each row at once: a cut-off run keeps them
-        if section == "train":
-            done["train"].append(row)
-            print(_row_line(row, peak), flush=True)
-        else:
-            done[section] = row
-            print(f"{section}: {row}", flush=True)
-        OUT.write_text(json.dumps({**info, **done, "complete": False}, indent=1))
+    def on_row(section: str, row: dict, so_far: dict) -> None:  # print and save at once: a cut-off run keeps them
+        print(_row_line(row, peak) if section == "train" else f"{section}: {row}", flush=True)
+        OUT.write_text(json.dumps({**info, **so_far, "complete": False}, indent=1))
 
     result = measure(Sizes(), budget_s=budget, on_row=on_row)
     print()

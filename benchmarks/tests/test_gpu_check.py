@@ -56,7 +56,7 @@ def test_a_failing_case_is_recorded_and_the_rest_still_run(monkeypatch, capsys):
 
     monkeypatch.setattr(gc, "train_case", flaky)
     seen = []
-    result = gc.measure(gc.Sizes.smoke(), compile_modes=(False,), on_row=lambda section, row: seen.append(section))
+    result = gc.measure(gc.Sizes.smoke(), compile_modes=(False,), on_row=lambda section, row, so_far: seen.append(section))
     rows = result["train"]
     assert [r.get("error") for r in rows] == [None, None, None, "RuntimeError: CUDA out of memory. Tried to "
                                               "allocate 2.00 GiB"] * 2

@@ -14,7 +14,8 @@ from .test_trainer import TINY
 pytestmark = pytest.mark.distributed
 
 
-def run_train(tmp_path, name, nproc, *extra, env=None, check=True):
+def train_process(tmp_path, name, nproc, *extra, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """``selfflow train`` on the tiny model, plain or under torchrun with ``nproc`` gloo ranks."""
     sets = [a for s in [*TINY, f"output_dir={tmp_path}", f"name={name}", "sample.every=0",
                         "train.num_threads=1", *extra] for a in ("--set", s)]
     if nproc == 1:
@@ -22,8 +23,12 @@ def run_train(tmp_path, name, nproc, *extra, env=None, check=True):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "selfflow.core.cli", "train", "--no-progress", *sets]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def run_train(tmp_path, name, nproc, *extra, env=None, check=True):
+    proc = train_process(tmp_path, name, nproc, *extra, env=env)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return read_metrics(tmp_path / name / "metrics.jsonl")
@@ -65,13 +70,7 @@ def test_fsdp2_a_rank_failing_inside_the_sharded_gather_stops_the_run(tmp_path):
     from selfflow.core.checkpoint import list_checkpoints
 
     sets = ("train.steps=6", "train.batch_size=2", "train.parallel=fsdp2", "checkpoint.every=2")
-    cmd_env = {"SELFFLOW_FAULT_SAVE_ERROR": "4@1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-         "selfflow.core.cli", "train", "--no-progress",
-         *[a for s in [*TINY, f"output_dir={tmp_path}", "name=run", "sample.every=0", "train.num_threads=1", *sets]
-           for a in ("--set", s)]],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", **cmd_env})
+    proc = train_process(tmp_path, "run", 2, *sets, env={"SELFFLOW_FAULT_SAVE_ERROR": "4@1"}, timeout=240)
     text = proc.stdout + proc.stderr
     path = tmp_path / "run" / "checkpoints" / "step_00000004.pt"
     assert proc.returncode != 0
