@@ -22,3 +22,21 @@ def test_timestep_embedding_is_sinusoidal():
     e = timestep_embedding(torch.tensor([0.0, 0.5]), 8)
     assert e.shape == (2, 8)
     assert torch.allclose(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+
+
+def test_two_level_select_matches_autograd_select():
+    """The select's matrix-product backward gives the gradient of ``torch.where`` (fp32 and bf16)."""
+    torch.manual_seed(0)
+    index = (torch.rand(3, 40) < 0.25).long()
+    index[2] = 0  # a sample whose second level no token uses: its gradient is zero
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        per = torch.randn(3, 2, 16, dtype=dtype, requires_grad=True)
+        grad = torch.randn(3, 40, 16, dtype=dtype)
+        out = gather_levels(per, index)
+        (ours,) = torch.autograd.grad(out, per, grad)
+        reference = torch.where(index.bool().unsqueeze(-1), per[:, 1:2], per[:, :1])
+        (expected,) = torch.autograd.grad(reference, per, grad)
+        assert torch.equal(out, reference)
+        assert ours.dtype == dtype and ours.shape == per.shape
+        torch.testing.assert_close(ours, expected, rtol=tol, atol=tol)
+        assert torch.equal(ours[2, 1], torch.zeros(16, dtype=dtype))
