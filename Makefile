@@ -13,7 +13,7 @@ CONFIG ?=
 ARGS ?=
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup test lint train-image train-mixed train-video train-audio finetune-rt1 eval-simpler eval bench bench-quality clean-venv fault-test golden gpu-wheels gpu-check gpu-check-cuda
+.PHONY: help setup test lint train-image train-mixed train-video train-audio finetune-rt1 eval-simpler eval bench bench-quality clean-venv fault-test golden gpu-wheels gpu-check gpu-check-cuda test-gpu-stack
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -124,6 +124,23 @@ gpu-check-cuda:
 	rc=0; $(GPU_VENV)/bin/python -m pytest -q -m cuda -p no:cacheprovider core/tests/test_cuda.py \
 		core/tests/test_pinning.py || rc=$$?; \
 	$(GPU_VENV)/bin/python benchmarks/gpu_check.py || rc=$$?; exit $$rc
+
+# The stack of the GPU machines this project is lent (docs/BENCHMARKS.md "GPU check"): Python 3.12, torch 2.11, numpy 2.5,
+# transformers 5.17 — older than TORCH_STACK. The whole suite on the CPU with it finds what would break there
+# before the one lent run does. PyPI's torch 2.11 wheel pulls its CUDA libraries (~4 GB, once per venv).
+GPU_STACK_PYTHON ?= python3.12
+GPU_STACK_VENV := .venv-gpu-stack
+GPU_STACK := torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0 numpy==2.5.2 transformers==5.17.0 \
+	huggingface_hub==1.33.0 safetensors==0.8.0
+
+test-gpu-stack:  ## the whole suite on the GPU machines' stack (Python 3.12, torch 2.11, numpy 2.5; CPU; ~4 GB of wheels, ~10 min)
+	test -x $(GPU_STACK_VENV)/bin/python || $(GPU_STACK_PYTHON) -m venv $(GPU_STACK_VENV)
+	$(GPU_STACK_VENV)/bin/python -m pip install --quiet --upgrade pip "setuptools<85" wheel
+	$(GPU_STACK_VENV)/bin/python -m pip install --quiet --config-settings editable_mode=compat \
+		$(foreach p,$(PACKAGES),-e ./$(p)) $(DEV_TOOLS) $(GPU_STACK)
+	$(GPU_STACK_VENV)/bin/python -c "import sys, torch, numpy; print('python', sys.version.split()[0], 'torch', \
+		torch.__version__, 'numpy', numpy.__version__)"
+	$(GPU_STACK_VENV)/bin/pytest -q -p no:cacheprovider $(ARGS)
 
 clean-venv:  ## remove .venv
 	rm -rf $(VENV)

@@ -1,3 +1,4 @@
+import inspect
 import sys
 from pathlib import Path
 
@@ -7,7 +8,7 @@ from pydantic import BaseModel
 
 from selfflow.core import backbones
 from selfflow.core.backbone_protocol import Backbone, BackboneConfig
-from selfflow.core.backbones import build_backbone, register_backbone
+from selfflow.core.backbones import build_backbone, protocol_gaps, register_backbone
 from selfflow.core.config import ConfigError, load_config, save_config
 from selfflow.core.dit import DiTConfig
 from selfflow.core.metrics import read_metrics
@@ -26,7 +27,19 @@ def _private_registry(monkeypatch):
 def test_built_in_backbones_satisfy_the_protocol():
     for cfg in (MMDiTConfig(modalities={"image": 12}), DiTConfig(modalities={"image": 16})):
         model = build_backbone(cfg)
-        assert isinstance(cfg, BackboneConfig) and isinstance(model, Backbone) and len(model.blocks()) == model.depth == cfg.depth
+        assert isinstance(cfg, BackboneConfig) and not protocol_gaps(model)
+        assert len(model.blocks()) == model.depth == cfg.depth
+
+
+def test_protocol_gaps_sees_submodules_that_a_static_lookup_misses():
+    """Python 3.12's ``isinstance`` on a runtime protocol looks members up statically; the projector is a
+    submodule, kept in ``nn.Module._modules``, so only a dynamic lookup finds it."""
+    model = build_backbone(MMDiTConfig(modalities={"image": 12}))
+    with pytest.raises(AttributeError):
+        inspect.getattr_static(model, "projector")
+    assert not protocol_gaps(model)
+    assert protocol_gaps(torch.nn.Linear(2, 2)) == sorted(
+        {*Backbone.__annotations__, *(n for n in vars(Backbone) if not n.startswith("_"))} - {"forward"})
 
 
 def test_register_backbone_checks_its_arguments():
@@ -91,7 +104,7 @@ def test_a_plugin_backbone_is_found_through_entry_points_and_trains(tmp_path, mo
     assert type(cfg.model).__name__ == "ToyMLPConfig" and cfg.model.depth == 3
     save_config(cfg, tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml").model == cfg.model
-    assert isinstance(build_backbone(cfg.model.model_copy(update={"modalities": {"image": 48}})), Backbone)
+    assert not protocol_gaps(build_backbone(cfg.model.model_copy(update={"modalities": {"image": 48}})))
 
     import toy_mlp_backbone
 

@@ -105,11 +105,21 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     except KeyError as e:
         raise ValueError(e.args[0]) from None
     model = spec.module_cls(cfg)
-    missing = [m for m in _PROTOCOL_MEMBERS if not hasattr(model, m)]
+    missing = protocol_gaps(model)
     if missing:
         raise TypeError(f"backbone {cfg.arch!r} ({spec.module_cls.__name__}) lacks {missing} of the backbone "
                         "protocol (selfflow.core.backbone_protocol.Backbone)")
     return model
+
+
+def protocol_gaps(model: nn.Module) -> list[str]:
+    """The members of :class:`~.backbone_protocol.Backbone` that ``model`` lacks (empty: it satisfies it).
+
+    Use this, not ``isinstance(model, Backbone)``: from Python 3.12 a runtime-checkable protocol looks members
+    up statically (``inspect.getattr_static``) and misses what ``nn.Module`` keeps in its registries — a
+    ``projector`` submodule — so a valid backbone reads as not one.
+    """
+    return [m for m in _PROTOCOL_MEMBERS if not hasattr(model, m)]
 
 
 def count_parameters(cfg: BackboneConfig) -> int:
