@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 OUT = Path("bench-gpu.json")
+if not __package__:  # run as a script (make gpu-check): the repository root, for `benchmarks.*`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,8 @@ def peak_gib(device: str) -> float:
 
 
 def train_case(arch: str, kind: str, compile_blocks: bool, checkpointing: bool, sizes: Sizes) -> dict:
-    from selfflow.core.ema import ema_update, make_ema
+    from benchmarks.train_step import make_train_step
+    from selfflow.core.ema import make_ema
     from selfflow.core.flops import train_step_flops
     from selfflow.core.objective import ObjectiveConfig
     from selfflow.core.timesteps import TimestepDistribution
@@ -127,17 +130,7 @@ def train_case(arch: str, kind: str, compile_blocks: bool, checkpointing: bool, 
     b, g = sizes.batch, sizes.grid
     tokens = Tokens(torch.randn(b, g * g, 16, device=dev), grid_ids(1, g, g, b, dev))
     cond, _, n_context = conditioning(model, b, sizes, dev)
-    gen = torch.Generator(dev).manual_seed(0)
-
-    def step():
-        with torch.autocast(dev, dtype=torch.bfloat16):
-            loss = obj.loss(model, ema if obj.uses_teacher else None, tokens, cond, null_label=1000,
-                            modality=None, generator=gen)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema_update(ema, model, 0.9999)
+    step = make_train_step(model, ema, opt, tokens, cond, obj, null_label=1000, bf16=True)
 
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -191,7 +184,6 @@ def xl2_vs_naive_case(sizes: Sizes) -> dict:
     """Issue 18's SiT-XL/2 comparison on the GPU: our Self-Flow step vs the naive step of the official
     per-token class (``benchmarks/dit_bench.xl2_step_pair``, here in bf16 at the check's batch), against the
     FLOP ratio of the two steps (``xl2_step_flops``), which bounds it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.dit_bench import xl2_step_flops, xl2_step_pair
 
     preset, dev = sizes.presets["dit"], sizes.device
@@ -208,12 +200,8 @@ def xl2_vs_naive_case(sizes: Sizes) -> dict:
 CASES = ((False, False), (True, False), (False, True))  # (compile, activation checkpointing), most wanted first
 
 
-def _error(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-
-
 def measure(sizes: Sizes, compile_modes: tuple[bool, ...] = (False, True), budget_s: float | None = None,
-            on_row: Callable[[str, dict], None] | None = None) -> dict:
+            on_row: Callable[[str, dict, dict], None] | None = None) -> dict:
     """Every training case and the sampling case at ``sizes``: the rows of bench-gpu.json.
 
     A GPU is lent for minutes, once: a case that fails (an out-of-memory batch, a compile error of the machine's
@@ -221,6 +209,8 @@ def measure(sizes: Sizes, compile_modes: tuple[bool, ...] = (False, True), budge
     remaining cases are recorded as skipped. Eager steps, sampling and the XL/2 ours-vs-naive pair run first, then
     compiled, then activation-checkpointed steps. ``on_row(section, row, result)`` sees each row as it is done,
     with the result so far."""
+    from selfflow.core.faults import error_line
+
     start = time.perf_counter()
     result: dict = {"train": [], "sampling": None, "xl2_vs_naive": None}
 
@@ -231,7 +221,7 @@ def measure(sizes: Sizes, compile_modes: tuple[bool, ...] = (False, True), budge
             try:
                 row = {**what, **fn()}
             except Exception as e:  # recorded, not raised: the rest of the run is worth more than a traceback
-                row = {**what, "error": _error(e)}
+                row = {**what, "error": error_line(e)}
             if sizes.device == "cuda":
                 torch.cuda.empty_cache()
         if section == "train":

@@ -232,7 +232,7 @@ def _failure(error: Exception | None) -> tuple[bool, str] | None:
         return None
     if isinstance(error, CheckpointWriteError):
         return True, str(error)  # already names the file and the previous, intact checkpoint
-    return False, f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+    return False, faults.error_line(error)
 
 
 def _failed_gather_message(path: Path, rank: int, why: str) -> str:

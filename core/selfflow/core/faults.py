@@ -25,6 +25,11 @@ from typing import Any
 import torch
 
 
+def error_line(error: BaseException) -> str:
+    """One line naming an error for a message or a report: its type and the first line of its text (≤ 300 chars)."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+
+
 class RunStopped(RuntimeError):
     """A run stopped deliberately (too many bad steps or samples, a failed checkpoint write)."""
 
