@@ -15,7 +15,8 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from subprocess import TimeoutExpired
+from subprocess import CompletedProcess, TimeoutExpired
+from typing import NamedTuple
 
 from .common import ROOT, Outcome, Timer, losses, lost_steps, run, train_cmd
 
@@ -31,11 +32,7 @@ def run_all(work: Path | None = None, kills: tuple[tuple[int, int], ...] = ((6, 
     work.mkdir(parents=True, exist_ok=True)
     out = Outcome("distributed", "a rank SIGKILLed under torchrun --max-restarts=1 (2 gloo ranks)",
                   "workers restart, resume from the last checkpoint; losses equal the reference")
-    shutil.rmtree(work / "ref", ignore_errors=True)
-    ref = run(train_cmd(work, "ref", *SETS, nproc=2), timeout=900)
-    if ref.returncode:
-        raise RuntimeError(f"reference 2-rank run failed: {ref.stderr[-2000:]}")
-    reference = losses(read_metrics(work / "ref" / "metrics.jsonl"))
+    reference = _reference(work, "ref", SETS)
     for step, rank in kills:
         name = f"kill{step}r{rank}"
         shutil.rmtree(work / name, ignore_errors=True)
@@ -58,27 +55,57 @@ def run_all(work: Path | None = None, kills: tuple[tuple[int, int], ...] = ((6, 
     return [out, full_disk(work, reference), save_error(work, reference), save_error_fsdp2(work)]
 
 
-def full_disk(work: Path, reference: list[tuple], at: int = 8) -> Outcome:
-    """ENOSPC while rank 0 writes checkpoint ``at``: every rank stops with the message (no hang), the previous
-    checkpoint is intact, and the same command then resumes to the reference losses."""
+def _reference(work: Path, name: str, sets: tuple[str, ...]) -> list[tuple]:
+    """The losses of an uninterrupted 2-rank run of ``sets``."""
+    from selfflow.core.metrics import read_metrics
+
+    shutil.rmtree(work / name, ignore_errors=True)
+    ref = run(train_cmd(work, name, *sets, nproc=2), timeout=900)
+    if ref.returncode:
+        raise RuntimeError(f"reference 2-rank run {name} failed: {ref.stderr[-2000:]}")
+    return losses(read_metrics(work / name / "metrics.jsonl"))
+
+
+class FaultyRun(NamedTuple):
+    stopped: CompletedProcess  # the run with the fault
+    left: list[int]  # the checkpoints it left
+    again: CompletedProcess  # the same command, without the fault
+    lost: int  # steps of the rerun whose losses differ from the reference
+
+
+def fault_then_rerun(out: Outcome, work: Path, name: str, sets: tuple[str, ...], reference: list[tuple],
+                     fault: dict[str, str], timeout: int = 300) -> FaultyRun | None:
+    """2 ranks run ``sets`` with the fault hook ``fault`` (its environment variable), then the same command again
+    without it; None when the faulty run hung (killed after ``timeout`` s): the others waited in a collective."""
     from selfflow.core.checkpoint import list_checkpoints
     from selfflow.core.metrics import read_metrics
 
-    out = Outcome("distributed", "disk full (ENOSPC) during a save on 2 ranks",
-                  "all ranks stop with the error; previous checkpoint intact; rerun resumes")
-    name = "enospc"
     shutil.rmtree(work / name, ignore_errors=True)
-    cmd = train_cmd(work, name, *SETS, nproc=2)
+    cmd = train_cmd(work, name, *sets, nproc=2)
     with Timer(out):
-        stopped = run(cmd, timeout=600, SELFFLOW_FAULT_SAVE_ENOSPC=str(at))
+        try:
+            stopped = run(cmd, timeout=timeout, **fault)
+        except TimeoutExpired:
+            return None
         left = [s for s, _ in list_checkpoints(work / name / "checkpoints")]
         again = run(cmd, timeout=600)
-    lost = lost_steps(reference, losses(read_metrics(work / name / "metrics.jsonl")))
-    text = stopped.stdout + stopped.stderr
-    ok = (stopped.returncode != 0 and text.count("selfflow: stopped: cannot write checkpoint") == 2
-          and "No space left on device" in text and left and left[-1] == at - 4 and again.returncode == 0)
-    out.record(ok and not lost, lost=lost, why=f"exit {stopped.returncode}, left {left}, rerun exit "
-                                                f"{again.returncode}: {text[-800:]}")
+    return FaultyRun(stopped, left, again, lost_steps(reference, losses(read_metrics(work / name / "metrics.jsonl"))))
+
+
+def full_disk(work: Path, reference: list[tuple], at: int = 8) -> Outcome:
+    """ENOSPC while rank 0 writes checkpoint ``at``: every rank stops with the message (no hang), the previous
+    checkpoint is intact, and the same command then resumes to the reference losses."""
+    out = Outcome("distributed", "disk full (ENOSPC) during a save on 2 ranks",
+                  "all ranks stop with the error; previous checkpoint intact; rerun resumes")
+    r = fault_then_rerun(out, work, "enospc", SETS, reference, {"SELFFLOW_FAULT_SAVE_ENOSPC": str(at)}, timeout=600)
+    if r is None:
+        out.record(False, crash=True, why="the run hung (killed after 600 s)")
+        return out
+    text = r.stopped.stdout + r.stopped.stderr
+    ok = (r.stopped.returncode != 0 and text.count("selfflow: stopped: cannot write checkpoint") == 2
+          and "No space left on device" in text and r.left and r.left[-1] == at - 4 and r.again.returncode == 0)
+    out.record(ok and not r.lost, lost=r.lost, why=f"exit {r.stopped.returncode}, left {r.left}, rerun exit "
+                                                    f"{r.again.returncode}: {text[-800:]}")
     out.note = f"checkpoint {at} fails on rank 0; both ranks print the stop message"
     return out
 
@@ -88,33 +115,23 @@ def save_error(work: Path, reference: list[tuple], at: int = 8) -> Outcome:
     ``at``: both ranks stop with the message naming the checkpoint and that rank within seconds (no hang
     until the process group's timeout), the previous checkpoint is intact (rank 0 failing) or the new one
     complete (rank 1 failing), and a rerun resumes to the reference losses."""
-    from selfflow.core.checkpoint import list_checkpoints
-    from selfflow.core.metrics import read_metrics
-
     out = Outcome("distributed", "an error other than a failed write during a save, on one of 2 ranks",
                   "all ranks stop naming the checkpoint and rank (no hang); no torn checkpoint; rerun resumes")
     for rank in (0, 1):
         name = f"save_error_r{rank}"
-        shutil.rmtree(work / name, ignore_errors=True)
-        cmd = train_cmd(work, name, *SETS, nproc=2)
-        with Timer(out):
-            try:
-                stopped = run(cmd, timeout=300, SELFFLOW_FAULT_SAVE_ERROR=f"{at}@{rank}")
-            except TimeoutExpired:  # the other rank waited in a collective: the fault this case guards against
-                out.record(False, crash=True, why=f"rank {rank} failing: the run hung (killed after 300 s)")
-                continue
-            left = [s for s, _ in list_checkpoints(work / name / "checkpoints")]
-            again = run(cmd, timeout=600)
-        lost = lost_steps(reference, losses(read_metrics(work / name / "metrics.jsonl")))
-        text = stopped.stdout + stopped.stderr
+        r = fault_then_rerun(out, work, name, SETS, reference, {"SELFFLOW_FAULT_SAVE_ERROR": f"{at}@{rank}"})
+        if r is None:  # the other rank waited in a collective: the fault this case guards against
+            out.record(False, crash=True, why=f"rank {rank} failing: the run hung (killed after 300 s)")
+            continue
+        text = r.stopped.stdout + r.stopped.stderr
         path = work / name / "checkpoints" / f"step_{at:08d}.pt"
         # rank 0's state is the whole checkpoint: when only rank 1 fails, the file is complete and kept
         message = (f"selfflow: stopped: cannot write checkpoint {path}: rank 0 failed" if rank == 0 else
                    f"selfflow: stopped: checkpoint {path} was written, but rank 1 failed")
-        ok = (stopped.returncode != 0 and text.count(message) == 2 and "SELFFLOW_FAULT_SAVE_ERROR" in text
-              and left and left[-1] == (at - 4 if rank == 0 else at) and again.returncode == 0)
-        out.record(ok and not lost, lost=lost, why=f"rank {rank} failing: exit {stopped.returncode}, left {left}, "
-                                                   f"rerun exit {again.returncode}: {text[-800:]}")
+        ok = (r.stopped.returncode != 0 and text.count(message) == 2 and "SELFFLOW_FAULT_SAVE_ERROR" in text
+              and r.left and r.left[-1] == (at - 4 if rank == 0 else at) and r.again.returncode == 0)
+        out.record(ok and not r.lost, lost=r.lost, why=f"rank {rank} failing: exit {r.stopped.returncode}, left "
+                                                        f"{r.left}, rerun exit {r.again.returncode}: {text[-800:]}")
     out.note = (f"checkpoint {at} fails on rank 0, then on rank 1 (`SELFFLOW_FAULT_SAVE_ERROR`); both ranks "
                 "print the stop message")
     return out
@@ -124,35 +141,21 @@ def save_error_fsdp2(work: Path, at: int = 8) -> Outcome:
     """Under FSDP2, rank 1 fails inside the sharded gather of checkpoint ``at``: the run stops within seconds
     with that rank's message (no gloo abort from mismatched collectives, no hang), checkpoint ``at - 4`` is the
     newest, and a rerun resumes to the losses of an uninterrupted FSDP2 run."""
-    from selfflow.core.checkpoint import list_checkpoints
-    from selfflow.core.metrics import read_metrics
-
     out = Outcome("distributed", "an error inside the sharded (FSDP2) gather of a save, on rank 1 of 2",
                   "the run stops with that rank's message (no abort, no hang); rerun resumes")
-    sets = [s for s in SETS if not s.startswith("train.parallel")] + ["train.parallel=fsdp2"]
-    shutil.rmtree(work / "fsdp_ref", ignore_errors=True)
-    ref = run(train_cmd(work, "fsdp_ref", *sets, nproc=2), timeout=900)
-    if ref.returncode:
-        raise RuntimeError(f"reference FSDP2 run failed: {ref.stderr[-2000:]}")
-    reference = losses(read_metrics(work / "fsdp_ref" / "metrics.jsonl"))
+    sets = (*[s for s in SETS if not s.startswith("train.parallel")], "train.parallel=fsdp2")
+    reference = _reference(work, "fsdp_ref", sets)
     name = "fsdp_save_error"
-    shutil.rmtree(work / name, ignore_errors=True)
-    cmd = train_cmd(work, name, *sets, nproc=2)
-    with Timer(out):
-        try:
-            stopped = run(cmd, timeout=300, SELFFLOW_FAULT_SAVE_ERROR=f"{at}@1")
-        except TimeoutExpired:
-            out.record(False, crash=True, why="the run hung (killed after 300 s)")
-            return out
-        left = [s for s, _ in list_checkpoints(work / name / "checkpoints")]
-        again = run(cmd, timeout=600)
-    lost = lost_steps(reference, losses(read_metrics(work / name / "metrics.jsonl")))
-    text = stopped.stdout + stopped.stderr
+    r = fault_then_rerun(out, work, name, sets, reference, {"SELFFLOW_FAULT_SAVE_ERROR": f"{at}@1"})
+    if r is None:
+        out.record(False, crash=True, why="the run hung (killed after 300 s)")
+        return out
+    text = r.stopped.stdout + r.stopped.stderr
     path = work / name / "checkpoints" / f"step_{at:08d}.pt"
     message = f"selfflow: stopped: cannot write checkpoint {path}: rank 1 failed gathering the sharded state"
-    ok = (stopped.returncode != 0 and message in text and "terminate called" not in text
-          and left and left[-1] == at - 4 and again.returncode == 0)
-    out.record(ok and not lost, crash="terminate called" in text, lost=lost,
-               why=f"exit {stopped.returncode}, left {left}, rerun exit {again.returncode}: {text[-800:]}")
+    ok = (r.stopped.returncode != 0 and message in text and "terminate called" not in text
+          and r.left and r.left[-1] == at - 4 and r.again.returncode == 0)
+    out.record(ok and not r.lost, crash="terminate called" in text, lost=r.lost,
+               why=f"exit {r.stopped.returncode}, left {r.left}, rerun exit {r.again.returncode}: {text[-800:]}")
     out.note = f"FSDP2, checkpoint {at} fails on rank 1 inside the gather; the rerun matches an FSDP2 reference"
     return out
