@@ -82,3 +82,15 @@ def test_plan_cli(capsys):
     plan = make_plan(load_config(CONFIG))
     assert plan.activations(4, True) < plan.activations(4, False)
     assert plan.state("fsdp2", 8) < plan.state("ddp", 8)
+
+
+def test_largest_batch_leaves_room_for_the_bf16_weight_copies():
+    """Under bf16 the step also holds a bf16 copy of every weight: the largest batch must not spend that room."""
+    fp32 = make_plan(load_config(CONFIG))
+    bf16 = make_plan(load_config(CONFIG, ["train.precision=bf16"]))
+    assert fp32.weight_casts == 0 and bf16.weight_casts == 2 * bf16.params
+    per_sample = bf16.activations(1, False) + bf16.teacher_bytes
+    mem = (bf16.state("ddp", 1) + bf16.weight_casts + 3.5 * per_sample) / 0.9  # room for 3 samples and a half
+    assert bf16.largest_batch("ddp", 1, mem, False) == 3
+    assert bf16.step_transient(3) - bf16.weight_casts == pytest.approx(
+        max(bf16.activations(3, False), bf16.grad_bytes) + 3 * bf16.teacher_bytes)

@@ -12,7 +12,8 @@ plus the teacher's no-grad forward (one block's largest intermediate and the cap
 Persistent state per parameter: fp32 weights, gradients, two AdamW moments and the fp32 EMA (20 bytes);
 DDP adds its gradient buckets (4 bytes); FSDP2 shards all of it over the GPUs and all-gathers two blocks'
 parameters at a time. bf16 autocast is counted as halving the activations (matmul inputs are saved in bf16;
-an estimate, not measured here). Accuracy against ``benchmarks/memory.py``'s peak-RSS method on the CPU:
+an estimate, not measured here) and as adding a bf16 copy of every weight (2 bytes per parameter, which autocast
+makes and backward keeps) to the step and to what the largest batch must leave free. Accuracy against ``benchmarks/memory.py``'s peak-RSS method on the CPU:
 see ``core/tests/test_plan.py`` (within 15 % of the measured step transient).
 """
 
@@ -113,11 +114,17 @@ class Plan:
         scale = 0.5 if self.bf16 else 1.0
         return scale * batch * self.profile.per_sample(checkpointing)
 
+    @property
+    def weight_casts(self) -> int:
+        """Under bf16, the bf16 copies of the weights that autocast makes and backward keeps (2 bytes per
+        parameter); 0 in fp32."""
+        return 2 * self.params if self.bf16 else 0
+
     def step_transient(self, batch: int, checkpointing: bool = False) -> float:
-        """Peak − resident memory of one step (activations or gradients, plus the teacher's forward; under bf16
-        also the bf16 copies of the weights that autocast makes and backward keeps, 2 bytes per parameter)."""
-        casts = 2 * self.params if self.bf16 else 0
-        return max(self.activations(batch, checkpointing), self.grad_bytes) + batch * self.teacher_bytes + casts
+        """Peak − resident memory of one step (activations or gradients, plus the teacher's forward and the
+        weights' bf16 copies)."""
+        return (max(self.activations(batch, checkpointing), self.grad_bytes) + batch * self.teacher_bytes
+                + self.weight_casts)
 
     def step_peak(self, batch: int, checkpointing: bool = False) -> float:
         """Peak memory of one unwrapped step on one device: fp32 weights, AdamW moments and EMA (16 bytes per
@@ -134,7 +141,7 @@ class Plan:
 
     def largest_batch(self, strategy: str, gpus: int, gpu_mem: float, checkpointing: bool) -> int:
         """The largest micro-batch whose state + activations fit ``gpu_mem`` bytes (90 % usable)."""
-        free = 0.9 * gpu_mem - self.state(strategy, gpus)
+        free = 0.9 * gpu_mem - self.state(strategy, gpus) - self.weight_casts
         per_sample = self.activations(1, checkpointing) + self.teacher_bytes
         return max(0, int(free // per_sample))
 
