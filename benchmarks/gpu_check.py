@@ -26,6 +26,8 @@ OUT = Path("bench-gpu.json")
 if not __package__:  # run as a script (make gpu-check): the repository root, for `benchmarks.*`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import median_time  # noqa: E402 (after the path above)
+
 
 @dataclass(frozen=True)
 class Sizes:
@@ -50,28 +52,9 @@ class Sizes:
                    sample_steps=3, reps=1, context_tokens=8, mmdit_options={"context_dim": 32})
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, reps: int = 5, warmup: int = 2, device: str = "cuda") -> float:
-    """Median seconds of ``fn`` (synchronised on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def bf16_matmul_tflops(n: int = 8192, device: str = "cuda") -> float:
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    return 2 * n**3 / timed(lambda: a @ b, reps=10, device=device) / 1e12
+    return 2 * n**3 / median_time(lambda: a @ b, 10, warmup=2, device=device) / 1e12
 
 
 def build(arch: str, kind: str, sizes: Sizes):
@@ -134,7 +117,7 @@ def train_case(arch: str, kind: str, compile_blocks: bool, checkpointing: bool, 
 
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    sec = timed(step, reps=sizes.reps, warmup=3 if compile_blocks else 2, device=dev)
+    sec = median_time(step, sizes.reps, warmup=3 if compile_blocks else 2, device=dev)
     teacher = obj.teacher_layer if obj.uses_teacher else None
     flops = b * train_step_flops(model, g * g, n_context, teacher)
     return {"arch": arch, "kind": kind, "compile": compile_blocks, "checkpointing": checkpointing, "batch": b,
@@ -171,10 +154,10 @@ def sampling_case(sizes: Sizes) -> dict:
     cfg = SamplerConfig(solver="sde", steps=steps, cfg_scale=1.5, guidance_interval=(0.0, 0.7))
     t = torch.rand(2 * n, device=dev)
     with torch.inference_mode(), torch.autocast(dev, dtype=torch.bfloat16):
-        one_call = timed(lambda: model(noise.repeat(2, 1, 1), ids.repeat(2, 1, 1), t,
-                                       Conditioning(labels=torch.cat([cond.labels, null.labels]))),
-                         reps=sizes.reps, device=dev)
-        total = timed(lambda: sample(model, noise, ids, cond, cfg, null), reps=1, warmup=1, device=dev)
+        one_call = median_time(lambda: model(noise.repeat(2, 1, 1), ids.repeat(2, 1, 1), t,
+                                             Conditioning(labels=torch.cat([cond.labels, null.labels]))),
+                               sizes.reps, warmup=2, device=dev)
+        total = median_time(lambda: sample(model, noise, ids, cond, cfg, null), 1, device=dev)
     # Guided calls run the doubled batch; outside the guidance interval a single batch (bounded above here).
     return {"images_per_s": n / total, "bound_images_per_s": n / (steps * one_call),
             "ratio_to_bound": (steps * one_call) / total}
@@ -190,8 +173,8 @@ def xl2_vs_naive_case(sizes: Sizes) -> dict:
     ours, naive = xl2_step_pair(sizes.batch, preset=preset, device=dev, bf16=True)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t_ours = timed(ours, reps=sizes.reps, device=dev)
-    t_naive = timed(naive, reps=sizes.reps, device=dev)
+    t_ours = median_time(ours, sizes.reps, warmup=2, device=dev)
+    t_naive = median_time(naive, sizes.reps, warmup=2, device=dev)
     f_ours, f_naive = xl2_step_flops(preset)
     return {"preset": preset, "batch": sizes.batch, "ours_s": t_ours, "naive_s": t_naive,
             "ratio": t_naive / t_ours, "flop_bound": f_naive / f_ours, "peak_gib": peak_gib(dev)}

@@ -27,13 +27,18 @@ class Row:
         return asdict(self)
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cpu") -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after ``warmup``; on ``device="cuda"`` each timing waits
+    for the GPU's queued work (kernels run asynchronously)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
