@@ -14,6 +14,7 @@ from selfflow.core.ema import ema_update, make_ema
 from selfflow.core.loss_terms import alignment_loss
 from selfflow.core.modulation import TIME_EMBED_DIM, TokenTimesteps
 from selfflow.core.objective import ObjectiveConfig
+from selfflow.core.precision import cpu_bf16_is_native
 from selfflow.core.sampler import SamplerConfig, sample
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.tokens import Conditioning, Tokens, grid_ids
@@ -41,14 +42,14 @@ def _model(preset: str, projector: bool = True, attention: str = "auto", device:
     return model
 
 
-def _train_step(kind: str, batch: int):
+def _train_step(kind: str, batch: int, bf16: bool = False):
     model = _model("B/2", projector=kind == "self_flow")
     ema = make_ema(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)  # as the trainer
     obj = ObjectiveConfig(kind=kind, student_layer=4, teacher_layer=8).resolve(12, 0.25, TimestepDistribution())
     tokens = Tokens(torch.randn(batch, L, CH), grid_ids(1, GRID, GRID, batch))
     cond = Conditioning(labels=torch.arange(batch))
-    return make_train_step(model, ema, opt, tokens, cond, obj, null_label=1000)
+    return make_train_step(model, ema, opt, tokens, cond, obj, null_label=1000, bf16=bf16)
 
 
 def _official_modulation(per_level: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -121,6 +122,11 @@ def bench_dit(quick: bool) -> list[Row]:
     t_sf, t_fm = paired_median(_train_step("self_flow", batch), _train_step("flow_matching", batch), reps)
     rows.append(Row(f"DiT-B/2 train step (B={batch}, L={L}): Self-Flow vs FM", t_sf * 1e3, t_fm * 1e3,
                     t_sf / t_fm, None, "ms", "teacher to block 8 of 12; paper-scale estimate ≈ 1.24×"))
+    if cpu_bf16_is_native():  # without AVX512-BF16 / AMX a bf16 step is ~100× slower: minutes for one row
+        t_bf, t_fp = paired_median(_train_step("self_flow", batch, bf16=True), _train_step("self_flow", batch), reps)
+        rows.append(Row(f"DiT-B/2 Self-Flow train step (B={batch}, L={L}): bf16 autocast vs fp32 on this CPU",
+                        t_bf * 1e3, t_fp * 1e3, t_fp / t_bf, None, "ms",
+                        "speed-up; measured only on a CPU with native bf16 (core.precision.cpu_bf16_is_native)"))
 
     t_ours, t_naive = paired_median(*xl2_step_pair(batch), 1 if quick else 2)
     f_ours, f_naive = xl2_step_flops()

@@ -1,5 +1,8 @@
 """The CUDA path (``make gpu-check``): bf16 autocast, SDPA kernels, torch.compile, FSDP2 over NCCL, bf16
-sampling and GPU→CPU checkpoints. Every test is marked ``cuda`` and skipped without a GPU."""
+sampling and GPU→CPU checkpoints. The CUDA tests are marked ``cuda`` and skipped without a GPU (``make gpu-check``
+selects them with ``-m cuda``). The bf16 ones also run on the CPU's autocast, in every ``make test``: the same
+code path up to the kernels, at sizes that stay quick on CPUs whose bf16 matrix products are slow, and with a
+bitwise-equal resume there (CPU kernels are deterministic)."""
 
 import math
 import os
@@ -16,14 +19,18 @@ from selfflow.core.sampler import SamplerConfig, sample
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.tokens import Conditioning, Tokens, grid_ids
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = [pytest.mark.cuda, needs_cuda]
+on_cpu_and_cuda = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 GRID, CH = 8, 16
 
 
 def small_dit(device: str = "cuda") -> DiT:
+    """6 blocks of width 256 on the GPU; width 64 on the CPU, where a bf16 matrix product can be ~100× slower
+    than fp32 (CPUs without AVX512-BF16 or AMX)."""
     torch.manual_seed(0)
-    model = DiT(DiTConfig(hidden_size=256, num_heads=4, depth=6, num_classes=10, grid_size=GRID,
-                          modalities={"image": CH}))
+    model = DiT(DiTConfig(hidden_size=256 if device == "cuda" else 64, num_heads=4, depth=6, num_classes=10,
+                          grid_size=GRID, modalities={"image": CH}))
     with torch.no_grad():  # non-zero adaLN gates so every block does real work
         for p in model.parameters():
             if p.requires_grad and p.abs().sum() == 0:
@@ -37,27 +44,31 @@ def batch(n: int = 4, device: str = "cuda") -> tuple[Tokens, Conditioning]:
     return Tokens(x.to(device), grid_ids(1, GRID, GRID, n, device)), Conditioning(labels=torch.arange(n, device=device))
 
 
-def step_loss_and_grad(model: DiT, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def step_loss_and_grad(model: DiT, bf16: bool, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     obj = ObjectiveConfig(kind="self_flow").resolve(model.depth, 0.25, TimestepDistribution())
-    tokens, cond = batch()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+    tokens, cond = batch(device=device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
         loss = obj.loss(model, make_ema(model), tokens, cond, null_label=10, modality=None,
-                        generator=torch.Generator("cuda").manual_seed(0))["loss"]  # the noise is drawn on the GPU
+                        generator=torch.Generator(device).manual_seed(0))["loss"]  # the noise is drawn on the device
     loss.backward()
     grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     model.zero_grad(set_to_none=True)
     return loss.detach().float(), grad
 
 
-def test_bf16_autocast_step_is_finite_and_close_to_fp32():
-    model = small_dit()
-    loss32, grad32 = step_loss_and_grad(model, bf16=False)
-    loss16, grad16 = step_loss_and_grad(model, bf16=True)
+@on_cpu_and_cuda
+def test_bf16_autocast_step_is_finite_and_close_to_fp32(device):
+    model = small_dit(device)
+    loss32, grad32 = step_loss_and_grad(model, bf16=False, device=device)
+    loss16, grad16 = step_loss_and_grad(model, bf16=True, device=device)
     assert torch.isfinite(loss16) and torch.isfinite(grad16).all()
+    assert not torch.equal(grad16, grad32)  # autocast did run the matrix products in bf16
     assert abs(loss16 - loss32) < 0.02 * abs(loss32) + 1e-3
     assert F.cosine_similarity(grad16, grad32, dim=0) > 0.99
 
 
+@pytest.mark.cuda
+@needs_cuda
 @pytest.mark.parametrize("kernel", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION"])
 def test_sdpa_kernels_equal_math(kernel):
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -71,6 +82,8 @@ def test_sdpa_kernels_equal_math(kernel):
     assert (out.float() - ref).abs().max() < 2e-2
 
 
+@pytest.mark.cuda
+@needs_cuda
 def test_compiled_blocks_equal_eager():
     model = small_dit().eval()
     tokens, cond = batch()
@@ -83,6 +96,8 @@ def test_compiled_blocks_equal_eager():
     assert (compiled - eager).abs().max() < 1e-3
 
 
+@pytest.mark.cuda
+@needs_cuda
 def test_fsdp2_on_one_gpu_equals_unwrapped():
     import torch.distributed as dist
 
@@ -107,22 +122,29 @@ def test_fsdp2_on_one_gpu_equals_unwrapped():
         dist.destroy_process_group()
 
 
-def test_sde_sampler_bf16_close_to_fp32():
-    model = small_dit().eval()
+@on_cpu_and_cuda
+@pytest.mark.filterwarnings("ignore:bf16 on this CPU")  # a CPU without native bf16 says it is slow
+def test_sde_sampler_bf16_close_to_fp32(device):
+    """The sampler's own ``precision: bf16`` (autocast around the model, the state kept in fp32)."""
+    model = small_dit(device).eval()
     n = 4
-    noise = torch.randn(n, GRID * GRID, CH, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    ids = grid_ids(1, GRID, GRID, n, "cuda")
-    cond = Conditioning(labels=torch.arange(n, device="cuda"))
-    null = Conditioning(labels=torch.full((n,), 10, device="cuda"))
-    cfg = SamplerConfig(solver="sde", steps=50, cfg_scale=1.5)
+    noise = torch.randn(n, GRID * GRID, CH, device=device, generator=torch.Generator(device).manual_seed(0))
+    ids = grid_ids(1, GRID, GRID, n, device)
+    cond = Conditioning(labels=torch.arange(n, device=device))
+    null = Conditioning(labels=torch.full((n,), 10, device=device))
     out = {}
-    for bf16 in (False, True):
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            out[bf16] = sample(model, noise, ids, cond, cfg, null, generator=torch.Generator("cuda").manual_seed(1))
-    assert torch.isfinite(out[True]).all()
-    assert (out[True].float() - out[False]).abs().mean() < 0.05 * out[False].abs().mean() + 1e-3
+    for precision in ("fp32", "bf16"):
+        cfg = SamplerConfig(solver="sde", steps=50 if device == "cuda" else 20, cfg_scale=1.5, precision=precision)
+        with torch.inference_mode():
+            out[precision] = sample(model, noise, ids, cond, cfg, null,
+                                    generator=torch.Generator(device).manual_seed(1))
+    assert torch.isfinite(out["bf16"]).all() and out["bf16"].dtype == torch.float32
+    assert not torch.equal(out["bf16"], out["fp32"])
+    assert (out["bf16"] - out["fp32"]).abs().mean() < 0.05 * out["fp32"].abs().mean() + 1e-3
 
 
+@pytest.mark.cuda
+@needs_cuda
 def test_checkpoint_saved_on_gpu_resumes_on_cpu(tmp_path):
     model = small_dit()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -142,34 +164,42 @@ def test_checkpoint_saved_on_gpu_resumes_on_cpu(tmp_path):
         assert (cpu_model(tokens.x, tokens.ids, t, cond) - ref).abs().max() < 1e-4
 
 
-def train_split_and_resume(tmp_path, *sets: str) -> tuple[list[dict], list[dict]]:
-    """``selfflow train`` for 6 steps in one go, and for 3 then resumed to 6 (checkpoint every 3): both runs'
-    metrics records. What a user's first GPU run does: the CLI, the trainer, checkpoints, previews, export."""
+def train_cli(tmp_path, name: str, steps: int, *sets: str) -> list[dict]:
+    """``selfflow train`` on the tiny model (checkpoint every 3 steps): the run's metrics records with a loss."""
     from selfflow.core.cli import main
     from selfflow.core.metrics import read_metrics
 
     from .test_trainer import TINY
 
-    def train(name: str, steps: int) -> None:
-        args = [*TINY, f"output_dir={tmp_path}", f"name={name}", "checkpoint.every=3", f"train.steps={steps}",
-                *sets]
-        assert main(["train", "--no-progress", *[a for s in args for a in ("--set", s)]]) == 0
-
-    train("full", 6)
-    train("split", 3)
-    train("split", 6)
-    return [[r for r in read_metrics(tmp_path / n / "metrics.jsonl") if "loss" in r] for n in ("full", "split")]
+    args = [*TINY, f"output_dir={tmp_path}", f"name={name}", "checkpoint.every=3", f"train.steps={steps}", *sets]
+    assert main(["train", "--no-progress", *[a for s in args for a in ("--set", s)]]) == 0
+    return [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
 
 
-def test_selfflow_train_on_the_gpu_bf16_compiled_resumes(tmp_path):
-    """The CLI on CUDA in bf16 with compiled blocks: finite losses, a checkpoint that loads on the CPU, the EMA
-    export and sample previews, and a resumed run that continues with the uninterrupted run's losses (within
-    bf16 and the non-deterministic atomics of attention backward)."""
-    full, split = train_split_and_resume(tmp_path, "train.device=cuda", "train.precision=bf16", "train.compile=true")
+def train_split_and_resume(tmp_path, *sets: str) -> tuple[list[dict], list[dict]]:
+    """``selfflow train`` for 6 steps in one go, and for 3 then resumed to 6: both runs' metrics records. What a
+    user's first GPU run does: the CLI, the trainer, checkpoints, previews, export."""
+    full = train_cli(tmp_path, "full", 6, *sets)
+    train_cli(tmp_path, "split", 3, *sets)
+    return full, train_cli(tmp_path, "split", 6, *sets)
+
+
+@on_cpu_and_cuda
+def test_selfflow_train_bf16_resumes(tmp_path, device):
+    """The CLI in bf16: finite losses, a checkpoint that loads on the CPU, the EMA export and sample previews,
+    and a resumed run that continues with the uninterrupted run's losses. On CUDA with compiled blocks, within
+    bf16 and the non-deterministic atomics of attention backward; on the CPU (eager) bitwise, and not the fp32
+    run's losses (the trainer's autocast is on)."""
+    sets = [f"train.device={device}", "train.precision=bf16", *(["train.compile=true"] if device == "cuda" else [])]
+    full, split = train_split_and_resume(tmp_path, *sets)
     assert [r["step"] for r in full] == [r["step"] for r in split] == list(range(1, 7))
     assert all(math.isfinite(r["loss"]) for r in full)
+    tolerance = {"rel": 2e-2, "abs": 1e-3} if device == "cuda" else {"rel": 0, "abs": 0}
     for a, b in zip(full, split):
-        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2, abs=1e-3), (a["step"], a["loss"], b["loss"])
+        assert b["loss"] == pytest.approx(a["loss"], **tolerance), (a["step"], a["loss"], b["loss"])
+    if device == "cpu":
+        fp32 = train_cli(tmp_path, "fp32", 1, "train.device=cpu", "train.precision=fp32")
+        assert fp32[0]["loss"] != full[0]["loss"]
     run = tmp_path / "full"
     state = load_checkpoint(run / "checkpoints" / "step_00000006.pt", map_location="cpu")
     assert all(v.device.type == "cpu" for v in state["model"].values())

@@ -136,7 +136,8 @@ def add_sample_arguments(smp: argparse.ArgumentParser) -> None:
     smp.add_argument("--seed", type=int, help="noise seed (same seed → same samples; default 0, 31 with "
                                                "--official-repro)")
     smp.add_argument("--precision", choices=["fp32", "bf16"],
-                     help="bf16: model under bfloat16 autocast (CUDA; ~100x slower on CPU); default fp32")
+                     help="bf16: model under bfloat16 autocast (the GPU recipe; on a CPU fast only with AVX512-BF16 or "
+                          "AMX, else ~100x slower, and it warns); default fp32")
     smp.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to use")
     smp.add_argument("--modality", help="mixed runs: which modality to sample (default: the first), with its entry's sampler")
     smp.add_argument("--out", type=Path, help="grid path (default: RUN/samples/sample_seed<S>)")

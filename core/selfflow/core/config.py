@@ -111,7 +111,8 @@ class TrainConfig(_Section):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE, description="per rank")
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA); fp32 on CPU")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16 autocast: the GPU recipe; on a CPU fast only with AVX512-BF16 / AMX (else it warns)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = Field(0, ge=0, description="torch CPU threads (0: leave torch's default)")
     parallel: Literal["auto", "none", "ddp", "fsdp2"] = Field("auto", description="auto: ddp with >1 rank")

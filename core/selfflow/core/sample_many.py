@@ -39,8 +39,9 @@ from .distributed import DistInfo, barrier
 from .generate import conditions_for, require_prompts
 from .modality import Modality
 from .official_repro import SeededBatch, official_batches, official_generate_batch
+from .precision import autocast
 from .prompts import write_prompt_records
-from .sampler import SamplerConfig, autocast, sample
+from .sampler import SamplerConfig, sample
 from .tokens import Conditioning
 
 

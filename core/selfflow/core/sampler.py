@@ -13,14 +13,13 @@ for ``cfg_scale > 1`` (REPA and the official Self-Flow sampler: a scale ≤ 1 sa
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from .precision import autocast
 from .sde import solve_sde
 from .timesteps import shift_time
 from .tokens import Conditioning
@@ -63,21 +62,6 @@ def resolve_sampler(*levels: SamplerSettings) -> SamplerConfig:
     for level in levels:
         fields.update(level.model_dump(include=set(SamplerSettings.model_fields), exclude_none=True))
     return SamplerConfig.model_validate(fields)
-
-
-@contextlib.contextmanager
-def autocast(precision: str, device: torch.device | str) -> Iterator[None]:
-    """``torch.autocast(bfloat16)`` on ``device`` for ``precision == "bf16"``, else nothing."""
-    if precision == "fp32":
-        yield
-        return
-    if precision != "bf16":
-        raise ValueError(f"unknown sampling precision {precision!r} (fp32, bf16)")
-    kind = torch.device(device).type
-    if kind == "cpu":
-        warnings.warn("bf16 sampling on the CPU is about 100x slower than fp32", stacklevel=3)
-    with torch.autocast(kind, dtype=torch.bfloat16):
-        yield
 
 
 def time_grid(steps: int, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -28,6 +28,7 @@ from .ema import ema_update, make_ema
 from .flops import train_step_flops
 from .mixture import ModalitySchedule
 from .modality import Batch
+from .precision import warn_if_slow
 from .previewer import Previewer
 from .run_setup import (
     build_optimizer,
@@ -97,6 +98,7 @@ class Trainer:
             for block in [*raw.blocks(), *ema.blocks()]:
                 block.compile()
         bf16 = tc.precision == "bf16"
+        warn_if_slow(tc.precision, self.device)
         # A mixed step touches one modality's projections only: DDP must expect unused parameters.
         self.model = parallel.wrap_student(raw, self.strategy, self.dist, bf16,
                                            find_unused=self.run.mixed or bool(tc.freeze))
