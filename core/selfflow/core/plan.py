@@ -11,22 +11,29 @@ plus the teacher's no-grad forward (one block's largest intermediate and the cap
 
 Persistent state per parameter: fp32 weights, gradients, two AdamW moments and the fp32 EMA (20 bytes);
 DDP adds its gradient buckets (4 bytes); FSDP2 shards all of it over the GPUs and all-gathers two blocks'
-parameters at a time. bf16 autocast is counted as halving the activations (matmul inputs are saved in bf16;
-an estimate, not measured here) and as adding a bf16 copy of every weight (2 bytes per parameter, which autocast
-makes and backward keeps) to the step and to what the largest batch must leave free. Accuracy against ``benchmarks/memory.py``'s peak-RSS method on the CPU:
+parameters at a time. Under bf16 the profiling forward runs with autocast's casts emulated (``torch.autocast``
+does nothing to meta tensors, see :class:`MetaAutocast`), so the saved bytes are those of a bf16 step: matrix
+products and attention save bf16 copies of their inputs, the fp32 residual stream and what it feeds stay fp32.
+Autocast's bf16 copy of every weight (2 bytes per parameter, made once per step and kept by backward) is
+counted apart, in the step and in what the largest batch must leave free. Accuracy against ``benchmarks/memory.py``'s peak-RSS method on the CPU:
 see ``core/tests/test_plan.py`` (within 15 % of the measured step transient).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from .flops import train_step_flops
 from .modulation import TokenTimesteps
 from .run_setup import build_run
+from .tokens import Conditioning
 
 GIB = 2**30
 STATE_BYTES = {"ddp": 20 + 4, "fsdp2": 20}  # per parameter: weights, grads, AdamW m and v, EMA (+ DDP buckets)
@@ -49,10 +56,43 @@ class ActivationProfile:
         return self.outside + sum(self.block_inputs) + 2 * max(self.blocks)
 
 
+class MetaAutocast(TorchFunctionMode):
+    """bf16 autocast's casts on the meta device, where ``torch.autocast`` leaves tensors alone: the ops autocast
+    runs in lower precision (matrix products, convolutions, attention; its CUDA and CPU lists agree on those)
+    get bf16 copies of their floating-point inputs; every other op runs on the dtypes it is given, as under
+    autocast. The storages of the weights' copies are collected in ``weight_copies`` (autocast caches one copy
+    per weight per step; the plan counts those apart)."""
+
+    LOWER_PRECISION = frozenset({F.linear, torch.matmul, torch.Tensor.__matmul__, torch.mm, torch.bmm,
+                                 torch.baddbmm, torch.addmm, F.scaled_dot_product_attention, F.conv1d, F.conv2d,
+                                 F.conv3d})
+
+    def __init__(self, params: set[int]):
+        super().__init__()
+        self.params, self.weight_copies = params, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in self.LOWER_PRECISION:
+            return func(*args, **kwargs)
+
+        def cast(value):
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point()) or value.dtype == torch.bfloat16:
+                return value
+            copy = value.to(torch.bfloat16)
+            if value.untyped_storage()._cdata in self.params:
+                self.weight_copies.add(copy.untyped_storage()._cdata)
+            return copy
+
+        return func(*tree_map(cast, args), **tree_map(cast, kwargs))
+
+
 def activation_profile(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, t: TokenTimesteps, cond,
-                       student_layer: int | None) -> ActivationProfile:
-    """Run ``model`` (on the meta device) once and sort the bytes saved for backward by block."""
+                       student_layer: int | None, bf16: bool = False) -> ActivationProfile:
+    """Run ``model`` (on the meta device) once and sort the bytes saved for backward by block; under
+    :class:`MetaAutocast` when ``bf16``."""
     params = {p.untyped_storage()._cdata for p in model.parameters()}
+    autocast = MetaAutocast(params) if bf16 else contextlib.nullcontext()
     length = x.shape[1]
     seen: set[int] = set()
     kept: list[torch.Tensor] = []  # held so that no storage address is reused within the forward
@@ -63,7 +103,8 @@ def activation_profile(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, t: 
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         key = tensor.untyped_storage()._cdata
-        if key in params or key in seen or tensor.shape[-2:] == (length, length):
+        if key in params or key in seen or tensor.shape[-2:] == (length, length) or (
+                bf16 and key in autocast.weight_copies):
             return tensor
         seen.add(key)
         kept.append(tensor)
@@ -90,7 +131,7 @@ def activation_profile(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, t: 
         handles += [m.register_forward_hook(lambda _m, _a, out: largest.__setitem__(0, max(largest[0], nbytes(out))))
                     for m in b.modules() if isinstance(m, nn.Linear)]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
             capture = (student_layer,) if student_layer else ()
             model(x, ids, t, cond, capture=capture, project=bool(capture) and model.projector is not None)
     finally:
@@ -111,8 +152,7 @@ class Plan:
     bf16: bool
 
     def activations(self, batch: int, checkpointing: bool) -> float:
-        scale = 0.5 if self.bf16 else 1.0
-        return scale * batch * self.profile.per_sample(checkpointing)
+        return batch * self.profile.per_sample(checkpointing)
 
     @property
     def weight_casts(self) -> int:
@@ -153,7 +193,9 @@ def make_plan(cfg) -> Plan:
     with torch.device("meta"):
         ids = modality.sample_ids(1, "meta")
         x = torch.zeros(1, ids.shape[1], modality.token_channels)
-        cond, _, _ = modality.sample_conditions(1, "meta")
+    # Made on the CPU (a caption's text encoder runs there), then handed over as meta tensors of its shapes.
+    cond, _, _ = modality.sample_conditions(1, "cpu")
+    cond = Conditioning(**{k: v.to("meta") for k, v in cond if v is not None})
     return plan_model(cfg.name, run.backbone, x, ids, cond, run.objectives[name], cfg.train.precision == "bf16")
 
 
@@ -162,11 +204,13 @@ def plan_model(name: str, model: nn.Module, x: torch.Tensor, ids: torch.Tensor, 
     conditioning, under a resolved objective (what ``benchmarks/gpu_check.py`` compares with a GPU's peak)."""
     length = ids.shape[1]
     with torch.device("meta"):
-        # Training always hands the student two levels per sample (dual_timestep), so per-token modulation.
-        t = TokenTimesteps.from_levels(torch.tensor([[0.5, 0.25]]), (torch.arange(length) % 2)[None])
+        if objective.mask_ratio == 0:  # one level per sample (flow matching, REPA, no masking): shared modulation
+            t = TokenTimesteps(values=torch.tensor([[0.5]]), index=None, length=length)
+        else:  # Dual-Timestep Scheduling: two levels per sample, selected per token
+            t = TokenTimesteps.from_levels(torch.tensor([[0.5, 0.25]]), (torch.arange(length) % 2)[None])
     uses_teacher = objective.uses_teacher
     student_layer = objective.student_layer if objective.uses_projector else None
-    profile = activation_profile(model, x, ids, t, cond, student_layer)
+    profile = activation_profile(model, x, ids, t, cond, student_layer, bf16)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     teacher_layer = objective.teacher_layer if uses_teacher else None
     n_context = 0 if cond.context is None else cond.context.shape[1]
@@ -180,7 +224,7 @@ def format_plan(plan: Plan, batch: int, gpus: int, gpu_mem_gb: float) -> str:
     gib = lambda v: f"{v / GIB:8.2f} GiB"  # noqa: E731
     lines = [
         f"{plan.name}: {plan.params / 1e6:.1f}M trainable parameters, {plan.tokens} tokens per sample"
-        f"{', bf16 activations (estimate)' if plan.bf16 else ''}",
+        f"{', bf16 autocast' if plan.bf16 else ''}",
         f"  FLOPs per step (micro-batch {batch}):  {plan.flops_per_sample * batch / 1e12:.2f} TFLOP "
         f"({plan.flops_per_sample / 1e9:.1f} GFLOP per sample)",
         f"  activations per micro-batch:    {gib(plan.activations(batch, False))}   "
