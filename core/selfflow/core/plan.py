@@ -2,9 +2,9 @@
 
 Method. The run's backbone is built on the ``meta`` device (no memory, no compute) and one student forward
 runs there at micro-batch 1 under ``saved_tensors_hooks``: the bytes autograd keeps for backward are summed
-per block and outside the blocks (parameters excluded, shared storages counted once). ``(L, L)`` attention
-matrices are left out: the flash / memory-efficient SDPA kernels (CUDA, and PyTorch's CPU flash kernel) keep
-only ``O(L)`` statistics. Activation checkpointing keeps each block's input plus one block's activations
+per block and outside the blocks (parameters excluded, shared storages counted once). Attention is counted
+as the flash / memory-efficient SDPA kernels (CUDA, and PyTorch's CPU flash kernel) keep it: q, k, v, the output
+and ``O(L)`` statistics, no ``(L, L)`` matrices (:class:`FlashAttentionSaves`). Activation checkpointing keeps each block's input plus one block's activations
 while it is recomputed; backward holds about one more block's worth of gradients. The step's transient memory (what the CPU bench measures as peak − resident before
 the step) is the larger of the activations and the gradients (backward frees the one as it fills the other)
 plus the teacher's no-grad forward (one block's largest intermediate and the captured features).
@@ -22,6 +22,7 @@ see ``core/tests/test_plan.py`` (within 15 % of the measured step transient).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,13 +88,34 @@ class MetaAutocast(TorchFunctionMode):
         return func(*tree_map(cast, args), **tree_map(cast, kwargs))
 
 
+class FlashAttentionSaves(TorchFunctionMode):
+    """Attention as the GPU's flash / memory-efficient kernels keep it for backward: ``q``, ``k``, ``v``, the
+    output and a ``(B, H, L)`` fp32 log-sum-exp, handed to ``save``. On the meta device
+    ``scaled_dot_product_attention`` runs PyTorch's math decomposition, which saves ``(L, L)`` score matrices
+    no such kernel keeps; here it runs without recording them."""
+
+    def __init__(self, save: Callable[[torch.Tensor], object]):
+        super().__init__()
+        self.save = save
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        q, k, v = args[:3]
+        with torch.no_grad():
+            out = func(*args, **kwargs)
+        for saved in (q, k, v, out, torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)):
+            self.save(saved)
+        return out.requires_grad_(q.requires_grad or k.requires_grad or v.requires_grad)
+
+
 def activation_profile(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, t: TokenTimesteps, cond,
                        student_layer: int | None, bf16: bool = False) -> ActivationProfile:
-    """Run ``model`` (on the meta device) once and sort the bytes saved for backward by block; under
-    :class:`MetaAutocast` when ``bf16``."""
+    """Run ``model`` (on the meta device) once and sort the bytes saved for backward by block (attention as
+    :class:`FlashAttentionSaves` keeps it; under :class:`MetaAutocast` when ``bf16``)."""
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     autocast = MetaAutocast(params) if bf16 else contextlib.nullcontext()
-    length = x.shape[1]
     seen: set[int] = set()
     kept: list[torch.Tensor] = []  # held so that no storage address is reused within the forward
     current = [-1]  # index of the running block, -1 outside
@@ -103,8 +125,7 @@ def activation_profile(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, t: 
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         key = tensor.untyped_storage()._cdata
-        if key in params or key in seen or tensor.shape[-2:] == (length, length) or (
-                bf16 and key in autocast.weight_copies):
+        if key in params or key in seen or (bf16 and key in autocast.weight_copies):
             return tensor
         seen.add(key)
         kept.append(tensor)
@@ -131,7 +152,9 @@ def activation_profile(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, t: 
         handles += [m.register_forward_hook(lambda _m, _a, out: largest.__setitem__(0, max(largest[0], nbytes(out))))
                     for m in b.modules() if isinstance(m, nn.Linear)]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
+        # Entered last, MetaAutocast sees each call first: attention is recorded with its bf16 inputs.
+        with (torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), FlashAttentionSaves(pack),
+              autocast):
             capture = (student_layer,) if student_layer else ()
             model(x, ids, t, cond, capture=capture, project=bool(capture) and model.projector is not None)
     finally:
