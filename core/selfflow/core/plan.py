@@ -5,7 +5,7 @@ runs there at micro-batch 1 under ``saved_tensors_hooks``: the bytes autograd ke
 per block and outside the blocks (parameters excluded, shared storages counted once). Attention is counted
 as the flash / memory-efficient SDPA kernels (CUDA, and PyTorch's CPU flash kernel) keep it: q, k, v, the output
 and ``O(L)`` statistics, no ``(L, L)`` matrices (:class:`FlashAttentionSaves`). Activation checkpointing keeps each block's input plus one block's activations
-while it is recomputed; backward holds about one more block's worth of gradients. The step's transient memory (what the CPU bench measures as peak − resident before
+while it is recomputed; backward holds about two more blocks' worth of gradients. The step's transient memory (what the CPU bench measures as peak − resident before
 the step) is the larger of the activations and the gradients (backward frees the one as it fills the other)
 plus the teacher's no-grad forward (one block's largest intermediate and the captured features).
 
@@ -51,10 +51,11 @@ class ActivationProfile:
     largest_intermediate: int  # the biggest tensor one block produces (the teacher's no-grad transient)
 
     def per_sample(self, checkpointing: bool) -> int:
-        # Backward of a block holds gradients about the size of its saved activations: one more block.
+        # Backward of a block holds gradients of about two blocks' saved activations (its own, and those
+        # flowing into it), measured: one block read 0.85-0.94x the CPU step, two 0.9-1.05x (docs/BENCHMARKS.md).
         if not checkpointing:
-            return self.outside + sum(self.blocks) + max(self.blocks)
-        return self.outside + sum(self.block_inputs) + 2 * max(self.blocks)
+            return self.outside + sum(self.blocks) + 2 * max(self.blocks)
+        return self.outside + sum(self.block_inputs) + 3 * max(self.blocks)
 
 
 class MetaAutocast(TorchFunctionMode):
