@@ -119,14 +119,16 @@ def bench_dit(quick: bool) -> list[Row]:
     reps = 2 if quick else 3
     batch = 2
     rows = []
-    t_sf, t_fm = paired_median(_train_step("self_flow", batch), _train_step("flow_matching", batch), reps)
+    self_flow = _train_step("self_flow", batch)
+    t_sf, t_fm = paired_median(self_flow, _train_step("flow_matching", batch), reps)
     rows.append(Row(f"DiT-B/2 train step (B={batch}, L={L}): Self-Flow vs FM", t_sf * 1e3, t_fm * 1e3,
                     t_sf / t_fm, None, "ms", "teacher to block 8 of 12; paper-scale estimate ≈ 1.24×"))
     if cpu_bf16_is_native():  # without AVX512-BF16 / AMX a bf16 step is ~100× slower: minutes for one row
-        t_bf, t_fp = paired_median(_train_step("self_flow", batch, bf16=True), _train_step("self_flow", batch), reps)
+        t_bf, t_fp = paired_median(_train_step("self_flow", batch, bf16=True), self_flow, reps)
         rows.append(Row(f"DiT-B/2 Self-Flow train step (B={batch}, L={L}): bf16 autocast vs fp32 on this CPU",
                         t_bf * 1e3, t_fp * 1e3, t_fp / t_bf, None, "ms",
                         "speed-up; measured only on a CPU with native bf16 (core.precision.cpu_bf16_is_native)"))
+    del self_flow  # its B/2 model, optimizer and EMA: not held through the XL/2 pair below
 
     t_ours, t_naive = paired_median(*xl2_step_pair(batch), 1 if quick else 2)
     f_ours, f_naive = xl2_step_flops()

@@ -52,7 +52,7 @@ class ActivationProfile:
 
     def per_sample(self, checkpointing: bool) -> int:
         # Backward of a block holds gradients of about two blocks' saved activations (its own, and those
-        # flowing into it), measured: one block read 0.85-0.94x the CPU step, two 0.9-1.05x (docs/BENCHMARKS.md).
+        # flowing into it), measured: one block read 0.85-0.94x the CPU step (fp32), two 0.90-1.13x (docs/BENCHMARKS.md).
         if not checkpointing:
             return self.outside + sum(self.blocks) + 2 * max(self.blocks)
         return self.outside + sum(self.block_inputs) + 3 * max(self.blocks)
@@ -116,7 +116,8 @@ def activation_profile(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, t: 
     """Run ``model`` (on the meta device) once and sort the bytes saved for backward by block (attention as
     :class:`FlashAttentionSaves` keeps it; under :class:`MetaAutocast` when ``bf16``)."""
     params = {p.untyped_storage()._cdata for p in model.parameters()}
-    autocast = MetaAutocast(params) if bf16 else contextlib.nullcontext()
+    autocast = MetaAutocast(params) if bf16 else None
+    weight_copies = autocast.weight_copies if autocast else set()  # filled as the forward casts the weights
     seen: set[int] = set()
     kept: list[torch.Tensor] = []  # held so that no storage address is reused within the forward
     current = [-1]  # index of the running block, -1 outside
@@ -126,7 +127,7 @@ def activation_profile(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, t: 
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         key = tensor.untyped_storage()._cdata
-        if key in params or key in seen or (bf16 and key in autocast.weight_copies):
+        if key in params or key in seen or key in weight_copies:
             return tensor
         seen.add(key)
         kept.append(tensor)
@@ -155,7 +156,7 @@ def activation_profile(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, t: 
     try:
         # Entered last, MetaAutocast sees each call first: attention is recorded with its bf16 inputs.
         with (torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), FlashAttentionSaves(pack),
-              autocast):
+              autocast or contextlib.nullcontext()):
             capture = (student_layer,) if student_layer else ()
             model(x, ids, t, cond, capture=capture, project=bool(capture) and model.projector is not None)
     finally:
