@@ -21,7 +21,13 @@ help:  ## list the targets
 setup: $(STAMP)  ## create .venv with the pinned torch stack and all packages (editable)
 
 # Re-run when any pyproject or this Makefile changes; the stamp makes it idempotent.
+# A new venv takes ~6.5 GB (PyPI's torch 2.14.1 is the CUDA build, with its CUDA libraries): say so up front
+# rather than as pip's "No space left on device" halfway through (SETUP_MIN_FREE_GB=0 skips the check).
+SETUP_MIN_FREE_GB ?= 7
 $(STAMP): $(PYPROJECTS) Makefile
+	@test -x $(PY) || { free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	  if [ "$$free" -lt $(SETUP_MIN_FREE_GB) ]; then \
+	    echo "make setup: $$free GB free on $$(df -P . | awk 'NR == 2 {print $$6}'), the venv needs about 7 GB (torch's CUDA build); free some space, or SETUP_MIN_FREE_GB=0 to try anyway" >&2; exit 1; fi; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools<85" wheel
 	$(PY) -m pip install --quiet $(TORCH_STACK)

@@ -68,3 +68,19 @@ def test_prepare_skips_corrupt_files_and_trains_on_latents(tmp_path, oobleck_dir
     assert tokens.x.shape == (2, 16, 16) and cond.context.shape[-1] == 8
     result = trainer.fit()
     assert sf.read(result["samples"])[0].shape[1] == 2
+
+
+def test_shapes_only_takes_the_published_oobleck_vae_and_the_default_prepared_clip(tmp_path):
+    import pytest
+
+    from selfflow.core.codec import shapes_only
+
+    options = {"dataset": "latent_shards", "codec": "songbloom", "shards": str(tmp_path / "none")}
+    with pytest.raises(FileNotFoundError, match=r"codec\.json not found"):
+        AudioModality(options)
+    with shapes_only():
+        songbloom = AudioModality(options)
+        stable = AudioModality({**options, "codec": "stable_audio"})
+    # 10 s (`selfflow prepare audio`'s default, the paper's) at 48 kHz / hop 1920; 44.1 kHz / 2048
+    assert (songbloom.channels, songbloom.length, songbloom.sample_rate) == (64, 250, 48000)
+    assert (stable.channels, stable.length) == (64, 441000 // 2048)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -6,6 +8,8 @@ from selfflow.core.config import ConfigError, load_config, save_config
 from selfflow.core.run_setup import build_run, load_run_model
 
 from .test_trainer import TINY
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(tmp_path, *extra):
@@ -66,3 +70,19 @@ def test_run_weights_that_are_not_finite_or_do_not_fit_are_refused_naming_the_fi
     save_file({**state, first: torch.zeros(3)}, str(ema))
     with pytest.raises(CheckpointLoadError, match=r"the ema weights in .* do not fit its config\.yaml"):
         load_run_model(cfg.run_dir, device="cpu")
+
+
+def test_a_mixture_of_captioned_and_class_labelled_modalities_is_refused(tmp_path):
+    """The paper-scale mixed recipe once paired class-labelled images with captioned video and audio: one
+    backbone cannot condition on both (it failed on the first batch of the other kind, not at start)."""
+    import yaml
+
+    from selfflow.core.run_setup import build_modalities, build_model_config
+
+    raw = yaml.safe_load((ROOT / "configs/tiny/mixed.yaml").read_text())
+    raw["data"]["mixture"][0]["options"]["conditioning"] = "class"
+    (tmp_path / "mixed.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "mixed.yaml")
+    with pytest.raises(ConfigError, match=r"share one conditioning; got \{'image': 'class', 'video': 'text', "
+                                          r"'audio': 'text'\}"):
+        build_model_config(cfg, build_modalities(cfg), uses_projector=True)

@@ -26,3 +26,32 @@ def test_the_modality_default_uses_its_codec_latent_shape(tmp_path):
                        "device": "cpu"})
     # 16 channels at 8×8 after the 2×2 patchify: sqrt(16·8·8 / 4096)
     assert m.default_timesteps.kind == "logit_normal" and m.default_timesteps.shift == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("codec,tokens,channels", [("sd_vae", 16 * 16, 4 * 2 * 2), ("flux2", 16 * 16, 128),
+                                                   ("rae", 16 * 16, 768)])
+def test_under_shapes_only_a_missing_autoencoder_is_its_published_shape(codec, tokens, channels, tmp_path):
+    """At the paper's 256 px and patch (2 for SD-VAE, 1 on the already 2×2-patchified FLUX.2 and on RAE)."""
+    from selfflow.core.codec import shapes_only
+
+    options = {"dataset": "latent_shards", "shards": str(tmp_path / "none"), "codec": codec, "image_size": 256,
+               "vae_path": str(tmp_path / "vae"), "patch_size": 2 if codec == "sd_vae" else 1, "device": "cpu"}
+    with pytest.raises(FileNotFoundError, match=r"config\.json missing"):
+        ImageModality(options)
+    with shapes_only():
+        m = ImageModality(options)
+        assert m.sample_ids(1, "cpu").shape[1] == tokens and m.token_channels == channels
+        if codec == "rae":
+            with pytest.raises(ValueError, match="codec rae needs image_size 256"):
+                ImageModality({**options, "image_size": 128})
+
+
+def test_under_shapes_only_image_text_shards_need_neither_shards_nor_captions(tmp_path):
+    from selfflow.core.codec import shapes_only
+
+    options = {"dataset": "image_text_shards", "shards": str(tmp_path / "none"), "image_size": 32, "patch_size": 4,
+               "text": {"kind": "tiny", "dim": 8}}
+    with pytest.raises(FileNotFoundError, match="prepare image-text"):
+        ImageModality(options)
+    with shapes_only():
+        assert ImageModality(options).context_dim == 8

@@ -86,3 +86,28 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
         HFTextEncoder(tmp_path / "nope")
     with pytest.raises(ValueError, match="model_dir"):
         build_text_encoder({"kind": "hf"})
+
+
+def test_under_shapes_only_an_hf_encoder_is_its_config_alone(tmp_path):
+    """`selfflow plan` reads the width from config.json, no weights: the shape's cache id is the encoder's, so
+    shards prepared with it still match."""
+    import transformers
+
+    from selfflow.core.codec import shapes_only
+    from selfflow.text.encoder import HFTextEncoderShape
+
+    transformers.T5EncoderModel(transformers.T5Config(vocab_size=16, d_model=16, d_kv=4, d_ff=32, num_layers=2,
+                                                      num_heads=4, decoder_start_token_id=0)).save_pretrained(tmp_path)
+    _word_tokenizer(tmp_path, ["a", "cat"])
+    options = {"kind": "hf", "model_dir": str(tmp_path), "layers": [-2, -1], "max_length": 8,
+               "cache_dir": str(tmp_path / "cache")}
+    with shapes_only():
+        shape = build_text_encoder(options)
+    real = build_text_encoder(options)
+    assert isinstance(shape, HFTextEncoderShape) and (shape.dim, shape.cache_id) == (real.dim, real.cache_id)
+    emb, mask = shape.encode(["a cat", "a"])
+    assert emb.shape == (2, 8, 32) and mask.all()  # the longest context the run can see
+    (tmp_path / "config.json").unlink()
+    with shapes_only(), pytest.raises(FileNotFoundError, match=r"Planning reads only that file.*config\.json"):
+        build_text_encoder(options)
+    assert not (tmp_path / "cache").exists()  # planning writes nothing

@@ -104,3 +104,21 @@ def test_prepare_shards_and_train_on_latents(tmp_path, wan_dir):
     assert batch["latent"].shape == (2, 4, 2, 2, 2) and len(batch["emb"]) == 2
     result = trainer.fit()
     assert result["samples"].is_file()
+
+
+def test_shapes_only_takes_the_published_wan_vae_and_the_default_prepared_clip(tmp_path):
+    """What `selfflow plan` builds before anything is downloaded; outside shapes_only the shards are required."""
+    from selfflow.core.codec import shapes_only
+
+    options = {"dataset": "latent_shards", "codec": "wan2.2", "shards": str(tmp_path / "none"),
+               "vae_dir": str(tmp_path / "vae")}
+    with pytest.raises(FileNotFoundError, match=r"codec\.json not found"):
+        VideoModality(options)
+    with shapes_only():
+        wan22 = VideoModality(options)
+        wan21 = VideoModality({**options, "codec": "wan2.1"})
+    # 45 frames at 192×320 (ClipSpec's defaults, the paper's): Wan2.2 (4, 16, 16) → 12×12×20, Wan2.1 (4, 8, 8)
+    assert wan22.latent_shape == (48, 12, 12, 20) and wan22.grid == (12, 6, 10) and wan22.token_channels == 192
+    assert wan21.latent_shape == (16, 12, 24, 40)
+    with shapes_only(), pytest.raises(RuntimeError, match="only its shape is known"):
+        wan22.wan.encode(torch.zeros(1, 3, 5, 32, 32))

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from selfflow.core.codec import stands_in
 from selfflow.core.data.indexed_stream import IndexedStream
 from selfflow.core.data.shard_format import read_codec_info, shard_urls
 from selfflow.core.data.shard_stream import ShardStream
@@ -72,7 +73,7 @@ class AudioModality(CaptionedModalityMixin, Modality):
         if o.dataset == "latent_shards":
             if o.codec == "waveform":
                 raise ValueError("dataset 'latent_shards' needs an Oobleck codec (codec: songbloom | stable_audio)")
-            self.info = read_codec_info(o.shards, "audio")
+            self.info = self._read_shard_info()
             if self.info.get("latent_mean") is None:  # dataset statistics from the shard reports
                 self.info["latent_mean"], self.info["latent_std"] = latent_stats(o.shards)
             self.channels, self.length = self.info["latent_shape"]
@@ -82,6 +83,21 @@ class AudioModality(CaptionedModalityMixin, Modality):
             self.channels, self.length, self.patch = 2, o.num_samples, o.patch
         self._oobleck = None
         self.conditioner = CaptionConditioner(o.conditioning, CAPTIONS, o.text, o.sample_captions)
+
+    def _read_shard_info(self) -> dict[str, Any]:
+        """``codec.json`` of the shards; under ``shapes_only()`` without it, the latent shape of the clip that
+        ``selfflow prepare audio`` makes by default (the paper's 10 s), with unit statistics."""
+        o = self.options
+        if not stands_in(o.shards, "codec.json"):
+            return read_codec_info(o.shards, "audio")
+        from .oobleck_codec import PUBLISHED_SHAPES, clip_samples
+        from .prepare import PrepareAudioOptions
+
+        vae = PUBLISHED_SHAPES[o.codec]
+        seconds = PrepareAudioOptions.model_fields["seconds"].default
+        c = vae.latent_channels
+        return {"latent_shape": [c, clip_samples(seconds, vae.sample_rate, vae.hop) // vae.hop],
+                "sample_rate": vae.sample_rate, "latent_mean": [0.0] * c, "latent_std": [1.0] * c}
 
     @property
     def oobleck(self):

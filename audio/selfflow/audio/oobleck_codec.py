@@ -12,18 +12,41 @@ The encoder takes the posterior mean.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from selfflow.core.codec import NormalizedVAE
+from selfflow.core.codec import CodecShape, NormalizedVAE
 
 WEIGHTS = {
     "songbloom": "CypressYang/SongBloom (stable_audio_1920_vae.json + autoencoder_music_dsp1920.ckpt; "
                  "convert with `python -m selfflow.audio.songbloom CONFIG CKPT OUT_DIR`)",
     "stable_audio": "stabilityai/stable-audio-open-1.0 (subfolder vae/, gated: accept the licence first)",
+}
+
+
+def clip_samples(seconds: float, sample_rate: int, hop: int) -> int:
+    """Waveform samples of a ``seconds`` clip, rounded down to a whole number of latent frames."""
+    return round(seconds * sample_rate) // hop * hop
+
+
+@dataclass(frozen=True)
+class OobleckShape(CodecShape):
+    """A published Oobleck VAE's shape (``downsample`` = the hop), standing in for it under ``shapes_only()``."""
+
+    sample_rate: int = 48000
+
+    @property
+    def hop(self) -> int:
+        return self.downsample
+
+
+PUBLISHED_SHAPES = {
+    "songbloom": OobleckShape("SongBloom VAE (CypressYang/SongBloom)", 64, 1920, 48000),
+    "stable_audio": OobleckShape("Stable Audio Open 1.0 VAE", 64, 2048, 44100),
 }
 
 

@@ -33,12 +33,12 @@ class PrepareAudioOptions(PrepareOptions):
 
 def prepare_audio(options: PrepareAudioOptions | dict[str, Any]) -> dict[str, Any]:
     """Run this rank's part; returns the counts of :func:`write_shards`."""
-    from .oobleck_codec import OobleckCodec
+    from .oobleck_codec import OobleckCodec, clip_samples
 
     opts = PrepareAudioOptions.model_validate(options)
     codec = OobleckCodec.from_pretrained(opts.vae_dir, opts.codec).to(opts.device)
     sr = codec.sample_rate
-    n = round(opts.seconds * sr) // codec.hop * codec.hop  # a whole number of latent frames
+    n = clip_samples(opts.seconds, sr, codec.hop)
     encoder = build_text_encoder(opts.text, opts.device) if opts.text is not None else None
     items = list_media(opts.input, AUDIO_EXTENSIONS)
     index = {it.path: i for i, it in enumerate(items)}

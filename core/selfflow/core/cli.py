@@ -101,10 +101,10 @@ def prepare_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubP
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import format_plan, make_plan
+    from .plan import format_plans, make_plans
 
-    cfg = load_config(args.config, args.set)
-    print(format_plan(make_plan(cfg), args.batch or cfg.train.batch_size, args.gpus, args.gpu_mem))
+    plans = make_plans(load_config(args.config, args.set))
+    print(format_plans([(plan, args.batch or batch) for plan, batch in plans], args.gpus, args.gpu_mem))
     return 0
 
 
@@ -203,12 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help="parameters, FLOPs and GPU memory of a run config (no GPU needed)",
         description="Capacity planning: parameters, FLOPs per step, activation memory per micro-batch with "
                     "and without activation checkpointing, weights + EMA + optimizer memory under DDP and "
-                    "FSDP2, and the largest micro-batch that fits (method: selfflow.core.plan).")
+                    "FSDP2, memory per GPU at the configured micro-batch and the largest that fits; a mixed run "
+                    "per modality at its entry's batch. Needs no GPU, weights or shards: absent autoencoders and "
+                    "shards stand in as their published shapes; a caption encoder is read from its config.json "
+                    "alone (method: selfflow.core.plan).")
     plan.add_argument("--config", type=Path, help="YAML run config")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     plan.add_argument("--gpus", type=int, default=1, help="GPUs (FSDP2 shards over them; default 1)")
     plan.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GB (default 80)")
-    plan.add_argument("--batch", type=int, help="micro-batch per GPU (default: the config's train.batch_size)")
+    plan.add_argument("--batch", type=int, help="micro-batch per GPU (default: the config's train.batch_size, "
+                      "or each mixture entry's batch_size)")
     plan.set_defaults(func=_cmd_plan)
 
     add_export_parser(sub)

@@ -8,14 +8,25 @@ statistics; ``decode`` inverts both and clamps to [-1, 1]. Subclasses change onl
 statistics (Wan's config, the dataset's for Oobleck, FLUX.2's BatchNorm after a 2×2 patchify), a scale
 (SD-VAE's ``z·0.18215``, kept as a product so the numbers stay those of the reference code) or none at all
 (RAE, which diffusers normalises inside), and the input/output range of the autoencoder.
+
+:func:`shapes_only` builds runs from their configs alone (``selfflow plan``, before anything is downloaded):
+inside it, a codec whose local folder is absent stands in as its published shape (:class:`CodecShape`), and
+latent shards without ``codec.json`` take the shape ``selfflow prepare`` writes with its default options.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
+
+_SHAPES_ONLY: ContextVar[bool] = ContextVar("selfflow_shapes_only", default=False)
 
 
 class Codec(ABC):
@@ -30,6 +41,46 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space latents → media in [-1, 1] (float32)."""
+
+
+@contextmanager
+def shapes_only() -> Iterator[None]:
+    """Within this block, modalities need no autoencoder weights, text-encoder weights or prepared shards to be
+    built: what is absent is replaced by its published shape. Nothing built inside can encode or decode."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
+def shapes_only_active() -> bool:
+    """Whether runs are being built under :func:`shapes_only`."""
+    return _SHAPES_ONLY.get()
+
+
+def stands_in(folder: str | Path | None, marker: str = "config.json") -> bool:
+    """Whether a loader should return a published shape instead of reading ``folder``: only under
+    :func:`shapes_only`, and only when ``folder/marker`` is absent (a present folder is read as always)."""
+    return shapes_only_active() and not (folder and (Path(folder) / marker).is_file())
+
+
+@dataclass(frozen=True)
+class CodecShape(Codec):
+    """A published autoencoder's shape (the figures of its ``config.json``, in model space), standing in for it
+    under :func:`shapes_only`: enough to size the backbone and its tokens, never to encode or decode."""
+
+    name: str
+    latent_channels: int
+    downsample: int = 1  # pixels (or samples) per latent cell along each compressed axis
+
+    def encode(self, media: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"{self.name}: only its shape is known (built under shapes_only(), as `selfflow plan` "
+                           "does); load the autoencoder from its folder to encode")
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"{self.name}: only its shape is known (built under shapes_only(), as `selfflow plan` "
+                           "does); load the autoencoder from its folder to decode")
 
 
 class NormalizedVAE(nn.Module, Codec):

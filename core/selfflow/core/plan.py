@@ -1,22 +1,26 @@
 """Capacity planning without a GPU: ``selfflow plan --config C [--gpus N --gpu-mem GB]``.
 
-Method. The run's backbone is built on the ``meta`` device (no memory, no compute) and one student forward
-runs there at micro-batch 1 under ``saved_tensors_hooks``: the bytes autograd keeps for backward are summed
-per block and outside the blocks (parameters excluded, shared storages counted once). Attention is counted
-as the flash / memory-efficient SDPA kernels (CUDA, and PyTorch's CPU flash kernel) keep it: q, k, v, the output
-and ``O(L)`` statistics, no ``(L, L)`` matrices (:class:`FlashAttentionSaves`). Activation checkpointing keeps each block's input plus one block's activations
-while it is recomputed; backward holds about two more blocks' worth of gradients. The step's transient memory (what the CPU bench measures as peak − resident before
-the step) is the larger of the activations and the gradients (backward frees the one as it fills the other)
-plus the teacher's no-grad forward (one block's largest intermediate and the captured features).
+Method. The run's backbone is built on the ``meta`` device (no memory, no compute) under
+:func:`~selfflow.core.codec.shapes_only` (absent autoencoders, text-encoder weights and shards stand in as their
+published shapes, so nothing needs downloading), and for each modality (a mixed run steps on one at a time, at its
+entry's micro-batch) one student forward runs there at micro-batch 1 under ``saved_tensors_hooks``: the bytes
+autograd keeps for backward are summed per block and outside the blocks (parameters excluded, shared storages
+counted once). Attention is counted as the flash / memory-efficient SDPA kernels (CUDA, and PyTorch's CPU flash
+kernel) keep it: q, k, v, the output and ``O(L)`` statistics, no ``(L, L)`` matrices
+(:class:`FlashAttentionSaves`). Activation checkpointing keeps each block's input plus one block's activations
+while it is recomputed; backward holds about two more blocks' worth of gradients. The step's transient memory (what
+the CPU bench measures as peak − resident before the step) is the larger of the activations and the gradients
+(backward frees the one as it fills the other) plus the teacher's no-grad forward (one block's largest intermediate
+and the captured features).
 
-Persistent state per parameter: fp32 weights, gradients, two AdamW moments and the fp32 EMA (20 bytes);
-DDP adds its gradient buckets (4 bytes); FSDP2 shards all of it over the GPUs and all-gathers two blocks'
-parameters at a time. Under bf16 the profiling forward runs with autocast's casts emulated (``torch.autocast``
-does nothing to meta tensors, see :class:`MetaAutocast`), so the saved bytes are those of a bf16 step: matrix
-products and attention save bf16 copies of their inputs, the fp32 residual stream and what it feeds stay fp32.
-Autocast's bf16 copy of every weight (2 bytes per parameter, made once per step and kept by backward) is
-counted apart, in the step and in what the largest batch must leave free. Accuracy against ``benchmarks/memory.py``'s peak-RSS method on the CPU:
-see ``core/tests/test_plan.py`` (within 15 % of the measured step transient).
+Persistent state per parameter: fp32 weights, gradients, two AdamW moments and the fp32 EMA (20 bytes); DDP adds
+its gradient buckets (4 bytes); FSDP2 shards all of it over the GPUs and all-gathers two blocks' parameters at a
+time. Under bf16 the profiling forward runs with autocast's casts emulated (``torch.autocast`` does nothing to meta
+tensors, see :class:`MetaAutocast`), so the saved bytes are those of a bf16 step: matrix products and attention
+save bf16 copies of their inputs, the fp32 residual stream and what it feeds stay fp32. Autocast's bf16 copy of
+every weight (2 bytes per parameter, made once per step and kept by backward) is counted apart, in the step and in
+what the largest batch must leave free. Accuracy against ``benchmarks/memory.py``'s peak-RSS method on the CPU: see
+``core/tests/test_plan.py`` (within 15 % of the measured step transient).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from .codec import shapes_only
 from .flops import train_step_flops
 from .modulation import TokenTimesteps
 from .run_setup import build_run
@@ -72,6 +77,7 @@ class MetaAutocast(TorchFunctionMode):
     def __init__(self, params: set[int]):
         super().__init__()
         self.params, self.weight_copies = params, set()
+        self._held: list[torch.Tensor] = []  # the copies stay alive: a freed storage's address would be reused
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -84,6 +90,7 @@ class MetaAutocast(TorchFunctionMode):
             copy = value.to(torch.bfloat16)
             if value.untyped_storage()._cdata in self.params:
                 self.weight_copies.add(copy.untyped_storage()._cdata)
+                self._held.append(copy)
             return copy
 
         return func(*tree_map(cast, args), **tree_map(cast, kwargs))
@@ -112,7 +119,8 @@ class FlashAttentionSaves(TorchFunctionMode):
 
 
 def activation_profile(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, t: TokenTimesteps, cond,
-                       student_layer: int | None, bf16: bool = False) -> ActivationProfile:
+                       student_layer: int | None, bf16: bool = False, modality: str | None = None
+                       ) -> ActivationProfile:
     """Run ``model`` (on the meta device) once and sort the bytes saved for backward by block (attention as
     :class:`FlashAttentionSaves` keeps it; under :class:`MetaAutocast` when ``bf16``)."""
     params = {p.untyped_storage()._cdata for p in model.parameters()}
@@ -158,7 +166,8 @@ def activation_profile(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, t: 
         with (torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), FlashAttentionSaves(pack),
               autocast or contextlib.nullcontext()):
             capture = (student_layer,) if student_layer else ()
-            model(x, ids, t, cond, capture=capture, project=bool(capture) and model.projector is not None)
+            model(x, ids, t, cond, modality=modality, capture=capture,
+                  project=bool(capture) and model.projector is not None)
     finally:
         for h in handles:
             h.remove()
@@ -167,7 +176,7 @@ def activation_profile(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, t: 
 
 @dataclass
 class Plan:
-    name: str
+    name: str  # the run's; a mixed run has one plan per modality, each with its ``modality``
     params: int
     tokens: int
     flops_per_sample: float
@@ -175,6 +184,7 @@ class Plan:
     grad_bytes: int
     teacher_bytes: int
     bf16: bool
+    modality: str | None = None
 
     def activations(self, batch: int, checkpointing: bool) -> float:
         return batch * self.profile.per_sample(checkpointing)
@@ -204,29 +214,50 @@ class Plan:
         gathered = 2 * 4 * self.params / max(1, len(self.profile.blocks))
         return per_param / gpus + gathered
 
+    def gpu_memory(self, strategy: str, gpus: int, batch: int, checkpointing: bool) -> float:
+        """Bytes per GPU at micro-batch ``batch``: state, the weights' bf16 copies, activations and the
+        teacher's forward (what :meth:`largest_batch` fits)."""
+        return (self.state(strategy, gpus) + self.weight_casts
+                + batch * (self.activations(1, checkpointing) + self.teacher_bytes))
+
     def largest_batch(self, strategy: str, gpus: int, gpu_mem: float, checkpointing: bool) -> int:
         """The largest micro-batch whose state + activations fit ``gpu_mem`` bytes (90 % usable)."""
-        free = 0.9 * gpu_mem - self.state(strategy, gpus) - self.weight_casts
-        per_sample = self.activations(1, checkpointing) + self.teacher_bytes
-        return max(0, int(free // per_sample))
+        empty = self.gpu_memory(strategy, gpus, 0, checkpointing)
+        per_sample = self.gpu_memory(strategy, gpus, 1, checkpointing) - empty
+        return max(0, int((0.9 * gpu_mem - empty) // per_sample))
+
+
+def make_plans(cfg) -> list[tuple[Plan, int]]:
+    """One plan per modality of a run config, each with the micro-batch the config gives it (a mixed run
+    steps on one modality at a time). The run is built on the meta device under
+    :func:`~selfflow.core.codec.shapes_only`, so no autoencoder, text-encoder weights or shards are needed."""
+    with shapes_only():
+        run = build_run(cfg, device="meta")
+        batches = {e.modality: e.batch_size or cfg.train.batch_size for e in cfg.data.entries()}
+        plans = []
+        for name, modality in run.modalities.items():
+            with torch.device("meta"):
+                ids = modality.sample_ids(1, "meta")
+                x = torch.zeros(1, ids.shape[1], modality.token_channels)
+            # Made on the CPU (a caption's text encoder runs there), then handed over as meta tensors of its shapes.
+            cond, _, _ = modality.sample_conditions(1, "cpu")
+            cond = Conditioning(**{k: v.to("meta") for k, v in cond if v is not None})
+            plan = plan_model(cfg.name, run.backbone, x, ids, cond, run.objectives[name],
+                              cfg.train.precision == "bf16", modality=name if run.mixed else None)
+            plans.append((plan, batches[name]))
+    return plans
 
 
 def make_plan(cfg) -> Plan:
-    """The plan of a run config: build it on the meta device and profile one sample's forward."""
-    run = build_run(cfg, device="meta")
-    name, modality = next(iter(run.modalities.items()))
-    with torch.device("meta"):
-        ids = modality.sample_ids(1, "meta")
-        x = torch.zeros(1, ids.shape[1], modality.token_channels)
-    # Made on the CPU (a caption's text encoder runs there), then handed over as meta tensors of its shapes.
-    cond, _, _ = modality.sample_conditions(1, "cpu")
-    cond = Conditioning(**{k: v.to("meta") for k, v in cond if v is not None})
-    return plan_model(cfg.name, run.backbone, x, ids, cond, run.objectives[name], cfg.train.precision == "bf16")
+    """The plan of a run config (of its first modality, for a mixed run: :func:`make_plans` has them all)."""
+    return make_plans(cfg)[0][0]
 
 
-def plan_model(name: str, model: nn.Module, x: torch.Tensor, ids: torch.Tensor, cond, objective, bf16: bool) -> Plan:
-    """The plan of a backbone already built on the meta device, for one sample ``x (1, L, C)``, its ``ids`` and
-    conditioning, under a resolved objective (what ``benchmarks/gpu_check.py`` compares with a GPU's peak)."""
+def plan_model(name: str, model: nn.Module, x: torch.Tensor, ids: torch.Tensor, cond, objective, bf16: bool,
+               modality: str | None = None) -> Plan:
+    """The plan of a backbone already built on the meta device, for one sample ``x (1, L, C)`` of ``modality``
+    (None: the model's first), its ``ids`` and conditioning, under a resolved objective (what
+    ``benchmarks/gpu_check.py`` compares with a GPU's peak)."""
     length = ids.shape[1]
     with torch.device("meta"):
         if objective.mask_ratio == 0:  # one level per sample (flow matching, REPA, no masking): shared modulation
@@ -235,32 +266,48 @@ def plan_model(name: str, model: nn.Module, x: torch.Tensor, ids: torch.Tensor, 
             t = TokenTimesteps.from_levels(torch.tensor([[0.5, 0.25]]), (torch.arange(length) % 2)[None])
     uses_teacher = objective.uses_teacher
     student_layer = objective.student_layer if objective.uses_projector else None
-    profile = activation_profile(model, x, ids, t, cond, student_layer, bf16)
+    profile = activation_profile(model, x, ids, t, cond, student_layer, bf16, modality)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     teacher_layer = objective.teacher_layer if uses_teacher else None
     n_context = 0 if cond.context is None else cond.context.shape[1]
     teacher = (profile.largest_intermediate + profile.block_inputs[0]) if uses_teacher else 0
     return Plan(name, params, length, train_step_flops(model, length, n_context, teacher_layer),
-                profile, 4 * params, teacher, bf16)
+                profile, 4 * params, teacher, bf16, modality)
 
 
-def format_plan(plan: Plan, batch: int, gpus: int, gpu_mem_gb: float) -> str:
-    """The plan as a short table (GiB) for micro-batch ``batch`` on ``gpus`` GPUs of ``gpu_mem_gb``."""
-    gib = lambda v: f"{v / GIB:8.2f} GiB"  # noqa: E731
-    lines = [
-        f"{plan.name}: {plan.params / 1e6:.1f}M trainable parameters, {plan.tokens} tokens per sample"
-        f"{', bf16 autocast' if plan.bf16 else ''}",
-        f"  FLOPs per step (micro-batch {batch}):  {plan.flops_per_sample * batch / 1e12:.2f} TFLOP "
-        f"({plan.flops_per_sample / 1e9:.1f} GFLOP per sample)",
-        f"  activations per micro-batch:    {gib(plan.activations(batch, False))}   "
-        f"with activation checkpointing {gib(plan.activations(batch, True))}",
-    ]
+def format_plans(plans: list[tuple[Plan, int]], gpus: int, gpu_mem_gb: float) -> str:
+    """The plans of one run (one per modality, with its micro-batch) as a short table (GiB) for ``gpus`` GPUs
+    of ``gpu_mem_gb``: the state once, then per modality FLOPs, activations, memory per GPU and the largest
+    micro-batch; a mixed run's peak is its largest modality step."""
+    gib = lambda v: f"{v / GIB:.2f} GiB"  # noqa: E731
+    first, mixed, mem = plans[0][0], len(plans) > 1, gpu_mem_gb * 1e9
+    what = (f"{len(plans)} modalities, one per step" if mixed else f"{first.tokens} tokens per sample")
+    lines = [f"{first.name}: {first.params / 1e6:.1f}M trainable parameters, {what}"
+             f"{', bf16 autocast' if first.bf16 else ''}"]
     for strategy in ("ddp", "fsdp2"):
-        lines.append(f"  weights+grads+AdamW+EMA {strategy:5s}:  {gib(plan.state(strategy, gpus))} per GPU "
+        lines.append(f"  weights+grads+AdamW+EMA {strategy:5s}:  {gib(first.state(strategy, gpus))} per GPU "
                      f"({gpus} GPU{'s' if gpus > 1 else ''})")
-    mem = gpu_mem_gb * 1e9
-    for strategy in ("ddp", "fsdp2"):
-        fits = [plan.largest_batch(strategy, gpus, mem, ac) for ac in (False, True)]
-        lines.append(f"  largest micro-batch on {gpu_mem_gb:g} GB, {strategy:5s}:  {fits[0]} "
-                     f"(with activation checkpointing {fits[1]})")
+    for plan, batch in plans:
+        pad = "  "
+        if mixed:
+            lines.append(f"  {plan.modality}: {plan.tokens} tokens per sample, micro-batch {batch}")
+            pad = "    "
+        lines += [
+            f"{pad}FLOPs per step (micro-batch {batch}):  {plan.flops_per_sample * batch / 1e12:.2f} TFLOP "
+            f"({plan.flops_per_sample / 1e9:.1f} GFLOP per sample)",
+            f"{pad}activations per micro-batch:  {gib(plan.activations(batch, False))}   "
+            f"with activation checkpointing {gib(plan.activations(batch, True))}",
+        ]
+        for strategy in ("ddp", "fsdp2"):
+            use = [plan.gpu_memory(strategy, gpus, batch, ac) for ac in (False, True)]
+            fits = [plan.largest_batch(strategy, gpus, mem, ac) for ac in (False, True)]
+            lines.append(f"{pad}{strategy:5s} per GPU at micro-batch {batch}:  {gib(use[0])} "
+                         f"(with activation checkpointing {gib(use[1])}); largest micro-batch on "
+                         f"{gpu_mem_gb:g} GB: {fits[0]} ({fits[1]})")
+    if mixed:
+        for strategy in ("ddp", "fsdp2"):
+            peak, name = max((p.gpu_memory(strategy, gpus, b, False), p.modality) for p, b in plans)
+            peak_ac = max(p.gpu_memory(strategy, gpus, b, True) for p, b in plans)
+            lines.append(f"  peak per GPU, {strategy:5s}:  {gib(peak)} (the {name} step; with activation "
+                         f"checkpointing {gib(peak_ac)})")
     return "\n".join(lines)

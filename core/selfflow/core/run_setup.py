@@ -94,6 +94,17 @@ def resolve_objectives(cfg: RunConfig, modalities: dict[str, Modality]) -> dict[
     return out
 
 
+def _check_one_conditioning(modalities: dict[str, Modality]) -> None:
+    """One backbone conditions every step the same way: a text-conditioned model needs a context on every
+    batch and a class-conditional one a label, so a mixture of captioned and class-labelled (or unconditioned)
+    modalities would fail on its first batch of the other kind."""
+    kinds = {n: "text" if m.context_dim else ("class" if m.num_classes else "none") for n, m in modalities.items()}
+    if len(set(kinds.values())) > 1:
+        raise ConfigError(f"the modalities of a mixed run must share one conditioning; got {kinds} (set "
+                          "`conditioning: text` and a caption source on every entry, e.g. image_text_shards for "
+                          "images, or class labels on every entry)")
+
+
 def _agreed(values: dict[str, int], what: str) -> int:
     distinct = {v for v in values.values() if v}
     if len(distinct) > 1:
@@ -106,6 +117,7 @@ def build_model_config(cfg: RunConfig, modalities: Modality | dict[str, Modality
     width, and (if the objective needs one) a projector."""
     if isinstance(modalities, Modality):
         modalities = {modalities.name: modalities}
+    _check_one_conditioning(modalities)
     update: dict[str, Any] = {
         "modalities": {n: m.token_channels for n, m in modalities.items()},
         "num_classes": _agreed({n: m.num_classes for n, m in modalities.items()}, "the number of classes"),

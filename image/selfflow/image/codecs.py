@@ -4,16 +4,19 @@ The modality (on-the-fly encoding and decoding of samples), ``selfflow prepare i
 prepare image-text`` all build their codec here, so a prepared latent and a latent encoded during training
 come from the same code path and live in the same *model space*: SD-VAE latents scaled by 0.18215, FLUX.2
 latents patchified 2×2 and BatchNorm-normalised, RAE latents normalised by the checkpoint's statistics,
-pixels in [-1, 1].
+pixels in [-1, 1]. Under :func:`selfflow.core.codec.shapes_only` a missing autoencoder folder stands in as
+its published shape (:data:`PUBLISHED_SHAPES`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from selfflow.core.codec import CodecShape, stands_in
 from selfflow.core.timesteps import TimestepDistribution, dimension_shift
 
 from .flux2_ae import Flux2AE
@@ -23,6 +26,21 @@ from .sd_vae import SD_VAE_SCALE, SDVAE, LatentCodec
 
 CodecName = Literal["pixel", "sd_vae", "flux2", "rae"]
 Autoencoder = SDVAE | Flux2AE | RAE
+
+
+@dataclass(frozen=True)
+class RAEShape(CodecShape):
+    image_size: int = 256  # the decoder's output size, the only one that round-trips (see rae.RAE.image_size)
+
+
+# The model-space latents of the published checkpoints (their config.json; shared/reference/modality-anchors.md):
+# SD-VAE 4 channels at 1/8; FLUX.2 32 raw channels at 1/8, 2×2-patchified to 128 at 1/16; RAE's DINOv2-B encoder
+# 768 channels, one per 16 output pixels (224 px in, patch 14 → 16×16 → 256 px out).
+PUBLISHED_SHAPES: dict[str, CodecShape] = {
+    "sd_vae": CodecShape("SD-VAE (stabilityai/sd-vae-ft-ema)", latent_channels=4, downsample=8),
+    "flux2": CodecShape("FLUX.2 autoencoder (black-forest-labs/FLUX.2-dev vae/)", latent_channels=128, downsample=16),
+    "rae": RAEShape("RAE (nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08)", latent_channels=768, downsample=16),
+}
 
 CLI_NAMES = {"sd-vae": "sd_vae", "sd_vae": "sd_vae", "flux2": "flux2", "rae": "rae", "pixel": "pixel"}
 
@@ -35,11 +53,14 @@ def codec_name(name: str) -> str:
 
 
 def load_autoencoder(codec: str, path: str | Path | None, device: torch.device | str = "cpu",
-                     scaling_factor: float = SD_VAE_SCALE) -> Autoencoder:
-    """The frozen autoencoder of ``codec`` (``sd_vae``, ``flux2`` or ``rae``) from a local diffusers folder."""
+                     scaling_factor: float = SD_VAE_SCALE) -> Autoencoder | CodecShape:
+    """The frozen autoencoder of ``codec`` (``sd_vae``, ``flux2`` or ``rae``) from a local diffusers folder (its
+    published shape under ``shapes_only()`` when the folder is absent)."""
     codec = codec_name(codec)
     if codec == "pixel":
         raise ValueError("codec pixel has no autoencoder")
+    if stands_in(path):
+        return PUBLISHED_SHAPES[codec]
     if not path:
         raise ValueError(f"codec {codec} needs vae_path (a local diffusers autoencoder directory)")
     if codec == "flux2":
@@ -61,9 +82,9 @@ def build_codec(codec: str, vae_path: str | Path | None, image_size: int, patch_
     return LatentCodec(vae, image_size, patch_size)
 
 
-def check_image_size(vae: Autoencoder, image_size: int) -> None:
+def check_image_size(vae: Autoencoder | CodecShape, image_size: int) -> None:
     """RAE's encoder resizes any input to its own size, so only the decoder's output size round-trips."""
-    if isinstance(vae, RAE) and image_size != vae.image_size:
+    if isinstance(vae, RAE | RAEShape) and image_size != vae.image_size:
         raise ValueError(f"codec rae needs image_size {vae.image_size} (its decoder's output size)")
 
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from selfflow.core.codec import shapes_only_active, stands_in
 from selfflow.core.data.indexed_stream import IndexedStream
 from selfflow.core.data.shard_format import shard_urls
 from selfflow.core.data.shard_stream import ShardStream
@@ -129,7 +130,7 @@ class ImageModality(CaptionedModalityMixin, Modality):
         self.repa = None
         if o.repa_encoder == "toy":
             self.repa = self._toy_repa(len(names))
-        elif o.repa_encoder:
+        elif o.repa_encoder and not stands_in(o.repa_encoder):  # (shapes_only: the targets are data, not model)
             from .repa_encoder import RepaEncoder
 
             self.repa = RepaEncoder(o.repa_encoder, o.repa_resolution, self.device)
@@ -153,7 +154,7 @@ class ImageModality(CaptionedModalityMixin, Modality):
         root = Path(o.shards)
         path = (root if root.is_dir() else root.parent) / "codec.json"  # latent_shards may name a glob
         if not path.is_file():
-            if isinstance(o, ImageTextShardsOptions) and o.sample_captions is None:
+            if isinstance(o, ImageTextShardsOptions) and o.sample_captions is None and not shapes_only_active():
                 raise FileNotFoundError(f"{path} not found: is {o.shards} a `selfflow prepare image-text` output? "
                                         "(to sample without the shards, set data.options.sample_captions)")
             # sampling a trained run where its shards are absent, or SD-VAE shards from before codec.json:

@@ -75,29 +75,51 @@ def pad_embeddings(items: list[torch.Tensor], dim: int, length: int | None = Non
     return out, mask
 
 
+def read_hf_config(model_dir: Path, layers: tuple[int, ...], max_length: int, missing: str = ""):
+    """``(config, dim, cache_id)`` of a local ``transformers`` model directory, from its ``config.json`` alone
+    (``dim`` = hidden size × stacked layers); ``missing`` replaces the download hint when it is absent."""
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"text encoder directory {model_dir} has no config.json. " + (missing or
+            "Download the model on a machine with network (e.g. `hf download google/t5-v1_1-base --local-dir DIR`, "
+            "or Qwen/Qwen3-0.6B) and point data.options.text.model_dir at it."))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # effective only before the first HF import
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    dim = getattr(config, "text_config", config).hidden_size * len(layers)
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:12]
+    return config, dim, f"hf:{model_dir.name}:{digest}:layers={list(layers)}:max={max_length}"
+
+
+class HFTextEncoderShape(TextEncoder):
+    """An ``hf`` encoder's shape under ``selfflow.core.codec.shapes_only()`` (``selfflow plan``): its width from
+    ``config.json``, no weights read; every caption becomes ``max_length`` zero vectors, the longest context
+    the run can see."""
+
+    def __init__(self, model_dir: str | Path, layers: tuple[int, ...] = (-1,), max_length: int = 64):
+        hint = ("Planning reads only that file (its hidden size is the context width): fetch it alone, e.g. "
+                f"`hf download google/t5-v1_1-xxl config.json --local-dir {model_dir}`.")
+        _, self.dim, self.cache_id = read_hf_config(Path(model_dir), tuple(layers), max_length, hint)
+        self.max_length = max_length
+
+    def encode_unpadded(self, texts: list[str]) -> list[torch.Tensor]:
+        return [torch.zeros(self.max_length, self.dim) for _ in texts]
+
+
 class HFTextEncoder(TextEncoder):
     """A ``transformers`` model from a local directory; stacked hidden states of ``layers``."""
 
     def __init__(self, model_dir: str | Path, layers: tuple[int, ...] = (-1,), max_length: int = 64,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(
-                f"text encoder directory {model_dir} has no config.json. Download the model on a machine "
-                "with network (e.g. `hf download google/t5-v1_1-base --local-dir DIR`, or "
-                "Qwen/Qwen3-0.6B) and point data.options.text.model_dir at it.")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # effective only before the first HF import
+        config, self.dim, self.cache_id = read_hf_config(model_dir, layers, max_length)
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
         cls = getattr(transformers, _ENCODER_ONLY.get(config.model_type, "AutoModel"))
         self.model = cls.from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype).to(device).eval()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.layers, self.max_length, self.device = tuple(layers), max_length, torch.device(device)
-        hidden = getattr(config, "text_config", config).hidden_size
-        self.dim = hidden * len(self.layers)
-        digest = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:12]
-        self.cache_id = f"hf:{model_dir.name}:{digest}:layers={list(self.layers)}:max={max_length}"
 
     @torch.no_grad()
     def encode_unpadded(self, texts: list[str]) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
+from selfflow.core.codec import stands_in
 from selfflow.core.data.indexed_stream import IndexedStream
 from selfflow.core.data.shard_format import read_codec_info, shard_urls
 from selfflow.core.data.shard_stream import ShardStream
@@ -71,7 +72,7 @@ class VideoModality(CaptionedModalityMixin, Modality):
         if o.dataset == "latent_shards":
             if o.codec == "pixel":
                 raise ValueError("dataset 'latent_shards' needs a Wan codec (codec: wan2.2 | wan2.1)")
-            self.shard_info = read_codec_info(o.shards, "video")
+            self.shard_info = self._read_shard_info()
         self.patch = tuple(o.patch or ((2, 4, 4) if o.codec == "pixel" else (1, 2, 2)))
         self.pixel = VideoPixelCodec(o.frames, o.image_size, self.patch) if o.codec == "pixel" else None
         self._wan = None
@@ -80,9 +81,28 @@ class VideoModality(CaptionedModalityMixin, Modality):
         mode = o.conditioning or ("class" if o.dataset == "synthetic_moving_shapes" else "text")
         self.conditioner = CaptionConditioner(mode, CAPTIONS, o.text, o.sample_captions)
 
+    def _read_shard_info(self) -> dict[str, Any]:
+        """``codec.json`` of the shards; under ``shapes_only()`` without it, the latent shape of the clip that
+        ``selfflow prepare video`` makes by default (the paper's 45 frames at 192×320)."""
+        o = self.options
+        if stands_in(o.shards, "codec.json"):
+            from .clips import ClipSpec
+
+            clip = ClipSpec()
+            return {"latent_shape": list(self.published_wan.latent_shape(clip.frames, clip.height, clip.width))}
+        return read_codec_info(o.shards, "video")
+
     # --- codec ------------------------------------------------------------------------------------
     @property
+    def published_wan(self):
+        from .wan_codec import PUBLISHED_SHAPES
+
+        return PUBLISHED_SHAPES[self.options.codec]
+
+    @property
     def wan(self):
+        if self._wan is None and stands_in(self.options.vae_dir):
+            self._wan = self.published_wan
         if self._wan is None:
             from .wan_codec import WanCodec
 

@@ -11,13 +11,14 @@ Shards store the raw mean, so the normalisation can change without re-encoding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from selfflow.core.codec import NormalizedVAE
+from selfflow.core.codec import CodecShape, NormalizedVAE
 
 # Where the diffusers-format weights are published (the `vae/` folder of these repos).
 WEIGHTS = {
@@ -26,7 +27,38 @@ WEIGHTS = {
 }
 
 
-class WanCodec(NormalizedVAE):
+class WanGeometry:
+    """The latent grid of a Wan VAE: ``latent_channels`` and ``compression`` = (time, height, width)."""
+
+    latent_channels: int
+    compression: tuple[int, int, int]
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        ct, ch, cw = self.compression
+        self.check_input(frames, height, width)
+        return (self.latent_channels, (frames - 1) // ct + 1, height // ch, width // cw)
+
+    def check_input(self, frames: int, height: int, width: int) -> None:
+        ct, ch, cw = self.compression
+        if (frames - 1) % ct or height % ch or width % cw:
+            raise ValueError(f"Wan VAE input needs {ct}k+1 frames and sizes divisible by {ch}; got "
+                             f"{frames} frames of {height}×{width}")
+
+
+@dataclass(frozen=True)
+class WanShape(WanGeometry, CodecShape):
+    """A published Wan VAE's shape, standing in for it under ``shapes_only()``."""
+
+    compression: tuple[int, int, int] = (4, 16, 16)
+
+
+PUBLISHED_SHAPES = {
+    "wan2.2": WanShape("Wan2.2 VAE (Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/)", 48, 16, (4, 16, 16)),
+    "wan2.1": WanShape("Wan2.1 VAE (Wan-AI/Wan2.1-T2V-1.3B-Diffusers vae/)", 16, 8, (4, 8, 8)),
+}
+
+
+class WanCodec(WanGeometry, NormalizedVAE):
     """``(B, 3, F, H, W)`` video in [-1, 1] ↔ normalised latents ``(B, C, (F−1)/ct + 1, H/cs, W/cs)``."""
 
     def __init__(self, vae: nn.Module):
@@ -52,22 +84,11 @@ class WanCodec(NormalizedVAE):
 
         vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
         codec = cls(vae)
-        expected = {"wan2.2": (4, 16, 16), "wan2.1": (4, 8, 8)}.get(version)
+        expected = PUBLISHED_SHAPES[version].compression if version in PUBLISHED_SHAPES else None
         if expected is not None and codec.compression != expected:
             raise ValueError(f"{path} holds a VAE with compression {codec.compression}, but codec {version!r} "
                              f"compresses {expected} (Wan2.2: 48 channels, 4×16×16; Wan2.1: 16, 4×8×8)")
         return codec
-
-    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        ct, ch, cw = self.compression
-        self.check_input(frames, height, width)
-        return (self.latent_channels, (frames - 1) // ct + 1, height // ch, width // cw)
-
-    def check_input(self, frames: int, height: int, width: int) -> None:
-        ct, ch, cw = self.compression
-        if (frames - 1) % ct or height % ch or width % cw:
-            raise ValueError(f"Wan VAE input needs {ct}k+1 frames and sizes divisible by {ch}; got "
-                             f"{frames} frames of {height}×{width}")
 
     @torch.no_grad()
     def encode_raw(self, video: torch.Tensor) -> torch.Tensor:
