@@ -8,10 +8,9 @@ autograd keeps for backward are summed per block and outside the blocks (paramet
 counted once). Attention is counted as the flash / memory-efficient SDPA kernels (CUDA, and PyTorch's CPU flash
 kernel) keep it: q, k, v, the output and ``O(L)`` statistics, no ``(L, L)`` matrices
 (:class:`FlashAttentionSaves`). Activation checkpointing keeps each block's input plus one block's activations
-while it is recomputed; backward holds about two more blocks' worth of gradients. The step's transient memory (what
-the CPU bench measures as peak − resident before the step) is the larger of the activations and the gradients
-(backward frees the one as it fills the other) plus the teacher's no-grad forward (one block's largest intermediate
-and the captured features).
+while it is recomputed; backward holds about half a block's worth of gradients more. The step's transient memory
+(peak − allocated before the step) is the larger of the activations and the gradients (backward frees the one as it
+fills the other) plus the teacher's no-grad forward (one block's largest intermediate and the captured features).
 
 Persistent state per parameter: fp32 weights, gradients, two AdamW moments and the fp32 EMA (20 bytes); DDP adds
 its gradient buckets (4 bytes); FSDP2 shards all of it over the GPUs and all-gathers two blocks' parameters at a
@@ -19,8 +18,9 @@ time. Under bf16 the profiling forward runs with autocast's casts emulated (``to
 tensors, see :class:`MetaAutocast`), so the saved bytes are those of a bf16 step: matrix products and attention
 save bf16 copies of their inputs, the fp32 residual stream and what it feeds stay fp32. Autocast's bf16 copy of
 every weight (2 bytes per parameter, made once per step and kept by backward) is counted apart, in the step and in
-what the largest batch must leave free. Accuracy against ``benchmarks/memory.py``'s peak-RSS method on the CPU: see
-``core/tests/test_plan.py`` (within 15 % of the measured step transient).
+what the largest batch must leave free. Accuracy: within 15 % of the live-tensor peak of real CPU steps
+(:func:`live_peak_bytes`, the quantity a GPU reports as ``max_memory_allocated``), with and without activation
+checkpointing, fp32 and bf16 (``core/tests/test_plan.py``).
 """
 
 from __future__ import annotations
@@ -56,11 +56,14 @@ class ActivationProfile:
     largest_intermediate: int  # the biggest tensor one block produces (the teacher's no-grad transient)
 
     def per_sample(self, checkpointing: bool) -> int:
-        # Backward of a block holds gradients of about two blocks' saved activations (its own, and those
-        # flowing into it), measured: one block read 0.85-0.94x the CPU step (fp32), two 0.90-1.13x (docs/BENCHMARKS.md).
+        """Activation bytes per sample at the step's peak. Backward's gradient buffers outgrow what it frees by
+        0-0.4 of a block on the CPU cases (the block it runs frees its saved tensors as it fills them): half a
+        block is counted. With activation checkpointing what is saved is each block's input, plus the one
+        block being recomputed. Against the live-tensor peak of CPU steps: docs/BENCHMARKS.md, "The planner
+        against live tensor bytes"."""
         if not checkpointing:
-            return self.outside + sum(self.blocks) + 2 * max(self.blocks)
-        return self.outside + sum(self.block_inputs) + 3 * max(self.blocks)
+            return self.outside + sum(self.blocks) + max(self.blocks) // 2
+        return self.outside + sum(self.block_inputs) + max(self.blocks)
 
 
 class MetaAutocast(TorchFunctionMode):
@@ -196,10 +199,15 @@ class Plan:
         return 2 * self.params if self.bf16 else 0
 
     def step_transient(self, batch: int, checkpointing: bool = False) -> float:
-        """Peak − resident memory of one step (activations or gradients, plus the teacher's forward and the
-        weights' bf16 copies)."""
-        return (max(self.activations(batch, checkpointing), self.grad_bytes) + batch * self.teacher_bytes
-                + self.weight_casts)
+        """Peak − resident memory of one step: activations or gradients (backward frees the one as it fills the
+        other), plus the teacher's forward and the weights' bf16 copies. With activation checkpointing the
+        gradients trade places with the saved block inputs while the recomputed block and what is saved outside
+        the blocks stay; autocast copies one block's weights at a time there (the forward's copies are gone)."""
+        if checkpointing:
+            p = self.profile
+            return (batch * (p.outside + max(p.blocks)) + max(batch * sum(p.block_inputs), self.grad_bytes)
+                    + self.weight_casts / len(p.blocks))
+        return max(self.activations(batch, False), self.grad_bytes) + batch * self.teacher_bytes + self.weight_casts
 
     def step_peak(self, batch: int, checkpointing: bool = False) -> float:
         """Peak memory of one unwrapped step on one device: fp32 weights, AdamW moments and EMA (16 bytes per
@@ -273,6 +281,25 @@ def plan_model(name: str, model: nn.Module, x: torch.Tensor, ids: torch.Tensor, 
     teacher = (profile.largest_intermediate + profile.block_inputs[0]) if uses_teacher else 0
     return Plan(name, params, length, train_step_flops(model, length, n_context, teacher_layer),
                 profile, 4 * params, teacher, bf16, modality)
+
+
+def live_peak_bytes(step: Callable[[], object]) -> int:
+    """Peak of the bytes held by live tensors while ``step`` runs, above those held before it: the torch profiler's
+    allocation and free events (every tensor allocation through torch's CPU allocator), summed in time order. This
+    is the quantity a GPU reports as ``torch.cuda.max_memory_allocated`` minus what was allocated before; unlike
+    the peak RSS (``benchmarks/memory.py``) it holds no allocator overhead (free lists, fragmentation), which
+    grows with the churn of activation checkpointing's recomputation. What the plan is checked against."""
+    from torch.profiler import ProfilerActivity, profile  # imported here: only the checks measure
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
 
 
 def format_plans(plans: list[tuple[Plan, int]], gpus: int, gpu_mem_gb: float) -> str:
