@@ -156,6 +156,17 @@ def test_a_bf16_plan_counts_every_block_alike():
     assert len(set(plan.profile.blocks[1:])) == 1
 
 
+def test_fsdp2_in_bf16_gathers_bf16_blocks_and_makes_no_weight_copies():
+    """parallel.shard_fsdp2's MixedPrecisionPolicy gathers bf16 parameters: autocast finds nothing to copy."""
+    fp32 = make_plan(load_config(CONFIG, []))
+    bf16 = make_plan(load_config(CONFIG, ["train.precision=bf16"]))
+    blocks = len(bf16.profile.blocks)
+    assert bf16.state("fsdp2", 8) == pytest.approx(20 * bf16.params / 8 + 2 * 2 * bf16.params / blocks)
+    assert fp32.state("fsdp2", 8) == pytest.approx(20 * fp32.params / 8 + 2 * 4 * fp32.params / blocks)
+    empty = {s: bf16.gpu_memory(s, 8, 0, False) for s in ("ddp", "fsdp2")}
+    assert empty["ddp"] == bf16.state("ddp", 8) + bf16.weight_casts and empty["fsdp2"] == bf16.state("fsdp2", 8)
+
+
 def test_meta_autocast_casts_the_matrix_products_only():
     linear = torch.nn.Linear(8, 4, device="meta")
     params = {p.untyped_storage()._cdata for p in linear.parameters()}

@@ -215,17 +215,20 @@ class Plan:
         return 16 * self.params + self.step_transient(batch, checkpointing)
 
     def state(self, strategy: str, gpus: int) -> float:
-        """Weights + gradients + AdamW + EMA per GPU (FSDP2: sharded, plus two gathered blocks)."""
+        """Weights + gradients + AdamW + EMA per GPU (FSDP2: sharded, plus two gathered blocks, in bf16 under
+        its bf16 mixed-precision policy)."""
         per_param = STATE_BYTES[strategy] * self.params
         if strategy == "ddp":
             return per_param
-        gathered = 2 * 4 * self.params / max(1, len(self.profile.blocks))
+        gathered = 2 * (2 if self.bf16 else 4) * self.params / max(1, len(self.profile.blocks))
         return per_param / gpus + gathered
 
     def gpu_memory(self, strategy: str, gpus: int, batch: int, checkpointing: bool) -> float:
-        """Bytes per GPU at micro-batch ``batch``: state, the weights' bf16 copies, activations and the
-        teacher's forward (what :meth:`largest_batch` fits)."""
-        return (self.state(strategy, gpus) + self.weight_casts
+        """Bytes per GPU at micro-batch ``batch``: state, the weights' bf16 copies (DDP's autocast; FSDP2
+        gathers bf16 parameters, so autocast has nothing to copy), activations and the teacher's forward (what
+        :meth:`largest_batch` fits)."""
+        casts = self.weight_casts if strategy == "ddp" else 0
+        return (self.state(strategy, gpus) + casts
                 + batch * (self.activations(1, checkpointing) + self.teacher_bytes))
 
     def largest_batch(self, strategy: str, gpus: int, gpu_mem: float, checkpointing: bool) -> int:
