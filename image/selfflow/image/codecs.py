@@ -85,7 +85,8 @@ def build_codec(codec: str, vae_path: str | Path | None, image_size: int, patch_
 def check_image_size(vae: Autoencoder | CodecShape, image_size: int) -> None:
     """RAE's encoder resizes any input to its own size, so only the decoder's output size round-trips."""
     if isinstance(vae, RAE | RAEShape) and image_size != vae.image_size:
-        raise ValueError(f"codec rae needs image_size {vae.image_size} (its decoder's output size)")
+        assumed = " — the published RAE's, assumed because its folder is absent" if isinstance(vae, RAEShape) else ""
+        raise ValueError(f"codec rae needs image_size {vae.image_size} (its decoder's output size{assumed})")
 
 
 def latent_shape(vae: Autoencoder | None, image_size: int) -> tuple[int, int, int]:
