@@ -167,6 +167,17 @@ def test_fsdp2_in_bf16_gathers_bf16_blocks_and_makes_no_weight_copies():
     assert empty["ddp"] == bf16.state("ddp", 8) + bf16.weight_casts and empty["fsdp2"] == bf16.state("fsdp2", 8)
 
 
+def test_live_peak_counts_the_tensors_held_at_once_not_all_allocated():
+    def step():
+        a = torch.empty(1_000_000)  # 4 MB
+        b = torch.empty(2_000_000)  # 8 MB, with a: the peak
+        del a
+        c = torch.empty(500_000)  # 2 MB, after a is freed
+        return b.sum() + c.sum()
+
+    assert live_peak_bytes(step) == 12_000_000  # a and b; c and the sums come after a is freed
+
+
 def test_meta_autocast_casts_the_matrix_products_only():
     linear = torch.nn.Linear(8, 4, device="meta")
     params = {p.untyped_storage()._cdata for p in linear.parameters()}

@@ -242,9 +242,9 @@ def make_plans(cfg) -> list[tuple[Plan, int]]:
     """One plan per modality of a run config, each with the micro-batch the config gives it (a mixed run
     steps on one modality at a time). The run is built on the meta device under
     :func:`~selfflow.core.codec.shapes_only`, so no autoencoder, text-encoder weights or shards are needed."""
+    batches = {e.modality: e.batch_size or cfg.train.batch_size for e in cfg.data.entries()}
     with shapes_only():
         run = build_run(cfg, device="meta")
-        batches = {e.modality: e.batch_size or cfg.train.batch_size for e in cfg.data.entries()}
         plans = []
         for name, modality in run.modalities.items():
             with torch.device("meta"):
@@ -254,7 +254,7 @@ def make_plans(cfg) -> list[tuple[Plan, int]]:
             cond, _, _ = modality.sample_conditions(1, "cpu")
             cond = Conditioning(**{k: v.to("meta") for k, v in cond if v is not None})
             plan = plan_model(cfg.name, run.backbone, x, ids, cond, run.objectives[name],
-                              cfg.train.precision == "bf16", modality=name if run.mixed else None)
+                              cfg.train.precision == "bf16", modality=name)
             plans.append((plan, batches[name]))
     return plans
 
