@@ -125,9 +125,9 @@ def train_case(arch: str, kind: str, compile_blocks: bool, checkpointing: bool, 
             "plan_gib": planned_peak(arch, kind, checkpointing, sizes) / 2**30}
 
 
-def planned_peak(arch: str, kind: str, checkpointing: bool, sizes: Sizes) -> float:
-    """What ``selfflow plan`` predicts for this case's peak memory (bytes): the same model built on the meta
-    device, profiled by :func:`selfflow.core.plan.plan_model` (bf16)."""
+def case_plan(arch: str, kind: str, sizes: Sizes):
+    """``selfflow plan``'s :class:`~selfflow.core.plan.Plan` of a case: the same model built on the meta device,
+    profiled by :func:`selfflow.core.plan.plan_model` (bf16)."""
     from selfflow.core.objective import ObjectiveConfig
     from selfflow.core.plan import plan_model
     from selfflow.core.timesteps import TimestepDistribution
@@ -139,7 +139,28 @@ def planned_peak(arch: str, kind: str, checkpointing: bool, sizes: Sizes) -> flo
     with torch.device("meta"):
         x, ids = torch.zeros(1, g * g, 16), grid_ids(1, g, g, 1, "meta")
         cond = conditioning(model, 1, sizes, "meta")[0]
-    return plan_model(f"{arch} {kind}", model, x, ids, cond, obj, bf16=True).step_peak(sizes.batch, checkpointing)
+    return plan_model(f"{arch} {kind}", model, x, ids, cond, obj, bf16=True)
+
+
+def planned_peak(arch: str, kind: str, checkpointing: bool, sizes: Sizes) -> float:
+    """What ``selfflow plan`` predicts for this case's peak memory (bytes)."""
+    return case_plan(arch, kind, sizes).step_peak(sizes.batch, checkpointing)
+
+
+SMALLEST_BATCH = 8
+HEADROOM = 0.85  # of the GPU's memory: the rest for the CUDA context, cuBLAS workspaces, allocator fragmentation
+
+
+def sized_to_memory(sizes: Sizes, memory_bytes: float, headroom: float = HEADROOM) -> Sizes:
+    """``sizes`` with its training batch sized to the GPU: halved from ``sizes.batch`` until ``selfflow plan``
+    predicts that the eager Self-Flow step (the heavier objective) of both models fits in ``headroom`` of
+    ``memory_bytes``, down to 8 at the least (below that a GPU is not worth timing; a case that then runs out
+    of memory is recorded as such). A 40 GB card gets a batch that runs instead of eight out-of-memory rows."""
+    plans = [case_plan(arch, "self_flow", sizes) for arch in ("dit", "mmdit")]
+    batch = sizes.batch
+    while batch > SMALLEST_BATCH and max(p.step_peak(batch) for p in plans) > headroom * memory_bytes:
+        batch //= 2
+    return replace(sizes, batch=batch)
 
 
 def sampling_case(sizes: Sizes) -> dict:
@@ -320,7 +341,13 @@ def main() -> int:
         print(_row_line(row, peak) if section == "train" else f"{section}: {row}", flush=True)
         OUT.write_text(json.dumps({**info, **so_far, "complete": False}, indent=1))
 
-    result = measure(Sizes(), budget_s=budget, on_row=on_row)
+    memory = torch.cuda.get_device_properties(0).total_memory
+    sizes = sized_to_memory(Sizes(batch=int(os.environ.get("GPU_CHECK_BATCH", "64"))), memory)
+    info.update(gpu_memory_gib=memory / 2**30, batch=sizes.batch)
+    print(f"training batch {sizes.batch}: the largest (halving from GPU_CHECK_BATCH, default 64) at which selfflow "
+          f"plan fits both models' Self-Flow step in {100 * HEADROOM:.0f} % of {memory / 2**30:.0f} GiB", flush=True)
+
+    result = measure(sizes, budget_s=budget, on_row=on_row)
     print()
     print_table(result, peak)
     targets = judge(result, peak)

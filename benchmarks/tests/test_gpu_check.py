@@ -41,6 +41,29 @@ def test_the_measuring_code_runs_tiny_on_the_cpu():
     assert pair["ours_s"] > 0 and pair["naive_s"] > 0 and pair["flop_bound"] > 1
 
 
+def test_the_batch_is_sized_to_the_gpu_by_the_plan():
+    """The training batch halves from 64 until selfflow plan fits both models' Self-Flow step in 85 % of the
+    GPU's memory, and stops at 8; the other sizes are kept."""
+    sys.path.insert(0, str(ROOT))
+    from dataclasses import replace
+
+    from benchmarks.gpu_check import HEADROOM, Sizes, case_plan, sized_to_memory
+
+    sizes = replace(Sizes.smoke(), batch=64)
+    plans = [case_plan(arch, "self_flow", sizes) for arch in ("dit", "mmdit")]
+
+    def need(batch: int) -> float:  # the memory at which ``batch`` just fits
+        return max(p.step_peak(batch) for p in plans) / HEADROOM
+
+    assert sized_to_memory(sizes, need(64)) == sizes  # fits: unchanged (never raised above the start)
+    assert sized_to_memory(sizes, 100 * need(64)).batch == 64
+    assert sized_to_memory(sizes, need(16) * 1.001).batch == 16
+    assert sized_to_memory(sizes, need(16) * 0.999).batch == 8
+    assert sized_to_memory(sizes, 1.0).batch == 8  # nothing fits: the smallest batch, left to be measured or fail
+    assert sized_to_memory(Sizes.smoke(), 1.0).batch == 2  # a start below 8 is kept
+    assert sized_to_memory(sizes, need(16)).sample_batch == sizes.sample_batch
+
+
 def test_a_failing_case_is_recorded_and_the_rest_still_run(monkeypatch, capsys):
     """One GPU run is all there is: an error in one case (out of memory, a compile error) must not lose the
     others, and once the time budget is spent the remaining cases are recorded as skipped."""
