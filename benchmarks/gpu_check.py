@@ -148,17 +148,19 @@ def planned_peak(arch: str, kind: str, checkpointing: bool, sizes: Sizes) -> flo
 
 
 SMALLEST_BATCH = 8
-HEADROOM = 0.85  # of the GPU's memory: the rest for the CUDA context, cuBLAS workspaces, allocator fragmentation
 
 
-def sized_to_memory(sizes: Sizes, memory_bytes: float, headroom: float = HEADROOM) -> Sizes:
+def sized_to_memory(sizes: Sizes, memory_bytes: float) -> Sizes:
     """``sizes`` with its training batch sized to the GPU: halved from ``sizes.batch`` until ``selfflow plan``
-    predicts that the eager Self-Flow step (the heavier objective) of both models fits in ``headroom`` of
-    ``memory_bytes``, down to 8 at the least (below that a GPU is not worth timing; a case that then runs out
-    of memory is recorded as such). A 40 GB card gets a batch that runs instead of eight out-of-memory rows."""
+    predicts that the eager Self-Flow step (the heavier objective) of both models fits in the share of
+    ``memory_bytes`` a plan may fill (``plan.USABLE_FRACTION``, as ``selfflow plan``'s largest batch), down to 8
+    at the least (below that a GPU is not worth timing; a case that then runs out of memory is recorded as
+    such). A 40 GB card gets a batch that runs instead of a table of out-of-memory rows."""
+    from selfflow.core.plan import USABLE_FRACTION
+
     plans = [case_plan(arch, "self_flow", sizes) for arch in ("dit", "mmdit")]
     batch = sizes.batch
-    while batch > SMALLEST_BATCH and max(p.step_peak(batch) for p in plans) > headroom * memory_bytes:
+    while batch > SMALLEST_BATCH and max(p.step_peak(batch) for p in plans) > USABLE_FRACTION * memory_bytes:
         batch //= 2
     return replace(sizes, batch=batch)
 
@@ -341,11 +343,13 @@ def main() -> int:
         print(_row_line(row, peak) if section == "train" else f"{section}: {row}", flush=True)
         OUT.write_text(json.dumps({**info, **so_far, "complete": False}, indent=1))
 
+    from selfflow.core.plan import USABLE_FRACTION
+
     memory = torch.cuda.get_device_properties(0).total_memory
     sizes = sized_to_memory(Sizes(batch=int(os.environ.get("GPU_CHECK_BATCH", "64"))), memory)
     info.update(gpu_memory_gib=memory / 2**30, batch=sizes.batch)
     print(f"training batch {sizes.batch}: the largest (halving from GPU_CHECK_BATCH, default 64) at which selfflow "
-          f"plan fits both models' Self-Flow step in {100 * HEADROOM:.0f} % of {memory / 2**30:.0f} GiB", flush=True)
+          f"plan fits both models' Self-Flow step in {100 * USABLE_FRACTION:.0f} % of {memory / 2**30:.0f} GiB", flush=True)
 
     result = measure(sizes, budget_s=budget, on_row=on_row)
     print()

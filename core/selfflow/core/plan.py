@@ -43,6 +43,9 @@ from .tokens import Conditioning
 
 GIB = 2**30
 STATE_BYTES = {"ddp": 20 + 4, "fsdp2": 20}  # per parameter: weights, grads, AdamW m and v, EMA (+ DDP buckets)
+# Of a GPU's memory, what a plan may fill: the rest is for the CUDA context, cuBLAS / attention workspaces and the
+# caching allocator's fragmentation (what ``max_memory_allocated`` does not count).
+USABLE_FRACTION = 0.9
 
 
 @dataclass
@@ -232,10 +235,10 @@ class Plan:
                 + batch * (self.activations(1, checkpointing) + self.teacher_bytes))
 
     def largest_batch(self, strategy: str, gpus: int, gpu_mem: float, checkpointing: bool) -> int:
-        """The largest micro-batch whose state + activations fit ``gpu_mem`` bytes (90 % usable)."""
+        """The largest micro-batch whose state + activations fit ``gpu_mem`` bytes (:data:`USABLE_FRACTION`)."""
         empty = self.gpu_memory(strategy, gpus, 0, checkpointing)
         per_sample = self.gpu_memory(strategy, gpus, 1, checkpointing) - empty
-        return max(0, int((0.9 * gpu_mem - empty) // per_sample))
+        return max(0, int((USABLE_FRACTION * gpu_mem - empty) // per_sample))
 
 
 def make_plans(cfg) -> list[tuple[Plan, int]]:
