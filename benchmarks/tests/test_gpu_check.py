@@ -37,6 +37,8 @@ def test_the_measuring_code_runs_tiny_on_the_cpu():
         assert plan[arch, True, "self_flow"] <= plan[arch, False, "self_flow"]  # equal when gradients dominate
     sampling = result["sampling"]
     assert sampling["images_per_s"] > 0 and sampling["ratio_to_bound"] > 0
+    # the bound counts each call at its batch: 3 SDE steps at RF t = 1, ~0.52, 0.04, guided on [0, 0.7]
+    assert (sampling["model_calls"], sampling["guided_calls"]) == (3, 2)
     pair = result["xl2_vs_naive"]  # ours vs the naive official-class step, bf16, against its FLOP bound
     assert pair["ours_s"] > 0 and pair["naive_s"] > 0 and pair["flop_bound"] > 1
 
