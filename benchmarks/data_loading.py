@@ -1,5 +1,6 @@
 """Data-loading benchmarks: video clip decode (decord vs PyAV) and latent shard reads (webdataset tar vs
-one ``.npy`` file per sample), in samples/s. Inputs are generated in a temporary directory (so they sit in
+one ``.npy`` file per sample), in samples/s; and the ImageNet stream's read rate that ``make gpu-check`` sets
+against the training step. Inputs are generated in a temporary directory (so they sit in
 the page cache: these are decode/parse costs, not disk speed)."""
 
 from __future__ import annotations
@@ -76,6 +77,49 @@ def bench_video_decode(tmp: Path, quick: bool) -> list[Row]:
     rows.append(Row(f"video decode all {VIDEO_FRAMES} frames sequentially: decord vs PyAV",
                     VIDEO_FRAMES / t_d, VIDEO_FRAMES / t_p, t_p / t_d, None, "frames/s"))
     return rows
+
+
+def write_imagenet_shards(out: Path, n: int, side: int = 32) -> None:
+    """``n`` samples as ``selfflow prepare imagenet --flip`` writes them with the SD-VAE, 256 per shard: moments
+    ``(8, side, side)`` float32 (mean, then std) and the mirrored image's, and a class label."""
+    import webdataset as wds
+
+    from selfflow.core.data.shard_format import npy_bytes
+
+    rng = np.random.default_rng(0)
+    for first in range(0, n, 256):
+        with wds.TarWriter(str(out / f"shard-{first // 256:06d}.tar")) as sink:
+            for i in range(first, min(n, first + 256)):
+                mean = rng.standard_normal((4, side, side), dtype=np.float32)
+                moments = np.concatenate([mean, np.full_like(mean, 0.1)])
+                sink.write({"__key__": f"{i:08d}", "moments.npy": npy_bytes(moments, np.float32),
+                            "moments_flip.npy": npy_bytes(moments[..., ::-1], np.float32),
+                            "cls": str(i % 1000).encode()})
+
+
+def imagenet_read_rate(shard_dir: Path, batch: int, workers: int, device: str, batches: int) -> float:
+    """Steady samples/s of the trainer's ImageNet stream over ``shard_dir`` (latents drawn from the moments,
+    random flip, shuffle buffer) with ``workers`` DataLoader workers, each batch moved to ``device`` as the
+    trainer moves it (pinned first on CUDA), over ``batches`` batches after the first (the workers' start-up)."""
+    from selfflow.core.data.pinning import batch_to_device, pin_batch, resolve_pin_memory
+    from selfflow.image.latent_shards import imagenet_stream
+
+    pin = resolve_pin_memory("auto", torch.device(device))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    stream = iter(imagenet_stream(str(shard_dir), batch, seed=0, rank=0, world_size=1, flip=True,
+                                  num_workers=workers))
+
+    def take() -> None:
+        b = next(stream)
+        batch_to_device(pin_batch(b) if pin else b, device)
+
+    take()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        take()
+    sync()
+    return batches * batch / (time.perf_counter() - t0)
 
 
 def bench_shard_read(tmp: Path, quick: bool) -> list[Row]:

@@ -41,6 +41,8 @@ class Sizes:
     sample_batch: int = 64
     sample_steps: int = 250
     reps: int = 5
+    loader_samples: int = 2048  # ImageNet-recipe latent shards written for the data-loader case
+    loader_workers: tuple[int, ...] = (1, 2, 4)
     # The 625M MMDiT is the paper's text-conditioned model (T5-XXL width 4096): captions of this many tokens
     # (the text encoder's default max_length), with a context mask as label dropout makes it.
     context_tokens: int = 64
@@ -49,7 +51,8 @@ class Sizes:
     @classmethod
     def smoke(cls) -> Sizes:
         return cls(device="cpu", presets={"dit": "tiny", "mmdit": "tiny"}, batch=2, grid=4, sample_batch=2,
-                   sample_steps=3, reps=1, context_tokens=8, mmdit_options={"context_dim": 32})
+                   sample_steps=3, reps=1, context_tokens=8, mmdit_options={"context_dim": 32}, loader_samples=32,
+                   loader_workers=(1,))
 
 
 def bf16_matmul_tflops(n: int = 8192, device: str = "cuda") -> float:
@@ -209,6 +212,29 @@ def xl2_vs_naive_case(sizes: Sizes) -> dict:
             "ratio": t_naive / t_ours, "flop_bound": f_naive / f_ours, "peak_gib": peak_gib(dev)}
 
 
+def loader_case(sizes: Sizes, train_rows: list[dict]) -> dict:
+    """Issue 18's data loader on the GPU node, against what its training step consumes: SiT-XL/2's ImageNet
+    latent shards read by the trainer's stream with N DataLoader workers, pinned and copied to the GPU
+    (``data_loading.imagenet_read_rate``); steady samples/s, per worker, and the workers the fastest SiT-XL/2
+    step measured above needs."""
+    import math
+    import tempfile
+
+    from benchmarks.data_loading import imagenet_read_rate, write_imagenet_shards
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_imagenet_shards(Path(tmp), sizes.loader_samples, side=2 * sizes.grid)
+        batches = max(8, 2 * sizes.loader_samples // sizes.batch)  # two epochs: every worker reaches its shards
+        rates = {w: imagenet_read_rate(Path(tmp), sizes.batch, w, sizes.device, batches)
+                 for w in sizes.loader_workers}
+    consumed = max((r["images_per_s"] for r in train_rows if r.get("arch") == "dit" and "images_per_s" in r),
+                   default=None)
+    per_worker = max(rate / w for w, rate in rates.items())
+    return {"samples_per_s": {str(w): r for w, r in rates.items()}, "per_worker": per_worker,
+            "pinned": sizes.device == "cuda", "step_images_per_s": consumed,
+            "workers_needed": None if consumed is None else math.ceil(consumed / per_worker)}
+
+
 CASES = ((False, False), (True, False), (False, True))  # (compile, activation checkpointing), most wanted first
 
 
@@ -218,13 +244,14 @@ def measure(sizes: Sizes, compile_modes: tuple[bool, ...] = (False, True), budge
 
     A GPU is lent for minutes, once: a case that fails (an out-of-memory batch, a compile error of the machine's
     torch) is recorded with its error and the others still run; once ``budget_s`` seconds have passed the
-    remaining cases are recorded as skipped. Eager steps, sampling and the XL/2 ours-vs-naive pair run first, then
+    remaining cases are recorded as skipped. Eager steps, sampling, the XL/2 ours-vs-naive pair and the data
+    loader run first, then
     compiled, then activation-checkpointed steps. ``on_row(section, row, result)`` sees each row as it is done,
     with the result so far."""
     from selfflow.core.faults import error_line
 
     start = time.perf_counter()
-    result: dict = {"train": [], "sampling": None, "xl2_vs_naive": None}
+    result: dict = {"train": [], "sampling": None, "xl2_vs_naive": None, "loader": None}
 
     def run(section: str, fn: Callable[[], dict], **what) -> None:
         if budget_s is not None and time.perf_counter() - start > budget_s:
@@ -254,6 +281,7 @@ def measure(sizes: Sizes, compile_modes: tuple[bool, ...] = (False, True), budge
         if result["sampling"] is None:
             run("sampling", partial(sampling_case, sizes))
             run("xl2_vs_naive", partial(xl2_vs_naive_case, sizes))
+            run("loader", partial(loader_case, sizes, result["train"]))
     return result
 
 
@@ -286,7 +314,7 @@ def print_table(result: dict, peak: float) -> None:
                   f"plan {r['plan_gib']:6.1f}  measured {r['peak_gib']:6.1f}  "
                   f"({100 * (r['plan_gib'] / r['peak_gib'] - 1):+.0f} %)")
     if "images_per_s" in sampling:
-        print(f"SiT-XL/2 SDE 250 steps, CFG 1.5 on [0, 0.7]: {sampling['images_per_s']:.2f} img/s "
+        print(f"SiT-XL/2 SDE {sampling['model_calls']} steps, CFG 1.5 on [0, 0.7]: {sampling['images_per_s']:.2f} img/s "
               f"({100 * sampling['ratio_to_bound']:.0f}% of the bound of its model calls alone, "
               f"{sampling['guided_calls']} of {sampling['model_calls']} guided at twice the batch)")
     else:
@@ -298,6 +326,16 @@ def print_table(result: dict, peak: float) -> None:
               f"(FLOP bound {pair['flop_bound']:.2f}x)")
     elif pair:
         print(f"SiT-XL/2 ours vs naive not measured: {pair.get('error') or pair.get('skipped')}")
+    loader = result.get("loader") or {}
+    if "per_worker" in loader:
+        rates = ", ".join(f"{w} worker(s) {r:,.0f}" for w, r in loader["samples_per_s"].items())
+        need = ("" if loader["workers_needed"] is None else
+                f"; the fastest SiT-XL/2 step consumes {loader['step_images_per_s']:,.0f} images/s: "
+                f"{loader['workers_needed']} worker(s) per GPU keep it fed")
+        print(f"data loader (ImageNet latent shards, flip, {'pinned → GPU' if loader['pinned'] else 'no pinning'}), "
+              f"samples/s: {rates}{need}")
+    elif loader:
+        print(f"data loader not measured: {loader.get('error') or loader.get('skipped')}")
 
 
 def judge(result: dict, peak: float) -> list[dict]:
@@ -365,7 +403,8 @@ def main() -> int:
     print("issue 18's GPU targets:")
     print_targets(targets)
     OUT.write_text(json.dumps({**info, **result, "targets": targets, "complete": True}, indent=1))
-    failed = [r for r in [*result["train"], result["sampling"], result["xl2_vs_naive"]] if r and "error" in r]
+    failed = [r for r in [*result["train"], result["sampling"], result["xl2_vs_naive"], result["loader"]]
+              if r and "error" in r]
     print(f"wrote {OUT}" + (f"; {len(failed)} case(s) failed" if failed else ""))
     return 1 if failed else 0
 

@@ -41,6 +41,12 @@ def test_the_measuring_code_runs_tiny_on_the_cpu():
     assert (sampling["model_calls"], sampling["guided_calls"]) == (3, 2)
     pair = result["xl2_vs_naive"]  # ours vs the naive official-class step, bf16, against its FLOP bound
     assert pair["ours_s"] > 0 and pair["naive_s"] > 0 and pair["flop_bound"] > 1
+    # the ImageNet stream with a DataLoader worker against the fastest SiT step measured before it
+    loader = result["loader"]
+    assert loader["samples_per_s"]["1"] > 0 and loader["per_worker"] == loader["samples_per_s"]["1"]
+    fastest = max(r["images_per_s"] for r in rows if r["arch"] == "dit" and not r["checkpointing"])
+    assert loader["step_images_per_s"] == fastest and not loader["pinned"]
+    assert loader["workers_needed"] == -(-fastest // loader["per_worker"])
 
 
 def test_the_batch_is_sized_to_the_gpu_by_the_plan():
@@ -88,12 +94,12 @@ def test_a_failing_case_is_recorded_and_the_rest_still_run(monkeypatch, capsys):
                                               "allocate 2.00 GiB"] * 2
     assert all(r["images_per_s"] > 0 for r in rows if "error" not in r)
     assert result["sampling"]["images_per_s"] > 0 and seen.count("sampling") == 1 and seen.count("train") == 8
-    assert seen.count("xl2_vs_naive") == 1
+    assert seen.count("xl2_vs_naive") == seen.count("loader") == 1
     gc.print_table(result, peak=1.0)  # the final table names the failed case instead of stopping at it
     assert "(not measured: RuntimeError: CUDA out of memory" in capsys.readouterr().out
     spent = gc.measure(gc.Sizes.smoke(), compile_modes=(False,), budget_s=0.0)
     assert all(r["skipped"].startswith("time budget")
-               for r in [*spent["train"], spent["sampling"], spent["xl2_vs_naive"]])
+               for r in [*spent["train"], spent["sampling"], spent["xl2_vs_naive"], spent["loader"]])
 
 
 def test_the_compiled_cases_run_tiny_on_the_cpu():
