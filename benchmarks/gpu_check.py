@@ -26,7 +26,8 @@ OUT = Path("bench-gpu.json")
 if not __package__:  # run as a script (make gpu-check): the repository root, for `benchmarks.*`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.timing import median_time  # noqa: E402 (after the path above)
+from benchmarks.gpu_report import judge, print_table, print_targets, row_line  # noqa: E402 (after the path above)
+from benchmarks.timing import median_time  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -285,94 +286,6 @@ def measure(sizes: Sizes, compile_modes: tuple[bool, ...] = (False, True), budge
     return result
 
 
-def _row_line(r: dict, peak: float) -> str:
-    head = f"{r['arch']:6s} {r['kind']:14s} compile={r['compile']!s:5s} ckpt={r['checkpointing']!s:5s}"
-    if "images_per_s" not in r:
-        return f"{head} {r.get('error') or r.get('skipped')}"
-    return (f"{head} {r['images_per_s']:8.1f} img/s  MFU {100 * r['tflops'] / peak:5.1f}%  "
-            f"peak {r['peak_gib']:.1f} GiB (selfflow plan: {r['plan_gib']:.1f})")
-
-
-def print_table(result: dict, peak: float) -> None:
-    """FM vs Self-Flow per (model, compile, checkpointing), then sampling; cases without numbers say why."""
-    rows, sampling = result["train"], result["sampling"]
-    print(f"{'model':6s} {'compile':7s} {'ckpt':5s} {'FM img/s':>9s} {'SF img/s':>9s} {'SF/FM time':>10s} "
-          f"{'FM MFU':>7s} {'SF MFU':>7s} {'FM GiB':>7s} {'SF GiB':>7s}")
-    for fm, sf in zip(rows[::2], rows[1::2], strict=True):
-        if "images_per_s" not in fm or "images_per_s" not in sf:
-            print(f"{fm['arch']:6s} {fm['compile']!s:7s} {fm['checkpointing']!s:5s} (not measured: "
-                  f"{fm.get('error') or fm.get('skipped') or sf.get('error') or sf.get('skipped')})")
-            continue
-        print(f"{fm['arch']:6s} {fm['compile']!s:7s} {fm['checkpointing']!s:5s} {fm['images_per_s']:9.1f} "
-              f"{sf['images_per_s']:9.1f} {fm['images_per_s'] / sf['images_per_s']:10.2f} "
-              f"{100 * fm['tflops'] / peak:6.1f}% {100 * sf['tflops'] / peak:6.1f}% "
-              f"{fm['peak_gib']:7.1f} {sf['peak_gib']:7.1f}")
-    print(f"selfflow plan vs measured peak memory (GiB; batch {rows[0]['batch'] if rows else '?'}):")
-    for r in rows:
-        if "peak_gib" in r:
-            print(f"  {r['arch']:6s} {r['kind']:14s} compile={r['compile']!s:5s} ckpt={r['checkpointing']!s:5s} "
-                  f"plan {r['plan_gib']:6.1f}  measured {r['peak_gib']:6.1f}  "
-                  f"({100 * (r['plan_gib'] / r['peak_gib'] - 1):+.0f} %)")
-    if "images_per_s" in sampling:
-        print(f"SiT-XL/2 SDE {sampling['model_calls']} steps, CFG 1.5 on [0, 0.7]: {sampling['images_per_s']:.2f} img/s "
-              f"({100 * sampling['ratio_to_bound']:.0f}% of the bound of its model calls alone, "
-              f"{sampling['guided_calls']} of {sampling['model_calls']} guided at twice the batch)")
-    else:
-        print(f"SiT-XL/2 SDE sampling not measured: {sampling.get('error') or sampling.get('skipped')}")
-    pair = result.get("xl2_vs_naive") or {}
-    if "ratio" in pair:
-        print(f"SiT-XL/2 Self-Flow step, ours vs the naive official-class step (B={pair['batch']}, bf16): "
-              f"{pair['ours_s'] * 1e3:.0f} vs {pair['naive_s'] * 1e3:.0f} ms = {pair['ratio']:.2f}x "
-              f"(FLOP bound {pair['flop_bound']:.2f}x)")
-    elif pair:
-        print(f"SiT-XL/2 ours vs naive not measured: {pair.get('error') or pair.get('skipped')}")
-    loader = result.get("loader") or {}
-    if "per_worker" in loader:
-        rates = ", ".join(f"{w} worker(s) {r:,.0f}" for w, r in loader["samples_per_s"].items())
-        need = ("" if loader["workers_needed"] is None else
-                f"; the fastest SiT-XL/2 step consumes {loader['step_images_per_s']:,.0f} images/s: "
-                f"{loader['workers_needed']} worker(s) per GPU keep it fed")
-        print(f"data loader (ImageNet latent shards, flip, {'pinned → GPU' if loader['pinned'] else 'no pinning'}), "
-              f"samples/s: {rates}{need}")
-    elif loader:
-        print(f"data loader not measured: {loader.get('error') or loader.get('skipped')}")
-
-
-def judge(result: dict, peak: float) -> list[dict]:
-    """Issue 18's GPU targets from a result: SiT-XL/2 flow-matching MFU ≥ 40 % of the measured bf16 matmul and
-    Self-Flow step ≤ 1.25× the flow-matching step (in the faster of eager / compiled, without activation
-    checkpointing, which recomputes by design), sampling within 10 % of its model-call bound. ``ok`` is None
-    when the case was not measured."""
-    pairs = {}
-    for r in result["train"]:
-        if r["arch"] == "dit" and not r["checkpointing"] and "images_per_s" in r:
-            pairs.setdefault(r["compile"], {})[r["kind"]] = r
-    pairs = {mode: p for mode, p in pairs.items() if len(p) == 2}
-    best = max(pairs, key=lambda m: pairs[m]["flow_matching"]["images_per_s"], default=None)
-    mode = "" if best is None else f" ({'compiled' if best else 'eager'})"
-    mfu = ratio = None
-    if best is not None:
-        fm, sf = pairs[best]["flow_matching"], pairs[best]["self_flow"]
-        mfu, ratio = fm["tflops"] / peak, fm["images_per_s"] / sf["images_per_s"]
-    sampling = result.get("sampling") or {}
-    bound = sampling.get("ratio_to_bound")
-    return [
-        {"target": f"SiT-XL/2 flow-matching step MFU{mode}", "value": mfu, "goal": ">= 40 %",
-         "ok": None if mfu is None else mfu >= 0.40},
-        {"target": f"SiT-XL/2 Self-Flow step time / flow-matching step time{mode}", "value": ratio,
-         "goal": "<= 1.25", "ok": None if ratio is None else ratio <= 1.25},
-        {"target": "SiT-XL/2 SDE sampling / its model-call bound", "value": bound, "goal": ">= 0.90",
-         "ok": None if bound is None else bound >= 0.90},
-    ]
-
-
-def print_targets(targets: list[dict]) -> None:
-    for t in targets:
-        value = "not measured" if t["value"] is None else f"{t['value']:.3f}"
-        verdict = {True: "met", False: "NOT MET", None: "-"}[t["ok"]]
-        print(f"  {t['target']}: {value} (target {t['goal']}): {verdict}")
-
-
 def main() -> int:
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device on this machine; nothing to measure (the cuda tests are skipped)")
@@ -385,7 +298,7 @@ def main() -> int:
           f"(cases stop after {budget:.0f} s: GPU_CHECK_BUDGET_S)", flush=True)
 
     def on_row(section: str, row: dict, so_far: dict) -> None:  # print and save at once: a cut-off run keeps them
-        print(_row_line(row, peak) if section == "train" else f"{section}: {row}", flush=True)
+        print(row_line(row, peak) if section == "train" else f"{section}: {row}", flush=True)
         OUT.write_text(json.dumps({**info, **so_far, "complete": False}, indent=1))
 
     from selfflow.core.plan import USABLE_FRACTION
