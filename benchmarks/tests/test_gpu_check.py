@@ -111,3 +111,37 @@ def test_the_compiled_cases_run_tiny_on_the_cpu():
     rows = measure(Sizes.smoke(), compile_modes=(True,))["train"]
     assert [(r["compile"], r["checkpointing"]) for r in rows] == [(True, False)] * 4
     assert all(r.get("images_per_s", 0) > 0 for r in rows), [r.get("error") for r in rows]
+
+
+def test_a_case_is_freed_before_the_next_one(monkeypatch):
+    """A case's objects kept alive by a reference cycle (a compiled module, a failed case's traceback) would
+    count in the next case's peak memory: ``measure`` collects them between cases (automatic collection off
+    here, so the test cannot pass by chance)."""
+    import gc
+    import weakref
+
+    import benchmarks.gpu_check as check
+
+    alive = []
+
+    class Model:  # stands in for a case's model, in a cycle with itself
+        def __init__(self):
+            self.me = self
+
+    def case(arch, kind, *args):
+        if alive:
+            assert alive[-1]() is None, "the previous case's model is still alive"
+        model = Model()
+        alive.append(weakref.ref(model))
+        return {"images_per_s": 1.0}
+
+    monkeypatch.setattr(check, "train_case", case)
+    monkeypatch.setattr(check, "sampling_case", lambda sizes: {})
+    monkeypatch.setattr(check, "xl2_vs_naive_case", lambda sizes: {})
+    monkeypatch.setattr(check, "loader_case", lambda sizes, rows: {})
+    gc.disable()
+    try:
+        rows = check.measure(check.Sizes.smoke(), compile_modes=(False,))["train"]
+    finally:
+        gc.enable()
+    assert [r.get("error") for r in rows] == [None] * 8 and len(alive) == 8
