@@ -4,6 +4,11 @@ tested on made-up rows)."""
 from __future__ import annotations
 
 
+def _rate(x: float) -> str:
+    """A rate to read at a glance: thousands separated, decimals only below 10 (a CPU smoke run's images/s)."""
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2f}"
+
+
 def row_line(r: dict, peak: float) -> str:
     """One training row as it is printed when done (``peak``: the measured bf16 matmul rate, TFLOP/s)."""
     head = f"{r['arch']:6s} {r['kind']:14s} compile={r['compile']!s:5s} ckpt={r['checkpointing']!s:5s}"
@@ -48,9 +53,9 @@ def print_table(result: dict, peak: float) -> None:
         print(f"SiT-XL/2 ours vs naive not measured: {pair.get('error') or pair.get('skipped')}")
     loader = result.get("loader") or {}
     if "per_worker" in loader:
-        rates = ", ".join(f"{w} worker(s) {r:,.0f}" for w, r in loader["samples_per_s"].items())
+        rates = ", ".join(f"{w} worker(s) {_rate(r)}" for w, r in loader["samples_per_s"].items())
         need = ("" if loader["workers_needed"] is None else
-                f"; the fastest SiT-XL/2 step consumes {loader['step_images_per_s']:,.0f} images/s: "
+                f"; the fastest SiT-XL/2 step consumes {_rate(loader['step_images_per_s'])} images/s: "
                 f"{loader['workers_needed']} worker(s) per GPU keep it fed")
         print(f"data loader (ImageNet latent shards, flip, {'pinned → GPU' if loader['pinned'] else 'no pinning'}), "
               f"samples/s: {rates}{need}")

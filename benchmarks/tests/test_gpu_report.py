@@ -24,3 +24,16 @@ def test_the_gpu_targets_are_judged_from_the_rows(capsys):
     assert [t["ok"] for t in nothing] == [None, None, None]
     print_targets([*nothing, sampling])
     assert "not measured (target >= 40 %): -" in capsys.readouterr().out
+
+
+def test_the_table_sets_the_loader_against_the_step(capsys):
+    from benchmarks.gpu_report import print_table
+
+    loader = {"samples_per_s": {"1": 1834.2, "4": 6000.0}, "per_worker": 1834.2, "pinned": True,
+              "step_images_per_s": 2250.7, "workers_needed": 2}
+    print_table({"train": [], "sampling": {"error": "x"}, "loader": loader}, peak=1.0)
+    out = capsys.readouterr().out
+    assert ("samples/s: 1 worker(s) 1,834, 4 worker(s) 6,000; the fastest SiT-XL/2 step consumes 2,251 images/s: "
+            "2 worker(s) per GPU keep it fed") in out and "pinned → GPU" in out
+    print_table({"train": [], "sampling": {"error": "x"}, "loader": {"error": "OSError: disk full"}}, peak=1.0)
+    assert "data loader not measured: OSError: disk full" in capsys.readouterr().out
