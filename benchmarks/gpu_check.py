@@ -29,6 +29,7 @@ if not __package__:  # run as a script (make gpu-check): the repository root, fo
 
 from benchmarks.gpu_report import judge, print_table, print_targets, row_line  # noqa: E402 (after the path above)
 from benchmarks.timing import median_time  # noqa: E402
+from selfflow.core.faults import error_line  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -125,9 +126,13 @@ def train_case(arch: str, kind: str, compile_blocks: bool, checkpointing: bool, 
     sec = median_time(step, sizes.reps, warmup=3 if compile_blocks else 2, device=dev)
     teacher = obj.teacher_layer if obj.uses_teacher else None
     flops = b * train_step_flops(model, g * g, n_context, teacher)
-    return {"arch": arch, "kind": kind, "compile": compile_blocks, "checkpointing": checkpointing, "batch": b,
-            "images_per_s": b / sec, "tflops": flops / sec / 1e12, "peak_gib": peak_gib(dev),
-            "plan_gib": planned_peak(arch, kind, checkpointing, sizes) / 2**30}
+    row = {"arch": arch, "kind": kind, "compile": compile_blocks, "checkpointing": checkpointing, "batch": b,
+           "images_per_s": b / sec, "tflops": flops / sec / 1e12, "peak_gib": peak_gib(dev)}
+    try:  # the planner's view is a bonus: an error in it must not lose the measured row
+        row["plan_gib"] = planned_peak(arch, kind, checkpointing, sizes) / 2**30
+    except Exception as e:
+        row.update(plan_gib=float("nan"), plan_error=error_line(e))
+    return row
 
 
 def case_plan(arch: str, kind: str, sizes: Sizes):
@@ -168,6 +173,20 @@ def sized_to_memory(sizes: Sizes, memory_bytes: float) -> Sizes:
     while batch > SMALLEST_BATCH and max(p.step_peak(batch) for p in plans) > USABLE_FRACTION * memory_bytes:
         batch //= 2
     return replace(sizes, batch=batch)
+
+
+def gpu_sizes(start: Sizes, memory_bytes: float) -> tuple[Sizes, str]:
+    """``start`` sized to the GPU (:func:`sized_to_memory`) and the line that says how its batch was chosen; if
+    the planner fails, ``start`` as it is: one lent run measures at the start batch rather than not at all."""
+    from selfflow.core.plan import USABLE_FRACTION
+
+    try:
+        sizes = sized_to_memory(start, memory_bytes)
+    except Exception as e:
+        return start, f"training batch {start.batch}: not sized by selfflow plan ({error_line(e)})"
+    return sizes, (f"training batch {sizes.batch}: the largest (halving from GPU_CHECK_BATCH, default 64) at which "
+                   f"selfflow plan fits both models' Self-Flow step in {100 * USABLE_FRACTION:.0f} % of "
+                   f"{memory_bytes / 2**30:.0f} GiB")
 
 
 def sampling_case(sizes: Sizes) -> dict:
@@ -250,8 +269,6 @@ def measure(sizes: Sizes, compile_modes: tuple[bool, ...] = (False, True), budge
     loader run first, then
     compiled, then activation-checkpointed steps. ``on_row(section, row, result)`` sees each row as it is done,
     with the result so far."""
-    from selfflow.core.faults import error_line
-
     start = time.perf_counter()
     result: dict = {"train": [], "sampling": None, "xl2_vs_naive": None, "loader": None}
 
@@ -305,13 +322,10 @@ def main() -> int:
         print(row_line(row, peak) if section == "train" else f"{section}: {row}", flush=True)
         OUT.write_text(json.dumps({**info, **so_far, "complete": False}, indent=1))
 
-    from selfflow.core.plan import USABLE_FRACTION
-
     memory = torch.cuda.get_device_properties(0).total_memory
-    sizes = sized_to_memory(Sizes(batch=int(os.environ.get("GPU_CHECK_BATCH", "64"))), memory)
+    sizes, how = gpu_sizes(Sizes(batch=int(os.environ.get("GPU_CHECK_BATCH", "64"))), memory)
+    print(how, flush=True)
     info.update(gpu_memory_gib=memory / 2**30, batch=sizes.batch)
-    print(f"training batch {sizes.batch}: the largest (halving from GPU_CHECK_BATCH, default 64) at which selfflow "
-          f"plan fits both models' Self-Flow step in {100 * USABLE_FRACTION:.0f} % of {memory / 2**30:.0f} GiB", flush=True)
 
     result = measure(sizes, budget_s=budget, on_row=on_row)
     print()

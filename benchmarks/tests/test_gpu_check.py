@@ -145,3 +145,22 @@ def test_a_case_is_freed_before_the_next_one(monkeypatch):
     finally:
         gc.enable()
     assert [r.get("error") for r in rows] == [None] * 8 and len(alive) == 8
+
+
+def test_a_failing_planner_loses_no_measurement(monkeypatch):
+    """The planner's prediction and the batch sizing are extras of the GPU run: when they fail, the row keeps
+    its measured speed (the error beside it) and the check runs at its start batch."""
+    import benchmarks.gpu_check as check
+
+    def broken(*args):
+        raise RuntimeError("meta tensor has no data\nmore")
+
+    monkeypatch.setattr(check, "planned_peak", broken)
+    row = check.train_case("dit", "flow_matching", False, False, check.Sizes.smoke())
+    assert row["images_per_s"] > 0 and row["plan_error"] == "RuntimeError: meta tensor has no data"
+    start = check.Sizes.smoke()
+    sizes, how = check.gpu_sizes(start, 1e15)
+    assert sizes == start and how.startswith("training batch 2: the largest (halving from GPU_CHECK_BATCH")
+    monkeypatch.setattr(check, "case_plan", broken)
+    sizes, how = check.gpu_sizes(start, 80e9)
+    assert sizes == start and how == "training batch 2: not sized by selfflow plan (RuntimeError: meta tensor has no data)"
