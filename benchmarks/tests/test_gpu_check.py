@@ -1,8 +1,11 @@
 """``make gpu-check``'s speed script on a machine without CUDA: it says so, writes nothing and exits 0."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -164,3 +167,20 @@ def test_a_failing_planner_loses_no_measurement(monkeypatch):
     monkeypatch.setattr(check, "case_plan", broken)
     sizes, how = check.gpu_sizes(start, 80e9)
     assert sizes == start and how == "training batch 2: not sized by selfflow plan (RuntimeError: meta tensor has no data)"
+
+
+@pytest.mark.skipif(shutil.which("make") is None or shutil.which("timeout") is None, reason="needs make, timeout")
+def test_hung_cuda_tests_leave_the_speed_table_its_time(tmp_path):
+    """``make gpu-check``'s recipe on a copy of the Makefile, with a stand-in python whose pytest hangs: the
+    tests are stopped after GPU_TESTS_TIMEOUT_S, the speed table still runs, and the target fails."""
+    shutil.copy(ROOT / "Makefile", tmp_path)
+    (tmp_path / "gpu-wheels").mkdir()
+    python = tmp_path / ".venv-gpu" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/bin/sh\ncase "$1 $2" in\n  "-m pytest") exec sleep 60 ;;\n'
+                      '  "benchmarks/gpu_check.py ") echo "speed table ran" ;;\nesac\nexit 0\n')
+    python.chmod(0o755)
+    out = subprocess.run(["make", "gpu-check-cuda", "GPU_TESTS_TIMEOUT_S=1"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0
+    assert "the cuda tests were stopped after 1 s" in out.stdout and "speed table ran" in out.stdout

@@ -6,6 +6,7 @@ bitwise-equal resume there (CPU kernels are deterministic)."""
 
 import math
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -105,7 +106,7 @@ def test_fsdp2_on_one_gpu_equals_unwrapped():
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
-    dist.init_process_group("nccl", rank=0, world_size=1)
+    dist.init_process_group("nccl", rank=0, world_size=1, timeout=timedelta(seconds=60))  # fail, not hang
     try:
         plain, sharded = small_dit(), shard_fsdp2(small_dit(), bf16=False)
         tokens, cond = batch()
