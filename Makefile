@@ -130,7 +130,7 @@ gpu-check-cuda:
 	@# the speed table runs even when a cuda test fails or hangs (one lent GPU run must bring back both: a hung NCCL
 	@# init must not spend the whole call); either fails the target
 	rc=0; limit=$$(command -v timeout >/dev/null && echo "timeout -k 10 $(GPU_TESTS_TIMEOUT_S)"); \
-	$$limit $(GPU_VENV)/bin/python -m pytest -q -m cuda -p no:cacheprovider \
+	$$limit $(GPU_VENV)/bin/python -m pytest -v -m cuda -p no:cacheprovider \
 		core/tests/test_cuda.py core/tests/test_pinning.py || rc=$$?; \
 	if [ $$rc = 124 ] || [ $$rc = 137 ]; then echo "gpu-check: the cuda tests were stopped after" \
 		"$(GPU_TESTS_TIMEOUT_S) s (GPU_TESTS_TIMEOUT_S); the speed table runs now"; fi; \
