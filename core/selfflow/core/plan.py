@@ -336,7 +336,7 @@ def format_plans(plans: list[tuple[Plan, int]], gpus: int, gpu_mem_gb: float) ->
             fits = [plan.largest_batch(strategy, gpus, mem, ac) for ac in (False, True)]
             lines.append(f"{pad}{strategy:5s} per GPU at micro-batch {batch}:  {gib(use[0])} "
                          f"(with activation checkpointing {gib(use[1])}); largest micro-batch on "
-                         f"{gpu_mem_gb:g} GB: {fits[0]} ({fits[1]})")
+                         f"{gpu_mem_gb:g} GB ({100 * USABLE_FRACTION:.0f} % usable): {fits[0]} ({fits[1]})")
     if mixed:
         for strategy in ("ddp", "fsdp2"):
             peak, name = max((p.gpu_memory(strategy, gpus, b, False), p.modality) for p, b in plans)
