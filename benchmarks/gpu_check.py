@@ -135,9 +135,20 @@ def train_case(arch: str, kind: str, compile_blocks: bool, checkpointing: bool, 
     return row
 
 
+_plans: dict[tuple[str, str, str], object] = {}
+
+
 def case_plan(arch: str, kind: str, sizes: Sizes):
     """``selfflow plan``'s :class:`~selfflow.core.plan.Plan` of a case: the same model built on the meta device,
-    profiled by :func:`selfflow.core.plan.plan_model` (bf16)."""
+    profiled by :func:`selfflow.core.plan.plan_model` (bf16). Made once per model and objective (it holds no
+    batch; the three compile / checkpointing modes and the batch sizing share it)."""
+    key = (arch, kind, repr(replace(sizes, batch=0)))
+    if key not in _plans:
+        _plans[key] = _profile_case(arch, kind, sizes)
+    return _plans[key]
+
+
+def _profile_case(arch: str, kind: str, sizes: Sizes):
     from selfflow.core.objective import ObjectiveConfig
     from selfflow.core.plan import plan_model
     from selfflow.core.timesteps import TimestepDistribution
@@ -242,6 +253,7 @@ def loader_case(sizes: Sizes, train_rows: list[dict]) -> dict:
     import tempfile
 
     from benchmarks.data_loading import imagenet_read_rate, write_imagenet_shards
+    from selfflow.core.data.pinning import resolve_pin_memory
 
     with tempfile.TemporaryDirectory() as tmp:
         write_imagenet_shards(Path(tmp), sizes.loader_samples, side=2 * sizes.grid)
@@ -252,7 +264,7 @@ def loader_case(sizes: Sizes, train_rows: list[dict]) -> dict:
                    default=None)
     per_worker = max(rate / w for w, rate in rates.items())
     return {"samples_per_s": {str(w): r for w, r in rates.items()}, "per_worker": per_worker,
-            "pinned": sizes.device == "cuda", "step_images_per_s": consumed,
+            "pinned": resolve_pin_memory("auto", torch.device(sizes.device)), "step_images_per_s": consumed,
             "workers_needed": None if consumed is None else math.ceil(consumed / per_worker)}
 
 
