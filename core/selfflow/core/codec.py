@@ -75,12 +75,14 @@ class CodecShape(Codec):
     downsample: int = 1  # pixels (or samples) per latent cell along each compressed axis
 
     def encode(self, media: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError(f"{self.name}: only its shape is known (built under shapes_only(), as `selfflow plan` "
-                           "does); load the autoencoder from its folder to encode")
+        raise self._shape_only("encode")
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError(f"{self.name}: only its shape is known (built under shapes_only(), as `selfflow plan` "
-                           "does); load the autoencoder from its folder to decode")
+        raise self._shape_only("decode")
+
+    def _shape_only(self, what: str) -> RuntimeError:
+        return RuntimeError(f"{self.name}: only its shape is known (built under shapes_only(), as `selfflow plan` "
+                            f"does); load the autoencoder from its folder to {what}")
 
 
 class NormalizedVAE(nn.Module, Codec):
