@@ -165,7 +165,7 @@ def _profile_case(arch: str, kind: str, sizes: Sizes):
 
 def planned_peak(arch: str, kind: str, checkpointing: bool, sizes: Sizes) -> float:
     """What ``selfflow plan`` predicts for this case's peak memory (bytes)."""
-    return case_plan(arch, kind, sizes).step_peak(sizes.batch, checkpointing)
+    return case_plan(arch, kind, sizes).gpu_memory("none", 1, sizes.batch, checkpointing)
 
 
 SMALLEST_BATCH = 8
@@ -181,7 +181,8 @@ def sized_to_memory(sizes: Sizes, memory_bytes: float) -> Sizes:
 
     plans = [case_plan(arch, "self_flow", sizes) for arch in ("dit", "mmdit")]
     batch = sizes.batch
-    while batch > SMALLEST_BATCH and max(p.step_peak(batch) for p in plans) > USABLE_FRACTION * memory_bytes:
+    peak = lambda b: max(p.gpu_memory("none", 1, b, False) for p in plans)  # noqa: E731
+    while batch > SMALLEST_BATCH and peak(batch) > USABLE_FRACTION * memory_bytes:
         batch //= 2
     return replace(sizes, batch=batch)
 

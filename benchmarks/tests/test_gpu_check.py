@@ -63,7 +63,7 @@ def test_the_batch_is_sized_to_the_gpu_by_the_plan():
     plans = [case_plan(arch, "self_flow", sizes) for arch in ("dit", "mmdit")]
 
     def need(batch: int) -> float:  # the memory at which ``batch`` just fits
-        return max(p.step_peak(batch) for p in plans) / USABLE_FRACTION
+        return max(p.gpu_memory("none", 1, batch, False) for p in plans) / USABLE_FRACTION
 
     assert sized_to_memory(sizes, need(64)) == sizes  # fits: unchanged (never raised above the start)
     assert sized_to_memory(sizes, 100 * need(64)).batch == 64

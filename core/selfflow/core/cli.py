@@ -202,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser(
         "plan", help="parameters, FLOPs and GPU memory of a run config (no GPU needed)",
         description="Capacity planning: parameters, FLOPs per step, activation memory per micro-batch with "
-                    "and without activation checkpointing, weights + EMA + optimizer memory under DDP and "
-                    "FSDP2, memory per GPU at the configured micro-batch and the largest that fits; a mixed run "
+                    "and without activation checkpointing, the memory resident per GPU (weights, AdamW, EMA; DDP's "
+                    "gradient buckets) under DDP and FSDP2, the peak per GPU at the configured micro-batch (the "
+                    "gradients come and go with each step) and the largest that fits; a mixed run "
                     "per modality at its entry's batch. Needs no GPU, weights or shards: absent autoencoders and "
                     "shards stand in as their published shapes; a caption encoder is read from its config.json "
                     "alone (method: selfflow.core.plan).")

@@ -12,15 +12,17 @@ while it is recomputed; backward holds about half a block's worth of gradients m
 (peak − allocated before the step) is the larger of the activations and the gradients (backward frees the one as it
 fills the other) plus the teacher's no-grad forward (one block's largest intermediate and the captured features).
 
-Persistent state per parameter: fp32 weights, gradients, two AdamW moments and the fp32 EMA (20 bytes); DDP adds
-its gradient buckets (4 bytes); FSDP2 shards all of it over the GPUs and all-gathers two blocks' parameters at a
-time. Under bf16 the profiling forward runs with autocast's casts emulated (``torch.autocast`` does nothing to meta
-tensors, see :class:`MetaAutocast`), so the saved bytes are those of a bf16 step: matrix products and attention
-save bf16 copies of their inputs, the fp32 residual stream and what it feeds stay fp32. Autocast's bf16 copy of
-every weight (2 bytes per parameter, made once per step and kept by backward) is counted apart, in the step and in
-what the largest batch must leave free. Accuracy: within 15 % of the live-tensor peak of real CPU steps
-(:func:`live_peak_bytes`, the quantity a GPU reports as ``max_memory_allocated``), with and without activation
-checkpointing, fp32 and bf16 (``core/tests/test_plan.py``).
+Resident between steps, per parameter: fp32 weights, two AdamW moments and the fp32 EMA (16 bytes); DDP adds its
+gradient buckets (4 bytes, allocated when it wraps the model); FSDP2 shards all of it over the GPUs and all-gathers
+two blocks' parameters at a time. The gradients are not resident: the trainer sets them to ``None`` after each
+step, so in every strategy they fill during backward as the activations are freed (sharded under FSDP2). Under bf16
+the profiling forward runs with autocast's casts emulated (``torch.autocast`` does nothing to meta tensors, see
+:class:`MetaAutocast`), so the saved bytes are those of a bf16 step: matrix products and attention save bf16 copies
+of their inputs, the fp32 residual stream and what it feeds stay fp32. Autocast's bf16 copy of every weight (2
+bytes per parameter, made once per step and kept by backward) is counted apart; FSDP2's bf16 blocks leave it
+nothing to copy. Accuracy: within 15 % of the live-tensor peak of real CPU steps (:func:`live_peak_bytes`, the
+quantity a GPU reports as ``max_memory_allocated``), with and without activation checkpointing, fp32 and bf16,
+unwrapped and under DDP and FSDP2 on one gloo rank (``core/tests/test_plan.py``).
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ from torch.utils._pytree import tree_map
 from .codec import shapes_only
 from .flops import train_step_flops
 from .modulation import TokenTimesteps
+from .parallel import Strategy
 from .run_setup import build_run
 from .tokens import Conditioning
 
 GIB = 2**30
-STATE_BYTES = {"ddp": 20 + 4, "fsdp2": 20}  # per parameter: weights, grads, AdamW m and v, EMA (+ DDP buckets)
+# Resident per parameter between steps: fp32 weights, AdamW's m and v, the EMA (+ DDP's gradient buckets).
+RESIDENT_BYTES = {"none": 16, "ddp": 16 + 4, "fsdp2": 16}
 # Of a GPU's memory, what a plan may fill: the rest is for the CUDA context, cuBLAS / attention workspaces and the
 # caching allocator's fragmentation (what ``max_memory_allocated`` does not count).
 USABLE_FRACTION = 0.9
@@ -201,44 +205,48 @@ class Plan:
         parameter); 0 in fp32."""
         return 2 * self.params if self.bf16 else 0
 
-    def step_transient(self, batch: int, checkpointing: bool = False) -> float:
+    def step_transient(self, batch: int, checkpointing: bool = False, strategy: Strategy = "none",
+                       gpus: int = 1) -> float:
         """Peak − resident memory of one step: activations or gradients (backward frees the one as it fills the
-        other), plus the teacher's forward and the weights' bf16 copies. With activation checkpointing the
-        gradients trade places with the saved block inputs while the recomputed block and what is saved outside
-        the blocks stay; autocast copies one block's weights at a time there (the forward's copies are gone)."""
+        other; FSDP2's are sharded), plus the teacher's forward and the weights' bf16 copies (none under FSDP2,
+        whose two gathered blocks are counted instead). With activation checkpointing the gradients trade places
+        with the saved block inputs while the recomputed block and what is saved outside the blocks stay;
+        autocast copies one block's weights at a time there (the forward's copies are gone)."""
+        p, fsdp2 = self.profile, strategy == "fsdp2"
+        grads = self.grad_bytes / gpus if fsdp2 else self.grad_bytes
+        casts = 0 if fsdp2 else self.weight_casts
+        gathered = 2 * (2 if self.bf16 else 4) * self.params / max(1, len(p.blocks)) if fsdp2 else 0
         if checkpointing:
-            p = self.profile
-            return (batch * (p.outside + max(p.blocks)) + max(batch * sum(p.block_inputs), self.grad_bytes)
-                    + self.weight_casts / len(p.blocks))
-        return max(self.activations(batch, False), self.grad_bytes) + batch * self.teacher_bytes + self.weight_casts
+            return (batch * (p.outside + max(p.blocks)) + max(batch * sum(p.block_inputs), grads)
+                    + casts / len(p.blocks) + gathered)
+        return max(self.activations(batch, False), grads) + batch * self.teacher_bytes + casts + gathered
 
-    def step_peak(self, batch: int, checkpointing: bool = False) -> float:
-        """Peak memory of one unwrapped step on one device: fp32 weights, AdamW moments and EMA (16 bytes per
-        parameter, resident) plus the step's transient, which holds the gradients."""
-        return 16 * self.params + self.step_transient(batch, checkpointing)
+    def resident(self, strategy: Strategy, gpus: int) -> float:
+        """Weights + AdamW + EMA per GPU between steps (:data:`RESIDENT_BYTES`; FSDP2's sharded over ``gpus``)."""
+        per_param = RESIDENT_BYTES[strategy] * self.params
+        return per_param / gpus if strategy == "fsdp2" else per_param
 
-    def state(self, strategy: str, gpus: int) -> float:
-        """Weights + gradients + AdamW + EMA per GPU (FSDP2: sharded, plus two gathered blocks, in bf16 under
-        its bf16 mixed-precision policy)."""
-        per_param = STATE_BYTES[strategy] * self.params
-        if strategy == "ddp":
-            return per_param
-        gathered = 2 * (2 if self.bf16 else 4) * self.params / max(1, len(self.profile.blocks))
-        return per_param / gpus + gathered
+    def gpu_memory(self, strategy: Strategy, gpus: int, batch: int, checkpointing: bool) -> float:
+        """Peak bytes per GPU at micro-batch ``batch`` under ``strategy`` (``none``: one unwrapped device, what
+        ``benchmarks/gpu_check.py`` compares with a GPU's ``max_memory_allocated``): resident + the step's
+        transient."""
+        return self.resident(strategy, gpus) + self.step_transient(batch, checkpointing, strategy, gpus)
 
-    def gpu_memory(self, strategy: str, gpus: int, batch: int, checkpointing: bool) -> float:
-        """Bytes per GPU at micro-batch ``batch``: state, the weights' bf16 copies (DDP's autocast; FSDP2
-        gathers bf16 parameters, so autocast has nothing to copy), activations and the teacher's forward (what
-        :meth:`largest_batch` fits)."""
-        casts = self.weight_casts if strategy == "ddp" else 0
-        return (self.state(strategy, gpus) + casts
-                + batch * (self.activations(1, checkpointing) + self.teacher_bytes))
-
-    def largest_batch(self, strategy: str, gpus: int, gpu_mem: float, checkpointing: bool) -> int:
-        """The largest micro-batch whose state + activations fit ``gpu_mem`` bytes (:data:`USABLE_FRACTION`)."""
-        empty = self.gpu_memory(strategy, gpus, 0, checkpointing)
-        per_sample = self.gpu_memory(strategy, gpus, 1, checkpointing) - empty
-        return max(0, int((USABLE_FRACTION * gpu_mem - empty) // per_sample))
+    def largest_batch(self, strategy: Strategy, gpus: int, gpu_mem: float, checkpointing: bool) -> int:
+        """The largest micro-batch whose step fits ``gpu_mem`` bytes (:data:`USABLE_FRACTION` of them). The
+        memory grows with the batch, but not linearly (below some batch the gradients, not the activations, set
+        the peak), so it is searched: doubling, then bisecting."""
+        budget = USABLE_FRACTION * gpu_mem
+        fits = lambda b: self.gpu_memory(strategy, gpus, b, checkpointing) <= budget  # noqa: E731
+        if not fits(1):
+            return 0
+        lo, hi = 1, 2
+        while fits(hi) and hi < 2**24:
+            lo, hi = hi, 2 * hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
 
 
 def make_plans(cfg) -> list[tuple[Plan, int]]:
@@ -318,8 +326,9 @@ def format_plans(plans: list[tuple[Plan, int]], gpus: int, gpu_mem_gb: float) ->
     lines = [f"{first.name}: {first.params / 1e6:.1f}M trainable parameters, {what}"
              f"{', bf16 autocast' if first.bf16 else ''}"]
     for strategy in ("ddp", "fsdp2"):
-        lines.append(f"  weights+grads+AdamW+EMA {strategy:5s}:  {gib(first.state(strategy, gpus))} per GPU "
-                     f"({gpus} GPU{'s' if gpus > 1 else ''})")
+        what = ("weights, AdamW, EMA, DDP's gradient buckets" if strategy == "ddp"
+                else f"weights, AdamW, EMA, sharded over {gpus} GPU{'s' if gpus > 1 else ''}")
+        lines.append(f"  resident per GPU, {strategy:5s}:  {gib(first.resident(strategy, gpus))} ({what})")
     for plan, batch in plans:
         pad = "  "
         if mixed:
