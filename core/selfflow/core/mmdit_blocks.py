@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 from torch import nn
+from torch.nn import functional as F
 
 from .attention import attention
 from .modulation import gather_levels, modulate
@@ -22,9 +23,13 @@ class QKNorm(nn.Module):
         self.key_norm = nn.RMSNorm(head_dim, eps=1e-6)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # In fp32, as FLUX.2's RMSNorm, and back to the input dtype: under bf16 autocast a bf16 input with the
-        # fp32 scale would miss PyTorch's fused rms_norm kernel.
-        return self.query_norm(q.float()).to(q.dtype), self.key_norm(k.float()).to(k.dtype)
+        return _fp32_rms_norm(self.query_norm, q), _fp32_rms_norm(self.key_norm, k)
+
+
+def _fp32_rms_norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` in fp32, as FLUX.2's RMSNorm, back in ``x``'s dtype. The scale is read in fp32 too: under bf16
+    autocast a bf16 input, and under FSDP2's bf16 parameters a bf16 scale, would miss PyTorch's fused kernel."""
+    return F.rms_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.eps).to(x.dtype)
 
 
 class SwiGLU(nn.Module):

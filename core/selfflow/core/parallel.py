@@ -37,10 +37,14 @@ def resolve_strategy(requested: str, info: DistInfo) -> Strategy:
 
 def shard_fsdp2(model: nn.Module, bf16: bool, reshard_after_forward: bool = True) -> nn.Module:
     """``fully_shard`` every block, then the root (embeddings, modulation, heads). bf16 parameters with
-    fp32 gradient reduction when ``bf16``."""
+    fp32 gradient reduction when ``bf16``. The forward's inputs are left as they come: FSDP2's default casts
+    every floating-point input of a sharded module to bf16 — the noisy tokens, the timesteps (a dataclass's
+    fields too) and the residual stream at each block — where DDP's autocast keeps them fp32 and casts only
+    what a matrix product reads."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+          if bf16 else None)
     kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
     if mp is not None:
         kwargs["mp_policy"] = mp

@@ -3,7 +3,8 @@
 Preview grids (section ``sample``: ``every``, ``num_samples``, ``seed``, ``use_ema``) and online evaluation
 (section ``eval``: ``every``, ``num_samples``, ``cfg_scale``; modalities with an evaluator) generate with the
 EMA (or the student), each modality with its own sampler (:meth:`RunConfig.sampler`); online evaluation
-replaces its guidance by ``eval.cfg_scale`` (default 1: none, as the paper's metrics). Under DDP or a single process only rank 0 generates and the others wait at a barrier; under FSDP2
+replaces its guidance by ``eval.cfg_scale`` (default 1: none, as the paper's metrics); a run under FSDP2 in bf16
+holds bf16 weights, so it samples and evaluates under bf16 autocast. Under DDP or a single process only rank 0 generates and the others wait at a barrier; under FSDP2
 every rank must join each forward (the weights are sharded), so all generate and rank 0 writes. Each
 preview file written is handed to the training log (TensorBoard / W&B media).
 """
@@ -21,6 +22,7 @@ from .distributed import DistInfo, barrier
 from .generate import generate
 from .modality import Modality
 from .parallel import Strategy
+from .precision import autocast
 from .registry import get_evaluator
 from .training_log import TrainingLog
 
@@ -30,7 +32,12 @@ class Previewer:
                  strategy: Strategy, device: Any, log: TrainingLog | None = None):
         self.sample_cfg, self.eval_cfg, self.total = cfg.sample, cfg.eval, cfg.train.steps
         self.modalities = modalities
+        # Under FSDP2 in bf16 the sharded model computes with bf16 weights (its mixed-precision policy): fp32
+        # sampling would need fp32 weights the run never gathers, so previews and evaluation run under autocast.
+        self.precision = "bf16" if strategy == "fsdp2" and cfg.train.precision == "bf16" else None
         self.samplers = {name: cfg.sampler(m) for name, m in modalities.items()}
+        if self.precision:
+            self.samplers = {name: s.model_copy(update={"precision": self.precision}) for name, s in self.samplers.items()}
         self.eval_samplers = {name: s.model_copy(update={"cfg_scale": cfg.eval.cfg_scale})
                               for name, s in self.samplers.items()}
         self.model = model
@@ -96,7 +103,8 @@ class Previewer:
             samples = None  # generated once per modality, on first need
             for evaluator in group:
                 if getattr(evaluator, "needs_model", False):
-                    scores = evaluator(self.model)
+                    with autocast(self.precision or "fp32", self.device):
+                        scores = evaluator(self.model)
                 else:
                     samples = samples or generate(self.model, self.modalities[name], self.eval_cfg.num_samples,
                                                   self.eval_samplers[name], s.seed + 1, self.device)
