@@ -15,15 +15,6 @@ from selfflow.core.tokens import Tokens
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def one_gloo_rank(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_bf16_keeps_the_inputs_timesteps_and_residual_stream_fp32(one_gloo_rank, strategy):
     """Under bf16 FSDP2 gathers bf16 parameters, but what the model is given stays as DDP's autocast leaves it:

@@ -82,15 +82,6 @@ def test_plan_within_15_percent_of_the_live_tensor_peak_of_a_cpu_step(config, ov
     assert abs(estimate - measured) / measured < 0.15, (estimate / 2**20, measured / 2**20)
 
 
-@pytest.fixture
-def one_gloo_rank(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 # Under DDP and FSDP2 (one gloo rank: FSDP2's shards are then whole, so its gradients are too): the gradients are
 # not resident but fill as backward frees the activations, as on one device, and DDP's buckets are resident.
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
