@@ -212,13 +212,13 @@ class Plan:
         whose two gathered blocks are counted instead). With activation checkpointing the gradients trade places
         with the saved block inputs while the recomputed block and what is saved outside the blocks stay;
         autocast copies one block's weights at a time there (the forward's copies are gone)."""
-        p, fsdp2 = self.profile, strategy == "fsdp2"
+        p, fsdp2, blocks = self.profile, strategy == "fsdp2", len(self.profile.blocks)
         grads = self.grad_bytes / gpus if fsdp2 else self.grad_bytes
         casts = 0 if fsdp2 else self.weight_casts
-        gathered = 2 * (2 if self.bf16 else 4) * self.params / max(1, len(p.blocks)) if fsdp2 else 0
+        gathered = 2 * (2 if self.bf16 else 4) * self.params / blocks if fsdp2 else 0
         if checkpointing:
             return (batch * (p.outside + max(p.blocks)) + max(batch * sum(p.block_inputs), grads)
-                    + casts / len(p.blocks) + gathered)
+                    + casts / blocks + gathered)
         return max(self.activations(batch, False), grads) + batch * self.teacher_bytes + casts + gathered
 
     def resident(self, strategy: Strategy, gpus: int) -> float:

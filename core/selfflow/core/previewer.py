@@ -34,10 +34,10 @@ class Previewer:
         self.modalities = modalities
         # Under FSDP2 in bf16 the sharded model computes with bf16 weights (its mixed-precision policy): fp32
         # sampling would need fp32 weights the run never gathers, so previews and evaluation run under autocast.
-        self.precision = "bf16" if strategy == "fsdp2" and cfg.train.precision == "bf16" else None
-        self.samplers = {name: cfg.sampler(m) for name, m in modalities.items()}
-        if self.precision:
-            self.samplers = {name: s.model_copy(update={"precision": self.precision}) for name, s in self.samplers.items()}
+        bf16_weights = strategy == "fsdp2" and cfg.train.precision == "bf16"
+        self.model_precision = "bf16" if bf16_weights else "fp32"  # what a model-reading evaluator runs under
+        forced = {"precision": "bf16"} if bf16_weights else {}
+        self.samplers = {name: cfg.sampler(m).model_copy(update=forced) for name, m in modalities.items()}
         self.eval_samplers = {name: s.model_copy(update={"cfg_scale": cfg.eval.cfg_scale})
                               for name, s in self.samplers.items()}
         self.model = model
@@ -103,7 +103,7 @@ class Previewer:
             samples = None  # generated once per modality, on first need
             for evaluator in group:
                 if getattr(evaluator, "needs_model", False):
-                    with autocast(self.precision or "fp32", self.device):
+                    with autocast(self.model_precision, self.device):
                         scores = evaluator(self.model)
                 else:
                     samples = samples or generate(self.model, self.modalities[name], self.eval_cfg.num_samples,
