@@ -39,6 +39,17 @@ def test_trainer_end_to_end_writes_wav(tmp_path):
     assert result["samples"].with_suffix(".txt").read_text().splitlines()[1] == f"1: {CAPTIONS[1]}"
 
 
+def test_one_sample_is_written_exactly_without_the_previews_gap(tmp_path):
+    """``selfflow sample --out-dir`` files go to FAD, which windows every second of a file: no trailing silence."""
+    mod = AudioModality({"num_samples": 1024, "patch": 32, "sample_rate": 8000})
+    wave = torch.linspace(-1, 1, 1024).repeat(2, 1) * torch.tensor([[1.0], [-0.5]])  # (C, N)
+    path = mod.write_sample(wave, None, tmp_path / "000003")
+    data, sr = sf.read(path, dtype="float32")
+    assert path == tmp_path / "000003.wav" and sr == 8000 and data.shape == (1024, 2)
+    np.testing.assert_allclose(data.T, wave.numpy(), atol=1 / 32767)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000003.wav"]
+
+
 def test_prepare_skips_corrupt_files_and_trains_on_latents(tmp_path, oobleck_dir, capsys):
     src = tmp_path / "audio"
     src.mkdir()

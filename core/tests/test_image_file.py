@@ -17,6 +17,13 @@ def test_reads_rgb_like_pil(tmp_path):
     assert img.mode == "RGB" and np.array_equal(np.asarray(img)[..., 1], arr)
 
 
+def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
+    arr = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(arr).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    assert np.asarray(read_rgb(tmp_path / "grey16.png"))[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
 @pytest.mark.parametrize("side", [12000, 20000])  # PIL warns only (12000²) / raises itself (20000²)
 def test_over_large_image_is_an_error_naming_the_file(tmp_path, side):
     path = tmp_path / "huge.png"

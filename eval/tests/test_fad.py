@@ -95,6 +95,8 @@ def test_prepare_mono_resample_and_quantise() -> None:
     ref = (np.clip(np.round(ref * 32768), -32768, 32767) / 32768 * 32767).astype(np.int16) / 32767
     assert len(out) == 24_000
     np.testing.assert_array_equal(out, ref)
+    with pytest.raises(ValueError, match=r"\(T, channels\)\? transpose"):  # soundfile's layout
+        fad.prepare(np.stack([left, right]).T, 44_100, v)
     plain = AF.resample(mono, 44_100, 48_000).numpy()  # torchaudio's default filter differs
     assert np.abs(plain - ref).max() > 1e-4
     ms = fad.prepare(left, 44_100, clap.VARIANTS["clap"])  # MS-CLAP: native rate, no int16 trip

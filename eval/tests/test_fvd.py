@@ -15,7 +15,7 @@ from torch import nn
 from selfflow.eval import fvd as fvd_mod
 from selfflow.eval.cli_media import add_fvd_parser
 from selfflow.eval.frechet import frechet_distance
-from selfflow.eval.i3d import I3DFeatures, load_i3d
+from selfflow.eval.i3d import I3DFeatures, load_i3d, to_bcthw_uint8
 from selfflow.eval.video_io import list_videos, read_video
 
 # the published detector is TorchScript, which torch now flags as deprecated
@@ -104,6 +104,13 @@ def test_extractor_rejects_float_videos_and_batches_by_shape(i3d_file: str) -> N
     mixed = ext(clips)
     alone = np.concatenate([ext([c]) for c in clips])
     np.testing.assert_allclose(mixed, alone, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("frames", [3, 16])
+def test_channels_last_clips_become_bcthw_also_with_3_frames(frames: int) -> None:
+    clips = np.random.default_rng(0).integers(0, 256, (2, frames, 8, 6, 3), dtype=np.uint8)
+    assert torch.equal(to_bcthw_uint8(clips), torch.from_numpy(clips).permute(0, 4, 1, 2, 3))
+    assert to_bcthw_uint8(torch.from_numpy(clips).permute(0, 4, 1, 2, 3)).shape == (2, 3, frames, 8, 6)
 
 
 def test_cli_reads_video_folders(i3d_file: str, tmp_path) -> None:

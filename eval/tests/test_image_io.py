@@ -60,6 +60,13 @@ def test_folder_mixed_sizes_error_names_file(tmp_path: Path, make_images) -> Non
     Image.fromarray(make_images(1, 9, 8)[0]).save(tmp_path / "b.jpg")
     with pytest.raises(ValueError, match=r"b\.jpg"):
         list(open_images(tmp_path).batches(2))
+    # the rule holds across batch boundaries: 8, 8 | 9, 9 is as mixed as 8 | 9
+    Image.fromarray(make_images(1, 8, 8)[0]).save(tmp_path / "a2.png")
+    Image.fromarray(make_images(1, 9, 8)[0]).save(tmp_path / "b2.jpg")
+    with pytest.raises(ValueError, match=r"b\.jpg is 8x9, .*a\.png is 8x8"):
+        list(open_images(tmp_path).batches(2))
+    with pytest.raises(ValueError, match=r"b2?\.jpg is 8x9, .*a\.png is 8x8"):
+        list(open_images(tmp_path).batches(1, start=2))  # a rank's range starting past the first image
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         FolderImages(tmp_path / "empty")

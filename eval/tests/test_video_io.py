@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
-from selfflow.eval.video_io import ClipReport, is_stats_file, iter_clips, iter_frames, list_videos
+from selfflow.eval.video_io import (
+    ClipReport,
+    is_stats_file,
+    iter_clips,
+    iter_frames,
+    list_videos,
+    read_video,
+)
 
 
 def test_clip_selection_start_stride_and_short_videos() -> None:
@@ -33,6 +41,12 @@ def test_frames_in_order_up_to_the_cap_and_stats_files() -> None:
     frames = list(iter_frames(vids, 5))
     assert [int(f[0, 0, 0]) for f in frames] == [3, 3, 3, 4, 4]
     assert is_stats_file("real.npz") and not is_stats_file("videos/") and not is_stats_file(vids)
+
+
+def test_a_frame_folder_reads_in_frame_number_order_padded_or_not(tmp_path):
+    for i in range(12):
+        Image.fromarray(np.full((2, 2, 3), i, np.uint8)).save(tmp_path / f"frame{i + 1}.png")
+    assert read_video(tmp_path)[:, 0, 0, 0].tolist() == list(range(12))
 
 
 def test_list_videos_skips_the_parts_of_a_sample_out_dir(tmp_path):

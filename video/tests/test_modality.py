@@ -68,6 +68,20 @@ def test_samples_are_written_as_mp4_and_gif(tmp_path):
     assert path.with_suffix(".txt").read_text().splitlines()[0] == f"0: {CAPTIONS[int(batch['labels'][0])]}"
 
 
+def test_one_sample_is_written_exactly_as_the_fvd_reader_reads_it(tmp_path):
+    """``selfflow sample --out-dir`` files go to FVD: the clip's own frames, not the tiled, 2×, bordered MP4."""
+    from selfflow.eval.video_io import list_videos, read_video
+
+    mod = VideoModality({"frames": 6, "image_size": 16})
+    clip = torch.rand(3, 6, 16, 16) * 2.2 - 1.1  # out of range on purpose: clamped like the previews
+    path = mod.write_sample(clip, 0, tmp_path / "000000")
+    assert path == tmp_path / "000000.npy" and list_videos(tmp_path) == [path]
+    frames = read_video(path)
+    assert frames.shape == (6, 16, 16, 3)
+    expected = ((clip.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    np.testing.assert_array_equal(frames, expected)
+
+
 @pytest.mark.parametrize("conditioning", ["class", "text"])
 def test_trainer_end_to_end(tmp_path, conditioning):
     cfg = load_config(None, [*TINY, f"output_dir={tmp_path}", "name=v", "data.options.frames=4",

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from selfflow.core.codec import stands_in
 from selfflow.core.data.indexed_stream import IndexedStream
 from selfflow.core.data.shard_format import read_codec_info, shard_urls
-from selfflow.core.data.shard_stream import ShardStream
+from selfflow.core.data.shard_stream import ShardReadOptions, ShardStream
 from selfflow.core.data.stats import latent_stats
 from selfflow.core.modality import Batch, DataStream, Modality, options_union
 from selfflow.core.registry import register_modality
@@ -49,7 +49,7 @@ class SyntheticTonesOptions(_CommonAudioOptions):
     data_seed: int = Field(0, description="which synthetic stream (independent of the training seed)")
 
 
-class AudioShardsOptions(_CommonAudioOptions):
+class AudioShardsOptions(_CommonAudioOptions, ShardReadOptions):
     dataset: Literal["latent_shards"]
     shards: str = Field(description="directory written by `selfflow prepare audio`")
 
@@ -121,7 +121,8 @@ class AudioModality(CaptionedModalityMixin, Modality):
     def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataStream:
         o = self.options
         if o.dataset == "latent_shards":
-            return ShardStream(shard_urls(o.shards), batch_size, seed=seed, rank=rank, world_size=world_size)
+            return ShardStream(shard_urls(o.shards), batch_size, seed=seed, rank=rank, world_size=world_size,
+                               num_workers=o.num_workers, shuffle_buffer=o.shuffle_buffer)
 
         def render(indices: range) -> Batch:
             media, labels, captions = render_batch(o.data_seed, indices, o.sample_rate, o.num_samples)
@@ -156,3 +157,7 @@ class AudioModality(CaptionedModalityMixin, Modality):
             names = self.class_names
             path.with_suffix(".txt").write_text("".join(f"{i}: {names[int(k)]}\n" for i, k in enumerate(labels)))
         return wav
+
+    def write_sample(self, media: torch.Tensor, label: int | None, path: Path) -> Path:
+        """One sample exactly, as ``<path>.wav`` (no trailing gap: FAD windows every second of the file)."""
+        return write_wav(media, Path(path).with_suffix(".wav"), self.sample_rate)

@@ -55,6 +55,8 @@ def laion_int16(x: np.ndarray) -> np.ndarray:
 def prepare(audio: np.ndarray, rate: int, v: ClapVariant) -> np.ndarray:
     """Mono, resampled to ``v.sample_rate``, 16-bit PCM, LAION round trip if the variant uses it."""
     x = np.asarray(audio, dtype=np.float64)
+    if x.ndim == 2 and x.shape[0] > x.shape[1]:  # soundfile's (T, channels): averaging it would keep 2 samples
+        raise ValueError(f"audio must be (T,) or (channels, T), got {x.shape}: (T, channels)? transpose it")
     if x.ndim == 2:
         x = x.mean(axis=0)
     if x.ndim != 1:

@@ -52,7 +52,7 @@ def to_bcthw_uint8(videos: torch.Tensor | np.ndarray) -> torch.Tensor:
         raise TypeError(f"I3D expects uint8 videos in [0, 255] (it rescales inside), got {x.dtype}")
     if x.ndim != 5:
         raise ValueError(f"expected videos (B, T, H, W, 3) or (B, 3, T, H, W), got {tuple(x.shape)}")
-    if x.shape[-1] == 3 and x.shape[1] != 3:
+    if x.shape[-1] == 3:  # (B, T, H, W, 3), also at T = 3; a (B, 3, T, H, W) batch is never 3 pixels wide
         x = x.permute(0, 4, 1, 2, 3)
     elif x.shape[1] != 3:
         raise ValueError(f"no channel dimension of size 3 in video batch {tuple(x.shape)}")

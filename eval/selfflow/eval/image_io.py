@@ -118,6 +118,7 @@ class FolderImages(ImageSource):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.files = list_images(self.path)
+        self._first_shape: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -129,11 +130,13 @@ class FolderImages(ImageSource):
         stop = len(self) if stop is None else min(stop, len(self))
         for i in range(start, stop, batch_size):
             imgs = [self.load(j) for j in range(i, min(i + batch_size, stop))]
-            first = imgs[0].shape
+            if self._first_shape is None:  # the folder's first image, whatever range this reader covers
+                self._first_shape = imgs[0].shape if i == 0 else self.load(0).shape
+            first = self._first_shape
             for j, im in enumerate(imgs):
                 if im.shape != first:
                     raise ValueError(f"images must share one size: {self.files[i + j]} is {im.shape[1]}x"
-                                     f"{im.shape[0]}, {self.files[i]} is {first[1]}x{first[0]}")
+                                     f"{im.shape[0]}, {self.files[0]} is {first[1]}x{first[0]}")
             yield np.stack(imgs)
 
 

@@ -8,6 +8,7 @@ selection (one clip per video, short videos dropped and counted).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,13 @@ def is_stats_file(source: Any) -> bool:
 
 
 
+def frame_order(path: Path) -> tuple:
+    """Sort key of a frame file: its name with each run of digits read as a number, so ``frame2.png``
+    comes before ``frame10.png`` (plain string order would put 10–19 before 2 and scramble the clip)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in re.split(r"(\d+)", path.name) if part)
+
+
 def _read_container(path: Path) -> np.ndarray:
     try:
         import av
@@ -46,10 +54,10 @@ def _read_container(path: Path) -> np.ndarray:
 
 def read_video(path: str | os.PathLike) -> np.ndarray:
     """One video as uint8 (T, H, W, 3): ``.npy`` / ``.npz`` (first array), ``.gif``, a folder of
-    frame images (sorted by name), or ``.mp4``/``.webm``/... through PyAV."""
+    frame images (in :func:`frame_order`), or ``.mp4``/``.webm``/... through PyAV."""
     p = Path(path)
     if p.is_dir():
-        frames = sorted(f for f in p.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
+        frames = sorted((f for f in p.iterdir() if f.suffix.lower() in FRAME_SUFFIXES), key=frame_order)
         if not frames:
             raise ValueError(f"{p}: a video folder must contain frame images")
         arr = np.stack([np.asarray(read_rgb(f)) for f in frames])

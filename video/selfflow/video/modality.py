@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from selfflow.core.codec import stands_in
 from selfflow.core.data.indexed_stream import IndexedStream
 from selfflow.core.data.shard_format import read_codec_info, shard_urls
-from selfflow.core.data.shard_stream import ShardStream
+from selfflow.core.data.shard_stream import ShardReadOptions, ShardStream
 from selfflow.core.modality import Batch, DataStream, Modality, options_union
 from selfflow.core.registry import register_modality
 from selfflow.core.sampler import SamplerSettings
@@ -26,7 +26,7 @@ from selfflow.text.encoder import TextEncoderOptions
 
 from .pixel_codec import VideoPixelCodec
 from .synthetic_moving_shapes import CAPTIONS, render_batch
-from .writer import save_video_samples
+from .writer import save_clip_frames, save_video_samples
 
 
 class _CommonVideoOptions(BaseModel):
@@ -49,7 +49,7 @@ class SyntheticMovingShapesOptions(_CommonVideoOptions):
     data_seed: int = Field(0, description="which synthetic stream (independent of the training seed)")
 
 
-class VideoShardsOptions(_CommonVideoOptions):
+class VideoShardsOptions(_CommonVideoOptions, ShardReadOptions):
     dataset: Literal["latent_shards"]
     shards: str = Field(description="directory written by `selfflow prepare video`")
 
@@ -134,7 +134,8 @@ class VideoModality(CaptionedModalityMixin, Modality):
     def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataStream:
         o = self.options
         if o.dataset == "latent_shards":
-            return ShardStream(shard_urls(o.shards), batch_size, seed=seed, rank=rank, world_size=world_size)
+            return ShardStream(shard_urls(o.shards), batch_size, seed=seed, rank=rank, world_size=world_size,
+                               num_workers=o.num_workers, shuffle_buffer=o.shuffle_buffer)
 
         def render(indices: range) -> Batch:
             media, labels, captions = render_batch(o.data_seed, indices, o.frames, o.image_size)
@@ -170,4 +171,8 @@ class VideoModality(CaptionedModalityMixin, Modality):
         names = self.class_names
         captions = [names[int(i)] for i in labels] if labels is not None else None
         return save_video_samples(media, path, captions, self.options.fps)
+
+    def write_sample(self, media: torch.Tensor, label: int | None, path: Path) -> Path:
+        """One clip exactly, as ``<path>.npy`` (uint8 ``(T, H, W, 3)``): what ``selfflow eval fvd`` reads."""
+        return save_clip_frames(media, path)
 

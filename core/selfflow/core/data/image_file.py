@@ -16,6 +16,7 @@ import os
 import warnings
 from typing import BinaryIO
 
+import numpy as np
 from PIL import Image
 
 
@@ -28,6 +29,9 @@ def decode_rgb(data: bytes | BinaryIO, name: str) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(source) as im:
+                if im.mode.startswith("I"):  # 16-bit grey ("I;16", "I"): convert() would clip 0–65535 to 255
+                    scaled = (np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8)
+                    return Image.fromarray(scaled, "L").convert("RGB")
                 return im.convert("RGB")
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             raise ValueError(f"image {name} is too large to decode: {e}") from None
