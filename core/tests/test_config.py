@@ -175,3 +175,11 @@ def test_single_modality_run_sampler_and_defaults():
 def test_bad_entry_sampler_value_names_its_key():
     with pytest.raises(ConfigError, match=r"data\.mixture\.0\.sample\.steps"):
         load_config(None, ["data.mixture=[{modality: image, sample: {steps: 0}}]"])
+
+
+def test_sampler_settings_wrong_together_are_config_errors():
+    with pytest.raises(ConfigError, match=r"sample\.guidance_interval.*needs 0 <= low <= high <= 1"):
+        load_config(None, ["sample.guidance_interval=[0.7, 0.0]"])
+    cfg = load_config(None, ["sample.solver=sde", "sample.steps=1"])  # each valid alone: found when resolved
+    with pytest.raises(ConfigError, match=r"sample settings of 'image': .*sde solver needs at least 2 model calls"):
+        cfg.sampler(_Modality("image"))

@@ -87,6 +87,8 @@ def test_killed_half_way_and_restarted_finishes_exactly(run_dir, tmp_path):
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == [f"{i:06d}.png" for i in range(NUM)]  # none missing, none twice, no temp leftovers
     assert not list(out.rglob("*.tmp*"))
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == ["parts", f"samples_{NUM}.npz"]
+    assert not list((out / "parts").glob("staging-*"))  # a batch killed while writing its files: cleared
     assert np.array_equal(np.load(out / f"samples_{NUM}.npz")["arr_0"], np.load(full / f"samples_{NUM}.npz")["arr_0"])
 
 
@@ -97,3 +99,66 @@ def test_labels_balanced_and_per_index(run_dir):
     assert torch.equal(a, torch.randn(3, generator=sample_generator(0, 5)))
     assert not torch.equal(a, torch.randn(3, generator=sample_generator(0, 6)))
     assert not torch.equal(a, torch.randn(3, generator=sample_generator(1, 5)))
+
+
+def _in_process(run_dir, out, **changes):
+    """``sample_many`` on one rank in this process: 8 samples in batches of 4, 2 SDE steps."""
+    from selfflow.core.distributed import DistInfo
+    from selfflow.core.pretrained import load_model
+    from selfflow.core.sample_many import SampleManyConfig, sample_many
+
+    loaded = load_model(run_dir, "cpu")
+    model = changes.pop("model", loaded.model)
+    sampler = loaded.config.sampler(loaded.modality).model_copy(update={"steps": changes.pop("steps", 2)})
+    opts = SampleManyConfig(**{"num": 8, "batch_size": 4, "out_dir": out, **changes})
+    return sample_many(model, changes.get("modality", loaded.modality), sampler, opts, DistInfo(), progress=False)
+
+
+def test_a_restart_with_other_settings_is_refused_naming_them(run_dir, tmp_path):
+    from selfflow.core.config import ConfigError
+    from selfflow.core.pretrained import load_model
+
+    out = tmp_path / "s"
+    first = np.load(_in_process(run_dir, out))["arr_0"]
+    assert np.array_equal(np.load(_in_process(run_dir, out))["arr_0"], first)  # the same command: resumes
+    other = load_model(run_dir, "cpu").model
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    for change, says in [({"seed": 1}, "seed: 0 then, 1 now"), ({"batch_size": 2}, "batch_size: 4 then, 2 now"),
+                         ({"steps": 3}, "sampler: "), ({"num": 12}, "num: 8 then, 12 now"),
+                         ({"labels": "balanced"}, "labels: "), ({"model": other}, "weights: ")]:
+        with pytest.raises(ConfigError, match=f"holds samples made with other settings \\({says}"):
+            _in_process(run_dir, out, **change)
+    assert np.array_equal(np.load(out / "samples_8.npz")["arr_0"], first)  # untouched
+
+
+def test_a_batch_killed_while_writing_its_files_leaves_nothing_behind(run_dir, tmp_path, monkeypatch):
+    """A crash inside the writer (a kill between a sample's file and the batch's part) is redone on restart,
+    and whatever a writer leaves beside its samples (a video preview's GIF …) never reaches the folder."""
+    from selfflow.core.pretrained import load_model
+
+    out = tmp_path / "s"
+    (out / "parts" / "staging-rank3").mkdir(parents=True)  # a killed 4-rank run's leftovers
+    (out / "parts" / "staging-rank3" / "000005.png").write_bytes(b"half")
+    modality_cls = type(load_model(run_dir, "cpu").modality)
+    original, written = modality_cls.write_sample, []
+
+    def write_then_die(self, media, label, path):
+        f = original(self, media, label, path)
+        path.with_suffix(".extra.txt").write_text("beside the sample")
+        written.append(f.name)
+        if len(written) == 6:
+            raise KeyboardInterrupt("killed")
+        return f
+
+    monkeypatch.setattr(modality_cls, "write_sample", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _in_process(run_dir, out)
+    assert (out / "parts" / "batch_000000.npy").is_file() and not (out / "parts" / "batch_000001.npy").exists()
+    npz = _in_process(run_dir, out)  # the restart
+    assert sorted(p.name for p in out.iterdir()) == [*(f"{i:06d}.png" for i in range(8)), "parts", npz.name]
+    assert sorted(p.name for p in (out / "parts").iterdir()) == [
+        "batch_000000.json", "batch_000000.npy", "batch_000001.json", "batch_000001.npy", "settings.json"]
+    monkeypatch.setattr(modality_cls, "write_sample", original)
+    fresh = _in_process(run_dir, tmp_path / "fresh")
+    assert np.array_equal(np.load(npz)["arr_0"], np.load(fresh)["arr_0"])

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from selfflow.core.cli import main
 
@@ -47,9 +48,13 @@ def test_a_mixed_run_samples_the_chosen_modality_with_prompts(tmp_path, capsys):
                  "--out-dir", str(out), *FAST]) == 0
     records = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
     assert [r["file"] for r in records] == ["000000.wav", "000001.wav"]
+    assert sf.info(out / "000001.wav").frames == 1024  # the sample alone, as FAD must read it
     assert {r["prompt"] for r in records} == {"a low hum"}
     printed = capsys.readouterr().out
     assert "selfflow eval fad --fake" in printed and "imagenet" not in printed.lower()
+    assert main(["sample", "--run", str(run_dir), "--modality", "audio", "--num", "2", "--no-png",
+                 "--out-dir", str(tmp_path / "none"), *FAST]) == 2
+    assert "--no-png: 'audio' samples have no array format" in capsys.readouterr().err
 
 
 def test_class_conditional_runs_refuse_prompts_and_store_labels_as_arr_1(tmp_path, capsys):
@@ -78,6 +83,18 @@ def test_bad_sample_arguments_exit_2_naming_option_and_value(args, says, capsys)
         main(["sample", "--run", "r", *args])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and says in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--guidance-low", "0.8", "--guidance-high", "0.2"],
+     "sampler setting guidance_interval: Value error, needs 0 <= low <= high <= 1, got [0.8, 0.2]"),
+    (["--solver", "sde", "--steps", "1"], "sampler settings: Value error, steps: the sde solver needs at least 2"),
+])
+def test_sampler_settings_wrong_together_exit_2_naming_them(tmp_path, args, says, capsys):
+    run_dir, _ = make_run_dir(tmp_path)
+    assert main(["sample", "--run", str(run_dir), *args, "--num", "2", "--out", str(tmp_path / "g"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and not (tmp_path / "g.png").exists()
 
 
 def test_cuda_on_a_machine_without_cuda_is_an_argument_error(monkeypatch, capsys):

@@ -204,7 +204,10 @@ class RunConfig(_Section):
         ``default_sampler`` > SamplerConfig's defaults."""
         entry = next((e for e in self.data.entries() if e.modality == modality.name), None)
         levels = [modality.default_sampler, self.sample] + ([entry.sample] if entry is not None else [])
-        return resolve_sampler(*levels)
+        try:
+            return resolve_sampler(*levels)
+        except ValidationError as e:  # settings each valid alone, not together (sde with steps: 1)
+            raise ConfigError(f"sample settings of {modality.name!r}: {e.errors()[0]['msg']}") from None
 
 
 # Keys that left ``train`` for the section of the component that reads them.

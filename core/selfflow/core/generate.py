@@ -30,6 +30,8 @@ def sampler_config(base: BaseModel, *, steps: int | None = None, solver: str | N
         return SamplerConfig.model_validate({**base.model_dump(include=set(SamplerConfig.model_fields)), **update})
     except ValidationError as e:
         err = e.errors()[0]
+        if not err["loc"]:  # a rule across fields (sde with steps: 1): the message names them
+            raise ConfigError(f"sampler settings: {err['msg']}") from None
         raise ConfigError(f"sampler setting {'.'.join(map(str, err['loc']))}: {err['msg']} "
                           f"(got {err['input']!r})") from None
 
@@ -39,7 +41,8 @@ def require_prompts(modality: Modality) -> None:
     if not modality.context_dim:
         kind = f"class-conditional ({modality.num_classes} classes)" if modality.num_classes else "unconditional"
         raise ConfigError(f"prompts need a text-conditioned run, but its {modality.name!r} modality is {kind}"
-                          + (": give class labels instead" if modality.num_classes else ""))
+                          + (": sample it by class (labels=… in Python; --labels random|balanced with --out-dir)"
+                          if modality.num_classes else ""))
 
 
 def conditions_for(modality: Modality, n: int, device: torch.device | str, *, prompts: Sequence[str] | None = None,

@@ -6,7 +6,9 @@ seeded by ``(seed, index)``, and a batch always holds the same indices — so th
 on any number of ranks and across restarts. Each finished batch leaves its per-sample files (PNG …, written
 atomically) and then a part file ``parts/batch_XXXXXX.npy`` with its evaluation array; a batch with a part
 file is done and skipped on restart (a ``parts/batch_XXXXXX.json`` beside it, written first, names the batch's
-files, labels and prompts). Rank 0 finally concatenates the parts into ``samples_N.npz`` (``arr_0``, the ADM
+files, labels and prompts). ``parts/settings.json`` records what fixes the samples (count, batching, seed,
+labels, sampler, prompts, modality, a digest of the weights); a restart with other settings is refused, naming
+them, instead of mixing two runs' samples. Rank 0 finally concatenates the parts into ``samples_N.npz`` (``arr_0``, the ADM
 evaluator's format; ``arr_1`` the class labels of class-conditional runs; ``prompts`` those of text-conditioned
 runs) and, for text-conditioned runs, writes ``prompts.jsonl`` (each sample's file and prompt, what ``selfflow
 eval`` pairs samples with). The output directory must be shared by the ranks.
@@ -21,9 +23,10 @@ truncation to uint8 — still resumable, and still the same on any number of our
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
+import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -35,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .atomic import atomic_write_text
+from .config import ConfigError
 from .distributed import DistInfo, barrier
 from .generate import conditions_for, require_prompts
 from .modality import Modality
@@ -75,6 +79,45 @@ def part_path(out_dir: Path, batch: int) -> Path:
 def meta_path(out_dir: Path, batch: int) -> Path:
     """The batch's files, labels and prompts (JSON), written before its part file."""
     return part_path(out_dir, batch).with_suffix(".json")
+
+
+def staging_dir(out_dir: Path, rank: int) -> Path:
+    """Where a rank writes a batch's files before moving them into ``out_dir`` (cleared on every start)."""
+    return out_dir / "parts" / f"staging-rank{rank}"
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A digest of the model's state dict (names, dtypes, shapes and bytes): same weights, same digest."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_settings(model: nn.Module, modality: Modality, sampler: SamplerConfig, opts: SampleManyConfig,
+                 world_size: int, prompts: list[str] | None) -> dict:
+    """Everything that decides which samples land in the parts — what a restart must repeat."""
+    return {"num": opts.num, "batch_size": opts.batch_size, "seed": opts.seed, "labels": opts.labels,
+            "png": opts.png, "official_repro": opts.official_repro,
+            "official_world_size": (opts.official_world_size or world_size) if opts.official_repro else None,
+            "modality": modality.name, "sampler": sampler.model_dump(mode="json"),
+            "prompts": None if prompts is None else hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+            "weights": weights_digest(model)}
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Raise ``ConfigError`` when ``out`` holds samples made with other settings."""
+    path = out / "parts" / "settings.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    changed = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+    if changed:
+        said = "; ".join(f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
+        raise ConfigError(f"{out} holds samples made with other settings ({said}), recorded in {path}: "
+                          f"give another --out-dir, or delete {out} to start over")
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -122,19 +165,20 @@ def plan_batches(opts: SampleManyConfig, world_size: int) -> list[SeededBatch]:
 
 
 def _generate_and_write(model: nn.Module, modality: Modality, sampler: SamplerConfig, indices: list[int],
-                        opts: SampleManyConfig, prompts: list[str] | None, device: torch.device, out: Path
-                        ) -> tuple[np.ndarray | None, list[str | None], torch.Tensor | None]:
-    """Our default batch: per-index seeds, the modality's files; returns the evaluation array, the file
-    names (``None`` without ``png``) and the labels."""
+                        opts: SampleManyConfig, prompts: list[str] | None, device: torch.device, out: Path,
+                        staging: Path) -> tuple[np.ndarray | None, list[str | None], torch.Tensor | None]:
+    """Our default batch: per-index seeds, the modality's files (written in ``staging``, then moved into
+    ``out``); returns the evaluation array, the file names (``None`` without ``png``) and the labels."""
     media, labels = generate_batch(model, modality, sampler, indices, opts.seed, opts.labels, device, prompts)
     files: list[str | None] = [None] * len(indices)
     if opts.png:
-        with tempfile.TemporaryDirectory(dir=out) as tmp:
-            for k, i in enumerate(indices):
-                label = None if labels is None else int(labels[k])
-                written = modality.write_sample(media[k], label, Path(tmp) / f"{i:06d}")
-                os.replace(written, out / written.name)
-                files[k] = written.name
+        staging.mkdir(parents=True, exist_ok=True)
+        for k, i in enumerate(indices):
+            label = None if labels is None else int(labels[k])
+            written = modality.write_sample(media[k], label, staging / f"{i:06d}")
+            os.replace(written, out / written.name)
+            files[k] = written.name
+        shutil.rmtree(staging)  # and whatever else a modality's writer put beside the sample
     return modality.evaluation_array(media), files, labels
 
 
@@ -153,15 +197,25 @@ def sample_many(model: nn.Module, modality: Modality, sampler: SamplerConfig, op
     """Generate ``opts.num`` samples into ``opts.out_dir``; returns the ``.npz`` path on rank 0 (else None)."""
     if opts.prompts is not None:
         require_prompts(modality)
+    if not opts.png and type(modality).evaluation_array is Modality.evaluation_array:
+        raise ConfigError(f"--no-png: {modality.name!r} samples have no array format (samples_N.npz holds images), "
+                          "so nothing would be written; keep the per-sample files")
     prompts = opts.prompts
     if prompts is None and not modality.num_classes and modality.context_dim:
         prompts = modality.class_names or None  # a text-conditioned modality's sample captions
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    settings = run_settings(model, modality, sampler, opts, dist.world_size, prompts)
+    check_settings(out, settings)  # every rank reads the same record, so every rank stops alike
     batches = plan_batches(opts, dist.world_size)
     n_batches = len(batches)
     remaining = [j for j in range(n_batches) if not part_path(out, j).is_file()]
-    barrier()  # every rank lists the finished batches before any rank adds one
+    if dist.is_main:  # a killed run's half-written batches, whatever its number of ranks
+        for stale in (out / "parts").glob("staging-rank*"):
+            shutil.rmtree(stale)
+    barrier()  # every rank has checked and listed the finished batches before any rank adds one
+    if dist.is_main and not (out / "parts" / "settings.json").is_file():
+        atomic_write_text(out / "parts" / "settings.json", json.dumps(settings, indent=1) + "\n")
     mine = remaining[dist.rank::dist.world_size]
     model.eval()
     bar = tqdm(total=opts.num, initial=max(0, opts.num - len(remaining) * opts.batch_size), unit="sample",
@@ -177,7 +231,7 @@ def sample_many(model: nn.Module, modality: Modality, sampler: SamplerConfig, op
                 _write_images(array, kept, out)
         else:
             array, files, labels = _generate_and_write(model, modality, sampler, indices, opts, prompts,
-                                                       dist.device, out)
+                                                       dist.device, out, staging_dir(out, dist.rank))
         meta = {"files": files, "labels": None if labels is None else labels.tolist()[:len(files)],
                 "prompts": None if prompts is None else [prompts[i % len(prompts)] for i in indices]}
         atomic_write_text(meta_path(out, j), json.dumps(meta))

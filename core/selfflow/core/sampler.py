@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .precision import autocast
 from .sde import solve_sde
@@ -25,6 +25,12 @@ from .timesteps import shift_time
 from .tokens import Conditioning
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, L, C), t (B,)) → v
+
+
+def _ordered_interval(v: tuple[float, float] | None) -> tuple[float, float] | None:
+    if v is not None and not 0 <= v[0] <= v[1] <= 1:
+        raise ValueError(f"needs 0 <= low <= high <= 1, got {list(v)} (a reversed interval turns guidance off)")
+    return v
 
 
 class SamplerConfig(BaseModel):
@@ -38,6 +44,15 @@ class SamplerConfig(BaseModel):
     cfg_scale: float = Field(1.0, ge=0, description="classifier-free guidance (≤ 1: none, as the official)")
     guidance_interval: tuple[float, float] = Field((0.0, 1.0), description="apply CFG for t in [lo, hi]")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: model under bfloat16 autocast")
+
+    _interval = field_validator("guidance_interval")(_ordered_interval)
+
+    @model_validator(mode="after")
+    def _sde_steps(self) -> SamplerConfig:
+        if self.solver == "sde" and self.steps < 2:
+            raise ValueError(f"steps: the sde solver needs at least 2 model calls (steps − 1 stochastic ones and "
+                             f"the last deterministic one), got {self.steps}")
+        return self
 
 
 class SamplerSettings(BaseModel):
@@ -53,6 +68,8 @@ class SamplerSettings(BaseModel):
     cfg_scale: float | None = Field(None, ge=0, description="classifier-free guidance (≤ 1: none)")
     guidance_interval: tuple[float, float] | None = Field(None, description="apply CFG for t in [lo, hi]")
     precision: Literal["fp32", "bf16"] | None = Field(None, description="bf16: model under bfloat16 autocast")
+
+    _interval = field_validator("guidance_interval")(_ordered_interval)
 
 
 def resolve_sampler(*levels: SamplerSettings) -> SamplerConfig:
