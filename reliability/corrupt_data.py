@@ -108,7 +108,7 @@ def media_faults(work: Path, per_kind: int = 2, seed: int = 0) -> list[Outcome]:
             items = sorted(good + bad)
             shards = folder / "shards"
             report = write_shards(items, _read_media, shards, prefix=fmt, shard_size=5, key=lambda p: p.name)
-            failed = {f["item"] for r in shards.glob("*.json") for f in json.loads(r.read_text())["skipped"]}
+            failed = {f["item"] for r in shards.glob(f"{fmt}-*.json") for f in json.loads(r.read_text())["skipped"]}
             written = {s["txt"].decode() for s in wds.WebDataset([str(p) for p in sorted(shards.glob("*.tar"))],
                                                                    shardshuffle=False, empty_check=False)}
         # A bad file is skipped and listed in the report, or (a truncated WAV) decoded from its readable part.

@@ -108,7 +108,7 @@ def test_every_corrupt_member_is_skipped_counted_and_named_and_resume_stays_exac
     assert resumed.skipped == len(BAD_MEMBERS)  # the skips after the saved position, counted once
 
 def test_truncated_and_unreadable_shards_count_the_samples_they_held(tmp_path, caplog):
-    write_shards(list(range(12)), _process, tmp_path, shard_size=4)  # reports say 4 samples per shard
+    write_shards(list(range(12)), _process, tmp_path, shard_size=4, order_seed=None)  # 4 per shard, in order
     whole = (tmp_path / "shard-000001.tar").read_bytes()
     (tmp_path / "shard-000001.tar").write_bytes(whole[: len(whole) // 2])  # truncated mid-shard
     (tmp_path / "shard-000002.tar").write_bytes(b"\x00" * 100 + b"not a tar")  # unreadable
@@ -127,10 +127,47 @@ def test_truncated_and_unreadable_shards_count_the_samples_they_held(tmp_path, c
 
 def test_a_rank_with_only_unreadable_shards_stops_with_a_clear_error(tmp_path):
     (tmp_path / "a.tar").write_bytes(b"junk")
-    with pytest.raises(RuntimeError, match="read no valid sample"):
+    with pytest.raises(RuntimeError, match=r"rank 0 read 0 valid sample\(s\) in a whole epoch of its 1 shard"):
         next(iter(ShardStream([str(tmp_path / "a.tar")], 1)))
     with pytest.raises(FileNotFoundError, match="no shards"):
         ShardStream([], 1)
+
+def test_fewer_samples_than_one_batch_stop_with_a_clear_error_not_a_hang(tmp_path):
+    write_shards(list(range(3)), _process, tmp_path, shard_size=2)
+    with pytest.raises(RuntimeError, match=r"read 3 valid sample\(s\) .* fewer than one batch of 4"):
+        next(iter(ShardStream(shard_urls(tmp_path), 4)))
+    assert len(next(iter(ShardStream(shard_urls(tmp_path), 3)))["captions"]) == 3
+
+def _shard(path, items):
+    with wds.TarWriter(str(path)) as sink:
+        for key, latent, caption in items:
+            sink.write({"__key__": key, "latent.npy": latent, "txt": caption})
+
+def test_a_resume_keeps_the_reference_shape_of_the_uninterrupted_run(tmp_path):
+    """The reference shape comes from the run's first good sample, not from the first one a resume replays."""
+    _shard(tmp_path / "a.tar", [(f"a{i}", GOOD, f"item {i}") for i in range(4)])
+    _shard(tmp_path / "b.tar", [("bad", npy_bytes(np.zeros((3, 2))), "item 99"),
+                                *((f"b{i}", GOOD, f"item {i}") for i in range(4, 8))])
+    urls = shard_urls(tmp_path)
+
+    def order(seed, epoch):
+        return [u.rsplit("/", 1)[1] for u in ShardStream(urls, 2, seed=seed).epoch_shards(epoch)]
+
+    seed = next(s for s in range(100) if order(s, 0) == ["a.tar", "b.tar"] and order(s, 1) == ["b.tar", "a.tar"])
+    stream = ShardStream(urls, 2, seed=seed)
+    it = iter(stream)
+    for _ in range(5):  # epoch 0 (4 batches), then epoch 1's first batch, past the wrong-shaped sample
+        next(it)
+    assert stream.epoch == 1 and stream.shape == (2, 3)
+    state = stream.state_dict()
+    expected = [next(it)["captions"] for _ in range(3)]
+    resumed = ShardStream(urls, 2, seed=seed)
+    resumed.load_state_dict(state)
+    rit = iter(resumed)
+    assert [next(rit)["captions"] for _ in range(3)] == expected == [
+        ["item 6", "item 7"], ["item 0", "item 1"], ["item 2", "item 3"]]
+    with pytest.raises(ValueError, match=r"another shuffle buffer .* set shuffle_buffer: 0"):
+        ShardStream(urls, 2, seed=seed, shuffle_buffer=8).load_state_dict(state)
 
 def test_nested_keys_group_members_like_webdataset(tmp_path):
     path = tmp_path / "n.tar"
@@ -142,3 +179,16 @@ def test_nested_keys_group_members_like_webdataset(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     batch = next(iter(ShardStream([str(path)], 2)))
     assert batch["captions"] == ["item 7", "item 8"]
+
+def test_a_medium_prepared_without_its_caption_trains_on_the_empty_caption(tmp_path):
+    """prepare keeps a video/WAV whose caption file is missing; its batch must not lose every caption."""
+    _shard(tmp_path / "s.tar", [("a", GOOD, "item 0")])
+    with wds.TarWriter(str(tmp_path / "t.tar")) as sink:
+        sink.write({"__key__": "b", "latent.npy": GOOD})  # no txt member
+    batch = next(iter(ShardStream(shard_urls(tmp_path), 2)))
+    assert sorted(batch["captions"]) == ["", "item 0"]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with wds.TarWriter(str(plain / "u.tar")) as sink:  # class-conditional shards: no captions at all
+        sink.write({"__key__": "c", "latent.npy": GOOD, "cls": "1"})
+    assert "captions" not in next(iter(ShardStream(shard_urls(plain), 1)))

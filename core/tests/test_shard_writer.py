@@ -1,5 +1,8 @@
 import numpy as np
+import pytest
 
+from selfflow.core.data.shard_format import shard_urls
+from selfflow.core.data.shard_stream import read_shard
 from selfflow.core.data.shard_writer import write_shards
 from selfflow.core.data.stats import latent_stats
 
@@ -12,12 +15,40 @@ def _process(i):
 
 
 def test_write_is_resumable_counts_failures_and_keeps_stats(tmp_path):
-    report = write_shards(list(range(10)), _process, tmp_path, prefix="a", shard_size=4, rank=0, world_size=2)
-    assert report == {"written": 5, "skipped": 1, "shards": 2, "existing": 0}  # chunks 0 and 2
-    report = write_shards(list(range(10)), _process, tmp_path, prefix="a", shard_size=4, rank=1, world_size=2)
-    assert report["written"] == 4 and report["shards"] == 1
+    first = write_shards(list(range(10)), _process, tmp_path, prefix="a", shard_size=4, rank=0, world_size=2)
+    assert first["shards"] == 2 and first["existing"] == 0  # chunks 0 and 2
+    second = write_shards(list(range(10)), _process, tmp_path, prefix="a", shard_size=4, rank=1, world_size=2)
+    assert second["shards"] == 1
+    assert (first["written"] + second["written"], first["skipped"] + second["skipped"]) == (9, 1)
     again = write_shards(list(range(10)), _process, tmp_path, prefix="a", shard_size=4)
     assert again == {"written": 0, "skipped": 0, "shards": 0, "existing": 3}
     mean, std = latent_stats(tmp_path)
     values = np.array([i for i in range(10) if i != 3], dtype=np.float64)
     assert np.allclose(mean, values.mean()) and np.allclose(std, values.std())
+
+
+def _captions(url):
+    return [raw["txt"].decode() for raw in read_shard(url)]
+
+
+def test_shards_hold_a_recorded_random_order_and_a_changed_list_is_refused(tmp_path, caplog):
+    """Sorted inputs (ImageNet by class) must not become shards of one class each: the reader only mixes a few."""
+    items = [i for i in range(40) if i != 3]
+    write_shards(items, _process, tmp_path, shard_size=8)
+    shards = [_captions(u) for u in shard_urls(tmp_path)]
+    assert sorted(c for shard in shards for c in shard) == sorted(f"item {i}" for i in items)  # each once
+    assert shards[0] != [f"item {i}" for i in items[:8]]  # not the sorted run
+    assert all(max(int(c.split()[1]) for c in shard) - min(int(c.split()[1]) for c in shard) > 16 for shard in shards)
+    assert write_shards(items, _process, tmp_path, shard_size=8)["existing"] == 5  # the same list resumes
+    with pytest.raises(ValueError, match=r"another item list or order \(items 39 then, 40 now, keys_sha256"):
+        write_shards([*items, 99], _process, tmp_path, shard_size=8)
+    with pytest.raises(ValueError, match="seed 0 then, 1 now"):
+        write_shards(items, _process, tmp_path, shard_size=8, order_seed=1)
+    # a directory begun before the order record existed finishes in its sorted order
+    legacy = tmp_path / "legacy"
+    write_shards(items, _process, legacy, shard_size=8, order_seed=None)
+    (legacy / "shard.order.json").unlink()
+    (legacy / "shard-000004.tar").unlink()
+    write_shards(items, _process, legacy, shard_size=8)
+    assert _captions(legacy / "shard-000004.tar") == [f"item {i}" for i in items[32:]]
+    assert "keep the sorted item order" in caplog.text

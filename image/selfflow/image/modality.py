@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from selfflow.core.codec import shapes_only_active, stands_in
 from selfflow.core.data.indexed_stream import IndexedStream
 from selfflow.core.data.shard_format import shard_urls
-from selfflow.core.data.shard_stream import ShardStream
+from selfflow.core.data.shard_stream import ShardReadOptions, ShardStream
 from selfflow.core.modality import Batch, DataStream, Modality, options_union
 from selfflow.core.registry import register_modality
 from selfflow.core.timesteps import TimestepDistribution
@@ -70,8 +70,8 @@ class DigitsOptions(_CommonImageOptions):
     data_seed: int = Field(0, description="order of the training split's epochs")
 
 
-class _ShardOptions(_CommonImageOptions):
-    num_workers: int = Field(0, ge=0, description="data-loader workers per rank")
+class _ShardOptions(_CommonImageOptions, ShardReadOptions):
+    pass
 
 
 class ImageNetShardsOptions(_ShardOptions):
@@ -81,7 +81,6 @@ class ImageNetShardsOptions(_ShardOptions):
     shards: str = Field(description="directory of prepared *.tar shards, or a glob")
     num_classes: int = Field(1000, ge=0, description="number of classes (ImageNet 1000)")
     flip: bool = Field(False, description="use the stored mirrored moments / latents half the time")
-    shuffle_buffer: int = Field(1000, ge=1, description="samples in the shuffle buffer")
 
 
 class ImageTextShardsOptions(_ShardOptions):
@@ -215,7 +214,7 @@ class ImageModality(CaptionedModalityMixin, Modality):
                                    num_workers=o.num_workers, shuffle_buffer=o.shuffle_buffer)
         if o.dataset == "image_text_shards":
             return ShardStream(shard_urls(o.shards), batch_size, seed=seed, rank=rank, world_size=world_size,
-                               num_workers=o.num_workers)
+                               num_workers=o.num_workers, shuffle_buffer=o.shuffle_buffer)
         if o.dataset == "digits":
             def render(indices: range) -> Batch:
                 images, labels = digits.digits_batch(o.data_seed, indices, o.image_size)

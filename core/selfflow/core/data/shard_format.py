@@ -107,13 +107,14 @@ def decode_sample(raw: Sample, epoch: int = 0, num_classes: int | None = None) -
 
 
 def collate_samples(samples: list[Sample]) -> dict[str, Any]:
-    """Decoded samples → ``latent (B, …)`` (raw, stacked), and ``labels``, ``captions``, ``emb`` (list of
-    unpadded ``(Li, D)``) when every sample has them."""
+    """Decoded samples → ``latent (B, …)`` (raw, stacked), and ``labels``, ``emb`` (list of unpadded
+    ``(Li, D)``) when every sample has them, ``captions`` when any has one (``""`` for a medium prepared
+    without its caption file: the empty caption, as ``prepare`` embeds it when it has a text encoder)."""
     batch: dict[str, Any] = {"latent": torch.stack([s["latent"] for s in samples])}
     if all("label" in s for s in samples):
         batch["labels"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
-    if all("caption" in s for s in samples):
-        batch["captions"] = [s["caption"] for s in samples]
+    if any("caption" in s for s in samples):
+        batch["captions"] = [s.get("caption", "") for s in samples]
     if all("emb" in s for s in samples):
         batch["emb"] = [s["emb"] for s in samples]
     return batch

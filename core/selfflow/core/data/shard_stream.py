@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, Field
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..modality import DataStream
@@ -39,6 +40,14 @@ from .shard_format import Decoder, Sample, collate_samples, decode_sample
 from .tar_members import Unsupported, iter_members
 
 log = logging.getLogger("selfflow.shards")
+
+
+class ShardReadOptions(BaseModel):
+    """How a modality's ``latent_shards`` options read their shards (mixed into each modality's options)."""
+
+    num_workers: int = Field(0, ge=0, description="data-loader workers per rank")
+    shuffle_buffer: int = Field(1000, ge=0, description="samples each worker mixes before handing one out "
+                                "(0: shard order; memory ≈ buffer × one stored sample per worker)")
 
 
 @dataclass(frozen=True)
@@ -259,10 +268,10 @@ class ShardStream(DataStream):
     def __iter__(self) -> Iterator[dict]:
         while True:
             batch: list[Sample] = []
-            produced = 0
+            produced, whole_epoch = 0, self.consumed == 0
             for i, event in enumerate(self._epoch_events(self.epoch)):
-                if i < self.consumed:  # replayed: only the reference shape is taken again
-                    if isinstance(event, Decoded):
+                if i < self.consumed:  # replayed: read before the resume (a checkpoint without the reference
+                    if self.shape is None and isinstance(event, Decoded):  # shape: take it here, as before)
                         self._shape_error(event)
                     continue
                 if not isinstance(event, Skip):
@@ -277,15 +286,20 @@ class ShardStream(DataStream):
                     self._at_position = (self.skipped, self.lost_shards)
                     yield self.collate(batch)
                     batch = []
-            if not produced and not self.consumed:
-                raise RuntimeError(f"rank {self.rank} read no valid sample from its shards "
-                                   f"({self.skipped} corrupt samples skipped, {self.lost_shards} shards lost)")
+            if whole_epoch and produced < self.batch_size:  # every later epoch would read the same: a hang
+                raise RuntimeError(
+                    f"rank {self.rank} read {produced} valid sample(s) in a whole epoch of its "
+                    f"{len(self.epoch_shards(self.epoch))} shard(s), fewer than one batch of {self.batch_size} "
+                    f"({self.skipped} corrupt samples skipped, {self.lost_shards} shards lost): use more data, "
+                    "a smaller batch or fewer ranks")
             self.epoch, self.consumed = self.epoch + 1, 0  # a partial last batch is dropped
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "consumed": self.consumed, "skipped": self._at_position[0],
                 "lost_shards": self._at_position[1], "world_size": self.world_size,
-                "batch_size": self.batch_size, "num_workers": self.num_workers}
+                "batch_size": self.batch_size, "num_workers": self.num_workers,
+                "shuffle_buffer": self.shuffle_buffer,
+                "shape": None if self.shape is None else list(self.shape)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         was = (state["world_size"], state["batch_size"], state.get("num_workers", 0))
@@ -293,6 +307,13 @@ class ShardStream(DataStream):
             raise ValueError("cannot resume a shard stream with another world size, batch size or number of "
                              f"data-loader workers (was {was[0]}×{was[1]}, {was[2]} workers; now "
                              f"{self.world_size}×{self.batch_size}, {self.num_workers} workers)")
+        if state.get("shuffle_buffer", self.shuffle_buffer) != self.shuffle_buffer:  # (older checkpoints lack it)
+            raise ValueError(f"cannot resume a shard stream with another shuffle buffer (was "
+                             f"{state['shuffle_buffer']}, now {self.shuffle_buffer}): set shuffle_buffer: "
+                             f"{state['shuffle_buffer']} in the data options to continue this run")
+        # the reference shape of the samples, which the uninterrupted run took from its first good sample
+        if state.get("shape") is not None:
+            self.shape = tuple(state["shape"])
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
         self.skipped, self.lost_shards = int(state["skipped"]), int(state.get("lost_shards", 0))
         self._at_position = (self.skipped, self.lost_shards)

@@ -1,19 +1,27 @@
 """Writing shards: the one writer behind every ``selfflow prepare`` target.
 
-:func:`write_shards` cuts the item list into fixed chunks; chunk ``k`` becomes shard
+:func:`write_shards` cuts the item list, in a seeded random order, into fixed chunks; chunk ``k`` becomes shard
 ``{prefix}-{k:06d}.tar`` and is written by rank ``k mod world`` — names do not depend on the number of
 ranks, so a run can resume with another world size. A shard is written to a temporary file and renamed
 when complete; a rerun skips existing shards (resumable). An item whose processing raises (a corrupt
 video, an unreadable WAV) is skipped, counted and listed in the shard's ``.json`` report, which also holds
 the sample count (the stream counts an unreadable shard as that many lost samples) and per-channel latent
 sums (:func:`selfflow.core.data.stats.latent_stats`).
+
+**Why the random order.** Inputs are listed sorted (ImageNet by class, media by folder), and the reader mixes
+only within a buffer of a few shards: sorted shards would give batches of a handful of classes — far from the
+i.i.d. batches of REPA's or SiT's loaders. ``{prefix}.order.json`` records the seed, the item count and a digest
+of the item keys; a rerun with another list (files added, another seed) is refused instead of mixing two
+orders. A directory whose shards were written before that record existed keeps its sorted order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +40,7 @@ def write_shards(items: Sequence[Any], process: Callable[[Any], Any], out_dir: s
                  prefix: str = "shard", shard_size: int = 256, rank: int = 0, world_size: int = 1,
                  key: Callable[[Any], str] = str, encode_batch: Callable[[list[Any]], list[Sample]] | None = None,
                  batch_size: int = 1, members: Callable[[Sample], Sample] = encode_sample,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, order_seed: int | None = 0) -> dict[str, Any]:
     """Write this rank's shards of ``items``.
 
     ``process(item)`` returns a sample — ``latent`` (channels first), optional ``emb``, ``caption``,
@@ -40,12 +48,14 @@ def write_shards(items: Sequence[Any], process: Callable[[Any], Any], out_dir: s
     ``encode_batch``, ``process`` only loads an item and ``encode_batch`` turns up to ``batch_size`` loaded
     items into samples at once (a VAE on a batch of images). ``members(sample)`` gives the tar members
     (default :func:`~.shard_format.encode_sample`); a ``__key__`` among them replaces the default key
-    ``{shard:06d}-{n:05d}``. ``progress``: a bar over this rank's shards. Returns counts: ``written`` samples, ``skipped`` (failed) items, ``shards``
+    ``{shard:06d}-{n:05d}``. ``progress``: a bar over this rank's shards. ``order_seed``: the seed of the
+    item order (None: as given; see the module doc). Returns counts: ``written`` samples, ``skipped`` (failed) items, ``shards``
     written now and ``existing`` shards left alone because a previous run completed them.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"written": 0, "skipped": 0, "shards": 0, "existing": 0}
+    order = item_order([key(item) for item in items], out, prefix, order_seed)
     n_chunks = (len(items) + shard_size - 1) // shard_size
     for k in tqdm(range(rank, n_chunks, world_size), disable=not progress, desc=f"prepare rank {rank}", unit="shard"):
         path = out / f"{prefix}-{k:06d}.tar"
@@ -54,7 +64,7 @@ def write_shards(items: Sequence[Any], process: Callable[[Any], Any], out_dir: s
             continue
         failed: list[dict[str, str]] = []
         loaded = []
-        for item in items[k * shard_size:(k + 1) * shard_size]:
+        for item in (items[i] for i in order[k * shard_size:(k + 1) * shard_size]):
             try:
                 sample = process(item)
                 if sample is not None:
@@ -92,6 +102,29 @@ def write_shards(items: Sequence[Any], process: Callable[[Any], Any], out_dir: s
         report["skipped"] += len(failed)
         report["shards"] += 1
     return report
+
+
+def item_order(keys: list[str], out: Path, prefix: str, seed: int | None) -> list[int]:
+    """The indices of the items in shard order: a ``seed``-ed permutation, checked against (or written as)
+    ``{prefix}.order.json``; raises ``ValueError`` when the directory was cut from another list."""
+    record = {"items": len(keys), "seed": seed,
+              "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()}
+    path = out / f"{prefix}.order.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != record:
+            changed = ", ".join(f"{k} {old.get(k)!r} then, {record[k]!r} now" for k in record if old.get(k) != record[k])
+            raise ValueError(f"{out} holds {prefix} shards cut from another item list or order ({changed}; "
+                             f"{path}): prepare into a new directory, or give the same inputs")
+    elif any(out.glob(f"{prefix}-*.tar")):  # written before the order record existed: sorted, keep it
+        log.warning("%s: shards without %s keep the sorted item order of the run that began them", out, path.name)
+        seed = None
+    else:  # every rank (the same record): ranks may run at different times, and shards imply a record
+        write_json(path, record)
+    order = list(range(len(keys)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    return order
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
