@@ -137,3 +137,37 @@ def test_a_broken_checkpoint_skipped_on_resume_is_named_in_train_log(tmp_path):
     log = (tmp_path / "run" / "train.log").read_text()
     assert "WARNING selfflow: warning: skipped a broken checkpoint: checkpoint " in log
     assert "step_00000002.pt is truncated or corrupt" in log and "resuming from" in log
+
+
+def test_each_record_logs_the_lr_its_step_applied(tmp_path):
+    Trainer(_cfg(tmp_path, "lr", "train.steps=3", "optim.lr=1e-3", "optim.warmup_steps=4"), progress=False).fit()
+    assert [r["lr"] for r in read_metrics(tmp_path / "lr" / "metrics.jsonl")] == pytest.approx([2.5e-4, 5e-4, 7.5e-4])
+
+
+def test_a_resume_trains_with_the_optimizer_settings_of_its_config(tmp_path):
+    """Lowering optim.lr (or changing the decay, betas, eps) and resuming must take effect, not the old values."""
+    Trainer(_cfg(tmp_path, "run", "train.steps=2", "optim.lr=1e-3", "optim.weight_decay=0.1"), progress=False).fit()
+    resumed = Trainer(_cfg(tmp_path, "run", "train.steps=4", "optim.lr=1e-4", "optim.weight_decay=0.05",
+                           "optim.betas=[0.9,0.95]"), progress=False)
+    decay, no_decay = resumed.optimizer.param_groups
+    assert (decay["lr"], decay["initial_lr"], decay["weight_decay"], decay["betas"]) == (1e-4, 1e-4, 0.05, (0.9, 0.95))
+    assert (no_decay["lr"], no_decay["weight_decay"]) == (1e-4, 0.0) and resumed.scheduler.base_lrs == [1e-4, 1e-4]
+    assert resumed.optimizer.state  # the moments themselves came back
+    resumed.fit()
+    assert [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == pytest.approx([5e-4, 1e-3, 1e-4, 1e-4])
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "resume: optim lr 0.001 → 0.0001 (param group 0), as this run's config says" in log
+    assert "weight_decay 0.1 → 0.05 (param group 0)" in log and "(param group 1)" in log  # betas: both groups
+
+
+def test_a_fresh_start_sets_the_earlier_checkpoints_aside(tmp_path):
+    """--no-resume: a later plain rerun must resume the fresh run, not the earlier one's higher steps."""
+    Trainer(_cfg(tmp_path, "run", "train.steps=4", "checkpoint.every=2"), progress=False).fit()
+    Trainer(_cfg(tmp_path, "run", "train.steps=1"), resume=False, progress=False).fit()
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in ckpts.glob("step_*.pt")] == ["step_00000001.pt"]
+    (aside,) = ckpts.glob("replaced-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000002.pt", "step_00000004.pt"]
+    again = Trainer(_cfg(tmp_path, "run", "train.steps=2"), progress=False)
+    assert again.step == 1 and again.resumed_from.name == "step_00000001.pt"
+    assert "--no-resume: moved the 2 checkpoint(s) of the earlier run" in (tmp_path / "run" / "train.log").read_text()

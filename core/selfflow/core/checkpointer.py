@@ -15,6 +15,7 @@ run's (:func:`~selfflow.core.config.resume_conflicts`).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,12 +32,13 @@ from .checkpoint import (
     CheckpointWriteError,
     checkpoint_path,
     latest_checkpoint,
+    list_checkpoints,
     load_newest_intact,
     nonfinite_tensor,
     save_checkpoint,
 )
 from .config import CheckpointConfig, ConfigError, RunConfig, resume_conflicts
-from .distributed import DistInfo, gather_objects, leave_out_of_step
+from .distributed import DistInfo, barrier, gather_objects, leave_out_of_step
 from .pretrained import save_pretrained
 from .safe_yaml import YamlError, parse_yaml
 
@@ -163,6 +165,26 @@ class Checkpointer:
                 log.warning("selfflow: warning: skipped a broken checkpoint: %s%s; resuming from %s",
                             why, _move_aside(bad), path)
         return path
+
+    def set_aside(self) -> Path | None:
+        """A fresh start (``--no-resume``) in a directory with checkpoints: rank 0 moves them into
+        ``checkpoints/replaced-<time>/`` — kept, but no longer the newest, which a later plain rerun of the
+        fresh run would otherwise resume from (pruning removes the lowest steps: the fresh run's own). A
+        collective; returns the folder (on rank 0, when there was anything to move)."""
+        folder = None
+        if self.dist.is_main and (old := list_checkpoints(self.dir)):
+            stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+            folder = self.dir / f"replaced-{stamp}"
+            while folder.exists():  # two fresh starts within a second
+                n += 1
+                folder = self.dir / f"replaced-{stamp}-{n}"
+            folder.mkdir()
+            for _, ckpt in old:
+                ckpt.replace(folder / ckpt.name)
+            log.warning("selfflow: --no-resume: moved the %d checkpoint(s) of the earlier run (newest: %s) to %s",
+                        len(old), old[-1][1].name, folder)
+        barrier()
+        return folder
 
     def save(self, step: int) -> Path | None:
         """Write the state as step ``step`` on rank 0. A failure on any rank — gathering the state, a failed

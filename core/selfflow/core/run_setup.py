@@ -236,6 +236,29 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, total_steps: int
     return optimizer, scheduler
 
 
+HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas", "eps")
+
+
+def reapply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                            fresh: list[dict[str, Any]]) -> list[str]:
+    """After a resume: the run config's AdamW hyperparameters (``fresh``, read off the optimizer as built)
+    over those the checkpoint brought back, and the schedule's base rate with them — so a resume with a lower
+    ``optim.lr`` trains at it, as ``config.yaml`` says. Returns what changed, for the log."""
+    changed = []
+    for i, (group, want) in enumerate(zip(optimizer.param_groups, fresh)):
+        for k in HYPERPARAMETERS:
+            was = tuple(group[k]) if isinstance(group[k], (list, tuple)) else group[k]
+            now = tuple(want[k]) if isinstance(want[k], (list, tuple)) else want[k]
+            if was != now:
+                changed.append(f"{'lr' if k == 'initial_lr' else k} {was} → {now} (param group {i})")
+                group[k] = want[k]
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return changed
+
+
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
     """Linear warm-up over ``warmup`` steps, then constant or cosine down to ``min_ratio``."""
     if warmup and step < warmup:

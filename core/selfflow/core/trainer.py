@@ -14,6 +14,7 @@ runs the optimizer steps; :meth:`Trainer.fit` is the loop that ties them togethe
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -31,12 +32,14 @@ from .modality import Batch
 from .precision import warn_if_slow
 from .previewer import Previewer
 from .run_setup import (
+    HYPERPARAMETERS,
     build_optimizer,
     build_run,
     freeze,
     init_from,
     pick_device,
     read_init_weights,
+    reapply_hyperparameters,
     set_torch_globals,
 )
 from .step_guard import StepGuard
@@ -77,8 +80,14 @@ class Trainer:
             "streams": StreamsState(self.streams), "schedule": self.schedule,
             "generator": GeneratorState(self.generator), "guard": self.guard},
             collective_state=self.strategy == "fsdp2")
+        configured = [{k: g[k] for k in HYPERPARAMETERS} for g in self.optimizer.param_groups]
         with self.log.text_log():  # what the resume says (a broken checkpoint skipped) belongs in train.log
             self.resumed_from = self.checkpointer.resume() if resume else None
+            if not resume:
+                self.checkpointer.set_aside()
+            if self.resumed_from is not None:
+                for change in reapply_hyperparameters(self.optimizer, self.scheduler, configured):
+                    logging.getLogger("selfflow").info("resume: optim %s, as this run's config says", change)
 
     def _wrap_models(self, resume: bool) -> None:
         """The run's backbone on the device — fine-tuned from ``train.init_from`` on a fresh start, frozen where
@@ -166,6 +175,7 @@ class Trainer:
         out = all_mean(sums, self.device)
         out["data_skipped"] = round(out["data_skipped"] * self.dist.world_size)
         out["grad_norm"] = float(grad_norm)
+        out["lr"] = self.optimizer.param_groups[0]["lr"]  # what this step applies (the scheduler steps after it)
         self.guard.check_data(self.global_batch(name), out["data_skipped"], self.step)
         if not self.guard.accept(out["loss"], out["grad_norm"], self.step):
             self.optimizer.zero_grad(set_to_none=True)
@@ -201,8 +211,7 @@ class Trainer:
                 last = self.train_step(batches, name)
                 self.step += 1
                 faults.kill_point(self.step, self.dist.rank, self.run_dir)
-                self.log.step_done(self.step, name, {**last, "lr": self.scheduler.get_last_lr()[0]},
-                                   self._counters())
+                self.log.step_done(self.step, name, last, self._counters())
                 if self.previewer.samples_due(self.step):
                     self.previewer.write_samples(self.step)
                 if self.previewer.eval_due(self.step):
