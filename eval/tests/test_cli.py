@@ -114,6 +114,13 @@ def test_stats_then_adm_matches_independent_computation(data, inception_weights:
     pr = precision_recall(torch.from_numpy(rp).float(), torch.from_numpy(sp).float())
     assert (m["precision"], m["recall"]) == (pr.precision, pr.recall)
 
+    # the statistics name their Inception weights: features of other weights are refused, not compared
+    with np.load(root / "ref_stats.npz") as z:
+        np.savez(root / "other_stats.npz", **{**{k: z[k] for k in z.files}, "inception_sha256": np.asarray("0" * 64)})
+    assert run(["eval", "adm", str(root / "other_stats.npz"), str(data["samples"]), "--inception",
+                str(inception_weights), "--out", str(out), "--no-progress"]) != 0
+    assert "holds statistics of Inception weights with sha256 0000000000000000…" in capsys.readouterr().err
+
 
 def test_adm_reference_batch_uses_stored_statistics(data, inception_weights: Path, tf_features,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:

@@ -94,6 +94,13 @@ def test_fvd_matches_hand_computation(i3d_file: str, tmp_path) -> None:
     fvd_mod.fvd(fake, real, i3d_file, progress=False, save_real_stats=stats)
     again = fvd_mod.fvd(fake, stats, i3d_file, progress=False)["fvd"]
     assert again == pytest.approx(res["fvd"], rel=1e-9)
+    # ... and refuse a protocol they were not made under; foreign statistics get a note
+    with pytest.raises(ValueError, match=r"another protocol:\n  theirs: .*with stride 1.*\n  this run: .*stride 2"):
+        fvd_mod.fvd(fake, stats, i3d_file, progress=False, stride=2)
+    with np.load(stats) as z:
+        np.savez(tmp_path / "foreign.npz", **{k: z[k] for k in z.files if k != "protocol"})
+    assert "its protocol is not recorded" in fvd_mod.fvd(fake, tmp_path / "foreign.npz", i3d_file,
+                                                         progress=False)["notes"][0]
 
 
 def test_extractor_rejects_float_videos_and_batches_by_shape(i3d_file: str) -> None:

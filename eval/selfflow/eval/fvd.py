@@ -15,13 +15,14 @@ resize to 299), at most 50 000 frames per set (``fid50k``), biased covariance as
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from .extractor import extract_stats
-from .frechet import FeatureStats, checked_distance
+from .frechet import FeatureStats, checked_distance, save_npz_atomic
 from .i3d import I3D_KWARGS, I3DFeatures, load_i3d
 from .video_io import ClipReport, VideoSource, is_stats_file, iter_clips, iter_frames, iter_videos
 
@@ -61,19 +62,36 @@ def fvd(fake: VideoSource, real: VideoSource, detector: Any | str | os.PathLike,
         detector = load_i3d(detector, device)
     extractor = I3DFeatures(detector, batch_size=batch_size, device=device, progress=progress)
     kw = {"num_frames": num_frames, "start": start, "stride": stride, "max_clips": max_clips}
-    if is_stats_file(real):
-        s_real = FeatureStats.load(real)
-    else:
-        s_real, _ = i3d_stats(real, extractor, desc="I3D real", **kw)
-    if save_real_stats is not None:
-        s_real.save(save_real_stats)
-    s_fake, _ = i3d_stats(fake, extractor, desc="I3D fake", **kw)
-    value, notes = checked_distance("FVD", s_fake, s_real)
     protocol = PROTOCOL_FVD.format(frames=num_frames, start=start, stride=stride,
                                    max_clips=max_clips)
+    stats_notes = []
+    if is_stats_file(real):
+        s_real = FeatureStats.load(real)
+        stats_notes = check_stats_protocol(real, protocol)
+    else:
+        s_real, _ = i3d_stats(real, extractor, desc="I3D real", **kw)
+    if save_real_stats is not None:  # with the protocol it was made under, checked when it is read back
+        save_npz_atomic(save_real_stats, {**s_real.npz_dict(), "protocol": np.asarray(protocol)})
+    s_fake, _ = i3d_stats(fake, extractor, desc="I3D fake", **kw)
+    value, notes = checked_distance("FVD", s_fake, s_real)
+    notes = stats_notes + notes
     return {"fvd": float(value), "protocol": protocol, "weights": weights,
             "detector_kwargs": dict(I3D_KWARGS), "n_fake": int(s_fake.count),
             "n_real": int(s_real.count), "notes": notes}
+
+
+def check_stats_protocol(path: str | os.PathLike, protocol: str) -> list[str]:
+    """Refuse real statistics saved under another protocol (frames, start, stride, clips); a note when the
+    file does not say (statistics from elsewhere)."""
+    with np.load(path) as z:
+        stored = str(z["protocol"]) if "protocol" in z.files else None
+    if stored is None:
+        return [f"{Path(path).name}: its protocol is not recorded; make sure it is: {protocol}"]
+    if stored != protocol:
+        raise ValueError(f"{path} holds statistics made under another protocol:\n  theirs: {stored}\n  "
+                         f"this run: {protocol}\nuse the same --frames/--clip-start/--stride/--max-clips, "
+                         "or compute the real statistics again")
+    return []
 
 
 class InceptionFrames:
