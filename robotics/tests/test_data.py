@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from scipy.spatial.transform import Rotation
 
@@ -91,6 +92,9 @@ def test_gripper_conversions():
     o, c = 1.0, -1.0
     np.testing.assert_array_equal(gripper_rel_to_abs(np.array([0, 0, 1, 0, 0, -1, 0])), [o, o, c, c, c, o, o])
     np.testing.assert_array_equal(gripper_rel_to_abs(np.array([0.05, -0.05, 0])), [o, o, o])  # below ±0.1
+    # Octo's rel2abs_gripper_actions: before the first event, the state it leaves — a first "open" means the
+    # gripper was closed until then (it used to read open)
+    np.testing.assert_array_equal(gripper_rel_to_abs(np.array([0, 0, 0, -1, 0, 1, 0])), [c, c, c, o, o, c, c])
     assert gripper_abs_to_rel(c, o) == 1.0 and gripper_abs_to_rel(o, c) == -1.0 and gripper_abs_to_rel(c, c) == 0.0
 
 
@@ -111,6 +115,21 @@ def test_normalizer_inverse_and_clipping(mode):
         far = (hi * 10)[None].astype(np.float32)
         assert np.allclose(norm.normalize(far)[0, :6], 1.0)
         np.testing.assert_allclose(norm.normalize(lo[None])[0, :6], -1.0, atol=1e-6)
+    # a sampled chunk is clipped where training targets lie: a 2.5-sigma motion is a gaussian target, not a bound one
+    sampled = torch.tensor([[0.5, 2.5, -3.0, 1.5, 0.0, -1.2, 1.7]])
+    clipped = norm.clip(sampled)
+    arm = [0.5, 1.0, -1.0, 1.0, 0.0, -1.0] if mode == "bound" else [0.5, 2.5, -3.0, 1.5, 0.0, -1.2]
+    assert clipped[0].tolist() == pytest.approx([*arm, 1.0])
+
+
+def test_relative_gripper_pads_with_no_change(prepared):
+    out, _ = prepared
+    raw = next(iter(wds.WebDataset(shard_urls(out / "train"), shardshuffle=False, empty_check=False)))
+    ep = decode_episode(raw)
+    ep["actions"][-1, 6] = 1.0  # the episode ends on a close command: the padding must not repeat it
+    norm = ActionNormalizer(ActionStats.load(out / "stats.json"), gripper="relative")
+    w = cut_window(ep, len(ep["jpegs"]) - 1, frames=2, chunk=4, size=(16, 20), normalizer=norm)
+    assert w["actions"][:, 6].tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_rpy_to_axis_angle_matches_scipy_and_small_angle_passthrough():
@@ -175,6 +194,11 @@ def test_prepare_by_ranks_resumes_and_matches_one_process(fake_tfrecords, prepar
     monkeypatch.setattr(prep, "convert_shard", boom)
     assert prep.prepare_rt1(opts)["episodes"] == single["episodes"]  # rerun: only the merge
     assert not list(tmp_path.rglob("*.tmp"))
+    # a rerun with other split options would mix two conversions under one manifest: refused
+    with pytest.raises(ValueError, match=r"converted with other options \(val_fraction: 0.3 then, 0.5 now\)"):
+        prep.prepare_rt1({**opts, "val_fraction": 0.5})
+    # a rerun with fewer shards keeps every converted shard in the statistics, as training reads them all
+    assert prep.prepare_rt1({**opts, "max_shards": 1})["episodes"] == single["episodes"]
 
 
 def test_an_over_large_frame_skips_the_episode(prepared, tmp_path, monkeypatch, caplog):

@@ -59,8 +59,9 @@ def cut_window(episode: dict[str, Any], start: int, frames: int, chunk: int, siz
     n = min(chunk, t - start)
     acts[:n], mask[:n] = target[start:start + n], True
     if n < chunk:
-        acts[n:] = normalizer.normalize(np.zeros(7, np.float32))  # zero motion …
-        acts[n:, 6] = target[-1, 6]  # … holding the last gripper state
+        acts[n:] = normalizer.normalize(np.zeros(7, np.float32))  # zero motion, and a relative gripper's
+        if normalizer.gripper == "absolute":  # "no change" (0); an absolute one holds its last state
+            acts[n:, 6] = target[-1, 6]
     return {"frames": torch.from_numpy(video), "actions": torch.from_numpy(acts),
             "action_mask": torch.from_numpy(mask), "caption": episode["instruction"]}
 

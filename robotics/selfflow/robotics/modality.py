@@ -266,7 +266,7 @@ class RT1Modality(CaptionedModalityMixin, Modality):
         """Generated tokens → ``(B, 3·F·H·W + K·7)``: flattened frames in [−1, 1], then the normalised
         actions (split with :meth:`split_media`)."""
         frames, actions = self.unpack(x)
-        return torch.cat([frames.clamp(-1, 1).flatten(1), actions.clamp(-1, 1).flatten(1)], 1)
+        return torch.cat([frames.clamp(-1, 1).flatten(1), self.normalizer.clip(actions).flatten(1)], 1)
 
     def split_media(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, (h, w) = media.shape[0], self.options.image_size

@@ -4,7 +4,8 @@
   open-pi-zero form); ``gaussian`` is ``(x − mean) / std``.
 - Dim 6 (gripper): fractal stores a *relative* command (+1 close, −1 open, 0 no change). ``absolute``
   (default) converts it to an absolute state with Octo's rule (±0.1 thresholds, carry the last event
-  forward, open when no event yet) and maps {closed, open} → {−1, +1}: a dense target for flow matching.
+  forward; before the first event the state opposite to it — an episode whose first event opens started
+  closed —, open when there is none) and maps {closed, open} → {−1, +1}: a dense target for flow matching.
   ``relative`` passes the raw command through.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict
 
 OPEN, CLOSED = 1.0, -1.0
@@ -22,10 +24,13 @@ OPEN, CLOSED = 1.0, -1.0
 
 def gripper_rel_to_abs(rel: np.ndarray, threshold: float = 0.1) -> np.ndarray:
     """Relative commands ``(T,)`` (+1 close, −1 open, 0 none) → absolute state ``(T,)`` in {−1 closed,
-    +1 open}: each event holds until the next one; before the first event the gripper is open."""
+    +1 open}: each event holds until the next one; before the first event the gripper is in the state that
+    event leaves (Octo's ``rel2abs_gripper_actions``: ``start = −first_event``), open without events."""
+    rel = np.asarray(rel, np.float32)
+    events = rel[np.abs(rel) > threshold]
+    state = OPEN if not len(events) or events[0] > 0 else CLOSED  # first event closes: it was open
     out = np.empty(len(rel), np.float32)
-    state = OPEN
-    for i, r in enumerate(np.asarray(rel, np.float32)):
+    for i, r in enumerate(rel):
         if r > threshold:
             state = CLOSED
         elif r < -threshold:
@@ -93,6 +98,13 @@ class ActionNormalizer:
         else:
             arm = arm * self.std + self.mean
         return np.concatenate([arm, np.clip(x[..., 6:7], -1, 1)], -1).astype(np.float32)
+
+    def clip(self, x: torch.Tensor) -> torch.Tensor:
+        """A sampled normalised ``(…, 7)`` chunk clipped to where training targets lie: all of [−1, 1] in
+        ``bound`` mode; in ``gaussian`` mode the gripper only (arm z-scores beyond ±1 are ordinary motions)."""
+        if self.mode == "bound":
+            return x.clamp(-1, 1)
+        return torch.cat([x[..., :6], x[..., 6:].clamp(-1, 1)], -1)
 
     def training_target(self, raw_episode: np.ndarray) -> np.ndarray:
         """A whole episode's raw ``(T, 7)`` actions → normalised targets (gripper made absolute first)."""

@@ -65,7 +65,7 @@ class SelfFlowPolicy:
             cond = caption_conditioning(m.conditioner.encoder, [instruction], self.device)
         else:
             cond = m.conditioner.from_batch(m.with_labels({"captions": [instruction]}), self.device)
-        return self.sample(self.frame(image)[None], cond)[0].clamp(-1, 1).float().cpu().numpy()
+        return m.normalizer.clip(self.sample(self.frame(image)[None], cond)[0]).float().cpu().numpy()
 
     @torch.no_grad()
     def sample(self, current: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -145,9 +145,32 @@ def prepare_rt1(options: PrepareRT1Options | dict) -> dict:
     out = Path(o.out)
     for sub in ("train", "val", "reports"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    check_conversion_options(out, o)
     files = tfrecord_files(o.input)[: o.max_shards]
     for n in range(o.rank, len(files), o.world_size):
         if not (out / "reports" / f"{n:05d}.json").is_file():
             convert_shard(files[n], n, out, o)
     pending = [n for n in range(len(files)) if not (out / "reports" / f"{n:05d}.json").is_file()]
-    return {"pending": pending} if pending else merge_reports(out, list(range(len(files))), o)
+    if pending:
+        return {"pending": pending}
+    # every converted shard, also those of an earlier run with a larger --max-shards: training reads them all
+    done = {int(r.stem) for r in (out / "reports").glob("*.json") if r.stem.isdigit()}
+    return merge_reports(out, sorted(done | set(range(len(files)))), o)
+
+
+CONTENT_OPTIONS = ("val_fraction", "min_steps")  # what decides a shard's split and episodes
+
+
+def check_conversion_options(out: Path, o: PrepareRT1Options) -> None:
+    """Record (first run) or check (rerun) the options a shard's content depends on: finished shards are
+    skipped on a rerun, so other options would leave shards converted two ways under one manifest."""
+    path = out / "reports" / "options.json"
+    want = {k: getattr(o, k) for k in CONTENT_OPTIONS}
+    if path.is_file():
+        had = json.loads(path.read_text())
+        changed = [f"{k}: {had.get(k)!r} then, {v!r} now" for k, v in want.items() if had.get(k) != v]
+        if changed:
+            raise ValueError(f"{out} holds shards converted with other options ({'; '.join(changed)}): "
+                             "give the same options to finish it, or prepare into a new directory")
+    elif not any((out / "reports").glob("[0-9]*.json")):  # a fresh directory (older ones are not checked)
+        write_json(path, want)

@@ -81,7 +81,7 @@ def validate(model: torch.nn.Module, modality, *, batch_size: int = 8, max_batch
     n_steps = n_batches = n_windows = 0
     for i, batch in enumerate(islice(iter(stream), min(covering, max_batches))):
         tokens, cond = modality.encode(batch, device)
-        pred = policy.sample(batch["frames"][:, :, 0], cond).clamp(-1, 1).cpu().numpy()  # (B, K, 7)
+        pred = norm.clip(policy.sample(batch["frames"][:, :, 0], cond)).cpu().numpy()  # (B, K, 7)
         gt = batch["actions"].numpy()
         valid = batch["action_mask"].numpy().astype(bool)  # (B, K)
         p, g = pred[valid], gt[valid]  # (N, 7)
