@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -79,10 +80,12 @@ def test_prepare_skips_corrupt_files_and_trains_on_latents(tmp_path, oobleck_dir
     assert tokens.x.shape == (2, 16, 16) and cond.context.shape[-1] == 8
     result = trainer.fit()
     assert sf.read(result["samples"])[0].shape[1] == 2
+    with pytest.raises(ValueError, match=r"stores caption embeddings of tiny.*max=64 but .*max=3"):
+        AudioModality({"dataset": "latent_shards", "codec": "songbloom", "shards": str(tmp_path / "shards"),
+                       "vae_dir": str(oobleck_dir), "patch": 4, "text": {"dim": 8, "max_length": 3}})
 
 
 def test_shapes_only_takes_the_published_oobleck_vae_and_the_default_prepared_clip(tmp_path):
-    import pytest
 
     from selfflow.core.codec import shapes_only
 

@@ -60,6 +60,9 @@ def test_load_model_takes_a_run_dir_a_pretrained_dir_or_a_weights_file(tmp_path)
         load_model(tmp_path)
     with pytest.raises(ConfigError, match=r"trained \['image'\], not 'audio'"):
         load_model(pre, "cpu", "audio")
+    for source in (pre, pre / "model.safetensors"):  # one set of weights: asking for the other is an error
+        with pytest.raises(ConfigError, match=r"is a pretrained directory: .* weights=.model. cannot be chosen"):
+            load_model(source, "cpu", weights="model")
 
 
 def test_a_config_that_builds_another_model_is_refused(tmp_path):

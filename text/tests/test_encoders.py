@@ -79,6 +79,11 @@ def test_hf_encoder_from_local_dir(tmp_path, family):
     assert torch.allclose(long, torch.cat([hs[-2], hs[-1]], -1)[0], atol=1e-5)
     # padding in a batch does not change a caption's embedding
     assert torch.allclose(enc.encode_unpadded(["a square"])[0], short, atol=1e-5)
+    # an uncaptioned medium (a tokenizer adding no special tokens makes "" zero tokens): the empty caption,
+    # alone or beside a cached caption — it used to crash the model on a (B, 0) batch
+    assert [e.shape for e in enc.encode_unpadded(["", ""])] == [(0, 32), (0, 32)]
+    both = enc.encode_unpadded(["", "a square"])
+    assert both[0].shape[1] == 32 and torch.allclose(both[1], short, atol=1e-5)
 
 
 def test_missing_model_dir_is_a_clear_error(tmp_path):

@@ -118,6 +118,10 @@ def test_prepare_shards_and_train_on_latents(tmp_path, wan_dir):
     assert batch["latent"].shape == (2, 4, 2, 2, 2) and len(batch["emb"]) == 2
     result = trainer.fit()
     assert result["samples"].is_file()
+    base = {"dataset": "latent_shards", "codec": "wan2.2", "shards": str(tmp_path / "shards"),
+            "vae_dir": str(wan_dir), "patch": [1, 1, 1]}
+    with pytest.raises(ValueError, match=r"stores caption embeddings of tiny.*max=64 but .*max=3"):
+        VideoModality({**base, "text": {"dim": 8, "max_length": 3}})  # same width, another encoder
 
 
 def test_shapes_only_takes_the_published_wan_vae_and_the_default_prepared_clip(tmp_path):

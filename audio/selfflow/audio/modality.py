@@ -83,6 +83,7 @@ class AudioModality(CaptionedModalityMixin, Modality):
             self.channels, self.length, self.patch = 2, o.num_samples, o.patch
         self._oobleck = None
         self.conditioner = CaptionConditioner(o.conditioning, CAPTIONS, o.text, o.sample_captions)
+        self.check_stored_captions(self.info, getattr(o, "shards", ""))
 
     def _read_shard_info(self) -> dict[str, Any]:
         """``codec.json`` of the shards; under ``shapes_only()`` without it, the latent shape of the clip that

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 
 from selfflow.core.data.manifest import MediaItem, list_media
-from selfflow.core.data.prepare_options import PrepareOptions
+from selfflow.core.data.prepare_options import PrepareOptions, rank_device
 from selfflow.core.data.shard_writer import write_json, write_shards
 from selfflow.text.build_encoder import build_text_encoder
 
@@ -36,6 +36,7 @@ def prepare_audio(options: PrepareAudioOptions | dict[str, Any]) -> dict[str, An
     from .oobleck_codec import OobleckCodec, clip_samples
 
     opts = PrepareAudioOptions.model_validate(options)
+    opts.device = rank_device(opts.device)  # this rank's GPU under torchrun
     codec = OobleckCodec.from_pretrained(opts.vae_dir, opts.codec).to(opts.device)
     sr = codec.sample_rate
     n = clip_samples(opts.seconds, sr, codec.hop)

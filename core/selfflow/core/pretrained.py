@@ -106,6 +106,10 @@ def load_model(path: str | Path, device: str | torch.device = "auto", modality_n
     """The model of a run directory (``config.yaml``; ``weights``: ``"ema"`` or ``"model"``), a pretrained
     directory (``config.json``) or a weights file inside either."""
     p = Path(path)
+    root = p.parent if p.is_file() and p.name == WEIGHTS_FILE else p
+    if weights != "ema" and root.is_dir() and (root / CONFIG_FILE).is_file():
+        raise ConfigError(f"{root} is a pretrained directory: it holds the one set of weights that was exported "
+                          f"(the EMA unless export --weights model), so weights={weights!r} cannot be chosen here")
     if p.is_file() and p.suffix == ".safetensors":
         if p.name == WEIGHTS_FILE and (p.parent / CONFIG_FILE).is_file():
             return from_pretrained(p.parent, device, modality_name)

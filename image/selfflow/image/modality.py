@@ -125,7 +125,7 @@ class ImageModality(CaptionedModalityMixin, Modality):
             captions = given or self.shard_info.get("sample_captions") or [""]
         self.conditioner = CaptionConditioner(mode, captions if mode == "text" else names, o.text,
                                               captions if o.dataset == "image_text_shards" else None)
-        self._check_text_encoder()
+        self.check_stored_captions(self.shard_info, getattr(self.options, "shards", ""))
         self.repa = None
         if o.repa_encoder == "toy":
             self.repa = self._toy_repa(len(names))
@@ -178,14 +178,6 @@ class ImageModality(CaptionedModalityMixin, Modality):
                              f"{self.options.codec} at image_size {self.options.image_size} makes "
                              f"({expected[0]}, {expected[1]}, {expected[1]}): set image_size to the prepared "
                              f"size ({self.shard_info.get('image_size')})")
-
-    def _check_text_encoder(self) -> None:
-        """Stored caption embeddings must come from the configured encoder: previews and the CFG null are
-        encoded with it, so another width or model would condition on a different space."""
-        stored, enc = self.shard_info.get("text"), self.conditioner.encoder
-        if stored and enc is not None and stored["cache_id"] != enc.cache_id:
-            raise ValueError(f"{self.options.shards} stores caption embeddings of {stored['cache_id']} but "
-                             f"data.options.text gives {enc.cache_id}: configure the same text encoder")
 
     @property
     def token_channels(self) -> int:

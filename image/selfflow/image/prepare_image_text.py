@@ -21,7 +21,6 @@ Train with ``data.options.dataset: image_text_shards``.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from pydantic import Field, field_validator
 
 from selfflow.core.data.image_file import read_rgb
 from selfflow.core.data.manifest import MediaItem, list_media, preview_captions
-from selfflow.core.data.prepare_options import PrepareOptions
+from selfflow.core.data.prepare_options import PrepareOptions, rank_device
 from selfflow.core.data.shard_writer import write_json, write_shards
 from selfflow.text.build_encoder import build_text_encoder
 
@@ -58,12 +57,6 @@ def load_image(path: str, size: int) -> torch.Tensor:
     over-large file (:func:`~selfflow.core.data.image_file.read_rgb`)."""
     crop = center_crop_adm(read_rgb(path), size)
     return torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-
-
-def rank_device(device: str) -> str:
-    """``cuda`` under torchrun means this rank's GPU (``cuda:LOCAL_RANK``), not every rank on GPU 0."""
-    local = os.environ.get("LOCAL_RANK")
-    return f"cuda:{local}" if device == "cuda" and local is not None else device
 
 
 def prepare_image_text(options: PrepareImageTextOptions | dict[str, Any]) -> dict[str, Any]:

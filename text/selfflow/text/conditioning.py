@@ -116,3 +116,12 @@ class CaptionedModalityMixin:
     def prompt_conditions(self, prompts: list[str], device: torch.device | str
                           ) -> tuple[Conditioning, Conditioning]:
         return self.conditioner.for_prompts(prompts, device)
+
+    def check_stored_captions(self, info: dict, shards: str) -> None:
+        """Caption embeddings stored in the shards (``info``: their ``codec.json``) must come from the configured
+        encoder: previews and the CFG null are encoded with it, so another model, layer set or length — even
+        of the same width — would train and sample on different spaces."""
+        stored, enc = info.get("text"), self.conditioner.encoder
+        if stored and enc is not None and stored["cache_id"] != enc.cache_id:
+            raise ValueError(f"{shards} stores caption embeddings of {stored['cache_id']} but "
+                             f"data.options.text gives {enc.cache_id}: configure the same text encoder")

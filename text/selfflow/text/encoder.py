@@ -125,6 +125,8 @@ class HFTextEncoder(TextEncoder):
     def encode_unpadded(self, texts: list[str]) -> list[torch.Tensor]:
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(self.device)
+        if batch["input_ids"].shape[1] == 0:  # only empty captions, and a tokenizer without special tokens
+            return [torch.zeros(0, self.dim) for _ in texts]  # (0, D): the empty caption, as the tiny encoder
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          output_hidden_states=True)
         hidden = torch.cat([out.hidden_states[i] for i in self.layers], dim=-1).float().cpu()  # (B, L, D)

@@ -80,6 +80,7 @@ class VideoModality(CaptionedModalityMixin, Modality):
             self.wan  # noqa: B018 - on-the-fly encoding needs the VAE now (fails early if missing)
         mode = o.conditioning or ("class" if o.dataset == "synthetic_moving_shapes" else "text")
         self.conditioner = CaptionConditioner(mode, CAPTIONS, o.text, o.sample_captions)
+        self.check_stored_captions(self.shard_info, getattr(o, "shards", ""))
 
     def _read_shard_info(self) -> dict[str, Any]:
         """``codec.json`` of the shards; under ``shapes_only()`` without it, the latent shape of the clip that

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from selfflow.core.data.manifest import MediaItem, list_media
-from selfflow.core.data.prepare_options import PrepareOptions
+from selfflow.core.data.prepare_options import PrepareOptions, rank_device
 from selfflow.core.data.shard_writer import write_json, write_shards
 from selfflow.text.build_encoder import build_text_encoder
 
@@ -39,6 +39,7 @@ def prepare_video(options: PrepareVideoOptions | dict[str, Any]) -> dict[str, An
     from .wan_codec import WanCodec
 
     opts = PrepareVideoOptions.model_validate(options)
+    opts.device = rank_device(opts.device)  # this rank's GPU under torchrun
     codec = WanCodec.from_pretrained(opts.vae_dir, opts.codec).to(opts.device)
     encoder = build_text_encoder(opts.text, opts.device) if opts.text is not None else None
     items = list_media(opts.input, VIDEO_EXTENSIONS)

@@ -25,6 +25,12 @@ class PrepareOptions(BaseModel):
     seed: int = Field(0, description="clip / crop positions are drawn from (seed, item index)")
 
 
+def rank_device(device: str) -> str:
+    """``cuda`` under torchrun means this rank's GPU (``cuda:LOCAL_RANK``), not every rank on GPU 0."""
+    local = os.environ.get("LOCAL_RANK")
+    return f"cuda:{local}" if device == "cuda" and local is not None else device
+
+
 def add_prepare_arguments(p: argparse.ArgumentParser, vae_required: bool = True) -> None:
     """The ``selfflow prepare <target>`` arguments every media target shares (see :class:`PrepareOptions`);
     ``vae_required=False`` for targets that can also store pixels (no autoencoder)."""

@@ -1,0 +1,36 @@
+"""The options every media ``selfflow prepare`` target shares: under torchrun, ``--device cuda`` is the rank's GPU."""
+
+import importlib
+
+import pytest
+
+from selfflow.core.data.prepare_options import rank_device
+
+
+def test_cuda_is_the_local_ranks_gpu(monkeypatch):
+    assert rank_device("cuda") == "cuda" and rank_device("cpu") == "cpu"
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert rank_device("cuda") == "cuda:3" and rank_device("cpu") == "cpu" and rank_device("cuda:1") == "cuda:1"
+
+
+class _Placed(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("module", "function", "codec"), [
+    ("selfflow.video.prepare", "prepare_video", "selfflow.video.wan_codec.WanCodec"),
+    ("selfflow.audio.prepare", "prepare_audio", "selfflow.audio.oobleck_codec.OobleckCodec")])
+def test_video_and_audio_prepare_put_each_rank_on_its_gpu(module, function, codec, monkeypatch, tmp_path):
+    """All eight ranks of `torchrun … prepare video --device cuda` once loaded the VAE onto GPU 0."""
+    mod_name, cls_name = codec.rsplit(".", 1)
+
+    class Codec:
+        def to(self, device):
+            raise _Placed(device)
+
+    monkeypatch.setattr(importlib.import_module(mod_name), cls_name,
+                        type(cls_name, (), {"from_pretrained": staticmethod(lambda *a, **k: Codec())}))
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    prepare = getattr(importlib.import_module(module), function)
+    with pytest.raises(_Placed, match="cuda:2"):
+        prepare({"input": str(tmp_path), "out": str(tmp_path / "out"), "vae_dir": str(tmp_path), "device": "cuda"})
