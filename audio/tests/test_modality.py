@@ -83,6 +83,15 @@ def test_prepare_skips_corrupt_files_and_trains_on_latents(tmp_path, oobleck_dir
     with pytest.raises(ValueError, match=r"stores caption embeddings of tiny.*max=64 but .*max=3"):
         AudioModality({"dataset": "latent_shards", "codec": "songbloom", "shards": str(tmp_path / "shards"),
                        "vae_dir": str(oobleck_dir), "patch": 4, "text": {"dim": 8, "max_length": 3}})
+    # the run and its export load and sample without the shards (moved away), with the latent statistics and
+    # shape it trained on: what the modality read from them is recorded in data_facts.json and config.json
+    from selfflow.core import load
+
+    run_dir = tmp_path / "lat"
+    before = load(run_dir, device="cpu").sample(n=1, steps=2, seed=0)
+    (tmp_path / "shards").rename(tmp_path / "moved")
+    for source in (run_dir, run_dir / "pretrained"):
+        assert torch.equal(load(source, device="cpu").sample(n=1, steps=2, seed=0), before), source
 
 
 def test_shapes_only_takes_the_published_oobleck_vae_and_the_default_prepared_clip(tmp_path):

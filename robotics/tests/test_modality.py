@@ -174,3 +174,19 @@ def test_action_repeat_is_validated_at_construction(fake_data_dir):
     with pytest.raises(ValueError, match="at most 28 copies"):
         _modality(fake_data_dir, image_size=(16, 16), action_repeat=29)
     assert _modality(fake_data_dir, image_size=(16, 16), action_repeat=1).action_copies == 1
+
+
+def test_the_action_statistics_are_recorded_and_used_without_the_data(fake_data_dir, tmp_path):
+    """`selfflow simpler --run` on a machine without the dataset, or after it was prepared again: the policy
+    de-normalises with the statistics it trained on (recorded with the run), not with whatever is on disk."""
+    from selfflow.core.data.data_facts import collecting, replaying
+
+    with collecting() as facts:
+        trained = _modality(fake_data_dir)
+    key = str(fake_data_dir / "stats.json")
+    assert facts[key] == trained.stats.model_dump()
+    recorded = {key: {**facts[key], "q99": [v * 2 for v in facts[key]["q99"]]}}  # the data changed since
+    gone = tmp_path / "gone"
+    with replaying({str(gone / "stats.json"): facts[key], **recorded}):
+        assert _modality(fake_data_dir).stats.q99 == recorded[key]["q99"]
+        assert _modality(gone).stats == trained.stats and not gone.exists()  # no fake data made in its place

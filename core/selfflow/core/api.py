@@ -25,7 +25,7 @@ class Sampler:
 
     def __init__(self, loaded: LoadedModel):
         self.model, self.modality, self.config = loaded.model, loaded.modality, loaded.config
-        self.model_config = loaded.model_config
+        self.model_config, self.data_facts = loaded.model_config, loaded.data_facts
 
     @property
     def device(self) -> torch.device:
@@ -55,7 +55,7 @@ class Sampler:
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """This model as a pretrained directory (``config.json`` + ``model.safetensors``)."""
-        return save_pretrained(out_dir, self.model.state_dict(), self.config, self.model_config)
+        return save_pretrained(out_dir, self.model.state_dict(), self.config, self.model_config, self.data_facts)
 
 
 def load(path: str | Path, *, modality: str | None = None, device: str | torch.device = "auto",

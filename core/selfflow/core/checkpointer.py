@@ -38,6 +38,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import CheckpointConfig, ConfigError, RunConfig, resume_conflicts
+from .data.data_facts import read_facts
 from .distributed import DistInfo, barrier, gather_objects, leave_out_of_step
 from .pretrained import save_pretrained
 from .safe_yaml import YamlError, parse_yaml
@@ -232,7 +233,8 @@ class Checkpointer:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                       metadata={"model_config": model_config.model_dump_json()})
         # beside it, the same weights with the configs that rebuild the model (selfflow.core.pretrained)
-        save_pretrained(path.parent / "pretrained", path, RunConfig.model_validate(self.config), model_config)
+        save_pretrained(path.parent / "pretrained", path, RunConfig.model_validate(self.config), model_config,
+                        read_facts(self.run_dir))
         return path
 
 

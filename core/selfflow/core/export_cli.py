@@ -26,7 +26,7 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = False, token: str
 
 def run_export(args: argparse.Namespace) -> int:
     loaded = load_model(args.run, "cpu", weights=args.weights)
-    out = save_pretrained(args.out, loaded.model.state_dict(), loaded.config, loaded.model_config)
+    out = save_pretrained(args.out, loaded.model.state_dict(), loaded.config, loaded.model_config, loaded.data_facts)
     print(f"wrote {out} (config.json, model.safetensors)")
     if args.push_to_hub:
         print(f"pushed to {push_to_hub(out, args.push_to_hub, private=args.private)}")

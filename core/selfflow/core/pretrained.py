@@ -22,6 +22,7 @@ from torch import nn
 from .atomic import atomic_path, atomic_write_text
 from .checkpoint import load_weights
 from .config import ConfigError, RunConfig, load_config
+from .data.data_facts import read_facts, replaying
 from .modality import Modality
 from .run_setup import Run, build_run, pick_device, read_run_weights
 
@@ -31,9 +32,10 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def save_pretrained(out_dir: str | Path, weights: str | Path | dict[str, torch.Tensor], run_config: RunConfig,
-                    model_config: BaseModel) -> Path:
+                    model_config: BaseModel, data_facts: dict[str, Any] | None = None) -> Path:
     """Write ``out_dir/config.json`` and ``out_dir/model.safetensors``. ``weights``: a state dict, or a
-    safetensors file to hard-link (copied where links are not possible). Returns ``out_dir``."""
+    safetensors file to hard-link (copied where links are not possible); ``data_facts``: what the modalities
+    read from their data (:mod:`.data.data_facts`), so the directory loads without it. Returns ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / WEIGHTS_FILE) as tmp:
@@ -49,7 +51,8 @@ def save_pretrained(out_dir: str | Path, weights: str | Path | dict[str, torch.T
             except OSError:
                 shutil.copyfile(weights, tmp)
     config = {"format": FORMAT, "version": 1, "modalities": [e.modality for e in run_config.data.entries()],
-              "model_config": model_config.model_dump(mode="json"), "run_config": run_config.model_dump(mode="json")}
+              "model_config": model_config.model_dump(mode="json"), "run_config": run_config.model_dump(mode="json"),
+              "data_facts": data_facts or {}}
     atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return out
 
@@ -72,6 +75,7 @@ class LoadedModel:
     modality: Modality
     config: RunConfig
     model_config: BaseModel
+    data_facts: dict[str, Any]  # what its modalities read from their data (kept in an export)
 
 
 def _loaded(run: Run, state: dict[str, torch.Tensor], device: str | torch.device, modality_name: str | None,
@@ -79,7 +83,7 @@ def _loaded(run: Run, state: dict[str, torch.Tensor], device: str | torch.device
     modality = run.modality(modality_name, source)
     run.backbone.load_state_dict(state)
     dev = pick_device(device) if isinstance(device, str) else device
-    return LoadedModel(run.backbone.to(dev).eval(), modality, run.config, run.model_config)
+    return LoadedModel(run.backbone.to(dev).eval(), modality, run.config, run.model_config, run.data_facts)
 
 
 def from_pretrained(path: str | Path, device: str | torch.device = "auto", modality_name: str | None = None
@@ -92,7 +96,8 @@ def from_pretrained(path: str | Path, device: str | torch.device = "auto", modal
         cfg = RunConfig.model_validate(config["run_config"])
     except (KeyError, ValidationError) as e:
         raise ConfigError(f"{root / CONFIG_FILE}: invalid run_config: {e}") from None
-    run = build_run(cfg)
+    with replaying(config.get("data_facts")):  # the shards' codec.json, statistics …: not needed here
+        run = build_run(cfg)
     built, stored = run.model_config.model_dump(mode="json"), config.get("model_config", {})
     differ = sorted(k for k in set(built) | set(stored) if built.get(k) != stored.get(k))
     if differ:
@@ -123,5 +128,6 @@ def load_model(path: str | Path, device: str | torch.device = "auto", modality_n
     if not (p / "config.yaml").is_file():
         raise ConfigError(f"{p} is not a run directory (no config.yaml), a pretrained directory (no config.json) "
                           "or a weights file in one")
-    return _loaded(build_run(load_config(p / "config.yaml")), read_run_weights(p, weights), device, modality_name,
-                   str(p))
+    with replaying(read_facts(p)):  # the data as it was read at training (also when it is gone)
+        run = build_run(load_config(p / "config.yaml"))
+    return _loaded(run, read_run_weights(p, weights), device, modality_name, str(p))

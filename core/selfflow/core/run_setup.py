@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from .config import (
     load_config,
     short_repr,
 )
+from .data.data_facts import collecting, read_facts, replaying
 from .modality import Modality
 from .objective import ResolvedObjective
 from .registry import get_modality
@@ -142,6 +143,7 @@ class Run:
     objectives: dict[str, ResolvedObjective]  # by modality name
     model_config: Any  # the backbone config with every modality's projections
     backbone: nn.Module  # freshly initialised; on the CPU (or the device given to build_run)
+    data_facts: dict[str, Any] = field(default_factory=dict)  # what the modalities read from their data
 
     @property
     def mixed(self) -> bool:
@@ -158,13 +160,14 @@ def build_run(cfg: RunConfig, *, device: str | torch.device = "cpu") -> Run:
     """Modalities → objectives → backbone config → backbone. The backbone is initialised after seeding
     torch's global RNG with ``train.seed``, so a run's initial weights depend on its config only;
     ``device="meta"`` builds it without memory (config checks)."""
-    modalities = build_modalities(cfg)
+    with collecting() as facts:
+        modalities = build_modalities(cfg)
     objectives = resolve_objectives(cfg, modalities)
     model_config = build_model_config(cfg, modalities, any(o.uses_projector for o in objectives.values()))
     torch.manual_seed(cfg.train.seed)
     with torch.device(device):
         backbone = build_backbone(model_config)
-    return Run(cfg, modalities, objectives, model_config, backbone)
+    return Run(cfg, modalities, objectives, model_config, backbone, facts)
 
 
 def load_run_model(run_dir: str | Path, weights: str = "ema", device: str | torch.device = "auto",
@@ -176,7 +179,8 @@ def load_run_model(run_dir: str | Path, weights: str = "ema", device: str | torc
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory: {cfg_path} is missing")
-    run = build_run(load_config(cfg_path))
+    with replaying(read_facts(run_dir)):  # the data as it was read at training (also when it is gone)
+        run = build_run(load_config(cfg_path))
     modality = run.modality(modality_name, str(run_dir))
     try:
         run.backbone.load_state_dict(read_run_weights(run_dir, weights))

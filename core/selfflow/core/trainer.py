@@ -14,15 +14,18 @@ runs the optimizer steps; :meth:`Trainer.fit` is the loop that ties them togethe
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 import torch
 
 from . import faults, parallel
+from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint
 from .checkpointer import Checkpointer, GeneratorState, ModelState, OptimizerState, StreamsState
 from .config import ConfigError, RunConfig
+from .data.data_facts import FACTS_FILE
 from .data.pinning import batch_to_device, pin_batch, resolve_pin_memory
 from .distributed import all_mean, init_distributed
 from .ema import ema_update, make_ema
@@ -54,6 +57,8 @@ class Trainer:
         self.device = self.dist.device
         set_torch_globals(tc, self.device)
         self.run = build_run(cfg)
+        if self.dist.is_main:  # what the modalities read from their data: loading the run needs no data then
+            atomic_write_text(self.run_dir / FACTS_FILE, json.dumps(self.run.data_facts, indent=1) + "\n")
         self.entries = {e.modality: e for e in cfg.data.entries()}
         try:
             self.strategy = parallel.resolve_strategy(tc.parallel, self.dist)

@@ -15,6 +15,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from selfflow.core.codec import shapes_only_active, stands_in
+from selfflow.core.data.data_facts import data_fact
 from selfflow.core.data.indexed_stream import IndexedStream
 from selfflow.core.data.shard_format import shard_urls
 from selfflow.core.data.shard_stream import ShardReadOptions, ShardStream
@@ -152,14 +153,14 @@ class ImageModality(CaptionedModalityMixin, Modality):
             raise ValueError("dataset latent_shards needs codec: sd_vae, flux2 or rae (the prepared codec)")
         root = Path(o.shards)
         path = (root if root.is_dir() else root.parent) / "codec.json"  # latent_shards may name a glob
-        if not path.is_file():
+        info = data_fact(str(path), lambda: json.loads(path.read_text()) if path.is_file() else None)
+        if info is None:
             if isinstance(o, ImageTextShardsOptions) and o.sample_captions is None and not shapes_only_active():
                 raise FileNotFoundError(f"{path} not found: is {o.shards} a `selfflow prepare image-text` output? "
                                         "(to sample without the shards, set data.options.sample_captions)")
             # sampling a trained run where its shards are absent, or SD-VAE shards from before codec.json:
             # nothing to check against (a wrong codec then fails on the first batch's shape)
             return {}
-        info = json.loads(path.read_text())
         if info.get("codec") != o.codec:
             raise ValueError(f"{o.shards} holds {info.get('codec')} latents but data.options.codec is {o.codec}")
         return info

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
+from selfflow.core.data.data_facts import data_fact, is_recorded
 from selfflow.core.data.shard_format import shard_urls
 from selfflow.core.modality import Batch, DataStream, Modality, options_union
 from selfflow.core.registry import register_modality
@@ -138,12 +139,17 @@ class RT1Modality(CaptionedModalityMixin, Modality):
                              "a token must not mix the current frame with a future one (or set context: noised)")
         self.action_copies  # noqa: B018 - validates action_repeat now, not at the first batch
         self.root = Path(o.shards) if o.dataset == "episode_shards" else Path(o.fake_dir)
-        if o.dataset == "fake" and not (self.root / "stats.json").is_file():
-            make_fake_dataset(self.root)
         stats_path = self.root / "stats.json"
-        if not stats_path.is_file():
-            raise FileNotFoundError(f"{stats_path} not found: is {self.root} a `selfflow prepare rt1` output?")
-        self.stats = ActionStats.load(stats_path)
+        if o.dataset == "fake" and not stats_path.is_file() and not is_recorded(str(stats_path)):
+            make_fake_dataset(self.root)
+
+        def read_stats() -> dict:
+            if not stats_path.is_file():
+                raise FileNotFoundError(f"{stats_path} not found: is {self.root} a `selfflow prepare rt1` output?")
+            return json.loads(stats_path.read_text())
+
+        # recorded with the run: evaluation de-normalises with the statistics it trained on, data or not
+        self.stats = ActionStats.model_validate(data_fact(str(stats_path), read_stats))
         self.normalizer = ActionNormalizer(self.stats, o.action_norm, o.gripper)
         self.conditioner = CaptionConditioner(o.conditioning, FAKE_INSTRUCTIONS, o.text, o.sample_captions)
 

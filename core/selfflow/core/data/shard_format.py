@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data_facts import data_fact
+
 Sample = dict[str, Any]
 Decoder = Callable[[Sample, int], Sample]  # (raw tar members with ``__key__``, epoch) → decoded sample
 
@@ -130,9 +132,13 @@ def read_codec_info(shards: str | Path, target: str) -> dict[str, Any]:
     """The ``codec.json`` that ``selfflow prepare <target>`` wrote beside its shards (codec, latent shape,
     statistics …); a clear error when the directory is not such an output."""
     info = Path(shards) / "codec.json"
-    if not info.is_file():
-        raise FileNotFoundError(f"{info} not found: is {shards} a `selfflow prepare {target}` output?")
-    try:
-        return json.loads(info.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{info} is not valid JSON: {e}") from None
+
+    def read() -> dict[str, Any]:
+        if not info.is_file():
+            raise FileNotFoundError(f"{info} not found: is {shards} a `selfflow prepare {target}` output?")
+        try:
+            return json.loads(info.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{info} is not valid JSON: {e}") from None
+
+    return data_fact(str(info), read)  # recorded with the run: a trained model loads without its shards

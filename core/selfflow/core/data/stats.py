@@ -7,9 +7,17 @@ from pathlib import Path
 
 import torch
 
+from .data_facts import data_fact
+
 
 def latent_stats(out_dir: str | Path) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of every latent in a shard directory (from the shards' reports)."""
+    """Per-channel mean and std of every latent in a shard directory (from the shards' reports; recorded with
+    the run, so a trained model decodes with the statistics it was trained on, also without the shards)."""
+    mean, std = data_fact(f"{Path(out_dir)}/*.json:latent_stats", lambda: list(_merged_stats(out_dir)))
+    return mean, std
+
+
+def _merged_stats(out_dir: str | Path) -> tuple[list[float], list[float]]:
     total = None
     for report in sorted(Path(out_dir).glob("*.json")):
         data = json.loads(report.read_text())
