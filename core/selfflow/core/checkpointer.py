@@ -38,7 +38,6 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import CheckpointConfig, ConfigError, RunConfig, resume_conflicts
-from .data.data_facts import read_facts
 from .distributed import DistInfo, barrier, gather_objects, leave_out_of_step
 from .pretrained import save_pretrained
 from .safe_yaml import YamlError, parse_yaml
@@ -218,9 +217,11 @@ class Checkpointer:
             raise CheckpointWriteError(_failed_save_message(checkpoint_path(self.dir, step), failures)) from error
         return path
 
-    def export_ema(self, ema: nn.Module, model_config: Any, path: str | Path | None = None) -> Path | None:
+    def export_ema(self, ema: nn.Module, model_config: Any, path: str | Path | None = None,
+                   data_facts: dict[str, Any] | None = None) -> Path | None:
         """EMA weights as safetensors with the resolved model config in the metadata, for sampling and
-        sharing (default ``<run_dir>/ema.safetensors``); the path on rank 0."""
+        sharing (default ``<run_dir>/ema.safetensors``), and beside it the pretrained directory (with the run's
+        ``data_facts``); the path on rank 0."""
         tensors = parallel.full_model_state(ema)
         if not self.dist.is_main:
             return None
@@ -234,7 +235,7 @@ class Checkpointer:
                       metadata={"model_config": model_config.model_dump_json()})
         # beside it, the same weights with the configs that rebuild the model (selfflow.core.pretrained)
         save_pretrained(path.parent / "pretrained", path, RunConfig.model_validate(self.config), model_config,
-                        read_facts(self.run_dir))
+                        data_facts)
         return path
 
 

@@ -46,6 +46,7 @@ from .official_repro import SeededBatch, official_batches, official_generate_bat
 from .precision import autocast
 from .prompts import write_prompt_records
 from .sampler import SamplerConfig, sample
+from .settings_record import changed_settings
 from .tokens import Conditioning
 
 
@@ -110,14 +111,9 @@ def run_settings(model: nn.Module, modality: Modality, sampler: SamplerConfig, o
 def check_settings(out: Path, settings: dict) -> None:
     """Raise ``ConfigError`` when ``out`` holds samples made with other settings."""
     path = out / "parts" / "settings.json"
-    if not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    changed = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
-    if changed:
-        said = "; ".join(f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
-        raise ConfigError(f"{out} holds samples made with other settings ({said}), recorded in {path}: "
-                          f"give another --out-dir, or delete {out} to start over")
+    if changed := changed_settings(path, settings):
+        raise ConfigError(f"{out} holds samples made with other settings ({'; '.join(changed)}), recorded in "
+                          f"{path}: give another --out-dir, or delete {out} to start over")
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:

@@ -226,7 +226,7 @@ class Trainer:
         finally:
             self.log.close()
         return {"checkpoint": self.checkpointer.save(self.step), "samples": self.previewer.write_samples(self.step),
-                "ema": self.checkpointer.export_ema(self.ema, self.run.model_config),
+                "ema": self.checkpointer.export_ema(self.ema, self.run.model_config, data_facts=self.run.data_facts),
                 "loss_plot": self.log.finish(), "last": last}
 
     def _counters(self) -> dict[str, int]:

@@ -5,7 +5,6 @@ per-sample PNGs and ADM arrays."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,9 +14,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from selfflow.core.codec import shapes_only_active, stands_in
-from selfflow.core.data.data_facts import data_fact
 from selfflow.core.data.indexed_stream import IndexedStream
-from selfflow.core.data.shard_format import shard_urls
+from selfflow.core.data.shard_format import read_codec_info, shard_urls
 from selfflow.core.data.shard_stream import ShardReadOptions, ShardStream
 from selfflow.core.modality import Batch, DataStream, Modality, options_union
 from selfflow.core.registry import register_modality
@@ -152,9 +150,10 @@ class ImageModality(CaptionedModalityMixin, Modality):
         if o.dataset == "latent_shards" and o.codec == "pixel":
             raise ValueError("dataset latent_shards needs codec: sd_vae, flux2 or rae (the prepared codec)")
         root = Path(o.shards)
-        path = (root if root.is_dir() else root.parent) / "codec.json"  # latent_shards may name a glob
-        info = data_fact(str(path), lambda: json.loads(path.read_text()) if path.is_file() else None)
+        folder = root if root.is_dir() else root.parent  # latent_shards may name a glob
+        info = read_codec_info(folder, "image-text", required=False)  # absence is handled here
         if info is None:
+            path = folder / "codec.json"
             if isinstance(o, ImageTextShardsOptions) and o.sample_captions is None and not shapes_only_active():
                 raise FileNotFoundError(f"{path} not found: is {o.shards} a `selfflow prepare image-text` output? "
                                         "(to sample without the shards, set data.options.sample_captions)")

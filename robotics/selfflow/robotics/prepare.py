@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from selfflow.core.data.shard_format import npy_bytes
 from selfflow.core.data.shard_writer import write_json
+from selfflow.core.settings_record import changed_settings
 
 from .fractal import Episode, read_episodes
 from .normalize import ActionStats
@@ -166,11 +167,8 @@ def check_conversion_options(out: Path, o: PrepareRT1Options) -> None:
     skipped on a rerun, so other options would leave shards converted two ways under one manifest."""
     path = out / "reports" / "options.json"
     want = {k: getattr(o, k) for k in CONTENT_OPTIONS}
-    if path.is_file():
-        had = json.loads(path.read_text())
-        changed = [f"{k}: {had.get(k)!r} then, {v!r} now" for k, v in want.items() if had.get(k) != v]
-        if changed:
-            raise ValueError(f"{out} holds shards converted with other options ({'; '.join(changed)}): "
-                             "give the same options to finish it, or prepare into a new directory")
-    elif not any((out / "reports").glob("[0-9]*.json")):  # a fresh directory (older ones are not checked)
+    if changed := changed_settings(path, want):
+        raise ValueError(f"{out} holds shards converted with other options ({'; '.join(changed)}): "
+                         "give the same options to finish it, or prepare into a new directory")
+    if not path.is_file() and not any((out / "reports").glob("[0-9]*.json")):  # fresh (older ones: unchecked)
         write_json(path, want)

@@ -128,13 +128,15 @@ def shard_urls(spec: str | Path) -> list[str]:
     return sorted(glob.glob(str(p / "*.tar")) if p.is_dir() else glob.glob(str(spec)))
 
 
-def read_codec_info(shards: str | Path, target: str) -> dict[str, Any]:
+def read_codec_info(shards: str | Path, target: str, *, required: bool = True) -> dict[str, Any] | None:
     """The ``codec.json`` that ``selfflow prepare <target>`` wrote beside its shards (codec, latent shape,
-    statistics …); a clear error when the directory is not such an output."""
+    statistics …); a clear error when the directory is not such an output (``None`` if not ``required``)."""
     info = Path(shards) / "codec.json"
 
-    def read() -> dict[str, Any]:
+    def read() -> dict[str, Any] | None:
         if not info.is_file():
+            if not required:
+                return None
             raise FileNotFoundError(f"{info} not found: is {shards} a `selfflow prepare {target}` output?")
         try:
             return json.loads(info.read_text())
