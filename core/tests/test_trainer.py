@@ -171,3 +171,16 @@ def test_a_fresh_start_sets_the_earlier_checkpoints_aside(tmp_path):
     again = Trainer(_cfg(tmp_path, "run", "train.steps=2"), progress=False)
     assert again.step == 1 and again.resumed_from.name == "step_00000001.pt"
     assert "--no-resume: moved the 2 checkpoint(s) of the earlier run" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_a_skipped_step_moves_the_lr_schedule_on(tmp_path, recwarn):
+    # The schedule follows the step count: after a skipped first step, step 2 trains at step 2's rate.
+    trainer = Trainer(_cfg(tmp_path, "skiplr", "train.steps=4", "optim.warmup_steps=4"), progress=False)
+    stream = iter(trainer.streams["image"])
+    bad = next(stream)
+    bad["media"][0, 0, 0, 0] = float("nan")
+    first = trainer.train_step([bad], "image")
+    second = trainer.train_step([next(stream)], "image")
+    assert first["skipped"] == 1.0 and "skipped" not in second
+    assert (first["lr"], second["lr"]) == pytest.approx((trainer.cfg.optim.lr / 4, trainer.cfg.optim.lr / 2))
+    assert not [w for w in recwarn if "lr_scheduler.step" in str(w.message)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from selfflow.eval.extractor import batched, extract, extract_stats
 
@@ -45,3 +46,29 @@ def test_extract_stats_equals_stats_of_all_features() -> None:
     assert stats.count == 25 and stats.biased
     np.testing.assert_allclose(stats.mean, feats.mean(0), rtol=1e-12)
     np.testing.assert_allclose(stats.cov, np.cov(feats, rowvar=False, bias=True), rtol=1e-10)
+
+
+class TF32Probe:
+    """A FeatureExtractor that records whether TF32 was allowed while it ran."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, bool]] = []
+
+    def features(self, batch: list[np.ndarray]) -> np.ndarray:
+        self.seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return np.zeros((len(batch), 1))
+
+
+@pytest.mark.parametrize("collect", [extract, extract_stats])
+def test_every_extractor_runs_without_tf32_and_the_settings_come_back(collect) -> None:
+    # A training run's train.tf32 (or cuDNN's default) must not reach the features: FID/FVD/FAD of two runs
+    # would differ by the GPU's settings alone.
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        probe = TF32Probe()
+        collect(probe, [np.zeros(2)] * 5, batch_size=2, progress=False)
+        assert probe.seen == [(False, False)] * 3
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -184,12 +185,22 @@ class Trainer:
         self.guard.check_data(self.global_batch(name), out["data_skipped"], self.step)
         if not self.guard.accept(out["loss"], out["grad_norm"], self.step):
             self.optimizer.zero_grad(set_to_none=True)
+            self._advance_schedule()
             return {**out, "skipped": 1.0}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        self._advance_schedule()
         ema_update(self.ema, self.raw, self.cfg.ema.decay_at(self.step))
         return out
+
+    def _advance_schedule(self) -> None:
+        """The LR schedule is a function of the step count, and a skipped step still counts toward
+        ``train.steps``: the schedule moves on with it, or every later step would train at an earlier step's
+        rate and the run would end before its decay did."""
+        with warnings.catch_warnings():
+            # torch warns when a run's very first step is skipped (no optimizer.step yet); that is intended here.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
 
     @property
     def finished(self) -> bool:

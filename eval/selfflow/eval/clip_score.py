@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .extractor import batched, extract
+from .extractor import batched, exact_fp32, extract
 from .image_io import ImageInput, iter_images, list_images
 
 PROTOCOL = ("CLIP score (torchmetrics convention): CLIP ViT-L/14; PIL bicubic shortest side 224 "
@@ -118,9 +118,10 @@ class ClipScorer:
                        unit="img", progress=self.progress)
 
     def text_features(self, texts: Sequence[str]) -> np.ndarray:
-        out = [self._text_batch(b).double().cpu().numpy()
-               for b in batched(tqdm(texts, desc="CLIP text", disable=not self.progress),
-                                self.batch_size)]
+        with exact_fp32():
+            out = [self._text_batch(b).double().cpu().numpy()
+                   for b in batched(tqdm(texts, desc="CLIP text", disable=not self.progress),
+                                    self.batch_size)]
         return np.concatenate(out)
 
     def scores(self, images: ImageInput, texts: Sequence[str]) -> np.ndarray:

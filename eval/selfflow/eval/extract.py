@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .extractor import exact_fp32
 from .frechet import FeatureStats
 from .image_io import ImageSource
-from .inception import FIDInceptionV3, exact_fp32
+from .inception import FIDInceptionV3
 
 POOL_DIM = 2048
 SPATIAL_DIM = 2023

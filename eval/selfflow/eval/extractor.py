@@ -4,15 +4,18 @@ A metric is: a media reader (``image_io``, ``video_io``, ``audio_io``) yielding 
 or waveform windows → an extractor's ``features(batch)`` → :class:`~selfflow.eval.frechet.FeatureStats`
 → :func:`~selfflow.eval.frechet.checked_distance`. Extractors (DINOv2, CLIP, I3D, CLAP, the FID
 Inception) load their weights from local paths and know their preprocessing; this module only
-batches items, shows progress and collects the (B, D) float64 features.
+batches items, shows progress and collects the (B, D) float64 features — in exact fp32: every
+extractor runs with TF32 off (see :func:`exact_fp32`), so features do not depend on the GPU's defaults.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .frechet import FeatureStats
@@ -24,6 +27,20 @@ class FeatureExtractor(Protocol):
     def features(self, batch: list[np.ndarray]) -> np.ndarray:
         """(B, D) float64 features of ``batch`` (B items, each as the reader yields it)."""
         ...
+
+
+@contextmanager
+def exact_fp32() -> Iterator[None]:
+    """TF32 off for cuBLAS and cuDNN for the duration, then restored. On Ampere and later, TF32 (cuDNN's
+    default for convolutions, and a run's ``train.tf32``) moves features by ~1e-3 relative — enough to shift a
+    Fréchet distance between two runs that differ only in the GPU's settings."""
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def batched(items: Iterable[Any], size: int, *, split_on_shape: bool = False) -> Iterator[list[Any]]:
@@ -47,7 +64,9 @@ def _feature_batches(extractor: FeatureExtractor, items: Iterable[np.ndarray], *
                      progress: bool) -> Iterator[np.ndarray]:
     with tqdm(total=total, desc=desc, unit=unit, disable=not progress) as bar:
         for batch in batched(items, batch_size, split_on_shape=split_on_shape):
-            yield extractor.features(batch)
+            with exact_fp32():
+                feats = extractor.features(batch)
+            yield feats
             bar.update(len(batch))
 
 

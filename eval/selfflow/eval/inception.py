@@ -22,7 +22,6 @@ import hashlib
 import os
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,14 +312,3 @@ def load_inception(path: str | os.PathLike[str] | None = None, *, device: torch.
     model.weights_path = file
     return model.to(device=device, dtype=dtype)
 
-
-@contextmanager
-def exact_fp32():
-    """Disable TF32 (Ampere+ would make convs ~1e-3 off) for the duration; restore afterwards."""
-    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
