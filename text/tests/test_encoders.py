@@ -116,3 +116,42 @@ def test_under_shapes_only_an_hf_encoder_is_its_config_alone(tmp_path):
     with shapes_only(), pytest.raises(FileNotFoundError, match=r"Planning reads only that file.*config\.json"):
         build_text_encoder(options)
     assert not (tmp_path / "cache").exists()  # planning writes nothing
+
+
+def _t5_dir(path, seed):
+    import transformers
+
+    torch.manual_seed(seed)
+    transformers.T5EncoderModel(transformers.T5Config(vocab_size=16, d_model=16, d_kv=4, d_ff=32, num_layers=2,
+                                                      num_heads=4, decoder_start_token_id=0)).save_pretrained(path)
+
+
+def test_other_weights_in_the_same_directory_are_another_encoder(tmp_path):
+    """The cache and the shards' record must see a new training (or tokenizer) behind an unchanged config.json:
+    the cache used to return the old weights' embeddings."""
+    from types import SimpleNamespace
+
+    from selfflow.text.conditioning import CaptionedModalityMixin
+
+    model_dir = tmp_path / "t5"
+    _t5_dir(model_dir, seed=0)
+    _word_tokenizer(model_dir, ["a", "cat"])
+    first = CachedTextEncoder(HFTextEncoder(model_dir), tmp_path / "cache")
+    old = first.encode_unpadded(["a cat"])[0]
+    assert first.weights_id.startswith("files:") and first.weights_id.endswith(":float32")
+    _t5_dir(model_dir, seed=1)  # same config.json, other weights
+    second = CachedTextEncoder(HFTextEncoder(model_dir), tmp_path / "cache")
+    assert second.cache_id == first.cache_id and second.weights_id != first.weights_id
+    new = second.encode_unpadded(["a cat"])[0]
+    assert second.misses == 1 and not torch.allclose(new, old)
+    _word_tokenizer(model_dir, ["a", "dog"])  # another tokenizer, same weights
+    assert HFTextEncoder(model_dir).weights_id != second.weights_id
+
+    modality = CaptionedModalityMixin()
+    modality.conditioner = SimpleNamespace(encoder=second)
+    modality.check_stored_captions({"text": second.describe()}, "shards/")
+    with pytest.raises(ValueError, match=r"shards/ stores caption embeddings of hf:t5.* with weights files:"
+                                         r".*the weights, tokenizer or dtype changed since preparation"):
+        modality.check_stored_captions({"text": first.describe()}, "shards/")
+    legacy = {"cache_id": first.cache_id, "dim": first.dim}  # shards prepared before weights were recorded
+    modality.check_stored_captions({"text": legacy}, "shards/")

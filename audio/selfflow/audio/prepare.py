@@ -57,7 +57,7 @@ def prepare_audio(options: PrepareAudioOptions | dict[str, Any]) -> dict[str, An
         write_json(f"{opts.out}/codec.json", {
             **codec.describe(), "kind": opts.codec, "latent_shape": [codec.latent_channels, n // codec.hop],
             "latent_mean": None, "latent_std": None,
-            "text": None if encoder is None else {"cache_id": encoder.cache_id, "dim": encoder.dim}})
+            "text": None if encoder is None else encoder.describe()})
     with torch.inference_mode():
         return write_shards(items, process, opts.out, prefix="audio", shard_size=opts.shard_size,
                             rank=opts.rank, world_size=opts.world_size)

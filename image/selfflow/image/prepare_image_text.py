@@ -86,7 +86,7 @@ def prepare_image_text(options: PrepareImageTextOptions | dict[str, Any]) -> dic
         write_json(f"{opts.out}/codec.json", {
             "codec": name_of(vae), "image_size": opts.image_size, "latent_shape": list(shape),
             "space": "model", "scaling_factor": opts.scaling_factor if opts.codec == "sd_vae" else None,
-            "text": None if encoder is None else {"cache_id": encoder.cache_id, "dim": encoder.dim},
+            "text": None if encoder is None else encoder.describe(),
             "sample_captions": preview_captions(items, PREVIEW_CAPTIONS)})
     with torch.inference_mode():
         return write_shards(items, process, opts.out, prefix="image", shard_size=opts.shard_size,

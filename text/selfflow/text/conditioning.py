@@ -122,6 +122,14 @@ class CaptionedModalityMixin:
         encoder: previews and the CFG null are encoded with it, so another model, layer set or length — even
         of the same width — would train and sample on different spaces."""
         stored, enc = info.get("text"), self.conditioner.encoder
-        if stored and enc is not None and stored["cache_id"] != enc.cache_id:
+        if not stored or enc is None:
+            return
+        if stored["cache_id"] != enc.cache_id:
             raise ValueError(f"{shards} stores caption embeddings of {stored['cache_id']} but "
                              f"data.options.text gives {enc.cache_id}: configure the same text encoder")
+        # Shards written before weights were recorded, and planning (config.json alone), have no weights_id.
+        if stored.get("weights_id") and enc.weights_id and stored["weights_id"] != enc.weights_id:
+            raise ValueError(f"{shards} stores caption embeddings of {stored['cache_id']} with weights "
+                             f"{stored['weights_id']}, but the files in data.options.text.model_dir now give "
+                             f"{enc.weights_id}: the weights, tokenizer or dtype changed since preparation — "
+                             "prepare the shards again, or point model_dir at the encoder they were prepared with")

@@ -44,7 +44,14 @@ class TextEncoder(ABC):
     """Captions → embeddings. Subclasses set :attr:`dim` and :attr:`cache_id` and encode unpadded."""
 
     dim: int
-    cache_id: str  # identifies the model and settings: the cache key is (cache_id, caption)
+    cache_id: str  # identifies the model and settings: the cache key is (cache_id, weights_id, caption)
+    # The weights, tokenizer and dtype behind cache_id — "" where cache_id already fixes them (the tiny encoder).
+    # Apart from cache_id because planning (HFTextEncoderShape) reads config.json alone and must still match it.
+    weights_id: str = ""
+
+    def describe(self) -> dict:
+        """What prepared shards record of the encoder of their stored caption embeddings (``codec.json``)."""
+        return {"cache_id": self.cache_id, "dim": self.dim, "weights_id": self.weights_id}
 
     @abstractmethod
     def encode_unpadded(self, texts: list[str]) -> list[torch.Tensor]:
@@ -92,6 +99,30 @@ def read_hf_config(model_dir: Path, layers: tuple[int, ...], max_length: int, mi
     return config, dim, f"hf:{model_dir.name}:{digest}:layers={list(layers)}:max={max_length}"
 
 
+FINGERPRINT_WHOLE_BYTES = 16 << 20  # files up to this size are hashed whole; larger ones by their ends
+FINGERPRINT_END_BYTES = 1 << 20
+
+
+def files_fingerprint(model_dir: Path) -> str:
+    """A short digest of every file of a model directory (weights, tokenizer, configs; not ``*.md`` or hidden
+    files), cheap even for tens of GB: each file's path, size and bytes — whole up to 16 MiB, else its first and
+    last MiB, which differ between any two trainings of the same architecture."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.suffix != ".md"
+                   and not any(part.startswith(".") for part in p.relative_to(model_dir).parts))
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(model_dir).as_posix()}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= FINGERPRINT_WHOLE_BYTES:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(FINGERPRINT_END_BYTES))
+                f.seek(size - FINGERPRINT_END_BYTES)
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 class HFTextEncoderShape(TextEncoder):
     """An ``hf`` encoder's shape under ``selfflow.core.codec.shapes_only()`` (``selfflow plan``): its width from
     ``config.json``, no weights read; every caption becomes ``max_length`` zero vectors, the longest context
@@ -120,6 +151,7 @@ class HFTextEncoder(TextEncoder):
         self.model = cls.from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype).to(device).eval()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.layers, self.max_length, self.device = tuple(layers), max_length, torch.device(device)
+        self.weights_id = f"files:{files_fingerprint(model_dir)}:{str(dtype).removeprefix('torch.')}"
 
     @torch.no_grad()
     def encode_unpadded(self, texts: list[str]) -> list[torch.Tensor]:

@@ -58,7 +58,7 @@ def prepare_video(options: PrepareVideoOptions | dict[str, Any]) -> dict[str, An
         write_json(f"{opts.out}/codec.json", {
             **codec.describe(), "version": opts.codec, "clip": spec.model_dump(),
             "latent_shape": list(codec.latent_shape(spec.frames, spec.height, spec.width)),
-            "text": None if encoder is None else {"cache_id": encoder.cache_id, "dim": encoder.dim}})
+            "text": None if encoder is None else encoder.describe()})
     with torch.inference_mode():
         return write_shards(items, process, opts.out, prefix="video", shard_size=opts.shard_size,
                             rank=opts.rank, world_size=opts.world_size)
