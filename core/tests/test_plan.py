@@ -193,6 +193,17 @@ def test_plan_the_paper_mixed_run_per_modality_from_config_files_alone(tmp_path,
     # image 16×16 SD-VAE latents / patch 2; video 45 frames at 192×320 through Wan2.2 (4, 16, 16) → 12×12×20
     # latents / patch (1, 2, 2); audio 10 s at 48 kHz / hop 1920 = 250 frames
     assert [(p.modality, p.tokens, b) for p, b in plans] == [("image", 256, 38), ("video", 720, 8), ("audio", 250, 16)]
+    # the paper's time distribution per modality: FLUX.2 AE images logit-normal with a train shift (√8, the codec
+    # default), Wan2.2 video logit-normal, audio uniform at the official samples' train shift 0.75
+    from selfflow.core.codec import shapes_only
+    from selfflow.core.timesteps import TimestepDistribution
+
+    with shapes_only():
+        run = build_run(cfg, device="meta")
+    assert run.modalities["image"].token_channels == 128
+    assert run.objectives["image"].timesteps == TimestepDistribution(kind="logit_normal", shift=8 ** 0.5)
+    assert run.objectives["video"].timesteps.kind == "logit_normal"
+    assert run.objectives["audio"].timesteps == TimestepDistribution(kind="uniform", shift=0.75)
     assert len({p.params for p, _ in plans}) == 1 and 600e6 < plans[0][0].params < 660e6
     assert plans[1][0].flops_per_sample > 2 * plans[0][0].flops_per_sample  # 720 + 64 vs 256 + 64 tokens
     assert main(["plan", "--config", str(ROOT / "configs/mixed_625m.yaml"), "--gpus", "8"]) == 0

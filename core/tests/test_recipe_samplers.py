@@ -20,7 +20,7 @@ def _samplers(path: Path) -> dict[str, tuple]:
 def test_paper_mixed_run_samples_each_modality_with_the_paper_s_guidance_and_its_training_shift():
     cfg = load_config(CONFIGS / "mixed_625m.yaml")
     assert _samplers(CONFIGS / "mixed_625m.yaml") == {
-        "image": ("euler", 50, 3.5, 1.0), "video": ("euler", 50, 5.0, 3.0), "audio": ("euler", 50, 5.0, 2.0)}
+        "image": ("euler", 50, 3.5, 8 ** 0.5), "video": ("euler", 50, 5.0, 3.0), "audio": ("euler", 50, 5.0, 0.75)}
     assert cfg.eval.cfg_scale == 1.0  # the paper's metrics: no guidance
 
 
