@@ -107,3 +107,18 @@ def test_shapes_only_takes_the_published_oobleck_vae_and_the_default_prepared_cl
     # 10 s (`selfflow prepare audio`'s default, the paper's) at 48 kHz / hop 1920; 44.1 kHz / 2048
     assert (songbloom.channels, songbloom.length, songbloom.sample_rate) == (64, 250, 48000)
     assert (stable.channels, stable.length) == (64, 441000 // 2048)
+
+
+@pytest.mark.parametrize(("patch", "frames_per_token", "warned"), [(64, 1, True), (4, 1, True), (5, 5, False)])
+def test_a_latent_patch_that_does_not_divide_the_clip_is_one_frame_and_says_so(tmp_path, caplog, patch,
+                                                                               frames_per_token, warned):
+    # The default 64 (the waveform's) never divides the paper's 250-frame clip: it used to fall back to 1 silently.
+    from selfflow.core.codec import shapes_only
+
+    with shapes_only(), caplog.at_level("WARNING"):
+        mod = AudioModality({"dataset": "latent_shards", "codec": "songbloom", "shards": str(tmp_path / "none"),
+                             "patch": patch})
+    assert mod.patch == frames_per_token and mod.sample_ids(1, "cpu").shape[1] == 250 // frames_per_token
+    assert (f"data.options.patch={patch} does not divide the 250 latent frames" in caplog.text) == warned
+    if warned:
+        assert "[1, 2, 5, 10, 25, 50, 125, 250]" in caplog.text

@@ -7,6 +7,7 @@ R_M = 0.5 (paper) and uniform timesteps shifted towards noise (shift 2.0; overri
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,21 @@ from .audio_io import write_wav
 from .synthetic_tones import CAPTIONS, render_batch
 from .waveform_codec import WaveformCodec, frames_to_tokens, tokens_to_frames
 
+log = logging.getLogger(__name__)
+
+
+def latent_patch(patch: int, frames: int, shards: str) -> int:
+    """Latent frames per token: ``patch`` when it divides ``frames``, else 1 — said in a warning, since the
+    option's default (64, the waveform's) rarely divides a latent clip (the paper's 10 s: 250 frames). Not an
+    error: runs trained with such a value resume with it, and their config must not change."""
+    if frames % patch == 0:
+        return patch
+    divisors = [d for d in range(1, frames + 1) if frames % d == 0]
+    log.warning("data.options.patch=%d does not divide the %d latent frames of %s: 1 frame per token (%d tokens). "
+                "Set it to a divisor to silence this: %s%s", patch, frames, shards, frames, divisors[:12],
+                " …" if len(divisors) > 12 else "")
+    return 1
+
 
 class _CommonAudioOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -37,7 +53,8 @@ class _CommonAudioOptions(BaseModel):
     codec: Literal["waveform", "songbloom", "stable_audio"] = Field("waveform", description="latent_shards: an Oobleck VAE")
     sample_rate: int = Field(8000, ge=1000, description="Hz of synthetic tones (shards: codec.json's, if recorded)")
     num_samples: int = Field(4096, ge=64, description="waveform codec: samples per clip")
-    patch: int = Field(64, ge=1, description="waveform samples per token (latents: frames per token)")
+    patch: int = Field(64, ge=1, description="samples per token: waveform samples, or latent frames (must divide "
+                       "the prepared clip's frames; one that does not is read as 1, with a warning)")
     conditioning: Literal["class", "text"] = "text"
     text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
     sample_captions: list[str] | None = Field(None, description="preview prompts (None: the synthetic captions)")
@@ -77,7 +94,7 @@ class AudioModality(CaptionedModalityMixin, Modality):
             if self.info.get("latent_mean") is None:  # dataset statistics from the shard reports
                 self.info["latent_mean"], self.info["latent_std"] = latent_stats(o.shards)
             self.channels, self.length = self.info["latent_shape"]
-            self.patch = o.patch if o.patch <= self.length and self.length % o.patch == 0 else 1
+            self.patch = latent_patch(o.patch, self.length, o.shards)
         else:
             self.waveform = WaveformCodec(o.num_samples, o.patch)
             self.channels, self.length, self.patch = 2, o.num_samples, o.patch
