@@ -255,3 +255,29 @@ def test_validation_metrics(fake_data_dir):
     assert 0 <= out["gripper_accuracy"] <= 1 and out["action_l1_raw"] > 0 and out["action_mse"] > 0
     # the zero-initialised head predicts v = 0: the sampled chunk is its starting noise, clamped to [−1, 1]
     assert out["val_loss_fm_action"] > 0.5
+
+
+def test_simpler_rows_say_the_env_drew_the_variant(tmp_path, monkeypatch):
+    """A prepackaged SIMPLER env draws URDF, overlay and apple position at reset: rows and summary must not label
+    episodes with the sweep's URDFs (the per-URDF rates used to describe draws that never happened)."""
+    import types
+
+    from selfflow.robotics.fake_env import FakeGoogleRobotEnv
+    from selfflow.robotics.simpler_eval import TASKS
+
+    made = []
+
+    def make(task, **kwargs):
+        made.append((task, kwargs))
+        spec = next(s for s in TASKS.values() if s.simpler_task == task)
+        return FakeGoogleRobotEnv(list(spec.subtasks), spec.max_episode_steps, spec.force_advance_at)
+
+    monkeypatch.setitem(sys.modules, "simpler_env", types.SimpleNamespace(make=make))
+    summary = evaluate(lambda env: Scripted(env, zero=True), ["open_top_drawer_place_apple"], "simpler", tmp_path,
+                       limit=2, seed=5)
+    assert made == [("google_robot_place_apple_in_closed_top_drawer", {})] * 2  # no urdf_version it would ignore
+    task = summary["tasks"]["open_top_drawer_place_apple"]
+    assert task["per_variant"] is None and "no per-URDF rates" in summary["episode_config"]
+    rows = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["drawn by the env at reset (seed 5)", "drawn by the env at reset (seed 6)"]
+    assert not any(k in r for r in rows for k in ("urdf_version", "overlay", "apple_grid_index"))

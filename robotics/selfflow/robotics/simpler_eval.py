@@ -93,17 +93,21 @@ def make_fake_env(spec: TaskSpec, episode: dict[str, Any], seed: int) -> FakeGoo
     return env
 
 
+# What a prepackaged SIMPLER env draws itself at every (seeded) reset, whatever the sweep asked for: the URDF
+# recolouring and, for the drawer task, the overlay / robot pose and the apple position (reference notes §1.2).
+DRAWN_BY_ENV = ("urdf_version", "overlay", "apple_grid_index")
+
+
 def make_simpler_env(spec: TaskSpec, episode: dict[str, Any], seed: int):
-    """A real SIMPLER env for one sweep episode: the prepackaged config plus the episode's URDF version and
-    (Move Near) object episode id. The drawer overlays and apple grid of the official scripts are NOT
-    passed: the prepackaged env draws them at reset (seeded). Not exercised offline (no GPU here): check
-    the keyword names against your SimplerEnv checkout."""
+    """A real SIMPLER env for one sweep episode: the prepackaged config (``simpler_env.make``), which draws
+    the URDF, overlay and apple position at reset from the seed — so only the (Move Near) object episode id is
+    passed, and :func:`evaluate` does not label rows with the sweep's URDF/overlay/apple. Not exercised offline
+    (no GPU here): check the keyword names against your SimplerEnv checkout."""
     try:
         import simpler_env
     except ImportError:
         raise SystemExit(SIMPLER_INSTALL) from None
-    kwargs = {} if episode.get("urdf_version") is None else {"urdf_version": episode["urdf_version"]}
-    env = simpler_env.make(spec.simpler_task, **kwargs)
+    env = simpler_env.make(spec.simpler_task)
     obj = {k: v for k, v in (("episode_id", episode.get("obj_episode_id")),) if v is not None}
     env._episode_reset_kwargs = {"seed": seed, "options": {"obj_init_options": obj} if obj else {}}
     return env
@@ -121,8 +125,9 @@ def evaluate(policy_factory: Callable[[Any], Any], tasks: list[str], env_kind: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     label = "fake (FakeGoogleRobotEnv stand-in, NOT SIMPLER)" if env_kind == "fake" else "simpler"
-    config = ("toy goal per seeded reset" if env_kind == "fake" else "prepackaged_config; urdf_version and Move "
-              "Near obj episode_id set per episode; overlays / apple grid drawn by the env at reset (seeded)")
+    config = ("toy goal per seeded reset" if env_kind == "fake" else "prepackaged_config; Move Near obj "
+              "episode_id set per episode; URDF, overlay and apple position drawn by the env at reset (seeded), "
+              "so no per-URDF rates")
     summary: dict[str, Any] = {"env": "fake" if env_kind == "fake" else "simpler", "env_description": label,
                                "episode_config": config, "success_mode": "final_step", "tasks": {}}
     with (out / "episodes.jsonl").open("w") as f:
@@ -133,8 +138,11 @@ def evaluate(policy_factory: Callable[[Any], Any], tasks: list[str], env_kind: s
             for i, ep in enumerate(episodes):
                 env = make_env(spec, ep, seed + i)
                 result = run_episode(env, policy_factory(env), spec.max_episode_steps)
-                row = {"env": summary["env"], "task": task, "env_id": spec.env_id, "episode": i, **ep, **result,
-                       "success_mode": "final_step", "max_episode_steps": spec.max_episode_steps}
+                if env_kind == "simpler":  # the row says what ran: the env's own draw from this seed
+                    ep = {**{k: v for k, v in ep.items() if k not in DRAWN_BY_ENV},
+                          "variant": f"drawn by the env at reset (seed {seed + i})"}
+                row = {"env": summary["env"], "task": task, "env_id": spec.env_id, "episode": i, "seed": seed + i,
+                       **ep, **result, "success_mode": "final_step", "max_episode_steps": spec.max_episode_steps}
                 rows.append(row)
                 f.write(json.dumps(row) + "\n")
             variants: dict[str, list[bool]] = {}
@@ -146,6 +154,8 @@ def evaluate(policy_factory: Callable[[Any], Any], tasks: list[str], env_kind: s
                 "max_episode_steps": spec.max_episode_steps, "success_mode": "final_step",
                 "success_rate": float(np.mean([r["success"] for r in rows])),
                 "success_rate_any_step": float(np.mean([r["success_any_step"] for r in rows])),
-                "per_variant": {v: float(np.mean(s)) for v, s in variants.items()}}
+                # per URDF (fake env: its labels); None on SIMPLER, whose prepackaged env draws the URDF itself
+                "per_variant": None if env_kind == "simpler" else {
+                    v: float(np.mean(s)) for v, s in variants.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
