@@ -30,4 +30,8 @@ def test_counts_round_trip(tmp_path):
     guard.accept(float("nan"), 1.0, step=1)
     again = StepGuard(TrainConfig(), tmp_path)
     again.load_state_dict(guard.state_dict())
-    assert (again.skipped_steps, again.data_samples) == (1, 32)
+    # the count in a row too: a resumed run stops where the uninterrupted one would (it used to start again at 0)
+    assert (again.skipped_steps, again.data_samples, again.nonfinite_in_a_row) == (1, 32, 1)
+    older = StepGuard(TrainConfig(), tmp_path)
+    older.load_state_dict({"skipped_steps": 1, "data_samples": 32})  # a checkpoint from before it was kept
+    assert older.nonfinite_in_a_row == 0

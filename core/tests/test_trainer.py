@@ -76,7 +76,8 @@ def test_repeated_nonfinite_steps_abort_and_keep_the_last_checkpoint(tmp_path):
     with torch.no_grad():
         for p in trainer.raw.parameters():
             p.fill_(float("inf"))
-    with pytest.raises(NonFiniteLossError, match=r"3 optimizer steps in a row.*step_00000002\.pt"):
+    # steps 3, 4, 5 fail: the message counts steps from 1, as metrics.jsonl and the checkpoints do
+    with pytest.raises(NonFiniteLossError, match=r"3 optimizer steps in a row.*\(at step 5\).*step_00000002\.pt"):
         trainer.fit()
     assert sorted(p.name for p in (tmp_path / "nan2" / "checkpoints").iterdir()) == ["step_00000002.pt"]
 
@@ -90,6 +91,29 @@ def test_grad_accumulation_equals_a_big_batch(tmp_path):
     for a, b in zip(big, acc, strict=True):
         for key in ("loss", "loss_fm", "loss_rep", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+
+
+def test_resume_on_another_split_of_the_global_batch(tmp_path):
+    """The synthetic stream resumes at the same sample when ranks × micro-batch × accumulation change but the
+    global batch does not; a split it cannot continue is one clear error, not a traceback."""
+    from selfflow.core.checkpoint import CheckpointLoadError
+
+    Trainer(_cfg(tmp_path, "whole", "train.batch_size=4", "train.steps=4"), progress=False).fit()
+    Trainer(_cfg(tmp_path, "split", "train.batch_size=4", "train.steps=2"), progress=False).fit()
+    resumed = Trainer(_cfg(tmp_path, "split", "train.batch_size=2", "train.grad_accum_steps=2", "train.steps=4"),
+                      progress=False)
+    assert resumed.step == 2
+    resumed.fit()
+    whole = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    split = read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [r["step"] for r in split] == [1, 2, 3, 4]
+    for a, b in zip(whole, split, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    # 4 steps × 4 samples = 16 consumed: not a whole number of micro-batches of 3 (it used to raise a bare
+    # ValueError, a traceback through the CLI)
+    with pytest.raises(CheckpointLoadError, match=r"its streams state does not fit this run \(cannot resume the "
+                                                   r"synthetic stream: it stopped after 16 samples.*3 × 1"):
+        Trainer(_cfg(tmp_path, "split", "train.batch_size=3", "train.steps=6"), progress=False)
 
 
 def test_lr_schedule():
@@ -184,3 +208,18 @@ def test_a_skipped_step_moves_the_lr_schedule_on(tmp_path, recwarn):
     assert first["skipped"] == 1.0 and "skipped" not in second
     assert (first["lr"], second["lr"]) == pytest.approx((trainer.cfg.optim.lr / 4, trainer.cfg.optim.lr / 2))
     assert not [w for w in recwarn if "lr_scheduler.step" in str(w.message)]
+
+
+def test_mfu_counts_the_caption_tokens(tmp_path):
+    """A text-conditioned step also runs the context stream and joint attention over its Lc tokens: the MFU's
+    FLOPs must count them (they used to be left out: ~2× low for 64-token captions on 64-token samples)."""
+    from selfflow.core.flops import train_step_flops
+
+    trainer = Trainer(_cfg(tmp_path, "mfu", "train.steps=1", "logging.peak_tflops=1",
+                           "data.options.conditioning=text"), progress=False)
+    trainer.train_step([next(iter(trainer.streams["image"]))], "image")
+    lc, tokens = trainer.context_per_sample["image"], trainer.tokens_per_sample["image"]
+    layer = trainer.run.objectives["image"].teacher_layer
+    assert lc > 0
+    assert trainer._step_cost("image").flops == 4 * train_step_flops(trainer.raw, tokens, lc, teacher_layer=layer)
+    assert trainer._step_cost("image").flops > 4 * train_step_flops(trainer.raw, tokens, 0, teacher_layer=layer)

@@ -138,7 +138,8 @@ class Checkpointer:
         for name, component in self.components.items():
             try:
                 component.load_state_dict(state[name])
-            except (RuntimeError, KeyError, IndexError, TypeError) as e:
+            # ValueError: a data stream refusing another split of its data (world size, batch, buffer)
+            except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as e:
                 first = (str(e).splitlines() or [type(e).__name__])[0][:300]
                 raise CheckpointLoadError(f"cannot resume from {source}: its {name} state does not fit this "
                                           f"run ({first})") from e

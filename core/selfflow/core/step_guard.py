@@ -29,7 +29,8 @@ MIN_SAMPLES_FOR_BAD_FRACTION = 64
 
 
 class StepGuard:
-    """Counts skipped steps and samples trained on (both checkpointed) and stops the run when a limit of
+    """Counts skipped steps, the non-finite ones in a row and samples trained on (all checkpointed: a resumed
+    run stops where the uninterrupted one would) and stops the run when a limit of
     ``train`` is crossed; error messages name the last good checkpoint in ``ckpt_dir``."""
 
     def __init__(self, cfg: TrainConfig, ckpt_dir: Path):
@@ -71,8 +72,10 @@ class StepGuard:
         return latest_checkpoint(self.ckpt_dir) or "none"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped_steps": self.skipped_steps, "data_samples": self.data_samples}
+        return {"skipped_steps": self.skipped_steps, "data_samples": self.data_samples,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped_steps = int(state["skipped_steps"])
         self.data_samples = int(state["data_samples"])
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))  # (older checkpoints lack it)

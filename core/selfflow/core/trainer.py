@@ -75,6 +75,7 @@ class Trainer:
                         for n, m in self.run.modalities.items()}
         self.step = 0
         self.tokens_per_sample: dict[str, int] = {}
+        self.context_per_sample: dict[str, int] = {}  # caption tokens (padded: all computed), for the FLOPs
 
         self.guard = StepGuard(tc, self.run_dir / "checkpoints")
         self.log = TrainingLog(cfg, self.dist, self.device, progress=progress, step_cost=self._step_cost)
@@ -132,7 +133,7 @@ class Trainer:
         flops = 0.0
         if self.cfg.logging.peak_tflops:
             objective = self.run.objectives[name]
-            flops = n * train_step_flops(self.raw, tokens,
+            flops = n * train_step_flops(self.raw, tokens, self.context_per_sample.get(name, 0),
                                          teacher_layer=objective.teacher_layer if objective.uses_teacher else None)
         return StepCost(n, n * tokens, flops)
 
@@ -163,6 +164,7 @@ class Trainer:
             # The batch moves here, for every modality (asynchronously when pinned); encode's own .to keep it.
             tokens, cond = modality.encode(batch_to_device(batch, self.device), self.device)
             self.tokens_per_sample[name] = tokens.x.shape[1]
+            self.context_per_sample[name] = 0 if cond.context is None else cond.context.shape[1]
             with parallel.grad_sync(self.model, i == accum - 1), autocast:
                 losses = objective.loss(self.model, self.ema if objective.uses_teacher else None, tokens,
                                         cond, null_label=self.raw.null_label,
@@ -182,8 +184,9 @@ class Trainer:
         out["data_skipped"] = round(out["data_skipped"] * self.dist.world_size)
         out["grad_norm"] = float(grad_norm)
         out["lr"] = self.optimizer.param_groups[0]["lr"]  # what this step applies (the scheduler steps after it)
-        self.guard.check_data(self.global_batch(name), out["data_skipped"], self.step)
-        if not self.guard.accept(out["loss"], out["grad_norm"], self.step):
+        # the guard's messages name this step as metrics.jsonl and the checkpoints do: counted from 1
+        self.guard.check_data(self.global_batch(name), out["data_skipped"], self.step + 1)
+        if not self.guard.accept(out["loss"], out["grad_norm"], self.step + 1):
             self.optimizer.zero_grad(set_to_none=True)
             self._advance_schedule()
             return {**out, "skipped": 1.0}

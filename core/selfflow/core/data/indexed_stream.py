@@ -31,8 +31,13 @@ class IndexedStream(DataStream):
         return {"step": self.step, "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["batch_size"] * state["world_size"] != self.batch_size * self.world_size:
-            raise ValueError(f"cannot resume the synthetic stream: global batch was "
-                             f"{state['batch_size'] * state['world_size']}, now "
-                             f"{self.batch_size * self.world_size}")
-        self.step = int(state["step"])
+        """Resume at the same sample on any split: the stream is one global sequence, so only the number of
+        samples consumed matters (a run with the same global batch over other ranks × micro-batches ×
+        accumulation steps always divides it)."""
+        consumed = int(state["step"]) * state["batch_size"] * state["world_size"]
+        per_step = self.batch_size * self.world_size
+        if consumed % per_step:
+            raise ValueError(f"cannot resume the synthetic stream: it stopped after {consumed} samples, which is "
+                             f"not a whole number of micro-batches × ranks = {self.batch_size} × "
+                             f"{self.world_size} (was {state['batch_size']} × {state['world_size']})")
+        self.step = consumed // per_step
