@@ -36,8 +36,8 @@ def cached_classifier(build: Callable[[], Net], path: Path, logits: Callable[[Ne
     do not depend on the caller's random state and the caller's random stream is left as it was (a trainer
     that builds an evaluator mid-run continues identically whether the network was cached or not). Returned
     in eval mode (its parameters still require grad: callers freeze it if they keep it)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the network trains on the CPU: only the CPU stream is forked …
+        torch.random.default_generator.manual_seed(seed)  # … and seeded (manual_seed would reseed CUDA's too)
         net = build()
         if path.is_file():
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
