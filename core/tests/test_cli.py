@@ -82,3 +82,39 @@ def test_a_changed_model_and_a_tampered_ema_are_refused_naming_key_and_file(tmp_
     ema.write_bytes(ema.read_bytes()[:50])
     assert main(["sample", "--run", str(tmp_path / "r"), "--num", "2", "--steps", "1"]) == 2
     assert f"{ema} is truncated or corrupt" in capsys.readouterr().err
+
+
+def test_input_errors_past_parsing_are_one_line_errors(tmp_path, capsys):
+    """ValueErrors (pydantic's ValidationError among them) from a command's own checks used to escape as
+    tracebacks with exit 1; arguments out of range are argparse errors naming the option."""
+    def error(argv):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("selfflow: error: ") and err.count("\n") == 1 and "Traceback" not in err
+        return err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare = ["prepare", "image-text", "--out", str(tmp_path / "shards"), "--codec", "pixel", "--tiny-text", "8"]
+    assert f"prepare input {empty} holds no media to prepare" in error([*prepare, "--input", str(empty),
+                                                                       "--image-size", "32"])
+    assert not (tmp_path / "shards").exists()  # nothing written: it used to leave a record refusing the real run
+    Image.new("RGB", (40, 40)).save(empty / "a.png")
+    err = error([*prepare, "--input", str(empty), "--image-size", "4"])
+    assert "settings: image_size: Input should be greater than or equal to 8 (got 4)" in err
+    with pytest.raises(SystemExit) as stop:
+        main(["plan", "--config", "configs/tiny/image.yaml", "--gpus", "0"])  # used to divide by zero
+    assert stop.value.code == 2 and "argument --gpus: must be an integer ≥ 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", "--config", "configs/tiny/image.yaml", "--gpu-mem", "-5"])
+    assert "argument --gpu-mem: must be a number > 0, got '-5'" in capsys.readouterr().err
+
+
+def test_export_refuses_to_write_into_a_run_directory(tmp_path, capsys):
+    # its config.json would make every later `--run RUN` read the export instead of the run's checkpoints
+    sets = _sets(*TINY, f"output_dir={tmp_path}", "name=r", "train.steps=1", "sample.num_samples=4")
+    assert main(["train", "--no-progress", *sets]) == 0
+    capsys.readouterr()
+    assert main(["export", "--run", str(tmp_path / "r"), "--out", str(tmp_path / "r")]) == 2
+    assert "is a training run directory; export to a directory of its own" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "config.json").exists()

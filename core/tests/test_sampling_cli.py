@@ -102,3 +102,25 @@ def test_cuda_on_a_machine_without_cuda_is_an_argument_error(monkeypatch, capsys
     with pytest.raises(SystemExit) as stop:
         main(["sample", "--run", "r", "--device", "cuda"])
     assert stop.value.code == 2 and "argument --device: 'cuda' asked for, but no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--out", "g", "--out-dir", "d"], "--out names a grid; with --out-dir / --official-ckpt"),
+    (["--official-ckpt", "c.pt"], "give --run RUN or --official-ckpt PATH, not both"),
+    (["--vae", "v"], "--vae applies to --official-ckpt only"),
+    (["--labels", "balanced", "--no-npz"], "--labels balanced, --no-npz: for many samples only (add --out-dir DIR)"),
+    (["--out-dir", "d", "--no-png", "--no-npz"], "--no-png with --no-npz would write no samples"),
+])
+def test_flags_that_cannot_apply_are_errors_not_ignored(tmp_path, args, says, capsys):
+    # each of these used to be accepted and silently ignored (or, for --no-png --no-npz, sample and write nothing)
+    run_dir, _ = make_run_dir(tmp_path)
+    assert main(["sample", "--run", str(run_dir), *args, "--num", "2", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and not (tmp_path / "d").exists()
+
+
+def test_the_ema_file_cannot_be_sampled_as_the_model(tmp_path, capsys):
+    run_dir, _ = make_run_dir(tmp_path)
+    assert main(["sample", "--run", str(run_dir / "ema.safetensors"), "--weights", "model", "--num", "2",
+                 "--out", str(tmp_path / "g"), *FAST]) == 2
+    assert "ema.safetensors holds the EMA weights, not weights='model'" in capsys.readouterr().err

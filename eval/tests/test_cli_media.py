@@ -47,3 +47,10 @@ def test_t2i_pairs_images_with_their_recorded_prompts(tiny_dir, tmp_path):  # no
         assert args.func(args) == 0
         scores.append(json.loads(out.read_text())["clip_score"])
     assert scores[0]["n"] == 3 and scores[0]["clip_score"] == scores[1]["clip_score"]
+    # half a metric's flags is an error naming the missing one (FD-DINOv2 used to be dropped without a word)
+    from selfflow.core.config import ConfigError
+
+    for extra in (["--dinov2", str(tmp_path / "dino")], ["--ref", str(tmp_path / "s")]):
+        args = parser.parse_args(["t2i", "--images", str(tmp_path / "s"), "--clip", tiny_dir, *extra])
+        with pytest.raises(ConfigError, match=r"FD-DINOv2 needs both --dinov2 DIR and --ref"):
+            args.func(args)

@@ -89,3 +89,10 @@ def test_weights_from_env_dir_and_strict_keys(tmp_path: Path, inception_weights:
     torch.save(sd, bad)
     with pytest.raises(ValueError, match=r"missing keys .*Mixed_7c\.branch_pool\.conv\.weight"):
         load_inception(bad)
+    # a cut file or another format names the file (it used to be a torch traceback, or "error: 105")
+    bad.write_bytes(inception_weights.read_bytes()[:4096])
+    with pytest.raises(ValueError, match=r"Inception weights .*bad\.pth is truncated or corrupt"):
+        load_inception(bad)
+    bad.write_text("not weights at all")
+    with pytest.raises(ValueError, match=r"bad\.pth is truncated or corrupt \(not a PyTorch file\)"):
+        load_inception(bad)

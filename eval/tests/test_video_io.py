@@ -54,4 +54,5 @@ def test_list_videos_skips_the_parts_of_a_sample_out_dir(tmp_path):
     (tmp_path / "parts").mkdir()
     np.save(tmp_path / "parts" / "batch_000000.npy", np.zeros(0, np.uint8))
     (tmp_path / "frames").mkdir()  # a folder of frames is still a video
+    np.savez(tmp_path / "samples_3.npz", arr_0=np.zeros((3, 4, 4, 3), np.uint8))  # an image out-dir's ADM batch
     assert [p.name for p in list_videos(tmp_path)] == ["000000.npy", "frames"]

@@ -30,6 +30,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (memory sizes, rates)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
 def device_name(text: str) -> str:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; a CUDA device must exist on this machine."""
     if text in ("auto", "cpu"):
@@ -45,3 +53,12 @@ def device_name(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} asked for, but this machine has {torch.cuda.device_count()} "
                                          "CUDA device(s)")
     return text
+
+
+def resolve_device(name: str):
+    """The ``torch.device`` a :func:`device_name` value means (``auto``: CUDA when available)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -107,13 +107,22 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
     return final
 
 
-def _unreadable(path: Path, e: BaseException) -> CheckpointLoadError:
-    """A one-line reason why ``torch.load`` failed on ``path``."""
+def unreadable_torch_file(path: str | Path, e: BaseException, what: str = "checkpoint") -> CheckpointLoadError:
+    """A one-line reason why ``torch.load`` (or ``torch.jit.load``) failed on ``path``, a ``what``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    if head and not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # neither zip nor pickle
+        return CheckpointLoadError(f"{what} {path} is truncated or corrupt (not a PyTorch file)")
     if isinstance(e, pickle.UnpicklingError):  # the weights-only unpickler refused an object
-        return CheckpointLoadError(f"cannot load checkpoint {path} safely (weights_only=True): it holds objects "
+        return CheckpointLoadError(f"cannot load {what} {path} safely (weights_only=True): it holds objects "
                                    f"other than tensors and plain containers ({str(e).splitlines()[0][:200]})")
     first = (str(e).split(". ")[0].splitlines() or [type(e).__name__])[0][:200]
-    return CheckpointLoadError(f"checkpoint {path} is truncated or corrupt ({first or type(e).__name__})")
+    if isinstance(e, KeyError) or not first or first.isdigit():  # torch's legacy reader on a file of other bytes
+        first = "not a PyTorch file"
+    return CheckpointLoadError(f"{what} {path} is truncated or corrupt ({first})")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -129,7 +138,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # the unpickler refuses anything but tensors and plain containers
-        raise _unreadable(path, e) from e
+        raise unreadable_torch_file(path, e) from e
     if not isinstance(state, dict):
         raise CheckpointLoadError(f"checkpoint {path} holds a {type(state).__name__}, not a training state")
     bad = nonfinite_tensor(state)

@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from pydantic import ValidationError
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import, in any subcommand
 
-from .arg_types import device_name, finite_float, positive_int
+from .arg_types import device_name, finite_float, positive_float, positive_int
 from .checkpoint import CheckpointLoadError
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, short_repr
 from .distributed import left_out_of_step
 from .export_cli import add_export_parser
 from .faults import RunStopped
@@ -26,7 +28,7 @@ EPILOG = """examples:
   selfflow train --config configs/tiny/image.yaml --set objective.kind=flow_matching --set name=tiny-fm
   selfflow sample --run runs/tiny-image --num 40 --cfg-scale 3 --out grid.png
   selfflow sample --run runs/tiny-mixed --modality video --prompt "a red circle moving left" --out-dir out/
-  torchrun --nproc_per_node=8 -m selfflow.core.cli sample --official-ckpt selfflow_imagenet256.pt \
+  torchrun --nproc_per_node=8 -m selfflow.core.cli sample --official-ckpt selfflow_imagenet256.pt \\
       --vae sd-vae-ft-ema --solver sde --steps 250 --num-samples 50000 --out-dir samples/selfflow
 """
 
@@ -129,7 +131,8 @@ def add_sample_arguments(smp: argparse.ArgumentParser) -> None:
     smp.add_argument("--steps", type=positive_int,
                      help="ODE steps / SDE model calls (default: the modality's resolved sampler)")
     smp.add_argument("--solver", choices=["euler", "heun", "sde"], help="ODE solver, or the official SDE")
-    smp.add_argument("--cfg-scale", type=finite_float, help="classifier-free guidance scale (1: none)")
+    smp.add_argument("--cfg-scale", type=finite_float,
+                     help="classifier-free guidance scale; ≤ 1: no guidance (the official sampler's rule)")
     smp.add_argument("--guidance-low", type=finite_float, help="apply CFG for t ≥ this (RF time)")
     smp.add_argument("--guidance-high", type=finite_float, help="apply CFG for t ≤ this (RF time; official 0.7)")
     smp.add_argument("--shift", type=finite_float, help="time shift of the ODE or SDE grid (1: uniform / official)")
@@ -211,9 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "alone (method: selfflow.core.plan).")
     plan.add_argument("--config", type=Path, help="YAML run config")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    plan.add_argument("--gpus", type=int, default=1, help="GPUs (FSDP2 shards over them; default 1)")
-    plan.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GB (default 80)")
-    plan.add_argument("--batch", type=int, help="micro-batch per GPU (default: the config's train.batch_size, "
+    plan.add_argument("--gpus", type=positive_int, default=1, help="GPUs (FSDP2 shards over them; default 1)")
+    plan.add_argument("--gpu-mem", type=positive_float, default=80.0, help="memory per GPU in GB (default 80)")
+    plan.add_argument("--batch", type=positive_int, help="micro-batch per GPU (default: the config's train.batch_size, "
                       "or each mixture entry's batch_size)")
     plan.set_defaults(func=_cmd_plan)
 
@@ -228,7 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error_message(e: Exception) -> str:
-    """One line naming the file, key or value: an OS error as ``<what went wrong>: <file>``."""
+    """One line naming the file, key or value: an OS error as ``<what went wrong>: <file>``, a validation
+    error of a command's options as ``key: problem (got value)``."""
+    if isinstance(e, ValidationError):
+        problems = [f"{'.'.join(str(p) for p in x['loc']) or '(options)'}: {x['msg']} (got {short_repr(x['input'], 60)})"
+                    for x in e.errors()]
+        return f"invalid {e.title} settings: " + "; ".join(problems)
     if isinstance(e, KeyError) and e.args:
         return str(e.args[0])
     if isinstance(e, OSError) and e.strerror and e.filename is not None:
@@ -244,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, CheckpointLoadError, YamlError, OSError, KeyError) as e:  # the user can fix these
+    # The user can fix these: a bad file, key or value found past argument parsing (a ValueError names it;
+    # pydantic's ValidationError is one). SELFFLOW_TRACEBACK=1 shows where it was raised.
+    except (ConfigError, CheckpointLoadError, YamlError, OSError, KeyError, ValueError) as e:
+        if os.environ.get("SELFFLOW_TRACEBACK"):
+            raise
         print(f"selfflow: error: {_error_message(e)}", file=sys.stderr)
         return 2
     except RunStopped as e:  # a deliberate stop (bad data, non-finite steps, failed checkpoint write)

@@ -25,6 +25,13 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = False, token: str
 
 
 def run_export(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if (out / "config.yaml").is_file() or (out / "checkpoints").is_dir():
+        # its config.json would make every later `--run OUT` read the export instead of the run's checkpoints
+        raise ConfigError(f"--out {out} is a training run directory; export to a directory of its own (training "
+                          f"already wrote {out / 'pretrained'})")
+    if args.private and not args.push_to_hub:
+        raise ConfigError("--private applies to --push-to-hub REPO only")
     loaded = load_model(args.run, "cpu", weights=args.weights)
     out = save_pretrained(args.out, loaded.model.state_dict(), loaded.config, loaded.model_config, loaded.data_facts)
     print(f"wrote {out} (config.json, model.safetensors)")

@@ -119,7 +119,10 @@ def load_model(path: str | Path, device: str | torch.device = "auto", modality_n
         if p.name == WEIGHTS_FILE and (p.parent / CONFIG_FILE).is_file():
             return from_pretrained(p.parent, device, modality_name)
         if p.name == "ema.safetensors" and (p.parent / "config.yaml").is_file():
-            p, weights = p.parent, "ema"
+            if weights != "ema":
+                raise ConfigError(f"{p} holds the EMA weights, not weights={weights!r}: pass the run directory "
+                                  f"{p.parent} to load its newest checkpoint's model")
+            p = p.parent
         else:
             raise ConfigError(f"{p}: a weights file is loaded from its run directory (beside config.yaml) or "
                               "pretrained directory (beside config.json)")

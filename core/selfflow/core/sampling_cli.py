@@ -104,7 +104,30 @@ def _sample_grid(args: argparse.Namespace, prompts: list[str] | None) -> int:
     return 0
 
 
+def check_flag_combinations(args: argparse.Namespace) -> None:
+    """Flags that cannot apply together, or without the mode they belong to, are errors rather than ignored."""
+    many = args.out_dir is not None or args.official_ckpt is not None
+    if args.out is not None and many:
+        raise ConfigError("--out names a grid; with --out-dir / --official-ckpt the samples go to --out-dir")
+    if args.run is not None and args.official_ckpt is not None:
+        raise ConfigError("give --run RUN or --official-ckpt PATH, not both")
+    if args.official_ckpt is None:
+        for flag, value in (("--vae", args.vae), ("--checkpoint-kind", args.checkpoint_kind)):
+            if value is not None:
+                raise ConfigError(f"{flag} applies to --official-ckpt only")
+    if not many:
+        used = [flag for flag, set_ in (("--labels balanced", args.labels != "random"), ("--no-png", not args.png),
+                                        ("--no-npz", not args.npz),
+                                        ("--official-world-size", args.official_world_size is not None))
+                if set_]
+        if used:
+            raise ConfigError(f"{', '.join(used)}: for many samples only (add --out-dir DIR)")
+    elif not (args.png or args.npz):
+        raise ConfigError("--no-png with --no-npz would write no samples")
+
+
 def run_sample(args: argparse.Namespace) -> int:
+    check_flag_combinations(args)
     many = args.out_dir is not None or args.official_ckpt is not None
     if args.official_repro and not many:
         raise ConfigError("--official-repro writes many samples: add --out-dir DIR (or --official-ckpt PATH)")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from selfflow.core.checkpoint import unreadable_torch_file
 
 
 @dataclass(frozen=True)
@@ -259,10 +262,12 @@ def infer_htsat_config(tower: dict[str, torch.Tensor]) -> dict[str, Any]:
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     try:
         ck = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # pickled extras that weights_only=True refuses
+    except pickle.UnpicklingError as err:  # pickled extras that weights_only=True refuses
         raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({err}). "
                          "Re-save its state_dict on a trusted machine: "
                          "torch.save(torch.load(p, weights_only=False), p)") from err
+    except Exception as err:  # truncated, or not a PyTorch file at all
+        raise unreadable_torch_file(path, err, "CLAP checkpoint") from err
     for key in ("state_dict", "model"):
         if isinstance(ck, dict) and isinstance(ck.get(key), dict):
             ck = ck[key]

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from selfflow.core.arg_types import device_name, finite_float, positive_int, resolve_device
+
 from .registry import METRICS, load
 
 EPILOG = """examples:
@@ -54,8 +56,8 @@ def _no_subcommand(parser: argparse.ArgumentParser) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception", metavar="PATH",
                    help="pt_inception-2015-12-05-6726825d.pth (default: $SELFFLOW_WEIGHTS/<that name>)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward (ADM: 64)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 …")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward (ADM: 64)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 …")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -89,14 +91,6 @@ def add_stats_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_stats)
 
 
-def _device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _run(args: argparse.Namespace, body: Callable[[Any, bool], int]) -> int:
     """Join torchrun's process group if any (core's restart-safe setup, which also picks this rank's
     GPU), load the network, run ``body(model, is_main)``; input errors become exit code 2."""
@@ -104,7 +98,7 @@ def _run(args: argparse.Namespace, body: Callable[[Any, bool], int]) -> int:
 
     from .inception import load_inception
 
-    dist = init_distributed(_device(args.device))
+    dist = init_distributed(resolve_device(args.device))
     try:
         return body(load_inception(args.inception, device=dist.device), dist.is_main)
     except (FileNotFoundError, KeyError, ValueError) as e:
@@ -159,7 +153,7 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def _run_probe(args: argparse.Namespace) -> int:
-    from selfflow.core.generate import generate
+    from selfflow.core.generate import generate, sampler_config
     from selfflow.core.run_setup import load_run_model
 
     from .registry import evaluators, load
@@ -167,10 +161,9 @@ def _run_probe(args: argparse.Namespace) -> int:
     model, modality, cfg = load_run_model(args.run, args.weights, args.device)
     if modality.evaluator not in ("shapes_probe", "digits_probe"):
         raise ValueError(f"{args.run} does not train on synthetic shapes or digits; the probe only applies there")
-    update = {"cfg_scale": cfg.eval.cfg_scale if args.cfg_scale is None else args.cfg_scale}  # metrics: no CFG
-    if args.steps is not None:
-        update["steps"] = args.steps
-    sampler = cfg.sampler(modality).model_copy(update=update)
+    # metrics: no CFG unless asked; validated like `selfflow sample`'s flags (sde needs ≥ 2 steps …)
+    sampler = sampler_config(cfg.sampler(modality), steps=args.steps,
+                             cfg_scale=cfg.eval.cfg_scale if args.cfg_scale is None else args.cfg_scale)
     device = next(model.parameters()).device
     media, labels = generate(model, modality, args.num, sampler, args.seed, device)
     scores = load(evaluators()[modality.evaluator])(modality)(media, labels)
@@ -193,12 +186,13 @@ def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "better) and probe_acc (fraction of samples recognised as their class). A proxy for "
                     "comparing runs on the toy data, not FID.")
     p.add_argument("--run", type=Path, required=True, help="run directory (holds config.yaml)")
-    p.add_argument("--num", type=int, default=500, help="samples to generate (classes cycle)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the run's resolved sampler)")
-    p.add_argument("--cfg-scale", type=float, help="guidance scale (default: the run's eval.cfg_scale, 1: none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=positive_int, default=500, help="samples to generate (classes cycle; default 500)")
+    p.add_argument("--steps", type=positive_int, help="sampler steps (default: the run's resolved sampler)")
+    p.add_argument("--cfg-scale", type=finite_float,
+                   help="guidance scale (default: the run's eval.cfg_scale; ≤ 1: no guidance)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda:N")
     p.add_argument("--out", type=Path, help="JSON output (default: RUN/probe_metrics.json)")
     p.set_defaults(func=_run_probe)
     return p

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from selfflow.core.arg_types import device_name, positive_int
+
 
 def add_linear_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -21,11 +23,12 @@ def add_linear_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.25, 0.5],
                    help="noise levels t (0 = clean data, 1 = noise)")
     p.add_argument("--blocks", type=int, nargs="+", help="blocks to probe, 1…depth (default: all)")
-    p.add_argument("--num-fit", type=int, default=1000, help="labelled images to fit the classifier on")
-    p.add_argument("--num-test", type=int, default=500, help="held-out images to score it on")
+    p.add_argument("--num-fit", type=positive_int, default=1000,
+                   help="labelled images to fit the classifier on (default 1000)")
+    p.add_argument("--num-test", type=positive_int, default=500, help="held-out images to score it on (default 500)")
     p.add_argument("--seed", type=int, default=0, help="noise and validation-split seed")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda:N")
     p.add_argument("--out", type=Path, help="JSON output (default: RUN/linear_probe.json; the plot beside it)")
     p.set_defaults(func=cmd_linear_probe)
     return p

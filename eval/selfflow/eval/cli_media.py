@@ -11,6 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from selfflow.core.arg_types import device_name, positive_int, resolve_device
+from selfflow.core.config import ConfigError
+
 from .clap import VARIANTS
 from .clip_score import WEIGHTS_HELP as CLIP_WEIGHTS_HELP
 from .dinov2 import WEIGHTS_HELP as DINOV2_WEIGHTS_HELP
@@ -47,20 +50,24 @@ def _run_t2i(args: argparse.Namespace) -> int:
     from .clip_score import clip_score, read_prompts
     from .dinov2 import fd_dinov2
 
+    prompts = args.prompts or (recorded_prompts(args.images) or {}).get("file")
+    if bool(args.dinov2) != bool(args.ref):  # one of a pair is a metric the user expects, silently dropped
+        raise ConfigError("FD-DINOv2 needs both --dinov2 DIR and --ref (real images or their statistics)")
+    if args.clip and not prompts:
+        raise ConfigError(f"the CLIP score needs --prompts FILE, or {args.images}/prompts.jsonl as "
+                          "`selfflow sample --out-dir` writes it")
     results: dict[str, Any] = {}
     if args.dinov2 and args.ref:
         results["fd_dinov2"] = fd_dinov2(args.images, args.ref, args.dinov2,
-                                         batch_size=args.batch_size, device=args.device,
+                                         batch_size=args.batch_size, device=resolve_device(args.device),
                                          save_real_stats=args.save_ref_stats)
-    prompts = args.prompts or (recorded_prompts(args.images) or {}).get("file")
     if args.clip and prompts:
         files, texts = read_prompts(prompts, args.images)
         results["clip_score"] = clip_score(files, texts, args.clip, batch_size=args.batch_size,
-                                           device=args.device)
+                                           device=resolve_device(args.device))
     if not results:
-        print("nothing to compute: give --dinov2 with --ref, and/or --clip (with --prompts, or samples whose "
-              "prompts.jsonl pairs them)")
-        return 2
+        raise ConfigError("nothing to compute: give --dinov2 with --ref, and/or --clip (with --prompts, or samples "
+                          "whose prompts.jsonl pairs them)")
     return report_results(results, args.out)
 
 
@@ -89,8 +96,8 @@ def add_t2i_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--clip", help="local Hugging Face CLIP directory "
                                        "(openai/clip-vit-large-patch14)")
     parser.add_argument("--save-ref-stats", help="write the reference DINOv2 stats to this .npz")
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=positive_int, default=50, help="images per forward (default 50)")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda:N")
     parser.add_argument("--out", help="also write the JSON results to this file")
     parser.set_defaults(func=_run_t2i)
     return parser
@@ -100,22 +107,20 @@ def _run_fvd(args: argparse.Namespace) -> int:
     from .fvd import fid_frames, fvd
 
     if args.frames_fid and not args.real_frames and is_stats_file(args.real):
-        print("--real is a statistics file of I3D features: give --real-frames (videos or "
-              "Inception statistics) for framewise FID")
-        return 2
+        raise ConfigError("--real is a statistics file of I3D features: give --real-frames (videos or "
+                          "Inception statistics) for framewise FID")
     results: dict[str, Any] = {}
     if args.i3d:
         results["fvd"] = fvd(args.fake, args.real, args.i3d, num_frames=args.frames,
                              start=args.clip_start, stride=args.stride, max_clips=args.max_clips,
-                             batch_size=args.batch_size, device=args.device,
+                             batch_size=args.batch_size, device=resolve_device(args.device),
                              save_real_stats=args.save_real_stats)
     if args.frames_fid:
         results["fid_frames"] = fid_frames(args.fake, args.real_frames or args.real,
                                            args.inception, max_frames=args.max_frames,
-                                           device=args.device)
+                                           device=resolve_device(args.device))
     if not results:
-        print("nothing to compute: give --i3d and/or --frames-fid")
-        return 2
+        raise ConfigError("nothing to compute: give --i3d and/or --frames-fid")
     if prompts := recorded_prompts(args.fake):
         results["prompts"] = prompts
     return report_results(results, args.out)
@@ -150,8 +155,8 @@ def add_fvd_parser(subparsers: Any) -> argparse.ArgumentParser:
                                               "FID (default: --real)")
     parser.add_argument("--inception", help="FID Inception weights file")
     parser.add_argument("--max-frames", type=int, default=MAX_FRAMES_FID)
-    parser.add_argument("--batch-size", type=int, default=8, help="clips per I3D batch")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="clips per I3D batch")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda:N")
     parser.add_argument("--out", help="also write the JSON results to this file")
     parser.set_defaults(func=_run_fvd)
     return parser
@@ -163,17 +168,15 @@ def _run_fad(args: argparse.Namespace) -> int:
 
     if args.convert_from:
         if not (args.convert_to and args.variant):
-            print("--convert-from needs --convert-to DIR and --variant")
-            return 2
+            raise ConfigError("--convert-from needs --convert-to DIR and --variant")
         out = convert_checkpoint(args.convert_from, args.convert_to, args.variant)
         print(f"wrote {out}")
         return 0
     models = {"clap": args.clap, "clap_m": args.clap_m, "clap_a": args.clap_a}
     if not (args.fake and args.real) or not any(models.values()):
-        print("give --fake, --real and at least one of --clap / --clap-m / --clap-a")
-        return 2
+        raise ConfigError("give --fake, --real and at least one of --clap / --clap-m / --clap-a")
     results: dict[str, Any] = {VARIANTS[k].key: fad(args.fake, args.real, path, k, batch_size=args.batch_size,
-                                                    fp16=not args.no_fp16, device=args.device)
+                                                    fp16=not args.no_fp16, device=resolve_device(args.device))
                                for k, path in models.items() if path}
     if prompts := recorded_prompts(args.fake):
         results["prompts"] = prompts
@@ -207,8 +210,8 @@ def add_fad_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--clap-a", help="LAION audio CLAP directory")
     parser.add_argument("--no-fp16", action="store_true",
                         help="keep float32 embeddings (fadtk rounds them to float16)")
-    parser.add_argument("--batch-size", type=int, default=16, help="windows per forward")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="windows per forward")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda:N")
     parser.add_argument("--out", help="also write the JSON results to this file")
     parser.add_argument("--convert-from", help="original checkpoint (.pt / .pth) to convert")
     parser.add_argument("--convert-to", help="output directory of the conversion")

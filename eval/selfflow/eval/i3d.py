@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from selfflow.core.checkpoint import unreadable_torch_file
+
 from .extractor import extract
 
 I3D_FILE = "i3d_torchscript.pt"
@@ -41,7 +43,10 @@ def load_i3d(path: str | os.PathLike, device: str | torch.device = "cpu") -> tor
         raise FileNotFoundError(f"I3D detector not found: {file}. Expected {WEIGHTS_HELP}.")
     with warnings.catch_warnings():  # TorchScript is deprecated, but it is the published format
         warnings.simplefilter("ignore", FutureWarning)
-        module = torch.jit.load(str(file), map_location=device)
+        try:
+            module = torch.jit.load(str(file), map_location=device)
+        except Exception as e:  # truncated, or not a TorchScript archive
+            raise unreadable_torch_file(file, e, "I3D detector (TorchScript)") from e
     return module.eval().float()
 
 

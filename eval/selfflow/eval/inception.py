@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfflow.core.checkpoint import unreadable_torch_file
+
 from .resize import resize_bilinear_tf1
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -299,7 +301,10 @@ def load_inception(path: str | os.PathLike[str] | None = None, *, device: torch.
                    dtype: torch.dtype = torch.float32) -> FIDInceptionV3:
     """Build :class:`FIDInceptionV3` and load the state_dict strictly from a local file."""
     file = resolve_weights(path)
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, another format, pickled code
+        raise unreadable_torch_file(file, e, "Inception weights") from e
     if not isinstance(state, dict):
         raise ValueError(f"{file}: expected a state_dict, got {type(state).__name__}")
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}

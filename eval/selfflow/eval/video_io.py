@@ -82,10 +82,12 @@ def list_videos(folder: str | os.PathLike) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"video folder not found: {root}")
-    # `selfflow sample --out-dir` keeps its per-batch part files in parts/: not a video
+    # `selfflow sample --out-dir` keeps its per-batch part files in parts/ and its images' ADM batch in
+    # samples_N.npz: neither is a video
     items = sorted(p for p in root.iterdir()
                    if (p.is_dir() and not (p.name == "parts" and any(p.glob("batch_*.npy"))))
-                   or p.suffix.lower() in (".npy", ".npz", ".gif", *VIDEO_SUFFIXES))
+                   or (p.suffix.lower() in (".npy", ".npz", ".gif", *VIDEO_SUFFIXES)
+                       and not re.fullmatch(r"samples_\d+\.npz", p.name)))
     if not items:
         raise FileNotFoundError(f"no videos (.npy/.npz/.gif/.mp4/... or frame folders) in {root}")
     return items

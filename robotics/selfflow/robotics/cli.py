@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from selfflow.core.arg_types import device_name, positive_int
+from selfflow.core.config import ConfigError
+
 
 def _run(args: argparse.Namespace) -> int:
     from .simpler_eval import SIMPLER_INSTALL, TASKS, evaluate
@@ -51,7 +54,7 @@ def _policy_factory(args: argparse.Namespace):
     if args.run is None:
         if args.policy == "zero":
             return lambda env: SimplerPolicyAdapter(lambda image, text: np.zeros((4, 7), np.float32), identity)
-        raise SystemExit("--policy model needs --run <run directory of an rt1 training>")
+        raise ConfigError("--policy model needs --run <run directory of an rt1 training>")
     from selfflow.core.run_setup import load_run_model
 
     model, modality, _ = load_run_model(Path(args.run), device=args.device, modality_name="rt1")
@@ -93,15 +96,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=["all", "move_near", "open_top_drawer_place_apple"], default="all")
     p.add_argument("--policy", choices=["model", "zero", "oracle"], default="model",
                    help="zero: no motion (a floor); oracle: scripted, fake env only — driver checks")
-    p.add_argument("--limit", type=int, help="first N episodes of each sweep (smoke runs)")
-    p.add_argument("--steps", type=int, default=10, help="Euler steps per action chunk")
-    p.add_argument("--exec-horizon", type=int, default=2, help="actions executed per chunk")
-    p.add_argument("--sticky-steps", type=int, default=15)
+    p.add_argument("--limit", type=positive_int, help="first N episodes of each sweep (smoke runs; default: all)")
+    p.add_argument("--steps", type=positive_int, default=10, help="Euler steps per action chunk (default 10)")
+    p.add_argument("--exec-horizon", type=positive_int, default=2, help="actions executed per chunk (default 2)")
+    p.add_argument("--sticky-steps", type=positive_int, default=15,
+                   help="steps a gripper change is held (default 15)")
     p.add_argument("--video", choices=["joint", "marginal"], default="joint",
                    help="future frames: denoised with the actions, or held at pure noise (the schedule's policy mode)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the held-out action/video metrics (validation.json)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda:N")
     p.add_argument("--out", default="runs/simpler-eval")
     p.set_defaults(func=_run)

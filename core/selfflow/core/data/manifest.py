@@ -45,7 +45,17 @@ _PATH_KEYS = ("path", "file", "file_name")
 
 
 def list_media(source: str | Path, extensions: tuple[str, ...]) -> list[MediaItem]:
-    src = Path(source)
+    """The media a ``prepare`` target reads: the files with ``extensions`` under a folder (captions from
+    ``NAME.txt`` beside them), or the rows of a ``.jsonl`` manifest. Nothing to prepare is an error, before
+    anything is written: an empty run would leave an order record that refuses the real one."""
+    items = _list_media(Path(source), extensions)
+    if not items:
+        raise ValueError(f"prepare input {source} holds no media to prepare (a folder with "
+                         f"{'/'.join(e.lstrip('.') for e in extensions)} files, or a .jsonl manifest with rows)")
+    return items
+
+
+def _list_media(src: Path, extensions: tuple[str, ...]) -> list[MediaItem]:
     if src.is_dir():
         files = sorted(p for p in src.rglob("*") if p.suffix.lower() in extensions)
         return [MediaItem(p, caption_file=p.with_suffix(".txt") if p.with_suffix(".txt").is_file() else None)
