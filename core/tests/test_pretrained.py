@@ -58,6 +58,8 @@ def test_load_model_takes_a_run_dir_a_pretrained_dir_or_a_weights_file(tmp_path)
         assert _same(load_model(source, "cpu").model, run.backbone), source
     with pytest.raises(ConfigError, match="is not a run directory"):
         load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"nope does not exist \(expected a run directory"):
+        load_model(tmp_path / "nope")
     with pytest.raises(ConfigError, match=r"trained \['image'\], not 'audio'"):
         load_model(pre, "cpu", "audio")
     for source in (pre, pre / "model.safetensors"):  # one set of weights: asking for the other is an error

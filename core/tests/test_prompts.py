@@ -23,6 +23,8 @@ def test_txt_and_jsonl_prompt_files(tmp_path):
 def test_bad_prompt_files_name_the_file_and_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="prompt file not found"):
         read_prompt_file(tmp_path / "none.txt")
+    with pytest.raises(ValueError, match=r"is a directory: give a \.txt or \.jsonl file"):
+        read_prompt_file(tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no"}\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl:2: needs a string field"):

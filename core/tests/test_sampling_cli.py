@@ -87,7 +87,8 @@ def test_bad_sample_arguments_exit_2_naming_option_and_value(args, says, capsys)
 
 @pytest.mark.parametrize(("args", "says"), [
     (["--guidance-low", "0.8", "--guidance-high", "0.2"],
-     "sampler setting guidance_interval: Value error, needs 0 <= low <= high <= 1, got [0.8, 0.2]"),
+     "sampler setting guidance_interval: Value error, needs 0 <= low <= high <= 1 (low above high would turn "
+     "guidance off) (got (0.8, 0.2))"),
     (["--solver", "sde", "--steps", "1"], "sampler settings: Value error, steps: the sde solver needs at least 2"),
 ])
 def test_sampler_settings_wrong_together_exit_2_naming_them(tmp_path, args, says, capsys):

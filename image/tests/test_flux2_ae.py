@@ -66,7 +66,7 @@ def test_modality_runs_on_flux2_tokens(tiny_flux2_dir, tmp_path):
     assert mod.decode(tk.x).shape == (2, 3, 16, 16)
     with pytest.raises(FileNotFoundError, match=r"no AutoencoderKLFlux2 at .*nothing.*FLUX\.2-dev"):
         Flux2AE.from_pretrained(tmp_path / "nothing")
-    with pytest.raises(ValueError, match="flux2 needs vae_path"):
+    with pytest.raises(ValueError, match="flux2 needs a local diffusers autoencoder directory"):
         ImageModality({"codec": "flux2"})
 
 

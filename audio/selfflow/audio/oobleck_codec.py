@@ -78,7 +78,7 @@ class OobleckCodec(NormalizedVAE):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"audio VAE directory {path} not found (no config.json). The {kind} VAE is published as "
-                f"{WEIGHTS.get(kind, WEIGHTS['songbloom'])}; set data.options.vae_dir to the diffusers folder.")
+                f"{WEIGHTS.get(kind, WEIGHTS['songbloom'])}; point data.options.vae_dir (training) or --vae-dir (prepare) at the diffusers folder.")
         from diffusers import AutoencoderOobleck
 
         return cls(AutoencoderOobleck.from_pretrained(path, torch_dtype=dtype, local_files_only=True))

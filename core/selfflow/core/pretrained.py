@@ -128,6 +128,9 @@ def load_model(path: str | Path, device: str | torch.device = "auto", modality_n
                               "pretrained directory (beside config.json)")
     if (p / CONFIG_FILE).is_file():
         return from_pretrained(p, device, modality_name)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist (expected a run directory, a pretrained directory or a "
+                                "weights file in one)")
     if not (p / "config.yaml").is_file():
         raise ConfigError(f"{p} is not a run directory (no config.yaml), a pretrained directory (no config.json) "
                           "or a weights file in one")

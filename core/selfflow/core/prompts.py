@@ -17,6 +17,8 @@ def read_prompt_file(path: str | Path) -> list[str]:
     """The prompts of a ``.txt`` (one per non-empty line) or ``.jsonl`` (a ``"prompt"`` or ``"caption"``
     field per line) file, in file order."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"prompt file {path} is a directory: give a .txt or .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
     lines = path.read_text(encoding="utf-8").splitlines()

@@ -29,7 +29,7 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, L, C
 
 def _ordered_interval(v: tuple[float, float] | None) -> tuple[float, float] | None:
     if v is not None and not 0 <= v[0] <= v[1] <= 1:
-        raise ValueError(f"needs 0 <= low <= high <= 1, got {list(v)} (a reversed interval turns guidance off)")
+        raise ValueError("needs 0 <= low <= high <= 1 (low above high would turn guidance off)")
     return v
 
 

@@ -62,7 +62,8 @@ def load_autoencoder(codec: str, path: str | Path | None, device: torch.device |
     if stands_in(path):
         return PUBLISHED_SHAPES[codec]
     if not path:
-        raise ValueError(f"codec {codec} needs vae_path (a local diffusers autoencoder directory)")
+        raise ValueError(f"codec {codec} needs a local diffusers autoencoder directory: data.options.vae_path "
+                         "(training) or --vae-dir (prepare)")
     if codec == "flux2":
         return Flux2AE.from_pretrained(path, device)
     if codec == "rae":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from selfflow.core.arg_types import positive_int
 from selfflow.core.cli import prepare_subparsers
 
 
@@ -58,11 +59,11 @@ def _register_imagenet(subparsers: argparse._SubParsersAction) -> None:
                    help="local diffusers directory of the codec's autoencoder")
     p.add_argument("--latent-dtype", choices=["float32", "float16"], default="float32",
                    help="flux2 / rae latents (SD-VAE moments are always float32)")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
-    p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward")
+    p.add_argument("--image-size", type=positive_int, default=256, help="square ADM centre crop (default 256)")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per VAE forward (default 32)")
     p.add_argument("--flip", action="store_true", help="also store the moments of the mirrored image")
     p.add_argument("--store-pixels", action="store_true", help="also store the 256-px crop (needed by REPA)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

@@ -90,7 +90,7 @@ def prepare_image_text(options: PrepareImageTextOptions | dict[str, Any]) -> dic
             "sample_captions": preview_captions(items, PREVIEW_CAPTIONS)})
     with torch.inference_mode():
         return write_shards(items, process, opts.out, prefix="image", shard_size=opts.shard_size,
-                            rank=opts.rank, world_size=opts.world_size)
+                            rank=opts.rank, world_size=opts.world_size, progress=opts.progress)
 
 
 def _run(args: argparse.Namespace) -> int:

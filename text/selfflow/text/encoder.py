@@ -89,7 +89,7 @@ def read_hf_config(model_dir: Path, layers: tuple[int, ...], max_length: int, mi
         raise FileNotFoundError(
             f"text encoder directory {model_dir} has no config.json. " + (missing or
             "Download the model on a machine with network (e.g. `hf download google/t5-v1_1-base --local-dir DIR`, "
-            "or Qwen/Qwen3-0.6B) and point data.options.text.model_dir at it."))
+            "or Qwen/Qwen3-0.6B) and point data.options.text.model_dir (training) or --text-model-dir (prepare) at it."))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # effective only before the first HF import
     import transformers
 

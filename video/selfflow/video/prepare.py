@@ -61,4 +61,4 @@ def prepare_video(options: PrepareVideoOptions | dict[str, Any]) -> dict[str, An
             "text": None if encoder is None else encoder.describe()})
     with torch.inference_mode():
         return write_shards(items, process, opts.out, prefix="video", shard_size=opts.shard_size,
-                            rank=opts.rank, world_size=opts.world_size)
+                            rank=opts.rank, world_size=opts.world_size, progress=opts.progress)

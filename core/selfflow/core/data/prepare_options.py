@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..arg_types import positive_int
+
 
 class PrepareOptions(BaseModel):
     """Options every prepare target shares; rank and world size default to torchrun's environment."""
@@ -23,6 +25,7 @@ class PrepareOptions(BaseModel):
     rank: int = Field(default_factory=lambda: int(os.environ.get("RANK", "0")), ge=0)
     world_size: int = Field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", "1")), ge=1)
     seed: int = Field(0, description="clip / crop positions are drawn from (seed, item index)")
+    progress: bool = Field(False, description="a progress bar over this rank's shards")
 
 
 def rank_device(device: str) -> str:
@@ -37,12 +40,15 @@ def add_prepare_arguments(p: argparse.ArgumentParser, vae_required: bool = True)
     p.add_argument("--input", required=True, help="directory of media (+ NAME.txt captions) or a .jsonl manifest")
     p.add_argument("--out", required=True, help="output directory for the shards")
     p.add_argument("--vae-dir", required=vae_required, help="local diffusers-format VAE directory")
-    p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
+    p.add_argument("--shard-size", type=positive_int, default=256, help="samples per shard (default 256)")
     p.add_argument("--text-model-dir", help="also store caption embeddings of this local transformers model")
     p.add_argument("--text-layers", default="-1", help="hidden-state layers to stack, e.g. -1 or 9,18,27")
-    p.add_argument("--tiny-text", type=int, metavar="DIM", help="… or of the built-in tiny encoder of width DIM")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--tiny-text", type=positive_int, metavar="DIM",
+                   help="… or of the built-in tiny encoder of width DIM")
+    p.add_argument("--seed", type=int, default=0, help="clip / crop positions are drawn from (seed, item index)")
+    p.add_argument("--device", default="cpu", help="where the autoencoder and text encoder run: cpu, cuda "
+                                                   "(under torchrun: each rank's GPU), cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def prepare_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -54,7 +60,7 @@ def prepare_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     elif args.tiny_text:
         text = {"kind": "tiny", "dim": args.tiny_text}
     return {"input": args.input, "out": args.out, "vae_dir": args.vae_dir, "shard_size": args.shard_size,
-            "text": text, "seed": args.seed, "device": args.device}
+            "text": text, "seed": args.seed, "device": args.device, "progress": not args.no_progress}
 
 
 def print_report(target: str, report: dict[str, Any]) -> int:
