@@ -78,6 +78,14 @@ def test_a_config_that_builds_another_model_is_refused(tmp_path):
     (pre / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="not a selfflow pretrained config"):
         from_pretrained(pre)
+    # a newer layout, a non-mapping field or a bad run_config: one line naming the file and the key
+    for change, says in (({"version": 99}, r"layout version 99; this selfflow reads version 1"),
+                         ({"data_facts": "x"}, r'"data_facts" must be a mapping'),
+                         ({"run_config": 1}, r"invalid run_config: run_config: Input should be a valid dictionary")):
+        (pre / "config.json").write_text(json.dumps({**config, "model_config": run.model_config.model_dump(mode="json"),
+                                                     **change}))
+        with pytest.raises(ConfigError, match=says):
+            from_pretrained(pre)
 
 
 def test_the_ema_export_writes_a_pretrained_directory_beside_it(tmp_path):

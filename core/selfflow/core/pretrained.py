@@ -21,12 +21,13 @@ from torch import nn
 
 from .atomic import atomic_path, atomic_write_text
 from .checkpoint import load_weights
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, load_config, short_repr
 from .data.data_facts import read_facts, replaying
 from .modality import Modality
 from .run_setup import Run, build_run, pick_device, read_run_weights
 
 FORMAT = "selfflow-pretrained"
+VERSION = 1  # of config.json's layout; a newer file is refused rather than misread
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -50,7 +51,7 @@ def save_pretrained(out_dir: str | Path, weights: str | Path | dict[str, torch.T
                 os.link(weights, tmp)  # the same bytes as ema.safetensors: no second copy on disk
             except OSError:
                 shutil.copyfile(weights, tmp)
-    config = {"format": FORMAT, "version": 1, "modalities": [e.modality for e in run_config.data.entries()],
+    config = {"format": FORMAT, "version": VERSION, "modalities": [e.modality for e in run_config.data.entries()],
               "model_config": model_config.model_dump(mode="json"), "run_config": run_config.model_dump(mode="json"),
               "data_facts": data_facts or {}}
     atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
@@ -64,6 +65,11 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a selfflow pretrained config (\"format\": {FORMAT!r} missing)")
+    if config.get("version", VERSION) != VERSION:
+        raise ConfigError(f"{path} has layout version {config['version']!r}; this selfflow reads version {VERSION}: "
+                          "a newer selfflow wrote it")
+    if not isinstance(config.get("data_facts", {}), dict):
+        raise ConfigError(f"{path}: \"data_facts\" must be a mapping, got {short_repr(config['data_facts'], 60)}")
     return config
 
 
@@ -94,8 +100,13 @@ def from_pretrained(path: str | Path, device: str | torch.device = "auto", modal
     config = _read_config(root / CONFIG_FILE)
     try:
         cfg = RunConfig.model_validate(config["run_config"])
-    except (KeyError, ValidationError) as e:
-        raise ConfigError(f"{root / CONFIG_FILE}: invalid run_config: {e}") from None
+    except KeyError:
+        raise ConfigError(f"{root / CONFIG_FILE} has no \"run_config\"") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "run_config"
+        raise ConfigError(f"{root / CONFIG_FILE}: invalid run_config: {where}: {first['msg']} "
+                          f"(got {short_repr(first['input'], 60)})") from None
     with replaying(config.get("data_facts")):  # the shards' codec.json, statistics …: not needed here
         run = build_run(cfg)
     built, stored = run.model_config.model_dump(mode="json"), config.get("model_config", {})
