@@ -105,3 +105,8 @@ def test_fine_tune_from_another_run_adds_a_modality_and_freezes(tmp_path):
     after = dict(ft.raw.named_parameters())
     assert all(torch.equal(after[n], p) for n, p in frozen.items())
     assert not torch.equal(after["img_in.image.weight"], source["img_in.image.weight"])
+    # the README's promise: what was loaded, started fresh and stayed frozen is listed (console and train.log)
+    log = (tmp_path / "ft" / "train.log").read_text()
+    assert f"init_from {tmp_path / 'base'} (ema weights): " in log and "fresh (not in the source): " in log
+    assert "img_in.audio.weight" in log and "0 ignored (not in this model)" in log
+    assert "train.freeze ['double_blocks']: " in log and "parameter values frozen" in log

@@ -55,6 +55,13 @@ def test_a_mixed_run_samples_the_chosen_modality_with_prompts(tmp_path, capsys):
     assert main(["sample", "--run", str(run_dir), "--modality", "audio", "--num", "2", "--no-png",
                  "--out-dir", str(tmp_path / "none"), *FAST]) == 2
     assert "--no-png: 'audio' samples have no array format" in capsys.readouterr().err
+    # a grid of a mixed run goes to the modality's own folder, as the training previews do (one modality's grid
+    # used to overwrite the other's in samples/)
+    for name in ("audio", "image"):
+        assert main(["sample", "--run", str(run_dir), "--modality", name, "--prompt", "x", "--num", "2", *FAST]) == 0
+    assert (run_dir / "samples/audio/sample_seed0.wav").is_file()
+    assert (run_dir / "samples/image/sample_seed0.png").is_file()
+    assert (run_dir / "samples/image/sample_seed0.prompts.txt").read_text() == "x\nx\n"
 
 
 def test_class_conditional_runs_refuse_prompts_and_store_labels_as_arr_1(tmp_path, capsys):

@@ -25,8 +25,11 @@ def test_stream_is_resumable_and_sharded():
     r1 = next(iter(mod.stream(2, 0, rank=1, world_size=2)))
     single = next(iter(mod.stream(4, 0)))
     assert torch.equal(torch.cat([r0["media"], r1["media"]]), single["media"])
-    with pytest.raises(ValueError, match="global batch"):
+    with pytest.raises(ValueError, match=r"stopped after 4 samples, which is not a whole number of micro-batches"):
         mod.stream(3, 0).load_state_dict(state)
+    halves = mod.stream(2, 0)  # the same samples on another split: 4 consumed = 2 micro-batches of 2
+    halves.load_state_dict(state)
+    assert torch.equal(torch.cat([next(iter(halves))["media"], next(iter(halves))["media"]]), expected["media"])
 
 
 def test_encode_decode_and_grid(tmp_path):
@@ -39,7 +42,12 @@ def test_encode_decode_and_grid(tmp_path):
     cond, null, labels = mod.sample_conditions(12, "cpu")
     assert labels.tolist()[:11] == [*range(10), 0] and (null.labels == 10).all()
     path = mod.save_samples(batch["media"], batch["labels"], tmp_path / "g")
-    assert path.suffix == ".png" and Image.open(path).mode == "RGB"
+    assert path.suffix == ".png" and Image.open(path).mode == "RGB" and not path.with_suffix(".txt").exists()
+    captioned = ImageModality({"image_size": 16, "patch_size": 2, "conditioning": "text", "text": {"dim": 8}})
+    batch = next(iter(captioned.stream(2, 0)))
+    grid = captioned.save_samples(batch["media"], torch.tensor([0, 1]), tmp_path / "c")
+    names = captioned.class_names
+    assert grid.with_suffix(".txt").read_text() == f"0: {names[0]}\n1: {names[1]}\n"  # as video/audio previews
     with pytest.raises(ValueError, match="patch_size"):
         ImageModality({"patch_size": 0})
 

@@ -143,7 +143,8 @@ def add_sample_arguments(smp: argparse.ArgumentParser) -> None:
                           "AMX, else ~100x slower, and it warns); default fp32")
     smp.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to use")
     smp.add_argument("--modality", help="mixed runs: which modality to sample (default: the first), with its entry's sampler")
-    smp.add_argument("--out", type=Path, help="grid path (default: RUN/samples/sample_seed<S>)")
+    smp.add_argument("--out", type=Path, help="grid path, without suffix (default: RUN/samples/sample_seed<S>; "
+                                               "a mixed run's: RUN/samples/<modality>/sample_seed<S>)")
     smp.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     many = smp.add_argument_group("many samples for evaluation (sharded over torchrun ranks, resumable)")
     many.add_argument("--out-dir", type=Path, help="write one file per sample as the evaluators read it (images "

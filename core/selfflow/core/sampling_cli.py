@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
 from .config import ConfigError
@@ -93,9 +94,13 @@ def _sample_grid(args: argparse.Namespace, prompts: list[str] | None) -> int:
     sampler = _sampler(loaded.config.sampler(loaded.modality), args)
     device = next(loaded.model.parameters()).device
     n = args.num or (len(prompts) if prompts else 40)
-    with torch.inference_mode():
-        media, labels = generate(loaded.model, loaded.modality, n, sampler, args.seed, device, prompts=prompts)
-    out = args.out or _run_root(args.run) / "samples" / f"sample_seed{args.seed}"
+    with torch.inference_mode(), tqdm(total=sampler.steps, desc="sampling", unit="step", leave=False,
+                                      disable=args.no_progress or None) as bar:
+        media, labels = generate(loaded.model, loaded.modality, n, sampler, args.seed, device, bar.update,
+                                 prompts=prompts)
+    # a mixed run's modalities keep their own folder, as the training previews do
+    where = _run_root(args.run) / "samples" / (loaded.modality.name if loaded.config.data.mixture else "")
+    out = args.out or where / f"sample_seed{args.seed}"
     written = loaded.modality.save_samples(media, labels, out)
     print(f"wrote {written}")
     captions = _write_grid_captions(written, loaded.modality, prompts, labels, n)

@@ -95,6 +95,24 @@ class Trainer:
             if self.resumed_from is not None:
                 for change in reapply_hyperparameters(self.optimizer, self.scheduler, configured):
                     logging.getLogger("selfflow").info("resume: optim %s, as this run's config says", change)
+            elif self.init_report is not None or cfg.train.freeze:
+                self._log_fine_tuning()
+
+    def _log_fine_tuning(self) -> None:
+        """What a fine-tuning start took from ``train.init_from`` and what ``train.freeze`` holds still."""
+        log, tc = logging.getLogger("selfflow"), self.cfg.train
+
+        def names(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" … ({len(keys)} in all)" if len(keys) > 8 else "")
+
+        if self.init_report is not None:
+            fresh, ignored = self.init_report["fresh"], self.init_report["ignored"]
+            loaded = len(self.raw.state_dict()) - len(fresh)
+            log.info("init_from %s (%s weights): %d tensors loaded; %d fresh (not in the source)%s; %d ignored "
+                     "(not in this model)%s", tc.init_from, tc.init_weights, loaded, len(fresh),
+                     f": {names(fresh)}" if fresh else "", len(ignored), f": {names(ignored)}" if ignored else "")
+        if tc.freeze:
+            log.info("train.freeze %s: %s parameter values frozen", list(tc.freeze), f"{self.frozen_params:,}")
 
     def _wrap_models(self, resume: bool) -> None:
         """The run's backbone on the device — fine-tuned from ``train.init_from`` on a fresh start, frozen where
