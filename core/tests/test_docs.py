@@ -33,7 +33,8 @@ def _commands() -> list[tuple[str, str]]:
         for line in _code(doc.read_text()):
             if m := COMMAND.search(line):
                 found.append((doc.name, m.group(1)))
-    return found + [("cli.EPILOG", m.group(1)) for line in EPILOG.splitlines() if (m := COMMAND.search(line))]
+    epilog = EPILOG.replace("\\\n", " ").splitlines()  # shell continuations joined, as in the docs
+    return found + [("cli.EPILOG", m.group(1)) for line in epilog if (m := COMMAND.search(line))]
 
 
 def _subcommand(parser: argparse.ArgumentParser, words: list[str]) -> tuple[argparse.ArgumentParser, str]:
