@@ -63,7 +63,8 @@ def bench_fd(dim: int = 2048, repeats: int = 3, baseline_repeats: int = 1, *,
 
 
 def _bench_inception(batch: int, repeats: int) -> dict[str, Any]:
-    from selfflow.eval.inception import FIDInceptionV3, exact_fp32
+    from selfflow.eval.extractor import exact_fp32
+    from selfflow.eval.inception import FIDInceptionV3
 
     torch.manual_seed(0)
     model = FIDInceptionV3()  # random weights: speed does not depend on their values

@@ -97,15 +97,16 @@ def test_prepared_latents_equal_direct_encoding_and_train(codec, codec_dirs, jpe
         ImageModality({"dataset": "latent_shards", "shards": str(out), "codec": other, "vae_path": "x"})
 
 
-def test_imagenet_dtype_float16_and_rae_size_check(codec_dirs, jpeg_folder, tmp_path):
+def test_imagenet_dtype_float16_and_rae_size_check(codec_dirs, jpeg_folder, tmp_path, capsys):
     out = tmp_path / "f16"
     base = ["prepare", "imagenet", "--src", str(jpeg_folder), "--out", str(out), "--image-size", "32",
             "--shard-size", "8", "--device", "cpu", "--no-progress"]
     assert main([*base, "--codec", "flux2", "--vae", str(codec_dirs["flux2"]), "--latent-dtype", "float16"]) == 0
     s = next(iter(wds.WebDataset(shard_urls(out)[0], shardshuffle=False, empty_check=False)))
     assert np.load(io.BytesIO(s["latent.npy"])).dtype == np.float16
-    with pytest.raises(ValueError, match="codec rae needs image_size 32"):
-        main([*base, "--image-size", "64", "--codec", "rae", "--vae", str(codec_dirs["rae"])])
+    # a one-line error with exit 2 (it used to escape as a traceback)
+    assert main([*base, "--image-size", "64", "--codec", "rae", "--vae", str(codec_dirs["rae"])]) == 2
+    assert "selfflow: error: codec rae needs image_size 32" in capsys.readouterr().err
 
 
 def test_flux2_recipe_validates():

@@ -138,6 +138,8 @@ class Checkpointer:
         for name, component in self.components.items():
             try:
                 component.load_state_dict(state[name])
+            except ConfigError:  # a component's own message about the config (the mixture changed)
+                raise
             # ValueError: a data stream refusing another split of its data (world size, batch, buffer)
             except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as e:
                 first = (str(e).splitlines() or [type(e).__name__])[0][:300]
