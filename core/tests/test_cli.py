@@ -110,6 +110,14 @@ def test_input_errors_past_parsing_are_one_line_errors(tmp_path, capsys):
     assert "argument --gpu-mem: must be a number > 0, got '-5'" in capsys.readouterr().err
 
 
+def test_a_refused_start_leaves_no_run_directory(tmp_path, capsys):
+    # it used to leave runs/<name>/data_facts.json without config.yaml
+    assert main(["train", "--no-progress", *_sets(*TINY, f"output_dir={tmp_path}", "name=r",
+                                                  "train.freeze=[nope]")]) == 2
+    assert "train.freeze ['nope'] matches no parameter" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_export_refuses_to_write_into_a_run_directory(tmp_path, capsys):
     # its config.json would make every later `--run RUN` read the export instead of the run's checkpoints
     sets = _sets(*TINY, f"output_dir={tmp_path}", "name=r", "train.steps=1", "sample.num_samples=4")

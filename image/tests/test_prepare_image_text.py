@@ -144,3 +144,16 @@ def test_non_utf8_caption_and_over_large_image_are_skipped_and_listed(tmp_path):
     skipped = {Path(s["item"]).name: s["error"] for s in json.loads((out / "image-000000.json").read_text())["skipped"]}
     assert "latin1.txt is not UTF-8" in skipped["latin1.png"] and "too large" in skipped["huge.png"]
     assert json.loads((out / "codec.json").read_text())["sample_captions"] == ["a black square"]
+
+
+def test_images_without_captions_are_counted_in_a_warning(tmp_path, caplog):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (40, 40), (40, 80, 120)).save(src / f"{name}.png")
+    (src / "a.txt").write_text("a blue square")
+    with caplog.at_level("WARNING"):
+        report = prepare_image_text({"input": str(src), "out": str(tmp_path / "out"), "codec": "pixel",
+                                     "image_size": 32})
+    assert report["written"] == 3
+    assert "2 of 3 images have no caption" in caplog.text

@@ -58,8 +58,6 @@ class Trainer:
         self.device = self.dist.device
         set_torch_globals(tc, self.device)
         self.run = build_run(cfg)
-        if self.dist.is_main:  # what the modalities read from their data: loading the run needs no data then
-            atomic_write_text(self.run_dir / FACTS_FILE, json.dumps(self.run.data_facts, indent=1) + "\n")
         self.entries = {e.modality: e for e in cfg.data.entries()}
         try:
             self.strategy = parallel.resolve_strategy(tc.parallel, self.dist)
@@ -97,6 +95,10 @@ class Trainer:
                     logging.getLogger("selfflow").info("resume: optim %s, as this run's config says", change)
             elif self.init_report is not None or cfg.train.freeze:
                 self._log_fine_tuning()
+        # What the modalities read from their data (loading the run needs no data then) — written once the
+        # setup has succeeded, so that a start refused above leaves no half-made run directory behind.
+        if self.dist.is_main:
+            atomic_write_text(self.run_dir / FACTS_FILE, json.dumps(self.run.data_facts, indent=1) + "\n")
 
     def _log_fine_tuning(self) -> None:
         """What a fine-tuning start took from ``train.init_from`` and what ``train.freeze`` holds still."""

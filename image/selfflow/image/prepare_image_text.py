@@ -21,6 +21,7 @@ Train with ``data.options.dataset: image_text_shards``.
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,8 @@ from .codecs import CodecName, check_image_size, codec_name, latent_shape, load_
 from .prepare_imagenet import IMAGE_EXTS, center_crop_adm
 
 PREVIEW_CAPTIONS = 8  # captions kept in codec.json for sample previews
+
+log = logging.getLogger("selfflow.shards")
 
 
 class PrepareImageTextOptions(PrepareOptions):
@@ -73,6 +76,10 @@ def prepare_image_text(options: PrepareImageTextOptions | dict[str, Any]) -> dic
         check_image_size(vae, opts.image_size)
     encoder = build_text_encoder(opts.text, opts.device) if opts.text is not None else None
     items = list_media(opts.input, IMAGE_EXTS)
+    uncaptioned = sum(1 for item in items if item.text is None and item.caption_file is None)
+    if uncaptioned and opts.rank == 0:  # a text-to-image dataset without its text is most likely a mistake
+        log.warning("%d of %d images have no caption (no NAME.txt beside them, no \"caption\" in the manifest): "
+                    "they are stored with the empty caption", uncaptioned, len(items))
 
     def process(item: MediaItem) -> dict[str, Any]:
         x = load_image(str(item.path), opts.image_size)
