@@ -33,8 +33,19 @@ def _commands() -> list[tuple[str, str]]:
         for line in _code(doc.read_text()):
             if m := COMMAND.search(line):
                 found.append((doc.name, m.group(1)))
-    epilog = EPILOG.replace("\\\n", " ").splitlines()  # shell continuations joined, as in the docs
-    return found + [("cli.EPILOG", m.group(1)) for line in epilog if (m := COMMAND.search(line))]
+    # the examples in `selfflow --help` and in each command's own --help
+    epilogs = [("cli.EPILOG", EPILOG)] + [(f"selfflow {name} --help", p.epilog or "")
+                                          for name, p in _subparsers(build_parser()).items()]
+    for where, text in epilogs:
+        for line in text.replace("\\\n", " ").splitlines():  # shell continuations joined, as in the docs
+            if m := COMMAND.search(line):
+                found.append((where, m.group(1)))
+    return found
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(subs[0].choices) if subs else {}
 
 
 def _subcommand(parser: argparse.ArgumentParser, words: list[str]) -> tuple[argparse.ArgumentParser, str]:

@@ -186,7 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "The run directory (output_dir/name) receives config.yaml, train.log (the console "
                     "lines), checkpoints/, samples/, metrics.jsonl, tensorboard/ (losses and sample media), "
                     "loss.png and ema.safetensors. An existing run resumes from its newest complete "
-                    "checkpoint; a finished one is left as it is (raise train.steps to train further).")
+                    "checkpoint; a finished one is left as it is (raise train.steps to train further).",
+        epilog="examples:\n"
+               "  selfflow train --config configs/tiny/image.yaml\n"
+               "  selfflow train --config configs/tiny/image.yaml --set objective.kind=flow_matching --set name=tiny-fm\n"
+               "  torchrun --nproc_per_node=8 -m selfflow.core.cli train --config configs/imagenet256/selfflow_sit_xl2.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", type=Path, help="YAML run config (default: built-in defaults)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.steps=200 (repeatable; value is YAML)")
@@ -200,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "inside the newest checkpoint) and write them with the modality's writer (PNG grid …). "
                     "With --out-dir: N samples (default 50000, or one per prompt) as files plus an ADM .npz, "
                     "sharded over torchrun ranks and resumable; --official-ckpt samples a released checkpoint. "
-                    "Text-conditioned runs take --prompt/--prompts; the output records each sample's prompt.")
+                    "Text-conditioned runs take --prompt/--prompts; the output records each sample's prompt.",
+        epilog="examples:\n"
+               "  selfflow sample --run runs/tiny-image --num 40 --cfg-scale 4 --solver heun --steps 25\n"
+               "  selfflow sample --run runs/tiny-mixed --modality audio --prompt \"a C major chord on a flute\"\n"
+               "  selfflow sample --run runs/tiny-image --num 1000 --out-dir samples/tiny   # files + samples_1000.npz",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sample_arguments(smp)
     smp.set_defaults(func=_cmd_sample)
 
@@ -212,11 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "gradients come and go with each step) and the largest that fits; a mixed run "
                     "per modality at its entry's batch. Needs no GPU, weights or shards: absent autoencoders and "
                     "shards stand in as their published shapes; a caption encoder is read from its config.json "
-                    "alone (method: selfflow.core.plan).")
+                    "alone (method: selfflow.core.plan).",
+        epilog="examples:\n"
+               "  selfflow plan --config configs/imagenet256/selfflow_sit_xl2.yaml --gpus 8 --gpu-mem 80\n"
+               "  selfflow plan --config configs/mixed_625m.yaml --gpus 8 --batch 16",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     plan.add_argument("--config", type=Path, help="YAML run config")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     plan.add_argument("--gpus", type=positive_int, default=1, help="GPUs (FSDP2 shards over them; default 1)")
-    plan.add_argument("--gpu-mem", type=positive_float, default=80.0, help="memory per GPU in GB (default 80)")
+    plan.add_argument("--gpu-mem", type=positive_float, default=80.0, help="memory per GPU in GB, 1e9 bytes (default 80; "
+                      "the plan prints GiB)")
     plan.add_argument("--batch", type=positive_int, help="micro-batch per GPU (default: the config's train.batch_size, "
                       "or each mixture entry's batch_size)")
     plan.set_defaults(func=_cmd_plan)

@@ -45,7 +45,11 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         "export", help="write a run's model as a pretrained directory (config.json + model.safetensors)",
         description="Write the EMA weights and the configs needed to rebuild the model (backbone, data, codec "
                     "and text-encoder references) as a directory that `selfflow sample --run DIR` and "
-                    "`selfflow.core.load(DIR)` read. Training exports RUN/pretrained/ at its end already.")
+                    "`selfflow.core.load(DIR)` read. Training exports RUN/pretrained/ at its end already.",
+        epilog="examples:\n"
+               "  selfflow export --run runs/tiny-image --out exports/tiny-image\n"
+               "  selfflow export --run runs/tiny-image --out exports/tiny-image-model --weights model",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True,
                    help="run directory, pretrained directory or ema.safetensors")
     p.add_argument("--out", type=Path, required=True, help="output directory")
