@@ -6,14 +6,19 @@ from selfflow.core.cli import build_parser, main
 from .test_trainer import TINY
 
 
-def test_help_lists_commands(capsys):
+def test_help_lists_commands(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps to the terminal's width
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
     assert "train" in out and "sample" in out
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
-    assert "--set" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--set" in out
+    # the description wrapped to the terminal, the examples as written
+    assert max(len(line) for line in out.split("examples:")[0].splitlines()) <= 100
+    assert "\n  selfflow train --config configs/tiny/image.yaml\n" in out
 
 
 def test_train_then_sample(tmp_path, capsys):

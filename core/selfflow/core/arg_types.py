@@ -1,5 +1,6 @@
 """argparse value types that reject a bad command-line value at parse time, with a message naming the value
-(argparse adds the option): ``argument --steps: must be an integer ≥ 1, got '0'``."""
+(argparse adds the option): ``argument --steps: must be an integer ≥ 1, got '0'``; and the help formatter of
+commands with examples."""
 
 from __future__ import annotations
 
@@ -62,3 +63,13 @@ def resolve_device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+class ExamplesFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that an ``examples:`` epilog keeps its lines as written (the description
+    is still wrapped to the terminal)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)

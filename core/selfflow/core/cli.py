@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import, in any subcommand
 
-from .arg_types import device_name, finite_float, positive_float, positive_int
+from .arg_types import ExamplesFormatter, device_name, finite_float, positive_float, positive_int
 from .checkpoint import CheckpointLoadError
 from .config import ConfigError, load_config, short_repr
 from .distributed import left_out_of_step
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  selfflow train --config configs/tiny/image.yaml\n"
                "  selfflow train --config configs/tiny/image.yaml --set objective.kind=flow_matching --set name=tiny-fm\n"
                "  torchrun --nproc_per_node=8 -m selfflow.core.cli train --config configs/imagenet256/selfflow_sit_xl2.yaml",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=ExamplesFormatter)
     train.add_argument("--config", type=Path, help="YAML run config (default: built-in defaults)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.steps=200 (repeatable; value is YAML)")
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  selfflow sample --run runs/tiny-image --num 40 --cfg-scale 4 --solver heun --steps 25\n"
                "  selfflow sample --run runs/tiny-mixed --modality audio --prompt \"a C major chord on a flute\"\n"
                "  selfflow sample --run runs/tiny-image --num 1000 --out-dir samples/tiny   # files + samples_1000.npz",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=ExamplesFormatter)
     add_sample_arguments(smp)
     smp.set_defaults(func=_cmd_sample)
 
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  selfflow plan --config configs/imagenet256/selfflow_sit_xl2.yaml --gpus 8 --gpu-mem 80\n"
                "  selfflow plan --config configs/mixed_625m.yaml --gpus 8 --batch 16",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=ExamplesFormatter)
     plan.add_argument("--config", type=Path, help="YAML run config")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     plan.add_argument("--gpus", type=positive_int, default=1, help="GPUs (FSDP2 shards over them; default 1)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .arg_types import ExamplesFormatter
 from .config import ConfigError
 from .pretrained import load_model, save_pretrained
 
@@ -49,7 +50,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
                "  selfflow export --run runs/tiny-image --out exports/tiny-image\n"
                "  selfflow export --run runs/tiny-image --out exports/tiny-image-model --weights model",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=ExamplesFormatter)
     p.add_argument("--run", type=Path, required=True,
                    help="run directory, pretrained directory or ema.safetensors")
     p.add_argument("--out", type=Path, required=True, help="output directory")
