@@ -58,12 +58,17 @@ def _sets(*overrides):
     return [a for s in overrides for a in ("--set", s)]
 
 
+def _one_line_error(argv, capsys):
+    """Run ``selfflow ARGV``, check it failed with exit 2 and one ``selfflow: error:`` line; return that line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfflow: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
 def test_expected_failures_are_one_line_errors_with_exit_2(tmp_path, capsys):
     def error(argv):
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("selfflow: error: ") and err.count("\n") == 1 and "Traceback" not in err
-        return err
+        return _one_line_error(argv, capsys)
 
     binary = tmp_path / "run.yaml"
     binary.write_bytes(b"\x00\xff\xfe binary")
@@ -93,10 +98,7 @@ def test_input_errors_past_parsing_are_one_line_errors(tmp_path, capsys):
     """ValueErrors (pydantic's ValidationError among them) from a command's own checks used to escape as
     tracebacks with exit 1; arguments out of range are argparse errors naming the option."""
     def error(argv):
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("selfflow: error: ") and err.count("\n") == 1 and "Traceback" not in err
-        return err
+        return _one_line_error(argv, capsys)
 
     empty = tmp_path / "empty"
     empty.mkdir()

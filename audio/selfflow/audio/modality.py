@@ -172,8 +172,7 @@ class AudioModality(CaptionedModalityMixin, Modality):
         wav = write_wav(torch.cat([torch.cat([m.cpu(), gap], 1) for m in media], 1), path.with_suffix(".wav"),
                         self.sample_rate)
         if labels is not None:
-            names = self.class_names
-            path.with_suffix(".txt").write_text("".join(f"{i}: {names[int(k)]}\n" for i, k in enumerate(labels)))
+            self.write_captions(labels, path)
         return wav
 
     def write_sample(self, media: torch.Tensor, label: int | None, path: Path) -> Path:

@@ -7,6 +7,10 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def positive_int(text: str) -> int:
@@ -56,7 +60,7 @@ def device_name(text: str) -> str:
     return text
 
 
-def resolve_device(name: str):
+def resolve_device(name: str) -> torch.device:
     """The ``torch.device`` a :func:`device_name` value means (``auto``: CUDA when available)."""
     import torch
 

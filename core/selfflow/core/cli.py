@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import, 
 
 from .arg_types import ExamplesFormatter, device_name, finite_float, positive_float, positive_int
 from .checkpoint import CheckpointLoadError
-from .config import ConfigError, load_config, short_repr
+from .config import ConfigError, load_config, validation_problems
 from .distributed import left_out_of_step
 from .export_cli import add_export_parser
 from .faults import RunStopped
@@ -250,9 +250,7 @@ def _error_message(e: Exception) -> str:
     """One line naming the file, key or value: an OS error as ``<what went wrong>: <file>``, a validation
     error of a command's options as ``key: problem (got value)``."""
     if isinstance(e, ValidationError):
-        problems = [f"{'.'.join(str(p) for p in x['loc']) or '(options)'}: {x['msg']} (got {short_repr(x['input'], 60)})"
-                    for x in e.errors()]
-        return f"invalid {e.title} settings: " + "; ".join(problems)
+        return f"invalid {e.title} settings: " + "; ".join(validation_problems(e, "(options)"))
     if isinstance(e, KeyError) and e.args:
         return str(e.args[0])
     if isinstance(e, OSError) and e.strerror and e.filename is not None:

@@ -241,16 +241,20 @@ def short_repr(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
-def _format_errors(err: ValidationError, source: str, raw: dict[str, Any]) -> str:
-    lines = [f"invalid config {source}:"]
+def validation_problems(err: ValidationError, root: str = "") -> list[str]:
+    """``key: problem (got value)`` for each error of ``err`` (``root`` names an error of the whole object)."""
+    out = []
     for e in err.errors():
-        loc = list(e["loc"])
-        key = ".".join(str(p) for p in loc)
+        key = ".".join(str(p) for p in e["loc"]) or root
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (value {short_repr(e['input'])})")
+            out.append(f"{key}: unknown key (value {short_repr(e['input'])})")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {short_repr(e['input'])})")
-    return "\n".join(lines)
+            out.append(f"{key}: {e['msg']} (got {short_repr(e['input'])})")
+    return out
+
+
+def _format_errors(err: ValidationError, source: str, raw: dict[str, Any]) -> str:
+    return "\n".join([f"invalid config {source}:", *(f"  {p}" for p in validation_problems(err))])
 
 
 def _nonfinite_floats(value: Any, key: str = "") -> list[str]:

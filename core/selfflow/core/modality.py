@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Discriminator, Tag, TypeAdapter
 
+from .atomic import atomic_write_text
 from .sampler import SamplerSettings
 from .timesteps import TimestepDistribution
 from .token_schedule import TokenSchedule
@@ -165,6 +166,12 @@ class Modality(ABC):
     @abstractmethod
     def save_samples(self, media: torch.Tensor, labels: torch.Tensor | None, path: Path) -> Path:
         """Write decoded samples (a PNG grid, MP4s, WAVs …) and return the file written."""
+
+    def write_captions(self, labels: torch.Tensor, path: Path) -> Path:
+        """``<path>.txt`` beside a preview: one ``i: <class name or caption of labels[i]>`` line per sample."""
+        names = self.class_names
+        return atomic_write_text(Path(path).with_suffix(".txt"),
+                                 "".join(f"{i}: {names[int(k)]}\n" for i, k in enumerate(labels)))
 
     # --- many samples (``selfflow sample --num N``) -----------------------------------------------------
     def write_sample(self, media: torch.Tensor, label: int | None, path: Path) -> Path:

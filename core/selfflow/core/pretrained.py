@@ -21,7 +21,7 @@ from torch import nn
 
 from .atomic import atomic_path, atomic_write_text
 from .checkpoint import load_weights
-from .config import ConfigError, RunConfig, load_config, short_repr
+from .config import ConfigError, RunConfig, load_config, short_repr, validation_problems
 from .data.data_facts import read_facts, replaying
 from .modality import Modality
 from .run_setup import Run, build_run, pick_device, read_run_weights
@@ -103,10 +103,8 @@ def from_pretrained(path: str | Path, device: str | torch.device = "auto", modal
     except KeyError:
         raise ConfigError(f"{root / CONFIG_FILE} has no \"run_config\"") from None
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "run_config"
-        raise ConfigError(f"{root / CONFIG_FILE}: invalid run_config: {where}: {first['msg']} "
-                          f"(got {short_repr(first['input'], 60)})") from None
+        raise ConfigError(f"{root / CONFIG_FILE}: invalid run_config: "
+                          f"{validation_problems(e, 'run_config')[0]}") from None
     with replaying(config.get("data_facts")):  # the shards' codec.json, statistics …: not needed here
         run = build_run(cfg)
     built, stored = run.model_config.model_dump(mode="json"), config.get("model_config", {})

@@ -14,6 +14,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from .arg_types import resolve_device
 from .backbones import build_backbone
 from .checkpoint import (
     CheckpointLoadError,
@@ -38,11 +39,10 @@ from .registry import get_modality
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``train.device`` (``auto``: CUDA when available) as a device; asking for CUDA without one is an error."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def build_entry_modality(entry: MixtureEntry, where: str) -> Modality:

@@ -57,14 +57,13 @@ def _run_t2i(args: argparse.Namespace) -> int:
         raise ConfigError(f"the CLIP score needs --prompts FILE, or {args.images}/prompts.jsonl as "
                           "`selfflow sample --out-dir` writes it")
     results: dict[str, Any] = {}
-    if args.dinov2 and args.ref:
-        results["fd_dinov2"] = fd_dinov2(args.images, args.ref, args.dinov2,
-                                         batch_size=args.batch_size, device=resolve_device(args.device),
-                                         save_real_stats=args.save_ref_stats)
-    if args.clip and prompts:
+    device = resolve_device(args.device)
+    if args.dinov2:
+        results["fd_dinov2"] = fd_dinov2(args.images, args.ref, args.dinov2, batch_size=args.batch_size,
+                                         device=device, save_real_stats=args.save_ref_stats)
+    if args.clip:
         files, texts = read_prompts(prompts, args.images)
-        results["clip_score"] = clip_score(files, texts, args.clip, batch_size=args.batch_size,
-                                           device=resolve_device(args.device))
+        results["clip_score"] = clip_score(files, texts, args.clip, batch_size=args.batch_size, device=device)
     if not results:
         raise ConfigError("nothing to compute: give --dinov2 with --ref, and/or --clip (with --prompts, or samples "
                           "whose prompts.jsonl pairs them)")
@@ -110,15 +109,14 @@ def _run_fvd(args: argparse.Namespace) -> int:
         raise ConfigError("--real is a statistics file of I3D features: give --real-frames (videos or "
                           "Inception statistics) for framewise FID")
     results: dict[str, Any] = {}
+    device = resolve_device(args.device)
     if args.i3d:
         results["fvd"] = fvd(args.fake, args.real, args.i3d, num_frames=args.frames,
                              start=args.clip_start, stride=args.stride, max_clips=args.max_clips,
-                             batch_size=args.batch_size, device=resolve_device(args.device),
-                             save_real_stats=args.save_real_stats)
+                             batch_size=args.batch_size, device=device, save_real_stats=args.save_real_stats)
     if args.frames_fid:
         results["fid_frames"] = fid_frames(args.fake, args.real_frames or args.real,
-                                           args.inception, max_frames=args.max_frames,
-                                           device=resolve_device(args.device))
+                                           args.inception, max_frames=args.max_frames, device=device)
     if not results:
         raise ConfigError("nothing to compute: give --i3d and/or --frames-fid")
     if prompts := recorded_prompts(args.fake):

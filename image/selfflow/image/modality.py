@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfflow.core.atomic import atomic_write_text
 from selfflow.core.codec import shapes_only_active, stands_in
 from selfflow.core.data.indexed_stream import IndexedStream
 from selfflow.core.data.shard_format import read_codec_info, shard_urls
@@ -251,8 +250,7 @@ class ImageModality(CaptionedModalityMixin, Modality):
         previews have them), one ``i: caption`` line per sample."""
         grid = save_grid(media, Path(path).with_suffix(".png"), labels, self.class_names)
         if self.context_dim and labels is not None:
-            atomic_write_text(grid.with_suffix(".txt"),
-                              "".join(f"{i}: {self.class_names[int(k)]}\n" for i, k in enumerate(labels)))
+            self.write_captions(labels, grid)
         return grid
 
     def write_sample(self, media: torch.Tensor, label: int | None, path: Path) -> Path:

@@ -3,7 +3,8 @@
 One safetensors file per caption, holding the *unpadded* ``(Li, D)`` embedding as the encoder produced it
 (float32): a cached and a fresh encoding are identical. The key is SHA-256 of the encoder's ``cache_id``
 (model, config hash, layers, max length), its ``weights_id`` (weights, tokenizer, dtype) and the caption, so
-changing any of them — new weights in the same directory included — never returns a stale entry. Writes are atomic (temporary file + rename), so concurrent ranks and crashes leave no half files.
+changing any of them — new weights in the same directory included — never returns a stale entry. Writes
+are atomic (temporary file + rename), so concurrent ranks and crashes leave no half files.
 """
 
 from __future__ import annotations
