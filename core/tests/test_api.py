@@ -78,8 +78,10 @@ def test_export_writes_a_pretrained_dir_and_pushes_only_when_asked(tmp_path, mon
 
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    assert main(["export", "--run", str(run_dir), "--out", str(out), "--push-to-hub", "me/tiny"]) == 2
+    fresh = tmp_path / "fresh"
+    assert main(["export", "--run", str(run_dir), "--out", str(fresh), "--push-to-hub", "me/tiny"]) == 2
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err and not calls
+    assert not fresh.exists()  # refused before the export, not after writing it
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     assert main(["export", "--run", str(run_dir), "--out", str(out), "--push-to-hub", "me/tiny"]) == 0
     assert calls == [("create", "me/tiny", True), ("upload", "me/tiny", ["config.json", "model.safetensors"])]

@@ -21,6 +21,38 @@ def test_help_lists_commands(capsys, monkeypatch):
     assert "\n  selfflow train --config configs/tiny/image.yaml\n" in out
 
 
+def test_every_option_of_every_command_explains_itself(monkeypatch):
+    """Each option has a help line, and each default that matters is shown (by the help text or by the
+    formatter's ``(default: …)``), in every subcommand the installed packages register."""
+    import argparse
+
+    monkeypatch.setenv("COLUMNS", "300")
+
+    def walk(parser, path):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+            elif action.option_strings and not isinstance(action, argparse._HelpAction):
+                yield path, action, formatter._expand_help(action) if action.help else ""
+
+    seen = 0
+    for path, action, line in walk(build_parser(), "selfflow"):
+        seen += 1
+        assert action.help, f"{path} {action.option_strings[0]} has no help"
+        if action.default not in (None, False, []) and not isinstance(action, argparse._StoreFalseAction):
+            assert "default" in line, f"{path} {action.option_strings[0]}: default {action.default!r} not shown"
+    assert seen > 100
+
+
+@pytest.mark.parametrize("argv", [[], ["prepare"], ["eval"]])
+def test_a_missing_command_prints_help_to_stderr_with_exit_2(argv, capsys):
+    assert main(argv) == 2  # the three used to disagree: stdout or stderr, exit 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("usage: selfflow")
+
+
 def test_train_then_sample(tmp_path, capsys):
     sets = [a for s in [*TINY, "train.steps=2", f"output_dir={tmp_path}", "name=cli"] for a in ("--set", s)]
     assert main(["train", "--no-progress", *sets]) == 0

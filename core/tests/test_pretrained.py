@@ -62,9 +62,29 @@ def test_load_model_takes_a_run_dir_a_pretrained_dir_or_a_weights_file(tmp_path)
         load_model(tmp_path / "nope")
     with pytest.raises(ConfigError, match=r"trained \['image'\], not 'audio'"):
         load_model(pre, "cpu", "audio")
+    with pytest.raises(ConfigError, match=r"trained \['image'\], not 'audio'"):
+        load_model(run_dir, "cpu", "audio")
+    with pytest.raises(FileNotFoundError, match="no weights in"):  # a run's model weights live in its checkpoints
+        load_model(run_dir, "cpu", weights="model")
     for source in (pre, pre / "model.safetensors"):  # one set of weights: asking for the other is an error
         with pytest.raises(ConfigError, match=r"is a pretrained directory: .* weights=.model. cannot be chosen"):
             load_model(source, "cpu", weights="model")
+
+
+def test_weights_that_are_not_finite_or_do_not_fit_are_refused_naming_the_file(tmp_path):
+    from selfflow.core.checkpoint import CheckpointLoadError
+
+    run_dir, run = make_run_dir(tmp_path)
+    state = {k: v.clone().contiguous() for k, v in run.backbone.state_dict().items()}
+    pre = save_pretrained(tmp_path / "pre", state, run.config, run.model_config)
+    first = next(iter(state))
+    for weights in (run_dir / "ema.safetensors", pre / "model.safetensors"):
+        save_file({**state, first: torch.full_like(state[first], float("nan"))}, str(weights))
+        with pytest.raises(CheckpointLoadError, match=rf"{weights.name} is not finite: {first} holds NaN"):
+            load_model(weights.parent, "cpu")
+        save_file({**state, first: torch.zeros(3)}, str(weights))
+        with pytest.raises(CheckpointLoadError, match=rf"the weights in {weights.parent} do not fit its config"):
+            load_model(weights.parent, "cpu")
 
 
 def test_a_config_that_builds_another_model_is_refused(tmp_path):

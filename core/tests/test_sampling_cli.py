@@ -23,6 +23,25 @@ def test_a_grid_from_prompts_writes_its_captions_beside_it(tmp_path, capsys):
     assert (tmp_path / "grid.png").is_file()
     assert (tmp_path / "grid.prompts.txt").read_text().splitlines() == ["a red circle", "a blue square",
                                                                         "a red circle"]
+    capsys.readouterr()
+    # without prompts the captions come from the run's data: the modality's own grid.txt, not a second copy
+    assert main(["sample", "--run", str(run_dir), "--num", "2", "--out", str(tmp_path / "data"), *FAST]) == 0
+    assert (tmp_path / "data.txt").is_file() and not (tmp_path / "data.prompts.txt").exists()
+
+
+def test_out_names_a_grid_or_an_existing_folder_and_says_when_the_suffix_changes(tmp_path, capsys):
+    run_dir, _ = make_run_dir(tmp_path)
+    folder = tmp_path / "grids"
+    folder.mkdir()
+    assert main(["sample", "--run", str(run_dir), "--num", "2", "--seed", "4", "--out", str(folder), *FAST]) == 0
+    assert (folder / "sample_seed4.png").is_file()  # it used to write grids.png beside the folder
+    assert not (tmp_path / "grids.png").exists()
+    capsys.readouterr()
+    assert main(["sample", "--run", str(run_dir), "--num", "2", "--out", str(tmp_path / "g.jpg"), *FAST]) == 0
+    assert (tmp_path / "g.png").is_file()
+    assert "note: image grids are written as .png (--out" in capsys.readouterr().err
+    assert main(["sample", "--run", str(run_dir), "--num", "2", "--out", str(tmp_path / "h.png"), *FAST]) == 0
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_a_prompt_file_drives_an_out_dir_and_is_recorded(tmp_path, capsys):

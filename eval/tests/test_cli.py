@@ -175,7 +175,20 @@ def test_errors_are_clear(data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                 str(tmp_path / "missing.pth")]) == 2
     err = capsys.readouterr().err
     assert "missing.pth" in err and WEIGHTS_URL in err
-    assert run(["eval"]) == 1  # no metric given: help on stderr
+    assert run(["eval"]) == 2  # no metric given: help on stderr
+    # a missing input is named before the network loads (the weights are missing too: not mentioned)
+    assert run(["eval", "adm", str(tmp_path / "typo.npz"), str(data["samples"]), "--inception",
+                str(tmp_path / "missing.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "typo.npz does not exist" in err and "missing.pth" not in err
+    # an --out that cannot be written is refused before the work, not after it
+    with pytest.raises(SystemExit) as stop:
+        run(["eval", "adm", str(data["ref_dir"]), str(data["samples"]), "--out", str(tmp_path)])
+    assert stop.value.code == 2 and "is a folder; name a file" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        run(["eval", "stats", str(data["ref_dir"]), "--out", str(tmp_path / "file" / "stats.npz")])
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 def test_registered_with_core_cli() -> None:
@@ -193,7 +206,7 @@ def test_broken_metric_module_does_not_break_the_cli(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(cli.METRICS, "fvd", Metric("selfflow.eval.no_such_module:add_parser"))
     assert run(["eval", "fvd"]) == 2
     assert "no_such_module" in capsys.readouterr().err
-    assert run(["eval"]) == 1  # the other subcommands are still there
+    assert run(["eval"]) == 2  # the other subcommands are still there (the help lists them)
 
 
 @pytest.mark.distributed

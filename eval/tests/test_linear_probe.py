@@ -46,9 +46,10 @@ def tiny_run(tmp_path_factory):
 
 
 def test_block_features_are_token_means_per_block_and_depend_on_the_noise_level(tiny_run):
-    from selfflow.core.run_setup import load_run_model
+    from selfflow.core.pretrained import load_model
 
-    model, modality, _ = load_run_model(tiny_run, device="cpu")
+    loaded = load_model(tiny_run, "cpu")
+    model, modality = loaded.model, loaded.modality
     (images, _), _ = labelled_splits(modality, 6, 1)
     clean = block_features(model, modality, images, 0.0, [1, 3])
     noisy = block_features(model, modality, images, 0.5, [1, 3])
@@ -58,9 +59,10 @@ def test_block_features_are_token_means_per_block_and_depend_on_the_noise_level(
 
 
 def test_online_evaluator_scores_a_model(tiny_run):
-    from selfflow.core.run_setup import load_run_model
+    from selfflow.core.pretrained import load_model
 
-    model, modality, _ = load_run_model(tiny_run, device="cpu")
+    loaded = load_model(tiny_run, "cpu")
+    model, modality = loaded.model, loaded.modality
     scores = LinearProbeEvaluator(modality, levels=(0.0,), n_fit=40, n_test=20)(model)
     assert set(scores) == {f"lp_acc/b{k}/t0.0" for k in range(1, model.depth + 1)} | {"lp_acc_best"}
     assert all(0 <= v <= 1 for v in scores.values())
@@ -76,3 +78,7 @@ def test_linear_probe_cli_writes_json_and_plot(tiny_run, capsys):
     assert (tiny_run / "linear_probe.png").is_file()
     assert "block" in capsys.readouterr().out
     assert main(["eval", "linear-probe", "--run", str(tiny_run), "--levels", "1.0"]) == 2
+    # the run's export probes the same (its EMA weights), its report written inside it
+    assert main(["eval", "linear-probe", "--run", str(tiny_run / "pretrained"), "--num-fit", "40", "--num-test",
+                 "20", "--levels", "0", "0.5", "--blocks", "1", "3"]) == 0
+    assert json.loads((tiny_run / "pretrained" / "linear_probe.json").read_text())["accuracy"] == result["accuracy"]

@@ -67,3 +67,8 @@ def test_probe_cli_scores_a_run(probe, tmp_path, capsys):
     assert result["num_samples"] == 30 and result["probe_fd"] > 0 and "not FID" in result["protocol"]
     assert (result["sampler"]["cfg_scale"], result["sampler"]["steps"]) == (1.0, 2)  # a metric: no guidance
     assert "probe_fd" in capsys.readouterr().out
+    # the run's export (the same EMA weights) scores the same; so does its weights file
+    for source in (tmp_path / "cli" / "pretrained", tmp_path / "cli" / "ema.safetensors"):
+        out = tmp_path / f"{source.name}.json"
+        assert main(["eval", "probe", "--run", str(source), "--num", "30", "--steps", "2", "--out", str(out)]) == 0
+        assert json.loads(out.read_text())["probe_fd"] == result["probe_fd"], source

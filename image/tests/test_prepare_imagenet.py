@@ -90,3 +90,11 @@ def test_latent_stream_splits_ranks_samples_moments_and_resumes(tiny_vae_dir, jp
         assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["labels"], b["labels"])
     # latents are samples from the stored moments (scaled), not the mean itself
     assert not torch.equal(run[4]["latents"], run[0]["latents"])
+
+
+def test_a_wrong_src_fails_before_the_autoencoder_loads(tmp_path, capsys):
+    """A typo in --src was reported only after the autoencoder had loaded (here none exists at all)."""
+    assert main(["prepare", "imagenet", "--src", str(tmp_path / "typo"), "--out", str(tmp_path / "out"),
+                 "--vae", str(tmp_path / "no-vae"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--src" in err and "typo is not a directory" in err and "no-vae" not in err

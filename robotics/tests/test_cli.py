@@ -19,6 +19,9 @@ def test_prepare_targets_are_registered(tmp_path):
     assert manifest["episodes"] == {"train": 3, "val": 0} and (tmp_path / "out" / "stats.json").is_file()
     r = _cli("prepare", "rt1", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o2"))
     assert r.returncode != 0 and "no *.tfrecord* files" in r.stderr
+    assert not (tmp_path / "o2").exists()  # a wrong --input leaves no half-made output behind
+    r = _cli("prepare", "rt1-fake", "--out", str(tmp_path / "tf0"), "--shards", "0")
+    assert r.returncode == 2 and "argument --shards: must be an integer ≥ 1, got '0'" in r.stderr
 
 
 def test_train_then_roll_out_the_model_in_the_fake_env(tmp_path):

@@ -36,12 +36,12 @@ def prepare_audio(options: PrepareAudioOptions | dict[str, Any]) -> dict[str, An
     from .oobleck_codec import OobleckCodec, clip_samples
 
     opts = PrepareAudioOptions.model_validate(options)
+    items = list_media(opts.input, AUDIO_EXTENSIONS)  # before the codec: a wrong --input fails at once
     opts.device = rank_device(opts.device)  # this rank's GPU under torchrun
     codec = OobleckCodec.from_pretrained(opts.vae_dir, opts.codec).to(opts.device)
     sr = codec.sample_rate
     n = clip_samples(opts.seconds, sr, codec.hop)
     encoder = build_text_encoder(opts.text, opts.device) if opts.text is not None else None
-    items = list_media(opts.input, AUDIO_EXTENSIONS)
     index = {it.path: i for i, it in enumerate(items)}
 
     def process(item: MediaItem) -> dict[str, Any]:

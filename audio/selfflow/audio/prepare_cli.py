@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from selfflow.core.arg_types import positive_float
 from selfflow.core.cli import prepare_subparsers
 from selfflow.core.data.prepare_options import (
     add_prepare_arguments,
@@ -29,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="One stereo window per file at the VAE's sample rate, the VAE's posterior mean, caption "
                     "and optional caption embedding per sample; dataset latent statistics from the shard reports.")
     add_prepare_arguments(p)
-    p.add_argument("--codec", choices=["songbloom", "stable_audio"], default="songbloom")
-    p.add_argument("--seconds", type=float, default=10.0, help="clip length (paper: 10 s)")
+    p.add_argument("--codec", choices=["songbloom", "stable_audio"], default="songbloom",
+                   help="which Oobleck VAE --vae-dir holds")
+    p.add_argument("--seconds", type=positive_float, default=10.0, help="clip length in seconds (paper: 10)")
     p.set_defaults(func=_run)

@@ -6,21 +6,40 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
 
-def positive_int(text: str) -> int:
-    """An integer ≥ 1 (counts, steps, batch sizes)."""
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {text!r}")
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ {low}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer ≥ 1 (counts, steps, batch sizes)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer ≥ 0 (seeds: numpy's generators refuse negative ones; offsets)."""
+    return _int_at_least(text, 0)
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1) (a held-out fraction)."""
+    value = finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
     return value
 
 
@@ -41,6 +60,22 @@ def positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
     return value
+
+
+def output_file(text: str) -> Path:
+    """A file that a command writes when its work is done, checked before the work starts: not an existing
+    folder, and under a folder this user may write in (missing folders are made when it is written)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; name a file")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: no permission to write in {str(parent)!r}")
+    return path
 
 
 def device_name(text: str) -> str:
@@ -71,9 +106,23 @@ def resolve_device(name: str) -> torch.device:
 
 class ExamplesFormatter(argparse.HelpFormatter):
     """argparse's formatter, except that an ``examples:`` epilog keeps its lines as written (the description
-    is still wrapped to the terminal)."""
+    is still wrapped to the terminal), and an option's help ends with its default where it has one that the
+    help does not already state (``--batch-size N  samples per forward (default: 64)``)."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         if text.startswith("examples:"):
             return "".join(indent + line for line in text.splitlines(keepends=True))
         return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text, default = action.help, action.default
+        # a flag's "off" value, an unset option or an empty list is no default worth printing
+        unset = default is None or default is argparse.SUPPRESS or default is False or default == []
+        if (not text or not action.option_strings or unset or "default" in text
+                or isinstance(action, argparse._StoreFalseAction)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class PreformattedFormatter(ExamplesFormatter, argparse.RawDescriptionHelpFormatter):
+    """:class:`ExamplesFormatter` for a description laid out by hand (paragraphs, lists): kept as written."""

@@ -14,7 +14,14 @@ from pydantic import ValidationError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import, in any subcommand
 
-from .arg_types import ExamplesFormatter, device_name, finite_float, positive_float, positive_int
+from .arg_types import (
+    ExamplesFormatter,
+    device_name,
+    finite_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from .checkpoint import CheckpointLoadError
 from .config import ConfigError, load_config, validation_problems
 from .distributed import left_out_of_step
@@ -87,6 +94,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 _PREPARE_TARGETS = "_selfflow_prepare_targets"
 
 
+def missing_command(parser: argparse.ArgumentParser) -> int:
+    """``selfflow``, ``selfflow prepare`` or ``selfflow eval`` without its command: the help on stderr and
+    exit 2, argparse's code for a usage error."""
+    parser.print_help(sys.stderr)
+    return 2
+
+
 def prepare_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """The target group of ``selfflow prepare`` (created on first use). A modality package's
     ``selfflow.commands`` registrar adds its dataset target (``imagenet``, ``video`` …) here, so no package
@@ -97,7 +111,7 @@ def prepare_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubP
             "prepare", help="prepare a dataset (encode to latents, write shards)",
             description="Dataset preparation; each installed modality package adds its targets.")
         targets = prep.add_subparsers(dest="prepare_target", metavar="TARGET")
-        prep.set_defaults(func=lambda args: (prep.print_help(), 1)[1])
+        prep.set_defaults(func=lambda args: missing_command(prep))
         setattr(subparsers, _PREPARE_TARGETS, targets)
     return targets
 
@@ -136,15 +150,17 @@ def add_sample_arguments(smp: argparse.ArgumentParser) -> None:
     smp.add_argument("--guidance-low", type=finite_float, help="apply CFG for t ≥ this (RF time)")
     smp.add_argument("--guidance-high", type=finite_float, help="apply CFG for t ≤ this (RF time; official 0.7)")
     smp.add_argument("--shift", type=finite_float, help="time shift of the ODE or SDE grid (1: uniform / official)")
-    smp.add_argument("--seed", type=int, help="noise seed (same seed → same samples; default 0, 31 with "
+    smp.add_argument("--seed", type=non_negative_int, help="noise seed (same seed → same samples; default 0, 31 with "
                                                "--official-repro)")
     smp.add_argument("--precision", choices=["fp32", "bf16"],
                      help="bf16: model under bfloat16 autocast (the GPU recipe; on a CPU fast only with AVX512-BF16 or "
                           "AMX, else ~100x slower, and it warns); default fp32")
     smp.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to use")
     smp.add_argument("--modality", help="mixed runs: which modality to sample (default: the first), with its entry's sampler")
-    smp.add_argument("--out", type=Path, help="grid path, without suffix (default: RUN/samples/sample_seed<S>; "
-                                               "a mixed run's: RUN/samples/<modality>/sample_seed<S>)")
+    smp.add_argument("--out", type=Path, help="grid path; the modality sets the suffix (.png, .mp4 + .gif, .wav), "
+                                               "an existing folder gets sample_seed<S> inside it (default: "
+                                               "RUN/samples/sample_seed<S>; a mixed run's: "
+                                               "RUN/samples/<modality>/sample_seed<S>)")
     smp.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     many = smp.add_argument_group("many samples for evaluation (sharded over torchrun ranks, resumable)")
     many.add_argument("--out-dir", type=Path, help="write one file per sample as the evaluators read it (images "
@@ -170,6 +186,12 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``selfflow sample: error: …`` and where to read more, not the usage
     block (subcommands inherit the class through ``add_subparsers``)."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        # every command's help shows its defaults and keeps its examples as written
+        if kwargs.get("formatter_class", argparse.HelpFormatter) is argparse.HelpFormatter:
+            kwargs["formatter_class"] = ExamplesFormatter
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
@@ -177,7 +199,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="selfflow", description="Train, sample and evaluate Self-Flow models (arXiv 2603.06507).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=ExamplesFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser(
@@ -238,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub)
 
-    mods = sub.add_parser("modalities", help="list installed modalities")
+    mods = sub.add_parser("modalities", help="list installed modalities",
+                          description="The modalities the installed packages register (data.modality in a "
+                                      "config; pip install -e ./video etc. adds one).")
     mods.set_defaults(func=_cmd_modalities)
 
     for register in command_registrars().values():
@@ -262,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 1
+        return missing_command(parser)
     try:
         return int(args.func(args) or 0)
     # The user can fix these: a bad file, key or value found past argument parsing (a ValueError names it;

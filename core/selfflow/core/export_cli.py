@@ -11,13 +11,20 @@ from .config import ConfigError
 from .pretrained import load_model, save_pretrained
 
 
-def push_to_hub(folder: Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
-    """Upload ``folder`` to the model repository ``repo_id`` (created if absent); returns the commit URL."""
-    from huggingface_hub import HfApi, constants
+def require_hub_online() -> None:
+    """Refuse when the Hugging Face Hub is switched off (before an export, not after it)."""
+    from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         raise ConfigError("--push-to-hub needs the network, but HF_HUB_OFFLINE is set (selfflow sets it by "
                           "default): run with HF_HUB_OFFLINE=0")
+
+
+def push_to_hub(folder: Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Upload ``folder`` to the model repository ``repo_id`` (created if absent); returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    require_hub_online()
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
@@ -33,6 +40,8 @@ def run_export(args: argparse.Namespace) -> int:
                           f"already wrote {out / 'pretrained'})")
     if args.private and not args.push_to_hub:
         raise ConfigError("--private applies to --push-to-hub REPO only")
+    if args.push_to_hub:
+        require_hub_online()
     loaded = load_model(args.run, "cpu", weights=args.weights)
     out = save_pretrained(args.out, loaded.model.state_dict(), loaded.config, loaded.model_config, loaded.data_facts)
     print(f"wrote {out} (config.json, model.safetensors)")

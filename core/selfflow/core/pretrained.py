@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from .atomic import atomic_path, atomic_write_text
-from .checkpoint import load_weights
+from .checkpoint import CheckpointLoadError, load_weights
 from .config import ConfigError, RunConfig, load_config, short_repr, validation_problems
 from .data.data_facts import read_facts, replaying
 from .modality import Modality
@@ -87,7 +87,11 @@ class LoadedModel:
 def _loaded(run: Run, state: dict[str, torch.Tensor], device: str | torch.device, modality_name: str | None,
             source: str) -> LoadedModel:
     modality = run.modality(modality_name, source)
-    run.backbone.load_state_dict(state)
+    try:
+        run.backbone.load_state_dict(state)
+    except RuntimeError as e:  # tensors of another shape or name: not this config's model
+        raise CheckpointLoadError(f"the weights in {source} do not fit its config "
+                                  f"({str(e).splitlines()[0][:200]})") from None
     dev = pick_device(device) if isinstance(device, str) else device
     return LoadedModel(run.backbone.to(dev).eval(), modality, run.config, run.model_config, run.data_facts)
 
@@ -113,6 +117,12 @@ def from_pretrained(path: str | Path, device: str | torch.device = "auto", modal
         raise ConfigError(f"{root / CONFIG_FILE}: the run config builds a different model (keys {differ}): "
                           "was it written by another selfflow version?")
     return _loaded(run, load_weights(root / WEIGHTS_FILE), device, modality_name, str(root))
+
+
+def model_root(path: Path) -> Path:
+    """The directory a model path stands for (a weights file's run or pretrained directory): where a command's
+    outputs about that model go by default."""
+    return path.parent if path.is_file() else path
 
 
 def load_model(path: str | Path, device: str | torch.device = "auto", modality_name: str | None = None,

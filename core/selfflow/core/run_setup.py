@@ -29,10 +29,9 @@ from .config import (
     OptimConfig,
     RunConfig,
     TrainConfig,
-    load_config,
     short_repr,
 )
-from .data.data_facts import collecting, read_facts, replaying
+from .data.data_facts import collecting
 from .modality import Modality
 from .objective import ResolvedObjective
 from .registry import get_modality
@@ -168,27 +167,6 @@ def build_run(cfg: RunConfig, *, device: str | torch.device = "cpu") -> Run:
     with torch.device(device):
         backbone = build_backbone(model_config)
     return Run(cfg, modalities, objectives, model_config, backbone, facts)
-
-
-def load_run_model(run_dir: str | Path, weights: str = "ema", device: str | torch.device = "auto",
-                   modality_name: str | None = None) -> tuple[nn.Module, Modality, RunConfig]:
-    """``(model, modality, cfg)`` of a run directory, from ``ema.safetensors`` or the newest checkpoint
-    (``weights``: ``"ema"`` or ``"model"``), in eval mode on ``device``. For a mixed run,
-    ``modality_name`` picks the modality to sample (default: the first)."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory: {cfg_path} is missing")
-    with replaying(read_facts(run_dir)):  # the data as it was read at training (also when it is gone)
-        run = build_run(load_config(cfg_path))
-    modality = run.modality(modality_name, str(run_dir))
-    try:
-        run.backbone.load_state_dict(read_run_weights(run_dir, weights))
-    except RuntimeError as e:  # tensors of another shape or name: not this config's model
-        raise CheckpointLoadError(f"the {weights} weights in {run_dir} do not fit its config.yaml "
-                                  f"({str(e).splitlines()[0][:200]})") from None
-    dev = pick_device(device) if isinstance(device, str) else device
-    return run.backbone.to(dev).eval(), modality, run.config
 
 
 def read_run_weights(run_dir: Path, weights: str = "ema") -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from .distributed import destroy, init_distributed
 from .generate import generate, sampler_config
 from .modality import Modality
 from .official_repro import OFFICIAL_SEED
-from .pretrained import load_model
+from .pretrained import load_model, model_root
 from .prompts import PROMPTS_FILE, gather_prompts
 from .registry import checkpoint_loaders
 from .run_setup import pick_device
@@ -43,20 +44,11 @@ def _sampler(base: Any, args: argparse.Namespace) -> SamplerConfig:
                           precision=args.precision, guidance_low=args.guidance_low, guidance_high=args.guidance_high)
 
 
-def _run_root(run: Path) -> Path:
-    """Where a sampled model's outputs go by default: the run (or pretrained) directory of a weights file."""
-    return run.parent if run.is_file() else run
-
-
-def _write_grid_captions(path: Path, modality: Modality, prompts: list[str] | None,
-                         labels: torch.Tensor | None, n: int) -> Path | None:
-    """``<grid>.prompts.txt`` beside a text-conditioned grid: sample i's prompt on line i."""
-    if not modality.context_dim:
+def _write_grid_prompts(path: Path, modality: Modality, prompts: list[str] | None, n: int) -> Path | None:
+    """``<grid>.prompts.txt`` beside a grid sampled from ``--prompt``/``--prompts``: sample i's prompt on line i
+    (a file ``--prompts`` reads back). Captions drawn from the run's data are the modality's own ``<grid>.txt``."""
+    if not modality.context_dim or prompts is None:
         return None
-    if prompts is None:
-        if labels is None:
-            return None
-        prompts = [modality.class_names[int(k)] for k in labels]
     lines = [prompts[i % len(prompts)] for i in range(n)]
     return atomic_write_text(path.with_name(path.stem + ".prompts.txt"), "\n".join(lines) + "\n")
 
@@ -66,8 +58,8 @@ def eval_hint(modality: Modality, run: Path | None, out_dir: Path, npz: Path | N
     written = sorted(p.suffix for p in out_dir.glob("000000.*") if p.suffix != ".tmp")
     suffix = written[0] if written else ""
     paired = (out_dir / PROMPTS_FILE).is_file()
-    if modality.evaluator and run is not None and (_run_root(run) / "config.yaml").is_file():
-        return f"evaluate with (probe features of the synthetic data):\n  selfflow eval probe --run {_run_root(run)}"
+    if modality.evaluator and run is not None:
+        return f"evaluate with (probe features of the synthetic data):\n  selfflow eval probe --run {model_root(run)}"
     if suffix in VIDEO_SUFFIXES:
         return (f"evaluate with (FVD against real videos{'; prompts paired from prompts.jsonl' if paired else ''}):"
                 f"\n  selfflow eval fvd --fake {out_dir} --real REAL_VIDEOS --i3d i3d_torchscript.pt")
@@ -99,13 +91,18 @@ def _sample_grid(args: argparse.Namespace, prompts: list[str] | None) -> int:
         media, labels = generate(loaded.model, loaded.modality, n, sampler, args.seed, device, bar.update,
                                  prompts=prompts)
     # a mixed run's modalities keep their own folder, as the training previews do
-    where = _run_root(args.run) / "samples" / (loaded.modality.name if loaded.config.data.mixture else "")
+    where = model_root(args.run) / "samples" / (loaded.modality.name if loaded.config.data.mixture else "")
     out = args.out or where / f"sample_seed{args.seed}"
+    if out.is_dir():  # an existing folder: the grid goes inside it under its default name
+        out = out / f"sample_seed{args.seed}"
     written = loaded.modality.save_samples(media, labels, out)
     print(f"wrote {written}")
-    captions = _write_grid_captions(written, loaded.modality, prompts, labels, n)
-    if captions is not None:
-        print(f"wrote {captions}")
+    if args.out is not None and args.out.suffix and written.name != args.out.name and not args.out.is_dir():
+        print(f"note: {loaded.modality.name} grids are written as {written.suffix} (--out {args.out} named "
+              f"{args.out.suffix!r})", file=sys.stderr)
+    prompts_file = _write_grid_prompts(written, loaded.modality, prompts, n)
+    if prompts_file is not None:
+        print(f"wrote {prompts_file}")
     return 0
 
 
@@ -154,7 +151,7 @@ def run_sample(args: argparse.Namespace) -> int:
         else:
             raise ConfigError("--out-dir needs --run RUN or --official-ckpt PATH")
         sampler = _sampler(base, args)
-        out_dir = args.out_dir or (_run_root(args.run or Path("samples")) / "samples" / f"eval_seed{args.seed}")
+        out_dir = args.out_dir or (model_root(args.run or Path("samples")) / "samples" / f"eval_seed{args.seed}")
         opts = SampleManyConfig(num=args.num or (len(prompts) if prompts else 50_000), batch_size=args.batch_size,
                                 seed=args.seed, labels=args.labels, png=args.png, npz=args.npz, out_dir=out_dir,
                                 official_repro=args.official_repro, official_world_size=args.official_world_size,

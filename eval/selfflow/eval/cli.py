@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from selfflow.core.arg_types import device_name, finite_float, positive_int, resolve_device
+from selfflow.core.arg_types import (
+    ExamplesFormatter,
+    device_name,
+    finite_float,
+    non_negative_int,
+    output_file,
+    positive_int,
+    resolve_device,
+)
+from selfflow.core.atomic import atomic_write_text
 
 from .registry import METRICS, load
 
@@ -30,11 +38,13 @@ EPILOG = """examples:
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Entry point for the core CLI: adds ``selfflow eval`` and its subcommands."""
+    from selfflow.core.cli import missing_command
+
     parser = subparsers.add_parser(
         "eval", help="evaluate samples (ADM FID/sFID/IS/precision/recall, reference statistics, …)",
         description="Evaluation metrics. Weights are never downloaded: pass local files or set "
                     "$SELFFLOW_WEIGHTS to a directory that holds them.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=ExamplesFormatter)
     sub = parser.add_subparsers(dest="eval_command", metavar="METRIC")
     for name, metric in METRICS.items():
         try:
@@ -44,13 +54,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
             stub.set_defaults(func=lambda args, e=e: _fail(e))
             continue
         registrar(sub)
-    parser.set_defaults(func=lambda args: _no_subcommand(parser))
+    parser.set_defaults(func=lambda args: missing_command(parser))
     return parser
-
-
-def _no_subcommand(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 1
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -72,7 +77,7 @@ def add_adm_parser(sub: Any) -> None:
     p.add_argument("ref", help="reference .npz or image folder")
     p.add_argument("samples", help="samples .npz (arr_0) or image folder")
     _add_common(p)
-    p.add_argument("--out", type=Path, help="write the metrics as JSON here")
+    p.add_argument("--out", type=output_file, help="write the metrics as JSON here")
     p.add_argument("--fp32-distances", action="store_true",
                    help="exact float32 distances for precision/recall (ADM uses float16)")
     p.set_defaults(func=cmd_adm)
@@ -84,20 +89,24 @@ def add_stats_parser(sub: Any) -> None:
         description="Writes mu, sigma (pool_3) and mu_s, sigma_s (spatial) with counts, in the ADM "
                     "reference layout, for use as REF in 'selfflow eval adm'.")
     p.add_argument("src", help="image folder or .npz with arr_0")
-    p.add_argument("--out", type=Path, required=True, help="output .npz")
+    p.add_argument("--out", type=output_file, required=True, help="output .npz")
     p.add_argument("--keep-features", action="store_true",
                    help="also store the pool_3 features (pool_3, N×2048) for precision/recall")
     _add_common(p)
     p.set_defaults(func=cmd_stats)
 
 
-def _run(args: argparse.Namespace, body: Callable[[Any, bool], int]) -> int:
+def _run(args: argparse.Namespace, body: Callable[[Any, bool], int], inputs: list[str]) -> int:
     """Join torchrun's process group if any (core's restart-safe setup, which also picks this rank's
-    GPU), load the network, run ``body(model, is_main)``; input errors become exit code 2."""
+    GPU), load the network, run ``body(model, is_main)``; input errors become exit code 2. The ``inputs``
+    are checked first: a typo is reported before the network loads."""
     from selfflow.core.distributed import destroy, init_distributed
 
     from .inception import load_inception
 
+    for path in inputs:
+        if not Path(path).exists():
+            return _fail(FileNotFoundError(f"{path} does not exist"))
     dist = init_distributed(resolve_device(args.device))
     try:
         return body(load_inception(args.inception, device=dist.device), dist.is_main)
@@ -125,11 +134,11 @@ def cmd_adm(args: argparse.Namespace) -> int:
             print(f"note: {note}", file=sys.stderr)
         print(format_adm(metrics))
         if args.out is not None:
-            _write_json(args.out, metrics)
+            atomic_write_text(args.out, json.dumps(metrics, indent=2) + "\n")
             print(f"wrote {args.out}")
         return 0
 
-    return _run(args, body)
+    return _run(args, body, [args.ref, args.samples])
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -142,35 +151,33 @@ def cmd_stats(args: argparse.Namespace) -> int:
             print(f"wrote {info['out']} ({info['count']} images, keys: {', '.join(info['keys'])})")
         return 0
 
-    return _run(args, body)
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    return _run(args, body, [args.src])
 
 
 def _run_probe(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from selfflow.core.generate import generate, sampler_config
-    from selfflow.core.run_setup import load_run_model
+    from selfflow.core.pretrained import load_model, model_root
 
     from .registry import evaluators, load
 
-    model, modality, cfg = load_run_model(args.run, args.weights, args.device)
+    loaded = load_model(args.run, args.device, weights=args.weights)
+    model, modality, cfg = loaded.model, loaded.modality, loaded.config
     if modality.evaluator not in ("shapes_probe", "digits_probe"):
         raise ValueError(f"{args.run} does not train on synthetic shapes or digits; the probe only applies there")
     # metrics: no CFG unless asked; validated like `selfflow sample`'s flags (sde needs ≥ 2 steps …)
     sampler = sampler_config(cfg.sampler(modality), steps=args.steps,
                              cfg_scale=cfg.eval.cfg_scale if args.cfg_scale is None else args.cfg_scale)
     device = next(model.parameters()).device
-    media, labels = generate(model, modality, args.num, sampler, args.seed, device)
+    with tqdm(total=sampler.steps, desc=f"sampling {args.num}", unit="step", leave=False,
+              disable=args.no_progress or None) as bar:
+        media, labels = generate(model, modality, args.num, sampler, args.seed, device, bar.update)
     scores = load(evaluators()[modality.evaluator])(modality)(media, labels)
     result = {**scores, "protocol": f"{modality.evaluator}-v1 (a proxy on built-in data, not FID)",
               "run": str(args.run), "num_samples": args.num, "sampler": sampler.model_dump()}
-    out = args.out or args.run / "probe_metrics.json"
-    Path(out).write_text(json.dumps(result, indent=2))
+    out = args.out or model_root(args.run) / "probe_metrics.json"
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"probe_fd {scores['probe_fd']:.4f}   probe_acc {scores['probe_acc']:.3f}   ({args.num} samples)")
     print(f"wrote {out}")
     return 0
@@ -185,14 +192,17 @@ def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "~/.cache/selfflow): probe_fd (Fréchet distance in the probe's feature space, lower is "
                     "better) and probe_acc (fraction of samples recognised as their class). A proxy for "
                     "comparing runs on the toy data, not FID.")
-    p.add_argument("--run", type=Path, required=True, help="run directory (holds config.yaml)")
+    p.add_argument("--run", type=Path, required=True,
+                   help="run directory (config.yaml), pretrained directory (config.json) or ema.safetensors")
     p.add_argument("--num", type=positive_int, default=500, help="samples to generate (classes cycle; default 500)")
     p.add_argument("--steps", type=positive_int, help="sampler steps (default: the run's resolved sampler)")
     p.add_argument("--cfg-scale", type=finite_float,
                    help="guidance scale (default: the run's eval.cfg_scale; ≤ 1: no guidance)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema",
+                   help="the run's EMA weights, or its newest checkpoint's model weights")
     p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda:N")
-    p.add_argument("--out", type=Path, help="JSON output (default: RUN/probe_metrics.json)")
+    p.add_argument("--out", type=output_file, help="JSON output (default: RUN/probe_metrics.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_probe)
     return p

@@ -11,7 +11,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from selfflow.core.arg_types import device_name, positive_int, resolve_device
+from selfflow.core.arg_types import (
+    PreformattedFormatter,
+    device_name,
+    non_negative_int,
+    output_file,
+    positive_int,
+    resolve_device,
+)
+from selfflow.core.atomic import atomic_write_text
 from selfflow.core.config import ConfigError
 
 from .clap import VARIANTS
@@ -27,7 +35,7 @@ def report_results(results: dict[str, Any], out: str | Path | None) -> int:
     text = json.dumps(results, indent=2)
     print(text)
     if out:
-        Path(out).write_text(text + "\n")
+        atomic_write_text(out, text + "\n")
     return 0
 
 
@@ -74,7 +82,7 @@ def add_t2i_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``t2i`` (FD-DINOv2 and CLIP score) to an argparse subparsers object."""
     parser = subparsers.add_parser(
         "t2i", help="text-to-image metrics: FD-DINOv2 and CLIP score",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=PreformattedFormatter,
         description=(
             "FD-DINOv2 (dgm-eval protocol) between --images and --ref, and/or CLIP score "
             "(ViT-L/14, mean of 100*max(cos,0)) of --images against --prompts.\n\n"
@@ -97,7 +105,7 @@ def add_t2i_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--save-ref-stats", help="write the reference DINOv2 stats to this .npz")
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images per forward (default 50)")
     parser.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda:N")
-    parser.add_argument("--out", help="also write the JSON results to this file")
+    parser.add_argument("--out", type=output_file, help="also write the JSON results to this file")
     parser.set_defaults(func=_run_t2i)
     return parser
 
@@ -128,7 +136,7 @@ def add_fvd_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``fvd`` (FVD and framewise FID) to an argparse subparsers object."""
     parser = subparsers.add_parser(
         "fvd", help="video metrics: FVD (StyleGAN-V) and framewise FID",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=PreformattedFormatter,
         description=(
             "FVD with the StyleGAN-V protocol (fvd2048_16f) and, with --frames-fid, framewise "
             "FID, between --fake and --real.\n\n"
@@ -143,19 +151,20 @@ def add_fvd_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--fake", required=True, help="folder of generated videos")
     parser.add_argument("--real", required=True, help="folder of real videos or I3D stats .npz")
     parser.add_argument("--i3d", help="path of i3d_torchscript.pt (enables FVD)")
-    parser.add_argument("--frames", type=int, default=NUM_FRAMES, help="frames per clip (16)")
-    parser.add_argument("--clip-start", type=int, default=0, help="first frame of each clip")
-    parser.add_argument("--stride", type=int, default=1, help="frame subsampling factor")
-    parser.add_argument("--max-clips", type=int, default=MAX_CLIPS, help="clips per set (2048)")
+    parser.add_argument("--frames", type=positive_int, default=NUM_FRAMES, help="frames per clip")
+    parser.add_argument("--clip-start", type=non_negative_int, default=0, help="first frame of each clip")
+    parser.add_argument("--stride", type=positive_int, default=1, help="frame subsampling factor")
+    parser.add_argument("--max-clips", type=positive_int, default=MAX_CLIPS, help="clips per set")
     parser.add_argument("--save-real-stats", help="write the real I3D statistics to this .npz")
     parser.add_argument("--frames-fid", action="store_true", help="also compute framewise FID")
     parser.add_argument("--real-frames", help="real videos or Inception stats .npz for framewise "
                                               "FID (default: --real)")
     parser.add_argument("--inception", help="FID Inception weights file")
-    parser.add_argument("--max-frames", type=int, default=MAX_FRAMES_FID)
+    parser.add_argument("--max-frames", type=positive_int, default=MAX_FRAMES_FID,
+                        help="frames per set for framewise FID")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="clips per I3D batch")
     parser.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda:N")
-    parser.add_argument("--out", help="also write the JSON results to this file")
+    parser.add_argument("--out", type=output_file, help="also write the JSON results to this file")
     parser.set_defaults(func=_run_fvd)
     return parser
 
@@ -188,7 +197,7 @@ def add_fad_parser(subparsers: Any) -> argparse.ArgumentParser:
                       for k, v in VARIANTS.items())
     parser = subparsers.add_parser(
         "fad", help="audio metric: FAD with CLAP embeddings (fadtk protocol)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=PreformattedFormatter,
         description=(
             "FAD between --fake and --real with the fadtk protocol (mono, resample, 16-bit PCM, "
             "windows every 1 s over the whole file, zero-padded, one embedding per window).\n\n"
@@ -210,7 +219,7 @@ def add_fad_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="keep float32 embeddings (fadtk rounds them to float16)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="windows per forward")
     parser.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda:N")
-    parser.add_argument("--out", help="also write the JSON results to this file")
+    parser.add_argument("--out", type=output_file, help="also write the JSON results to this file")
     parser.add_argument("--convert-from", help="original checkpoint (.pt / .pth) to convert")
     parser.add_argument("--convert-to", help="output directory of the conversion")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help="variant being converted")

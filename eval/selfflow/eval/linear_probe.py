@@ -12,7 +12,7 @@ probe's held-out stream) and digits (fit: its training split, test: its test spl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -93,10 +93,10 @@ def ridge_probe(x_fit: torch.Tensor, y_fit: torch.Tensor, x_test: torch.Tensor, 
 
 
 def linear_probe(model: nn.Module, modality: Any, levels: Sequence[float] = LEVELS,
-                 blocks: Sequence[int] | None = None, n_fit: int = 1000, n_test: int = 500, seed: int = 0
-                 ) -> dict[str, Any]:
+                 blocks: Sequence[int] | None = None, n_fit: int = 1000, n_test: int = 500, seed: int = 0,
+                 progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
     """``{"accuracy": {block: {t: acc}}, "lambda": {block: {t: λ}}, "levels", "blocks", "n_fit", "n_test"}``
-    (block and level keys are strings, as in JSON)."""
+    (block and level keys are strings, as in JSON). ``progress(1)`` is called as each level is done."""
     (xf, yf), (xt, yt) = labelled_splits(modality, n_fit, n_test)
     blocks = list(blocks or range(1, model.depth + 1))
     acc: dict[str, dict[str, float]] = {str(k): {} for k in blocks}
@@ -107,6 +107,8 @@ def linear_probe(model: nn.Module, modality: Any, levels: Sequence[float] = LEVE
         for k in blocks:
             acc[str(k)][str(t)], lam[str(k)][str(t)] = ridge_probe(fit[k], yf, test[k], yt, modality.num_classes,
                                                                  seed=seed)
+        if progress is not None:
+            progress(1)
     return {"accuracy": acc, "lambda": lam, "levels": list(levels), "blocks": blocks,
             "n_fit": len(yf), "n_test": len(yt)}
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from selfflow.core.arg_types import positive_int
+from selfflow.core.arg_types import device_name, positive_int
 from selfflow.core.cli import prepare_subparsers
+from selfflow.core.config import ConfigError
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -17,6 +18,8 @@ def _run(args: argparse.Namespace) -> int:
     from .codecs import load_autoencoder
     from .prepare_imagenet import PrepareOptions, prepare_imagenet, summarize
 
+    if not args.src.is_dir():  # before the autoencoder loads: a typo in --src fails at once
+        raise ConfigError(f"--src {args.src} is not a directory (the ImageNet train folder: one folder per class)")
     dist = init_distributed(pick_device(args.device))
     try:
         vae = load_autoencoder(args.codec, args.vae, dist.device)
@@ -64,6 +67,7 @@ def _register_imagenet(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per VAE forward (default 32)")
     p.add_argument("--flip", action="store_true", help="also store the moments of the mirrored image")
     p.add_argument("--store-pixels", action="store_true", help="also store the 256-px crop (needed by REPA)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto (cuda if available), cpu, cuda (under torchrun: each rank's GPU), cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

@@ -65,6 +65,7 @@ def load_image(path: str, size: int) -> torch.Tensor:
 def prepare_image_text(options: PrepareImageTextOptions | dict[str, Any]) -> dict[str, Any]:
     """Run this rank's part; returns the counts of :func:`write_shards`."""
     opts = PrepareImageTextOptions.model_validate(options)
+    items = list_media(opts.input, IMAGE_EXTS)  # before the autoencoder: a wrong --input fails at once
     opts.device = rank_device(opts.device)
     vae = None if opts.codec == "pixel" else load_autoencoder(opts.codec, opts.vae_dir, opts.device,
                                                                opts.scaling_factor)
@@ -75,7 +76,6 @@ def prepare_image_text(options: PrepareImageTextOptions | dict[str, Any]) -> dic
     if vae is not None:
         check_image_size(vae, opts.image_size)
     encoder = build_text_encoder(opts.text, opts.device) if opts.text is not None else None
-    items = list_media(opts.input, IMAGE_EXTS)
     uncaptioned = sum(1 for item in items if item.text is None and item.caption_file is None)
     if uncaptioned and opts.rank == 0:  # a text-to-image dataset without its text is most likely a mistake
         log.warning("%d of %d images have no caption (no NAME.txt beside them, no \"caption\" in the manifest): "

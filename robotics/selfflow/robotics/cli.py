@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from selfflow.core.arg_types import device_name, positive_int
+from selfflow.core.arg_types import device_name, non_negative_int, positive_int
 from selfflow.core.config import ConfigError
 
 
@@ -55,9 +55,10 @@ def _policy_factory(args: argparse.Namespace):
         if args.policy == "zero":
             return lambda env: SimplerPolicyAdapter(lambda image, text: np.zeros((4, 7), np.float32), identity)
         raise ConfigError("--policy model needs --run <run directory of an rt1 training>")
-    from selfflow.core.run_setup import load_run_model
+    from selfflow.core.pretrained import load_model
 
-    model, modality, _ = load_run_model(Path(args.run), device=args.device, modality_name="rt1")
+    loaded = load_model(Path(args.run), args.device, modality_name="rt1")
+    model, modality = loaded.model, loaded.modality
     device = next(model.parameters()).device
     if args.validate and args.policy == "model":
         args.validation = _validate(model, modality, args, device)
@@ -90,22 +91,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("simpler", help="SIMPLER visual-matching rollouts of an rt1 run",
                               description="Move Near and Open Top Drawer and Place Apple (visual matching), "
                                           "SIMPLER's loop and success at the final step.")
-    p.add_argument("--run", help="run directory of an rt1 training (EMA weights)")
+    p.add_argument("--run", help="an rt1 training: its run directory, pretrained directory or ema.safetensors")
     p.add_argument("--env", choices=["simpler", "fake"], default="simpler",
                    help="fake: the offline stand-in, results labelled env: fake")
-    p.add_argument("--task", choices=["all", "move_near", "open_top_drawer_place_apple"], default="all")
+    p.add_argument("--task", choices=["all", "move_near", "open_top_drawer_place_apple"], default="all",
+                   help="which visual-matching sweep to run")
     p.add_argument("--policy", choices=["model", "zero", "oracle"], default="model",
                    help="zero: no motion (a floor); oracle: scripted, fake env only — driver checks")
     p.add_argument("--limit", type=positive_int, help="first N episodes of each sweep (smoke runs; default: all)")
-    p.add_argument("--steps", type=positive_int, default=10, help="Euler steps per action chunk (default 10)")
-    p.add_argument("--exec-horizon", type=positive_int, default=2, help="actions executed per chunk (default 2)")
+    p.add_argument("--steps", type=positive_int, default=10, help="Euler steps per action chunk")
+    p.add_argument("--exec-horizon", type=positive_int, default=2, help="actions executed per chunk")
     p.add_argument("--sticky-steps", type=positive_int, default=15,
-                   help="steps a gripper change is held (default 15)")
+                   help="steps a gripper change is held")
     p.add_argument("--video", choices=["joint", "marginal"], default="joint",
                    help="future frames: denoised with the actions, or held at pure noise (the schedule's policy mode)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the held-out action/video metrics (validation.json)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0, help="sampling noise and episode seed")
     p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda:N")
-    p.add_argument("--out", default="runs/simpler-eval")
+    p.add_argument("--out", default="runs/simpler-eval", help="directory for episodes.jsonl, summary.json and validation.json")
     p.set_defaults(func=_run)

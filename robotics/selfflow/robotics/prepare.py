@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
 
 from selfflow.core.data.shard_format import npy_bytes
 from selfflow.core.data.shard_writer import write_json
@@ -50,6 +51,7 @@ class PrepareRT1Options(BaseModel):
     max_shards: int | None = Field(None, ge=1, description="convert only the first N source shards (smoke runs)")
     rank: int = Field(default_factory=lambda: int(os.environ.get("RANK", "0")), ge=0)
     world_size: int = Field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", "1")), ge=1)
+    progress: bool = Field(False, description="a progress bar over this rank's source shards")
 
 
 def episode_key(source: str, index: int) -> str:
@@ -144,13 +146,13 @@ def prepare_rt1(options: PrepareRT1Options | dict) -> dict:
     done, else ``{"pending": [shard numbers]}``."""
     o = PrepareRT1Options.model_validate(options)
     out = Path(o.out)
+    files = tfrecord_files(o.input)[: o.max_shards]  # before anything is written: a wrong --input leaves nothing
     for sub in ("train", "val", "reports"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     check_conversion_options(out, o)
-    files = tfrecord_files(o.input)[: o.max_shards]
-    for n in range(o.rank, len(files), o.world_size):
-        if not (out / "reports" / f"{n:05d}.json").is_file():
-            convert_shard(files[n], n, out, o)
+    mine = [n for n in range(o.rank, len(files), o.world_size) if not (out / "reports" / f"{n:05d}.json").is_file()]
+    for n in tqdm(mine, desc=f"rt1 shards (rank {o.rank})", unit="shard", disable=not o.progress or None):
+        convert_shard(files[n], n, out, o)
     pending = [n for n in range(len(files)) if not (out / "reports" / f"{n:05d}.json").is_file()]
     if pending:
         return {"pending": pending}

@@ -39,10 +39,10 @@ def prepare_video(options: PrepareVideoOptions | dict[str, Any]) -> dict[str, An
     from .wan_codec import WanCodec
 
     opts = PrepareVideoOptions.model_validate(options)
+    items = list_media(opts.input, VIDEO_EXTENSIONS)  # before the codec: a wrong --input fails at once
     opts.device = rank_device(opts.device)  # this rank's GPU under torchrun
     codec = WanCodec.from_pretrained(opts.vae_dir, opts.codec).to(opts.device)
     encoder = build_text_encoder(opts.text, opts.device) if opts.text is not None else None
-    items = list_media(opts.input, VIDEO_EXTENSIONS)
     index = {it.path: i for i, it in enumerate(items)}
     spec = opts.clip
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from selfflow.core.arg_types import positive_int
 from selfflow.core.cli import prepare_subparsers
 from selfflow.core.data.prepare_options import (
     add_prepare_arguments,
@@ -30,10 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="One clip per video (4k+1 frames, resized and centre-cropped), the Wan VAE's posterior "
                     "mean, caption and optional caption embedding per sample.")
     add_prepare_arguments(p)
-    p.add_argument("--codec", choices=["wan2.2", "wan2.1"], default="wan2.2")
-    p.add_argument("--frames", type=int, default=45, help="4k+1 (paper: 45)")
-    p.add_argument("--height", type=int, default=192)
-    p.add_argument("--width", type=int, default=320, help="multiple of 32")
-    p.add_argument("--stride", type=int, default=1, help="take every n-th source frame")
-    p.add_argument("--backend", choices=["auto", "decord", "pyav"], default="auto")
+    p.add_argument("--codec", choices=["wan2.2", "wan2.1"], default="wan2.2",
+                   help="which Wan VAE --vae-dir holds (wan2.2: 16x spatial, 48 channels; wan2.1: 8x, 16)")
+    p.add_argument("--frames", type=positive_int, default=45, help="frames per clip, 4k+1 (paper: 45)")
+    p.add_argument("--height", type=positive_int, default=192, help="clip height in pixels, a multiple of 32")
+    p.add_argument("--width", type=positive_int, default=320, help="clip width in pixels, a multiple of 32")
+    p.add_argument("--stride", type=positive_int, default=1, help="take every n-th source frame")
+    p.add_argument("--backend", choices=["auto", "decord", "pyav"], default="auto",
+                   help="video decoder (auto: decord where installed, else PyAV)")
     p.set_defaults(func=_run)

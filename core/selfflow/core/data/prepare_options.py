@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..arg_types import positive_int
+from ..arg_types import device_name, non_negative_int, positive_int, resolve_device
 
 
 class PrepareOptions(BaseModel):
@@ -29,7 +29,10 @@ class PrepareOptions(BaseModel):
 
 
 def rank_device(device: str) -> str:
-    """``cuda`` under torchrun means this rank's GPU (``cuda:LOCAL_RANK``), not every rank on GPU 0."""
+    """``cuda`` under torchrun means this rank's GPU (``cuda:LOCAL_RANK``), not every rank on GPU 0; ``auto``
+    means CUDA when there is a GPU."""
+    if device == "auto":
+        device = resolve_device(device).type
     local = os.environ.get("LOCAL_RANK")
     return f"cuda:{local}" if device == "cuda" and local is not None else device
 
@@ -45,9 +48,9 @@ def add_prepare_arguments(p: argparse.ArgumentParser, vae_required: bool = True)
     p.add_argument("--text-layers", default="-1", help="hidden-state layers to stack, e.g. -1 or 9,18,27")
     p.add_argument("--tiny-text", type=positive_int, metavar="DIM",
                    help="… or of the built-in tiny encoder of width DIM")
-    p.add_argument("--seed", type=int, default=0, help="clip / crop positions are drawn from (seed, item index)")
-    p.add_argument("--device", default="cpu", help="where the autoencoder and text encoder run: cpu, cuda "
-                                                   "(under torchrun: each rank's GPU), cuda:N")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="clip / crop positions are drawn from (seed, item index)")
+    p.add_argument("--device", type=device_name, default="auto", help="where the autoencoder and text encoder "
+                   "run: auto (cuda if available), cpu, cuda (under torchrun: each rank's GPU), cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
