@@ -57,6 +57,37 @@ def test_sample_takes_labels_or_prompts_as_the_run_allows(tmp_path):
     assert torch.equal(load(saved, device="cpu").sample(labels=[1], steps=1, seed=5), media[:1])
 
 
+def test_sample_checks_its_arguments_and_returns_ordinary_tensors(tmp_path):
+    run_dir, _ = make_run_dir(tmp_path)
+    model = load(run_dir, device="cpu")
+    media = model.sample(labels=3, steps=1)  # one label: an int is enough (it was a TypeError)
+    media.mul_(0.5)  # an ordinary tensor: inference-mode tensors refused in-place edits and autograd
+    assert media.shape[0] == 1 and not media.is_inference()
+    for bad, says in (({"n": 0}, r"n must be an integer ≥ 1, got 0"),  # 0 used to mean "the default"
+                      ({"n": 2.5}, r"n must be an integer ≥ 1, got 2\.5"),
+                      ({"seed": -1}, r"seed must be an integer ≥ 0, got -1"),
+                      ({"labels": torch.tensor([1.7, 2.2])}, r"class labels must be integers, got torch\.float32"),
+                      ({"labels": []}, r"the class label list is empty")):
+        with pytest.raises(ConfigError, match=says):
+            model.sample(steps=1, **bad)
+
+
+def test_save_captions_a_grid_as_the_cli_does(tmp_path):
+    from PIL import Image
+
+    run_dir, _ = make_run_dir(tmp_path)
+    model = load(run_dir, device="cpu")
+    media = model.sample(labels=[1, 2], steps=1)
+    labelled = model.save(media, tmp_path / "labelled", labels=[1, 2])
+    plain = model.save(media, tmp_path / "plain")
+    assert Image.open(labelled).size != Image.open(plain).size  # class names under the columns
+    text_dir, _ = make_run_dir(tmp_path, "data.options.conditioning=text", "data.options.text={kind: tiny, dim: 16}",
+                               name="text")
+    text = load(text_dir, device="cpu")
+    grid = text.save(text.sample(prompts=["a", "b"], n=3, steps=1), tmp_path / "t", prompts=["a", "b"])
+    assert (tmp_path / "t.prompts.txt").read_text().splitlines() == ["a", "b", "a"] and grid.suffix == ".png"
+
+
 def test_export_writes_a_pretrained_dir_and_pushes_only_when_asked(tmp_path, monkeypatch, capsys):
     run_dir, _ = make_run_dir(tmp_path)
     out = tmp_path / "exported"

@@ -80,6 +80,14 @@ def test_a_finished_run_rerun_does_nothing_unless_steps_are_raised(tmp_path, cap
     assert main(["train", "--no-progress", *sets, "--set", "train.steps=2"]) == 0
     assert "already finished (step 2, train.steps=2)" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in outputs} == outputs and len(list(run.glob("samples/*"))) == 1
+    from selfflow.core.config import load_config
+    from selfflow.core.trainer import Trainer
+
+    # from Python too: fit() on a finished run used to rewrite its checkpoint, samples and EMA
+    result = Trainer(load_config(None, [*TINY, f"output_dir={tmp_path}", "name=done", "train.steps=2"]),
+                     progress=False).fit()
+    assert result["last"] == {} and result["ema"] == run / "ema.safetensors"
+    assert {p: p.stat().st_mtime_ns for p in outputs} == outputs
     assert main(["train", "--no-progress", *sets, "--set", "train.steps=3"]) == 0
     assert (run / "checkpoints" / "step_00000003.pt").is_file()
     log = (run / "train.log").read_text()

@@ -12,6 +12,19 @@ def test_yaml_overrides_and_presets(tmp_path):
     assert parse_override("sample.guidance_interval=[0, 0.7]") == (["sample", "guidance_interval"], [0, 0.7])
 
 
+def test_overrides_address_list_items_by_index_and_one_string_is_one_override():
+    mix = ("data.mixture=[{modality: image, options: {image_size: 16, patch_size: 4}, batch_size: 4}, "
+           "{modality: image, options: {image_size: 16, patch_size: 4}, batch_size: 4}]")
+    cfg = load_config(None, [mix, "data.mixture.1.batch_size=2", "data.mixture[0].options.image_size=32"])
+    assert [e.batch_size for e in cfg.data.mixture] == [4, 2] and cfg.data.mixture[0].options["image_size"] == 32
+    # these used to say "'mixture' is a value" or create a key "mixture[0]" named as unknown
+    with pytest.raises(ConfigError, match=r"data\.mixture is a list of 2 entries; address one by its index 0…1"):
+        load_config(None, [mix, "data.mixture.2.batch_size=2"])
+    with pytest.raises(ConfigError, match=r"'batch_size' is a value, not a section"):
+        load_config(None, [mix, "data.mixture.0.batch_size.x=2"])
+    assert load_config(None, "train.steps=5").train.steps == 5  # not split into characters
+
+
 def test_unknown_key_names_key_value_and_file(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("train:\n  stpes: 5\n")

@@ -93,3 +93,13 @@ def test_fsdp2_a_rank_failing_inside_the_sharded_gather_stops_the_run(tmp_path):
     assert [s for s, _ in list_checkpoints(path.parent)] == [2]
     resumed = run_train(tmp_path, "run", 2, *sets)
     assert [r["step"] for r in resumed if "loss" in r][-1] == 6 and [s for s, _ in list_checkpoints(path.parent)][-1] == 6
+
+
+def test_an_error_on_rank_0_alone_under_fsdp2_ends_the_job_with_its_message(tmp_path):
+    """Rank 0 writes data_facts.json alone; its failure used to leave it in the teardown barrier while rank 1
+    waited in FSDP2's all-gather: no message, both silent until the group's 30-minute timeout."""
+    (tmp_path / "df" / "data_facts.json").mkdir(parents=True)  # a folder where the file goes
+    proc = train_process(tmp_path, "df", 2, "train.steps=4", "train.batch_size=2", "train.parallel=fsdp2",
+                         timeout=240)
+    assert proc.returncode != 0
+    assert "selfflow: error: Is a directory" in proc.stderr and "data_facts.json" in proc.stderr, proc.stderr[-3000:]

@@ -101,3 +101,19 @@ def test_trains_a_step_with_activation_checkpointing():
     model(x, ids, torch.rand(3, 16), cond).square().mean().backward()
     assert model.blocks[0].attn.qkv.weight.grad is not None
     assert model.pos_embed.grad is None  # the position table is fixed
+
+
+def test_token_layouts_the_2d_position_table_cannot_hold_are_config_errors():
+    """Audio or video on the DiT trained position-blind without a word (the t column was ignored); a grid past
+    grid_size was a raw IndexError in the first forward."""
+    from selfflow.core.config import ConfigError
+    from selfflow.core.run_setup import build_run
+
+    for modality, options in (("audio", "{sample_rate: 8000, num_samples: 1024, patch: 64, conditioning: class}"),
+                              ("video", "{conditioning: class}")):
+        with pytest.raises(ConfigError, match=rf"modality '{modality}' places its tokens along a time axis"):
+            build_run(load_config(None, [f"data.modality={modality}", f"data.options={options}",
+                                         "model={arch: dit, preset: tiny}"]))
+    with pytest.raises(ConfigError, match=r"8×8 token grid, larger than .* \(model\.grid_size=4\): set model\.grid_size=8"):
+        build_run(load_config(None, ["model={arch: dit, preset: tiny, grid_size: 4}"]))
+    assert build_run(load_config(None, ["model={arch: dit, preset: tiny, grid_size: 8}"])).backbone.depth > 0

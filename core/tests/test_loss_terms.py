@@ -38,3 +38,13 @@ def test_alignment_is_minus_cosine_and_checks_shapes():
     assert torch.allclose(alignment_loss(feats, -feats, weight), torch.tensor(1.0))
     with pytest.raises(ValueError, match=r"projected features \(2, 5, 8\) do not match"):
         alignment_loss(feats, torch.randn(2, 5, 6))
+
+
+def test_flow_matching_refuses_shapes_that_would_broadcast():
+    """(B, L, C) against (B, 1, C) or (L, C) used to broadcast with only a warning (unweighted) or silently."""
+    pred = torch.randn(2, 5, 4)
+    for target in (torch.randn(2, 1, 4), torch.randn(5, 4)):
+        with pytest.raises(ValueError, match=r"velocity prediction \(2, 5, 4\) does not match its target"):
+            flow_matching_loss(pred, target)
+    with pytest.raises(ValueError, match=r"per-token weights \(2, 1\) do not match the tokens \(2, 5\)"):
+        flow_matching_loss(pred, torch.randn(2, 5, 4), torch.ones(2, 1))

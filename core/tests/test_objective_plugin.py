@@ -56,5 +56,15 @@ def test_a_plugin_kind_is_found_and_trains_one_step(tmp_path, monkeypatch):
 
 def test_a_plugin_entry_that_is_not_an_objective_kind_is_a_clear_error(tmp_path, monkeypatch):
     _install(tmp_path, monkeypatch, "self_flow_noisier_mask = noisier_mask_objective:noisier_second_level")
-    with pytest.raises(TypeError, match="must be an ObjectiveKind named 'self_flow_noisier_mask'"):
+    with pytest.raises(ValueError, match="must be an ObjectiveKind named 'self_flow_noisier_mask'"):
+        registry.get_objective("self_flow_noisier_mask")
+    # in a config: a validation error naming objective.kind (it was a TypeError traceback from a validator)
+    with pytest.raises(ValueError, match=r"kind\n.*must be an ObjectiveKind named"):
+        ObjectiveConfig(kind="self_flow_noisier_mask")
+
+
+def test_a_plugin_whose_module_does_not_import_is_named(tmp_path, monkeypatch):
+    _install(tmp_path, monkeypatch, "self_flow_noisier_mask = no_such_plugin_module:KIND")
+    with pytest.raises(ValueError, match=r"the selfflow\.objectives entry point self_flow_noisier_mask = "
+                                         r"no_such_plugin_module:KIND failed to load: ModuleNotFoundError"):
         registry.get_objective("self_flow_noisier_mask")

@@ -58,6 +58,18 @@ def test_load_model_takes_a_run_dir_a_pretrained_dir_or_a_weights_file(tmp_path)
         assert _same(load_model(source, "cpu").model, run.backbone), source
     with pytest.raises(ConfigError, match="is not a run directory"):
         load_model(tmp_path)
+    # a file inside a model directory names the directory to pass (it said "not a run directory")
+    with pytest.raises(ConfigError, match=rf"config\.yaml is a config of a model directory: pass the directory, {run_dir}"):
+        load_model(run_dir / "config.yaml")
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    torch.save({}, other / "checkpoints" / "step_00000002.pt")
+    with pytest.raises(ConfigError, match=rf"is a checkpoint of a model directory: pass the directory, {other}"):
+        load_model(other / "checkpoints" / "step_00000002.pt")
+    with pytest.raises(ConfigError, match=r"device: 'cuda:3' asked for, but no CUDA device|has \d+ CUDA device"):
+        load_model(run_dir, "cuda:3")
+    with pytest.raises(ConfigError, match=r"device: must be auto, cpu, cuda or cuda:N, got 'gpu0'"):
+        load_model(run_dir, "gpu0")
     with pytest.raises(FileNotFoundError, match=r"nope does not exist \(expected a run directory"):
         load_model(tmp_path / "nope")
     with pytest.raises(ConfigError, match=r"trained \['image'\], not 'audio'"):

@@ -151,3 +151,21 @@ def test_the_ema_file_cannot_be_sampled_as_the_model(tmp_path, capsys):
     assert main(["sample", "--run", str(run_dir / "ema.safetensors"), "--weights", "model", "--num", "2",
                  "--out", str(tmp_path / "g"), *FAST]) == 2
     assert "ema.safetensors holds the EMA weights, not weights='model'" in capsys.readouterr().err
+
+
+def test_the_evaluation_hint_is_the_modalitys_own(tmp_path, capsys):
+    """The hint used to be guessed from file suffixes: a plug-in modality writing .npy files was told to run
+    FVD. Now each modality says which command scores it (none by default)."""
+    from selfflow.core.modality import Modality
+    from selfflow.core.pretrained import load_model
+    from selfflow.core.sampling_cli import eval_hint
+
+    run_dir, _ = make_run_dir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["sample", "--run", str(run_dir), "--num", "2", "--out-dir", str(out), *FAST]) == 0
+    assert "selfflow eval probe --run" in capsys.readouterr().out  # a run on built-in labelled data
+    modality = load_model(run_dir, "cpu").modality
+    hint = eval_hint(modality, None, out, out / "samples_2.npz")  # e.g. an official checkpoint: no probe
+    assert "selfflow eval stats REAL_IMAGES" in hint and "16x16" in hint
+    (out / "000000.npy").write_bytes(b"")
+    assert Modality.evaluation_hint(modality, out, None, False) is None  # the default: no suggestion

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,7 @@ def test_adm_notes_small_n_and_unpublished_weights(data, inception_weights: Path
     assert all(f"note: {n}" in err for n in notes)
 
 
-def test_errors_are_clear(data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_errors_are_clear(data, inception_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                           capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("SELFFLOW_WEIGHTS", raising=False)
     assert run(["eval", "adm", str(data["ref_dir"]), str(data["samples"]), "--inception",
@@ -181,6 +182,16 @@ def test_errors_are_clear(data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                 str(tmp_path / "missing.pth")]) == 2
     err = capsys.readouterr().err
     assert "typo.npz does not exist" in err and "missing.pth" not in err
+    (tmp_path / "junk.npz").write_text("junk")  # was a zipfile.BadZipFile traceback
+    assert run(["eval", "adm", str(tmp_path / "junk.npz"), str(data["samples"]), "--inception",
+                str(inception_weights)]) == 2
+    assert "junk.npz is not a readable .npz file" in capsys.readouterr().err
+    bad_dir = tmp_path / "bad_images"
+    bad_dir.mkdir()
+    (bad_dir / "z.png").write_bytes(b"not a png")  # PIL's error is an OSError: it used to escape the handler
+    assert run(["eval", "stats", str(bad_dir), "--out", str(tmp_path / "s.npz"), "--inception",
+                str(inception_weights)]) == 2
+    assert "z.png" in capsys.readouterr().err
     # an --out that cannot be written is refused before the work, not after it
     with pytest.raises(SystemExit) as stop:
         run(["eval", "adm", str(data["ref_dir"]), str(data["samples"]), "--out", str(tmp_path)])
@@ -235,3 +246,34 @@ def test_two_rank_stats_through_core_distributed_setup(data, inception_weights: 
         assert int(b["count"]) == int(a["count"]) == 4
         np.testing.assert_allclose(b["mu"], a["mu"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(b["sigma"], a["sigma"], rtol=1e-3, atol=1e-4 * np.abs(a["sigma"]).max())
+
+
+@pytest.mark.distributed
+def test_an_error_on_one_rank_ends_the_job_with_its_message(inception_weights: Path, tmp_path: Path) -> None:
+    """A corrupt image met by one rank only: that rank used to wait in the teardown barrier while the other
+    waited in the feature all-gather, both silent until gloo's 30-minute timeout."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(7):
+        Image.new("RGB", (32, 32), (30 * i, 0, 0)).save(folder / f"{i}.png")
+    (folder / "z.png").write_bytes(b"not a png")  # sorts last: one rank's share
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+         "selfflow.core.cli", "eval", "stats", str(folder), "--out", str(tmp_path / "s.npz"), "--inception",
+         str(inception_weights), "--no-progress", "--device", "cpu"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and time.monotonic() - start < 200
+    assert "z.png" in proc.stderr and "selfflow eval: error:" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["probe", "--run", "r"], ["linear-probe", "--run", "r"],
+                                  ["t2i", "--images", "i", "--clip", "c", "--prompts", "p"],
+                                  ["fvd", "--fake", "f", "--real", "r"], ["fad", "--fake", "f", "--real", "r"]])
+def test_commands_that_do_not_shard_refuse_several_ranks(argv, monkeypatch, capsys) -> None:
+    """Under torchrun each rank used to compute the whole metric and write the same --out."""
+    from selfflow.core.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["eval", *argv]) == 2
+    assert f"selfflow eval {argv[0]} runs in one process" in capsys.readouterr().err

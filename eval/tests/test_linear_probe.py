@@ -82,3 +82,34 @@ def test_linear_probe_cli_writes_json_and_plot(tiny_run, capsys):
     assert main(["eval", "linear-probe", "--run", str(tiny_run / "pretrained"), "--num-fit", "40", "--num-test",
                  "20", "--levels", "0", "0.5", "--blocks", "1", "3"]) == 0
     assert json.loads((tiny_run / "pretrained" / "linear_probe.json").read_text())["accuracy"] == result["accuracy"]
+
+
+def test_a_text_conditioned_run_is_probed_on_its_datas_classes():
+    """The probe's classes are the dataset's labels: a text-conditioned shapes run (num_classes 0) used to
+    fail in one_hot ("Class values must be smaller than num_classes")."""
+    from selfflow.core.config import load_config
+    from selfflow.core.run_setup import build_run
+    from selfflow.eval.linear_probe import linear_probe
+
+    cfg = load_config(None, ["model.preset=tiny", "model.depth_single=1", "data.options.conditioning=text",
+                             "data.options.text={kind: tiny, dim: 16}"])
+    run = build_run(cfg)
+    modality = run.modality(None, "test")
+    assert modality.num_classes == 0 and modality.context_dim == 16
+    result = linear_probe(run.backbone.eval(), modality, levels=(0.0,), blocks=[1], n_fit=40, n_test=20)
+    assert 0 <= result["accuracy"]["1"]["0.0"] <= 1
+
+
+def test_an_evaluator_that_cannot_score_the_run_is_refused_before_training(tmp_path, caplog):
+    """It used to train until the first evaluation step, then stop with no checkpoint."""
+    from selfflow.core.config import load_config
+    from selfflow.core.trainer import Trainer
+
+    audio = ["data.modality=audio", "data.options={sample_rate: 8000, num_samples: 1024, patch: 64}",
+             "model.preset=tiny", "model.depth_single=1", "train.batch_size=2", "train.steps=4",
+             f"output_dir={tmp_path}"]
+    with pytest.raises(ValueError, match="the linear probe needs labelled held-out data"):
+        Trainer(load_config(None, [*audio, "name=lp", "eval.every=2", "eval.evaluators=[linear_probe]"]),
+                progress=False)
+    Trainer(load_config(None, [*audio, "name=none", "eval.every=2"]), progress=False)
+    assert "eval.every=2 but no modality of this run has an evaluator" in caplog.text

@@ -175,6 +175,10 @@ class AudioModality(CaptionedModalityMixin, Modality):
             self.write_captions(labels, path)
         return wav
 
+    def evaluation_hint(self, out_dir: Path, npz: Path | None, paired: bool) -> str | None:
+        return (f"evaluate with (FAD against real audio{'; prompts paired from prompts.jsonl' if paired else ''}):"
+                f"\n  selfflow eval fad --fake {out_dir} --real REAL_AUDIO --clap-a CLAP_DIR")
+
     def write_sample(self, media: torch.Tensor, label: int | None, path: Path) -> Path:
         """One sample exactly, as ``<path>.wav`` (no trailing gap: FAD windows every second of the file)."""
         return write_wav(media, Path(path).with_suffix(".wav"), self.sample_rate)

@@ -52,6 +52,10 @@ class Backbone(Protocol):
         """Analytic matmul FLOPs of one sample's forward through blocks ``1 … upto`` (all and the head if None)."""
         ...
 
+    # Optional: ``check_positions(ids (B, L, 3), modality: str) -> None`` raises a ValueError for a token layout
+    # the backbone's position encoding cannot represent (the DiT's 2-D table and a time axis); the run setup
+    # calls it with each modality's sample layout before training.
+
 
 @runtime_checkable
 class BackboneConfig(Protocol):

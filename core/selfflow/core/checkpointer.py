@@ -161,7 +161,8 @@ class Checkpointer:
         if conflicts:
             raise ConfigError(
                 f"cannot resume from {path}: the config differs from the one it was trained with in "
-                f"{'; '.join(conflicts)}. Use the same settings, another run name, or --no-resume to start afresh")
+                f"{'; '.join(conflicts)}. Use the same settings, another run name, or --no-resume "
+                "(Trainer(cfg, resume=False) in Python) to start afresh")
         self.load_state_dict(state, path)
         if self.dist.is_main:
             for bad, why in skipped:

@@ -50,16 +50,14 @@ def _objective_summary(trainer) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .distributed import destroy
+    from .distributed import torn_down_after
     from .trainer import Trainer
 
     cfg = load_config(args.config, args.set)
-    try:
+    with torn_down_after():
         trainer = Trainer(cfg, resume=not args.no_resume, progress=not args.no_progress)
         with trainer.log.text_log():  # rank 0's console lines also go to <run_dir>/train.log
             return _train(trainer)
-    finally:
-        destroy()
 
 
 def _train(trainer) -> int:
@@ -288,22 +286,23 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         return missing_command(parser)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     # The user can fix these: a bad file, key or value found past argument parsing (a ValueError names it;
     # pydantic's ValidationError is one). SELFFLOW_TRACEBACK=1 shows where it was raised.
     except (ConfigError, CheckpointLoadError, YamlError, OSError, KeyError, ValueError) as e:
         if os.environ.get("SELFFLOW_TRACEBACK"):
             raise
         print(f"selfflow: error: {_error_message(e)}", file=sys.stderr)
-        return 2
+        code = 2
     except RunStopped as e:  # a deliberate stop (bad data, non-finite steps, failed checkpoint write)
         print(f"selfflow: stopped: {e}", file=sys.stderr)
-        if left_out_of_step():  # the other ranks wait in a collective: exit now, so that torchrun stops them
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(3)  # no process-group destructor, which could wait on that collective
-        return 3
+        code = 3
+    if left_out_of_step():  # the other ranks may wait in a collective: exit now, so that torchrun stops them
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # no process-group destructor, which could wait on that collective
+    return code
 
 
 if __name__ == "__main__":

@@ -304,10 +304,12 @@ def resume_conflicts(stored: dict[str, Any], current: dict[str, Any]) -> list[st
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.lr=2e-4"`` → ``(["train", "lr"], 0.0002)``; the value is parsed as YAML."""
+    """``"train.lr=2e-4"`` → ``(["train", "lr"], 0.0002)``; the value is parsed as YAML. A list item is
+    addressed by its index: ``data.mixture.0.batch_size=8`` (or ``data.mixture[0].batch_size=8``)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.path=value")
     key, value = text.split("=", 1)
+    key = re.sub(r"\[(\d+)\]", r".\1", key)
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
@@ -318,21 +320,40 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set ``key.path=value`` pairs in a nested dict (creating intermediate sections)."""
+    """Set ``key.path=value`` pairs in a nested dict (creating intermediate sections; a list's items are
+    addressed by index)."""
     for text in overrides:
         path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
+        node: Any = raw
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                where = ".".join(path[:depth])
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {text!r}: {where} is a list of {len(node)} entries; address one "
+                                      f"by its index 0…{len(node) - 1} ({where}.0…), got {part!r}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(path[:depth])!r} is a value, not a section")
+            if last:
+                node[part] = value
+                break
             child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
             node = child
-        node[path[-1]] = value
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML run config (or the defaults) and apply overrides; errors name key, value and file."""
+def load_config(path: str | Path | None = None, overrides: list[str] | str | None = None) -> RunConfig:
+    """Load a YAML run config (or the defaults) and apply overrides (``"key.path=value"`` strings, or one);
+    errors name key, value and file."""
+    if isinstance(overrides, str):
+        overrides = [overrides]
     raw: dict[str, Any] = {}
     source = "(defaults)"
     if path is not None:

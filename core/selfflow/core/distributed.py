@@ -7,8 +7,10 @@ Backend: NCCL on CUDA, gloo on CPU (so every distributed path is testable on a l
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +96,23 @@ def leave_out_of_step() -> None:
 def left_out_of_step() -> bool:
     """Whether this rank has left the others inside a collective (:func:`leave_out_of_step`)."""
     return _out_of_step
+
+
+@contextlib.contextmanager
+def torn_down_after() -> Iterator[None]:
+    """Around a command's distributed work: afterwards the group is torn down together (:func:`destroy`). An
+    error raised on this rank leaves the others where they are — maybe inside a collective this rank will not
+    join, where a barrier of its own would pair with theirs and hang both until the group's timeout, the error
+    unprinted — so the rank leaves out of step (:func:`leave_out_of_step`: no barrier); the CLI prints the
+    error and ends the process, and torchrun stops the other ranks."""
+    try:
+        yield
+    except BaseException:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            leave_out_of_step()
+        raise
+    finally:
+        destroy()
 
 
 def destroy() -> None:

@@ -263,6 +263,19 @@ class DiT(nn.Module):
             c = c + self.y_embedder(labels)[:, None]
         return c
 
+    def check_positions(self, ids: torch.Tensor, modality: str) -> None:
+        """Refuse a token layout ``ids (B, L, 3)`` that the 2-D ``(h, w)`` position table cannot tell apart:
+        tokens along a time axis (video frames or audio would share positions: a model blind to order that
+        trains without a word) or a grid larger than ``grid_size`` (an index past the table)."""
+        if bool((ids[..., 0] != 0).any()):
+            raise ValueError(f"model.arch dit has a 2-D (h, w) position table, but modality {modality!r} places its "
+                             "tokens along a time axis (frames, audio), where they would share positions: use "
+                             "model.arch: mmdit (3-D RoPE)")
+        rows, cols = int(ids[..., 1].max()) + 1, int(ids[..., 2].max()) + 1
+        if max(rows, cols) > self.cfg.grid_size:
+            raise ValueError(f"modality {modality!r} has a {rows}×{cols} token grid, larger than the DiT's position "
+                             f"table (model.grid_size={self.cfg.grid_size}): set model.grid_size={max(rows, cols)}")
+
     def position_embedding(self, ids: torch.Tensor) -> torch.Tensor:
         g = self.cfg.grid_size
         pos = ids[..., 1].long() * g + ids[..., 2].long()  # (t, h, w[, l]) ids: row-major grid index

@@ -60,7 +60,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                "  selfflow export --run runs/tiny-image --out exports/tiny-image\n"
                "  selfflow export --run runs/tiny-image --out exports/tiny-image-model --weights model",
         formatter_class=ExamplesFormatter)
-    p.add_argument("--run", type=Path, required=True,
+    p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
                    help="run directory, pretrained directory or ema.safetensors")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to export")

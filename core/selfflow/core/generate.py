@@ -46,7 +46,7 @@ def require_prompts(modality: Modality) -> None:
 
 
 def conditions_for(modality: Modality, n: int, device: torch.device | str, *, prompts: Sequence[str] | None = None,
-                   labels: Sequence[int] | torch.Tensor | None = None
+                   labels: Sequence[int] | torch.Tensor | int | None = None
                    ) -> tuple[Conditioning, Conditioning | None, torch.Tensor | None]:
     """Conditioning of ``n`` samples, its CFG null and display labels: sample ``i`` gets ``prompts[i mod P]``
     (text-conditioned runs) or ``labels[i mod K]`` (class-conditional runs); with neither, the modality's
@@ -64,8 +64,13 @@ def conditions_for(modality: Modality, n: int, device: torch.device | str, *, pr
         if not k:
             raise ConfigError(f"class labels need a class-conditional run; its {modality.name!r} modality has no "
                               "classes" + (": give prompts instead" if modality.context_dim else ""))
-        given = torch.as_tensor(labels, dtype=torch.long).flatten()
-        if given.numel() == 0 or bool(((given < 0) | (given >= k)).any()):
+        given = torch.as_tensor([labels] if isinstance(labels, int) else labels)
+        if given.numel() == 0:
+            raise ConfigError("the class label list is empty")
+        if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:
+            raise ConfigError(f"class labels must be integers, got {given.dtype} values {given.flatten()[:8].tolist()}")
+        given = given.long().flatten()
+        if bool(((given < 0) | (given >= k)).any()):
             raise ConfigError(f"class labels must lie in 0…{k - 1}, got {given.tolist()}")
         chosen = given[torch.arange(n) % given.numel()].to(device)
         return Conditioning(labels=chosen), Conditioning(labels=torch.full_like(chosen, k)), chosen

@@ -26,7 +26,13 @@ def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.T
                        channels: torch.Tensor | None = None,
                        group_weight: dict[str, torch.Tensor] | None = None
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``MSE(v̂, ε − x0)`` and the detached per-group terms ``{loss_fm_<group>: Σ w_g · err}``."""
+    """``MSE(v̂, ε − x0)`` of ``(B, L, C)`` tokens and the detached per-group terms ``{loss_fm_<group>: Σ w_g ·
+    err}``; ``weight``: ``(B, L)``."""
+    if pred.shape != target.shape:  # a broadcast would silently score every prediction against every target
+        raise ValueError(f"the velocity prediction {tuple(pred.shape)} does not match its target "
+                         f"{tuple(target.shape)}")
+    if weight is not None and weight.shape != pred.shape[:2]:
+        raise ValueError(f"per-token weights {tuple(weight.shape)} do not match the tokens {tuple(pred.shape[:2])}")
     if weight is None:
         return F.mse_loss(pred.float(), target.float()), {}
     err = token_mse(pred, target, channels)  # (B, L)

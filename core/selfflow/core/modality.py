@@ -184,3 +184,9 @@ class Modality(ABC):
         """Decoded batch → the array an evaluator reads (images: uint8 ``(B, H, W, 3)`` for ADM's ``.npz``);
         ``None`` when this modality has no such format."""
         return None
+
+    def evaluation_hint(self, out_dir: Path, npz: Path | None, paired: bool) -> str | None:
+        """The ``selfflow eval`` command that scores samples written by ``selfflow sample --out-dir`` to
+        ``out_dir`` (``npz``: the ``samples_N.npz`` written, if any; ``paired``: a ``prompts.jsonl`` pairs
+        them with prompts), printed after sampling; ``None``: no suggestion."""
+        return None

@@ -3,7 +3,7 @@
 Under Dual-Timestep Scheduling a sample's tokens carry at most two noise levels (one at inference).
 Anything that depends on ``t`` alone — the timestep embedding and the adaLN modulation vectors — is
 computed once per distinct value and gathered to the tokens: the same numbers as a per-token Linear,
-without its cost (DESIGN §3). :class:`TokenTimesteps` holds that factorisation.
+without its cost. :class:`TokenTimesteps` holds that factorisation.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The objective: a config, its resolved form, and the one training loop every kind runs (DESIGN §3).
+"""The objective: a config, its resolved form, and the one training loop every kind runs.
 
 ``loss = MSE(v̂, ε − x0) + γ·(−cos(proj(h_l^student), h_k^target))`` over data tokens, in fp32. A *noise plan*
 (:mod:`selfflow.core.noise_plan`) draws the step's noise and levels — Dual-Timestep Scheduling, optionally

@@ -92,7 +92,7 @@ def _loaded(run: Run, state: dict[str, torch.Tensor], device: str | torch.device
     except RuntimeError as e:  # tensors of another shape or name: not this config's model
         raise CheckpointLoadError(f"the weights in {source} do not fit its config "
                                   f"({str(e).splitlines()[0][:200]})") from None
-    dev = pick_device(device) if isinstance(device, str) else device
+    dev = pick_device(device, "device")
     return LoadedModel(run.backbone.to(dev).eval(), modality, run.config, run.model_config, run.data_facts)
 
 
@@ -130,6 +130,10 @@ def load_model(path: str | Path, device: str | torch.device = "auto", modality_n
     """The model of a run directory (``config.yaml``; ``weights``: ``"ema"`` or ``"model"``), a pretrained
     directory (``config.json``) or a weights file inside either."""
     p = Path(path)
+    if p.is_file() and (p.suffix == ".pt" or p.name in ("config.yaml", CONFIG_FILE)):  # name the folder to pass
+        where = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+        raise ConfigError(f"{p} is a {'checkpoint' if p.suffix == '.pt' else 'config'} of a model directory: "
+                          f"pass the directory, {where} (its weights are found there)")
     root = p.parent if p.is_file() and p.name == WEIGHTS_FILE else p
     if weights != "ema" and root.is_dir() and (root / CONFIG_FILE).is_file():
         raise ConfigError(f"{root} is a pretrained directory: it holds the one set of weights that was exported "

@@ -11,6 +11,7 @@ preview file written is handed to the training log (TensorBoard / W&B media).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from .parallel import Strategy
 from .precision import autocast
 from .registry import get_evaluator
 from .training_log import TrainingLog
+
+logger = logging.getLogger("selfflow")
 
 
 class Previewer:
@@ -44,7 +47,18 @@ class Previewer:
         self.dist, self.strategy, self.device = dist, strategy, device
         self.sample_dir = cfg.run_dir / "samples"
         self.log = log
-        self._evaluators: dict[str, Any] | None = None  # built on first use (an evaluator may load a network)
+        # Built at the start: an evaluator that cannot score a modality (the linear probe on audio) is refused
+        # before the first step, not at the first evaluation, and an eval.every with nothing to run is said.
+        self._evaluators = self._build_evaluators() if cfg.eval.every else None  # else built if evaluate() is called
+        if cfg.eval.every and not self._evaluators and dist.is_main:
+            logger.warning("selfflow: warning: eval.every=%d but no modality of this run has an evaluator and "
+                           "eval.evaluators is empty: there is nothing to evaluate online", cfg.eval.every)
+
+    def _build_evaluators(self) -> dict[str, list[Any]]:
+        """``{modality: [evaluator, …]}``: the modality's own (e.g. probe-FD on synthetic shapes), then
+        ``eval.evaluators``, for each modality that has any."""
+        return {n: [get_evaluator(e)(m) for e in [m.evaluator, *self.eval_cfg.evaluators] if e]
+                for n, m in self.modalities.items() if m.evaluator or self.eval_cfg.evaluators}
 
     @property
     def _mixed(self) -> bool:
@@ -91,8 +105,7 @@ class Previewer:
         in mixed runs). An evaluator with ``needs_model = True`` is called with the model instead of samples."""
         s = self.sample_cfg
         if self._evaluators is None:
-            self._evaluators = {n: [get_evaluator(e)(m) for e in [m.evaluator, *self.eval_cfg.evaluators] if e]
-                                for n, m in self.modalities.items() if m.evaluator or self.eval_cfg.evaluators}
+            self._evaluators = self._build_evaluators()
         evaluators = self._evaluators
         if not evaluators or (not self._all_ranks_generate and not self.dist.is_main):
             if evaluators:

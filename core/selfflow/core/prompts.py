@@ -4,6 +4,7 @@ each generated sample with its prompt (what ``selfflow eval t2i|fvd|fad`` read b
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from .atomic import atomic_write_text
@@ -46,6 +47,13 @@ def gather_prompts(prompts: list[str] | None, prompt_file: str | Path | None) ->
     """``--prompt`` texts followed by the ``--prompts`` file's; ``None`` when neither is given."""
     found = list(prompts or []) + (read_prompt_file(prompt_file) if prompt_file is not None else [])
     return found or None
+
+
+def write_grid_prompts(grid: Path, prompts: Sequence[str], n: int) -> Path:
+    """``<grid>.prompts.txt`` beside a grid of ``n`` samples drawn from ``prompts``: sample i's prompt
+    (``prompts[i mod P]``) on line i, a file ``--prompts`` reads back."""
+    lines = [prompts[i % len(prompts)] for i in range(n)]
+    return atomic_write_text(grid.with_name(grid.stem + ".prompts.txt"), "\n".join(lines) + "\n")
 
 
 def write_prompt_records(out_dir: Path, files: list[str], prompts: list[str]) -> Path:

@@ -44,13 +44,21 @@ def _entry_points(group: str) -> dict[str, Any]:
 def load_registered(table: dict[str, T], group: str, name: str, unknown: Callable[[], str],
                     load: Callable[[EntryPoint], T] = EntryPoint.load) -> T:
     """``table[name]`` if registered; else the entry point ``name`` of ``group``, loaded once and cached in
-    ``table``; else ``KeyError(unknown())``. The one lookup behind every registry of core."""
+    ``table``; else ``KeyError(unknown())``. The one lookup behind every registry of core. A plug-in that
+    fails to load (its module does not import, ``load`` refuses what it holds) is a ``ValueError`` naming the
+    entry point: one line at the CLI, not a traceback from inside importlib."""
     if name in table:
         return table[name]
     eps = _entry_points(group)
     if name not in eps:
         raise KeyError(unknown())
-    table[name] = load(eps[name])
+    try:
+        table[name] = load(eps[name])
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"the {group} entry point {name} = {eps[name].value} failed to load: "
+                         f"{type(e).__name__}: {e}") from e
     return table[name]
 
 
@@ -60,10 +68,19 @@ def available_modalities() -> list[str]:
 
 def get_modality(name: str) -> type[Modality]:
     """The modality class called ``name`` (explicitly registered first, then entry points)."""
+    def load(ep: EntryPoint) -> type[Modality]:
+        cls = ep.load()
+        # the model's projections and every record are keyed by cls.name: another entry-point name would train,
+        # then fail at the first preview
+        if getattr(cls, "name", None) != name:
+            raise ValueError(f"entry point selfflow.modalities:{name} = {ep.value} must be a Modality class whose "
+                             f"name is {name!r}, got name {getattr(cls, 'name', None)!r}")
+        return cls
+
     return load_registered(
         _MODALITIES, "selfflow.modalities", name,
         lambda: (f"unknown modality {name!r}; installed: {available_modalities() or 'none'} "
-                 "(modality packages register under the 'selfflow.modalities' entry point group)"))
+                 "(modality packages register under the 'selfflow.modalities' entry point group)"), load)
 
 
 def command_registrars() -> dict[str, Any]:
@@ -102,7 +119,7 @@ def get_objective(name: str) -> ObjectiveKind:
     def load(ep: EntryPoint) -> ObjectiveKind:
         kind = ep.load()
         if not isinstance(kind, ObjectiveKind) or kind.name != name:
-            raise TypeError(f"entry point selfflow.objectives:{name} = {ep.value} must be an ObjectiveKind "
+            raise ValueError(f"entry point selfflow.objectives:{name} = {ep.value} must be an ObjectiveKind "
                             f"named {name!r}, got {kind!r}")
         return kind
 

@@ -4,6 +4,7 @@ fine-tuning initialisation (``train.init_from``, ``train.freeze``)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from .arg_types import resolve_device
+from .arg_types import device_name, resolve_device
 from .backbones import build_backbone
 from .checkpoint import (
     CheckpointLoadError,
@@ -37,10 +38,17 @@ from .objective import ResolvedObjective
 from .registry import get_modality
 
 
-def pick_device(name: str) -> torch.device:
-    """``train.device`` (``auto``: CUDA when available) as a device; asking for CUDA without one is an error."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available")
+def pick_device(name: str | torch.device, what: str = "train.device") -> torch.device:
+    """A device setting (``auto``: CUDA when available; ``cpu``, ``cuda``, ``cuda:N`` or a ``torch.device``) as a
+    device; a CUDA device this machine lacks, or a name that is none of these, is an error naming ``what``."""
+    if isinstance(name, torch.device):
+        if name.type != "cuda":  # cpu, mps …: nothing to check
+            return name
+        name = str(name)
+    try:
+        device_name(name)
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"{what}: {e}") from None
     return resolve_device(name)
 
 
@@ -166,6 +174,13 @@ def build_run(cfg: RunConfig, *, device: str | torch.device = "cpu") -> Run:
     torch.manual_seed(cfg.train.seed)
     with torch.device(device):
         backbone = build_backbone(model_config)
+    check = getattr(backbone, "check_positions", None)  # optional (Backbone protocol)
+    if check is not None:
+        for name, m in modalities.items():
+            try:
+                check(m.sample_ids(1, "cpu"), name)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     return Run(cfg, modalities, objectives, model_config, backbone, facts)
 
 

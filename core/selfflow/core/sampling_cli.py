@@ -7,25 +7,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_text
 from .config import ConfigError
-from .distributed import destroy, init_distributed
+from .distributed import init_distributed, torn_down_after
 from .generate import generate, sampler_config
 from .modality import Modality
 from .official_repro import OFFICIAL_SEED
 from .pretrained import load_model, model_root
-from .prompts import PROMPTS_FILE, gather_prompts
+from .prompts import PROMPTS_FILE, gather_prompts, write_grid_prompts
 from .registry import checkpoint_loaders
 from .run_setup import pick_device
-from .sample_many import SampleManyConfig, part_path, sample_many
+from .sample_many import SampleManyConfig, sample_many
 from .sampler import SamplerConfig
-
-VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".npy")
-AUDIO_SUFFIXES = (".wav", ".flac")
 
 
 def _load_official(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, SamplerConfig]:
@@ -44,39 +39,12 @@ def _sampler(base: Any, args: argparse.Namespace) -> SamplerConfig:
                           precision=args.precision, guidance_low=args.guidance_low, guidance_high=args.guidance_high)
 
 
-def _write_grid_prompts(path: Path, modality: Modality, prompts: list[str] | None, n: int) -> Path | None:
-    """``<grid>.prompts.txt`` beside a grid sampled from ``--prompt``/``--prompts``: sample i's prompt on line i
-    (a file ``--prompts`` reads back). Captions drawn from the run's data are the modality's own ``<grid>.txt``."""
-    if not modality.context_dim or prompts is None:
-        return None
-    lines = [prompts[i % len(prompts)] for i in range(n)]
-    return atomic_write_text(path.with_name(path.stem + ".prompts.txt"), "\n".join(lines) + "\n")
-
-
 def eval_hint(modality: Modality, run: Path | None, out_dir: Path, npz: Path | None) -> str | None:
-    """The ``selfflow eval`` command that fits what was sampled (``None`` when none does)."""
-    written = sorted(p.suffix for p in out_dir.glob("000000.*") if p.suffix != ".tmp")
-    suffix = written[0] if written else ""
-    paired = (out_dir / PROMPTS_FILE).is_file()
+    """The ``selfflow eval`` command that fits what was sampled (``None`` when none does): the probe of a run
+    on built-in labelled data, else the modality's own suggestion (:meth:`Modality.evaluation_hint`)."""
     if modality.evaluator and run is not None:
         return f"evaluate with (probe features of the synthetic data):\n  selfflow eval probe --run {model_root(run)}"
-    if suffix in VIDEO_SUFFIXES:
-        return (f"evaluate with (FVD against real videos{'; prompts paired from prompts.jsonl' if paired else ''}):"
-                f"\n  selfflow eval fvd --fake {out_dir} --real REAL_VIDEOS --i3d i3d_torchscript.pt")
-    if suffix in AUDIO_SUFFIXES:
-        return (f"evaluate with (FAD against real audio{'; prompts paired from prompts.jsonl' if paired else ''}):"
-                f"\n  selfflow eval fad --fake {out_dir} --real REAL_AUDIO --clap-a CLAP_DIR")
-    if paired:
-        return (f"evaluate with (CLIP score of the prompts in prompts.jsonl; FD-DINOv2 against --ref):\n"
-                f"  selfflow eval t2i --images {out_dir} --clip CLIP_DIR --dinov2 DINOV2_DIR --ref REF_IMAGES")
-    if npz is None:
-        return None
-    shape = np.load(part_path(out_dir, 0), mmap_mode="r").shape  # (B, H, W, 3) rows of the npz
-    if modality.num_classes == 1000 and shape[1:] == (256, 256, 3):
-        return ("evaluate with (ImageNet 256; ADM's reference batch):\n"
-                f"  selfflow eval adm VIRTUAL_imagenet256_labeled.npz {npz}")
-    return (f"evaluate with (a reference batch of your data's images at {shape[1]}x{shape[2]}: selfflow eval stats "
-            f"REAL_IMAGES --out ref.npz):\n  selfflow eval adm ref.npz {npz}")
+    return modality.evaluation_hint(out_dir, npz, (out_dir / PROMPTS_FILE).is_file())
 
 
 def _sample_grid(args: argparse.Namespace, prompts: list[str] | None) -> int:
@@ -100,9 +68,8 @@ def _sample_grid(args: argparse.Namespace, prompts: list[str] | None) -> int:
     if args.out is not None and args.out.suffix and written.name != args.out.name and not args.out.is_dir():
         print(f"note: {loaded.modality.name} grids are written as {written.suffix} (--out {args.out} named "
               f"{args.out.suffix!r})", file=sys.stderr)
-    prompts_file = _write_grid_prompts(written, loaded.modality, prompts, n)
-    if prompts_file is not None:
-        print(f"wrote {prompts_file}")
+    if prompts is not None:  # captions drawn from the run's data are the modality's own <grid>.txt
+        print(f"wrote {write_grid_prompts(written, prompts, n)}")
     return 0
 
 
@@ -141,8 +108,8 @@ def run_sample(args: argparse.Namespace) -> int:
     if not many:
         return _sample_grid(args, prompts)
 
-    dist = init_distributed(pick_device(args.device))
-    try:
+    with torn_down_after():
+        dist = init_distributed(pick_device(args.device))
         if args.official_ckpt is not None:
             model, modality, base = _load_official(args, dist.device)
         elif args.run is not None:
@@ -157,8 +124,6 @@ def run_sample(args: argparse.Namespace) -> int:
                                 official_repro=args.official_repro, official_world_size=args.official_world_size,
                                 prompts=prompts)
         npz = sample_many(model.to(dist.device), modality, sampler, opts, dist, progress=not args.no_progress)
-    finally:
-        destroy()
     if dist.is_main:
         print(f"samples in {opts.out_dir}")
         if npz is not None:

@@ -51,6 +51,17 @@ from .training_log import StepCost, TrainingLog
 
 
 class Trainer:
+    """One training run of a :class:`~.config.RunConfig`: ``Trainer(cfg).fit()`` trains to ``train.steps`` in
+    ``cfg.run_dir``, resuming from its newest intact checkpoint unless ``resume=False``. Under ``torchrun`` each
+    rank builds its own (DDP or FSDP2 by ``train.parallel``). ``selfflow train`` wraps :meth:`fit` in
+    ``trainer.log.text_log()``, which also appends the console lines to ``<run_dir>/train.log``; from Python,
+    do the same to keep that file::
+
+        trainer = Trainer(load_config("configs/tiny/image.yaml", ["train.steps=50"]))
+        with trainer.log.text_log():
+            result = trainer.fit()  # {"checkpoint", "samples", "ema", "loss_plot", "last": last step's losses}
+    """
+
     def __init__(self, cfg: RunConfig, *, resume: bool = True, progress: bool = True):
         self.cfg, self.run_dir = cfg, cfg.run_dir
         tc = cfg.train
@@ -220,8 +231,13 @@ class Trainer:
         """The LR schedule is a function of the step count, and a skipped step still counts toward
         ``train.steps``: the schedule moves on with it, or every later step would train at an earlier step's
         rate and the run would end before its decay did."""
+        if self.scheduler._step_count > 1:  # past the first step: torch has nothing to warn about
+            self.scheduler.step()
+            return
+        # torch warns when a run's very first step is skipped (no optimizer.step yet); that is intended here.
+        # Only then: catch_warnings resets Python's once-per-place filter, so around every step it let other
+        # warnings (FSDP2's view-tensor note) repeat at each step.
         with warnings.catch_warnings():
-            # torch warns when a run's very first step is skipped (no optimizer.step yet); that is intended here.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             self.scheduler.step()
 
@@ -235,7 +251,12 @@ class Trainer:
 
     # --- loop -------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train to ``train.steps``, then write the final checkpoint, preview, EMA export and loss plot."""
+        """Train to ``train.steps``, then write the final checkpoint, preview, EMA export and loss plot. A run
+        that had already finished is left as it is (``samples`` and ``last`` are then empty)."""
+        if self.finished:
+            plot = self.run_dir / "loss.png"
+            return {"checkpoint": self.resumed_from, "samples": None, "ema": self.run_dir / "ema.safetensors",
+                    "loss_plot": plot if plot.is_file() else None, "last": {}}
         total, accum = self.cfg.train.steps, self.cfg.train.grad_accum_steps
         data = {n: iter(s) for n, s in self.streams.items()}
         self.log.open(self.step)

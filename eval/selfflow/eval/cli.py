@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -100,20 +101,29 @@ def _run(args: argparse.Namespace, body: Callable[[Any, bool], int], inputs: lis
     """Join torchrun's process group if any (core's restart-safe setup, which also picks this rank's
     GPU), load the network, run ``body(model, is_main)``; input errors become exit code 2. The ``inputs``
     are checked first: a typo is reported before the network loads."""
-    from selfflow.core.distributed import destroy, init_distributed
+    from selfflow.core.distributed import init_distributed, torn_down_after
 
     from .inception import load_inception
 
     for path in inputs:
         if not Path(path).exists():
             return _fail(FileNotFoundError(f"{path} does not exist"))
-    dist = init_distributed(resolve_device(args.device))
     try:
-        return body(load_inception(args.inception, device=dist.device), dist.is_main)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+        with torn_down_after():  # an error on one rank: no barrier the others could be waiting past
+            dist = init_distributed(resolve_device(args.device))
+            return body(load_inception(args.inception, device=dist.device), dist.is_main)
+    except (OSError, KeyError, ValueError) as e:  # OSError: PIL's unreadable image among them
         return _fail(e)
-    finally:
-        destroy()
+
+
+def one_process(command: str) -> None:
+    """Refuse to run ``command`` (which does not shard its work) under torchrun with several ranks: each rank
+    would compute the whole of it and write the same output."""
+    from selfflow.core.config import ConfigError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"selfflow eval {command} runs in one process (only adm and stats shard their work "
+                          "over ranks): run it without torchrun")
 
 
 def _fail(e: Exception) -> int:
@@ -162,6 +172,7 @@ def _run_probe(args: argparse.Namespace) -> int:
 
     from .registry import evaluators, load
 
+    one_process("probe")
     loaded = load_model(args.run, args.device, weights=args.weights)
     model, modality, cfg = loaded.model, loaded.modality, loaded.config
     if modality.evaluator not in ("shapes_probe", "digits_probe"):
@@ -192,9 +203,10 @@ def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "~/.cache/selfflow): probe_fd (Fréchet distance in the probe's feature space, lower is "
                     "better) and probe_acc (fraction of samples recognised as their class). A proxy for "
                     "comparing runs on the toy data, not FID.")
-    p.add_argument("--run", type=Path, required=True,
-                   help="run directory (config.yaml), pretrained directory (config.json) or ema.safetensors")
-    p.add_argument("--num", type=positive_int, default=500, help="samples to generate (classes cycle; default 500)")
+    p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
+                   help="run directory (config.yaml), pretrained directory (config.json) or ema.safetensors"
+                        "; --run-dir under torchrun, whose own --run-path takes --run")
+    p.add_argument("--num", "--num-samples", dest="num", type=positive_int, default=500, help="samples to generate (classes cycle; default 500)")
     p.add_argument("--steps", type=positive_int, help="sampler steps (default: the run's resolved sampler)")
     p.add_argument("--cfg-scale", type=finite_float,
                    help="guidance scale (default: the run's eval.cfg_scale; ≤ 1: no guidance)")

@@ -20,8 +20,9 @@ def add_linear_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "images noised to each level t (null condition), fit a closed-form ridge classifier "
                     "(λ chosen on a split of the fitting set) and report test accuracy per block and level. "
                     "Built-in labelled datasets only (synthetic_shapes, digits).")
-    p.add_argument("--run", type=Path, required=True,
-                   help="run directory (config.yaml), pretrained directory (config.json) or ema.safetensors")
+    p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
+                   help="run directory (config.yaml), pretrained directory (config.json) or ema.safetensors"
+                        "; --run-dir under torchrun, whose own --run-path takes --run")
     p.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.25, 0.5],
                    help="noise levels t (0 = clean data, 1 = noise)")
     p.add_argument("--blocks", type=int, nargs="+", help="blocks to probe, 1…depth (default: all)")
@@ -43,9 +44,10 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
 
     from selfflow.core.pretrained import load_model, model_root
 
-    from .cli import _fail
+    from .cli import _fail, one_process
     from .linear_probe import linear_probe, plot_probe
 
+    one_process("linear-probe")
     if any(not 0 <= t < 1 for t in args.levels):
         return _fail(ValueError(f"--levels must lie in [0, 1), got {args.levels}"))
     try:

@@ -23,6 +23,7 @@ from selfflow.core.atomic import atomic_write_text
 from selfflow.core.config import ConfigError
 
 from .clap import VARIANTS
+from .cli import one_process
 from .clip_score import WEIGHTS_HELP as CLIP_WEIGHTS_HELP
 from .dinov2 import WEIGHTS_HELP as DINOV2_WEIGHTS_HELP
 from .fvd import MAX_CLIPS, MAX_FRAMES_FID, NUM_FRAMES
@@ -58,6 +59,7 @@ def _run_t2i(args: argparse.Namespace) -> int:
     from .clip_score import clip_score, read_prompts
     from .dinov2 import fd_dinov2
 
+    one_process("t2i")
     prompts = args.prompts or (recorded_prompts(args.images) or {}).get("file")
     if bool(args.dinov2) != bool(args.ref):  # one of a pair is a metric the user expects, silently dropped
         raise ConfigError("FD-DINOv2 needs both --dinov2 DIR and --ref (real images or their statistics)")
@@ -113,6 +115,7 @@ def add_t2i_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _run_fvd(args: argparse.Namespace) -> int:
     from .fvd import fid_frames, fvd
 
+    one_process("fvd")
     if args.frames_fid and not args.real_frames and is_stats_file(args.real):
         raise ConfigError("--real is a statistics file of I3D features: give --real-frames (videos or "
                           "Inception statistics) for framewise FID")
@@ -173,6 +176,7 @@ def _run_fad(args: argparse.Namespace) -> int:
     from .clap import convert_checkpoint
     from .fad import fad
 
+    one_process("fad")
     if args.convert_from:
         if not (args.convert_to and args.variant):
             raise ConfigError("--convert-from needs --convert-to DIR and --variant")

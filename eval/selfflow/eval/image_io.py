@@ -54,9 +54,17 @@ def _read_exact(f: IO[bytes], size: int, what: str) -> bytearray:
     return data  # a bytearray: np.frombuffer gives a writable array
 
 
+def _zip(path: str | os.PathLike[str]) -> zipfile.ZipFile:
+    """``path`` opened as the zip archive an ``.npz`` is; a file that is not one is a ValueError naming it."""
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path} is not a readable .npz file ({e})") from None
+
+
 @contextmanager
 def _open_member(path: Path, key: str) -> Iterator[tuple[IO[bytes], tuple[int, ...], np.dtype, bool]]:
-    with zipfile.ZipFile(path) as zf:
+    with _zip(path) as zf:
         name = f"{key}.npy"
         if name not in zf.namelist():
             keys = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
@@ -73,7 +81,7 @@ def _open_member(path: Path, key: str) -> Iterator[tuple[IO[bytes], tuple[int, .
 
 
 def npz_keys(path: str | os.PathLike[str]) -> list[str]:
-    with zipfile.ZipFile(path) as zf:
+    with _zip(path) as zf:
         return sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
 
 

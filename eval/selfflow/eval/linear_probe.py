@@ -99,13 +99,14 @@ def linear_probe(model: nn.Module, modality: Any, levels: Sequence[float] = LEVE
     (block and level keys are strings, as in JSON). ``progress(1)`` is called as each level is done."""
     (xf, yf), (xt, yt) = labelled_splits(modality, n_fit, n_test)
     blocks = list(blocks or range(1, model.depth + 1))
+    num_classes = int(torch.cat([yf, yt]).max()) + 1  # the data's labels, also for a text-conditioned run
     acc: dict[str, dict[str, float]] = {str(k): {} for k in blocks}
     lam: dict[str, dict[str, float]] = {str(k): {} for k in blocks}
     for t in levels:
         fit = block_features(model, modality, xf, t, blocks, seed)
         test = block_features(model, modality, xt, t, blocks, seed + 1)
         for k in blocks:
-            acc[str(k)][str(t)], lam[str(k)][str(t)] = ridge_probe(fit[k], yf, test[k], yt, modality.num_classes,
+            acc[str(k)][str(t)], lam[str(k)][str(t)] = ridge_probe(fit[k], yf, test[k], yt, num_classes,
                                                                  seed=seed)
         if progress is not None:
             progress(1)

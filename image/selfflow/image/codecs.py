@@ -106,7 +106,7 @@ def name_of(vae: Autoencoder | None) -> str:
 
 
 def default_timesteps(codec: str, latent: tuple[int, int, int]) -> TimestepDistribution:
-    """The paper's training-time distribution for a codec's latents ``(C, h, w)`` (DESIGN.md §4, the
+    """The paper's training-time distribution for a codec's latents ``(C, h, w)`` (docs/FIDELITY.md, the
     recipes in configs/imagenet256/): uniform for pixels and SD-VAE; logit-normal with the dimension
     shift ``sqrt(C·h·w / 4096)`` for FLUX.2 (√8 at 256 px); RAE's plateau-logit-normal with that train shift
     (≈ 6.93 at 256 px). A config's ``objective.timesteps`` overrides it."""

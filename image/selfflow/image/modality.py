@@ -19,6 +19,7 @@ from selfflow.core.data.shard_format import read_codec_info, shard_urls
 from selfflow.core.data.shard_stream import ShardReadOptions, ShardStream
 from selfflow.core.modality import Batch, DataStream, Modality, options_union
 from selfflow.core.registry import register_modality
+from selfflow.core.sample_many import part_path
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.tokens import Conditioning, Tokens, grid_ids
 from selfflow.text.conditioning import CaptionConditioner, CaptionedModalityMixin
@@ -262,6 +263,19 @@ class ImageModality(CaptionedModalityMixin, Modality):
     def evaluation_array(self, media: torch.Tensor) -> np.ndarray:
         """uint8 ``(B, H, W, 3)``: the rows of ADM's ``arr_0``."""
         return to_uint8(media)
+
+    def evaluation_hint(self, out_dir: Path, npz: Path | None, paired: bool) -> str | None:
+        if paired:
+            return (f"evaluate with (CLIP score of the prompts in prompts.jsonl; FD-DINOv2 against --ref):\n"
+                    f"  selfflow eval t2i --images {out_dir} --clip CLIP_DIR --dinov2 DINOV2_DIR --ref REF_IMAGES")
+        if npz is None:
+            return None
+        shape = np.load(part_path(out_dir, 0), mmap_mode="r").shape  # (B, H, W, 3) rows of the npz, not read
+        if self.num_classes == 1000 and shape[1:] == (256, 256, 3):
+            return ("evaluate with (ImageNet 256; ADM's reference batch):\n"
+                    f"  selfflow eval adm VIRTUAL_imagenet256_labeled.npz {npz}")
+        return (f"evaluate with (a reference batch of your data's images at {shape[1]}x{shape[2]}: selfflow eval "
+                f"stats REAL_IMAGES --out ref.npz):\n  selfflow eval adm ref.npz {npz}")
 
 
 def load_official_for_sampling(path: str | Path, options: dict[str, Any]):

@@ -12,7 +12,7 @@ from selfflow.core.config import ConfigError
 
 
 def _run(args: argparse.Namespace) -> int:
-    from selfflow.core.distributed import barrier, destroy, init_distributed
+    from selfflow.core.distributed import barrier, init_distributed, torn_down_after
     from selfflow.core.run_setup import pick_device
 
     from .codecs import load_autoencoder
@@ -20,16 +20,14 @@ def _run(args: argparse.Namespace) -> int:
 
     if not args.src.is_dir():  # before the autoencoder loads: a typo in --src fails at once
         raise ConfigError(f"--src {args.src} is not a directory (the ImageNet train folder: one folder per class)")
-    dist = init_distributed(pick_device(args.device))
-    try:
+    with torn_down_after():
+        dist = init_distributed(pick_device(args.device))
         vae = load_autoencoder(args.codec, args.vae, dist.device)
         opts = PrepareOptions(src=args.src, out=args.out, image_size=args.image_size, shard_size=args.shard_size,
                               batch_size=args.batch_size, flip=args.flip, store_pixels=args.store_pixels,
                               latent_dtype=args.latent_dtype)
         mine = prepare_imagenet(vae, opts, dist.rank, dist.world_size, progress=not args.no_progress)
         barrier()
-    finally:
-        destroy()
     print(f"rank {dist.rank}: {mine['shards']} shard(s) written, {mine['existing']} already done, "
           f"{mine['written']} images, {mine['skipped']} skipped")
     if dist.is_main:

@@ -91,7 +91,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("simpler", help="SIMPLER visual-matching rollouts of an rt1 run",
                               description="Move Near and Open Top Drawer and Place Apple (visual matching), "
                                           "SIMPLER's loop and success at the final step.")
-    p.add_argument("--run", help="an rt1 training: its run directory, pretrained directory or ema.safetensors")
+    p.add_argument("--run", "--run-dir", dest="run",
+                   help="an rt1 training: its run directory, pretrained directory or ema.safetensors" + "; --run-dir under torchrun, whose own --run-path takes --run")
     p.add_argument("--env", choices=["simpler", "fake"], default="simpler",
                    help="fake: the offline stand-in, results labelled env: fake")
     p.add_argument("--task", choices=["all", "move_near", "open_top_drawer_place_apple"], default="all",

@@ -173,6 +173,10 @@ class VideoModality(CaptionedModalityMixin, Modality):
         captions = [names[int(i)] for i in labels] if labels is not None else None
         return save_video_samples(media, path, captions, self.options.fps)
 
+    def evaluation_hint(self, out_dir: Path, npz: Path | None, paired: bool) -> str | None:
+        return (f"evaluate with (FVD against real videos{'; prompts paired from prompts.jsonl' if paired else ''}):"
+                f"\n  selfflow eval fvd --fake {out_dir} --real REAL_VIDEOS --i3d i3d_torchscript.pt")
+
     def write_sample(self, media: torch.Tensor, label: int | None, path: Path) -> Path:
         """One clip exactly, as ``<path>.npy`` (uint8 ``(T, H, W, 3)``): what ``selfflow eval fvd`` reads."""
         return save_clip_frames(media, path)
