@@ -9,7 +9,14 @@ Packages advertise themselves through Python entry points:
   callable ``(media, labels) → {metric: value}`` used for online evaluation during training (one whose
   ``needs_model`` is true is called with the EMA model instead of samples);
 - group ``selfflow.objectives``: ``name = "package.module:KIND"``, an
-  :class:`~selfflow.core.objective_kinds.ObjectiveKind` called ``name`` (a value of ``objective.kind``).
+  :class:`~selfflow.core.objective_kinds.ObjectiveKind` called ``name`` (a value of ``objective.kind``);
+- group ``selfflow.backbones``: ``arch = "package.module:SPEC"``, a :class:`~selfflow.core.backbones.BackboneSpec`
+  (a value of ``model.arch``; looked up by :mod:`.backbones`);
+- group ``selfflow.checkpoints``: ``name = "package.module:load"``, a loader of released checkpoints for
+  ``selfflow sample --official-ckpt``.
+
+A modality's entry-point name must be its class's ``name``; a plug-in that fails to import is an error naming
+its entry point. Worked examples of each kind of plug-in are in ``examples/plugins/``.
 
 Tests and notebooks can also call :func:`register_modality` and :func:`register_objective` directly.
 """
