@@ -173,3 +173,12 @@ def test_export_refuses_to_write_into_a_run_directory(tmp_path, capsys):
     assert main(["export", "--run", str(tmp_path / "r"), "--out", str(tmp_path / "r")]) == 2
     assert "is a training run directory; export to a directory of its own" in capsys.readouterr().err
     assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_every_run_option_has_the_spelling_torchrun_leaves_alone():
+    """torchrun's own parser takes `--run` for its `--run-path` (and `--num` for `--numa-binding`)."""
+    parser = build_parser()
+    for argv in (["eval", "probe"], ["eval", "linear-probe"], ["export", "--out", "o"], ["simpler"], ["sample"]):
+        args = parser.parse_args([*argv, "--run-dir", "r"])
+        assert str(args.run) == "r", argv
+    assert parser.parse_args(["eval", "probe", "--run-dir", "r", "--num-samples", "7"]).num == 7

@@ -223,3 +223,25 @@ def test_mfu_counts_the_caption_tokens(tmp_path):
     assert lc > 0
     assert trainer._step_cost("image").flops == 4 * train_step_flops(trainer.raw, tokens, lc, teacher_layer=layer)
     assert trainer._step_cost("image").flops > 4 * train_step_flops(trainer.raw, tokens, 0, teacher_layer=layer)
+
+
+def test_a_warning_raised_at_every_step_is_shown_once(tmp_path, monkeypatch):
+    """Python shows a warning once per place; the LR step's catch_warnings() around every step reset that, so
+    FSDP2's view-tensor note printed at every step on every rank."""
+    import warnings
+
+    trainer = Trainer(_cfg(tmp_path, "warn", "train.steps=6", "sample.every=0", "logging.plot_every=1000"),
+                      progress=False)
+    original = trainer.train_step
+
+    def noisy_step(*args, **kwargs):
+        warnings.warn("a note from deep inside a step", UserWarning, stacklevel=1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", noisy_step)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # once per place, as Python shows warnings by default
+        trainer.fit()
+    # at most twice: the first step's LR call still filters torch's skipped-first-step note (and so resets the
+    # once-per-place record once); it was once per step
+    assert sum("a note from deep inside a step" in str(w.message) for w in caught) <= 2
