@@ -78,6 +78,15 @@ def output_file(text: str) -> Path:
     return path
 
 
+def add_model_argument(parser: argparse.ArgumentParser, *, required: bool = False, what: str = "") -> None:
+    """``--run PATH``: the model a command reads, as :func:`~selfflow.core.pretrained.load_model` takes it (a run
+    directory, a pretrained directory or ``ema.safetensors``); ``what`` narrows it (``"an rt1 training: "``). Also
+    spelled ``--run-dir``, which torchrun's own parser leaves alone (it takes ``--run`` for its ``--run-path``)."""
+    parser.add_argument("--run", "--run-dir", dest="run", type=Path, required=required,
+                        help=f"{what}run directory (config.yaml), pretrained directory (config.json) or "
+                             "ema.safetensors; --run-dir under torchrun")
+
+
 def device_name(text: str) -> str:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; a CUDA device must exist on this machine."""
     if text in ("auto", "cpu"):

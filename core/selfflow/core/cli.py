@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import, 
 
 from .arg_types import (
     ExamplesFormatter,
+    add_model_argument,
     device_name,
     finite_float,
     non_negative_int,
@@ -130,8 +131,7 @@ def _cmd_modalities(args: argparse.Namespace) -> int:
 
 def add_sample_arguments(smp: argparse.ArgumentParser) -> None:
     # --run-dir / --num-samples: spellings that torchrun's own parser does not mistake for --run-path/--numa-…
-    smp.add_argument("--run", "--run-dir", dest="run", type=Path,
-                     help="run directory (config.yaml), pretrained directory (config.json) or ema.safetensors")
+    add_model_argument(smp)
     smp.add_argument("--num", "--num-samples", dest="num", type=positive_int,
                      help="number of samples (default: one per prompt with prompts, else 40 for a grid, 50000 "
                           "with --out-dir)")

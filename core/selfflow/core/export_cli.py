@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .arg_types import ExamplesFormatter
+from .arg_types import ExamplesFormatter, add_model_argument
 from .config import ConfigError
 from .pretrained import load_model, save_pretrained
 
@@ -60,8 +60,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                "  selfflow export --run runs/tiny-image --out exports/tiny-image\n"
                "  selfflow export --run runs/tiny-image --out exports/tiny-image-model --weights model",
         formatter_class=ExamplesFormatter)
-    p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
-                   help="run directory, pretrained directory or ema.safetensors")
+    add_model_argument(p, required=True)
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to export")
     p.add_argument("--push-to-hub", metavar="REPO_ID",

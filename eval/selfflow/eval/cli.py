@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from selfflow.core.arg_types import (
     ExamplesFormatter,
+    add_model_argument,
     device_name,
     finite_float,
     non_negative_int,
@@ -120,8 +120,9 @@ def one_process(command: str) -> None:
     """Refuse to run ``command`` (which does not shard its work) under torchrun with several ranks: each rank
     would compute the whole of it and write the same output."""
     from selfflow.core.config import ConfigError
+    from selfflow.core.distributed import launched_world_size
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         raise ConfigError(f"selfflow eval {command} runs in one process (only adm and stats shard their work "
                           "over ranks): run it without torchrun")
 
@@ -203,10 +204,9 @@ def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "~/.cache/selfflow): probe_fd (Fréchet distance in the probe's feature space, lower is "
                     "better) and probe_acc (fraction of samples recognised as their class). A proxy for "
                     "comparing runs on the toy data, not FID.")
-    p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
-                   help="run directory (config.yaml), pretrained directory (config.json) or ema.safetensors"
-                        "; --run-dir under torchrun, whose own --run-path takes --run")
-    p.add_argument("--num", "--num-samples", dest="num", type=positive_int, default=500, help="samples to generate (classes cycle; default 500)")
+    add_model_argument(p, required=True)
+    p.add_argument("--num", "--num-samples", dest="num", type=positive_int, default=500,
+                   help="samples to generate (classes cycle; default 500)")
     p.add_argument("--steps", type=positive_int, help="sampler steps (default: the run's resolved sampler)")
     p.add_argument("--cfg-scale", type=finite_float,
                    help="guidance scale (default: the run's eval.cfg_scale; ≤ 1: no guidance)")

@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
-from selfflow.core.arg_types import device_name, non_negative_int, output_file, positive_int
+from selfflow.core.arg_types import (
+    add_model_argument,
+    device_name,
+    non_negative_int,
+    output_file,
+    positive_int,
+)
 from selfflow.core.atomic import atomic_write_text
 
 
@@ -20,9 +25,7 @@ def add_linear_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "images noised to each level t (null condition), fit a closed-form ridge classifier "
                     "(λ chosen on a split of the fitting set) and report test accuracy per block and level. "
                     "Built-in labelled datasets only (synthetic_shapes, digits).")
-    p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
-                   help="run directory (config.yaml), pretrained directory (config.json) or ema.safetensors"
-                        "; --run-dir under torchrun, whose own --run-path takes --run")
+    add_model_argument(p, required=True)
     p.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.25, 0.5],
                    help="noise levels t (0 = clean data, 1 = noise)")
     p.add_argument("--blocks", type=int, nargs="+", help="blocks to probe, 1…depth (default: all)")

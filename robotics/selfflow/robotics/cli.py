@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from selfflow.core.arg_types import device_name, non_negative_int, positive_int
+from selfflow.core.arg_types import add_model_argument, device_name, non_negative_int, positive_int
 from selfflow.core.config import ConfigError
 
 
@@ -57,7 +57,7 @@ def _policy_factory(args: argparse.Namespace):
         raise ConfigError("--policy model needs --run <run directory of an rt1 training>")
     from selfflow.core.pretrained import load_model
 
-    loaded = load_model(Path(args.run), args.device, modality_name="rt1")
+    loaded = load_model(args.run, args.device, modality_name="rt1")
     model, modality = loaded.model, loaded.modality
     device = next(model.parameters()).device
     if args.validate and args.policy == "model":
@@ -91,8 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("simpler", help="SIMPLER visual-matching rollouts of an rt1 run",
                               description="Move Near and Open Top Drawer and Place Apple (visual matching), "
                                           "SIMPLER's loop and success at the final step.")
-    p.add_argument("--run", "--run-dir", dest="run",
-                   help="an rt1 training: its run directory, pretrained directory or ema.safetensors" + "; --run-dir under torchrun, whose own --run-path takes --run")
+    add_model_argument(p, what="an rt1 training: its ")
     p.add_argument("--env", choices=["simpler", "fake"], default="simpler",
                    help="fake: the offline stand-in, results labelled env: fake")
     p.add_argument("--task", choices=["all", "move_near", "open_top_drawer_place_apple"], default="all",
