@@ -28,6 +28,7 @@ from reliability import (
     numerical,
     prepare_faults,
     state_faults,
+    stop_signals,
     untrusted,
 )
 from reliability.common import ROOT, Outcome
@@ -42,6 +43,7 @@ FAMILIES: dict[str, Callable[[], list[Outcome]]] = {
     "cli": cli_faults.run_all,
     "numerical": numerical.run_all,
     "distributed": distributed_restart.run_all,
+    "signals": stop_signals.run_all,
     "untrusted": untrusted.run_all,
 }
 # The bar of issue #9: kill/resume cycles, corrupt members and config mutations, all without a crash or loss.
@@ -117,6 +119,10 @@ def render(outcomes: list[Outcome], seconds: float) -> str:
               "`torchrun --max-restarts=1` with 2 gloo ranks; a save failing on one rank: ENOSPC on rank 0 "
               "(`SELFFLOW_FAULT_SAVE_ENOSPC`), an error gathering the state (`SELFFLOW_FAULT_SAVE_ERROR=STEP@RANK`), "
               "under DDP and inside FSDP2's sharded gather.",
+              "- **signals**: `reliability/stop_signals.py` — SIGTERM, SIGUSR1 and SIGINT after a step "
+              "(`SELFFLOW_FAULT_SIGNAL_AT=STEP@RANK:SIGNAL`) on one process and on one rank of two, and a "
+              "SIGKILL of the torchrun agent from outside; each stop is compared exactly with an uninterrupted run "
+              "after the rerun.",
               "- **untrusted**: `reliability/untrusted.py` — a pickle that would run code, planted where "
               "checkpoints are read; a scan of `torch.load` call sites; run names escaping `output_dir`.",
               "",

@@ -103,3 +103,52 @@ def test_an_error_on_rank_0_alone_under_fsdp2_ends_the_job_with_its_message(tmp_
                          timeout=240)
     assert proc.returncode != 0
     assert "selfflow: error: Is a directory" in proc.stderr and "data_facts.json" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """SIGTERM reaches rank 1 after step 3; the flag rides in step 4's loss reduction, so both ranks stop after
+    step 4 with one checkpoint (each exits 128 + 15), and the rerun reproduces the uninterrupted losses."""
+    from selfflow.core.checkpoint import list_checkpoints
+
+    sets = ("train.steps=6", "train.batch_size=2", "train.parallel=fsdp2", "checkpoint.every=5")
+    full = run_train(tmp_path, "full", 2, *sets)
+    proc = train_process(tmp_path, "cut", 2, *sets, env={"SELFFLOW_FAULT_SIGNAL_AT": "3@1"}, timeout=240)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and text.count("exitcode  : 143") == 2, text[-3000:]
+    assert "selfflow: stopped: SIGTERM (on another rank) at step 4 of 6: wrote" in text, text[-3000:]
+    assert [s for s, _ in list_checkpoints(tmp_path / "cut" / "checkpoints")] == [4]
+    assert_same_losses(full, run_train(tmp_path, "cut", 2, *sets), tol=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_killing_the_torchrun_agent_stops_its_workers_cleanly(tmp_path):
+    """torchrun starts its workers in sessions of their own: a kill -9 of the agent used to leave them
+    training. Each worker asks for SIGTERM on its parent's death, so they stop with a checkpoint."""
+    import signal
+    import time
+
+    from selfflow.core.checkpoint import list_checkpoints
+
+    sets = [a for s in [*TINY, f"output_dir={tmp_path}", "name=orphan", "sample.every=0", "train.num_threads=1",
+                        "train.steps=100000", "train.batch_size=2", "checkpoint.every=100000"] for a in ("--set", s)]
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "selfflow.core.cli", "train", "--no-progress", *sets],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    metrics, deadline = tmp_path / "orphan" / "metrics.jsonl", time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and len(read_metrics(metrics)) >= 3):
+        assert agent.poll() is None, "torchrun ended early"
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+    agent.send_signal(signal.SIGKILL)
+    agent.wait()
+    try:
+        log = tmp_path / "orphan" / "train.log"
+        while time.time() < deadline and "stopped: SIGTERM" not in log.read_text():
+            time.sleep(0.2)
+        steps = [s for s, _ in list_checkpoints(tmp_path / "orphan" / "checkpoints")]
+        assert len(steps) == 1 and steps[0] >= 3, log.read_text()[-2000:]
+        time.sleep(2)  # no worker trains on
+        assert read_metrics(metrics)[-1]["step"] == steps[0]
+    finally:  # a failure here must not leave the workers training
+        subprocess.run(["kill", "-9", *workers], capture_output=True)

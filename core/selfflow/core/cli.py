@@ -27,7 +27,7 @@ from .checkpoint import CheckpointLoadError
 from .config import ConfigError, load_config, validation_problems
 from .distributed import left_out_of_step
 from .export_cli import add_export_parser
-from .faults import RunStopped
+from .faults import RunInterrupted, RunStopped
 from .registry import available_modalities, command_registrars
 from .safe_yaml import YamlError
 
@@ -294,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"selfflow: error: {_error_message(e)}", file=sys.stderr)
         code = 2
+    except RunInterrupted as e:  # a stop signal: the step finished, its checkpoint written (rank 0 says where)
+        if str(e):
+            print(f"selfflow: stopped: {e}", file=sys.stderr)
+        code = 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C (twice, in training): no traceback; what is complete on disk stays
+        print("selfflow: interrupted", file=sys.stderr)
+        code = 130
     except RunStopped as e:  # a deliberate stop (bad data, non-finite steps, failed checkpoint write)
         print(f"selfflow: stopped: {e}", file=sys.stderr)
         code = 3

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .stop_request import stop_with_parent
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -45,6 +47,7 @@ def init_distributed(device: torch.device, timeout_s: int = 1800) -> DistInfo:
     if world <= 1:
         return DistInfo(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    stop_with_parent()  # a torchrun worker stops (cleanly, on SIGTERM) when its agent is killed
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

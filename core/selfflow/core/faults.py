@@ -10,6 +10,8 @@ variable is set; each is read where the fault would happen in production:
   with an error that is not a write error (a bug in a component's ``state_dict``, an unpicklable value).
 - ``SELFFLOW_FAULT_KILL_AT=STEP[@RANK]``: SIGKILL this process after optimizer step STEP — once per run
   directory (a marker file records it, so the restarted process does not kill itself again).
+- ``SELFFLOW_FAULT_SIGNAL_AT=STEP[@RANK][:SIGNAL]``: send this process SIGNAL (default ``SIGTERM``; ``SIGINT``,
+  ``SIGUSR1``) after optimizer step STEP — once per run directory, as ``SELFFLOW_FAULT_KILL_AT``.
 - ``SELFFLOW_FAULT_NAN_AT=STEP[,STEP…]``: the batches of these (1-based) steps are replaced by NaNs.
 """
 
@@ -32,6 +34,15 @@ def error_line(error: BaseException) -> str:
 
 class RunStopped(RuntimeError):
     """A run stopped deliberately (too many bad steps or samples, a failed checkpoint write)."""
+
+
+class RunInterrupted(RunStopped):
+    """A run stopped cleanly on a signal (:mod:`~selfflow.core.stop_request`), its checkpoint written. The CLI
+    exits with ``128 + signal``, the shell's code for a process ended by that signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def _env(name: str) -> str:
@@ -65,20 +76,32 @@ def save_error(step: int, rank: int) -> None:
         raise ValueError(f"injected fault (SELFFLOW_FAULT_SAVE_ERROR={spec}) while gathering the state of step {step}")
 
 
-def kill_point(step: int, rank: int, run_dir: str | Path) -> None:
-    """``SELFFLOW_FAULT_KILL_AT``: SIGKILL this process once, after ``step`` on ``rank`` (default 0)."""
-    spec = _env("SELFFLOW_FAULT_KILL_AT")
+def _once_at(name: str, marker: str, step: int, rank: int, run_dir: str | Path) -> str | None:
+    """The ``SIGNAL`` part of a ``STEP[@RANK][:SIGNAL]`` hook that is due now, once per run directory (a marker
+    file records it, so the restarted process does not fault again); ``None`` when not due."""
+    spec = _env(name)
     if not spec:
-        return
-    at, _, who = spec.partition("@")
+        return None
+    where, _, what = spec.partition(":")
+    at, _, who = where.partition("@")
     if int(at) != step or int(who or 0) != rank:
-        return
-    marker = Path(run_dir) / f".fault_killed_{step}_{rank}"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    os.kill(os.getpid(), signal.SIGKILL)
+        return None
+    path = Path(run_dir) / f".fault_{marker}_{step}_{rank}"
+    if path.exists():
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    return what
+
+
+def kill_point(step: int, rank: int, run_dir: str | Path) -> None:
+    """``SELFFLOW_FAULT_KILL_AT``: SIGKILL this process once, after ``step`` on ``rank`` (default 0); then
+    ``SELFFLOW_FAULT_SIGNAL_AT``: send it a stop signal the same way."""
+    if _once_at("SELFFLOW_FAULT_KILL_AT", "killed", step, rank, run_dir) is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    what = _once_at("SELFFLOW_FAULT_SIGNAL_AT", "signalled", step, rank, run_dir)
+    if what is not None:
+        os.kill(os.getpid(), signal.Signals[what or "SIGTERM"])
 
 
 def poison_batches(batches: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import warnings
 from typing import Any
 
@@ -47,6 +48,7 @@ from .run_setup import (
     set_torch_globals,
 )
 from .step_guard import StepGuard
+from .stop_request import StopRequest
 from .training_log import StepCost, TrainingLog
 
 
@@ -86,6 +88,8 @@ class Trainer:
         self.tokens_per_sample: dict[str, int] = {}
         self.context_per_sample: dict[str, int] = {}  # caption tokens (padded: all computed), for the FLOPs
 
+        self.stop = StopRequest()  # a signal during fit(): finish the step, checkpoint, stop
+        self._stop_agreed = False  # a stop signal had reached some rank before this step's loss reduction
         self.guard = StepGuard(tc, self.run_dir / "checkpoints")
         self.log = TrainingLog(cfg, self.dist, self.device, progress=progress, step_cost=self._step_cost)
         self.previewer = Previewer(cfg, self.run.modalities, self.ema if cfg.sample.use_ema else self.model,
@@ -211,7 +215,10 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         # Corrupt samples the streams skipped (cumulative, this rank): summed over ranks in the same reduction.
         sums["data_skipped"] = float(sum(getattr(s, "skipped", 0) for s in self.streams.values()))
+        # A stop signal on any rank rides along in the same reduction: every rank stops after the same step.
+        sums["stop_requested"] = float(self.stop.requested)
         out = all_mean(sums, self.device)
+        self._stop_agreed = out.pop("stop_requested") > 0
         out["data_skipped"] = round(out["data_skipped"] * self.dist.world_size)
         out["grad_norm"] = float(grad_norm)
         out["lr"] = self.optimizer.param_groups[0]["lr"]  # what this step applies (the scheduler steps after it)
@@ -252,37 +259,64 @@ class Trainer:
     # --- loop -------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to ``train.steps``, then write the final checkpoint, preview, EMA export and loss plot. A run
-        that had already finished is left as it is (``samples`` and ``last`` are then empty)."""
+        that had already finished is left as it is (``samples`` and ``last`` are then empty).
+
+        ``SIGTERM``, ``SIGUSR1`` or Ctrl-C (in the main thread) stop the run after the step in progress: a
+        checkpoint of that step is written and :class:`~.faults.RunInterrupted` raised; fitting again resumes
+        there with the numbers of an uninterrupted run (:mod:`~selfflow.core.stop_request`)."""
         if self.finished:
             plot = self.run_dir / "loss.png"
             return {"checkpoint": self.resumed_from, "samples": None, "ema": self.run_dir / "ema.safetensors",
                     "loss_plot": plot if plot.is_file() else None, "last": {}}
         total, accum = self.cfg.train.steps, self.cfg.train.grad_accum_steps
-        data = {n: iter(s) for n, s in self.streams.items()}
         self.log.open(self.step)
+        with self.stop.installed():
+            try:
+                last = self._train_to(total, accum)
+            finally:
+                self.log.close()
+            # a signal from here on lets the run finish: its final outputs take a moment, not a step
+            return {"checkpoint": self.checkpointer.save(self.step),
+                    "samples": self.previewer.write_samples(self.step),
+                    "ema": self.checkpointer.export_ema(self.ema, self.run.model_config,
+                                                       data_facts=self.run.data_facts),
+                    "loss_plot": self.log.finish(), "last": last}
+
+    def _train_to(self, total: int, accum: int) -> dict[str, float]:
+        """The steps up to ``total``, with the previews, evaluations and checkpoints due among them; returns the
+        last step's values. A stop signal ends it after the step in progress (:meth:`_stop_here`)."""
+        data = {n: iter(s) for n, s in self.streams.items()}
         last: dict[str, float] = {}
-        try:
-            while self.step < total:
-                self.log.step_started()
-                name = self.schedule.next()
-                batches = faults.poison_batches([next(data[name]) for _ in range(accum)], self.step + 1)
-                if self.pin_memory:
-                    batches = [pin_batch(b) for b in batches]
-                last = self.train_step(batches, name)
-                self.step += 1
-                faults.kill_point(self.step, self.dist.rank, self.run_dir)
-                self.log.step_done(self.step, name, last, self._counters())
-                if self.previewer.samples_due(self.step):
-                    self.previewer.write_samples(self.step)
-                if self.previewer.eval_due(self.step):
-                    self.log.scores(self.step, self.previewer.evaluate())
-                if self.checkpointer.due(self.step, total):
-                    self.checkpointer.save(self.step)
-        finally:
-            self.log.close()
-        return {"checkpoint": self.checkpointer.save(self.step), "samples": self.previewer.write_samples(self.step),
-                "ema": self.checkpointer.export_ema(self.ema, self.run.model_config, data_facts=self.run.data_facts),
-                "loss_plot": self.log.finish(), "last": last}
+        while self.step < total:
+            self.log.step_started()
+            name = self.schedule.next()
+            batches = faults.poison_batches([next(data[name]) for _ in range(accum)], self.step + 1)
+            if self.pin_memory:
+                batches = [pin_batch(b) for b in batches]
+            last = self.train_step(batches, name)
+            self.step += 1
+            faults.kill_point(self.step, self.dist.rank, self.run_dir)
+            self.log.step_done(self.step, name, last, self._counters())
+            # One process reads its flag now; several ranks go by the step's reduction, so that they agree.
+            if self._stop_agreed if self.dist.enabled else self.stop.requested:
+                self._stop_here(total)
+            if self.previewer.samples_due(self.step):
+                self.previewer.write_samples(self.step)
+            if self.previewer.eval_due(self.step):
+                self.log.scores(self.step, self.previewer.evaluate())
+            if self.checkpointer.due(self.step, total):
+                self.checkpointer.save(self.step)
+        return last
+
+    def _stop_here(self, total: int) -> None:
+        """A stop signal reached this rank or another: write this step's checkpoint (a collective) and raise
+        :class:`~.faults.RunInterrupted` on every rank — rank 0's says what was kept and how to go on."""
+        path = self.checkpointer.save(self.step)
+        sig = self.stop.signal or signal.SIGTERM  # on a rank the signal did not reach: the usual one
+        where = "" if self.stop.requested else " (on another rank)"
+        raise faults.RunInterrupted(
+            f"{sig.name}{where} at step {self.step} of {total}: wrote {path}; run the same command to resume "
+            "from it" if self.dist.is_main else "", int(sig))
 
     def _counters(self) -> dict[str, int]:
         """Run-level counts logged with each record: skipped steps and, in a mixed run, steps per modality."""

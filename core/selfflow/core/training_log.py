@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .atomic import atomic_write_text
 from .config import RunConfig, save_config
 from .distributed import DistInfo
+from .faults import RunInterrupted
 from .metrics import MetricsLogger, plot_losses, scalar_values
 
 logger = logging.getLogger("selfflow")
@@ -84,8 +85,11 @@ class TrainingLog:
         try:
             yield
         except BaseException as e:  # the reason a run ended early belongs in its log (the CLI prints it too)
-            file.emit(logger.makeRecord(logger.name, logging.ERROR, __file__, 0,
-                                        f"stopped: {type(e).__name__}: {e}", None, None))
+            if isinstance(e, RunInterrupted):  # asked for (a signal), not a failure
+                severity, text = logging.WARNING, f"stopped: {e}"
+            else:
+                severity, text = logging.ERROR, f"stopped: {type(e).__name__}: {e}"
+            file.emit(logger.makeRecord(logger.name, severity, __file__, 0, text, None, None))
             raise
         finally:
             for h in handlers:

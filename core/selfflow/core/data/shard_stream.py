@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..modality import DataStream
+from ..stop_request import ignore_stop_signals
 from .shard_format import Decoder, Sample, collate_samples, decode_sample
 from .tar_members import Unsupported, iter_members
 
@@ -246,7 +247,8 @@ class ShardStream(DataStream):
         workers = min(self.num_workers, len(reader.urls))
         if workers == 0:
             return iter(reader)
-        loader = DataLoader(reader, batch_size=None, num_workers=workers, collate_fn=_as_is)
+        loader = DataLoader(reader, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                            worker_init_fn=ignore_stop_signals)
         return (_from_wire(event) for chunk in loader for event in chunk)
 
     def _skip(self, event: Skip) -> None:

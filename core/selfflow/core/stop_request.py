@@ -1,0 +1,87 @@
+"""A clean stop on a signal: the training loop finishes its step, writes a checkpoint and ends.
+
+The signals that come before a kill are caught while :meth:`Trainer.fit` runs: ``SIGTERM`` (what torchrun
+forwards when its own process is stopped, and what SLURM and Kubernetes send before ``SIGKILL``),
+``SIGUSR1`` (SLURM's ``--signal=USR1@SECONDS``, a warning ahead of the time limit) and ``SIGINT`` (Ctrl-C).
+The handler only records the signal; the loop reads it at the end of each step. Ranks agree on the step to
+stop at through the step's own loss reduction (the flag rides along with the losses), so a signal that
+reaches one rank stops every rank at the same step, with one checkpoint. A second Ctrl-C stops at once
+(``KeyboardInterrupt``: the last complete checkpoint stays the newest).
+
+Under ``torchrun`` each worker also asks the kernel for ``SIGTERM`` when its agent dies
+(:func:`stop_with_parent`): a ``kill -9`` of the agent used to leave its workers training on, unseen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+log = logging.getLogger("selfflow")
+
+STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGUSR1")) if s)
+
+
+class StopRequest:
+    """Which stop signal arrived first while :meth:`installed` was active (``None``: none yet)."""
+
+    def __init__(self) -> None:
+        self.signal: signal.Signals | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        """Catch the stop signals for the duration, then restore the handlers that were there. Outside the main
+        thread (where Python cannot install handlers) this does nothing: the signals act as before."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        sig = signal.Signals(signum)
+        if self.signal is not None:
+            if sig == signal.SIGINT:  # Ctrl-C twice: the user does not want to wait for the checkpoint
+                raise KeyboardInterrupt
+            return
+        self.signal = sig
+        again = " (Ctrl-C again to stop at once)" if sig == signal.SIGINT else ""
+        log.warning("selfflow: %s received: stopping after this step with a checkpoint%s", sig.name, again)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: the workers leave the stop signals to the training process. A terminal's
+    Ctrl-C and SLURM's signals reach every process of the job; a worker that died of one would fail the batch
+    being fetched ("worker exited unexpectedly") before the trainer could stop cleanly. The workers end with
+    their loader (or with the training process: they watch it)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def stop_with_parent() -> bool:
+    """Ask the kernel to send this process ``SIGTERM`` when its parent dies (Linux's ``PR_SET_PDEATHSIG``).
+    For ``torchrun`` workers: the agent starts them in sessions of their own, so a ``kill -9`` of the agent
+    (or of its terminal's process group) leaves them running — and a rerun then has two jobs writing one run
+    directory. With this, they stop cleanly as on any ``SIGTERM``. Returns whether it is in effect."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False

@@ -1,0 +1,151 @@
+"""Clean stops on a signal: the handler records the first signal and restores what was there; training
+finishes its step, writes a checkpoint and raises; the resumed run reproduces the uninterrupted losses; a
+process that asked for it gets SIGTERM when its parent dies; data workers leave the signals to the trainer."""
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from selfflow.core.checkpoint import list_checkpoints
+from selfflow.core.data.shard_format import shard_urls
+from selfflow.core.data.shard_stream import ShardStream
+from selfflow.core.data.shard_writer import write_shards
+from selfflow.core.faults import RunInterrupted
+from selfflow.core.metrics import read_metrics
+from selfflow.core.stop_request import StopRequest, stop_with_parent
+from selfflow.core.trainer import Trainer
+
+from .test_distributed import assert_same_losses, train_process
+from .test_trainer import _cfg
+
+
+def test_the_first_signal_is_recorded_and_the_handlers_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopRequest()
+    with stop.installed():
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning ahead of its time limit
+        os.kill(os.getpid(), signal.SIGTERM)  # a later one changes nothing
+        assert stop.signal == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    stop = StopRequest()
+    with stop.installed():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs in this thread, at the next bytecode
+
+
+def test_outside_the_main_thread_nothing_is_installed():
+    seen = []
+
+    def body():
+        with StopRequest().installed():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    before = signal.getsignal(signal.SIGTERM)
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == [before]
+
+
+def test_fit_stops_after_the_step_with_its_checkpoint_and_resumes_exactly(tmp_path, monkeypatch):
+    sets = ("train.steps=6", "train.batch_size=2", "checkpoint.every=4", "sample.every=0")
+    full = Trainer(_cfg(tmp_path, "full", *sets), progress=False)
+    full.fit()
+    monkeypatch.setenv("SELFFLOW_FAULT_SIGNAL_AT", "3:SIGUSR1")
+    trainer = Trainer(_cfg(tmp_path, "cut", *sets), progress=False)
+    with pytest.raises(RunInterrupted, match=r"SIGUSR1 at step 3 of 6: wrote .*step_00000003\.pt") as stopped:
+        trainer.fit()
+    assert stopped.value.signum == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # restored
+    ckpts = tmp_path / "cut" / "checkpoints"
+    assert [s for s, _ in list_checkpoints(ckpts)] == [3]
+    assert not (tmp_path / "cut" / "ema.safetensors").exists()  # not finished: no final outputs
+    resumed = Trainer(_cfg(tmp_path, "cut", *sets), progress=False)  # the hook fired once for this run
+    assert resumed.step == 3
+    resumed.fit()
+    assert_same_losses(read_metrics(tmp_path / "full" / "metrics.jsonl"),
+                       read_metrics(tmp_path / "cut" / "metrics.jsonl"), tol=0)
+
+
+def test_the_cli_exits_with_the_signal_code_and_says_how_to_go_on(tmp_path):
+    proc = train_process(tmp_path, "cli", 1, "train.steps=5", "train.batch_size=2",
+                         env={"SELFFLOW_FAULT_SIGNAL_AT": "2:SIGINT"}, timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-2000:]
+    assert "selfflow: SIGINT received: stopping after this step with a checkpoint (Ctrl-C again" in proc.stderr
+    assert "selfflow: stopped: SIGINT at step 2 of 5: wrote" in proc.stderr and "Traceback" not in proc.stderr
+    assert "stopped: SIGINT at step 2 of 5" in (tmp_path / "cli" / "train.log").read_text()
+
+
+PARENT = textwrap.dedent("""
+    import subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", '''
+    import signal, sys, time
+    from selfflow.core.stop_request import stop_with_parent
+    signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1], "w").write("SIGTERM"), sys.exit(0)))
+    assert stop_with_parent()
+    open(sys.argv[1] + ".ready", "w").close()
+    time.sleep(60)
+    ''', sys.argv[1]], start_new_session=True)  # a session of its own, as torchrun starts its workers
+    time.sleep(60)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_process_that_asked_gets_sigterm_when_its_parent_is_killed(tmp_path):
+    mark = tmp_path / "got"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(mark)])
+    deadline = time.time() + 60
+    while not (tmp_path / "got.ready").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    parent.kill()  # SIGKILL: the parent cannot pass anything on
+    parent.wait()
+    while not (mark.exists() and mark.read_text() == "SIGTERM") and time.time() < deadline:
+        time.sleep(0.05)  # (created a moment before it is written)
+    assert mark.exists() and mark.read_text() == "SIGTERM"
+    assert stop_with_parent() in (True, False)  # callable here too (it only sets a flag for this process)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_data_workers_ignore_the_stop_signals(tmp_path):
+    """A terminal's Ctrl-C or SLURM's SIGTERM reaches the DataLoader workers too; one that died of it would
+    fail the batch being fetched ("worker exited unexpectedly") before the trainer could stop cleanly."""
+    write_shards(list(range(16)), _sample, tmp_path, shard_size=4)
+    stream = ShardStream(shard_urls(tmp_path), 2, num_workers=2)
+    it = iter(stream)
+    next(it)
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    deadline = time.time() + 30  # each worker's init has run (in training the trainer's handlers cover the start)
+    while not all(_ignores_sigterm(w.pid) for w in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        for w in workers:
+            os.kill(w.pid, sig)
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in workers)
+    assert sum(len(next(it)["captions"]) for _ in range(7)) == 14  # the rest of the epoch, from the same workers
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    return bool(mask >> (signal.SIGTERM - 1) & 1)
+
+
+def _sample(i):
+    return {"latent": np.full((2, 3), float(i), dtype=np.float32), "caption": f"item {i}", "label": 0}
