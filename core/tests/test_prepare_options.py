@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-from selfflow.core.data.prepare_options import rank_device
+from selfflow.core.data.prepare_options import print_report, rank_device
 
 
 def test_cuda_is_the_local_ranks_gpu(monkeypatch):
@@ -61,3 +61,15 @@ def test_a_wrong_input_fails_before_the_autoencoder_loads(module, function, tmp_
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"prepare input .*empty holds no media"):
         prepare({**opts, "input": str(tmp_path / "empty")})
+
+
+def test_each_rank_says_its_report_is_its_part(monkeypatch, capsys):
+    """The ranks of a torchrun preparation share no process group: N lines of partial counts, each saying so."""
+    report = {"written": 4, "shards": 2, "existing": 0, "skipped": 1}
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    print_report("video", report)
+    assert capsys.readouterr().out.startswith("prepare video: 4 samples in 2 new shard(s)")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    print_report("video", report)
+    assert capsys.readouterr().out.startswith("prepare video (rank 1 of 2: its shards only): 4 samples")

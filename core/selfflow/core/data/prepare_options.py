@@ -67,7 +67,11 @@ def prepare_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_report(target: str, report: dict[str, Any]) -> int:
-    print(f"prepare {target}: {report['written']} samples in {report['shards']} new shard(s), "
+    """One line per process. The ranks of a torchrun preparation share no process group (each writes its own
+    shards), so each reports its part, and says so."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    part = f" (rank {os.environ.get('RANK', '0')} of {world}: its shards only)" if world > 1 else ""
+    print(f"prepare {target}{part}: {report['written']} samples in {report['shards']} new shard(s), "
           f"{report['existing']} shard(s) already done, {report['skipped']} unreadable file(s) skipped "
           "(listed in the shards' .json reports)")
     return 0
