@@ -182,3 +182,14 @@ def test_every_run_option_has_the_spelling_torchrun_leaves_alone():
         args = parser.parse_args([*argv, "--run-dir", "r"])
         assert str(args.run) == "r", argv
     assert parser.parse_args(["eval", "probe", "--run-dir", "r", "--num-samples", "7"]).num == 7
+
+
+@pytest.mark.parametrize("local_rank, printed", [("0", 1), ("1", 0)])
+def test_under_torchrun_a_config_error_prints_once_per_node(tmp_path, capsys, monkeypatch, local_rank, printed):
+    """Every rank reads the same config: 8 ranks used to print the same line 8 times."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", local_rank)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert main(["train", "--set", f"output_dir={tmp_path}", "--set", "train.no_such_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("selfflow: error:") == printed and err.count("train.no_such_key: unknown key") == printed

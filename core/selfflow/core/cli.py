@@ -25,7 +25,7 @@ from .arg_types import (
 )
 from .checkpoint import CheckpointLoadError
 from .config import ConfigError, load_config, validation_problems
-from .distributed import left_out_of_step
+from .distributed import launched_world_size, left_out_of_step
 from .export_cli import add_export_parser
 from .faults import RunInterrupted, RunStopped
 from .registry import available_modalities, command_registrars
@@ -280,6 +280,13 @@ def _error_message(e: Exception) -> str:
     return str(e)
 
 
+def _said_on_this_node(e: Exception) -> bool:
+    """Under torchrun, an error in the arguments or the config is the same on every rank: local rank 0 prints
+    it, once per node, instead of every rank printing the same line (each still exits with status 2)."""
+    config_error = isinstance(e, (ConfigError, YamlError, ValidationError))
+    return config_error and launched_world_size() > 1 and os.environ.get("LOCAL_RANK", "0") != "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -292,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointLoadError, YamlError, OSError, KeyError, ValueError) as e:
         if os.environ.get("SELFFLOW_TRACEBACK"):
             raise
-        print(f"selfflow: error: {_error_message(e)}", file=sys.stderr)
+        if not _said_on_this_node(e):
+            print(f"selfflow: error: {_error_message(e)}", file=sys.stderr)
         code = 2
     except RunInterrupted as e:  # a stop signal: the step finished, its checkpoint written (rank 0 says where)
         if str(e):
