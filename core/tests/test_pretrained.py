@@ -127,3 +127,22 @@ def test_the_ema_export_writes_a_pretrained_directory_beside_it(tmp_path):
     ema = ckpt.export_ema(run.backbone, run.model_config)
     assert ema == cfg.run_dir / "ema.safetensors"
     assert _same(from_pretrained(cfg.run_dir / "pretrained", "cpu").model, run.backbone)
+
+
+@pytest.mark.parametrize("kind", ["self_flow", "flow_matching"])  # with and without a projector
+def test_a_model_trained_with_an_objective_not_installed_here_loads_with_a_warning(tmp_path, kind, caplog):
+    run_dir, run = make_run_dir(tmp_path, f"objective.kind={kind}")
+    pre = save_pretrained(tmp_path / "pre", run.backbone.state_dict(), run.config, run.model_config)
+    (run_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace(
+        f"kind: {kind}", "kind: my_plugin_objective"))
+    config = json.loads((pre / "config.json").read_text())
+    config["run_config"]["objective"]["kind"] = "my_plugin_objective"
+    (pre / "config.json").write_text(json.dumps(config))
+    for source in (run_dir, pre):
+        caplog.clear()
+        loaded = load_model(source, "cpu")
+        assert _same(loaded.model, run.backbone), source
+        assert loaded.config.objective.kind == "my_plugin_objective"  # an export keeps it
+        assert "objective.kind 'my_plugin_objective', which is not installed here" in caplog.text
+    with pytest.raises(ConfigError, match=r"unknown objective\.kind 'my_plugin_objective'"):  # training needs it
+        load_config(run_dir / "config.yaml")

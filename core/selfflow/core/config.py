@@ -25,7 +25,7 @@ from pydantic import (
 from .atomic import atomic_write_text
 from .backbones import validate_model_config
 from .mmdit import MMDiTConfig
-from .objective import ObjectiveConfig
+from .objective import UNKNOWN_KIND_OK, ObjectiveConfig
 from .safe_yaml import YamlError, parse_yaml
 from .sampler import SamplerConfig, SamplerSettings, resolve_sampler
 from .timesteps import TimestepDistribution
@@ -349,9 +349,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | str | None = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | str | None = None, *,
+                for_inference: bool = False) -> RunConfig:
     """Load a YAML run config (or the defaults) and apply overrides (``"key.path=value"`` strings, or one);
-    errors name key, value and file."""
+    errors name key, value and file. ``for_inference``: the config of a trained model loaded to sample,
+    evaluate or export, where an ``objective.kind`` that is not installed here is accepted."""
     if isinstance(overrides, str):
         overrides = [overrides]
     raw: dict[str, Any] = {}
@@ -380,7 +382,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | str | Non
     if moved:
         raise ConfigError("\n".join([f"invalid config {source}:", *moved]))
     try:
-        cfg = RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw, context={UNKNOWN_KIND_OK: for_inference})
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source, raw)) from None
     nonfinite = _nonfinite_floats(cfg.model_dump())

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
 from .dual_timestep import TeacherLevel
@@ -26,6 +26,11 @@ from .registry import get_objective
 from .timesteps import TimestepDistribution, target_velocity
 from .token_schedule import TokenSchedule
 from .tokens import Conditioning, Tokens
+
+# Validation context key (``RunConfig.model_validate(raw, context={UNKNOWN_KIND_OK: True})``): the config of a
+# trained model loaded to sample, evaluate or export, which never runs its objective, so a plug-in kind that is
+# not installed here is accepted (training, and resuming, still refuse it).
+UNKNOWN_KIND_OK = "unknown_objective_kind_ok"
 
 
 class ObjectiveConfig(BaseModel):
@@ -49,11 +54,12 @@ class ObjectiveConfig(BaseModel):
 
     @field_validator("kind")
     @classmethod
-    def _known_kind(cls, kind: str) -> str:
+    def _known_kind(cls, kind: str, info: ValidationInfo) -> str:
         try:
             get_objective(kind)
         except KeyError as err:
-            raise ValueError(err.args[0]) from None
+            if not (info.context or {}).get(UNKNOWN_KIND_OK):
+                raise ValueError(err.args[0]) from None
         return kind
 
     def resolve(self, depth: int, default_mask_ratio: float,

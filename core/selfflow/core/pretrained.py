@@ -9,6 +9,7 @@ chain of training; :func:`load_model` accepts any of a run directory, a pretrain
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -24,12 +25,15 @@ from .checkpoint import CheckpointLoadError, load_weights
 from .config import ConfigError, RunConfig, load_config, short_repr, validation_problems
 from .data.data_facts import read_facts, replaying
 from .modality import Modality
+from .objective import UNKNOWN_KIND_OK
+from .registry import get_objective
 from .run_setup import Run, build_run, pick_device, read_run_weights
 
 FORMAT = "selfflow-pretrained"
 VERSION = 1  # of config.json's layout; a newer file is refused rather than misread
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+log = logging.getLogger("selfflow")
 
 
 def save_pretrained(out_dir: str | Path, weights: str | Path | dict[str, torch.Tensor], run_config: RunConfig,
@@ -73,6 +77,20 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def _build_for_weights(cfg: RunConfig, state: dict[str, torch.Tensor], source: str) -> Run:
+    """:func:`build_run` for loading trained weights. Sampling never runs the objective, so a kind that is not
+    installed here (a plug-in's) is only warned about, and whether the backbone has a projector follows the
+    weights instead of the objective."""
+    try:
+        get_objective(cfg.objective.kind)
+    except KeyError:
+        log.warning("selfflow: warning: %s was trained with objective.kind %r, which is not installed here: it "
+                    "loads for sampling, evaluation and export, but resuming its training needs that plug-in",
+                    source, cfg.objective.kind)
+        return build_run(cfg, projector=any(k.startswith("projector.") for k in state))
+    return build_run(cfg)
+
+
 @dataclass
 class LoadedModel:
     """A backbone in eval mode with the modality it samples, its run config and its backbone config."""
@@ -103,20 +121,21 @@ def from_pretrained(path: str | Path, device: str | torch.device = "auto", modal
     root = Path(path)
     config = _read_config(root / CONFIG_FILE)
     try:
-        cfg = RunConfig.model_validate(config["run_config"])
+        cfg = RunConfig.model_validate(config["run_config"], context={UNKNOWN_KIND_OK: True})
     except KeyError:
         raise ConfigError(f"{root / CONFIG_FILE} has no \"run_config\"") from None
     except ValidationError as e:
         raise ConfigError(f"{root / CONFIG_FILE}: invalid run_config: "
                           f"{validation_problems(e, 'run_config')[0]}") from None
+    state = load_weights(root / WEIGHTS_FILE)
     with replaying(config.get("data_facts")):  # the shards' codec.json, statistics …: not needed here
-        run = build_run(cfg)
+        run = _build_for_weights(cfg, state, str(root))
     built, stored = run.model_config.model_dump(mode="json"), config.get("model_config", {})
     differ = sorted(k for k in set(built) | set(stored) if built.get(k) != stored.get(k))
     if differ:
         raise ConfigError(f"{root / CONFIG_FILE}: the run config builds a different model (keys {differ}): "
                           "was it written by another selfflow version?")
-    return _loaded(run, load_weights(root / WEIGHTS_FILE), device, modality_name, str(root))
+    return _loaded(run, state, device, modality_name, str(root))
 
 
 def model_root(path: Path) -> Path:
@@ -157,6 +176,8 @@ def load_model(path: str | Path, device: str | torch.device = "auto", modality_n
     if not (p / "config.yaml").is_file():
         raise ConfigError(f"{p} is not a run directory (no config.yaml), a pretrained directory (no config.json) "
                           "or a weights file in one")
+    cfg = load_config(p / "config.yaml", for_inference=True)
+    state = read_run_weights(p, weights)
     with replaying(read_facts(p)):  # the data as it was read at training (also when it is gone)
-        run = build_run(load_config(p / "config.yaml"))
-    return _loaded(run, read_run_weights(p, weights), device, modality_name, str(p))
+        run = _build_for_weights(cfg, state, str(p))
+    return _loaded(run, state, device, modality_name, str(p))

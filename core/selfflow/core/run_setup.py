@@ -163,14 +163,20 @@ class Run:
         return self.modalities[name or next(iter(self.modalities))]
 
 
-def build_run(cfg: RunConfig, *, device: str | torch.device = "cpu") -> Run:
+def build_run(cfg: RunConfig, *, device: str | torch.device = "cpu", projector: bool | None = None) -> Run:
     """Modalities → objectives → backbone config → backbone. The backbone is initialised after seeding
     torch's global RNG with ``train.seed``, so a run's initial weights depend on its config only;
-    ``device="meta"`` builds it without memory (config checks)."""
+    ``device="meta"`` builds it without memory (config checks). ``projector``: whether the backbone has one,
+    given instead of resolving the objectives (``objectives`` is then empty) — loading trained weights whose
+    objective kind is not installed here."""
     with collecting() as facts:
         modalities = build_modalities(cfg)
-    objectives = resolve_objectives(cfg, modalities)
-    model_config = build_model_config(cfg, modalities, any(o.uses_projector for o in objectives.values()))
+    if projector is None:
+        objectives = resolve_objectives(cfg, modalities)
+        projector = any(o.uses_projector for o in objectives.values())
+    else:
+        objectives = {}
+    model_config = build_model_config(cfg, modalities, projector)
     torch.manual_seed(cfg.train.seed)
     with torch.device(device):
         backbone = build_backbone(model_config)
