@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from selfflow.core.config import ConfigError, load_config, parse_override
 
@@ -47,6 +48,19 @@ def test_bad_value_and_bad_override(tmp_path):
     p.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(p)
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("train", "steps", -5), ("optim", "lr", 0), ("sample", "steps", 0), ("objective", "gamma", -1),
+    ("data", "pin_memory", "sometimes")])
+def test_assigning_an_invalid_value_in_python_is_refused_as_in_a_file(section, key, value):
+    cfg = load_config(None)
+    with pytest.raises(ValidationError, match=key):
+        setattr(getattr(cfg, section), key, value)
+    with pytest.raises(ValidationError, match="relative path"):
+        cfg.name = "../escape"
+    cfg.train.steps = 7  # a valid one is kept
+    assert cfg.train.steps == 7
 
 
 @pytest.mark.parametrize("name", ["../escape", "/etc/run", "a/../../b", "", "C:/x", "..\\up"])

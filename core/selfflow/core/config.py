@@ -44,7 +44,8 @@ MAX_BATCH_SIZE = 65536
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # validate_assignment: ``cfg.train.steps = -5`` in Python is refused as the same key in a YAML file is
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class MixtureEntry(_Section):
@@ -159,6 +160,8 @@ class SampleConfig(SamplerSettings):
     nowhere takes the modality's default (``Modality.default_sampler``, e.g. its training shift), then
     SamplerConfig's (euler, 50 steps, shift 1, cfg 1). :meth:`RunConfig.sampler` resolves the levels.
     """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)  # as _Section's
 
     every: int = Field(0, ge=0, description="preview period in steps (0: only at the end)")
     num_samples: int = Field(64, ge=1, description="samples per grid written during training")

@@ -39,7 +39,7 @@ class ObjectiveConfig(BaseModel):
     ``self_flow_no_rep``, ``self_flow_slightly_cleaner``, ``repa`` (see :mod:`selfflow.core.objective_kinds`).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)  # as the other run config sections
 
     kind: str = Field("self_flow", description="a registered objective kind (plug-ins: 'selfflow.objectives')")
     mask_ratio: float | None = Field(None, ge=0, le=1, description="None: the modality's default R_M")
