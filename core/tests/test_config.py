@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from selfflow.core.config import ConfigError, load_config, parse_override
+from selfflow.core.config import ConfigError, load_config, parse_override, save_config
 
 
 def test_yaml_overrides_and_presets(tmp_path):
@@ -210,3 +210,12 @@ def test_sampler_settings_wrong_together_are_config_errors():
     cfg = load_config(None, ["sample.solver=sde", "sample.steps=1"])  # each valid alone: found when resolved
     with pytest.raises(ConfigError, match=r"sample settings of 'image': .*sde solver needs at least 2 model calls"):
         cfg.sampler(_Modality("image"))
+
+
+def test_a_saved_config_says_which_model_fields_the_build_fills_in_and_reads_back_unchanged(tmp_path):
+    cfg = load_config(None, ["model.preset=tiny"])
+    save_config(cfg, tmp_path / "config.yaml")
+    head = (tmp_path / "config.yaml").read_text().split("\nname:")[0]
+    assert "num_classes, modalities and context_dim are taken from the data" in head
+    assert "model_config in pretrained/config.json" in head
+    assert load_config(tmp_path / "config.yaml") == cfg  # what a resume compares: the values asked for

@@ -394,5 +394,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | str | Non
     return cfg
 
 
+# build_model_config overrides these model fields whatever the config says, so a saved config keeps the values
+# asked for (it is the input a resume compares and reruns read, old checkpoints included) and says so here.
+SAVED_CONFIG_NOTE = """\
+# The model's num_classes, modalities and context_dim are taken from the data when the model is built, whatever
+# is written below, and its projector_mult is set to 0 when the objective needs no projector. The built values:
+# model_config in pretrained/config.json (written with ema.safetensors at the end of training).
+"""
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    """Write ``cfg`` as YAML, every default filled in, under :data:`SAVED_CONFIG_NOTE`."""
+    atomic_write_text(path, SAVED_CONFIG_NOTE + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
