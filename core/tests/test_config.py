@@ -219,3 +219,15 @@ def test_a_saved_config_says_which_model_fields_the_build_fills_in_and_reads_bac
     assert "num_classes, modalities and context_dim are taken from the data" in head
     assert "model_config in pretrained/config.json" in head
     assert load_config(tmp_path / "config.yaml") == cfg  # what a resume compares: the values asked for
+
+
+def test_switching_the_arch_by_one_key_names_the_whole_section_override(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("model:\n  preset: tiny\n  class_token: true\n")  # class_token: an MMDiT key, not a DiT one
+    with pytest.raises(ConfigError, match=r"model\.class_token: unknown key.*\n.*replace the whole section instead: "
+                       r"--set 'model=\{arch: dit, …\}'"):
+        load_config(p, ["model.arch=dit"])
+    assert load_config(p, ["model={arch: dit, preset: tiny}"]).model.arch == "dit"
+    with pytest.raises(ConfigError) as e:  # a typo in the file's own arch gets no such hint
+        load_config(p, ["model.hidden_sise=3"])
+    assert "whole section" not in str(e.value)

@@ -260,6 +260,16 @@ def _format_errors(err: ValidationError, source: str, raw: dict[str, Any]) -> st
     return "\n".join([f"invalid config {source}:", *(f"  {p}" for p in validation_problems(err))])
 
 
+def _arch_override_hint(err: ValidationError, overrides: list[str]) -> str:
+    """``--set model.arch=X`` keeps the file's other model keys (a preset name, ``class_token`` …), written for
+    another backbone: when X refuses them, say how to replace the section instead ("" when that is not it)."""
+    archs = [value for path, value in map(parse_override, overrides) if path == ["model", "arch"]]
+    if not archs or not any(e["loc"][:1] == ("model",) and e["loc"][1:2] != ("arch",) for e in err.errors()):
+        return ""
+    return (f"\n  (--set model.arch={archs[-1]} keeps the other keys of the model section, written for another "
+            f"arch; replace the whole section instead: --set 'model={{arch: {archs[-1]}, …}}')")
+
+
 def _nonfinite_floats(value: Any, key: str = "") -> list[str]:
     """``key: must be a finite number (got inf)`` for every NaN / ±inf float in a dumped config."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -387,7 +397,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | str | Non
     try:
         cfg = RunConfig.model_validate(raw, context={UNKNOWN_KIND_OK: for_inference})
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source, raw)) from None
+        raise ConfigError(_format_errors(e, source, raw) + _arch_override_hint(e, overrides or [])) from None
     nonfinite = _nonfinite_floats(cfg.model_dump())
     if nonfinite:
         raise ConfigError("\n".join([f"invalid config {source}:", *nonfinite]))
