@@ -174,3 +174,14 @@ def test_precision_recall_hand_made() -> None:
     assert pr.recall == pytest.approx(1.0)
     with pytest.raises(ValueError, match="more than k"):
         manifold_radii(torch.zeros(3, 2))
+
+
+def test_precision_recall_takes_numpy_like_tensors() -> None:
+    # FeatureStats.update and inception_score take numpy features; precision/recall must too
+    rng = np.random.default_rng(0)
+    ref, smp = rng.normal(size=(40, 4)), rng.normal(size=(30, 4)) + 0.5
+    want = precision_recall(torch.from_numpy(ref), torch.from_numpy(smp), block=16, fp16=False)
+    assert precision_recall(ref, smp, block=16, fp16=False) == want
+    radii = manifold_radii(ref, block=16, fp16=False)
+    assert torch.equal(radii, manifold_radii(torch.from_numpy(ref), block=16, fp16=False))
+    assert precision_recall(ref, smp, block=16, fp16=False, ref_radii=radii.numpy()) == want

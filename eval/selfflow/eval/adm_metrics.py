@@ -84,13 +84,14 @@ def pairwise_sq_distances(u: torch.Tensor, v: torch.Tensor, *, fp16: bool = True
     return (u32 @ v32.T).mul_(-2.0).add_(nu).add_(nv).clamp_min_(0.0)
 
 
-def manifold_radii(features: torch.Tensor, *, k: int = ADM_K, block: int = ADM_BLOCK,
+def manifold_radii(features: np.ndarray | torch.Tensor, *, k: int = ADM_K, block: int = ADM_BLOCK,
                    fp16: bool = True) -> torch.Tensor:
     """Squared distance from each point to its k-th nearest neighbour in the same set (self excluded).
 
     Blocks of ``block`` rows × ``block`` columns like ADM (this also fixes the fp16-fallback
     granularity); only the k+1 smallest values per row are kept, so memory is O(block²).
     """
+    features = torch.as_tensor(features)
     n = features.shape[0]
     if n <= k:
         raise ValueError(f"need more than k={k} feature vectors for the radii, got {n}")
@@ -113,14 +114,18 @@ class PrecisionRecall:
     recall: float
 
 
-def precision_recall(ref: torch.Tensor, samples: torch.Tensor, *, k: int = ADM_K, block: int = ADM_BLOCK,
-                     fp16: bool = True, ref_radii: torch.Tensor | None = None,
-                     sample_radii: torch.Tensor | None = None) -> PrecisionRecall:
-    """ADM's improved precision/recall of ``samples`` against ``ref`` (both (N, D) features)."""
+def precision_recall(ref: np.ndarray | torch.Tensor, samples: np.ndarray | torch.Tensor, *, k: int = ADM_K,
+                     block: int = ADM_BLOCK, fp16: bool = True, ref_radii: np.ndarray | torch.Tensor | None = None,
+                     sample_radii: np.ndarray | torch.Tensor | None = None) -> PrecisionRecall:
+    """ADM's improved precision/recall of ``samples`` against ``ref`` (both (N, D) features, numpy or
+    torch; tensors stay on their device)."""
+    ref, samples = torch.as_tensor(ref), torch.as_tensor(samples)
     if ref.ndim != 2 or samples.ndim != 2 or ref.shape[1] != samples.shape[1]:
         raise ValueError(f"features must be (N, D) with equal D, got {tuple(ref.shape)} and {tuple(samples.shape)}")
-    ref_r = manifold_radii(ref, k=k, block=block, fp16=fp16) if ref_radii is None else ref_radii
-    smp_r = manifold_radii(samples, k=k, block=block, fp16=fp16) if sample_radii is None else sample_radii
+    ref_r = (manifold_radii(ref, k=k, block=block, fp16=fp16) if ref_radii is None
+             else torch.as_tensor(ref_radii, device=ref.device))
+    smp_r = (manifold_radii(samples, k=k, block=block, fp16=fp16) if sample_radii is None
+             else torch.as_tensor(sample_radii, device=samples.device))
     ref_in = torch.zeros(ref.shape[0], dtype=torch.bool, device=ref.device)
     smp_in = torch.zeros(samples.shape[0], dtype=torch.bool, device=samples.device)
     for r0 in range(0, ref.shape[0], block):
