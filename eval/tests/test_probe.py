@@ -40,6 +40,22 @@ def test_probe_fd_separates_real_from_broken_samples(probe):
     assert good["probe_fd"] < 0.2 * probe_metrics(noisy, labels, probe, ref)["probe_fd"]
 
 
+def test_probe_metrics_takes_label_lists_and_rejects_images_outside_minus1_1(probe):
+    ref = reference_stats(probe, n=200)
+    real, labels = render_batch(12, range(100))
+    want = probe_metrics(real, labels, probe, ref)
+    assert probe_metrics(real, labels.tolist(), probe, ref) == want
+    assert probe_metrics(real.numpy(), labels.numpy(), probe, ref) == want
+    with pytest.raises(ValueError, match=r"shape \(100,\).*\(1,\)"):
+        probe_metrics(real, [3], probe, ref)  # would broadcast to "every sample is class 3"
+    as_uint8 = ((real + 1) * 127.5).round().to(torch.uint8)
+    with pytest.raises(ValueError, match=r"float images in \[-1, 1\], got dtype torch.uint8"):
+        probe_metrics(as_uint8, labels, probe, ref)
+    with pytest.raises(ValueError, match=r"float images in \[-1, 1\], got values in \[0, 255\]"):
+        probe_metrics(as_uint8.float(), labels, probe, ref)
+    assert probe_metrics(real * 1.005, labels, probe, ref)["probe_fd"] >= 0  # round-off is forgiven
+
+
 def test_online_evaluation_during_training(probe, tmp_path):
     from selfflow.core.config import load_config
     from selfflow.core.metrics import read_metrics

@@ -13,6 +13,9 @@ tiny network trained on 10 classes of coloured shapes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -72,15 +75,35 @@ def reference_stats(probe: ShapesProbe, n: int = 2000, data_seed: int = 7, image
     return FeatureStats().update(feats)
 
 
-def probe_metrics(images: torch.Tensor, labels: torch.Tensor | None, probe: ShapesProbe | None = None,
-                  reference: FeatureStats | None = None) -> dict[str, float]:
-    """``probe_fd`` (and ``probe_acc`` given the conditioning labels) of ``images (N, 3, H, W)`` in [-1, 1]."""
+# Decoded samples are clamped to [-1, 1]; the slack only forgives round-off (bf16, resizing). Images in
+# [0, 255] would otherwise give a probe_fd in the millions without any error.
+RANGE_TOL = 0.01
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if not images.is_floating_point():
+        raise ValueError(f"probe_metrics expects float images in [-1, 1], got dtype {images.dtype} "
+                         "(uint8 images: convert with images.float() / 127.5 - 1)")
+    if images.numel() and not bool(images.abs().le(1 + RANGE_TOL).all()):
+        raise ValueError(f"probe_metrics expects float images in [-1, 1], got values in "
+                         f"[{images.min().item():.4g}, {images.max().item():.4g}]")
+
+
+def probe_metrics(images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | Sequence[int] | None,
+                  probe: ShapesProbe | None = None, reference: FeatureStats | None = None) -> dict[str, float]:
+    """``probe_fd`` (and ``probe_acc`` given the conditioning labels) of float ``images (N, 3, H, W)`` in
+    [-1, 1]; ``labels``: N class ids (tensor, array or list)."""
+    images = torch.as_tensor(images)
+    _check_images(images)
     probe = probe or train_shapes_probe(image_size=images.shape[-1])
     reference = reference or reference_stats(probe, image_size=images.shape[-1])
     feats, preds = probe_features(probe, images)
     out = {"probe_fd": stats_distance(FeatureStats().update(feats), reference)}
     if labels is not None:
-        out["probe_acc"] = float((preds == labels.cpu()).float().mean())
+        labels = torch.as_tensor(labels).cpu()
+        if labels.shape != preds.shape:  # a broadcast would silently score against the wrong labels
+            raise ValueError(f"labels must have shape ({len(preds)},) like the images, got {tuple(labels.shape)}")
+        out["probe_acc"] = float((preds == labels).float().mean())
     return out
 
 
