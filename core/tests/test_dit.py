@@ -54,6 +54,19 @@ def test_capture_stop_after_project_and_labels_tensor():
         model(x, ids, t)
 
 
+def test_misused_inputs_raise_a_value_error_naming_the_layout():
+    model = tiny()
+    x, ids, cond = _inputs()
+    t = torch.rand(3)
+    with pytest.raises(ValueError, match=r"\(B, L, C\) with C=16 for modality 'image'; got \(3, 16, 12\)"):
+        model(x[..., :12], ids, t, cond)
+    with pytest.raises(ValueError, match=r"labels must be integer class ids \(B,\) = \(3,\)"):
+        model(x, ids, t, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"labels must lie in 0…5 \(5: the null label\)"):
+        model(x, ids, t, torch.tensor([0, 1, 6]))
+    assert torch.equal(model(x, ids[:1], t, cond), model(x, ids, t, cond))  # shared ids still broadcast
+
+
 def test_time_convention_rf_vs_sit():
     """sit embeds 1 − t and negates; rf is the same network without either."""
     sit = tiny()

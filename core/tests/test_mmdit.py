@@ -106,6 +106,39 @@ def test_errors_name_what_is_missing():
         MMDiTConfig(preset="huge")
 
 
+MISUSES = [
+    ("channels", r"\(B, L, C\) with C=12 for modality 'img'; got \(3, 16, 8\)"),
+    ("no batch", r"\(B, L, C\) with C=12 .*got \(16, 12\)"),
+    ("ids length", r"ids must be \(B, L, 3\) = \(3, 16, 3\)"),
+    ("t float", r"t must be a tensor \(B,\) or \(B, L\) \(B=3, L=16\).*got float"),
+    ("labels batch", r"labels must be integer class ids \(B,\) = \(3,\).*got \(2,\)"),
+    ("float labels", r"labels must be integer class ids .*0…5 \(5: the null label\); got \(3,\) torch.float32"),
+    ("label above null", r"labels must lie in 0…5 \(5: the null label\); got \[0, 3, 6\]"),
+]
+
+
+@pytest.mark.parametrize("case,match", MISUSES, ids=[case for case, _ in MISUSES])
+def test_misused_inputs_raise_a_value_error_naming_the_layout(case, match):
+    """Not a matmul / embedding error from deep inside the network."""
+    model = MMDiT(tiny_config())
+    x, ids, cond = _inputs()
+    t = torch.rand(3)
+    args = {"channels": (x[..., :8], ids, t, cond), "no batch": (x[0], ids[0], t[:1], cond),
+            "ids length": (x, ids[:, :8], t, cond), "t float": (x, ids, 0.5, cond),
+            "labels batch": (x, ids, t, Conditioning(labels=torch.tensor([0, 1]))),
+            "float labels": (x, ids, t, Conditioning(labels=torch.tensor([0.0, 3.0, 5.0]))),
+            "label above null": (x, ids, t, Conditioning(labels=torch.tensor([0, 3, 6])))}[case]
+    with pytest.raises(ValueError, match=match):
+        model(*args)
+
+
+def test_ids_of_batch_one_are_shared_by_the_batch():
+    model = randomize(MMDiT(tiny_config())).eval()
+    x, ids, cond = _inputs()
+    t = torch.rand(3)
+    assert torch.equal(model(x, ids[:1], t, cond), model(x, ids, t, cond))
+
+
 def test_paper_preset_parameter_count_on_meta():
     cfg = MMDiTConfig(preset="paper625m", num_classes=1000, modalities={"image": 128})
     d, h = 1152, 4608

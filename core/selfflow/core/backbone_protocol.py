@@ -14,6 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from .modulation import TokenTimesteps
+
 
 @runtime_checkable
 class Backbone(Protocol):
@@ -74,3 +76,43 @@ class BackboneConfig(Protocol):
     @property
     def depth(self) -> int:
         ...
+
+
+def check_forward_inputs(x: Any, ids: Any, t: Any, labels: Any, *, modality: str, channels: int,
+                         num_classes: int) -> None:
+    """Raise a ValueError naming the expected layout when ``forward``'s arguments cannot be right, instead of
+    a matmul or embedding error deep inside the network.
+
+    Shapes and dtypes only: reading values (a label range) would sync the device on every training step.
+    ``ids`` may have batch 1 (shared by the batch); ``t``'s shape is checked by ``TokenTimesteps.coerce``.
+    """
+    def shape(v: Any) -> str:
+        return f"{tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
+
+    if not (isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[-1] == channels and x.is_floating_point()):
+        raise ValueError(f"x must be a float tensor (B, L, C) with C={channels} for modality {modality!r}; "
+                         f"got {shape(x)}")
+    b, n = x.shape[:2]
+    if not (isinstance(ids, torch.Tensor) and ids.ndim == 3 and ids.shape[0] in (1, b) and ids.shape[1:] == (n, 3)):
+        raise ValueError(f"ids must be (B, L, 3) = {(b, n, 3)} for x (B, L, C) = {tuple(x.shape)}; got {shape(ids)}")
+    if not isinstance(t, torch.Tensor | TokenTimesteps):
+        raise ValueError(f"t must be a tensor (B,) or (B, L) (B={b}, L={n}) or a TokenTimesteps; got {shape(t)}")
+    if num_classes and labels is not None and not (
+            isinstance(labels, torch.Tensor) and labels.shape == (b,)
+            and not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)):
+        raise ValueError(f"cond.labels must be integer class ids (B,) = ({b},) for x (B, L, C) = {tuple(x.shape)}, "
+                         f"in 0…{num_classes} ({num_classes}: the null label); got {shape(labels)}")
+
+
+def embed_labels(table: nn.Embedding, labels: torch.Tensor) -> torch.Tensor:
+    """``table(labels)``, with an out-of-range id named instead of ``IndexError: index out of range in self``.
+
+    Catching the error costs nothing per step (an up-front range check would sync the device); on CUDA an
+    out-of-range id is a device-side assert that cannot be caught.
+    """
+    try:
+        return table(labels)
+    except IndexError as e:
+        null = table.num_embeddings - 1
+        raise ValueError(f"class labels must lie in 0…{null} ({null}: the null label); got "
+                         f"{labels.flatten()[:8].tolist()}") from e

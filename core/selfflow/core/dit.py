@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 
 from .attention import attention, resolve_backend
+from .backbone_protocol import check_forward_inputs, embed_labels
 from .block_walk import BlockWalk
 from .modulation import TIME_EMBED_DIM, TokenTimesteps, gather_levels, modulate, timestep_embedding
 from .presets import apply_preset
@@ -128,7 +129,7 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, dim)  # last row: the null label
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        return self.embedding_table(labels)
+        return embed_labels(self.embedding_table, labels)
 
 
 class SelfAttention(nn.Module):
@@ -290,6 +291,8 @@ class DiT(nn.Module):
         if modality is not None and modality not in self.cfg.modalities:
             raise KeyError(f"modality {modality!r} is not the one this DiT was built for "
                            f"({next(iter(self.cfg.modalities))!r})")
+        check_forward_inputs(x, ids, t, cond.labels, modality=modality or next(iter(self.cfg.modalities)),
+                             channels=self.channels, num_classes=self.cfg.num_classes)
         walk = BlockWalk(self, capture, stop_after, project)
         b, n, _ = x.shape
         tt = TokenTimesteps.coerce(t, b, n)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from .attention import resolve_backend
+from .backbone_protocol import check_forward_inputs, embed_labels
 from .block_walk import BlockWalk
 from .mmdit_blocks import DoubleStreamBlock, FinalLayer, Modulation, SingleStreamBlock
 from .modulation import TIME_EMBED_DIM, TokenTimesteps, gather_levels, timestep_embedding
@@ -173,7 +174,7 @@ class MMDiT(nn.Module):
             if labels is None:
                 raise ValueError("this model is class-conditional: pass cond.labels (use the null label "
                                  f"{self.null_label} for unconditional)")
-            vec = vec + self.label_embed(labels)[:, None]
+            vec = vec + embed_labels(self.label_embed, labels)[:, None]
         return vec
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, t: torch.Tensor | TokenTimesteps,
@@ -184,8 +185,11 @@ class MMDiT(nn.Module):
         if modality not in self.img_in:
             raise KeyError(f"modality {modality!r} has no projections in this model "
                            f"(known: {sorted(self.img_in)})")
+        check_forward_inputs(x, ids, t, cond.labels, modality=modality, channels=self.cfg.modalities[modality],
+                             num_classes=self.cfg.num_classes)
         walk = BlockWalk(self, capture, stop_after, project)
         b, n_img, _ = x.shape
+        ids = ids.expand(b, -1, -1)  # ids of batch 1 are shared by the batch (as the DiT accepts)
         tt = TokenTimesteps.coerce(t, b, n_img)
         backend = resolve_backend(self.cfg.attention, x.device)
         vec = self.condition_vector(tt, cond.labels)  # (B, K, D)
