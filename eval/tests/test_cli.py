@@ -264,7 +264,7 @@ def test_an_error_on_one_rank_ends_the_job_with_its_message(inception_weights: P
          str(inception_weights), "--no-progress", "--device", "cpu"],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0 and time.monotonic() - start < 200
-    assert "z.png" in proc.stderr and "selfflow eval: error:" in proc.stderr
+    assert "z.png" in proc.stderr and "selfflow: error:" in proc.stderr
 
 
 @pytest.mark.parametrize("argv", [["probe", "--run", "r"], ["linear-probe", "--run", "r"],
@@ -277,3 +277,17 @@ def test_commands_that_do_not_shard_refuse_several_ranks(argv, monkeypatch, caps
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["eval", *argv]) == 2
     assert f"selfflow eval {argv[0]} runs in one process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["probe", "--run", "missing"], ["linear-probe", "--run", "missing"],
+                                  ["linear-probe", "--run", "missing", "--levels", "1.0"],
+                                  ["stats", "missing", "--out", "s.npz"], ["adm", "missing", "missing"],
+                                  ["fvd", "--fake", "f", "--real", "r"]], ids=" ".join)
+def test_every_eval_error_has_one_prefix_and_exit_code_2(argv, capsys) -> None:
+    """The Inception and linear-probe commands used to say ``selfflow eval: error:``, the probe and the media
+    metrics (errors that reach core's main) ``selfflow: error:``."""
+    from selfflow.core.cli import main
+
+    assert main(["eval", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfflow: error: ") and err.count("\n") == 1, err

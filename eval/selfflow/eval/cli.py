@@ -128,8 +128,11 @@ def one_process(command: str) -> None:
 
 
 def _fail(e: Exception) -> int:
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    print(f"selfflow eval: error: {msg}", file=sys.stderr)
+    """Report an input error as core's ``main`` reports those that reach it (the probe's, the media
+    metrics'): one ``selfflow: error:`` line, exit code 2."""
+    from selfflow.core.cli import _error_message
+
+    print(f"selfflow: error: {_error_message(e)}", file=sys.stderr)
     return 2
 
 
