@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -83,6 +85,20 @@ def test_ablation_presets():
     assert _resolve("self_flow").student_layer == 1 and _resolve("self_flow").teacher_layer == 3
     with pytest.raises(ValueError, match="teacher_layer"):
         _resolve("self_flow", teacher_layer=9)
+
+
+def test_a_student_at_or_below_the_teacher_warns_naming_both_layers():
+    with pytest.warns(UserWarning, match=r"student_layer = 3 is at or deeper than objective.teacher_layer = 2 "
+                                         r"\(of 4 blocks\)") as caught:
+        ObjectiveConfig(student_layer=3, teacher_layer=2).resolve(4, 0.25, TimestepDistribution())
+    assert len(caught) == 1
+    with pytest.warns(UserWarning, match="student_layer = 2 is at or deeper than objective.teacher_layer = 2"):
+        _resolve("self_flow", student_layer=2, teacher_layer=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _resolve("self_flow", student_layer=1, teacher_layer=2)
+        _resolve("flow_matching", student_layer=3, teacher_layer=2)  # no teacher: nothing to align
+        _resolve("repa", student_layer=3, teacher_layer=2)  # aligns to an external encoder
 
 
 def test_label_dropout_uses_null_label():

@@ -12,6 +12,7 @@ encoder's library). Which plan settings and terms a run uses is its ``objective.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,13 @@ class ObjectiveConfig(BaseModel):
         for name, layer in (("student_layer", student), ("teacher_layer", teacher)):
             if layer > depth:
                 raise ValueError(f"objective.{name} = {layer} but the model has only {depth} blocks")
+        if student >= teacher and gamma > 0 and kind.alignment == "teacher":
+            # Not an error: an experiment may try it. Python shows an identical warning once, so a mixture
+            # resolving this objective for each modality still warns once.
+            warnings.warn(f"objective.student_layer = {student} is at or deeper than objective.teacher_layer = "
+                          f"{teacher} (of {depth} blocks): Self-Flow aligns an early student block to a deeper "
+                          "teacher block",
+                          UserWarning, stacklevel=2)
         return ResolvedObjective(mask_ratio=mask_ratio, gamma=gamma, student_layer=student,
                                  teacher_layer=teacher, label_dropout=self.label_dropout,
                                  timesteps=self.timesteps or default_timesteps, kind=kind,
