@@ -54,8 +54,11 @@ def test_a_missing_command_prints_help_to_stderr_with_exit_2(argv, capsys):
 
 
 def test_train_then_sample(tmp_path, capsys):
-    sets = [a for s in [*TINY, "train.steps=2", f"output_dir={tmp_path}", "name=cli"] for a in ("--set", s)]
+    sets = [a for s in [*TINY, "train.steps=2", f"output_dir={tmp_path}", "name=cli",
+                        "objective.timesteps={kind: logit_normal, mean: -0.5, std: 1, shift: 3}"] for a in ("--set", s)]
     assert main(["train", "--no-progress", *sets]) == 0
+    # the start-up line says which timestep distribution the objective resolved
+    assert "γ=0.8, t~logit_normal(-0.5,1) shift 3; layers" in (tmp_path / "cli" / "train.log").read_text()
     out = tmp_path / "grid"
     assert main(["sample", "--run", str(tmp_path / "cli"), "--num", "10", "--steps", "2", "--seed", "3",
                  "--out", str(out)]) == 0

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
 
@@ -31,6 +31,9 @@ from .faults import RunInterrupted, RunStopped
 from .registry import available_modalities, command_registrars
 from .safe_yaml import YamlError
 
+if TYPE_CHECKING:
+    from .timesteps import TimestepDistribution
+
 EPILOG = """examples:
   selfflow train --config configs/tiny/image.yaml
   selfflow train --config configs/tiny/image.yaml --set objective.kind=flow_matching --set name=tiny-fm
@@ -41,10 +44,20 @@ EPILOG = """examples:
 """
 
 
+def _timesteps_summary(ts: TimestepDistribution) -> str:
+    """``t~logit_normal(0,1) shift 1``: the training timestep distribution before and after its shift."""
+    args = {"uniform": (), "logit_normal": (ts.mean, ts.std),
+            "plateau_logit_normal": (ts.mean, ts.std, ts.plateau)}[ts.kind]
+    params = f"({','.join(f'{a:g}' for a in args)})" if args else ""
+    return f"t~{ts.kind}{params} shift {ts.shift:g}"
+
+
 def _objective_summary(trainer) -> str:
-    """``self_flow (image: R_M=0.25, γ=0.8; layers 2→4)``: the objective as each modality resolved it."""
+    """``self_flow (image: R_M=0.25, γ=0.8, t~uniform shift 1; layers 2→4)``: the objective as each
+    modality resolved it."""
     objectives = trainer.run.objectives
-    parts = [f"{n}: R_M={o.mask_ratio}, γ={o.gamma}" for n, o in objectives.items()]
+    parts = [f"{n}: R_M={o.mask_ratio}, γ={o.gamma}, {_timesteps_summary(o.timesteps)}"
+             for n, o in objectives.items()]
     first = next(iter(objectives.values()))
     return (f"{trainer.cfg.objective.kind} ({'; '.join(parts)}; "
             f"layers {first.student_layer}→{first.teacher_layer})")
