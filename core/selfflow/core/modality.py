@@ -176,13 +176,18 @@ class Modality(ABC):
     # --- many samples (``selfflow sample --num N``) -----------------------------------------------------
     def write_sample(self, media: torch.Tensor, label: int | None, path: Path) -> Path:
         """Write one decoded sample (no batch dimension) at ``path`` plus a suffix; return the file.
-        The default uses the batch writer on a batch of one; modalities override it with a native file."""
+        The default uses the batch writer on a batch of one; modalities override it with a native file.
+
+        ``selfflow sample --out-dir`` keeps only the returned file: it writes in a staging folder, moves
+        that file out and deletes the folder with anything else the writer put there (a preview, a
+        sidecar), so put all a sample needs in the one file."""
         labels = None if label is None else torch.tensor([label])
         return self.save_samples(media[None], labels, path)
 
     def evaluation_array(self, media: torch.Tensor) -> np.ndarray | None:
-        """Decoded batch → the array an evaluator reads (images: uint8 ``(B, H, W, 3)`` for ADM's ``.npz``);
-        ``None`` when this modality has no such format."""
+        """Decoded batch → the array ``selfflow sample --out-dir`` stacks into ``samples_N.npz`` for an
+        evaluator: images give uint8 ``(B, H, W, 3)`` (ADM's ``arr_0``); another modality may return its own
+        layout, as long as the first axis is the batch. ``None`` when this modality has no such format."""
         return None
 
     def evaluation_hint(self, out_dir: Path, npz: Path | None, paired: bool) -> str | None:

@@ -18,7 +18,8 @@ Packages advertise themselves through Python entry points:
 A modality's entry-point name must be its class's ``name``; a plug-in that fails to import is an error naming
 its entry point. Worked examples of each kind of plug-in are in ``examples/plugins/``.
 
-Tests and notebooks can also call :func:`register_modality` and :func:`register_objective` directly.
+Tests and notebooks can also call :func:`register_modality`, :func:`register_objective` and
+:func:`~selfflow.core.backbones.register_backbone` directly.
 """
 
 from __future__ import annotations
