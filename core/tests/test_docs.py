@@ -77,3 +77,13 @@ def test_every_documented_make_target_exists():
     named = {(doc.name, t) for doc in DOCS for line in _code(doc.read_text())
              for t in MAKE.findall(re.sub(r"(^|\s)#.*", "", line))}
     assert named and not sorted(n for n in named if n[1] not in targets)
+
+
+def test_the_readme_metrics_from_python_example_runs(capsys):
+    """The example needs no weights: it runs as printed, and prints the numbers its comments show."""
+    section = (ROOT / "README.md").read_text().split("### Metrics from Python", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"^```python\n(.*?)^```", section, re.S | re.M)
+    exec(compile(code, "README.md (Metrics from Python)", "exec"), {})
+    shown = [line.split("# ", 1)[1] for line in code.splitlines() if line.startswith("print(")]
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == len(shown) and all(p.startswith(s) for p, s in zip(printed, shown)), printed
