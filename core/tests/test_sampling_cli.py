@@ -169,3 +169,11 @@ def test_the_evaluation_hint_is_the_modalitys_own(tmp_path, capsys):
     assert "selfflow eval stats REAL_IMAGES" in hint and "16x16" in hint
     (out / "000000.npy").write_bytes(b"")
     assert Modality.evaluation_hint(modality, out, None, False) is None  # the default: no suggestion
+
+
+def test_a_grid_refuses_several_ranks_and_names_what_shards(monkeypatch, capsys):
+    """Under torchrun every rank used to sample the whole grid and write the same file."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["sample", "--run", "r", "--num", "4"]) == 2
+    assert "selfflow sample without --out-dir (one grid) runs in one process (--out-dir DIR shares" in \
+        capsys.readouterr().err

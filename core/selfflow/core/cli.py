@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _error_message(e: Exception) -> str:
+def error_message(e: Exception) -> str:
     """One line naming the file, key or value: an OS error as ``<what went wrong>: <file>``, a validation
     error of a command's options as ``key: problem (got value)``."""
     if isinstance(e, ValidationError):
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SELFFLOW_TRACEBACK"):
             raise
         if not _said_on_this_node(e):
-            print(f"selfflow: error: {_error_message(e)}", file=sys.stderr)
+            print(f"selfflow: error: {error_message(e)}", file=sys.stderr)
         code = 2
     except RunInterrupted as e:  # a stop signal: the step finished, its checkpoint written (rank 0 says where)
         if str(e):

@@ -41,6 +41,15 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def one_process_only(what: str, instead: str) -> None:
+    """Refuse ``what`` — work that does not shard over ranks — when torchrun started several: each rank would do
+    all of it and write the same output. ``instead`` says what does shard, or why it need not."""
+    if launched_world_size() > 1:
+        from .config import ConfigError
+
+        raise ConfigError(f"{what} runs in one process ({instead}): run it without torchrun")
+
+
 def init_distributed(device: torch.device, timeout_s: int = 1800) -> DistInfo:
     """Join the ``torchrun`` process group if there is one; pick this rank's device."""
     world = launched_world_size()

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ConfigError
-from .distributed import init_distributed, torn_down_after
+from .distributed import init_distributed, one_process_only, torn_down_after
 from .generate import generate, sampler_config
 from .modality import Modality
 from .official_repro import OFFICIAL_SEED
@@ -50,6 +50,8 @@ def eval_hint(modality: Modality, run: Path | None, out_dir: Path, npz: Path | N
 def _sample_grid(args: argparse.Namespace, prompts: list[str] | None) -> int:
     if args.run is None:
         raise ConfigError("selfflow sample needs --run RUN (or --official-ckpt PATH --out-dir DIR)")
+    one_process_only("selfflow sample without --out-dir (one grid)", "--out-dir DIR shares many samples out "
+                     "among the ranks")
     loaded = load_model(args.run, args.device, getattr(args, "modality", None), args.weights)
     sampler = _sampler(loaded.config.sampler(loaded.modality), args)
     device = next(loaded.model.parameters()).device

@@ -117,22 +117,18 @@ def _run(args: argparse.Namespace, body: Callable[[Any, bool], int], inputs: lis
 
 
 def one_process(command: str) -> None:
-    """Refuse to run ``command`` (which does not shard its work) under torchrun with several ranks: each rank
-    would compute the whole of it and write the same output."""
-    from selfflow.core.config import ConfigError
-    from selfflow.core.distributed import launched_world_size
+    """Refuse ``selfflow eval command`` (which does not shard its work) under torchrun with several ranks."""
+    from selfflow.core.distributed import one_process_only
 
-    if launched_world_size() > 1:
-        raise ConfigError(f"selfflow eval {command} runs in one process (only adm and stats shard their work "
-                          "over ranks): run it without torchrun")
+    one_process_only(f"selfflow eval {command}", "only adm and stats shard their work over ranks")
 
 
 def _fail(e: Exception) -> int:
     """Report an input error as core's ``main`` reports those that reach it (the probe's, the media
     metrics'): one ``selfflow: error:`` line, exit code 2."""
-    from selfflow.core.cli import _error_message
+    from selfflow.core.cli import error_message
 
-    print(f"selfflow: error: {_error_message(e)}", file=sys.stderr)
+    print(f"selfflow: error: {error_message(e)}", file=sys.stderr)
     return 2
 
 
