@@ -56,7 +56,8 @@ def init_distributed(device: torch.device, timeout_s: int = 1800) -> DistInfo:
     if world <= 1:
         return DistInfo(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    stop_with_parent()  # a torchrun worker stops (cleanly, on SIGTERM) when its agent is killed
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker (its parent is the agent, not a shell)
+        stop_with_parent()  # so it stops (cleanly, on SIGTERM) when its agent is killed
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
