@@ -106,16 +106,17 @@ def test_an_error_on_rank_0_alone_under_fsdp2_ends_the_job_with_its_message(tmp_
 
 
 def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    """SIGTERM reaches rank 1 after step 3; the flag rides in step 4's loss reduction, so both ranks stop after
-    step 4 with one checkpoint (each exits 128 + 15), and the rerun reproduces the uninterrupted losses."""
+    """SIGUSR1 reaches rank 1 after step 3; the flag (and the signal's number) ride in step 4's loss reduction,
+    so both ranks stop after step 4 with one checkpoint (each exits 128 + 10, rank 0 naming the signal), and the
+    rerun reproduces the uninterrupted losses."""
     from selfflow.core.checkpoint import list_checkpoints
 
     sets = ("train.steps=6", "train.batch_size=2", "train.parallel=fsdp2", "checkpoint.every=5")
     full = run_train(tmp_path, "full", 2, *sets)
-    proc = train_process(tmp_path, "cut", 2, *sets, env={"SELFFLOW_FAULT_SIGNAL_AT": "3@1"}, timeout=240)
+    proc = train_process(tmp_path, "cut", 2, *sets, env={"SELFFLOW_FAULT_SIGNAL_AT": "3@1:SIGUSR1"}, timeout=240)
     text = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and text.count("exitcode  : 143") == 2, text[-3000:]
-    assert "selfflow: stopped: SIGTERM (on another rank) at step 4 of 6: wrote" in text, text[-3000:]
+    assert proc.returncode != 0 and text.count("exitcode  : 138") == 2, text[-3000:]
+    assert "selfflow: stopped: SIGUSR1 (on another rank) at step 4 of 6: wrote" in text, text[-3000:]
     assert [s for s, _ in list_checkpoints(tmp_path / "cut" / "checkpoints")] == [4]
     assert_same_losses(full, run_train(tmp_path, "cut", 2, *sets), tol=1e-6)
 

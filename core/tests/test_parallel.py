@@ -49,3 +49,13 @@ def test_bf16_keeps_the_inputs_timesteps_and_residual_stream_fp32(one_gloo_rank,
     params = torch.bfloat16 if strategy == "fsdp2" else torch.float32
     assert seen["block"] == (torch.float32, params)  # (the residual stream, the parameters the block computes with)
     assert torch.isfinite(losses["loss"])
+
+
+@pytest.mark.parametrize("requested", ["ddp", "fsdp2"])
+def test_one_plain_process_trains_unwrapped_whatever_the_strategy(requested):
+    """A run trained under torchrun with train.parallel set resumes in one plain process with the same command
+    (it failed: 'environment variable RANK expected' for fsdp2, 'Default process group has not been
+    initialized' for ddp)."""
+    with pytest.warns(UserWarning, match=f"train.parallel is '{requested}' but this is one process"):
+        assert parallel.resolve_strategy(requested, DistInfo()) == "none"
+    assert parallel.resolve_strategy("none", DistInfo()) == "none"

@@ -48,6 +48,29 @@ def test_a_second_ctrl_c_stops_at_once():
             time.sleep(1)  # the handler runs in this thread, at the next bytecode
 
 
+def test_an_inherited_ignored_sigint_stays_ignored_and_a_new_fit_starts_unasked():
+    """A background job of a non-interactive shell starts with SIGINT ignored: the shell's Ctrl-C is not meant
+    for it. SIGTERM and SIGUSR1 are still caught."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = StopRequest()
+        with stop.installed():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal == signal.SIGTERM
+        with stop.installed():  # the same trainer fitting again
+            assert not stop.requested
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_the_agreed_signal_is_the_one_the_asked_ranks_received():
+    assert StopRequest.agreed_signal(1, signal.SIGUSR1) == signal.SIGUSR1  # one rank of any number (sums)
+    assert StopRequest.agreed_signal(0.5, signal.SIGUSR1 / 2) == signal.SIGUSR1  # … or means
+    assert StopRequest.agreed_signal(2, signal.SIGINT * 2) == signal.SIGINT
+    assert StopRequest.agreed_signal(2, signal.SIGINT + signal.SIGUSR1) == signal.SIGTERM  # different: the usual
+
+
 def test_outside_the_main_thread_nothing_is_installed():
     seen = []
 
@@ -80,6 +103,21 @@ def test_fit_stops_after_the_step_with_its_checkpoint_and_resumes_exactly(tmp_pa
     resumed.fit()
     assert_same_losses(read_metrics(tmp_path / "full" / "metrics.jsonl"),
                        read_metrics(tmp_path / "cut" / "metrics.jsonl"), tol=0)
+
+
+def test_a_stop_keeps_the_steps_preview_and_its_periodic_checkpoint_and_a_new_fit_goes_on(tmp_path, monkeypatch):
+    """The stop comes last in a step: its preview is written (a rerun starts at the next step and would never
+    write it) and a periodic checkpoint of the same step is not written twice. Fitting the same trainer again
+    starts unasked (the old signal used to stop it after one step)."""
+    monkeypatch.setenv("SELFFLOW_FAULT_SIGNAL_AT", "2")
+    trainer = Trainer(_cfg(tmp_path, "prev", "train.steps=4", "train.batch_size=2", "checkpoint.every=2",
+                           "sample.every=2", "sample.num_samples=2"), progress=False)
+    with pytest.raises(RunInterrupted, match="SIGTERM at step 2 of 4"):
+        trainer.fit()
+    assert (tmp_path / "prev" / "samples" / "step_00000002.png").is_file()
+    assert [s for s, _ in list_checkpoints(tmp_path / "prev" / "checkpoints")] == [2]
+    trainer.fit()
+    assert trainer.step == 4 and (tmp_path / "prev" / "ema.safetensors").is_file()
 
 
 def test_the_cli_exits_with_the_signal_code_and_says_how_to_go_on(tmp_path):

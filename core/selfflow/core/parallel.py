@@ -8,6 +8,7 @@ so a checkpoint loads on any number of ranks and with any strategy.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -32,6 +33,12 @@ def resolve_strategy(requested: str, info: DistInfo) -> Strategy:
         return "ddp" if info.enabled else "none"
     if requested == "none" and info.enabled:
         raise ValueError("train.parallel is 'none' but the run has several ranks; use ddp or fsdp2")
+    if requested != "none" and not info.enabled and not torch.distributed.is_initialized():
+        # One plain process (no torchrun, no group of one made by the caller): nothing to wrap with. A run
+        # trained under torchrun resumes here with the same command, as its checkpoints promise.
+        warnings.warn(f"train.parallel is {requested!r} but this is one process without torchrun: training "
+                      "unwrapped", UserWarning, stacklevel=2)
+        return "none"
     return requested  # type: ignore[return-value]
 
 

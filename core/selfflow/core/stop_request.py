@@ -5,8 +5,9 @@ forwards when its own process is stopped, and what SLURM and Kubernetes send bef
 ``SIGUSR1`` (SLURM's ``--signal=USR1@SECONDS``, a warning ahead of the time limit) and ``SIGINT`` (Ctrl-C).
 The handler only records the signal; the loop reads it at the end of each step. Ranks agree on the step to
 stop at through the step's own loss reduction (the flag rides along with the losses), so a signal that
-reaches one rank stops every rank at the same step, with one checkpoint. A second Ctrl-C stops at once
-(``KeyboardInterrupt``: the last complete checkpoint stays the newest).
+reaches one rank stops every rank at the same step, with one checkpoint. A second Ctrl-C stops a plain
+process at once (``KeyboardInterrupt``: the last complete checkpoint stays the newest; torchrun passes on only
+the first).
 
 Under ``torchrun`` each worker also asks the kernel for ``SIGTERM`` when its agent dies
 (:func:`stop_with_parent`): a ``kill -9`` of the agent used to leave its workers training on, unseen.
@@ -33,18 +34,34 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal: signal.Signals | None = None
 
+    @staticmethod
+    def agreed_signal(requests: float, signums: float) -> signal.Signals:
+        """The signal to report from a reduction of ``(requested, signal number)`` over ranks (sums, or means
+        alike): the one the ranks that were asked received, or ``SIGTERM`` when they received different ones."""
+        try:
+            sig = signal.Signals(round(signums / requests))
+        except (ValueError, ZeroDivisionError):
+            return signal.SIGTERM
+        return sig if sig in STOP_SIGNALS and abs(signums / requests - sig) < 1e-6 else signal.SIGTERM
+
     @property
     def requested(self) -> bool:
         return self.signal is not None
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopRequest]:
-        """Catch the stop signals for the duration, then restore the handlers that were there. Outside the main
-        thread (where Python cannot install handlers) this does nothing: the signals act as before."""
+        """Catch the stop signals for the duration, then restore the handlers that were there (those set from
+        Python or the defaults: a handler installed in C, such as ``faulthandler.register``'s, is not seen and
+        comes back as the default). Outside the main thread (where Python cannot install handlers) this does
+        nothing: the signals act as before."""
+        self.signal = None  # a new fit() on the same trainer starts unasked
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        # A background job of a non-interactive shell inherits SIGINT ignored (POSIX): the shell's Ctrl-C is not
+        # meant for it, so it stays ignored. SIGTERM and SIGUSR1 are always a scheduler's request.
+        caught = [s for s in STOP_SIGNALS if not (s == signal.SIGINT and signal.getsignal(s) is signal.SIG_IGN)]
+        previous = {s: signal.signal(s, self._handle) for s in caught}
         try:
             yield self
         finally:

@@ -24,7 +24,7 @@ import torch
 
 from . import faults, parallel
 from .atomic import atomic_write_text
-from .checkpoint import latest_checkpoint
+from .checkpoint import checkpoint_path, latest_checkpoint
 from .checkpointer import Checkpointer, GeneratorState, ModelState, OptimizerState, StreamsState
 from .config import ConfigError, RunConfig
 from .data.data_facts import FACTS_FILE
@@ -89,7 +89,7 @@ class Trainer:
         self.context_per_sample: dict[str, int] = {}  # caption tokens (padded: all computed), for the FLOPs
 
         self.stop = StopRequest()  # a signal during fit(): finish the step, checkpoint, stop
-        self._stop_agreed = False  # a stop signal had reached some rank before this step's loss reduction
+        self._stop_agreed: signal.Signals | None = None  # the stop signal some rank had before this step's reduction
         self.guard = StepGuard(tc, self.run_dir / "checkpoints")
         self.log = TrainingLog(cfg, self.dist, self.device, progress=progress, step_cost=self._step_cost)
         self.previewer = Previewer(cfg, self.run.modalities, self.ema if cfg.sample.use_ema else self.model,
@@ -217,8 +217,10 @@ class Trainer:
         sums["data_skipped"] = float(sum(getattr(s, "skipped", 0) for s in self.streams.values()))
         # A stop signal on any rank rides along in the same reduction: every rank stops after the same step.
         sums["stop_requested"] = float(self.stop.requested)
+        sums["stop_signal"] = float(self.stop.signal or 0)
         out = all_mean(sums, self.device)
-        self._stop_agreed = out.pop("stop_requested") > 0
+        requests, signums = out.pop("stop_requested"), out.pop("stop_signal")
+        self._stop_agreed = StopRequest.agreed_signal(requests, signums) if requests > 0 else None
         out["data_skipped"] = round(out["data_skipped"] * self.dist.world_size)
         out["grad_norm"] = float(grad_norm)
         out["lr"] = self.optimizer.param_groups[0]["lr"]  # what this step applies (the scheduler steps after it)
@@ -297,22 +299,25 @@ class Trainer:
             self.step += 1
             faults.kill_point(self.step, self.dist.rank, self.run_dir)
             self.log.step_done(self.step, name, last, self._counters())
-            # One process reads its flag now; several ranks go by the step's reduction, so that they agree.
-            if self._stop_agreed if self.dist.enabled else self.stop.requested:
-                self._stop_here(total)
             if self.previewer.samples_due(self.step):
                 self.previewer.write_samples(self.step)
             if self.previewer.eval_due(self.step):
                 self.log.scores(self.step, self.previewer.evaluate())
-            if self.checkpointer.due(self.step, total):
+            saved = self.checkpointer.due(self.step, total)
+            if saved:
                 self.checkpointer.save(self.step)
+            # Last, so that the step's preview and evaluation are not lost: one process reads its flag now,
+            # several ranks go by the step's reduction, so that they agree.
+            sig = self._stop_agreed if self.dist.enabled else self.stop.signal
+            if sig is not None:
+                self._stop_here(total, sig, saved)
         return last
 
-    def _stop_here(self, total: int) -> None:
-        """A stop signal reached this rank or another: write this step's checkpoint (a collective) and raise
-        :class:`~.faults.RunInterrupted` on every rank — rank 0's says what was kept and how to go on."""
-        path = self.checkpointer.save(self.step)
-        sig = self.stop.signal or signal.SIGTERM  # on a rank the signal did not reach: the usual one
+    def _stop_here(self, total: int, sig: signal.Signals, saved: bool) -> None:
+        """A stop signal reached this rank or another: write this step's checkpoint (a collective; unless the
+        periodic one just did) and raise :class:`~.faults.RunInterrupted` on every rank — rank 0's says what was
+        kept and how to go on."""
+        path = checkpoint_path(self.checkpointer.dir, self.step) if saved else self.checkpointer.save(self.step)
         where = "" if self.stop.requested else " (on another rank)"
         raise faults.RunInterrupted(
             f"{sig.name}{where} at step {self.step} of {total}: wrote {path}; run the same command to resume "
