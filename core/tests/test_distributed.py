@@ -42,10 +42,19 @@ def assert_same_losses(a, b, tol=1e-5):
 
 
 def test_ddp_and_fsdp2_match_one_rank(tmp_path):
-    """Same global batch of 4: 1 rank × 4 vs 2 ranks × 2, 20 steps, fp32."""
-    one = run_train(tmp_path, "one", 1, "train.steps=20", "train.batch_size=4")
-    ddp = run_train(tmp_path, "ddp", 2, "train.steps=20", "train.batch_size=2", "train.parallel=ddp")
-    fsdp = run_train(tmp_path, "fsdp", 2, "train.steps=20", "train.batch_size=2", "train.parallel=fsdp2")
+    """Same global batch of 4: 1 rank × 4 vs 2 ranks × 2, 20 steps, fp32; the online evaluation at the end
+    (5 samples: shares of 3 on 2 ranks, one padded) scores as one process does."""
+    evaluation = ("eval.every=20", "eval.num_samples=5")
+    one = run_train(tmp_path, "one", 1, "train.steps=20", "train.batch_size=4", *evaluation)
+    ddp = run_train(tmp_path, "ddp", 2, "train.steps=20", "train.batch_size=2", "train.parallel=ddp", *evaluation)
+    fsdp = run_train(tmp_path, "fsdp", 2, "train.steps=20", "train.batch_size=2", "train.parallel=fsdp2",
+                     *evaluation)
+    scores = [[r for r in records if "probe_fd" in r] for records in (one, ddp, fsdp)]
+    assert [len(s) for s in scores] == [1, 1, 1]
+    for other in scores[1:]:
+        assert other[0]["probe_acc"] == scores[0][0]["probe_acc"]
+        assert other[0]["probe_fd"] == pytest.approx(scores[0][0]["probe_fd"], rel=1e-4)
+    one, ddp, fsdp = ([r for r in records if "loss" in r] for records in (one, ddp, fsdp))
     assert len(one) == 20
     for name in ("ddp", "fsdp"):
         state = torch.load(tmp_path / name / "checkpoints/step_00000020.pt", weights_only=True)

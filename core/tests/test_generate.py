@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from selfflow.core.config import ConfigError, load_config
-from selfflow.core.generate import conditions_for, generate, sampler_config
+from selfflow.core.generate import conditions_for, generate, generate_share, sampler_config
 from selfflow.core.run_setup import build_run
 from selfflow.core.sampler import SamplerConfig
 
@@ -49,3 +49,27 @@ def test_sampler_config_overrides_and_names_a_bad_value():
     assert (got.steps, got.cfg_scale, got.guidance_interval) == (7, 2.0, (0.1, 0.7))
     with pytest.raises(ConfigError, match=r"sampler setting cfg_scale: .* \(got -1.0\)"):
         sampler_config(base, cfg_scale=-1.0)
+
+
+@pytest.mark.parametrize(("extra", "solver"), [([], "heun"), ([], "sde"), (TEXT, "euler")])
+def test_shares_of_a_set_are_the_set_one_process_makes(tmp_path, extra, solver):
+    """Online evaluation on several ranks: each makes a share of the indices; together they are the whole set,
+    labels or captions included, on any cut (batch-size effects aside), and a padded share repeats samples exactly."""
+    run = _run(tmp_path, *extra)
+    modality = run.modalities["image"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in run.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sampler = SamplerConfig(steps=3, solver=solver, cfg_scale=2.0)
+    whole, labels = generate_share(run.backbone, modality, 5, range(5), sampler, 7, "cpu")
+    a, _ = generate_share(run.backbone, modality, 5, [0, 1, 2], sampler, 7, "cpu")
+    b, labels_b = generate_share(run.backbone, modality, 5, [3, 4, 4], sampler, 7, "cpu")
+    torch.testing.assert_close(torch.cat([a, b[:2]]), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b[2], b[1], rtol=0, atol=0)  # the padding repeats its sample
+    _, _, shown = conditions_for(modality, 5, "cpu")  # the preview conditioning: classes, or captions in turn
+    assert labels.tolist() == shown.tolist() and labels_b.tolist() == shown[[3, 4, 4]].tolist()
+    other_seed, _ = generate_share(run.backbone, modality, 5, [0, 1, 2], sampler, 8, "cpu")
+    assert not torch.allclose(other_seed, a)
+    with pytest.raises(ValueError, match=r"sample indices must be a non-empty list in 0…4, got \[5\]"):
+        generate_share(run.backbone, modality, 5, [5], sampler, 7, "cpu")

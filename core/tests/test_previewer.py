@@ -28,7 +28,8 @@ def samplers():
 
 @pytest.fixture
 def calls(monkeypatch, samplers):
-    """Every generate() call as (modality, n, seed), with blank samples."""
+    """Every generate() (preview) and generate_share() (evaluation) call as (modality, n, seed), with blank
+    samples."""
     seen = []
 
     def fake_generate(model, modality, n, sampler, seed, device, progress=None):
@@ -36,7 +37,11 @@ def calls(monkeypatch, samplers):
         samplers.append(sampler)
         return torch.zeros(n, 3, 16, 16), torch.zeros(n, dtype=torch.long)
 
+    def fake_share(model, modality, n, indices, sampler, seed, device, progress=None):
+        return fake_generate(model, modality, len(indices), sampler, seed, device)
+
     monkeypatch.setattr(previewer_module, "generate", fake_generate)
+    monkeypatch.setattr(previewer_module, "generate_share", fake_share)
     return seen
 
 
@@ -70,6 +75,33 @@ def test_evaluate_scores_modalities_with_an_evaluator(run, calls, monkeypatch):
     assert _previewer(run).evaluate() == {"score": 3.0}
     assert calls == [("image", 3, run.config.sample.seed + 1)]
     assert _previewer(run, rank=1, strategy="ddp").evaluate() == {}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_every_rank_generates_an_equal_share_of_the_evaluation_samples(run, strategy, monkeypatch):
+    """3 samples on 2 ranks: rank 0 makes 0 and 1, rank 1 makes 2 and a repeat of it (equal shares gather as one
+    tensor and, under FSDP2, run as many forwards); only rank 0 scores."""
+    shares = []
+
+    def fake_share(model, modality, n, indices, sampler, seed, device, progress=None):
+        shares.append((n, list(indices), seed))
+        return torch.zeros(len(indices), 3, 16, 16), torch.as_tensor(list(indices))
+
+    scored = []
+    monkeypatch.setattr(previewer_module, "generate_share", fake_share)
+    monkeypatch.setattr(previewer_module, "get_evaluator",
+                        lambda name: lambda modality: lambda media, labels: scored.append(labels.tolist()) or {})
+    seed = run.config.sample.seed + 1
+
+    def previewer(rank):
+        return Previewer(run.config, run.modalities, run.backbone, DistInfo(rank=rank, world_size=2), strategy, "cpu")
+
+    previewer(0).evaluate()
+    assert shares == [(3, [0, 1], seed)]
+    assert scored == [[0, 1]]  # without a process group rank 0 has its own share only
+    shares.clear()
+    assert previewer(1).evaluate() == {}
+    assert shares == [(3, [2, 2], seed)] and scored == [[0, 1]]
 
 
 def test_evaluators_of_the_eval_section_run_after_the_modality_s_own_and_may_take_the_model(run, calls,

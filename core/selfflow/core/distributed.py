@@ -99,6 +99,17 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def gather_to_main(tensor: torch.Tensor) -> list[torch.Tensor] | None:
+    """``tensor`` of every rank, in rank order, on rank 0 (``None`` on the others; ``[tensor]`` without a
+    process group). Every rank's tensor must have the same shape and dtype."""
+    if not dist.is_initialized():
+        return [tensor]
+    tensor = tensor.contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
+    dist.gather(tensor, parts, dst=0)
+    return parts
+
+
 _out_of_step = False
 
 

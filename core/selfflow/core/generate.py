@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
@@ -94,3 +95,46 @@ def generate(model: nn.Module, modality: Modality, n: int, sampler: SamplerConfi
     finally:
         model.train(was_training)
     return modality.decode(x.float()), shown
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of sample ``index`` (independent streams per (seed, index))."""
+    state = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def seeded_noise(generators: Sequence[torch.Generator], length: int, channels: int) -> torch.Tensor:
+    """Initial noise ``(B, L, C)`` on the CPU, row ``b`` drawn from ``generators[b]`` (batch-independent)."""
+    return torch.cat([torch.randn((1, length, channels), generator=g) for g in generators])
+
+
+def take_rows(cond: Conditioning | None, rows: torch.Tensor) -> Conditioning | None:
+    """The conditioning of samples ``rows`` (an index tensor) of a batch's conditioning."""
+    if cond is None:
+        return None
+    return Conditioning(**{k: None if v is None else v[rows.to(v.device)] for k, v in cond})
+
+
+@torch.no_grad()
+def generate_share(model: nn.Module, modality: Modality, n: int, indices: Sequence[int], sampler: SamplerConfig,
+                   seed: int, device: torch.device | str, progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Samples ``indices`` of a set of ``n`` — decoded media and display labels, as :func:`generate` returns.
+    Sample ``i`` has the conditioning of position ``i`` in :func:`conditions_for`'s ``n`` (the modality's preview
+    conditioning) and draws its initial noise and SDE increments from :func:`sample_generator` ``(seed, i)``;
+    so the set cut into shares on several ranks is the set one process makes (up to the floating-point
+    effects of another batch size), and an index may repeat (a share padded to its peers' size)."""
+    if not indices or min(indices) < 0 or max(indices) >= n:
+        raise ValueError(f"sample indices must be a non-empty list in 0…{n - 1}, got {list(indices)[:8]}")
+    cond, null_cond, shown = conditions_for(modality, n, device)
+    rows = torch.as_tensor(list(indices), dtype=torch.long)
+    generators = [sample_generator(seed, i) for i in indices]
+    ids = modality.sample_ids(len(rows), device)
+    noise = seeded_noise(generators, ids.shape[1], modality.token_channels).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        x = sample(model, noise, ids, take_rows(cond, rows), sampler, take_rows(null_cond, rows), modality.name,
+                   progress, generators)
+    finally:
+        model.train(was_training)
+    return modality.decode(x.float()), None if shown is None else shown[rows.to(shown.device)]

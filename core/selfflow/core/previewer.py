@@ -4,9 +4,14 @@ Preview grids (section ``sample``: ``every``, ``num_samples``, ``seed``, ``use_e
 (section ``eval``: ``every``, ``num_samples``, ``cfg_scale``; modalities with an evaluator) generate with the
 EMA (or the student), each modality with its own sampler (:meth:`RunConfig.sampler`); online evaluation
 replaces its guidance by ``eval.cfg_scale`` (default 1: none, as the paper's metrics); a run under FSDP2 in bf16
-holds bf16 weights, so it samples and evaluates under bf16 autocast. Under DDP or a single process only rank 0 generates and the others wait at a barrier; under FSDP2
-every rank must join each forward (the weights are sharded), so all generate and rank 0 writes. Each
-preview file written is handed to the training log (TensorBoard / W&B media).
+holds bf16 weights, so it samples and evaluates under bf16 autocast.
+
+Ranks: a preview grid is small — under DDP only rank 0 generates it and the others wait at a barrier; under FSDP2
+every rank must join each forward (the weights are sharded), so all generate it and rank 0 writes it. Online
+evaluation is the long part, so every rank generates an equal share of its samples, with per-sample seeds (the
+same samples on any number of ranks, so a run resumed on another number of ranks scores as it would have), and
+rank 0 gathers and scores them while the others wait. Each preview file written is handed to the training log
+(TensorBoard / W&B media).
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
 from .config import RunConfig
-from .distributed import DistInfo, barrier
-from .generate import generate
+from .distributed import DistInfo, barrier, gather_to_main
+from .generate import generate, generate_share
 from .modality import Modality
 from .parallel import Strategy
 from .precision import autocast
@@ -101,29 +107,48 @@ class Previewer:
 
     def evaluate(self) -> dict[str, float]:
         """Generate ``eval.num_samples`` for each modality that has evaluators (its own, e.g. probe-FD on
-        synthetic shapes, then ``eval.evaluators``) and score them (rank 0; keys are suffixed ``/<modality>``
-        in mixed runs). An evaluator with ``needs_model = True`` is called with the model instead of samples."""
-        s = self.sample_cfg
+        synthetic shapes, then ``eval.evaluators``) and score them on rank 0 (keys are suffixed ``/<modality>``
+        in mixed runs); the other ranks return ``{}``. An evaluator with ``needs_model = True`` is called with
+        the model instead of samples (on rank 0; on every rank under FSDP2, whose forwards all ranks join)."""
         if self._evaluators is None:
             self._evaluators = self._build_evaluators()
-        evaluators = self._evaluators
-        if not evaluators or (not self._all_ranks_generate and not self.dist.is_main):
-            if evaluators:
-                barrier()
-            return {}
+        main, all_ranks = self.dist.is_main, self._all_ranks_generate
         out: dict[str, float] = {}
-        for name, group in evaluators.items():
+        for name, group in self._evaluators.items():
             samples = None  # generated once per modality, on first need
             for evaluator in group:
                 if getattr(evaluator, "needs_model", False):
+                    if not (main or all_ranks):
+                        continue
                     with autocast(self.model_precision, self.device):
                         scores = evaluator(self.model)
                 else:
-                    samples = samples or generate(self.model, self.modalities[name], self.eval_cfg.num_samples,
-                                                  self.eval_samplers[name], s.seed + 1, self.device)
+                    samples = samples or self._eval_samples(name)
+                    if not main:
+                        continue
                     scores = evaluator(*samples)
-                if self.dist.is_main:
+                if main:
                     out.update({(f"{k}/{name}" if self._mixed else k): v for k, v in scores.items()})
-        if not self._all_ranks_generate:
-            barrier()
+        if self._evaluators:
+            barrier()  # the other ranks wait for rank 0's scores
         return out
+
+    def _eval_samples(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ``eval.num_samples`` samples of modality ``name`` for scoring, on rank 0 (``(None, None)`` on the
+        others). Every rank generates an equal share — the last ones padded with repeats, so that the shares
+        gather as one tensor and, under FSDP2, every rank runs as many forwards — with per-sample seeds
+        (:func:`~.generate.generate_share`): the same samples on any number of ranks."""
+        n, world, rank = self.eval_cfg.num_samples, self.dist.world_size, self.dist.rank
+        share = -(-n // world)
+        mine = [min(i, n - 1) for i in range(rank * share, (rank + 1) * share)]
+        show = self.log is not None and self.log.progress and self.dist.is_main
+        sampler = self.eval_samplers[name]
+        with tqdm(total=sampler.steps, desc=f"eval {name}: {n} samples on {world} rank(s)", unit="step",
+                  leave=False, disable=not show) as bar:
+            media, shown = generate_share(self.model, self.modalities[name], n, mine, sampler,
+                                          self.sample_cfg.seed + 1, self.device, progress=bar.update)
+        media_parts = gather_to_main(media)
+        label_parts = None if shown is None else gather_to_main(shown)  # None alike on every rank: one modality
+        if media_parts is None:
+            return None, None
+        return torch.cat(media_parts)[:n], None if label_parts is None else torch.cat(label_parts)[:n]

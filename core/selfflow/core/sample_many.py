@@ -40,7 +40,7 @@ from tqdm import tqdm
 from .atomic import atomic_write_text
 from .config import ConfigError
 from .distributed import DistInfo, barrier
-from .generate import conditions_for, require_prompts
+from .generate import conditions_for, require_prompts, sample_generator, seeded_noise
 from .modality import Modality
 from .official_repro import SeededBatch, official_batches, official_generate_batch
 from .precision import autocast
@@ -65,12 +65,6 @@ class SampleManyConfig(BaseModel):
                                             "being reproduced (None: this run's ranks)")
     prompts: list[str] | None = Field(None, min_length=1, description="text-conditioned runs: sample i gets "
                                       "prompts[i mod P] (None: the modality's sample captions)")
-
-
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    """The CPU generator of sample ``index`` (independent streams per (seed, index))."""
-    state = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
 
 
 def part_path(out_dir: Path, batch: int) -> Path:
@@ -146,7 +140,7 @@ def generate_batch(model: nn.Module, modality: Modality, sampler: SamplerConfig,
     else:
         cond, null, _ = modality.sample_conditions(n, device)
     ids = modality.sample_ids(n, device)
-    noise = torch.cat([torch.randn((1, ids.shape[1], modality.token_channels), generator=g) for g in gens])
+    noise = seeded_noise(gens, ids.shape[1], modality.token_channels)
     x = sample(model, noise.to(device), ids, cond, sampler, null, modality.name, generator=gens)
     with autocast(sampler.precision, device):
         return modality.decode(x.float()), labels
