@@ -120,6 +120,29 @@ def test_a_stop_keeps_the_steps_preview_and_its_periodic_checkpoint_and_a_new_fi
     assert trainer.step == 4 and (tmp_path / "prev" / "ema.safetensors").is_file()
 
 
+def test_a_stop_asked_before_a_due_evaluation_writes_the_checkpoint_first(tmp_path, monkeypatch):
+    """A long evaluation could outlast the grace a scheduler gives between its signal and its kill: when the
+    stop is already asked, the step's checkpoint is on disk before the evaluation starts (and not written again
+    after it); the evaluation still runs and is logged."""
+    monkeypatch.setenv("SELFFLOW_FAULT_SIGNAL_AT", "2")
+    trainer = Trainer(_cfg(tmp_path, "ev", "train.steps=4", "train.batch_size=2", "checkpoint.every=2",
+                           "sample.every=0", "eval.every=2", "eval.num_samples=2"), progress=False)
+    seen = []
+
+    def evaluate():
+        seen.append([s for s, _ in list_checkpoints(tmp_path / "ev" / "checkpoints")])
+        return {"score": 1.0}
+
+    monkeypatch.setattr(trainer.previewer, "evaluate", evaluate)
+    saves = []
+    save = trainer.checkpointer.save
+    monkeypatch.setattr(trainer.checkpointer, "save", lambda step: saves.append(step) or save(step))
+    with pytest.raises(RunInterrupted, match="SIGTERM at step 2 of 4"):
+        trainer.fit()
+    assert seen == [[2]] and saves == [2]
+    assert [r["score"] for r in read_metrics(tmp_path / "ev" / "metrics.jsonl") if "score" in r] == [1.0]
+
+
 def test_the_cli_exits_with_the_signal_code_and_says_how_to_go_on(tmp_path):
     proc = train_process(tmp_path, "cli", 1, "train.steps=5", "train.batch_size=2",
                          env={"SELFFLOW_FAULT_SIGNAL_AT": "2:SIGINT"}, timeout=300)

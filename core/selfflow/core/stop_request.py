@@ -4,8 +4,9 @@ The signals that come before a kill are caught while :meth:`Trainer.fit` runs: `
 forwards when its own process is stopped, and what SLURM and Kubernetes send before ``SIGKILL``),
 ``SIGUSR1`` (SLURM's ``--signal=USR1@SECONDS``, a warning ahead of the time limit) and ``SIGINT`` (Ctrl-C).
 The handler only records the signal; the loop reads it at the end of each step. Ranks agree on the step to
-stop at through the step's own loss reduction (the flag rides along with the losses), so a signal that
-reaches one rank stops every rank at the same step, with one checkpoint. A second Ctrl-C stops a plain
+stop at through the step's own loss reduction (the flag rides along with the losses), and once more after a
+preview, evaluation or checkpoint (a signal may arrive during them), so a signal that reaches one rank stops
+every rank at the same step, with one checkpoint. A second Ctrl-C stops a plain
 process at once (``KeyboardInterrupt``: the last complete checkpoint stays the newest; torchrun passes on only
 the first).
 
@@ -43,6 +44,18 @@ class StopRequest:
         except (ValueError, ZeroDivisionError):
             return signal.SIGTERM
         return sig if sig in STOP_SIGNALS and abs(signums / requests - sig) < 1e-6 else signal.SIGTERM
+
+    def for_reduction(self) -> dict[str, float]:
+        """This rank's part of a reduction (a mean or a sum over ranks) that tells every rank whether any was
+        asked to stop; :meth:`agreed_in` reads the result."""
+        return {"stop_requested": float(self.requested), "stop_signal": float(self.signal or 0)}
+
+    @staticmethod
+    def agreed_in(reduced: dict[str, float]) -> signal.Signals | None:
+        """Take :meth:`for_reduction`'s values out of ``reduced``: the signal every rank stops for (``None``:
+        no rank was asked)."""
+        requests, signums = reduced.pop("stop_requested"), reduced.pop("stop_signal")
+        return StopRequest.agreed_signal(requests, signums) if requests > 0 else None
 
     @property
     def requested(self) -> bool:

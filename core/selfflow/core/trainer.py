@@ -216,11 +216,8 @@ class Trainer:
         # Corrupt samples the streams skipped (cumulative, this rank): summed over ranks in the same reduction.
         sums["data_skipped"] = float(sum(getattr(s, "skipped", 0) for s in self.streams.values()))
         # A stop signal on any rank rides along in the same reduction: every rank stops after the same step.
-        sums["stop_requested"] = float(self.stop.requested)
-        sums["stop_signal"] = float(self.stop.signal or 0)
-        out = all_mean(sums, self.device)
-        requests, signums = out.pop("stop_requested"), out.pop("stop_signal")
-        self._stop_agreed = StopRequest.agreed_signal(requests, signums) if requests > 0 else None
+        out = all_mean({**sums, **self.stop.for_reduction()}, self.device)
+        self._stop_agreed = StopRequest.agreed_in(out)
         out["data_skipped"] = round(out["data_skipped"] * self.dist.world_size)
         out["grad_norm"] = float(grad_norm)
         out["lr"] = self.optimizer.param_groups[0]["lr"]  # what this step applies (the scheduler steps after it)
@@ -299,19 +296,35 @@ class Trainer:
             self.step += 1
             faults.kill_point(self.step, self.dist.rank, self.run_dir)
             self.log.step_done(self.step, name, last, self._counters())
-            if self.previewer.samples_due(self.step):
-                self.previewer.write_samples(self.step)
-            if self.previewer.eval_due(self.step):
-                self.log.scores(self.step, self.previewer.evaluate())
-            saved = self.checkpointer.due(self.step, total)
-            if saved:
+            preview, evaluation = self.previewer.samples_due(self.step), self.previewer.eval_due(self.step)
+            asked, saved = self._stop_signal(), False
+            if asked is not None and (preview or evaluation):
+                # The checkpoint first: a long preview or evaluation could outlast the grace before the kill.
                 self.checkpointer.save(self.step)
-            # Last, so that the step's preview and evaluation are not lost: one process reads its flag now,
-            # several ranks go by the step's reduction, so that they agree.
-            sig = self._stop_agreed if self.dist.enabled else self.stop.signal
+                saved = True
+            if preview:
+                self.previewer.write_samples(self.step)
+            if evaluation:
+                self.log.scores(self.step, self.previewer.evaluate())
+            if not saved and self.checkpointer.due(self.step, total):
+                self.checkpointer.save(self.step)
+                saved = True
+            # Then the stop, so that the step's preview and evaluation are not lost; a signal that came during
+            # them (or the checkpoint) stops the run here too, not a step later.
+            sig = asked or self._stop_signal(again=preview or evaluation or saved)
             if sig is not None:
                 self._stop_here(total, sig, saved)
         return last
+
+    def _stop_signal(self, again: bool = False) -> signal.Signals | None:
+        """The signal to stop for after this step (``None``: go on). One process reads its flag; several ranks
+        go by the step's reduction, where they agree — or, ``again``, by a new one that every rank joins (after
+        a preview, evaluation or checkpoint: they take long enough for a signal to arrive meanwhile)."""
+        if not self.dist.enabled:
+            return self.stop.signal
+        if again:
+            self._stop_agreed = StopRequest.agreed_in(all_mean(self.stop.for_reduction(), self.device))
+        return self._stop_agreed
 
     def _stop_here(self, total: int, sig: signal.Signals, saved: bool) -> None:
         """A stop signal reached this rank or another: write this step's checkpoint (a collective; unless the
