@@ -150,7 +150,10 @@ class EvalConfig(_Section):
     cfg_scale: float = Field(1.0, ge=0, description="guidance of the online evaluation's samples (1: none, as the "
                              "paper's metrics); the other sampler settings are each modality's resolved ones")
     evaluators: list[str] = Field(default_factory=list, description="evaluators run besides the modality's own "
-                                  "(selfflow.evaluators entry points, e.g. linear_probe)")
+                                  "(selfflow.evaluators entry points, e.g. linear_probe, inception_fid)")
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="keyword arguments of each evaluator by name, e.g. {inception_fid: "
+        "{reference: ref_stats.npz, inception: pt_inception.pth}}")
 
 
 class SampleConfig(SamplerSettings):

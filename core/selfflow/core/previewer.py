@@ -16,6 +16,7 @@ rank 0 gathers and scores them while the others wait. Each preview file written 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .distributed import DistInfo, barrier, gather_to_main
 from .generate import generate, generate_share
 from .modality import Modality
@@ -62,9 +63,37 @@ class Previewer:
 
     def _build_evaluators(self) -> dict[str, list[Any]]:
         """``{modality: [evaluator, …]}``: the modality's own (e.g. probe-FD on synthetic shapes), then
-        ``eval.evaluators``, for each modality that has any."""
-        return {n: [get_evaluator(e)(m) for e in [m.evaluator, *self.eval_cfg.evaluators] if e]
-                for n, m in self.modalities.items() if m.evaluator or self.eval_cfg.evaluators}
+        ``eval.evaluators``, for each modality that has any; each with its ``eval.options``. An evaluator whose
+        factory has ``scores(modality) -> bool`` runs on the modalities it scores (FID on the images of a mixed
+        run, not its audio); one that scores none of the run's modalities is an error."""
+        names = {n: [e for e in [m.evaluator, *self.eval_cfg.evaluators] if e and (e == m.evaluator or _scores(e, m))]
+                 for n, m in self.modalities.items()}
+        used = {e for group in names.values() for e in group}
+        if idle := [e for e in self.eval_cfg.evaluators if e not in used]:
+            kinds = ", ".join(f"{n} ({type(m).__name__})" for n, m in self.modalities.items())
+            raise ConfigError(f"eval.evaluators: {', '.join(idle)} scores none of this run's modalities: {kinds}")
+        if unused := sorted(set(self.eval_cfg.options) - used):
+            raise ConfigError(f"eval.options has options for {', '.join(unused)}, which this run does not evaluate "
+                              f"with (its evaluators: {', '.join(sorted(used)) or 'none'}): add "
+                              f"{'them' if len(unused) > 1 else 'it'} to eval.evaluators")
+        return {n: [self._evaluator(e, self.modalities[n]) for e in group] for n, group in names.items() if group}
+
+    def _evaluator(self, name: str, modality: Modality) -> Any:
+        """The evaluator ``name`` for ``modality``, built with ``eval.options[name]`` (checked against the
+        factory's parameters first, so that a misspelt option is named)."""
+        factory, options = get_evaluator(name), self.eval_cfg.options.get(name, {})
+        signature = inspect.signature(factory)
+        named = [p.name for p in list(signature.parameters.values())[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                        p.KEYWORD_ONLY)]
+        takes = f"({name} takes {', '.join(named) or 'no options'})"
+        any_name = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+        if unknown := [k for k in options if k not in named and not any_name]:
+            raise ConfigError(f"eval.options.{name}: unknown option {', '.join(map(repr, unknown))} {takes}")
+        try:
+            signature.bind(modality, **options)
+        except TypeError as e:
+            raise ConfigError(f"eval.options.{name}: {e} {takes}") from None
+        return factory(modality, **options)
 
     @property
     def _mixed(self) -> bool:
@@ -152,3 +181,9 @@ class Previewer:
         if media_parts is None:
             return None, None
         return torch.cat(media_parts)[:n], None if label_parts is None else torch.cat(label_parts)[:n]
+
+
+def _scores(name: str, modality: Modality) -> bool:
+    """Whether evaluator ``name`` scores ``modality`` (its factory's ``scores``; without one, every modality)."""
+    scores = getattr(get_evaluator(name), "scores", None)
+    return True if scores is None else bool(scores(modality))

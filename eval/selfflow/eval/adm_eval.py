@@ -94,7 +94,7 @@ def load_feature_set(path: str | os.PathLike[str], model: FIDInceptionV3, *, nee
     return FeatureSet(p, acts.pool_stats, acts.spatial_stats, acts.pool, num_images=len(acts))
 
 
-def _check_stats_weights(path: Path, sha256: str | None) -> None:
+def check_stats_weights(path: Path, sha256: str | None) -> None:
     """A statistics file written by ``selfflow eval stats`` records its Inception weights: refuse to compare it
     with features of other weights (both sides must come from the same network)."""
     if sha256 is None or path.suffix != ".npz" or "inception_sha256" not in npz_keys(path):
@@ -125,7 +125,7 @@ def evaluate_adm(ref: str | os.PathLike[str], samples: str | os.PathLike[str], m
     smp_set = load_feature_set(samples, model, batch_size=batch_size, progress=progress)
     weights = _weights_record(model)
     for fs in (ref_set, smp_set):
-        _check_stats_weights(fs.path, weights[0].get("sha256"))
+        check_stats_weights(fs.path, weights[0].get("sha256"))
     notes = ref_set.notes + smp_set.notes
     if "sha256" in weights[0]:
         notes += weights_hash_notes(weights[0]["sha256"])

@@ -119,12 +119,14 @@ def gather_rows(x: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def extract_activations(source: ImageSource, model: FIDInceptionV3, *, batch_size: int = 64,
-                        progress: bool = True, desc: str | None = None) -> InceptionActivations:
+                        progress: bool = True, desc: str | None = None, shard: bool = True) -> InceptionActivations:
     """pool_3 features and pool/spatial statistics of every image of ``source``.
 
-    ``batch_size`` 64 is ADM's; it only changes float32 round-off. Runs on ``model``'s device.
+    ``batch_size`` 64 is ADM's; it only changes float32 round-off. Runs on ``model``'s device. ``shard=False``:
+    this process does all of it, even inside a process group (whose other ranks are busy elsewhere: a run's
+    online evaluation scores on rank 0 alone).
     """
-    rank, world = _dist_info()
+    rank, world = _dist_info() if shard else (0, 1)
     start, stop = shard_range(len(source), rank, world)
     device = model.fc.weight.device
     pool_stats = FeatureStats(POOL_DIM, device=device)
@@ -142,6 +144,8 @@ def extract_activations(source: ImageSource, model: FIDInceptionV3, *, batch_siz
             bar.update(len(batch))
     bar.close()
     pool = np.concatenate(pools) if pools else np.zeros((0, POOL_DIM), np.float32)
+    if not shard:
+        return InceptionActivations(pool=pool, pool_stats=pool_stats, spatial_stats=spatial_stats)
     return InceptionActivations(pool=gather_rows(pool), pool_stats=gather_stats(pool_stats),
                                 spatial_stats=gather_stats(spatial_stats))
 

@@ -120,6 +120,23 @@ class NpzImages(ImageSource):
                 yield np.frombuffer(data, dtype=np.uint8).reshape(n, *self.shape[1:])
 
 
+class ArrayImages(ImageSource):
+    """uint8 ``(N, H, W, 3)`` images held in memory (a run's generated samples, say)."""
+
+    def __init__(self, images: np.ndarray, name: str = "samples") -> None:
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"{name}: expected uint8 (N, H, W, 3) images, got {images.dtype} {tuple(images.shape)}")
+        self.images, self.path = images, Path(name)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        stop = len(self) if stop is None else min(stop, len(self))
+        for i in range(start, stop, batch_size):
+            yield np.ascontiguousarray(self.images[i:min(i + batch_size, stop)])
+
+
 class FolderImages(ImageSource):
     """PNG/JPEG/... files under a directory (recursive, sorted by relative path), converted to RGB."""
 

@@ -26,7 +26,8 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {
-    "adm": Metric("selfflow.eval.cli:add_adm_parser"),
+    "adm": Metric("selfflow.eval.cli:add_adm_parser",
+                  evaluators=(("inception_fid", "selfflow.eval.online_fid:InceptionFIDEvaluator"),)),
     "stats": Metric("selfflow.eval.cli:add_stats_parser"),
     "probe": Metric("selfflow.eval.cli:add_probe_parser",
                     evaluators=(("shapes_probe", "selfflow.eval.probe:ShapesProbeEvaluator"),
