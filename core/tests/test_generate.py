@@ -67,6 +67,10 @@ def test_shares_of_a_set_are_the_set_one_process_makes(tmp_path, extra, solver):
     b, labels_b = generate_share(run.backbone, modality, 5, [3, 4, 4], sampler, 7, "cpu")
     torch.testing.assert_close(torch.cat([a, b[:2]]), whole, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b[2], b[1], rtol=0, atol=0)  # the padding repeats its sample
+    in_batches, labels_in_batches = generate_share(run.backbone, modality, 5, range(5), sampler, 7, "cpu",
+                                                   batch_size=2)  # 2 + 2 + 1 samples per sampler run
+    torch.testing.assert_close(in_batches, whole, rtol=1e-5, atol=1e-5)
+    assert torch.equal(labels_in_batches, labels)
     _, _, shown = conditions_for(modality, 5, "cpu")  # the preview conditioning: classes, or captions in turn
     assert labels.tolist() == shown.tolist() and labels_b.tolist() == shown[[3, 4, 4]].tolist()
     other_seed, _ = generate_share(run.backbone, modality, 5, [0, 1, 2], sampler, 8, "cpu")

@@ -37,7 +37,7 @@ def calls(monkeypatch, samplers):
         samplers.append(sampler)
         return torch.zeros(n, 3, 16, 16), torch.zeros(n, dtype=torch.long)
 
-    def fake_share(model, modality, n, indices, sampler, seed, device, progress=None):
+    def fake_share(model, modality, n, indices, sampler, seed, device, progress=None, batch_size=None):
         return fake_generate(model, modality, len(indices), sampler, seed, device)
 
     monkeypatch.setattr(previewer_module, "generate", fake_generate)
@@ -83,7 +83,8 @@ def test_every_rank_generates_an_equal_share_of_the_evaluation_samples(run, stra
     tensor and, under FSDP2, run as many forwards); only rank 0 scores."""
     shares = []
 
-    def fake_share(model, modality, n, indices, sampler, seed, device, progress=None):
+    def fake_share(model, modality, n, indices, sampler, seed, device, progress=None, batch_size=None):
+        assert batch_size == run.config.eval.batch_size == 64
         shares.append((n, list(indices), seed))
         return torch.zeros(len(indices), 3, 16, 16), torch.as_tensor(list(indices))
 

@@ -147,6 +147,8 @@ class LoggingConfig(_Section):
 class EvalConfig(_Section):
     every: int = Field(0, ge=0, description="online evaluation period (0: off); needs an evaluator")
     num_samples: int = Field(200, ge=1, description="samples generated for each online evaluation")
+    batch_size: int = Field(64, ge=1, description="online evaluation samples per sampler run and decode, per "
+                            "rank (bounds its memory; the samples do not depend on it)")
     cfg_scale: float = Field(1.0, ge=0, description="guidance of the online evaluation's samples (1: none, as the "
                              "paper's metrics); the other sampler settings are each modality's resolved ones")
     evaluators: list[str] = Field(default_factory=list, description="evaluators run besides the modality's own "

@@ -117,24 +117,34 @@ def take_rows(cond: Conditioning | None, rows: torch.Tensor) -> Conditioning | N
 
 @torch.no_grad()
 def generate_share(model: nn.Module, modality: Modality, n: int, indices: Sequence[int], sampler: SamplerConfig,
-                   seed: int, device: torch.device | str, progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   seed: int, device: torch.device | str, progress=None, *, batch_size: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Samples ``indices`` of a set of ``n`` — decoded media and display labels, as :func:`generate` returns.
     Sample ``i`` has the conditioning of position ``i`` in :func:`conditions_for`'s ``n`` (the modality's preview
     conditioning) and draws its initial noise and SDE increments from :func:`sample_generator` ``(seed, i)``;
     so the set cut into shares on several ranks is the set one process makes (up to the floating-point
-    effects of another batch size), and an index may repeat (a share padded to its peers' size)."""
+    effects of another batch size), and an index may repeat (a share padded to its peers' size).
+    ``batch_size``: samples per sampler run and decode (``None``: all at once); ``progress`` is called at every
+    step of every batch."""
+    indices = list(indices)
     if not indices or min(indices) < 0 or max(indices) >= n:
-        raise ValueError(f"sample indices must be a non-empty list in 0…{n - 1}, got {list(indices)[:8]}")
+        raise ValueError(f"sample indices must be a non-empty list in 0…{n - 1}, got {indices[:8]}")
     cond, null_cond, shown = conditions_for(modality, n, device)
-    rows = torch.as_tensor(list(indices), dtype=torch.long)
-    generators = [sample_generator(seed, i) for i in indices]
-    ids = modality.sample_ids(len(rows), device)
-    noise = seeded_noise(generators, ids.shape[1], modality.token_channels).to(device)
+    step = batch_size or len(indices)
+    media = []
     was_training = model.training
     model.eval()
     try:
-        x = sample(model, noise, ids, take_rows(cond, rows), sampler, take_rows(null_cond, rows), modality.name,
-                   progress, generators)
+        for lo in range(0, len(indices), step):
+            batch = indices[lo:lo + step]
+            rows = torch.as_tensor(batch, dtype=torch.long)
+            generators = [sample_generator(seed, i) for i in batch]
+            ids = modality.sample_ids(len(batch), device)
+            noise = seeded_noise(generators, ids.shape[1], modality.token_channels).to(device)
+            x = sample(model, noise, ids, take_rows(cond, rows), sampler, take_rows(null_cond, rows), modality.name,
+                       progress, generators)
+            media.append(modality.decode(x.float()))
     finally:
         model.train(was_training)
-    return modality.decode(x.float()), None if shown is None else shown[rows.to(shown.device)]
+    rows = torch.as_tensor(indices, dtype=torch.long)
+    return torch.cat(media), None if shown is None else shown[rows.to(shown.device)]

@@ -172,10 +172,12 @@ class Previewer:
         mine = [min(i, n - 1) for i in range(rank * share, (rank + 1) * share)]
         show = self.log is not None and self.log.progress and self.dist.is_main
         sampler = self.eval_samplers[name]
-        with tqdm(total=sampler.steps, desc=f"eval {name}: {n} samples on {world} rank(s)", unit="step",
+        batches = -(-share // self.eval_cfg.batch_size)
+        with tqdm(total=sampler.steps * batches, desc=f"eval {name}: {n} samples on {world} rank(s)", unit="step",
                   leave=False, disable=not show) as bar:
             media, shown = generate_share(self.model, self.modalities[name], n, mine, sampler,
-                                          self.sample_cfg.seed + 1, self.device, progress=bar.update)
+                                          self.sample_cfg.seed + 1, self.device, progress=bar.update,
+                                          batch_size=self.eval_cfg.batch_size)
         media_parts = gather_to_main(media)
         label_parts = None if shown is None else gather_to_main(shown)  # None alike on every rank: one modality
         if media_parts is None:
