@@ -41,7 +41,7 @@ def calls(monkeypatch, samplers):
         return fake_generate(model, modality, len(indices), sampler, seed, device)
 
     monkeypatch.setattr(previewer_module, "generate", fake_generate)
-    monkeypatch.setattr(previewer_module, "generate_share", fake_share)
+    monkeypatch.setattr(previewer_module, "generate_share_batches", lambda *a, **k: [fake_share(*a, **k)])
     return seen
 
 
@@ -89,7 +89,7 @@ def test_every_rank_generates_an_equal_share_of_the_evaluation_samples(run, stra
         return torch.zeros(len(indices), 3, 16, 16), torch.as_tensor(list(indices))
 
     scored = []
-    monkeypatch.setattr(previewer_module, "generate_share", fake_share)
+    monkeypatch.setattr(previewer_module, "generate_share_batches", lambda *a, **k: [fake_share(*a, **k)])
     monkeypatch.setattr(previewer_module, "get_evaluator",
                         lambda name: lambda modality: lambda media, labels: scored.append(labels.tolist()) or {})
     seed = run.config.sample.seed + 1

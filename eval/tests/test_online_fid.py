@@ -84,7 +84,7 @@ def test_its_options_are_checked_by_name(tmp_path, reference):
     base = [*TINY_IMAGES, f"output_dir={tmp_path}", "eval.every=2"]
     fid = [*base, "eval.evaluators=[inception_fid]"]
     with pytest.raises(ConfigError, match=r"eval.options.inception_fid: unknown option 'referense' "
-                                          r"\(inception_fid takes reference, inception, batch_size\)"):
+                                          r"\(inception_fid takes reference, inception, batch_size, device\)"):
         Trainer(load_config(None, [*fid, f"eval.options={{inception_fid: {{referense: {reference}}}}}"]),
                 progress=False)
     with pytest.raises(ConfigError, match=r"eval.options.inception_fid: missing a required argument: 'reference'"):

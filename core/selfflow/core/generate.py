@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -115,7 +115,6 @@ def take_rows(cond: Conditioning | None, rows: torch.Tensor) -> Conditioning | N
     return Conditioning(**{k: None if v is None else v[rows.to(v.device)] for k, v in cond})
 
 
-@torch.no_grad()
 def generate_share(model: nn.Module, modality: Modality, n: int, indices: Sequence[int], sampler: SamplerConfig,
                    seed: int, device: torch.device | str, progress=None, *, batch_size: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -126,12 +125,23 @@ def generate_share(model: nn.Module, modality: Modality, n: int, indices: Sequen
     effects of another batch size), and an index may repeat (a share padded to its peers' size).
     ``batch_size``: samples per sampler run and decode (``None``: all at once); ``progress`` is called at every
     step of every batch."""
+    made = list(generate_share_batches(model, modality, n, indices, sampler, seed, device, progress,
+                                       batch_size=batch_size))
+    shown = [labels for _, labels in made]
+    return torch.cat([media for media, _ in made]), None if shown[0] is None else torch.cat(shown)
+
+
+@torch.no_grad()
+def generate_share_batches(model: nn.Module, modality: Modality, n: int, indices: Sequence[int],
+                           sampler: SamplerConfig, seed: int, device: torch.device | str, progress=None, *,
+                           batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """:func:`generate_share` one batch at a time: ``(media, labels)`` of ``indices[k·B : (k+1)·B]`` for each
+    ``k`` in turn, so that a caller can move each batch off the device before the next is made."""
     indices = list(indices)
     if not indices or min(indices) < 0 or max(indices) >= n:
         raise ValueError(f"sample indices must be a non-empty list in 0…{n - 1}, got {indices[:8]}")
     cond, null_cond, shown = conditions_for(modality, n, device)
     step = batch_size or len(indices)
-    media = []
     was_training = model.training
     model.eval()
     try:
@@ -143,8 +153,6 @@ def generate_share(model: nn.Module, modality: Modality, n: int, indices: Sequen
             noise = seeded_noise(generators, ids.shape[1], modality.token_channels).to(device)
             x = sample(model, noise, ids, take_rows(cond, rows), sampler, take_rows(null_cond, rows), modality.name,
                        progress, generators)
-            media.append(modality.decode(x.float()))
+            yield modality.decode(x.float()), None if shown is None else shown[rows.to(shown.device)]
     finally:
         model.train(was_training)
-    rows = torch.as_tensor(indices, dtype=torch.long)
-    return torch.cat(media), None if shown is None else shown[rows.to(shown.device)]

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .config import ConfigError, RunConfig
 from .distributed import DistInfo, barrier, gather_to_main
-from .generate import generate, generate_share
+from .generate import generate, generate_share_batches
 from .modality import Modality
 from .parallel import Strategy
 from .precision import autocast
@@ -162,28 +162,33 @@ class Previewer:
             barrier()  # the other ranks wait for rank 0's scores
         return out
 
-    def _eval_samples(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The ``eval.num_samples`` samples of modality ``name`` for scoring, on rank 0 (``(None, None)`` on the
-        others). Every rank generates an equal share — the last ones padded with repeats, so that the shares
-        gather as one tensor and, under FSDP2, every rank runs as many forwards — with per-sample seeds
-        (:func:`~.generate.generate_share`): the same samples on any number of ranks."""
+    def _eval_samples(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The ``eval.num_samples`` samples of modality ``name`` for scoring, in rank 0's CPU memory (``(None,
+        None)`` on the others). Every rank generates an equal share — the last ones padded with repeats, so that
+        the shares gather as one tensor and, under FSDP2, every rank runs as many forwards — with per-sample
+        seeds (:func:`~.generate.generate_share`): the same samples on any number of ranks. Each batch is
+        gathered to rank 0 and moved off the device as soon as it is made."""
         n, world, rank = self.eval_cfg.num_samples, self.dist.world_size, self.dist.rank
         share = -(-n // world)
         mine = [min(i, n - 1) for i in range(rank * share, (rank + 1) * share)]
         show = self.log is not None and self.log.progress and self.dist.is_main
-        sampler = self.eval_samplers[name]
-        batches = -(-share // self.eval_cfg.batch_size)
-        with tqdm(total=sampler.steps * batches, desc=f"eval {name}: {n} samples on {world} rank(s)", unit="step",
-                  leave=False, disable=not show) as bar:
-            media, shown = generate_share(self.model, self.modalities[name], n, mine, sampler,
-                                          self.sample_cfg.seed + 1, self.device, progress=bar.update,
-                                          batch_size=self.eval_cfg.batch_size)
-        media_parts = gather_to_main(media)
-        label_parts = None if shown is None else gather_to_main(shown)  # None alike on every rank: one modality
-        if media_parts is None:
+        sampler, batch = self.eval_samplers[name], self.eval_cfg.batch_size
+        per_rank: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = [[] for _ in range(world)]
+        with tqdm(total=sampler.steps * -(-share // batch), desc=f"eval {name}: {n} samples on {world} rank(s)",
+                  unit="step", leave=False, disable=not show) as bar:
+            for media, shown in generate_share_batches(self.model, self.modalities[name], n, mine, sampler,
+                                                       self.sample_cfg.seed + 1, self.device, bar.update,
+                                                       batch_size=batch):
+                media_parts = gather_to_main(media)
+                label_parts = None if shown is None else gather_to_main(shown)  # None alike on every rank
+                for r, part in enumerate(media_parts or []):  # rank 0 only
+                    per_rank[r].append((part.cpu(), None if label_parts is None else label_parts[r].cpu()))
+        if not self.dist.is_main:
             return None, None
-        return torch.cat(media_parts)[:n], None if label_parts is None else torch.cat(label_parts)[:n]
-
+        made = [part for parts in per_rank for part in parts]  # rank-major: index order
+        labels = [shown for _, shown in made]
+        return (torch.cat([media for media, _ in made])[:n],
+                None if labels[0] is None else torch.cat(labels)[:n])
 
 def _scores(name: str, modality: Modality) -> bool:
     """Whether evaluator ``name`` scores ``modality`` (its factory's ``scores``; without one, every modality)."""

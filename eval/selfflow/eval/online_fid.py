@@ -41,8 +41,9 @@ class InceptionFIDEvaluator:
     """``InceptionFIDEvaluator(modality, reference=…)(media, labels)`` → ``{"fid", "sfid", "is"}``.
 
     ``reference``: a ``.npz`` with ``mu``/``sigma``/``mu_s``/``sigma_s``; ``inception``: the FID Inception
-    weights (default: ``$SELFFLOW_WEIGHTS``); ``batch_size``: Inception batch (ADM's 64). Everything is checked
-    here, when the run starts, not at its first evaluation."""
+    weights (default: ``$SELFFLOW_WEIGHTS``); ``batch_size``: Inception batch (ADM's 64); ``device``: where
+    Inception runs (default: this rank's GPU, else the CPU). Everything is checked here, when the run starts,
+    not at its first evaluation."""
 
     @staticmethod
     def scores(modality: Any) -> bool:
@@ -52,13 +53,14 @@ class InceptionFIDEvaluator:
         return isinstance(modality, ImageModality)
 
     def __init__(self, modality: Any, reference: str | os.PathLike[str], inception: str | os.PathLike[str] | None = None,
-                 batch_size: int = 64):
+                 batch_size: int = 64, device: str | None = None):
         if not self.scores(modality):
             raise ValueError(f"inception_fid scores images, but the {modality.name!r} modality is "
                              f"{type(modality).__name__}: run it on image modalities only")
         if batch_size < 1:
             raise ValueError(f"inception_fid batch_size must be ≥ 1, got {batch_size}")
         self.modality, self.batch_size = modality, batch_size
+        self.device = None if device is None else torch.device(device)
         ref = Path(reference).expanduser()
         if not ref.is_file():
             raise FileNotFoundError(f"inception_fid reference statistics not found: {ref}")
@@ -75,7 +77,9 @@ class InceptionFIDEvaluator:
     @torch.no_grad()
     def __call__(self, media: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
         images = self.modality.evaluation_array(media)  # uint8 (N, H, W, 3), as `selfflow sample` writes them
-        self.model.to(media.device)
+        # The samples arrive in CPU memory; Inception runs on this rank's GPU when there is one.
+        cuda = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        self.model.to(self.device or cuda or media.device)
         acts = extract_activations(ArrayImages(images), self.model, batch_size=self.batch_size, progress=False,
                                    shard=False)
         with warnings.catch_warnings():  # its notes are logged below instead: once each, into train.log too
