@@ -124,6 +124,24 @@ def test_fsdp2_on_one_gpu_equals_unwrapped():
 
 
 @on_cpu_and_cuda
+def test_online_evaluation_gathers_its_batches_over_the_backend(device, tmp_path):
+    """``gather_to_main`` (the online evaluation's gather of each batch of samples to rank 0) over NCCL on the
+    GPU and gloo on the CPU, in a one-rank group."""
+    import torch.distributed as dist
+
+    from selfflow.core.distributed import gather_to_main
+
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path / 'pg'}",
+                            rank=0, world_size=1, timeout=timedelta(seconds=60))  # fail, not hang
+    try:
+        media = torch.randn(3, 3, 8, 8, device=device)
+        parts = gather_to_main(media)
+        assert len(parts) == 1 and parts[0].device == media.device and torch.equal(parts[0], media)
+    finally:
+        dist.destroy_process_group()
+
+
+@on_cpu_and_cuda
 @pytest.mark.filterwarnings("ignore:bf16 on this CPU")  # a CPU without native bf16 says it is slow
 def test_fsdp2_in_bf16_is_close_to_the_unwrapped_bf16_step(device, tmp_path):
     """The paper's recipe on one rank (NCCL on the GPU, gloo on the CPU): student and EMA teacher sharded with
