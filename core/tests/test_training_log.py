@@ -43,6 +43,8 @@ def test_records_every_n_steps_and_at_the_end_with_rates(tmp_path):
     assert r["tokens_per_s"] / r["samples_per_s"] == pytest.approx(12)
     assert r["mfu"] * 1e15 / r["samples_per_s"] == pytest.approx(5e11)
     assert records[-1] == {"step": 5, "fd": 3.5}
+    with Image.open(run / "eval.png") as im:  # the scores' plot: one panel
+        assert im.width == 420
     assert (run / "config.yaml").is_file() and not (run / "tensorboard").exists()
 
 
@@ -70,6 +72,29 @@ def test_mixed_runs_plot_per_step_values_per_modality(tmp_path):
     assert log._tags(record, "audio") == {"loss/audio": 0.5, "grad_norm/audio": 1.0, "lr": 0.1,
                                           "samples_per_s": 3.0, "skipped_steps": 0, "steps/audio": 1}
     assert _log(tmp_path)._tags(record, "audio")["loss"] == 0.5  # one modality: plain tags
+
+
+def test_the_scores_plot_has_a_panel_per_score_and_leaves_the_probe_grid_out(tmp_path):
+    import json
+
+    from selfflow.core.metrics import SCORE_PANELS, plot_scores
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 10, "modality": "image", "loss": 1.0},
+        {"step": 10, "fid": 90.0, "is": 3.0, "lp_acc/b1/t0.0": 0.5, "lp_acc_best": 0.5, "note": "text"},
+        {"step": 20, "modality": "image", "loss": 0.8},
+        {"step": 20, "fid": 70.0, "is": 4.0, "lp_acc/b1/t0.0": 0.6, "lp_acc_best": 0.6, "probe_fd/image": 12.0},
+    ]) + "\n")
+    with Image.open(plot_scores(path, tmp_path / "eval.png")) as im:
+        assert im.width == 4 * 420  # fid, is, lp_acc_best, probe_fd/image
+    many = tmp_path / "many.jsonl"
+    many.write_text(json.dumps({"step": 1, **{f"s{i}": float(i) for i in range(12)}}) + "\n")
+    with Image.open(plot_scores(many, tmp_path / "many.png")) as im:
+        assert im.width == SCORE_PANELS * 420
+    losses = tmp_path / "losses.jsonl"
+    losses.write_text(json.dumps({"step": 1, "modality": "image", "loss": 1.0}) + "\n")
+    assert plot_scores(losses, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
 class FakeWandb(types.ModuleType):

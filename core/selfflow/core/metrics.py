@@ -143,17 +143,12 @@ def frame_strip(frames: np.ndarray, max_frames: int = 8) -> np.ndarray:
 def plot_losses(metrics_path: str | Path, out_path: str | Path,
                 keys: tuple[str, ...] = ("loss", "loss_fm", "loss_rep")) -> Path:
     """Loss curves (raw and smoothed) from ``metrics.jsonl`` as a PNG, one panel per key present."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records = read_metrics(metrics_path)
     keys = tuple(k for k in keys if any(k in r for r in records))
     # One curve per modality in mixed runs (records name their modality), else raw + smoothed.
     groups = sorted({r["modality"] for r in records if "modality" in r})
-    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.2 * max(1, len(keys)), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    plt, fig, axes = _panels(len(keys))
+    for ax, key in zip(axes, keys):
         for group in groups if len(groups) > 1 else [None]:
             pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])
                    and (group is None or r.get("modality") == group)]
@@ -168,9 +163,49 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path,
                 smooth.append(ema)
             ax.plot(steps, smooth, lw=2, label="smoothed" if group is None else group)
         ax.set_title(key)
+    axes[0].legend()
+    return _save(plt, fig, out_path)
+
+
+SCORE_PANELS = 8
+
+
+def plot_scores(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+    """The online evaluation's scores over training (the records of ``metrics.jsonl`` without a loss) as a PNG,
+    one panel per score, the first :data:`SCORE_PANELS` logged; the linear probe's per-block grid
+    (``lp_acc/…``) stays in ``metrics.jsonl`` (its ``lp_acc_best`` is plotted). ``None`` without scores."""
+    records = [r for r in read_metrics(metrics_path) if "loss" not in r]
+    keys: list[str] = []
+    for r in records:
+        keys += [k for k, v in r.items() if k != "step" and k not in keys and not k.startswith("lp_acc/")
+                 and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not keys:
+        return None
+    plt, fig, axes = _panels(min(len(keys), SCORE_PANELS))
+    for ax, key in zip(axes, keys):
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", lw=1.5)
+        ax.set_title(key)
+    return _save(plt, fig, out_path)
+
+
+def _panels(n: int):
+    """A row of ``n`` panels (at least one) with a step axis: ``(pyplot, figure, axes)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(1, n), figsize=(4.2 * max(1, n), 3.2), squeeze=False)
+    for ax in axes[0]:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
+    return plt, fig, list(axes[0])
+
+
+def _save(plt, fig, out_path: str | Path) -> Path:
+    """Write ``fig`` to ``out_path`` as a PNG, atomically, and close it."""
     fig.tight_layout()
     out = Path(out_path)
     with atomic_path(out) as tmp:

@@ -29,7 +29,7 @@ from .atomic import atomic_write_text
 from .config import RunConfig, save_config
 from .distributed import DistInfo
 from .faults import RunInterrupted
-from .metrics import MetricsLogger, plot_losses, scalar_values
+from .metrics import MetricsLogger, plot_losses, plot_scores, scalar_values
 
 logger = logging.getLogger("selfflow")
 # Values of the step's own modality (loss, loss_fm, loss_rep, loss_fm_<group> …, grad_norm, skipped); in a
@@ -145,11 +145,12 @@ class TrainingLog:
             plot_losses(self._metrics.path, self.run_dir / "loss.png")
 
     def scores(self, step: int, scores: dict[str, float]) -> None:
-        """Online-evaluation scores: to ``metrics.jsonl`` and the console (rank 0)."""
+        """Online-evaluation scores: to ``metrics.jsonl``, the console and ``eval.png`` (rank 0)."""
         if self._metrics is not None and scores:
             record = {"step": step, **scores}
             self._write(record, scalar_values(record))
             logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+            plot_scores(self._metrics.path, self.run_dir / "eval.png")
 
     def media(self, step: int, modality: str, path: Path) -> None:
         """A preview file written at ``step`` (PNG, WAV, MP4): to TensorBoard and W&B (rank 0), tagged
