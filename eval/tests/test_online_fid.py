@@ -111,6 +111,8 @@ def test_a_two_rank_run_logs_the_fid_of_its_samples(tmp_path, reference, incepti
 
     scores = [r for r in read_metrics(tmp_path / "fid" / "metrics.jsonl") if "fid" in r]
     assert [r["step"] for r in scores] == [2] and scores[0]["fid"] > 0 and scores[0]["is"] >= 1
+    assert f"eval_plot  {tmp_path / 'fid' / 'eval.png'}" in proc.stdout + proc.stderr  # drawn, and said
+    assert (tmp_path / "fid" / "eval.png").is_file()
 
 
 def test_in_a_mixed_run_it_scores_the_images_and_a_run_without_images_is_refused(tmp_path, reference,

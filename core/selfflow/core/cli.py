@@ -92,8 +92,9 @@ def _train(trainer) -> int:
     result = trainer.fit()
     if main_rank:
         log.info(f"run directory: {cfg.run_dir}")
-        for key in ("checkpoint", "samples", "loss_plot", "ema"):
-            log.info(f"  {key:10s} {result[key]}")
+        for key in ("checkpoint", "samples", "loss_plot", "eval_plot", "ema"):
+            if result[key] is not None or key != "eval_plot":  # a run without online evaluation has no plot
+                log.info(f"  {key:10s} {result[key]}")
     return 0
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import signal
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,7 +62,7 @@ class Trainer:
 
         trainer = Trainer(load_config("configs/tiny/image.yaml", ["train.steps=50"]))
         with trainer.log.text_log():
-            result = trainer.fit()  # {"checkpoint", "samples", "ema", "loss_plot", "last": last step's losses}
+            result = trainer.fit()  # {"checkpoint", "samples", "ema", "loss_plot", "eval_plot", "last": …}
     """
 
     def __init__(self, cfg: RunConfig, *, resume: bool = True, progress: bool = True):
@@ -264,9 +265,8 @@ class Trainer:
         checkpoint of that step is written and :class:`~.faults.RunInterrupted` raised; fitting again resumes
         there with the numbers of an uninterrupted run (:mod:`~selfflow.core.stop_request`)."""
         if self.finished:
-            plot = self.run_dir / "loss.png"
             return {"checkpoint": self.resumed_from, "samples": None, "ema": self.run_dir / "ema.safetensors",
-                    "loss_plot": plot if plot.is_file() else None, "last": {}}
+                    "loss_plot": self._file("loss.png"), "eval_plot": self._file("eval.png"), "last": {}}
         total, accum = self.cfg.train.steps, self.cfg.train.grad_accum_steps
         self.log.open(self.step)
         with self.stop.installed():
@@ -279,7 +279,12 @@ class Trainer:
                     "samples": self.previewer.write_samples(self.step),
                     "ema": self.checkpointer.export_ema(self.ema, self.run.model_config,
                                                        data_facts=self.run.data_facts),
-                    "loss_plot": self.log.finish(), "last": last}
+                    "loss_plot": self.log.finish(), "eval_plot": self._file("eval.png"), "last": last}
+
+    def _file(self, name: str) -> Path | None:
+        """``run_dir / name`` if this run has written it (rank 0), else ``None``."""
+        path = self.run_dir / name
+        return path if path.is_file() else None
 
     def _train_to(self, total: int, accum: int) -> dict[str, float]:
         """The steps up to ``total``, with the previews, evaluations and checkpoints due among them; returns the
