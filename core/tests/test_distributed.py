@@ -130,10 +130,10 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert_same_losses(full, run_train(tmp_path, "cut", 2, *sets), tol=1e-6)
 
 
-def test_a_stop_signal_during_an_evaluation_stops_every_rank_after_it(tmp_path):
-    """SIGUSR1 reaches rank 1 after step 3, whose evaluation is due: the ranks agree once more after it (a
-    signal may arrive during a long evaluation), so both stop at step 3 with its scores and a checkpoint
-    instead of training step 4 first."""
+def test_a_stop_signal_during_an_evaluation_defers_it_on_every_rank(tmp_path):
+    """SIGUSR1 reaches rank 1 after step 3, whose evaluation is due: before each batch of samples the ranks agree
+    whether to go on (a signal may arrive during a long evaluation), so both leave it at once and stop at step 3
+    with a checkpoint that says the evaluation is pending; the resumed run scores step 3 first, then trains on."""
     from selfflow.core.checkpoint import list_checkpoints
 
     sets = ("train.steps=6", "train.batch_size=2", "train.parallel=ddp", "checkpoint.every=5", "eval.every=3",
@@ -141,8 +141,14 @@ def test_a_stop_signal_during_an_evaluation_stops_every_rank_after_it(tmp_path):
     proc = train_process(tmp_path, "cut", 2, *sets, env={"SELFFLOW_FAULT_SIGNAL_AT": "3@1:SIGUSR1"}, timeout=240)
     text = proc.stdout + proc.stderr
     assert "selfflow: stopped: SIGUSR1 (on another rank) at step 3 of 6: wrote" in text, text[-3000:]
-    assert [s for s, _ in list_checkpoints(tmp_path / "cut" / "checkpoints")] == [3]
-    assert [r["step"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl") if "probe_fd" in r] == [3]
+    assert "the evaluation of step 3 was interrupted by the stop" in text
+    ckpts = tmp_path / "cut" / "checkpoints"
+    assert [s for s, _ in list_checkpoints(ckpts)] == [3]
+    assert torch.load(ckpts / "step_00000003.pt", weights_only=True)["trainer"]["eval_pending"] is True
+    assert not [r for r in read_metrics(tmp_path / "cut" / "metrics.jsonl") if "probe_fd" in r]
+    resumed = run_train(tmp_path, "cut", 2, *sets)
+    assert [r["step"] for r in resumed if "probe_fd" in r] == [3, 6]
+    assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.timeout(300)

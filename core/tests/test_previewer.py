@@ -41,8 +41,13 @@ def calls(monkeypatch, samplers):
         return fake_generate(model, modality, len(indices), sampler, seed, device)
 
     monkeypatch.setattr(previewer_module, "generate", fake_generate)
-    monkeypatch.setattr(previewer_module, "generate_share_batches", lambda *a, **k: [fake_share(*a, **k)])
+    monkeypatch.setattr(previewer_module, "generate_share_batches", lambda *a, **k: iter_of(fake_share(*a, **k)))
     return seen
+
+
+def iter_of(*batches):
+    """A generator of ``batches`` (what generate_share_batches returns; the previewer closes it)."""
+    yield from batches
 
 
 def _previewer(run, rank=0, strategy="none"):
@@ -89,7 +94,7 @@ def test_every_rank_generates_an_equal_share_of_the_evaluation_samples(run, stra
         return torch.zeros(len(indices), 3, 16, 16), torch.as_tensor(list(indices))
 
     scored = []
-    monkeypatch.setattr(previewer_module, "generate_share_batches", lambda *a, **k: [fake_share(*a, **k)])
+    monkeypatch.setattr(previewer_module, "generate_share_batches", lambda *a, **k: iter_of(fake_share(*a, **k)))
     monkeypatch.setattr(previewer_module, "get_evaluator",
                         lambda name: lambda modality: lambda media, labels: scored.append(labels.tolist()) or {})
     seed = run.config.sample.seed + 1
@@ -163,3 +168,25 @@ def test_a_mixed_run_previews_each_modality_with_its_entry_s_sampler(tmp_path):
     p.write_samples(1)
     assert spy.steps == {"image": 3, "audio": 5}
     assert (tmp_path / "mixed" / "samples" / "audio").is_dir()
+
+
+def test_an_interrupted_evaluation_stops_between_batches_and_restores_the_model(run, monkeypatch):
+    """``interrupted()`` is asked before each batch of samples; a yes abandons the evaluation (the generator of
+    batches is closed, so the model is back in training mode)."""
+    from selfflow.core.previewer import EvaluationInterrupted
+
+    monkeypatch.setattr(previewer_module, "get_evaluator", lambda name: lambda modality: lambda media, labels: {})
+    cfg = run.config.model_copy(update={"eval": run.config.eval.model_copy(update={"batch_size": 1})})
+    p = Previewer(cfg, run.modalities, run.backbone, DistInfo(), "none", "cpu")
+    asked = []
+
+    def interrupted():
+        asked.append(run.backbone.training)
+        return len(asked) == 3  # before the third of the 3 batches
+
+    run.backbone.train()
+    with pytest.raises(EvaluationInterrupted):
+        p.evaluate(interrupted=interrupted)
+    assert asked == [True, False, False] and run.backbone.training
+    asked.clear()
+    assert p.evaluate(interrupted=lambda: asked.append(1) and False) == {} and len(asked) == 4  # 3 batches + the end

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from selfflow.core.checkpoint import list_checkpoints
 from selfflow.core.data.shard_format import shard_urls
@@ -120,27 +121,50 @@ def test_a_stop_keeps_the_steps_preview_and_its_periodic_checkpoint_and_a_new_fi
     assert trainer.step == 4 and (tmp_path / "prev" / "ema.safetensors").is_file()
 
 
-def test_a_stop_asked_before_a_due_evaluation_writes_the_checkpoint_first(tmp_path, monkeypatch):
-    """A long evaluation could outlast the grace a scheduler gives between its signal and its kill: when the
-    stop is already asked, the step's checkpoint is on disk before the evaluation starts (and not written again
-    after it); the evaluation still runs and is logged."""
-    monkeypatch.setenv("SELFFLOW_FAULT_SIGNAL_AT", "2")
-    trainer = Trainer(_cfg(tmp_path, "ev", "train.steps=4", "train.batch_size=2", "checkpoint.every=2",
-                           "sample.every=0", "eval.every=2", "eval.num_samples=2"), progress=False)
-    seen = []
+EVAL_SETS = ("train.steps=4", "train.batch_size=2", "sample.every=0", "eval.every=2", "eval.num_samples=3",
+             "eval.batch_size=1")
 
-    def evaluate():
-        seen.append([s for s, _ in list_checkpoints(tmp_path / "ev" / "checkpoints")])
-        return {"score": 1.0}
 
-    monkeypatch.setattr(trainer.previewer, "evaluate", evaluate)
-    saves = []
-    save = trainer.checkpointer.save
-    monkeypatch.setattr(trainer.checkpointer, "save", lambda step: saves.append(step) or save(step))
+def _losses_and_scores(run_dir):
+    records = read_metrics(run_dir / "metrics.jsonl")
+    return [r for r in records if "loss" in r], [r for r in records if "loss" not in r]
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_stop_defers_the_steps_evaluation_to_the_resumed_run(tmp_path, monkeypatch, when):
+    """A stop asked before a due evaluation, or during it (between two batches of samples), does not wait for
+    it — a long evaluation could outlast the grace a scheduler gives before its kill: the step's checkpoint says
+    the evaluation is pending, and the resumed run does it first. Losses and scores are the uninterrupted run's."""
+    from selfflow.core import previewer as previewer_module
+
+    Trainer(_cfg(tmp_path, "full", *EVAL_SETS), progress=False).fit()
+    if when == "before":
+        monkeypatch.setenv("SELFFLOW_FAULT_SIGNAL_AT", "2")
+    else:
+        real = previewer_module.generate_share_batches
+
+        def stopping(*args, **kwargs):  # SIGTERM once the first batch of samples is made
+            for i, made in enumerate(real(*args, **kwargs)):
+                yield made
+                if i == 0:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        monkeypatch.setattr(previewer_module, "generate_share_batches", stopping)
+    cut = tmp_path / "cut"
     with pytest.raises(RunInterrupted, match="SIGTERM at step 2 of 4"):
-        trainer.fit()
-    assert seen == [[2]] and saves == [2]
-    assert [r["score"] for r in read_metrics(tmp_path / "ev" / "metrics.jsonl") if "score" in r] == [1.0]
+        Trainer(_cfg(tmp_path, "cut", *EVAL_SETS), progress=False).fit()
+    state = torch.load(cut / "checkpoints" / "step_00000002.pt", weights_only=True)
+    assert state["trainer"]["eval_pending"] is True
+    assert _losses_and_scores(cut)[1] == []  # not scored yet
+    monkeypatch.undo()
+    resumed = Trainer(_cfg(tmp_path, "cut", *EVAL_SETS), progress=False)
+    assert resumed.step == 2 and resumed.eval_pending
+    resumed.fit()
+    (full_losses, full_scores), (cut_losses, cut_scores) = _losses_and_scores(tmp_path / "full"), _losses_and_scores(cut)
+    assert_same_losses(full_losses, cut_losses, tol=0)
+    assert [r["step"] for r in cut_scores] == [2, 4] and len(full_scores) == 2
+    for a, b in zip(full_scores, cut_scores):
+        assert b == pytest.approx(a, rel=1e-9)
 
 
 def test_the_cli_exits_with_the_signal_code_and_says_how_to_go_on(tmp_path):

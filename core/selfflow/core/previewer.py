@@ -16,8 +16,10 @@ rank 0 gathers and scores them while the others wait. Each preview file written 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +136,13 @@ class Previewer:
             barrier()
         return first
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, interrupted: Callable[[], bool] | None = None) -> dict[str, float]:
         """Generate ``eval.num_samples`` for each modality that has evaluators (its own, e.g. probe-FD on
         synthetic shapes, then ``eval.evaluators``) and score them on rank 0 (keys are suffixed ``/<modality>``
         in mixed runs); the other ranks return ``{}``. An evaluator with ``needs_model = True`` is called with
-        the model instead of samples (on rank 0; on every rank under FSDP2, whose forwards all ranks join)."""
+        the model instead of samples (on rank 0; on every rank under FSDP2, whose forwards all ranks join).
+        ``interrupted()`` is asked before each batch of samples (every rank asks: it may be a collective); when
+        it says yes, the evaluation is abandoned with :class:`EvaluationInterrupted`."""
         if self._evaluators is None:
             self._evaluators = self._build_evaluators()
         main, all_ranks = self.dist.is_main, self._all_ranks_generate
@@ -152,7 +156,7 @@ class Previewer:
                     with autocast(self.model_precision, self.device):
                         scores = evaluator(self.model)
                 else:
-                    samples = samples or self._eval_samples(name)
+                    samples = samples or self._eval_samples(name, interrupted)
                     if not main:
                         continue
                     scores = evaluator(*samples)
@@ -162,7 +166,8 @@ class Previewer:
             barrier()  # the other ranks wait for rank 0's scores
         return out
 
-    def _eval_samples(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _eval_samples(self, name: str, interrupted: Callable[[], bool] | None = None
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The ``eval.num_samples`` samples of modality ``name`` for scoring, in rank 0's CPU memory (``(None,
         None)`` on the others). Every rank generates an equal share — the last ones padded with repeats, so that
         the shares gather as one tensor and, under FSDP2, every rank runs as many forwards — with per-sample
@@ -176,9 +181,9 @@ class Previewer:
         per_rank: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = [[] for _ in range(world)]
         with tqdm(total=sampler.steps * -(-share // batch), desc=f"eval {name}: {n} samples on {world} rank(s)",
                   unit="step", leave=False, disable=not show) as bar:
-            for media, shown in generate_share_batches(self.model, self.modalities[name], n, mine, sampler,
-                                                       self.sample_cfg.seed + 1, self.device, bar.update,
-                                                       batch_size=batch):
+            batches = generate_share_batches(self.model, self.modalities[name], n, mine, sampler,
+                                             self.sample_cfg.seed + 1, self.device, bar.update, batch_size=batch)
+            for media, shown in _unless(interrupted, batches):
                 media_parts = gather_to_main(media)
                 label_parts = None if shown is None else gather_to_main(shown)  # None alike on every rank
                 for r, part in enumerate(media_parts or []):  # rank 0 only
@@ -190,7 +195,24 @@ class Previewer:
         return (torch.cat([media for media, _ in made])[:n],
                 None if labels[0] is None else torch.cat(labels)[:n])
 
+
 def _scores(name: str, modality: Modality) -> bool:
     """Whether evaluator ``name`` scores ``modality`` (its factory's ``scores``; without one, every modality)."""
     scores = getattr(get_evaluator(name), "scores", None)
     return True if scores is None else bool(scores(modality))
+
+
+class EvaluationInterrupted(Exception):
+    """A stop came during an online evaluation: it was abandoned between two batches of samples."""
+
+
+def _unless(interrupted: Callable[[], bool] | None, batches: Iterator[Any]) -> Iterator[Any]:
+    """``batches``, each after ``interrupted()`` has said no (closing them, and so restoring the model's mode,
+    when it says yes)."""
+    with contextlib.closing(batches):
+        while not (interrupted is not None and interrupted()):
+            made = next(batches, None)
+            if made is None:
+                return
+            yield made
+    raise EvaluationInterrupted

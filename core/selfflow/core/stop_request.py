@@ -4,9 +4,10 @@ The signals that come before a kill are caught while :meth:`Trainer.fit` runs: `
 forwards when its own process is stopped, and what SLURM and Kubernetes send before ``SIGKILL``),
 ``SIGUSR1`` (SLURM's ``--signal=USR1@SECONDS``, a warning ahead of the time limit) and ``SIGINT`` (Ctrl-C).
 The handler only records the signal; the loop reads it at the end of each step. Ranks agree on the step to
-stop at through the step's own loss reduction (the flag rides along with the losses), and once more after a
-preview, evaluation or checkpoint (a signal may arrive during them), so a signal that reaches one rank stops
-every rank at the same step, with one checkpoint. A second Ctrl-C stops a plain
+stop at through the step's own loss reduction (the flag rides along with the losses), before each batch of
+an online evaluation's samples and once more after a preview, evaluation or checkpoint (a signal may arrive
+during them), so a signal that reaches one rank stops every rank at the same step, with one checkpoint. An
+evaluation a stop interrupts, or finds due, is left pending in that checkpoint; the resumed run does it first. A second Ctrl-C stops a plain
 process at once (``KeyboardInterrupt``: the last complete checkpoint stays the newest; torchrun passes on only
 the first).
 

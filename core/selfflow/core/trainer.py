@@ -36,7 +36,7 @@ from .flops import train_step_flops
 from .mixture import ModalitySchedule
 from .modality import Batch
 from .precision import warn_if_slow
-from .previewer import Previewer
+from .previewer import EvaluationInterrupted, Previewer
 from .run_setup import (
     HYPERPARAMETERS,
     build_optimizer,
@@ -86,6 +86,7 @@ class Trainer:
         self.streams = {n: m.stream(self.batch_size(n), tc.seed, self.dist.rank, self.dist.world_size)
                         for n, m in self.run.modalities.items()}
         self.step = 0
+        self.eval_pending = False  # this step's evaluation was deferred by a stop: the resumed run does it first
         self.tokens_per_sample: dict[str, int] = {}
         self.context_per_sample: dict[str, int] = {}  # caption tokens (padded: all computed), for the FLOPs
 
@@ -175,10 +176,11 @@ class Trainer:
 
     # The trainer's own part of a checkpoint (the components hold the rest).
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "world_size": self.dist.world_size}
+        return {"step": self.step, "world_size": self.dist.world_size, "eval_pending": self.eval_pending}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.eval_pending = bool(state.get("eval_pending", False))  # absent from checkpoints before session 17
 
     # --- one optimizer step -----------------------------------------------------------------------
     def train_step(self, batches: list[Batch], name: str) -> dict[str, float]:
@@ -263,7 +265,8 @@ class Trainer:
 
         ``SIGTERM``, ``SIGUSR1`` or Ctrl-C (in the main thread) stop the run after the step in progress: a
         checkpoint of that step is written and :class:`~.faults.RunInterrupted` raised; fitting again resumes
-        there with the numbers of an uninterrupted run (:mod:`~selfflow.core.stop_request`)."""
+        there with the numbers of an uninterrupted run (:mod:`~selfflow.core.stop_request`). The step's online
+        evaluation, if due, is left to the resumed run (``eval_pending``), which does it first."""
         if self.finished:
             return {"checkpoint": self.resumed_from, "samples": None, "ema": self.run_dir / "ema.safetensors",
                     "loss_plot": self._file("loss.png"), "eval_plot": self._file("eval.png"), "last": {}}
@@ -291,6 +294,10 @@ class Trainer:
         last step's values. A stop signal ends it after the step in progress (:meth:`_stop_here`)."""
         data = {n: iter(s) for n, s in self.streams.items()}
         last: dict[str, float] = {}
+        if self.eval_pending:  # a stop deferred the resumed step's evaluation: it comes first
+            self._evaluate()
+            if self.eval_pending:  # stopped again, during it: the checkpoint of this step already says so
+                self._stop_here(total, self._stop_signal() or signal.SIGTERM, saved=True)
         while self.step < total:
             self.log.step_started()
             name = self.schedule.next()
@@ -303,23 +310,40 @@ class Trainer:
             self.log.step_done(self.step, name, last, self._counters())
             preview, evaluation = self.previewer.samples_due(self.step), self.previewer.eval_due(self.step)
             asked, saved = self._stop_signal(), False
-            if asked is not None and (preview or evaluation):
-                # The checkpoint first: a long preview or evaluation could outlast the grace before the kill.
+            # A stop already asked for defers the step's evaluation to the resumed run (the checkpoint says so):
+            # a long evaluation could outlast the grace before the kill.
+            self.eval_pending = evaluation and asked is not None
+            if asked is not None and preview:  # the checkpoint first, for the same reason
                 self.checkpointer.save(self.step)
                 saved = True
             if preview:
                 self.previewer.write_samples(self.step)
-            if evaluation:
-                self.log.scores(self.step, self.previewer.evaluate())
+            if evaluation and not self.eval_pending:
+                self._evaluate()  # a stop during it defers it too
             if not saved and self.checkpointer.due(self.step, total):
                 self.checkpointer.save(self.step)
                 saved = True
-            # Then the stop, so that the step's preview and evaluation are not lost; a signal that came during
-            # them (or the checkpoint) stops the run here too, not a step later.
+            # Then the stop, so that the step's preview is not lost; a signal that came during the preview, the
+            # evaluation or the checkpoint stops the run here too, not a step later.
             sig = asked or self._stop_signal(again=preview or evaluation or saved)
             if sig is not None:
                 self._stop_here(total, sig, saved)
         return last
+
+    def _evaluate(self) -> None:
+        """This step's online evaluation, logged. A stop signal during it (asked before each batch of samples)
+        abandons it and leaves it to the resumed run: ``eval_pending``, kept in the checkpoint."""
+        try:
+            scores = self.previewer.evaluate(interrupted=lambda: self._stop_signal(again=True) is not None)
+        except EvaluationInterrupted:
+            self.eval_pending = True
+            if self.dist.is_main:
+                logging.getLogger("selfflow").warning(
+                    "selfflow: the evaluation of step %d was interrupted by the stop; the resumed run does it first",
+                    self.step)
+            return
+        self.eval_pending = False
+        self.log.scores(self.step, scores)
 
     def _stop_signal(self, again: bool = False) -> signal.Signals | None:
         """The signal to stop for after this step (``None``: go on). One process reads its flag; several ranks

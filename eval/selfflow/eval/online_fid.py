@@ -70,7 +70,7 @@ class InceptionFIDEvaluator:
         self.model = load_inception(inception)
         sha256 = sha256_file(self.model.weights_path)
         check_stats_weights(ref, sha256)
-        self.notes = weights_hash_notes(sha256)  # said once, here (also a UserWarning)
+        weights_hash_notes(sha256)  # a UserWarning, once, when these are not the published weights
         self.reference = load_feature_set(ref, self.model, need_pool=False, progress=False)  # its statistics
         self._said: set[str] = set()
 
