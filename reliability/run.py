@@ -120,9 +120,10 @@ def render(outcomes: list[Outcome], seconds: float) -> str:
               "(`SELFFLOW_FAULT_SAVE_ENOSPC`), an error gathering the state (`SELFFLOW_FAULT_SAVE_ERROR=STEP@RANK`), "
               "under DDP and inside FSDP2's sharded gather.",
               "- **signals**: `reliability/stop_signals.py` — SIGTERM, SIGUSR1 and SIGINT after a step "
-              "(`SELFFLOW_FAULT_SIGNAL_AT=STEP@RANK:SIGNAL`) on one process and on one rank of two, and a "
+              "(`SELFFLOW_FAULT_SIGNAL_AT=STEP@RANK:SIGNAL`) on one process and on one rank of two, at a step "
+              "whose online evaluation is due (left pending, scored first by the rerun), and a "
               "SIGKILL of the torchrun agent from outside; each stop is compared exactly with an uninterrupted run "
-              "after the rerun.",
+              "after the rerun (its losses, and its scores where it evaluates).",
               "- **untrusted**: `reliability/untrusted.py` — a pickle that would run code, planted where "
               "checkpoints are read; a scan of `torch.load` call sites; run names escaping `output_dir`.",
               "",

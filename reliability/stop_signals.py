@@ -27,7 +27,7 @@ SIGNALS = ((6, None, "SIGTERM"), (9, None, "SIGUSR1"), (13, None, "SIGINT"), (6,
 def run_all(work: Path | None = None) -> list[Outcome]:
     work = Path(work or ROOT / "runs" / "reliability" / "signals")
     work.mkdir(parents=True, exist_ok=True)
-    return [stop_signal(work), agent_killed(work)]
+    return [stop_signal(work), stop_at_evaluation(work), agent_killed(work)]
 
 
 def _reference(work: Path, name: str, sets: tuple[str, ...], nproc: int) -> list[tuple]:
@@ -38,6 +38,13 @@ def _reference(work: Path, name: str, sets: tuple[str, ...], nproc: int) -> list
     if proc.returncode:
         raise RuntimeError(f"reference run {name} failed: {proc.stderr[-2000:]}")
     return losses(read_metrics(work / name / "metrics.jsonl"))
+
+
+def _scores(run_dir: Path) -> list[dict]:
+    """The online evaluation's records of a run (those without a loss)."""
+    from selfflow.core.metrics import read_metrics
+
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" not in r]
 
 
 def stop_signal(work: Path) -> Outcome:
@@ -71,6 +78,41 @@ def stop_signal(work: Path) -> Outcome:
                        f"rerun exit {again.returncode}, {lost} steps differ: {text[-800:]}")
     out.note = "; ".join(f"{sig} after step {s} ({'1 process' if r is None else f'rank {r} of 2'})"
                          for s, r, sig in SIGNALS)
+    return out
+
+
+def stop_at_evaluation(work: Path) -> Outcome:
+    """SIGTERM after step 8, whose online evaluation is due: one process reads it before the evaluation, the
+    ranks of a two-rank run (rank 1 signalled after the step's reduction) before its first batch of samples. The
+    evaluation must not hold the stop up: it is left pending in the step's checkpoint, and the rerun scores step 8
+    first — losses and scores of the uninterrupted run."""
+    from selfflow.core.checkpoint import list_checkpoints
+    from selfflow.core.metrics import read_metrics
+
+    out = Outcome("process", "a stop signal at a step whose online evaluation is due, 1 process or 1 rank of 2",
+                  "the evaluation left pending in the step's checkpoint; the rerun scores it first, with the "
+                  "reference's losses and scores")
+    sets = (*SETS, "eval.every=4", "eval.num_samples=4", "eval.batch_size=1")
+    for nproc, rank in ((1, 0), (2, 1)):
+        reference = _reference(work, f"eval_ref{nproc}", sets, nproc)
+        name = f"eval_stop_{nproc}"
+        shutil.rmtree(work / name, ignore_errors=True)
+        cmd = train_cmd(work, name, *sets, nproc=nproc)
+        with Timer(out):
+            stopped = run(cmd, timeout=300, SELFFLOW_FAULT_SIGNAL_AT=f"8@{rank}:SIGTERM")
+            left = [s for s, _ in list_checkpoints(work / name / "checkpoints")]
+            scored_before = [r["step"] for r in _scores(work / name)]
+            again = run(cmd, timeout=600)
+        text = stopped.stdout + stopped.stderr
+        lost = lost_steps(reference, losses(read_metrics(work / name / "metrics.jsonl")))
+        same_scores = _scores(work / name) == _scores(work / f"eval_ref{nproc}")
+        crash = text.count("Traceback") > text.count("ChildFailedError:")
+        ok = ("selfflow: a stop came before the evaluation of step 8 ended" in text and "at step 8 of 16" in text
+              and left and left[-1] == 8 and scored_before == [4] and again.returncode == 0 and same_scores)
+        out.record(bool(ok) and not crash and not lost, crash=crash, lost=lost,
+                   why=f"{nproc} process(es): left {left}, scored before the rerun {scored_before}, rerun exit "
+                       f"{again.returncode}, same scores {same_scores}, {lost} steps differ: {text[-800:]}")
+    out.note = "eval every 4 steps, SIGTERM after step 8: 1 process; rank 1 of 2 (DDP)"
     return out
 
 

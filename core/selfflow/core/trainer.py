@@ -313,6 +313,8 @@ class Trainer:
             # A stop already asked for defers the step's evaluation to the resumed run (the checkpoint says so):
             # a long evaluation could outlast the grace before the kill.
             self.eval_pending = evaluation and asked is not None
+            if self.eval_pending:
+                self._say_pending()
             if asked is not None and preview:  # the checkpoint first, for the same reason
                 self.checkpointer.save(self.step)
                 saved = True
@@ -337,13 +339,15 @@ class Trainer:
             scores = self.previewer.evaluate(interrupted=lambda: self._stop_signal(again=True) is not None)
         except EvaluationInterrupted:
             self.eval_pending = True
-            if self.dist.is_main:
-                logging.getLogger("selfflow").warning(
-                    "selfflow: the evaluation of step %d was interrupted by the stop; the resumed run does it first",
-                    self.step)
+            self._say_pending()
             return
         self.eval_pending = False
         self.log.scores(self.step, scores)
+
+    def _say_pending(self) -> None:
+        if self.dist.is_main:
+            logging.getLogger("selfflow").warning("selfflow: a stop came before the evaluation of step %d ended: "
+                                                  "the resumed run does it first", self.step)
 
     def _stop_signal(self, again: bool = False) -> signal.Signals | None:
         """The signal to stop for after this step (``None``: go on). One process reads its flag; several ranks
