@@ -146,7 +146,12 @@ def test_a_stop_signal_during_an_evaluation_defers_it_on_every_rank(tmp_path):
     assert [s for s, _ in list_checkpoints(ckpts)] == [3]
     assert torch.load(ckpts / "step_00000003.pt", weights_only=True)["trainer"]["eval_pending"] is True
     assert not [r for r in read_metrics(tmp_path / "cut" / "metrics.jsonl") if "probe_fd" in r]
-    resumed = run_train(tmp_path, "cut", 2, *sets)
+    again = train_process(tmp_path, "cut", 2, *sets, timeout=240)
+    text = again.stdout + again.stderr
+    assert again.returncode == 0, text[-3000:]
+    assert "online evaluation every 3 steps: image: shapes_probe; 2 samples, 1 per rank, in batches of 64" in text
+    assert "(step 3; its evaluation first, left pending by a stop)" in text
+    resumed = read_metrics(tmp_path / "cut" / "metrics.jsonl")
     assert [r["step"] for r in resumed if "probe_fd" in r] == [3, 6]
     assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4, 5, 6]
 

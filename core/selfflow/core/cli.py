@@ -82,8 +82,11 @@ def _train(trainer) -> int:
         n = sum(p.numel() for p in trainer.raw.parameters())
         how = f"{trainer.dist.world_size} rank(s), {trainer.strategy}"
         log.info(f"{cfg.name}: {n / 1e6:.2f}M parameters, {_objective_summary(trainer)}, {how}, {trainer.device}")
+        if evaluation := trainer.previewer.summary():
+            log.info(f"online evaluation {evaluation}")
         if trainer.resumed_from is not None:
-            log.info(f"resuming from {trainer.resumed_from} (step {trainer.step})")
+            pending = "; its evaluation first, left pending by a stop" if trainer.eval_pending else ""
+            log.info(f"resuming from {trainer.resumed_from} (step {trainer.step}{pending})")
     if trainer.finished:
         if main_rank:
             log.info(f"{cfg.name} is already finished (step {trainer.step}, train.steps={cfg.train.steps}); "

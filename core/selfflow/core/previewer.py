@@ -78,7 +78,19 @@ class Previewer:
             raise ConfigError(f"eval.options has options for {', '.join(unused)}, which this run does not evaluate "
                               f"with (its evaluators: {', '.join(sorted(used)) or 'none'}): add "
                               f"{'them' if len(unused) > 1 else 'it'} to eval.evaluators")
+        self.evaluator_names = {n: group for n, group in names.items() if group}
         return {n: [self._evaluator(e, self.modalities[n]) for e in group] for n, group in names.items() if group}
+
+    def summary(self) -> str | None:
+        """``every 250 steps: image: shapes_probe, inception_fid; 200 samples, 100 per rank in batches of 64``
+        (``None`` without online evaluation): what the start-up report says of it."""
+        if not self.eval_cfg.every or not self._evaluators:
+            return None
+        n, world = self.eval_cfg.num_samples, self.dist.world_size
+        share = -(-n // world)
+        where = f"{share} per rank, " if world > 1 else ""
+        what = "; ".join(f"{m}: {', '.join(names)}" for m, names in self.evaluator_names.items())
+        return f"every {self.eval_cfg.every} steps: {what}; {n} samples, {where}in batches of {self.eval_cfg.batch_size}"
 
     def _evaluator(self, name: str, modality: Modality) -> Any:
         """The evaluator ``name`` for ``modality``, built with ``eval.options[name]`` (checked against the
