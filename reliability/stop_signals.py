@@ -15,7 +15,9 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .common import ROOT, Outcome, Timer, env, losses, lost_steps, run, train_cmd
 
@@ -40,6 +42,22 @@ def _reference(work: Path, name: str, sets: tuple[str, ...], nproc: int) -> list
     return losses(read_metrics(work / name / "metrics.jsonl"))
 
 
+def _stopped_then_rerun(out: Outcome, work: Path, name: str, sets: tuple[str, ...], nproc: int, fault: str,
+                        look: Callable[[Path], Any] = lambda run_dir: None) -> tuple[Any, list[int], Any, Any]:
+    """Run ``name`` afresh with ``SELFFLOW_FAULT_SIGNAL_AT=fault``, then the same command again (timed into
+    ``out``): the stopped run, the checkpoint steps it left, what ``look(run_dir)`` saw then, and the rerun."""
+    from selfflow.core.checkpoint import list_checkpoints
+
+    shutil.rmtree(work / name, ignore_errors=True)
+    cmd = train_cmd(work, name, *sets, nproc=nproc)
+    with Timer(out):
+        stopped = run(cmd, timeout=300, SELFFLOW_FAULT_SIGNAL_AT=fault)
+        left = [s for s, _ in list_checkpoints(work / name / "checkpoints")]
+        seen = look(work / name)
+        again = run(cmd, timeout=600)
+    return stopped, left, seen, again
+
+
 def _scores(run_dir: Path) -> list[dict]:
     """The online evaluation's records of a run (those without a loss)."""
     from selfflow.core.metrics import read_metrics
@@ -48,7 +66,6 @@ def _scores(run_dir: Path) -> list[dict]:
 
 
 def stop_signal(work: Path) -> Outcome:
-    from selfflow.core.checkpoint import list_checkpoints
     from selfflow.core.metrics import read_metrics
 
     out = Outcome("process", "a stop signal mid-run (SIGTERM / SIGUSR1 / SIGINT), 1 process or 1 rank of 2",
@@ -57,12 +74,7 @@ def stop_signal(work: Path) -> Outcome:
     for step, rank, sig in SIGNALS:
         nproc = 1 if rank is None else 2
         name = f"{sig.lower()}_{step}_{nproc}"
-        shutil.rmtree(work / name, ignore_errors=True)
-        cmd = train_cmd(work, name, *SETS, nproc=nproc)
-        with Timer(out):
-            stopped = run(cmd, timeout=300, SELFFLOW_FAULT_SIGNAL_AT=f"{step}@{rank or 0}:{sig}")
-            left = [s for s, _ in list_checkpoints(work / name / "checkpoints")]
-            again = run(cmd, timeout=600)
+        stopped, left, _, again = _stopped_then_rerun(out, work, name, SETS, nproc, f"{step}@{rank or 0}:{sig}")
         text = stopped.stdout + stopped.stderr
         at = step if nproc == 1 else step + 1  # 2 ranks agree in the next step's reduction
         code = 128 + int(signal.Signals[sig])
@@ -86,7 +98,6 @@ def stop_at_evaluation(work: Path) -> Outcome:
     ranks of a two-rank run (rank 1 signalled after the step's reduction) before its first batch of samples. The
     evaluation must not hold the stop up: it is left pending in the step's checkpoint, and the rerun scores step 8
     first — losses and scores of the uninterrupted run."""
-    from selfflow.core.checkpoint import list_checkpoints
     from selfflow.core.metrics import read_metrics
 
     out = Outcome("process", "a stop signal at a step whose online evaluation is due, 1 process or 1 rank of 2",
@@ -96,13 +107,8 @@ def stop_at_evaluation(work: Path) -> Outcome:
     for nproc, rank in ((1, 0), (2, 1)):
         reference = _reference(work, f"eval_ref{nproc}", sets, nproc)
         name = f"eval_stop_{nproc}"
-        shutil.rmtree(work / name, ignore_errors=True)
-        cmd = train_cmd(work, name, *sets, nproc=nproc)
-        with Timer(out):
-            stopped = run(cmd, timeout=300, SELFFLOW_FAULT_SIGNAL_AT=f"8@{rank}:SIGTERM")
-            left = [s for s, _ in list_checkpoints(work / name / "checkpoints")]
-            scored_before = [r["step"] for r in _scores(work / name)]
-            again = run(cmd, timeout=600)
+        stopped, left, scored_before, again = _stopped_then_rerun(
+            out, work, name, sets, nproc, f"8@{rank}:SIGTERM", lambda run_dir: [r["step"] for r in _scores(run_dir)])
         text = stopped.stdout + stopped.stderr
         lost = lost_steps(reference, losses(read_metrics(work / name / "metrics.jsonl")))
         same_scores = _scores(work / name) == _scores(work / f"eval_ref{nproc}")

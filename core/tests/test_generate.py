@@ -2,12 +2,19 @@ import pytest
 import torch
 
 from selfflow.core.config import ConfigError, load_config
-from selfflow.core.generate import conditions_for, generate, generate_share, sampler_config
+from selfflow.core.generate import conditions_for, generate, generate_share_batches, sampler_config
 from selfflow.core.run_setup import build_run
 from selfflow.core.sampler import SamplerConfig
 
 from .test_pretrained import TEXT
 from .test_trainer import TINY
+
+
+def generate_share(*args, **kwargs):
+    """All the batches of :func:`generate_share_batches` as one ``(media, labels)``."""
+    made = list(generate_share_batches(*args, **kwargs))
+    labels = [shown for _, shown in made]
+    return torch.cat([media for media, _ in made]), None if labels[0] is None else torch.cat(labels)
 
 
 def _run(tmp_path, *sets):

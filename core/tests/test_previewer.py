@@ -28,7 +28,7 @@ def samplers():
 
 @pytest.fixture
 def calls(monkeypatch, samplers):
-    """Every generate() (preview) and generate_share() (evaluation) call as (modality, n, seed), with blank
+    """Every generate() (preview) and generate_share_batches() (evaluation) call as (modality, n, seed), with blank
     samples."""
     seen = []
 

@@ -115,28 +115,18 @@ def take_rows(cond: Conditioning | None, rows: torch.Tensor) -> Conditioning | N
     return Conditioning(**{k: None if v is None else v[rows.to(v.device)] for k, v in cond})
 
 
-def generate_share(model: nn.Module, modality: Modality, n: int, indices: Sequence[int], sampler: SamplerConfig,
-                   seed: int, device: torch.device | str, progress=None, *, batch_size: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Samples ``indices`` of a set of ``n`` — decoded media and display labels, as :func:`generate` returns.
-    Sample ``i`` has the conditioning of position ``i`` in :func:`conditions_for`'s ``n`` (the modality's preview
-    conditioning) and draws its initial noise and SDE increments from :func:`sample_generator` ``(seed, i)``;
-    so the set cut into shares on several ranks is the set one process makes (up to the floating-point
-    effects of another batch size), and an index may repeat (a share padded to its peers' size).
-    ``batch_size``: samples per sampler run and decode (``None``: all at once); ``progress`` is called at every
-    step of every batch."""
-    made = list(generate_share_batches(model, modality, n, indices, sampler, seed, device, progress,
-                                       batch_size=batch_size))
-    shown = [labels for _, labels in made]
-    return torch.cat([media for media, _ in made]), None if shown[0] is None else torch.cat(shown)
-
-
 @torch.no_grad()
 def generate_share_batches(model: nn.Module, modality: Modality, n: int, indices: Sequence[int],
                            sampler: SamplerConfig, seed: int, device: torch.device | str, progress=None, *,
                            batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """:func:`generate_share` one batch at a time: ``(media, labels)`` of ``indices[k·B : (k+1)·B]`` for each
-    ``k`` in turn, so that a caller can move each batch off the device before the next is made."""
+    """Samples ``indices`` of a set of ``n``, one batch at a time: ``(media, labels)`` of ``indices[k·B : (k+1)·B]``
+    (decoded media and display labels, as :func:`generate` returns) for each ``k`` in turn, so that a caller can
+    move each batch off the device before the next is made (``batch_size`` ``None``: one batch). Sample ``i`` has
+    the conditioning of position ``i`` in :func:`conditions_for`'s ``n`` (the modality's preview conditioning)
+    and draws its initial noise and SDE increments from :func:`sample_generator` ``(seed, i)``; so the set cut
+    into shares on several ranks is the set one process makes (up to the floating-point effects of another batch
+    size), and an index may repeat (a share padded to its peers' size). ``progress`` is called at every step of
+    every batch."""
     indices = list(indices)
     if not indices or min(indices) < 0 or max(indices) >= n:
         raise ValueError(f"sample indices must be a non-empty list in 0…{n - 1}, got {indices[:8]}")

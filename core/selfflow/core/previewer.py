@@ -68,8 +68,7 @@ class Previewer:
         ``eval.evaluators``, for each modality that has any; each with its ``eval.options``. An evaluator whose
         factory has ``scores(modality) -> bool`` runs on the modalities it scores (FID on the images of a mixed
         run, not its audio); one that scores none of the run's modalities is an error."""
-        names = {n: [e for e in [m.evaluator, *self.eval_cfg.evaluators] if e and (e == m.evaluator or _scores(e, m))]
-                 for n, m in self.modalities.items()}
+        names = self._evaluator_names()
         used = {e for group in names.values() for e in group}
         if idle := [e for e in self.eval_cfg.evaluators if e not in used]:
             kinds = ", ".join(f"{n} ({type(m).__name__})" for n, m in self.modalities.items())
@@ -78,8 +77,14 @@ class Previewer:
             raise ConfigError(f"eval.options has options for {', '.join(unused)}, which this run does not evaluate "
                               f"with (its evaluators: {', '.join(sorted(used)) or 'none'}): add "
                               f"{'them' if len(unused) > 1 else 'it'} to eval.evaluators")
-        self.evaluator_names = {n: group for n, group in names.items() if group}
-        return {n: [self._evaluator(e, self.modalities[n]) for e in group] for n, group in names.items() if group}
+        return {n: [self._evaluator(e, self.modalities[n]) for e in group] for n, group in names.items()}
+
+    def _evaluator_names(self) -> dict[str, list[str]]:
+        """``{modality: [evaluator name, …]}`` of the modalities with any: the modality's own, then those of
+        ``eval.evaluators`` that score it."""
+        names = {n: [e for e in [m.evaluator, *self.eval_cfg.evaluators] if e and (e == m.evaluator or _scores(e, m))]
+                 for n, m in self.modalities.items()}
+        return {n: group for n, group in names.items() if group}
 
     def summary(self) -> str | None:
         """``every 250 steps: image: shapes_probe, inception_fid; 200 samples, 100 per rank in batches of 64``
@@ -89,7 +94,7 @@ class Previewer:
         n, world = self.eval_cfg.num_samples, self.dist.world_size
         share = -(-n // world)
         where = f"{share} per rank, " if world > 1 else ""
-        what = "; ".join(f"{m}: {', '.join(names)}" for m, names in self.evaluator_names.items())
+        what = "; ".join(f"{m}: {', '.join(names)}" for m, names in self._evaluator_names().items())
         return f"every {self.eval_cfg.every} steps: {what}; {n} samples, {where}in batches of {self.eval_cfg.batch_size}"
 
     def _evaluator(self, name: str, modality: Modality) -> Any:
@@ -183,7 +188,7 @@ class Previewer:
         """The ``eval.num_samples`` samples of modality ``name`` for scoring, in rank 0's CPU memory (``(None,
         None)`` on the others). Every rank generates an equal share — the last ones padded with repeats, so that
         the shares gather as one tensor and, under FSDP2, every rank runs as many forwards — with per-sample
-        seeds (:func:`~.generate.generate_share`): the same samples on any number of ranks. Each batch is
+        seeds (:func:`~.generate.generate_share_batches`): the same samples on any number of ranks. Each batch is
         gathered to rank 0 and moved off the device as soon as it is made."""
         n, world, rank = self.eval_cfg.num_samples, self.dist.world_size, self.dist.rank
         share = -(-n // world)

@@ -7,9 +7,9 @@ The handler only records the signal; the loop reads it at the end of each step. 
 stop at through the step's own loss reduction (the flag rides along with the losses), before each batch of
 an online evaluation's samples and once more after a preview, evaluation or checkpoint (a signal may arrive
 during them), so a signal that reaches one rank stops every rank at the same step, with one checkpoint. An
-evaluation a stop interrupts, or finds due, is left pending in that checkpoint; the resumed run does it first. A second Ctrl-C stops a plain
-process at once (``KeyboardInterrupt``: the last complete checkpoint stays the newest; torchrun passes on only
-the first).
+evaluation a stop interrupts, or finds due, is left pending in that checkpoint; the resumed run does it first.
+A second Ctrl-C stops a plain process at once (``KeyboardInterrupt``: the last complete checkpoint stays the
+newest; torchrun passes on only the first).
 
 Under ``torchrun`` each worker also asks the kernel for ``SIGTERM`` when its agent dies
 (:func:`stop_with_parent`): a ``kill -9`` of the agent used to leave its workers training on, unseen.
