@@ -84,3 +84,19 @@ def test_shares_of_a_set_are_the_set_one_process_makes(tmp_path, extra, solver):
     assert not torch.allclose(other_seed, a)
     with pytest.raises(ValueError, match=r"sample indices must be a non-empty list in 0…4, got \[5\]"):
         generate_share(run.backbone, modality, 5, [5], sampler, 7, "cpu")
+
+
+def test_a_batch_of_a_large_text_conditioned_set_encodes_only_its_own_captions(tmp_path, monkeypatch):
+    """Online evaluation of a text-conditioned run: a rank's batch of FID-10k encodes its 2 captions, not 10,000."""
+    run = _run(tmp_path, *TEXT)
+    modality = run.modalities["image"]
+    encoder, encoded = modality.conditioner.encoder, []
+    real_encode = encoder.encode
+    monkeypatch.setattr(encoder, "encode", lambda captions, device: encoded.append(list(captions))
+                        or real_encode(captions, device))
+    captions = modality.class_names
+    batches = generate_share_batches(run.backbone, modality, 10_000, [9_001, 9_998, 9_999], SamplerConfig(steps=1),
+                                     7, "cpu", batch_size=2)
+    shown = [labels.tolist() for _, labels in batches]
+    expected = [[i % len(captions) for i in batch] for batch in ([9_001, 9_998], [9_999])]
+    assert shown == expected and encoded == [[captions[k] for k in batch] for batch in expected]

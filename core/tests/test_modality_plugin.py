@@ -54,6 +54,9 @@ def test_the_example_modality_trains_resumes_samples_and_exports(installed, tmp_
     model = load(tmp_path / "export", device="cpu")
     waves = model.sample(labels=[0, 3], steps=2, seed=1)
     assert waves.shape == (2, 2, 32) and model.modality.class_names[3] == "5 Hz"
+    k = model.modality.num_classes  # the contract's default preview conditioning, by sample index: i mod k
+    cond, null, shown = model.modality.sample_conditions(torch.tensor([k + 1, 0]), "cpu")
+    assert cond.labels.tolist() == shown.tolist() == [1, 0] and null.labels.tolist() == [k, k]
     assert torch.equal(waves, load(run, device="cpu").sample(labels=[0, 3], steps=2, seed=1))
     assert model.save(waves, tmp_path / "grid", labels=[0, 3]).suffix == ".png"
 

@@ -41,6 +41,7 @@ def test_encode_decode_and_grid(tmp_path):
     assert mod.sample_ids(2, "cpu").shape == (2, 64, 3)
     cond, null, labels = mod.sample_conditions(12, "cpu")
     assert labels.tolist()[:11] == [*range(10), 0] and (null.labels == 10).all()
+    assert mod.sample_conditions(torch.tensor([13, 2]), "cpu")[2].tolist() == [3, 2]  # by index: i mod 10
     path = mod.save_samples(batch["media"], batch["labels"], tmp_path / "g")
     assert path.suffix == ".png" and Image.open(path).mode == "RGB" and not path.with_suffix(".txt").exists()
     captioned = ImageModality({"image_size": 16, "patch_size": 2, "conditioning": "text", "text": {"dim": 8}})

@@ -31,6 +31,8 @@ def test_class_mode_cycles_labels_with_a_null_label():
     c = CaptionConditioner("class", ["x", "y", "z"], {})
     _, null, labels = c.for_samples(4, "cpu")
     assert labels.tolist() == [0, 1, 2, 0] and (null.labels == 3).all() and c.context_dim == 0
+    cond, null, labels = c.for_samples(torch.tensor([7, 3]), "cpu")  # samples by index: 7 mod 3, 3 mod 3
+    assert cond.labels.tolist() == labels.tolist() == [1, 0] and null.labels.tolist() == [3, 3]
 
 
 def test_for_prompts_encodes_each_prompt_with_an_empty_caption_null():

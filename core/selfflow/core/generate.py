@@ -108,13 +108,6 @@ def seeded_noise(generators: Sequence[torch.Generator], length: int, channels: i
     return torch.cat([torch.randn((1, length, channels), generator=g) for g in generators])
 
 
-def take_rows(cond: Conditioning | None, rows: torch.Tensor) -> Conditioning | None:
-    """The conditioning of samples ``rows`` (an index tensor) of a batch's conditioning."""
-    if cond is None:
-        return None
-    return Conditioning(**{k: None if v is None else v[rows.to(v.device)] for k, v in cond})
-
-
 @torch.no_grad()
 def generate_share_batches(model: nn.Module, modality: Modality, n: int, indices: Sequence[int],
                            sampler: SamplerConfig, seed: int, device: torch.device | str, progress=None, *,
@@ -122,27 +115,25 @@ def generate_share_batches(model: nn.Module, modality: Modality, n: int, indices
     """Samples ``indices`` of a set of ``n``, one batch at a time: ``(media, labels)`` of ``indices[k·B : (k+1)·B]``
     (decoded media and display labels, as :func:`generate` returns) for each ``k`` in turn, so that a caller can
     move each batch off the device before the next is made (``batch_size`` ``None``: one batch). Sample ``i`` has
-    the conditioning of position ``i`` in :func:`conditions_for`'s ``n`` (the modality's preview conditioning)
-    and draws its initial noise and SDE increments from :func:`sample_generator` ``(seed, i)``; so the set cut
-    into shares on several ranks is the set one process makes (up to the floating-point effects of another batch
-    size), and an index may repeat (a share padded to its peers' size). ``progress`` is called at every step of
-    every batch."""
+    the modality's preview conditioning of sample ``i`` (:meth:`~.modality.Modality.sample_conditions`: a batch
+    encodes its own captions only) and draws its initial noise and SDE increments from :func:`sample_generator`
+    ``(seed, i)``; so the set cut into shares on several ranks is the set one process makes (up to the
+    floating-point effects of another batch size), and an index may repeat (a share padded to its peers' size).
+    ``progress`` is called at every step of every batch."""
     indices = list(indices)
     if not indices or min(indices) < 0 or max(indices) >= n:
         raise ValueError(f"sample indices must be a non-empty list in 0…{n - 1}, got {indices[:8]}")
-    cond, null_cond, shown = conditions_for(modality, n, device)
     step = batch_size or len(indices)
     was_training = model.training
     model.eval()
     try:
         for lo in range(0, len(indices), step):
             batch = indices[lo:lo + step]
-            rows = torch.as_tensor(batch, dtype=torch.long)
+            cond, null_cond, shown = modality.sample_conditions(torch.as_tensor(batch), device)
             generators = [sample_generator(seed, i) for i in batch]
             ids = modality.sample_ids(len(batch), device)
             noise = seeded_noise(generators, ids.shape[1], modality.token_channels).to(device)
-            x = sample(model, noise, ids, take_rows(cond, rows), sampler, take_rows(null_cond, rows), modality.name,
-                       progress, generators)
-            yield modality.decode(x.float()), None if shown is None else shown[rows.to(shown.device)]
+            x = sample(model, noise, ids, cond, sampler, null_cond, modality.name, progress, generators)
+            yield modality.decode(x.float()), shown
     finally:
         model.train(was_training)

@@ -26,6 +26,13 @@ from .tokens import Conditioning, Tokens
 Batch = dict[str, torch.Tensor]
 
 
+def sample_indices(samples: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """The indices ``(N,)`` long on ``device`` that :meth:`Modality.sample_conditions` is given as ``samples``."""
+    if isinstance(samples, int):
+        return torch.arange(samples, device=device)
+    return torch.as_tensor(samples, dtype=torch.long).flatten().to(device)
+
+
 class DataStream(ABC):
     """An endless, resumable iterator of batches for one rank.
 
@@ -136,16 +143,19 @@ class Modality(ABC):
         ``device`` (:func:`~selfflow.core.data.pinning.batch_to_device`); other callers pass CPU batches."""
 
     # --- sampling ---------------------------------------------------------------------------------
-    def sample_conditions(self, n: int, device: torch.device | str
+    def sample_conditions(self, samples: int | torch.Tensor, device: torch.device | str
                           ) -> tuple[Conditioning, Conditioning | None, torch.Tensor | None]:
-        """Conditioning for ``n`` preview samples, its null version for CFG, and display labels.
+        """Conditioning of preview samples, its null version for CFG, and display labels. ``samples``: the
+        samples' indices ``(N,)``, or ``n`` for samples ``0…n−1``.
 
-        The default cycles through the classes (sample ``i`` gets class ``i mod num_classes``) so a grid
+        Sample ``i``'s conditioning depends on ``i`` alone, not on which samples are made with it, so that a set
+        made in batches, or in shares on several ranks, is the set made at once (and a batch encodes only its
+        own). The default cycles through the classes (sample ``i`` gets class ``i mod num_classes``) so a grid
         shows one class per column; unconditional modalities return empty conditionings.
         """
         if not self.num_classes:
             return Conditioning(), None, None
-        labels = torch.arange(n, device=device) % self.num_classes
+        labels = sample_indices(samples, device) % self.num_classes
         return (Conditioning(labels=labels), Conditioning(labels=torch.full_like(labels, self.num_classes)),
                 labels)
 

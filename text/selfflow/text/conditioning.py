@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from selfflow.core.modality import sample_indices
 from selfflow.core.tokens import Conditioning
 
 from .encoder import TextEncoder, pad_embeddings
@@ -70,15 +71,14 @@ class CaptionConditioner:
             return embeddings_conditioning(batch["emb"], self.encoder.dim, device)
         return caption_conditioning(self.encoder, list(batch["captions"]), device)
 
-    def for_samples(self, n: int, device: torch.device | str
+    def for_samples(self, samples: int | torch.Tensor, device: torch.device | str
                     ) -> tuple[Conditioning, Conditioning, torch.Tensor]:
-        """Preview conditioning for ``n`` samples, its CFG null and display labels (indices into
-        :attr:`display_names`)."""
+        """Preview conditioning of ``samples`` (indices ``(N,)``, or ``n`` for ``0…n−1``), its CFG null and display
+        labels (indices into :attr:`display_names`): sample ``i`` gets entry ``i mod`` their number."""
+        labels = sample_indices(samples, device) % len(self.display_names)
         if self.encoder is None:
-            labels = torch.arange(n, device=device) % len(self.class_names)
             return (Conditioning(labels=labels),
                     Conditioning(labels=torch.full_like(labels, len(self.class_names))), labels)
-        labels = torch.arange(n, device=device) % len(self.sample_captions)
         cond = caption_conditioning(self.encoder, [self.sample_captions[i] for i in labels.tolist()], device)
         return cond, null_conditioning_like(cond), labels
 
@@ -109,9 +109,9 @@ class CaptionedModalityMixin:
     def context_dim(self) -> int:
         return self.conditioner.context_dim
 
-    def sample_conditions(self, n: int, device: torch.device | str
+    def sample_conditions(self, samples: int | torch.Tensor, device: torch.device | str
                           ) -> tuple[Conditioning, Conditioning | None, torch.Tensor | None]:
-        return self.conditioner.for_samples(n, device)
+        return self.conditioner.for_samples(samples, device)
 
     def prompt_conditions(self, prompts: list[str], device: torch.device | str
                           ) -> tuple[Conditioning, Conditioning]:
