@@ -39,6 +39,28 @@ def test_the_first_signal_is_recorded_and_the_handlers_restored():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_handler_installed_in_c_comes_back(tmp_path):
+    """``faulthandler.register`` installs its handler in C, where Python sees only the default: after fit, a
+    SIGUSR1 must dump the stacks as before, not kill the process (the default action)."""
+    script = textwrap.dedent(f"""
+        import faulthandler, os, signal, time
+        from selfflow.core.stop_request import StopRequest
+        dump = open({str(tmp_path / "stacks.txt")!r}, "w")
+        faulthandler.register(signal.SIGUSR1, file=dump)
+        stop = StopRequest()
+        with stop.installed():
+            os.kill(os.getpid(), signal.SIGUSR1)  # during fit: a stop request
+            time.sleep(0.1)
+        assert stop.signal == signal.SIGUSR1
+        os.kill(os.getpid(), signal.SIGUSR1)  # after fit: faulthandler's again
+        time.sleep(0.1)
+        print("alive")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "alive", done.stderr
+    assert "most recent call first" in (tmp_path / "stacks.txt").read_text()
+
+
 def test_a_second_ctrl_c_stops_at_once():
     stop = StopRequest()
     with stop.installed():

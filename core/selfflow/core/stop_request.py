@@ -18,7 +18,9 @@ Under ``torchrun`` each worker also asks the kernel for ``SIGTERM`` when its age
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import os
 import signal
 import sys
 import threading
@@ -64,10 +66,10 @@ class StopRequest:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopRequest]:
-        """Catch the stop signals for the duration, then restore the handlers that were there (those set from
-        Python or the defaults: a handler installed in C, such as ``faulthandler.register``'s, is not seen and
-        comes back as the default). Outside the main thread (where Python cannot install handlers) this does
-        nothing: the signals act as before."""
+        """Catch the stop signals for the duration, then restore the handlers that were there: those set from
+        Python, the defaults, and one installed in C that Python does not see (``faulthandler.register``'s, say),
+        which :func:`_c_handlers` saves and puts back. Outside the main thread (where Python cannot install
+        handlers) this does nothing: the signals act as before."""
         self.signal = None  # a new fit() on the same trainer starts unasked
         if threading.current_thread() is not threading.main_thread():
             yield self
@@ -75,12 +77,15 @@ class StopRequest:
         # A background job of a non-interactive shell inherits SIGINT ignored (POSIX): the shell's Ctrl-C is not
         # meant for it, so it stays ignored. SIGTERM and SIGUSR1 are always a scheduler's request.
         caught = [s for s in STOP_SIGNALS if not (s == signal.SIGINT and signal.getsignal(s) is signal.SIG_IGN)]
-        previous = {s: signal.signal(s, self._handle) for s in caught}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        # Python reports a handler set in C as the default (or None): restoring that would drop the C handler.
+        unseen = [s for s in caught if not callable(signal.getsignal(s))]
+        with _c_handlers(unseen):
+            previous = {s: signal.signal(s, self._handle) for s in caught}
+            try:
+                yield self
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
@@ -91,6 +96,29 @@ class StopRequest:
         self.signal = sig
         again = " (Ctrl-C again to stop at once)" if sig == signal.SIGINT else ""
         log.warning("selfflow: %s received: stopping after this step with a checkpoint%s", sig.name, again)
+
+
+@contextlib.contextmanager
+def _c_handlers(signals: list[signal.Signals]) -> Iterator[None]:
+    """Save the C-level actions of ``signals`` (``sigaction``) and put them back on exit, after Python's own
+    restore. The action is kept as opaque bytes: a buffer larger than any libc's ``struct sigaction``, so no
+    layout is assumed. Where libc cannot be reached this does nothing."""
+    saved: dict[signal.Signals, ctypes.Array] = {}
+    libc = None
+    if signals and os.name == "posix":
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            for s in signals:
+                action = ctypes.create_string_buffer(1024)
+                if libc.sigaction(int(s), None, action) == 0:
+                    saved[s] = action
+        except (OSError, AttributeError):
+            saved = {}
+    try:
+        yield
+    finally:
+        for s, action in saved.items():
+            libc.sigaction(int(s), action, None)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
@@ -109,8 +137,6 @@ def stop_with_parent() -> bool:
     directory. With this, they stop cleanly as on any ``SIGTERM``. Returns whether it is in effect."""
     if not sys.platform.startswith("linux"):
         return False
-    import ctypes
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
