@@ -48,11 +48,10 @@ def test_sigkill_mid_run_and_mid_checkpoint_write(tmp_path):
     full = run_train(tmp_path, "full", 1, *ARGS)
     ckpts = tmp_path / "killed" / "checkpoints"
 
-    # 1) killed between checkpoints: after step 7 was logged (checkpoint 6 is complete)
-    proc = start(tmp_path, "killed")
-    wait_for(lambda: last_step(tmp_path / "killed" / "metrics.jsonl") >= 7, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # 1) killed between checkpoints, right after optimizer step 7 (checkpoint 6 is complete): by the fault hook, at
+    # that exact step — a kill sent when the test sees step 7 logged could land after checkpoint 9
+    proc = start(tmp_path, "killed", env={"SELFFLOW_FAULT_KILL_AT": "7"})
+    assert proc.wait(timeout=240) == -signal.SIGKILL
     assert [s for s, _ in list_checkpoints(ckpts)][-1] == 6
 
     # 2) restarted, then killed while writing checkpoint 9 (the file is held half-written)

@@ -21,7 +21,7 @@ from selfflow.core.data.shard_stream import ShardStream
 from selfflow.core.data.shard_writer import write_shards
 from selfflow.core.faults import RunInterrupted
 from selfflow.core.metrics import read_metrics
-from selfflow.core.stop_request import StopRequest, stop_with_parent
+from selfflow.core.stop_request import STOP_SIGNALS, StopRequest, stop_with_parent
 from selfflow.core.trainer import Trainer
 
 from .test_distributed import assert_same_losses, train_process
@@ -233,12 +233,13 @@ def test_data_workers_ignore_the_stop_signals(tmp_path):
     fail the batch being fetched ("worker exited unexpectedly") before the trainer could stop cleanly."""
     write_shards(list(range(16)), _sample, tmp_path, shard_size=4)
     stream = ShardStream(shard_urls(tmp_path), 2, num_workers=2)
+    earlier = set(multiprocessing.active_children())  # a child of an earlier test may not be reaped yet
     it = iter(stream)
     next(it)
-    workers = multiprocessing.active_children()
+    workers = [w for w in multiprocessing.active_children() if w not in earlier]
     assert len(workers) == 2
     deadline = time.time() + 30  # each worker's init has run (in training the trainer's handlers cover the start)
-    while not all(_ignores_sigterm(w.pid) for w in workers) and time.time() < deadline:
+    while not all(_ignores_stop_signals(w.pid) for w in workers) and time.time() < deadline:
         time.sleep(0.05)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         for w in workers:
@@ -248,10 +249,12 @@ def test_data_workers_ignore_the_stop_signals(tmp_path):
     assert sum(len(next(it)["captions"]) for _ in range(7)) == 14  # the rest of the epoch, from the same workers
 
 
-def _ignores_sigterm(pid: int) -> bool:
+def _ignores_stop_signals(pid: int) -> bool:
+    """Whether the process ignores all of them: its init sets one after the other, and a signal sent between two
+    would kill it."""
     with open(f"/proc/{pid}/status") as f:
         mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
-    return bool(mask >> (signal.SIGTERM - 1) & 1)
+    return all(mask >> (s - 1) & 1 for s in STOP_SIGNALS)
 
 
 def _sample(i):
