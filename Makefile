@@ -125,7 +125,7 @@ gpu-check-cuda:
 	$(GPU_VENV)/bin/python -m pip install --quiet --no-index --find-links $(GPU_WHEELS) $(GPU_REQS) $(GPU_CHECK_NODEPS)
 	$(GPU_VENV)/bin/python -m pip install --quiet --no-index --no-deps --no-build-isolation \
 		--config-settings editable_mode=compat $(foreach p,$(GPU_PACKAGES),-e ./$(p))
-	$(GPU_VENV)/bin/python -c "import sys, torch; assert not torch.__file__.startswith(sys.prefix), 'torch in $(GPU_VENV)'; \
+	$(GPU_VENV)/bin/python -c "import sys, torch; assert not torch.__file__.startswith(sys.prefix + '/'), 'torch in $(GPU_VENV)'; \
 		print('torch', torch.__version__, 'from', torch.__file__, 'cuda', torch.cuda.is_available())"
 	@# the speed table runs even when a cuda test fails or hangs (one lent GPU run must bring back both: a hung NCCL
 	@# init must not spend the whole call); either fails the target
