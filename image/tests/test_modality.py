@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -42,6 +43,7 @@ def test_encode_decode_and_grid(tmp_path):
     cond, null, labels = mod.sample_conditions(12, "cpu")
     assert labels.tolist()[:11] == [*range(10), 0] and (null.labels == 10).all()
     assert mod.sample_conditions(torch.tensor([13, 2]), "cpu")[2].tolist() == [3, 2]  # by index: i mod 10
+    assert mod.sample_conditions(np.int64(3), "cpu")[2].tolist() == [0, 1, 2]  # a count, whatever its integer type
     path = mod.save_samples(batch["media"], batch["labels"], tmp_path / "g")
     assert path.suffix == ".png" and Image.open(path).mode == "RGB" and not path.with_suffix(".txt").exists()
     captioned = ImageModality({"image_size": 16, "patch_size": 2, "conditioning": "text", "text": {"dim": 8}})

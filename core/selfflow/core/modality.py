@@ -8,6 +8,7 @@ samples are written (PNG grids, MP4, WAV). Core never branches on a modality's n
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +29,8 @@ Batch = dict[str, torch.Tensor]
 
 def sample_indices(samples: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """The indices ``(N,)`` long on ``device`` that :meth:`Modality.sample_conditions` is given as ``samples``."""
-    if isinstance(samples, int):
-        return torch.arange(samples, device=device)
+    if isinstance(samples, numbers.Integral):  # a count (numpy's integers too), not one index
+        return torch.arange(int(samples), device=device)
     return torch.as_tensor(samples, dtype=torch.long).flatten().to(device)
 
 
