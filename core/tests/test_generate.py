@@ -100,3 +100,17 @@ def test_a_batch_of_a_large_text_conditioned_set_encodes_only_its_own_captions(t
     shown = [labels.tolist() for _, labels in batches]
     expected = [[i % len(captions) for i in batch] for batch in ([9_001, 9_998], [9_999])]
     assert shown == expected and encoded == [[captions[k] for k in batch] for batch in expected]
+
+
+def test_a_modality_whose_preview_conditioning_ignores_the_indices_is_named(tmp_path, monkeypatch):
+    """A plug-in that reads ``samples`` as a count and returns a fixed-size set: a one-line error naming it, not a
+    shape mismatch inside the backbone's label embedding."""
+    run = _run(tmp_path)
+    modality = run.modalities["image"]
+    fixed = type(modality).sample_conditions
+    monkeypatch.setattr(modality, "sample_conditions", lambda samples, device: fixed(modality, 4, device))
+    with pytest.raises(ValueError, match=r"modality 'image': sample_conditions gave conditioning\.labels of shape "
+                                         r"\(4,\) for 2 samples; it must return one row per sample"):
+        next(generate_share_batches(run.backbone, modality, 10, [6, 7], SamplerConfig(steps=1), 7, "cpu"))
+    with pytest.raises(ValueError, match=r"conditioning\.labels of shape \(4,\) for 3 samples"):
+        conditions_for(modality, 3, "cpu")

@@ -3,6 +3,7 @@
 import pytest
 
 from selfflow.core import registry
+from selfflow.core.modality import Modality
 
 
 def _install(tmp_path, monkeypatch, entry: str) -> None:
@@ -31,3 +32,36 @@ def test_a_modality_whose_module_does_not_import_is_named(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match=r"entry point broken = no_such_modality_module:Thing failed to load: "
                                          r"ModuleNotFoundError"):
         build_modalities(load_config(None, ["data.modality=broken"]))
+
+
+class _Incomplete(Modality):
+    name = "incomplete"
+    Options = None
+    default_mask_ratio = 0.25
+
+    def encode(self, batch, device): ...
+
+
+def test_a_class_that_cannot_serve_as_a_modality_is_refused_at_registration():
+    with pytest.raises(ValueError, match=r"register_modality\('dict'\) must be a Modality subclass"):
+        registry.register_modality(dict)
+    with pytest.raises(ValueError, match=r"_Incomplete does not implement decode, sample_ids, save_samples, stream, "
+                                         r"token_channels"):
+        registry.register_modality(_Incomplete)
+
+    from selfflow.image.modality import ImageModality
+
+    class CountOnly(ImageModality):  # the contract before sample indices: a count and nothing else
+        def sample_conditions(self, n):
+            return super().sample_conditions(n, "cpu")
+
+    with pytest.raises(ValueError, match=r"CountOnly\.sample_conditions\(self, n\) must take \(self, samples, device\)"):
+        registry.register_modality(CountOnly)
+    assert "incomplete" not in registry.available_modalities()
+
+
+def test_an_entry_point_to_a_class_that_is_no_modality_is_refused_when_looked_up(tmp_path, monkeypatch):
+    _install(tmp_path, monkeypatch, "dataclass = dataclasses:dataclass")
+    with pytest.raises(ValueError, match=r"entry point selfflow\.modalities:dataclass = dataclasses:dataclass must be "
+                                         r"a Modality subclass, got <function dataclass"):
+        registry.get_modality("dataclass")

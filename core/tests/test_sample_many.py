@@ -162,3 +162,25 @@ def test_a_batch_killed_while_writing_its_files_leaves_nothing_behind(run_dir, t
     monkeypatch.setattr(modality_cls, "write_sample", original)
     fresh = _in_process(run_dir, tmp_path / "fresh")
     assert np.array_equal(np.load(npz)["arr_0"], np.load(fresh)["arr_0"])
+
+
+def test_a_modality_without_classes_or_prompts_is_asked_for_the_batch_s_own_indices(run_dir, monkeypatch):
+    """``sample --out-dir`` on a modality with its own preview conditioning: batch k's samples get theirs, not
+    those of samples 0…B−1 (the set made in batches is the set made at once)."""
+    from selfflow.core.pretrained import load_model
+    from selfflow.core.sample_many import generate_batch
+    from selfflow.core.tokens import Conditioning
+
+    loaded = load_model(run_dir, "cpu")
+    modality, asked = loaded.modality, []
+    monkeypatch.setattr(type(modality), "num_classes", property(lambda self: 0))
+
+    def conditions(samples, device):
+        asked.append(samples.tolist())
+        labels = samples.to(device) % 10
+        return Conditioning(labels=labels), Conditioning(labels=torch.full_like(labels, 10)), labels
+
+    monkeypatch.setattr(modality, "sample_conditions", conditions)
+    sampler = loaded.config.sampler(modality).model_copy(update={"steps": 2})
+    media, labels = generate_batch(loaded.model, modality, sampler, [12, 13], 0, "balanced", torch.device("cpu"))
+    assert asked == [[12, 13]] and media.shape[0] == 2 and labels is None

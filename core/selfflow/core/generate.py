@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from .config import ConfigError
-from .modality import Modality
+from .modality import Modality, preview_conditions
 from .sampler import SamplerConfig, sample
 from .tokens import Conditioning
 
@@ -75,7 +75,7 @@ def conditions_for(modality: Modality, n: int, device: torch.device | str, *, pr
             raise ConfigError(f"class labels must lie in 0…{k - 1}, got {given.tolist()}")
         chosen = given[torch.arange(n) % given.numel()].to(device)
         return Conditioning(labels=chosen), Conditioning(labels=torch.full_like(chosen, k)), chosen
-    return modality.sample_conditions(n, device)
+    return preview_conditions(modality, n, device)
 
 
 @torch.no_grad()
@@ -129,7 +129,7 @@ def generate_share_batches(model: nn.Module, modality: Modality, n: int, indices
     try:
         for lo in range(0, len(indices), step):
             batch = indices[lo:lo + step]
-            cond, null_cond, shown = modality.sample_conditions(torch.as_tensor(batch), device)
+            cond, null_cond, shown = preview_conditions(modality, torch.as_tensor(batch), device)
             generators = [sample_generator(seed, i) for i in batch]
             ids = modality.sample_ids(len(batch), device)
             noise = seeded_noise(generators, ids.shape[1], modality.token_channels).to(device)

@@ -206,3 +206,25 @@ class Modality(ABC):
         ``out_dir`` (``npz``: the ``samples_N.npz`` written, if any; ``paired``: a ``prompts.jsonl`` pairs
         them with prompts), printed after sampling; ``None``: no suggestion."""
         return None
+
+
+def preview_conditions(modality: Modality, samples: int | torch.Tensor, device: torch.device | str
+                       ) -> tuple[Conditioning, Conditioning | None, torch.Tensor | None]:
+    """``modality.sample_conditions(samples, device)``, checked: what it returns has one row per sample.
+
+    Core calls a modality's preview conditioning only through here, so that a plug-in that breaks the contract
+    (reads ``samples`` as a count when given indices, returns a fixed-size set) is an error naming the modality
+    and the field, not a shape mismatch inside the backbone's embedding."""
+    n = len(sample_indices(samples, "cpu"))
+    cond, null, shown = modality.sample_conditions(samples, device)
+    fields = [(f"conditioning.{key}", value) for key, value in cond if value is not None]
+    if null is not None:
+        fields += [(f"null conditioning.{key}", value) for key, value in null if value is not None]
+    if shown is not None:
+        fields.append(("display labels", shown))
+    for what, value in fields:
+        if value.ndim == 0 or value.shape[0] != n:
+            raise ValueError(f"modality {modality.name!r}: sample_conditions gave {what} of shape "
+                             f"{tuple(value.shape)} for {n} samples; it must return one row per sample, sample i's "
+                             "depending on i alone (see Modality.sample_conditions)")
+    return cond, null, shown

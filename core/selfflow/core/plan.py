@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_map
 
 from .codec import shapes_only
 from .flops import train_step_flops
+from .modality import preview_conditions
 from .modulation import TokenTimesteps
 from .parallel import Strategy
 from .run_setup import build_run
@@ -262,7 +263,7 @@ def make_plans(cfg) -> list[tuple[Plan, int]]:
                 ids = modality.sample_ids(1, "meta")
                 x = torch.zeros(1, ids.shape[1], modality.token_channels)
             # Made on the CPU (a caption's text encoder runs there), then handed over as meta tensors of its shapes.
-            cond, _, _ = modality.sample_conditions(1, "cpu")
+            cond, _, _ = preview_conditions(modality, 1, "cpu")
             cond = Conditioning(**{k: v.to("meta") for k, v in cond if v is not None})
             plan = plan_model(cfg.name, run.backbone, x, ids, cond, run.objectives[name],
                               cfg.train.precision == "bf16", modality=name)

@@ -15,8 +15,8 @@ Packages advertise themselves through Python entry points:
 - group ``selfflow.checkpoints``: ``name = "package.module:load"``, a loader of released checkpoints for
   ``selfflow sample --official-ckpt``.
 
-A modality's entry-point name must be its class's ``name``; a plug-in that fails to import is an error naming
-its entry point. Worked examples of each kind of plug-in are in ``examples/plugins/``.
+A modality's entry-point name must be its class's ``name``, and the class must fulfil the :class:`Modality` contract
+(:func:`check_modality_class`); a plug-in that fails to import is an error naming its entry point. Worked examples of each kind of plug-in are in ``examples/plugins/``.
 
 Tests and notebooks can also call :func:`register_modality`, :func:`register_objective` and
 :func:`~selfflow.core.backbones.register_backbone` directly.
@@ -24,6 +24,7 @@ Tests and notebooks can also call :func:`register_modality`, :func:`register_obj
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -39,8 +40,28 @@ _MODALITIES: dict[str, type[Modality]] = {}
 _OBJECTIVES: dict[str, ObjectiveKind] = {kind.name: kind for kind in BUILTIN_OBJECTIVES}
 
 
+def check_modality_class(cls: Any, where: str) -> None:
+    """Refuse, naming ``where`` it came from, what cannot serve as a modality: not a :class:`Modality` subclass,
+    one that leaves abstract methods unimplemented, or a ``sample_conditions`` that does not take
+    ``(samples, device)``. Checked when the class is registered, so a plug-in's mistake is one line at start-up
+    rather than a failure at its first preview."""
+    from .modality import Modality  # here: modality.py imports much of core, this module little
+
+    if not (isinstance(cls, type) and issubclass(cls, Modality)):
+        raise ValueError(f"{where} must be a Modality subclass, got {cls!r}")
+    if missing := sorted(getattr(cls, "__abstractmethods__", ())):
+        raise ValueError(f"{where}: modality class {cls.__name__} does not implement {', '.join(missing)}")
+    signature = inspect.signature(cls.sample_conditions)
+    try:
+        signature.bind(None, 1, "cpu")
+    except TypeError as e:
+        raise ValueError(f"{where}: {cls.__name__}.sample_conditions{signature} must take (self, samples, device) "
+                         f"— samples: indices (N,) or a count ({e})") from None
+
+
 def register_modality(cls: type[Modality]) -> type[Modality]:
-    """Register a modality class under ``cls.name`` (usable as a decorator)."""
+    """Register a modality class under ``cls.name`` (usable as a decorator); see :func:`check_modality_class`."""
+    check_modality_class(cls, f"register_modality({getattr(cls, '__name__', cls)!r})")
     _MODALITIES[cls.name] = cls
     return cls
 
@@ -78,6 +99,7 @@ def get_modality(name: str) -> type[Modality]:
     """The modality class called ``name`` (explicitly registered first, then entry points)."""
     def load(ep: EntryPoint) -> type[Modality]:
         cls = ep.load()
+        check_modality_class(cls, f"entry point selfflow.modalities:{name} = {ep.value}")
         # the model's projections and every record are keyed by cls.name: another entry-point name would train,
         # then fail at the first preview
         if getattr(cls, "name", None) != name:

@@ -41,7 +41,7 @@ from .atomic import atomic_write_text
 from .config import ConfigError
 from .distributed import DistInfo, barrier
 from .generate import conditions_for, require_prompts, sample_generator, seeded_noise
-from .modality import Modality
+from .modality import Modality, preview_conditions
 from .official_repro import SeededBatch, official_batches, official_generate_batch
 from .precision import autocast
 from .prompts import write_prompt_records
@@ -138,7 +138,7 @@ def generate_batch(model: nn.Module, modality: Modality, sampler: SamplerConfig,
     elif prompts is not None:
         cond, null, _ = conditions_for(modality, n, device, prompts=[prompts[i % len(prompts)] for i in indices])
     else:
-        cond, null, _ = modality.sample_conditions(n, device)
+        cond, null, _ = preview_conditions(modality, torch.as_tensor(indices), device)
     ids = modality.sample_ids(n, device)
     noise = seeded_noise(gens, ids.shape[1], modality.token_channels)
     x = sample(model, noise.to(device), ids, cond, sampler, null, modality.name, generator=gens)

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from selfflow.core.modality import preview_conditions
+
 LEVELS = (0.0, 0.25, 0.5)
 LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # × the number of fitting samples
 
@@ -54,7 +56,7 @@ def block_features(model: nn.Module, modality: Any, images: torch.Tensor, t: flo
         n = len(chunk)
         tokens, _ = modality.encode({"media": chunk, "labels": torch.zeros(n, dtype=torch.long),
                                      "captions": [""] * n}, device)
-        _, null, _ = modality.sample_conditions(n, device)
+        _, null, _ = preview_conditions(modality, n, device)
         noise = torch.randn(tokens.x.shape, generator=gen).to(device)
         x_t = (1 - t) * tokens.x + t * noise
         tt = torch.full((n,), float(t), device=device)
