@@ -1,4 +1,4 @@
-"""Distributed faults: a rank dies under ``torchrun --max-restarts=1`` (2 gloo ranks on CPU).
+"""Distributed faults: a rank dies under ``torchrun --max-restarts`` (2 gloo ranks on CPU), once or twice a run.
 
 ``SELFFLOW_FAULT_KILL_AT=STEP@RANK`` makes that rank SIGKILL itself once after optimizer step STEP (a marker
 file in the run directory stops the restarted worker from doing it again). torchrun's agent tears the group
@@ -52,7 +52,49 @@ def run_all(work: Path | None = None, kills: tuple[tuple[int, int], ...] = ((6, 
                        f"resumed {resumed.group(1) if resumed else None} (expected {expected}), {lost} steps "
                        f"differ: {text[-800:]}")
     out.note = "16 steps, DDP, checkpoint every 4; kills at " + ", ".join(f"step {s} rank {r}" for s, r in kills)
-    return [out, full_disk(work, reference), save_error(work, reference), save_error_fsdp2(work)]
+    return [out, restarted_twice(work, reference), full_disk(work, reference), save_error(work, reference),
+            save_error_fsdp2(work)]
+
+
+def restarted_twice(work: Path, reference: list[tuple], kills: str = "6@1,11@0") -> Outcome:
+    """Two ranks SIGKILLed in turn in one run: under ``--max-restarts=2`` the group restarts twice, resuming from
+    checkpoint 4 and then 8, and finishes with the reference losses; under ``--max-restarts=1`` the second death
+    spends the restarts, torchrun stops with checkpoint 8 intact, and the same command resumes from it."""
+    from selfflow.core.checkpoint import list_checkpoints
+    from selfflow.core.metrics import read_metrics
+
+    out = Outcome("distributed", "two ranks SIGKILLed in turn, one run: torchrun --max-restarts=2, then =1",
+                  "=2: two restarts, resuming from 4 then 8, reference losses; =1: stops with checkpoint 8 intact, "
+                  "the same command resumes to the reference")
+    name = "two_kills"
+    shutil.rmtree(work / name, ignore_errors=True)
+    with Timer(out):
+        proc = run(train_cmd(work, name, *SETS, nproc=2, max_restarts=2), timeout=900, SELFFLOW_FAULT_KILL_AT=kills)
+    text = proc.stdout + proc.stderr
+    resumed = list(dict.fromkeys(int(s) for s in re.findall(r"resuming from \S+ \(step (\d+)\)", text)))
+    fired = sorted(p.name for p in (work / name).glob(".fault_killed_*"))
+    got = losses(read_metrics(work / name / "metrics.jsonl")) if (work / name / "metrics.jsonl").is_file() else []
+    lost = lost_steps(reference, got)
+    ok = proc.returncode == 0 and len(fired) == 2 and resumed == [4, 8]
+    out.record(ok and not lost, crash=proc.returncode != 0, lost=lost,
+               why=f"--max-restarts=2: exit {proc.returncode}, fired {fired}, resumed from {resumed} (expected [4, "
+                   f"8]), {lost} steps differ: {text[-800:]}")
+
+    r = fault_then_rerun(out, work, "two_kills_one_restart", SETS, reference, {"SELFFLOW_FAULT_KILL_AT": kills},
+                         timeout=600, max_restarts=1)
+    if r is None:
+        out.record(False, crash=True, why="--max-restarts=1: the run hung (killed after 600 s)")
+    else:
+        again = re.search(r"resuming from \S+ \(step (\d+)\)", r.again.stdout + r.again.stderr)
+        ok = (r.stopped.returncode != 0 and r.left and r.left[-1] == 8 and r.again.returncode == 0
+              and again is not None and int(again.group(1)) == 8
+              and [s for s, _ in list_checkpoints(work / "two_kills_one_restart" / "checkpoints")][-1] == 16)
+        out.record(ok and not r.lost, lost=r.lost,
+                   why=f"--max-restarts=1: exit {r.stopped.returncode}, left {r.left}, rerun exit {r.again.returncode}"
+                       f" resuming from {again.group(1) if again else None}: {r.stopped.stderr[-800:]}")
+    out.note = (f"kills {kills.replace(',', ', ')} (step@rank); 16 steps, DDP, checkpoint every 4; with one restart "
+                "the second death ends the run (nonzero exit) and the rerun resumes from step 8")
+    return out
 
 
 def _reference(work: Path, name: str, sets: tuple[str, ...]) -> list[tuple]:
@@ -74,14 +116,14 @@ class FaultyRun(NamedTuple):
 
 
 def fault_then_rerun(out: Outcome, work: Path, name: str, sets: tuple[str, ...], reference: list[tuple],
-                     fault: dict[str, str], timeout: int = 300) -> FaultyRun | None:
+                     fault: dict[str, str], timeout: int = 300, max_restarts: int = 0) -> FaultyRun | None:
     """2 ranks run ``sets`` with the fault hook ``fault`` (its environment variable), then the same command again
     without it; None when the faulty run hung (killed after ``timeout`` s): the others waited in a collective."""
     from selfflow.core.checkpoint import list_checkpoints
     from selfflow.core.metrics import read_metrics
 
     shutil.rmtree(work / name, ignore_errors=True)
-    cmd = train_cmd(work, name, *sets, nproc=2)
+    cmd = train_cmd(work, name, *sets, nproc=2, max_restarts=max_restarts)
     with Timer(out):
         try:
             stopped = run(cmd, timeout=timeout, **fault)

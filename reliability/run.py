@@ -116,7 +116,8 @@ def render(outcomes: list[Outcome], seconds: float) -> str:
               "with an `error:` naming the file, key or option (items 4, 8, 9).",
               "- **numerical**: `reliability/numerical.py` — NaN batches (`SELFFLOW_FAULT_NAN_AT`) in a tiny run.",
               "- **distributed**: `reliability/distributed_restart.py` — `SELFFLOW_FAULT_KILL_AT=STEP@RANK` under "
-              "`torchrun --max-restarts=1` with 2 gloo ranks; a save failing on one rank: ENOSPC on rank 0 "
+              "`torchrun --max-restarts=1` with 2 gloo ranks, and `STEP@RANK,STEP@RANK` (two deaths in one run) "
+              "under `--max-restarts=2` and, spending the restarts, `=1`; a save failing on one rank: ENOSPC on rank 0 "
               "(`SELFFLOW_FAULT_SAVE_ENOSPC`), an error gathering the state (`SELFFLOW_FAULT_SAVE_ERROR=STEP@RANK`), "
               "under DDP and inside FSDP2's sharded gather.",
               "- **signals**: `reliability/stop_signals.py` — SIGTERM, SIGUSR1 and SIGINT after a step "

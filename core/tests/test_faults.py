@@ -53,3 +53,24 @@ def test_cli_reports_a_stop_without_traceback(tmp_path):
                           env={"SELFFLOW_FAULT_NAN_AT": "1,2", "OMP_NUM_THREADS": "1", "PATH": ""})
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "selfflow: stopped: 2 optimizer steps in a row" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_kill_list_fires_each_entry_once_per_run_directory(tmp_path, monkeypatch):
+    """``STEP@RANK,STEP@RANK``: one run killed twice (a torchrun group restarted twice); a restarted process
+    that passes a step again does not die there again."""
+    import signal
+
+    from selfflow.core import faults
+
+    sent = []
+    monkeypatch.setattr(faults.os, "kill", lambda pid, sig: sent.append(sig))
+    monkeypatch.setenv("SELFFLOW_FAULT_KILL_AT", "6@1, 11")
+    for step, rank in [(6, 0), (6, 1), (6, 1), (11, 1), (11, 0), (11, 0), (7, 1)]:
+        kill_point(step, rank, tmp_path)
+    assert sent == [signal.SIGKILL, signal.SIGKILL]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fault_killed_11_0", ".fault_killed_6_1"]
+    monkeypatch.setenv("SELFFLOW_FAULT_KILL_AT", "")
+    monkeypatch.setenv("SELFFLOW_FAULT_SIGNAL_AT", "2@0:SIGUSR1,3@0")
+    kill_point(2, 0, tmp_path / "r")
+    kill_point(3, 0, tmp_path / "r")
+    assert sent[2:] == [signal.SIGUSR1, signal.SIGTERM]

@@ -8,8 +8,8 @@ variable is set; each is read where the fault would happen in production:
 - ``SELFFLOW_FAULT_SAVE_ENOSPC=STEP``: the checkpoint write of STEP fails with ``ENOSPC`` (a full disk).
 - ``SELFFLOW_FAULT_SAVE_ERROR=STEP[@RANK]``: gathering the state of checkpoint STEP fails on RANK (default 0)
   with an error that is not a write error (a bug in a component's ``state_dict``, an unpicklable value).
-- ``SELFFLOW_FAULT_KILL_AT=STEP[@RANK]``: SIGKILL this process after optimizer step STEP — once per run
-  directory (a marker file records it, so the restarted process does not kill itself again).
+- ``SELFFLOW_FAULT_KILL_AT=STEP[@RANK][,STEP[@RANK]…]``: SIGKILL this process after optimizer step STEP — each
+  entry once per run directory (a marker file records it, so the restarted process does not kill itself again).
 - ``SELFFLOW_FAULT_SIGNAL_AT=STEP[@RANK][:SIGNAL]``: send this process SIGNAL (default ``SIGTERM``; ``SIGINT``,
   ``SIGUSR1``) after optimizer step STEP — once per run directory, as ``SELFFLOW_FAULT_KILL_AT``.
 - ``SELFFLOW_FAULT_NAN_AT=STEP[,STEP…]``: the batches of these (1-based) steps are replaced by NaNs.
@@ -77,21 +77,21 @@ def save_error(step: int, rank: int) -> None:
 
 
 def _once_at(name: str, marker: str, step: int, rank: int, run_dir: str | Path) -> str | None:
-    """The ``SIGNAL`` part of a ``STEP[@RANK][:SIGNAL]`` hook that is due now, once per run directory (a marker
-    file records it, so the restarted process does not fault again); ``None`` when not due."""
-    spec = _env(name)
-    if not spec:
-        return None
-    where, _, what = spec.partition(":")
-    at, _, who = where.partition("@")
-    if int(at) != step or int(who or 0) != rank:
-        return None
-    path = Path(run_dir) / f".fault_{marker}_{step}_{rank}"
-    if path.exists():
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()
-    return what
+    """The ``SIGNAL`` part of a ``STEP[@RANK][:SIGNAL][,…]`` hook's entry that is due now, each entry once per
+    run directory (a marker file records it, so the restarted process does not fault again); ``None`` when none
+    is due. Several entries fault one run several times (a torchrun group restarted more than once)."""
+    for entry in filter(None, (e.strip() for e in _env(name).split(","))):
+        where, _, what = entry.partition(":")
+        at, _, who = where.partition("@")
+        if int(at) != step or int(who or 0) != rank:
+            continue
+        path = Path(run_dir) / f".fault_{marker}_{step}_{rank}"
+        if path.exists():
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        return what
+    return None
 
 
 def kill_point(step: int, rank: int, run_dir: str | Path) -> None:
