@@ -73,7 +73,7 @@ bench: setup  ## speed benchmarks: a table and bench.json (~7 min on 2 quiet cor
 bench-quality: setup  ## flow matching vs Self-Flow on digits, 5 paired seeds: CIs, linear probes, speed-ups (CPU, 54 min; REPA: ARGS="--methods flow_matching repa self_flow"; ARGS=--quick ~10 min)
 	$(PY) benchmarks/quality.py $(ARGS)
 
-fault-test: setup  ## fault-injection suite (kills, corrupt data, config fuzzing …): writes docs/RELIABILITY.md (~7–9 min)
+fault-test: setup  ## fault-injection suite (kills, corrupt data, config fuzzing …): writes docs/RELIABILITY.md (~11 min)
 	OMP_NUM_THREADS=1 $(PY) reliability/run.py $(ARGS)
 
 golden: setup  ## the golden run: fixed-seed 30-step image/mixed/rt1 trainings, bitwise against reliability/golden_run.json
