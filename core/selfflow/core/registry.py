@@ -16,7 +16,8 @@ Packages advertise themselves through Python entry points:
   ``selfflow sample --official-ckpt``.
 
 A modality's entry-point name must be its class's ``name``, and the class must fulfil the :class:`Modality` contract
-(:func:`check_modality_class`); a plug-in that fails to import is an error naming its entry point. Worked examples of each kind of plug-in are in ``examples/plugins/``.
+(:func:`check_modality_class`); a plug-in that fails to import is an error naming its entry point. Worked
+examples of each kind of plug-in are in ``examples/plugins/``.
 
 Tests and notebooks can also call :func:`register_modality`, :func:`register_objective` and
 :func:`~selfflow.core.backbones.register_backbone` directly.
