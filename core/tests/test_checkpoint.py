@@ -49,6 +49,11 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path):
 def test_full_disk_keeps_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
     from selfflow.core.checkpoint import CheckpointWriteError
 
+    monkeypatch.setenv("SELFFLOW_FAULT_SAVE_ENOSPC", "1")  # the first save: nothing earlier to resume from
+    with pytest.raises(CheckpointWriteError, match=r"No space left.*No earlier checkpoint exists: free space \(or fix "
+                                                   r"the error\) and run the same command again to start the run over"):
+        save_checkpoint({"w": torch.ones(1)}, tmp_path, 1)
+    monkeypatch.delenv("SELFFLOW_FAULT_SAVE_ENOSPC")
     save_checkpoint({"w": torch.ones(1)}, tmp_path, 1)
     monkeypatch.setenv("SELFFLOW_FAULT_SAVE_ENOSPC", "2")
     with pytest.raises(CheckpointWriteError, match=r"step_00000002\.pt.*No space left.*step_00000001\.pt is intact"):

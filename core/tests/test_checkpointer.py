@@ -79,7 +79,7 @@ def test_due_keep_last_and_a_failed_write(tmp_path, monkeypatch):
     monkeypatch.delenv("SELFFLOW_FAULT_SAVE_ENOSPC")
     monkeypatch.setenv("SELFFLOW_FAULT_SAVE_ERROR", "9")  # not a write error: a failure gathering the state
     with pytest.raises(CheckpointWriteError, match=r"cannot write checkpoint .*step_00000009\.pt: rank 0 failed: "
-                                                   r"ValueError: injected fault .*previous checkpoints are intact"):
+                                                   r"ValueError: injected fault .*step_00000006\.pt is intact"):
         ckpt.save(9)
     assert [p.name for p in ckpt.dir.iterdir()] == ["step_00000006.pt"]
 

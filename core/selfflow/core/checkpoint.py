@@ -52,6 +52,15 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resume_hint(directory: str | Path, fix: str = "fix the error") -> str:
+    """The end of a failed save's message: which earlier checkpoint the same command resumes from, or that the
+    run starts over (no checkpoint was written before this one)."""
+    previous = latest_checkpoint(directory)
+    if previous is None:
+        return f"No earlier checkpoint exists: {fix} and run the same command again to start the run over"
+    return f"The previous checkpoint {previous} is intact: {fix} and run the same command again to resume from it"
+
+
 def nonfinite_tensor(state: Any, where: str = "") -> str | None:
     """``"<where>['key'] holds NaN"`` for the first floating-point tensor in ``state`` (nested dicts, lists
     and tuples) holding NaN or ±inf; ``None`` when every tensor is finite."""
@@ -76,8 +85,7 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
     bad = nonfinite_tensor(state)
     if bad:
         raise CheckpointWriteError(
-            f"refusing to write checkpoint {final}: {bad}. The previous checkpoint {latest_checkpoint(d) or '(none)'} "
-            "is intact; lower optim.lr or check the data, then run the same command again to resume from it.")
+            f"refusing to write checkpoint {final}: {bad}. {resume_hint(d, 'lower optim.lr or check the data')}.")
     try:
         d.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -92,11 +100,8 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError | RuntimeError) and not isinstance(e, faults.RunStopped):
-            previous = latest_checkpoint(d)
             raise CheckpointWriteError(
-                f"cannot write checkpoint {final}: {e}. The previous checkpoint "
-                f"{previous or '(none)'} is intact; free space (or fix the error) and run the same command "
-                "again to resume from it.") from e
+                f"cannot write checkpoint {final}: {e}. {resume_hint(d, 'free space (or fix the error)')}.") from e
         raise
     with contextlib.suppress(OSError):  # pruning is housekeeping: the new checkpoint is safely written
         for _, old in list_checkpoints(d)[:-keep_last]:

@@ -35,6 +35,7 @@ from .checkpoint import (
     list_checkpoints,
     load_newest_intact,
     nonfinite_tensor,
+    resume_hint,
     save_checkpoint,
 )
 from .config import CheckpointConfig, ConfigError, RunConfig, resume_conflicts
@@ -268,9 +269,8 @@ def _failed_gather_message(path: Path, rank: int, why: str) -> str:
     """A rank that failed in the middle of gathering sharded state, alone (see :meth:`Checkpointer.save`)."""
     return (f"cannot write checkpoint {path}: rank {rank} failed gathering the sharded state: {why}. This rank "
             "stops; torchrun stops the others (without torchrun, the process group's timeout does); a rank "
-            "whose gather broke because another left names that rank's failure only in its log. The "
-            "previous checkpoints are intact: fix the error and run the same command again to resume "
-            "from the newest")
+            f"whose gather broke because another left names that rank's failure only in its log. "
+            f"{resume_hint(path.parent)}")
 
 
 def _failed_save_message(path: Path, failures: dict[int, tuple[bool, str]]) -> str:
@@ -281,5 +281,4 @@ def _failed_save_message(path: Path, failures: dict[int, tuple[bool, str]]) -> s
                 "the same command again to resume from it")
     if failures[0][0] and len(failures) == 1:
         return parts[0]
-    return (f"cannot write checkpoint {path}: {'; '.join(parts)}. The previous checkpoints are intact: fix the "
-            "error and run the same command again to resume from the newest")
+    return f"cannot write checkpoint {path}: {'; '.join(parts)}. {resume_hint(path.parent)}"
