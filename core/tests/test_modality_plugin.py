@@ -69,3 +69,24 @@ def test_the_example_modality_refuses_bad_options_and_the_2d_dit(installed, tmp_
         build_run(load_config(None, ["data.modality=sine_waves", "data.options={length: 32, patch: 5}"]))
     with pytest.raises(ConfigError, match=r"modality 'sine_waves' places its tokens along a time axis"):
         build_run(load_config(None, ["data.modality=sine_waves", "model={arch: dit, preset: tiny}"]))
+
+
+def test_an_error_raised_in_plug_in_code_is_located(installed, tmp_path, monkeypatch, capsys):
+    """A ``KeyError: 'label'`` from a plug-in's ``encode`` read ``selfflow: error: label``: the line now says what
+    was raised, and where, in the plug-in."""
+    (tmp_path / "site" / "typo_waves.py").write_text(
+        "from sine_waves_modality import SineWaves\n\n\n"
+        "class TypoWaves(SineWaves):\n"
+        "    name = 'typo_waves'\n\n"
+        "    def encode(self, batch, device):\n"
+        "        batch['label']  # the stream's key is 'labels'\n")
+    entry_points = tmp_path / "site" / "sine_waves_modality-0.1.dist-info" / "entry_points.txt"
+    entry_points.write_text(entry_points.read_text() + "typo_waves = typo_waves:TypoWaves\n")
+    monkeypatch.delenv("SELFFLOW_TRACEBACK", raising=False)
+    sets = [*MODEL, "data.modality=typo_waves", "data.options={length: 32, patch: 4}", "train.batch_size=4",
+            "train.steps=1", f"output_dir={tmp_path}", "name=typo"]
+    assert main(["train", "--no-progress", *[a for s in sets for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("selfflow: error: label (KeyError in plug-in code at ")
+    assert err.endswith(f"{tmp_path / 'site' / 'typo_waves.py'}:8 in encode; SELFFLOW_TRACEBACK=1 prints the "
+                        "traceback)"), err

@@ -57,6 +57,19 @@ def test_a_class_that_cannot_serve_as_a_modality_is_refused_at_registration():
 
     with pytest.raises(ValueError, match=r"CountOnly\.sample_conditions\(self, n\) must take \(self, samples, device\)"):
         registry.register_modality(CountOnly)
+
+    class NoRatio(ImageModality):
+        default_mask_ratio = None
+
+    class Nameless(ImageModality):
+        name = ""
+
+    with pytest.raises(ValueError, match=r"NoRatio needs a class attribute default_mask_ratio \(R_M, in \[0, 1\]\), "
+                                         r"got None"):
+        registry.register_modality(NoRatio)
+    with pytest.raises(ValueError, match=r"Nameless needs a class attribute name \(a non-empty str, its "
+                                         r"data\.modality\), got ''"):
+        registry.register_modality(Nameless)
     assert "incomplete" not in registry.available_modalities()
 
 

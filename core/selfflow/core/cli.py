@@ -28,7 +28,7 @@ from .config import ConfigError, load_config, validation_problems
 from .distributed import launched_world_size, left_out_of_step
 from .export_cli import add_export_parser
 from .faults import RunInterrupted, RunStopped
-from .registry import available_modalities, command_registrars
+from .registry import available_modalities, command_registrars, plugin_frame
 from .safe_yaml import YamlError
 
 if TYPE_CHECKING:
@@ -317,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SELFFLOW_TRACEBACK"):
             raise
         if not _said_on_this_node(e):
-            print(f"selfflow: error: {error_message(e)}", file=sys.stderr)
+            where = plugin_frame(e)
+            print(f"selfflow: error: {error_message(e)}" + (f" ({type(e).__name__} in plug-in code at {where}; "
+                  "SELFFLOW_TRACEBACK=1 prints the traceback)" if where else ""), file=sys.stderr)
         code = 2
     except RunInterrupted as e:  # a stop signal: the step finished, its checkpoint written (rank 0 says where)
         if str(e):

@@ -86,6 +86,13 @@ class Modality(ABC):
         if isinstance(options, BaseModel):
             options = options.model_dump()
         self.options = TypeAdapter(self.Options).validate_python(options or {})
+        model = type(self.options)
+        # pydantic ignores unknown keys unless the model forbids them: a typo'd option would train on the default
+        if isinstance(self.options, BaseModel) and model.model_config.get("extra") in (None, "ignore"):
+            known = {k for name, f in model.model_fields.items() for k in (name, f.alias) if k}
+            if unknown := sorted(set(options or {}) - known):
+                raise ValueError(f"unknown option(s) {', '.join(unknown)} of modality {self.name!r}; its options: "
+                                 f"{', '.join(sorted(model.model_fields))}")
 
     # --- shapes -----------------------------------------------------------------------------------
     @property
@@ -228,3 +235,45 @@ def preview_conditions(modality: Modality, samples: int | torch.Tensor, device: 
                              f"{tuple(value.shape)} for {n} samples; it must return one row per sample, sample i's "
                              "depending on i alone (see Modality.sample_conditions)")
     return cond, null, shown
+
+
+def check_layout(modality: Modality) -> None:
+    """Refuse a modality whose token layout the backbone could not take, naming the modality and the member:
+    ``token_channels`` a positive int, ``sample_ids(1, "cpu")`` integer positions ``(1, L, 3)``. Run when a run is
+    built, so a plug-in's mistake stops it before training rather than at its first preview."""
+    channels = modality.token_channels
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"modality {modality.name!r}: token_channels must be a positive int (C of the tokens "
+                         f"(B, L, C) that encode returns), got {channels!r}")
+    ids = modality.sample_ids(1, "cpu")
+    if (not isinstance(ids, torch.Tensor) or ids.ndim != 3 or ids.shape[0] != 1 or ids.shape[2] != 3
+            or ids.shape[1] < 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
+        got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else repr(ids)
+        raise ValueError(f"modality {modality.name!r}: sample_ids(1, 'cpu') must give integer token positions "
+                         f"(1, L, 3) — (t, h, w) of each of the L tokens; got {got}")
+
+
+def open_stream(modality: Modality, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataStream:
+    """``modality.stream(…)``, refused unless it is resumable: a checkpoint stores its ``state_dict()``, so a plain
+    generator would train and then fail at the first checkpoint."""
+    stream = modality.stream(batch_size, seed, rank, world_size)
+    if not all(callable(getattr(stream, m, None)) for m in ("__iter__", "state_dict", "load_state_dict")):
+        raise ValueError(f"modality {modality.name!r}: stream() must return a DataStream (iterable, with "
+                         f"state_dict and load_state_dict: a checkpoint records the data position; "
+                         f"data.indexed_stream.IndexedStream makes one from render(indices)), got "
+                         f"{type(stream).__name__}")
+    return stream
+
+
+def check_data_labels(modality: Modality, cond: Conditioning) -> None:
+    """Refuse class labels from :meth:`Modality.encode` outside ``0…num_classes − 1``. The backbone accepts
+    ``num_classes`` too — the null label, which training itself sets for classifier-free guidance — so labels
+    counted from 1 would train without an error, the last class merged with "unconditional". The trainer asks on
+    each session's first batch of a modality (a device sync there, not on every step)."""
+    k, labels = modality.num_classes, cond.labels
+    if not k or labels is None or labels.numel() == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= k:
+        raise ValueError(f"modality {modality.name!r}: encode gave class labels in {low}…{high}, outside 0…{k - 1} "
+                         f"(num_classes = {k}; {k} is the null label that training sets itself for guidance)")

@@ -43,15 +43,27 @@ _OBJECTIVES: dict[str, ObjectiveKind] = {kind.name: kind for kind in BUILTIN_OBJ
 
 def check_modality_class(cls: Any, where: str) -> None:
     """Refuse, naming ``where`` it came from, what cannot serve as a modality: not a :class:`Modality` subclass,
-    one that leaves abstract methods unimplemented, or a ``sample_conditions`` that does not take
-    ``(samples, device)``. Checked when the class is registered, so a plug-in's mistake is one line at start-up
-    rather than a failure at its first preview."""
+    one that leaves abstract methods unimplemented or lacks a class attribute (``name``, ``Options``,
+    ``default_mask_ratio``), or a ``sample_conditions`` that does not take ``(samples, device)``. Checked when
+    the class is registered, so a plug-in's mistake is one line at start-up rather than a failure at its first
+    preview."""
     from .modality import Modality  # here: modality.py imports much of core, this module little
 
     if not (isinstance(cls, type) and issubclass(cls, Modality)):
         raise ValueError(f"{where} must be a Modality subclass, got {cls!r}")
     if missing := sorted(getattr(cls, "__abstractmethods__", ())):
         raise ValueError(f"{where}: modality class {cls.__name__} does not implement {', '.join(missing)}")
+    # the class attributes the trainer reads before any method runs
+    name, ratio = getattr(cls, "name", None), getattr(cls, "default_mask_ratio", None)
+    if not (isinstance(name, str) and name):
+        raise ValueError(f"{where}: modality class {cls.__name__} needs a class attribute name (a non-empty str, "
+                         f"its data.modality), got {name!r}")
+    if not hasattr(cls, "Options"):
+        raise ValueError(f"{where}: modality class {cls.__name__} needs a class attribute Options (the pydantic "
+                         "model of its data.options)")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        raise ValueError(f"{where}: modality class {cls.__name__} needs a class attribute default_mask_ratio (R_M, "
+                         f"in [0, 1]), got {ratio!r}")
     signature = inspect.signature(cls.sample_conditions)
     try:
         signature.bind(None, 1, "cpu")
@@ -63,6 +75,7 @@ def check_modality_class(cls: Any, where: str) -> None:
 def register_modality(cls: type[Modality]) -> type[Modality]:
     """Register a modality class under ``cls.name`` (usable as a decorator); see :func:`check_modality_class`."""
     check_modality_class(cls, f"register_modality({getattr(cls, '__name__', cls)!r})")
+    _note_plugin(cls.__module__)
     _MODALITIES[cls.name] = cls
     return cls
 
@@ -89,7 +102,29 @@ def load_registered(table: dict[str, T], group: str, name: str, unknown: Callabl
     except Exception as e:
         raise ValueError(f"the {group} entry point {name} = {eps[name].value} failed to load: "
                          f"{type(e).__name__}: {e}") from e
+    _note_plugin(eps[name].module)
     return table[name]
+
+
+_PLUGIN_PACKAGES: set[str] = set()  # top-level packages of the plug-ins loaded or registered in this process
+
+
+def _note_plugin(module: str) -> None:
+    if (package := module.split(".")[0]) != "selfflow":
+        _PLUGIN_PACKAGES.add(package)
+
+
+def plugin_frame(error: BaseException) -> str | None:
+    """``file:line in function`` of the innermost frame of ``error``'s traceback that runs a plug-in's code, if any:
+    the CLI adds it to the one-line message of an error a plug-in raised (a ``KeyError: 'label'`` from its
+    ``encode`` would otherwise read ``selfflow: error: label``)."""
+    where, tb = None, error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if str(frame.f_globals.get("__name__", "")).split(".")[0] in _PLUGIN_PACKAGES:
+            where = f"{frame.f_code.co_filename}:{tb.tb_lineno} in {frame.f_code.co_name}"
+        tb = tb.tb_next
+    return where
 
 
 def available_modalities() -> list[str]:

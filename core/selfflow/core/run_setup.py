@@ -33,7 +33,7 @@ from .config import (
     short_repr,
 )
 from .data.data_facts import collecting
-from .modality import Modality
+from .modality import Modality, check_layout
 from .objective import ResolvedObjective
 from .registry import get_modality
 
@@ -171,6 +171,8 @@ def build_run(cfg: RunConfig, *, device: str | torch.device = "cpu", projector: 
     objective kind is not installed here."""
     with collecting() as facts:
         modalities = build_modalities(cfg)
+    for m in modalities.values():
+        check_layout(m)
     if projector is None:
         objectives = resolve_objectives(cfg, modalities)
         projector = any(o.uses_projector for o in objectives.values())

@@ -34,7 +34,7 @@ from .distributed import all_mean, init_distributed
 from .ema import ema_update, make_ema
 from .flops import train_step_flops
 from .mixture import ModalitySchedule
-from .modality import Batch
+from .modality import Batch, check_data_labels, open_stream
 from .precision import warn_if_slow
 from .previewer import EvaluationInterrupted, Previewer
 from .run_setup import (
@@ -83,7 +83,7 @@ class Trainer:
         # Same seed on every rank: each rank slices its part of the global draw (StepNoise.draw).
         self.generator = torch.Generator(device=self.device).manual_seed(tc.seed * 1000 + 17)
         self.schedule = ModalitySchedule({n: e.weight for n, e in self.entries.items()}, tc.seed * 1000 + 29)
-        self.streams = {n: m.stream(self.batch_size(n), tc.seed, self.dist.rank, self.dist.world_size)
+        self.streams = {n: open_stream(m, self.batch_size(n), tc.seed, self.dist.rank, self.dist.world_size)
                         for n, m in self.run.modalities.items()}
         self.step = 0
         self.eval_pending = False  # this step's evaluation was deferred by a stop: the resumed run does it first
@@ -201,6 +201,8 @@ class Trainer:
             self.generator.set_state(rng_state)
             # The batch moves here, for every modality (asynchronously when pinned); encode's own .to keep it.
             tokens, cond = modality.encode(batch_to_device(batch, self.device), self.device)
+            if name not in self.tokens_per_sample:  # this session's first batch: one device sync, not one a step
+                check_data_labels(modality, cond)
             self.tokens_per_sample[name] = tokens.x.shape[1]
             self.context_per_sample[name] = 0 if cond.context is None else cond.context.shape[1]
             with parallel.grad_sync(self.model, i == accum - 1), autocast:
