@@ -90,3 +90,20 @@ def test_an_error_raised_in_plug_in_code_is_located(installed, tmp_path, monkeyp
     assert err.startswith("selfflow: error: label (KeyError in plug-in code at ")
     assert err.endswith(f"{tmp_path / 'site' / 'typo_waves.py'}:8 in encode; SELFFLOW_TRACEBACK=1 prints the "
                         "traceback)"), err
+
+
+def test_the_example_package_declares_each_plug_in(monkeypatch):
+    """``pip install -e examples/plugins`` (its pyproject.toml) registers the three examples the tests install."""
+    from importlib.metadata import EntryPoint
+
+    tomllib = pytest.importorskip("tomllib")  # Python ≥ 3.11
+    project = tomllib.loads((PLUGINS / "pyproject.toml").read_text())
+    modules = project["tool"]["setuptools"]["py-modules"]
+    assert sorted(f"{m}.py" for m in modules) == sorted(p.name for p in PLUGINS.glob("*.py"))
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    found = {group: {name: EntryPoint(name, value, group).load() for name, value in entries.items()}
+             for group, entries in project["project"]["entry-points"].items()}
+    assert found["selfflow.modalities"]["sine_waves"].name == "sine_waves"
+    assert found["selfflow.backbones"]["toy_mlp"].config_cls.model_fields["arch"].default == "toy_mlp"
+    assert found["selfflow.objectives"]["self_flow_noisier_mask"].name == "self_flow_noisier_mask"
+    registry.check_modality_class(found["selfflow.modalities"]["sine_waves"], "examples/plugins/pyproject.toml")

@@ -91,7 +91,7 @@ def check_forward_inputs(x: Any, ids: Any, t: Any, labels: Any, *, modality: str
 
     if not (isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[-1] == channels and x.is_floating_point()):
         raise ValueError(f"x must be a float tensor (B, L, C) with C={channels} for modality {modality!r}; "
-                         f"got {shape(x)}")
+                         f"got {shape(x)} (C is the modality's token_channels, which its encode must give)")
     b, n = x.shape[:2]
     if not (isinstance(ids, torch.Tensor) and ids.ndim == 3 and ids.shape[0] in (1, b) and ids.shape[1:] == (n, 3)):
         raise ValueError(f"ids must be (B, L, 3) = {(b, n, 3)} for x (B, L, C) = {tuple(x.shape)}; got {shape(ids)}")
