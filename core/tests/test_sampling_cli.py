@@ -177,3 +177,25 @@ def test_a_grid_refuses_several_ranks_and_names_what_shards(monkeypatch, capsys)
     assert main(["sample", "--run", "r", "--num", "4"]) == 2
     assert "selfflow sample without --out-dir (one grid) runs in one process (--out-dir DIR shares" in \
         capsys.readouterr().err
+
+
+def test_guidance_flags_on_an_unconditional_model_are_noted(capsys):
+    """They used to be ignored without a word: an unconditional model has nothing to guide by."""
+    import argparse
+    from types import SimpleNamespace
+
+    from selfflow.core.sampler import SamplerConfig
+    from selfflow.core.sampling_cli import _sampler
+
+    flags = {"steps": None, "solver": None, "shift": None, "precision": None, "guidance_low": None,
+             "guidance_high": None}
+    plain = SimpleNamespace(name="waves", num_classes=0, context_dim=0)
+    _sampler(SamplerConfig(), argparse.Namespace(**flags, cfg_scale=None, labels="random"), plain)
+    assert capsys.readouterr().err == ""
+    sampler = _sampler(SamplerConfig(), argparse.Namespace(**flags, cfg_scale=4.0, labels="balanced"), plain)
+    assert sampler.cfg_scale == 4.0 and capsys.readouterr().err == (
+        "note: --cfg-scale, --labels: no effect on an unconditional model ('waves' has no classes or captions to "
+        "guide by)\n")
+    _sampler(SamplerConfig(), argparse.Namespace(**flags, cfg_scale=4.0), SimpleNamespace(name="i", num_classes=3,
+                                                                                            context_dim=0))
+    assert capsys.readouterr().err == ""

@@ -34,7 +34,15 @@ def _load_official(args: argparse.Namespace, device: torch.device) -> tuple[Any,
     return loaders[name](args.official_ckpt, {"vae": args.vae, "device": device})
 
 
-def _sampler(base: Any, args: argparse.Namespace) -> SamplerConfig:
+def _sampler(base: Any, args: argparse.Namespace, modality: Modality) -> SamplerConfig:
+    """The sampler the flags ask for; on an unconditional model, a note for the flags that cannot apply there."""
+    if not (modality.num_classes or modality.context_dim):
+        given = {"--cfg-scale": args.cfg_scale is not None, "--guidance-low": args.guidance_low is not None,
+                 "--guidance-high": args.guidance_high is not None,
+                 "--labels": getattr(args, "labels", "random") != "random"}
+        if idle := [flag for flag, on in given.items() if on]:
+            print(f"note: {', '.join(idle)}: no effect on an unconditional model ({modality.name!r} has no classes "
+                  "or captions to guide by)", file=sys.stderr)
     return sampler_config(base, steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale, shift=args.shift,
                           precision=args.precision, guidance_low=args.guidance_low, guidance_high=args.guidance_high)
 
@@ -53,7 +61,7 @@ def _sample_grid(args: argparse.Namespace, prompts: list[str] | None) -> int:
     one_process_only("selfflow sample without --out-dir (one grid)", "--out-dir DIR shares many samples out "
                      "among the ranks")
     loaded = load_model(args.run, args.device, getattr(args, "modality", None), args.weights)
-    sampler = _sampler(loaded.config.sampler(loaded.modality), args)
+    sampler = _sampler(loaded.config.sampler(loaded.modality), args, loaded.modality)
     device = next(loaded.model.parameters()).device
     n = args.num or (len(prompts) if prompts else 40)
     with torch.inference_mode(), tqdm(total=sampler.steps, desc="sampling", unit="step", leave=False,
@@ -119,7 +127,7 @@ def run_sample(args: argparse.Namespace) -> int:
             model, modality, base = loaded.model, loaded.modality, loaded.config.sampler(loaded.modality)
         else:
             raise ConfigError("--out-dir needs --run RUN or --official-ckpt PATH")
-        sampler = _sampler(base, args)
+        sampler = _sampler(base, args, modality)
         out_dir = args.out_dir or (model_root(args.run or Path("samples")) / "samples" / f"eval_seed{args.seed}")
         opts = SampleManyConfig(num=args.num or (len(prompts) if prompts else 50_000), batch_size=args.batch_size,
                                 seed=args.seed, labels=args.labels, png=args.png, npz=args.npz, out_dir=out_dir,
