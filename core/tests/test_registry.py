@@ -24,6 +24,17 @@ def test_an_entry_point_named_other_than_its_modality_is_refused_when_looked_up(
         registry.get_modality("misnamed")
 
 
+def test_selfflow_modalities_says_which_plug_in_is_broken_and_why(tmp_path, monkeypatch, capsys):
+    from selfflow.core.cli import main
+
+    _install(tmp_path, monkeypatch, "misnamed = selfflow.image.modality:ImageModality")
+    assert main(["modalities"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert "image" in lines and any(line.startswith("misnamed  (broken: entry point selfflow.modalities:misnamed = "
+                                                    "selfflow.image.modality:ImageModality must be a Modality class "
+                                                    "whose name is 'misnamed'") for line in lines), lines
+
+
 def test_a_modality_whose_module_does_not_import_is_named(tmp_path, monkeypatch):
     from selfflow.core.config import load_config
     from selfflow.core.run_setup import build_modalities

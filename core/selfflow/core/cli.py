@@ -28,7 +28,7 @@ from .config import ConfigError, load_config, validation_problems
 from .distributed import launched_world_size, left_out_of_step
 from .export_cli import add_export_parser
 from .faults import RunInterrupted, RunStopped
-from .registry import available_modalities, command_registrars, plugin_frame
+from .registry import available_modalities, command_registrars, get_modality, plugin_frame
 from .safe_yaml import YamlError
 
 if TYPE_CHECKING:
@@ -141,9 +141,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_modalities(args: argparse.Namespace) -> int:
+    """One line per installed modality; a plug-in that cannot load, or breaks the contract, says why."""
+    broken = 0
     for name in available_modalities():
-        print(name)
-    return 0
+        try:
+            get_modality(name)
+        except (KeyError, ValueError) as e:
+            print(f"{name}  (broken: {error_message(e)})")
+            broken += 1
+        else:
+            print(name)
+    return 1 if broken else 0
 
 
 def add_sample_arguments(smp: argparse.ArgumentParser) -> None:
@@ -277,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     mods = sub.add_parser("modalities", help="list installed modalities",
                           description="The modalities the installed packages register (data.modality in a "
-                                      "config; pip install -e ./video etc. adds one).")
+                                      "config; pip install -e ./video etc. adds one). Each is loaded and "
+                                      "checked: a plug-in that cannot serve says why, and the exit status is 1.")
     mods.set_defaults(func=_cmd_modalities)
 
     for register in command_registrars().values():
