@@ -56,9 +56,73 @@ def test_a_registered_module_missing_protocol_members_is_named():
         def __init__(self, cfg):
             super().__init__()
 
+        def forward(self, x, ids, t, cond=None, **options):
+            return x
+
     register_backbone("dit", DiTConfig, Bare)
-    with pytest.raises(TypeError, match=r"lacks \['activation_checkpointing', 'blocks', 'depth'"):
+    with pytest.raises(ValueError, match=r"lacks \['activation_checkpointing', 'blocks', 'depth'"):
         build_backbone(DiTConfig(modalities={"image": 16}))
+
+
+def test_register_backbone_checks_the_config_fields_and_the_forward_signature():
+    class NoFill(BaseModel):
+        arch: str = "nofill"
+        depth: int = 2
+
+    class Lax(DiTConfig):
+        arch: str = "lax"
+
+    class NoForward(torch.nn.Module):
+        pass
+
+    class NoKeywords(torch.nn.Module):
+        def forward(self, x, t, cond=None):
+            return x
+
+    with pytest.raises(TypeError, match=r"backbone 'nofill': NoFill needs the field\(s\) modalities, num_classes, "
+                                        r"projector_mult, which the trainer fills"):
+        register_backbone("nofill", NoFill, MMDiT)
+    with pytest.raises(TypeError, match=r"backbone 'lax': NoForward does not define forward"):
+        register_backbone("lax", Lax, NoForward)
+    with pytest.raises(TypeError, match=r"NoKeywords\.forward\(self, x, t, cond=None\) must take \(self, x, ids, t, "
+                                        r"cond=None, \*, modality, capture, stop_after, project\)"):
+        register_backbone("lax", Lax, NoKeywords)
+
+
+def test_a_typo_in_the_model_section_is_refused_even_by_a_lax_config_class():
+    """pydantic drops undeclared keys unless the model forbids them: a config class without extra="forbid" would
+    train at the default of a misspelt key."""
+    class LaxConfig(BaseModel):  # no extra="forbid"
+        arch: str = "lax"
+        hidden_size: int = 32
+        modalities: dict[str, int] = {}
+        num_classes: int = 0
+        projector_mult: float = 0.0
+        depth: int = 2
+
+    register_backbone("lax", LaxConfig, MMDiT)
+    assert backbones.validate_model_config({"arch": "lax", "hidden_size": 64}).hidden_size == 64
+    with pytest.raises(ConfigError, match=r"model\.hidden_sise: unknown key"):
+        load_config(None, ["model={arch: lax, hidden_sise: 64}"])
+
+
+def test_a_module_class_given_as_the_entry_point_is_named_not_called(tmp_path, monkeypatch):
+    _install_plugin(tmp_path, monkeypatch, target="toy_mlp_backbone:ToyMLP")
+    with pytest.raises(ConfigError, match=r"entry point toy_mlp = 'toy_mlp_backbone:ToyMLP' \(selfflow\.backbones\) "
+                                          r"must give a \(config_cls, module_cls\) pair"):
+        load_config(None, ["model.arch=toy_mlp"])
+
+
+def test_a_forward_that_ignores_capture_is_named():
+    from selfflow.core.backbone_protocol import captured
+
+    velocity = torch.zeros(4, 16, 48)
+    assert captured((velocity, {3: velocity}), (3,))[1][3] is velocity
+    with pytest.raises(ValueError, match=r"asked for capture=\(3,\), must return \(velocity, \{block: features "
+                                         r"\(B, L, D\)\}\) holding blocks \[3\]; got a tensor \(4, 16, 48\)"):
+        captured(velocity, (3,))
+    with pytest.raises(ValueError, match=r"got features of blocks \[2\]"):
+        captured((velocity, {2: velocity}), (3,))
 
 
 def test_unknown_arch_is_a_config_error_naming_the_key():

@@ -116,3 +116,19 @@ def embed_labels(table: nn.Embedding, labels: torch.Tensor) -> torch.Tensor:
         null = table.num_embeddings - 1
         raise ValueError(f"class labels must lie in 0…{null} ({null}: the null label); got "
                          f"{labels.flatten()[:8].tolist()}") from e
+
+
+def captured(out: Any, blocks: tuple[int, ...]) -> tuple[Any, dict[int, torch.Tensor]]:
+    """A backbone's output for ``capture=blocks``, checked: ``(velocity, {k: (B, L, D)})`` holding each block
+    asked for. A forward that ignores ``capture`` returns the velocity alone, which ``pred, feats = …`` would
+    split along the batch axis into a confusing error (or, at batch 2, a wrong one) far from the cause."""
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict) and all(k in out[1] for k in blocks):
+        return out
+    if isinstance(out, torch.Tensor):
+        got = f"a tensor {tuple(out.shape)}"
+    elif isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
+        got = f"features of blocks {sorted(out[1])}"
+    else:
+        got = f"a {type(out).__name__}" + (f" of {len(out)}" if isinstance(out, tuple) else "")
+    raise ValueError(f"the backbone's forward, asked for capture={blocks}, must return (velocity, {{block: "
+                     f"features (B, L, D)}}) holding blocks {list(blocks)}; got {got}")

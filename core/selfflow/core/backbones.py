@@ -15,6 +15,7 @@ field defaults to the registered name; ``module_cls(config)`` builds a
 
 from __future__ import annotations
 
+import inspect
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, NamedTuple
 
@@ -27,6 +28,7 @@ from .backbone_protocol import Backbone, BackboneConfig
 from .dit import DiT, DiTConfig
 from .mmdit import MMDiT, MMDiTConfig
 from .registry import load_registered
+from .undeclared_keys import undeclared_keys
 
 ENTRY_POINT_GROUP = "selfflow.backbones"
 DEFAULT_ARCH = "mmdit"
@@ -38,6 +40,7 @@ class BackboneSpec(NamedTuple):
 
 
 _BACKBONES: dict[str, BackboneSpec] = {}
+_FILLED_FIELDS = ("modalities", "num_classes", "projector_mult")
 _PROTOCOL_MEMBERS = sorted({*Backbone.__annotations__, *(n for n in vars(Backbone) if not n.startswith("_"))})
 
 
@@ -50,6 +53,21 @@ def register_backbone(arch: str, config_cls: type[BaseModel], module_cls: type[n
         raise TypeError(f"backbone {arch!r}: {config_cls.__name__} needs an 'arch' field defaulting to {arch!r}")
     if not (isinstance(module_cls, type) and issubclass(module_cls, nn.Module)):
         raise TypeError(f"backbone {arch!r}: the module class must be a torch.nn.Module, got {module_cls!r}")
+    # what the trainer sets or reads on the config before building (BackboneConfig)
+    if missing := [f for f in _FILLED_FIELDS if f not in config_cls.model_fields]:
+        raise TypeError(f"backbone {arch!r}: {config_cls.__name__} needs the field(s) {', '.join(missing)}, which the "
+                        "trainer fills before building (selfflow.core.backbone_protocol.BackboneConfig)")
+    if "depth" not in config_cls.model_fields and not isinstance(getattr(config_cls, "depth", None), property):
+        raise TypeError(f"backbone {arch!r}: {config_cls.__name__} needs depth (a field or a property): the number "
+                        "of blocks, which the objective's layers are checked against")
+    if module_cls.forward is nn.Module.forward:
+        raise TypeError(f"backbone {arch!r}: {module_cls.__name__} does not define forward")
+    signature = inspect.signature(module_cls.forward)
+    try:
+        signature.bind(None, "x", "ids", "t", None, modality=None, capture=(), stop_after=None, project=False)
+    except TypeError as e:
+        raise TypeError(f"backbone {arch!r}: {module_cls.__name__}.forward{signature} must take (self, x, ids, t, "
+                        f"cond=None, *, modality, capture, stop_after, project) ({e})") from None
     _BACKBONES[arch] = BackboneSpec(config_cls, module_cls)
 
 
@@ -63,14 +81,14 @@ def backbone_spec(arch: str) -> BackboneSpec:
     def load(ep: EntryPoint) -> BackboneSpec:
         try:
             spec = ep.load()
-            if callable(spec) and not isinstance(spec, tuple):
+            if callable(spec) and not isinstance(spec, tuple | type):  # a factory; a class is a mistake, said below
                 spec = spec()
         except Exception as e:  # a broken plug-in: say which one, not only the import error
             raise ValueError(f"backbone plug-in {arch!r} (entry point {ep.value!r}) failed to load: "
                              f"{type(e).__name__}: {e}") from e
         if not (isinstance(spec, tuple) and len(spec) == 2):
-            raise TypeError(f"entry point {arch} = {ep.value!r} ({ENTRY_POINT_GROUP}) must give a "
-                            f"(config_cls, module_cls) pair, got {spec!r}")
+            raise ValueError(f"entry point {arch} = {ep.value!r} ({ENTRY_POINT_GROUP}) must give a "
+                             f"(config_cls, module_cls) pair (or a function returning one), got {spec!r}")
         register_backbone(arch, *spec)
         return _BACKBONES[arch]
 
@@ -95,6 +113,9 @@ def validate_model_config(value: Any) -> BaseModel:
             "type": PydanticCustomError("unknown_backbone", reason), "loc": ("arch",), "input": arch}])
     if isinstance(value, spec.config_cls):
         return value
+    if isinstance(value, dict) and (unknown := undeclared_keys(spec.config_cls, value)):
+        raise ValidationError.from_exception_data("model", [
+            {"type": "extra_forbidden", "loc": (k,), "input": value[k]} for k in unknown])
     return spec.config_cls.model_validate(value)
 
 
@@ -107,7 +128,7 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     model = spec.module_cls(cfg)
     missing = protocol_gaps(model)
     if missing:
-        raise TypeError(f"backbone {cfg.arch!r} ({spec.module_cls.__name__}) lacks {missing} of the backbone "
+        raise ValueError(f"backbone {cfg.arch!r} ({spec.module_cls.__name__}) lacks {missing} of the backbone "
                         "protocol (selfflow.core.backbone_protocol.Backbone)")
     return model
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbone_protocol import captured
 from .modulation import TokenTimesteps
 from .tokens import Conditioning
 
@@ -54,5 +55,5 @@ def teacher_features(teacher: nn.Module, x: torch.Tensor, ids: torch.Tensor, t: 
                      cond: Conditioning, *, modality: str | None, layer: int) -> torch.Tensor:
     """The EMA teacher's block-``layer`` hidden states ``(B, L, D)``: no gradients, no block past ``layer``."""
     with torch.no_grad():
-        _, feats = teacher(x, ids, t, cond, modality=modality, capture=(layer,), stop_after=layer)
+        _, feats = captured(teacher(x, ids, t, cond, modality=modality, capture=(layer,), stop_after=layer), (layer,))
     return feats[layer]

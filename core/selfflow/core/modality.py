@@ -23,6 +23,7 @@ from .sampler import SamplerSettings
 from .timesteps import TimestepDistribution
 from .token_schedule import TokenSchedule
 from .tokens import Conditioning, Tokens
+from .undeclared_keys import undeclared_keys
 
 Batch = dict[str, torch.Tensor]
 
@@ -87,12 +88,9 @@ class Modality(ABC):
             options = options.model_dump()
         self.options = TypeAdapter(self.Options).validate_python(options or {})
         model = type(self.options)
-        # pydantic ignores unknown keys unless the model forbids them: a typo'd option would train on the default
-        if isinstance(self.options, BaseModel) and model.model_config.get("extra") in (None, "ignore"):
-            known = {k for name, f in model.model_fields.items() for k in (name, f.alias) if k}
-            if unknown := sorted(set(options or {}) - known):
-                raise ValueError(f"unknown option(s) {', '.join(unknown)} of modality {self.name!r}; its options: "
-                                 f"{', '.join(sorted(model.model_fields))}")
+        if isinstance(self.options, BaseModel) and (unknown := undeclared_keys(model, options)):
+            raise ValueError(f"unknown option(s) {', '.join(unknown)} of modality {self.name!r}; its options: "
+                             f"{', '.join(sorted(model.model_fields))}")
 
     # --- shapes -----------------------------------------------------------------------------------
     @property

@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
+from .backbone_protocol import captured
 from .dual_timestep import TeacherLevel
 from .loss_terms import alignment_loss, flow_matching_loss, teacher_features
 from .noise_plan import SecondLevel, plan_for
@@ -135,8 +136,8 @@ class ResolvedObjective:
             return {"loss": loss_fm, "loss_fm": loss_fm.detach(), "loss_rep": torch.zeros((), device=x0.device),
                     **groups_fm}
         aligned_to = self._alignment_target(teacher, tokens)
-        pred, feats = student(x_student, tokens.ids, view.student.model, cond, modality=modality,
-                              capture=(self.student_layer,), project=True)
+        pred, feats = captured(student(x_student, tokens.ids, view.student.model, cond, modality=modality,
+                                       capture=(self.student_layer,), project=True), (self.student_layer,))
         if aligned_to is None:
             aligned_to = teacher_features(teacher, view.noised(x0, view.teacher), tokens.ids, view.teacher.model,
                                           cond, modality=modality, layer=self.teacher_layer)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from selfflow.core.backbone_protocol import captured
 from selfflow.core.modality import preview_conditions
 
 LEVELS = (0.0, 0.25, 0.5)
@@ -60,8 +61,8 @@ def block_features(model: nn.Module, modality: Any, images: torch.Tensor, t: flo
         noise = torch.randn(tokens.x.shape, generator=gen).to(device)
         x_t = (1 - t) * tokens.x + t * noise
         tt = torch.full((n,), float(t), device=device)
-        _, feats = model(x_t, tokens.ids, tt, null, modality=modality.name, capture=tuple(blocks),
-                         stop_after=max(blocks))
+        _, feats = captured(model(x_t, tokens.ids, tt, null, modality=modality.name, capture=tuple(blocks),
+                                  stop_after=max(blocks)), tuple(blocks))
         for k in blocks:
             out[k].append(feats[k].float().mean(1).cpu())  # (B, L, D) → (B, D)
     return {k: torch.cat(v) for k, v in out.items()}
