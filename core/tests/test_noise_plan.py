@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from selfflow.core.dual_timestep import TeacherLevel
@@ -48,6 +49,24 @@ def test_a_second_level_rule_replaces_s_without_moving_later_draws():
     assert (ruled.dual.s == 0.5).all() and torch.equal(ruled.dual.t, plain.dual.t)
     assert torch.equal(ruled.noise, plain.noise) and torch.equal(ruled.dual.mask, plain.dual.mask)
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+
+
+def test_a_second_level_rule_that_returns_no_tensor_of_s_s_shape_is_named():
+    class Scalar(_Settings):
+        @staticmethod
+        def second_level(t, s):
+            return 0.5
+
+    class Half(_Settings):
+        @staticmethod
+        def second_level(t, s):
+            return s[:2]
+
+    with pytest.raises(ValueError, match=r"second_level rule must return s as t and s come, a float tensor \(4,\); "
+                                         r"got float"):
+        StepNoise.draw((4, 8, 3), Scalar(), torch.Generator().manual_seed(0), "cpu")
+    with pytest.raises(ValueError, match=r"a float tensor \(4,\); got \(2,\) torch\.float32"):
+        StepNoise.draw((4, 8, 3), Half(), torch.Generator().manual_seed(0), "cpu")
 
 
 def test_dual_plan_levels_and_plain_weights():

@@ -258,3 +258,9 @@ def test_bf16_activations_are_profiled_not_halved():
     bf16 = make_plan(load_config(CONFIG, ["train.precision=bf16"]))
     ratio = bf16.activations(1, False) / fp32.activations(1, False)
     assert 0.5 < ratio < 0.8  # bf16 copies of matmul and attention inputs; the fp32 residual stream stays
+
+
+def test_parameter_counts_read_as_people_say_them():
+    from selfflow.core.plan import _count
+
+    assert [_count(n) for n in (675_129_632, 40_312, 1_200_000_000, 512)] == ["675.1M", "40.3k", "1.2B", "512"]

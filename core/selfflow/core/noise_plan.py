@@ -63,6 +63,10 @@ class StepNoise:
         dual = sample_dual_timesteps(g, length, obj.timesteps, obj.mask_ratio, generator, device, eligible)
         sl = slice(rank * b, (rank + 1) * b)
         s = dual.s if obj.second_level is None else obj.second_level(dual.t, dual.s)
+        if not (isinstance(s, torch.Tensor) and s.shape == dual.s.shape and s.is_floating_point()):
+            got = f"{tuple(s.shape)} {s.dtype}" if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"the objective's second_level rule must return s as t and s come, a float tensor "
+                             f"{tuple(dual.s.shape)}; got {got}")
         return cls(noise=noise[sl], dual=DualTimesteps(dual.t[sl], s[sl], dual.mask[sl]), drop=drop[sl])
 
 

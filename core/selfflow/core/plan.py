@@ -317,6 +317,14 @@ def live_peak_bytes(step: Callable[[], object]) -> int:
     return peak
 
 
+def _count(n: int) -> str:
+    """A parameter count as people say it: 675.1M, 1.2B, 40.3k."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
 def format_plans(plans: list[tuple[Plan, int]], gpus: int, gpu_mem_gb: float) -> str:
     """The plans of one run (one per modality, with its micro-batch) as a short table (GiB) for ``gpus`` GPUs
     of ``gpu_mem_gb``: the state once, then per modality FLOPs, activations, memory per GPU and the largest
@@ -324,7 +332,7 @@ def format_plans(plans: list[tuple[Plan, int]], gpus: int, gpu_mem_gb: float) ->
     gib = lambda v: f"{v / GIB:.2f} GiB"  # noqa: E731
     first, mixed, mem = plans[0][0], len(plans) > 1, gpu_mem_gb * 1e9
     what = (f"{len(plans)} modalities, one per step" if mixed else f"{first.tokens} tokens per sample")
-    lines = [f"{first.name}: {first.params / 1e6:.1f}M trainable parameters, {what}"
+    lines = [f"{first.name}: {_count(first.params)} trainable parameters, {what}"
              f"{', bf16 autocast' if first.bf16 else ''}"]
     for strategy in ("ddp", "fsdp2"):
         what = ("weights, AdamW, EMA, DDP's gradient buckets" if strategy == "ddp"

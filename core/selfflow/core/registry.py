@@ -185,8 +185,9 @@ def get_objective(name: str) -> ObjectiveKind:
     def load(ep: EntryPoint) -> ObjectiveKind:
         kind = ep.load()
         if not isinstance(kind, ObjectiveKind) or kind.name != name:
+            got = f"an ObjectiveKind named {kind.name!r}" if isinstance(kind, ObjectiveKind) else repr(kind)[:120]
             raise ValueError(f"entry point selfflow.objectives:{name} = {ep.value} must be an ObjectiveKind "
-                            f"named {name!r}, got {kind!r}")
+                             f"named {name!r}, got {got}")
         return kind
 
     return load_registered(
