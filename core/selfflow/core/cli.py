@@ -28,7 +28,7 @@ from .config import ConfigError, load_config, validation_problems
 from .distributed import launched_world_size, left_out_of_step
 from .export_cli import add_export_parser
 from .faults import RunInterrupted, RunStopped
-from .registry import available_modalities, command_registrars, get_modality, plugin_frame
+from .registry import command_registrars, plugin_frame
 from .safe_yaml import YamlError
 
 if TYPE_CHECKING:
@@ -142,16 +142,25 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_modalities(args: argparse.Namespace) -> int:
     """One line per installed modality; a plug-in that cannot load, or breaks the contract, says why."""
-    broken = 0
-    for name in available_modalities():
-        try:
-            get_modality(name)
-        except (KeyError, ValueError) as e:
-            print(f"{name}  (broken: {error_message(e)})")
-            broken += 1
-        else:
-            print(name)
-    return 1 if broken else 0
+    from .plugin_report import MODALITIES, plugin_statuses
+
+    statuses = plugin_statuses(MODALITIES)
+    for status in statuses:
+        print(status.name if status.error is None else f"{status.name}  (broken: {error_message(status.error)})")
+    return 1 if any(status.error for status in statuses) else 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugin_report import KINDS, plugin_statuses
+
+    report = [(kind, plugin_statuses(kind)) for kind in KINDS]
+    width = max(len(status.name) for _, statuses in report for status in statuses) + 2
+    for kind, statuses in report:
+        print(f"{kind.title} ({kind.setting}):")
+        for status in statuses:
+            what = status.source if status.error is None else f"broken: {error_message(status.error)}"
+            print(f"  {status.name:<{width}}{what}")
+    return 1 if any(status.error for _, statuses in report for status in statuses) else 0
 
 
 def add_sample_arguments(smp: argparse.ArgumentParser) -> None:
@@ -288,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "config; pip install -e ./video etc. adds one). Each is loaded and "
                                       "checked: a plug-in that cannot serve says why, and the exit status is 1.")
     mods.set_defaults(func=_cmd_modalities)
+    plugins = sub.add_parser("plugins", help="list and check every installed extension",
+                             description="Every modality, backbone, objective kind and online evaluator the "
+                                         "installed packages offer, with the entry point it comes from; each is "
+                                         "loaded and checked as a run would, and one that cannot serve says why "
+                                         "(exit status 1).")
+    plugins.set_defaults(func=_cmd_plugins)
 
     for register in command_registrars().values():
         register(sub)

@@ -84,6 +84,11 @@ def _entry_points(group: str) -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=group)}
 
 
+def entry_point_values(group: str) -> dict[str, str]:
+    """``name → "package.module:object"`` of the entry points installed in ``group`` (none loaded)."""
+    return {name: ep.value for name, ep in _entry_points(group).items()}
+
+
 def load_registered(table: dict[str, T], group: str, name: str, unknown: Callable[[], str],
                     load: Callable[[EntryPoint], T] = EntryPoint.load) -> T:
     """``table[name]`` if registered; else the entry point ``name`` of ``group``, loaded once and cached in
@@ -157,11 +162,15 @@ def command_registrars() -> dict[str, Any]:
 _EVALUATORS: dict[str, Any] = {}
 
 
+def available_evaluators() -> list[str]:
+    return sorted(_entry_points("selfflow.evaluators"))
+
+
 def get_evaluator(name: str):
     """The evaluator factory registered as ``name`` (see the module docstring)."""
     return load_registered(
         _EVALUATORS, "selfflow.evaluators", name,
-        lambda: (f"unknown evaluator {name!r}; installed: {sorted(_entry_points('selfflow.evaluators')) or 'none'} "
+        lambda: (f"unknown evaluator {name!r}; installed: {available_evaluators() or 'none'} "
                  "(the eval package registers them under the 'selfflow.evaluators' group)"))
 
 
