@@ -33,6 +33,15 @@ def test_unknown_key_names_key_value_and_file(tmp_path):
         load_config(p)
     msg = str(e.value)
     assert "train.stpes" in msg and "unknown key" in msg and str(p) in msg and "5" in msg
+    assert "YAML needs a space" not in msg
+
+
+def test_a_flow_mapping_without_a_space_after_the_colon_is_explained():
+    """YAML reads {kind:flow_matching} as one key with no value."""
+    with pytest.raises(ConfigError, match=r"objective\.kind:flow_matching: unknown key \(value None\) — YAML needs a "
+                                          r"space after a key's colon: write 'kind: flow_matching', not "
+                                          r"'kind:flow_matching'"):
+        load_config(None, ["objective={kind:flow_matching}"])
 
 
 def test_bad_value_and_bad_override(tmp_path):

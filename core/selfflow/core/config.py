@@ -255,7 +255,13 @@ def validation_problems(err: ValidationError, root: str = "") -> list[str]:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or root
         if e["type"] == "extra_forbidden":
-            out.append(f"{key}: unknown key (value {short_repr(e['input'])})")
+            # YAML reads {arch:dit} as the one key "arch:dit" (a mapping's colon needs a space after it)
+            last = e["loc"][-1] if e["loc"] else ""
+            glued = isinstance(last, str) and ":" in last and e["input"] is None
+            name, _, value = str(last).partition(":")
+            out.append(f"{key}: unknown key (value {short_repr(e['input'])})"
+                       + (f" — YAML needs a space after a key's colon: write '{name}: {value}', not '{last}'"
+                          if glued else ""))
         else:
             out.append(f"{key}: {e['msg']} (got {short_repr(e['input'])})")
     return out
