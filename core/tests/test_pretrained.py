@@ -146,3 +146,30 @@ def test_a_model_trained_with_an_objective_not_installed_here_loads_with_a_warni
         assert "objective.kind 'my_plugin_objective', which is not installed here" in caplog.text
     with pytest.raises(ConfigError, match=r"unknown objective\.kind 'my_plugin_objective'"):  # training needs it
         load_config(run_dir / "config.yaml")
+
+
+def test_a_run_that_trained_on_after_its_ema_export_loads_its_newest_checkpoint(tmp_path, caplog):
+    """ema.safetensors is written when a run finishes; resumed with more steps and stopped, the run's newer
+    checkpoint holds the EMA that sampling, evaluation and export must use (they silently used the old file)."""
+    import os
+
+    from selfflow.core.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    from selfflow.core.run_setup import read_run_weights
+    from selfflow.core.trainer import Trainer
+
+    cfg = load_config(None, [*TINY, f"output_dir={tmp_path}", "name=trained_on", "train.steps=2"])
+    Trainer(cfg, progress=False).fit()
+    run_dir, export = cfg.run_dir, cfg.run_dir / "ema.safetensors"
+    step, path = list_checkpoints(run_dir / "checkpoints")[-1]
+    state = load_checkpoint(path)
+    state["ema"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["ema"].items()}  # trained on
+    newer = save_checkpoint(state, run_dir / "checkpoints", step + 3)
+    os.utime(newer, (export.stat().st_mtime + 5,) * 2)
+    with caplog.at_level("WARNING"):
+        weights = read_run_weights(run_dir)
+    assert all(torch.equal(weights[k], v) for k, v in state["ema"].items())
+    assert f"{export} is older than {newer} (the run trained on after it was written)" in caplog.text
+    os.utime(export, (newer.stat().st_mtime + 5,) * 2)  # exported after that checkpoint: the file again
+    from selfflow.core.checkpoint import load_weights
+
+    assert all(torch.equal(read_run_weights(run_dir)[k], v) for k, v in load_weights(export).items())

@@ -194,14 +194,25 @@ def build_run(cfg: RunConfig, *, device: str | torch.device = "cpu", projector: 
 
 def read_run_weights(run_dir: Path, weights: str = "ema") -> dict[str, torch.Tensor]:
     """A run directory's weights: ``ema.safetensors``, else (or for ``weights="model"``) the newest
-    checkpoint's ``weights`` entry."""
+    checkpoint's ``weights`` entry. The file is written when a run finishes: a run trained on after it (resumed
+    with more steps, then stopped) has newer checkpoints, whose EMA is then used, with a warning that says so."""
     ema_file = run_dir / "ema.safetensors"
-    if weights == "ema" and ema_file.is_file():
-        return load_weights(ema_file)
+    export = ema_file if weights == "ema" and ema_file.is_file() else None
+    newest = latest_checkpoint(run_dir / "checkpoints")
+    if export is not None and (newest is None or export.stat().st_mtime >= newest.stat().st_mtime):
+        return load_weights(export)
     found = load_newest_intact(run_dir / "checkpoints")
     if found is None:
+        if export is not None:  # every newer checkpoint is broken
+            return load_weights(export)
         raise FileNotFoundError(f"no weights in {run_dir}: neither {ema_file} nor checkpoints/step_*.pt")
     ckpt, state, skipped = found
+    if export is not None:
+        if export.stat().st_mtime >= ckpt.stat().st_mtime:  # the newer checkpoints were broken
+            return load_weights(export)
+        logging.getLogger("selfflow.checkpoint").warning(
+            "selfflow: warning: %s is older than %s (the run trained on after it was written): using that "
+            "checkpoint's EMA weights", ema_file, ckpt)
     for _, why in skipped:
         logging.getLogger("selfflow.checkpoint").warning("selfflow: warning: skipped %s; using %s", why, ckpt)
     if weights not in state:
