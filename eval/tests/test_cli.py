@@ -118,9 +118,20 @@ def test_stats_then_adm_matches_independent_computation(data, inception_weights:
     # the statistics name their Inception weights: features of other weights are refused, not compared
     with np.load(root / "ref_stats.npz") as z:
         np.savez(root / "other_stats.npz", **{**{k: z[k] for k in z.files}, "inception_sha256": np.asarray("0" * 64)})
+        np.savez(root / "bad_sigma.npz", **{**{k: z[k] for k in z.files}, "sigma": np.eye(100)})
+
+    def extracted(*args, **kwargs):
+        raise AssertionError("features extracted before the statistics file was checked")
+
+    monkeypatch.setattr(adm_eval, "load_feature_set", extracted)  # the refusal comes before any extraction
     assert run(["eval", "adm", str(root / "other_stats.npz"), str(data["samples"]), "--inception",
                 str(inception_weights), "--out", str(out), "--no-progress"]) != 0
     assert "holds statistics of Inception weights with sha256 0000000000000000…" in capsys.readouterr().err
+    from selfflow.eval.image_io import read_reference_stats
+
+    with pytest.raises(ValueError, match=r"bad_sigma\.npz: mu must be \(D,\) and sigma \(D, D\); got \(2048,\), "
+                                         r"\(100, 100\)"):
+        read_reference_stats(root / "bad_sigma.npz")
 
 
 def test_adm_reference_batch_uses_stored_statistics(data, inception_weights: Path, tf_features,

@@ -121,11 +121,12 @@ def _weights_record(model: FIDInceptionV3) -> list[dict[str, str]]:
 def evaluate_adm(ref: str | os.PathLike[str], samples: str | os.PathLike[str], model: FIDInceptionV3, *,
                  batch_size: int = 64, fp16_distances: bool = True, progress: bool = True) -> dict[str, Any]:
     """The five ADM numbers plus provenance. Keys: fid, sfid, is, precision, recall, protocol, weights…"""
+    weights = _weights_record(model)
+    for given in (ref, samples):  # before extracting features: that can take hours
+        if Path(given).is_file():
+            check_stats_weights(Path(given), weights[0].get("sha256"))
     ref_set = load_feature_set(ref, model, batch_size=batch_size, progress=progress)
     smp_set = load_feature_set(samples, model, batch_size=batch_size, progress=progress)
-    weights = _weights_record(model)
-    for fs in (ref_set, smp_set):
-        check_stats_weights(fs.path, weights[0].get("sha256"))
     notes = ref_set.notes + smp_set.notes
     if "sha256" in weights[0]:
         notes += weights_hash_notes(weights[0]["sha256"])

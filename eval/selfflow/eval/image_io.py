@@ -187,6 +187,10 @@ def read_reference_stats(path: str | os.PathLike[str]) -> dict[str, np.ndarray] 
         for k in ("count", "count_s"):
             if k in keys:
                 out[k] = z[k]
+    for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):  # checked here, before any features are extracted
+        d = out[mu].shape[0] if out[mu].ndim == 1 else None
+        if d is None or out[sigma].shape != (d, d):
+            raise ValueError(f"{path}: {mu} must be (D,) and {sigma} (D, D); got {out[mu].shape}, {out[sigma].shape}")
     return out
 
 
