@@ -184,3 +184,17 @@ def test_a_modality_without_classes_or_prompts_is_asked_for_the_batch_s_own_indi
     sampler = loaded.config.sampler(modality).model_copy(update={"steps": 2})
     media, labels = generate_batch(loaded.model, modality, sampler, [12, 13], 0, "balanced", torch.device("cpu"))
     assert asked == [[12, 13]] and media.shape[0] == 2 and labels is None
+
+
+def test_ctrl_c_says_how_far_the_samples_got_and_how_to_finish(tmp_path, capsys):
+    from selfflow.core.sample_many import part_path, resume_note_on_interrupt
+
+    part_path(tmp_path, 0).parent.mkdir(parents=True)
+    part_path(tmp_path, 0).touch()
+    with pytest.raises(KeyboardInterrupt), resume_note_on_interrupt(tmp_path, 3, True):
+        raise KeyboardInterrupt
+    assert capsys.readouterr().err == (f"selfflow: 1 of 3 batches of samples are written in {tmp_path}; run the same "
+                                       "command again to make the rest\n")
+    with pytest.raises(KeyboardInterrupt), resume_note_on_interrupt(tmp_path, 3, False):  # rank ≠ 0: silent
+        raise KeyboardInterrupt
+    assert capsys.readouterr().err == ""

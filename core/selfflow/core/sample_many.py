@@ -23,11 +23,14 @@ truncation to uint8 — still resumable, and still the same on any number of our
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -211,29 +214,44 @@ def sample_many(model: nn.Module, modality: Modality, sampler: SamplerConfig, op
     bar = tqdm(total=opts.num, initial=max(0, opts.num - len(remaining) * opts.batch_size), unit="sample",
                disable=not (progress and dist.is_main), desc=f"sample on {dist.world_size} rank(s)",
                dynamic_ncols=True)
-    for j in mine:
-        indices = batches[j].indices
-        if opts.official_repro:
-            array, labels = official_generate_batch(model, modality, sampler, batches[j], dist.device)
-            kept = [i for i in indices if i < opts.num]  # the official last rank's overshoot is not kept
-            files: list[str | None] = [f"{i:06d}.png" if opts.png else None for i in kept]
-            if opts.png:
-                _write_images(array, kept, out)
-        else:
-            array, files, labels = _generate_and_write(model, modality, sampler, indices, opts, prompts,
-                                                       dist.device, out, staging_dir(out, dist.rank))
-        meta = {"files": files, "labels": None if labels is None else labels.tolist()[:len(files)],
-                "prompts": None if prompts is None else [prompts[i % len(prompts)] for i in indices]}
-        atomic_write_text(meta_path(out, j), json.dumps(meta))
-        _atomic_save_npy(part_path(out, j), np.zeros(0, np.uint8) if array is None else array)
-        if delay := os.environ.get("SELFFLOW_FAULT_SAMPLE_DELAY"):  # kill/restart tests: slow each batch
-            time.sleep(float(delay))
-        bar.update(min(len(indices) * dist.world_size, bar.total - bar.n))
+    with resume_note_on_interrupt(out, n_batches, dist.is_main):
+        for j in mine:
+            indices = batches[j].indices
+            if opts.official_repro:
+                array, labels = official_generate_batch(model, modality, sampler, batches[j], dist.device)
+                kept = [i for i in indices if i < opts.num]  # the official last rank's overshoot is not kept
+                files: list[str | None] = [f"{i:06d}.png" if opts.png else None for i in kept]
+                if opts.png:
+                    _write_images(array, kept, out)
+            else:
+                array, files, labels = _generate_and_write(model, modality, sampler, indices, opts, prompts,
+                                                           dist.device, out, staging_dir(out, dist.rank))
+            meta = {"files": files, "labels": None if labels is None else labels.tolist()[:len(files)],
+                    "prompts": None if prompts is None else [prompts[i % len(prompts)] for i in indices]}
+            atomic_write_text(meta_path(out, j), json.dumps(meta))
+            _atomic_save_npy(part_path(out, j), np.zeros(0, np.uint8) if array is None else array)
+            if delay := os.environ.get("SELFFLOW_FAULT_SAMPLE_DELAY"):  # kill/restart tests: slow each batch
+                time.sleep(float(delay))
+            bar.update(min(len(indices) * dist.world_size, bar.total - bar.n))
     bar.close()
     barrier()
     if not dist.is_main:
         return None
     return assemble(out, opts.num, n_batches, opts.npz)
+
+
+@contextlib.contextmanager
+def resume_note_on_interrupt(out: Path, n_batches: int, is_main: bool) -> Iterator[None]:
+    """On Ctrl-C, say (on rank 0) how far the samples got and that the same command makes the rest: finished
+    batches are kept, a half-written one is discarded when it resumes."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if is_main:
+            done = sum(part_path(out, j).is_file() for j in range(n_batches))
+            print(f"selfflow: {done} of {n_batches} batches of samples are written in {out}; run the same command "
+                  "again to make the rest", file=sys.stderr)
+        raise
 
 
 def assemble(out: Path, num: int, n_batches: int, npz: bool = True) -> Path | None:

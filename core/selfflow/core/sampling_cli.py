@@ -51,7 +51,8 @@ def eval_hint(modality: Modality, run: Path | None, out_dir: Path, npz: Path | N
     """The ``selfflow eval`` command that fits what was sampled (``None`` when none does): the probe of a run
     on built-in labelled data, else the modality's own suggestion (:meth:`Modality.evaluation_hint`)."""
     if modality.evaluator and run is not None:
-        return f"evaluate with (probe features of the synthetic data):\n  selfflow eval probe --run {model_root(run)}"
+        return ("the model's probe metrics on its synthetic data (the probe makes its own samples from the model; "
+                f"it does not read these files):\n  selfflow eval probe --run {model_root(run)}")
     return modality.evaluation_hint(out_dir, npz, (out_dir / PROMPTS_FILE).is_file())
 
 

@@ -43,8 +43,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     parser = subparsers.add_parser(
         "eval", help="evaluate samples (ADM FID/sFID/IS/precision/recall, reference statistics, …)",
-        description="Evaluation metrics. Weights are never downloaded: pass local files or set "
-                    "$SELFFLOW_WEIGHTS to a directory that holds them.",
+        description="Evaluation metrics. Weights are never downloaded: pass local files (Inception's is also "
+                    "found in $SELFFLOW_WEIGHTS, a directory that holds it).",
         epilog=EPILOG, formatter_class=ExamplesFormatter)
     sub = parser.add_subparsers(dest="eval_command", metavar="METRIC")
     for name, metric in METRICS.items():

@@ -129,7 +129,7 @@ def _run_fvd(args: argparse.Namespace) -> int:
         results["fid_frames"] = fid_frames(args.fake, args.real_frames or args.real,
                                            args.inception, max_frames=args.max_frames, device=device)
     if not results:
-        raise ConfigError("nothing to compute: give --i3d and/or --frames-fid")
+        raise ConfigError(f"nothing to compute: give --i3d PATH for FVD ({I3D_WEIGHTS_HELP}) and/or --frames-fid")
     if prompts := recorded_prompts(args.fake):
         results["prompts"] = prompts
     return report_results(results, args.out)
