@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,13 +104,16 @@ def _run(args: argparse.Namespace, body: Callable[[Any, bool], int], inputs: lis
     are checked first: a typo is reported before the network loads."""
     from selfflow.core.distributed import init_distributed, torn_down_after
 
+    from .frechet import MetricNote
     from .inception import load_inception
 
     for path in inputs:
         if not Path(path).exists():
             return _fail(FileNotFoundError(f"{path} does not exist"))
     try:
-        with torn_down_after():  # an error on one rank: no barrier the others could be waiting past
+        # torn_down_after: an error on one rank leaves no barrier the others could be waiting past
+        with torn_down_after(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", MetricNote)  # printed once, as a note of the results
             dist = init_distributed(resolve_device(args.device))
             return body(load_inception(args.inception, device=dist.device), dist.is_main)
     except (OSError, KeyError, ValueError) as e:  # OSError: PIL's unreadable image among them

@@ -22,6 +22,11 @@ import torch
 ArrayLike = np.ndarray | torch.Tensor
 
 
+class MetricNote(UserWarning):
+    """A caveat about a metric's value (few samples, other weights, a complex square root): warned for library
+    callers, and listed under ``notes`` in the results, which ``selfflow eval`` prints, not warning twice."""
+
+
 def _as_float64_tensor(x: Any, device: torch.device | None) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         t = x.detach()
@@ -286,7 +291,7 @@ def frechet_notes(metric: str, value: float, *, dim: int, counts: dict[str, int]
                      f"{imaginary_trace:.3g} > {IMAGINARY_TRACE_TOL}); reference implementations "
                      "reject such statistics")
     for note in notes:
-        warnings.warn(note, UserWarning, stacklevel=2)
+        warnings.warn(note, MetricNote, stacklevel=2)
     return notes
 
 

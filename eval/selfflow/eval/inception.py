@@ -31,6 +31,7 @@ from torch import nn
 
 from selfflow.core.checkpoint import unreadable_torch_file
 
+from .frechet import MetricNote
 from .resize import resize_bilinear_tf1
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -293,7 +294,7 @@ def weights_hash_notes(sha256: str) -> list[str]:
         return []
     note = (f"Inception weights sha256 {sha256[:16]}… is not the published "
             f"{PUBLISHED_SHA256_PREFIX}… of {WEIGHTS_NAME}: the metrics are not comparable to ADM's")
-    warnings.warn(note, UserWarning, stacklevel=2)
+    warnings.warn(note, MetricNote, stacklevel=2)
     return [note]
 
 
