@@ -198,18 +198,20 @@ def read_run_weights(run_dir: Path, weights: str = "ema") -> dict[str, torch.Ten
     with more steps, then stopped) has newer checkpoints, whose EMA is then used, with a warning that says so."""
     ema_file = run_dir / "ema.safetensors"
     export = ema_file if weights == "ema" and ema_file.is_file() else None
-    newest = latest_checkpoint(run_dir / "checkpoints")
-    if export is not None and (newest is None or export.stat().st_mtime >= newest.stat().st_mtime):
+
+    def export_is_newer(ckpt: Path | None) -> bool:
+        return ckpt is None or export.stat().st_mtime >= ckpt.stat().st_mtime
+
+    # the file names first: a checkpoint is loaded only when one is newer than the export
+    if export is not None and export_is_newer(latest_checkpoint(run_dir / "checkpoints")):
         return load_weights(export)
     found = load_newest_intact(run_dir / "checkpoints")
+    if export is not None and export_is_newer(found and found[0]):  # the newer checkpoints were broken
+        return load_weights(export)
     if found is None:
-        if export is not None:  # every newer checkpoint is broken
-            return load_weights(export)
         raise FileNotFoundError(f"no weights in {run_dir}: neither {ema_file} nor checkpoints/step_*.pt")
     ckpt, state, skipped = found
     if export is not None:
-        if export.stat().st_mtime >= ckpt.stat().st_mtime:  # the newer checkpoints were broken
-            return load_weights(export)
         logging.getLogger("selfflow.checkpoint").warning(
             "selfflow: warning: %s is older than %s (the run trained on after it was written): using that "
             "checkpoint's EMA weights", ema_file, ckpt)
