@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from selfflow.core.modality import check_data_labels, check_layout, open_stream
+from selfflow.core.modality import check_first_batch, check_layout, open_stream
 from selfflow.core.tokens import Conditioning
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "plugins"))
@@ -27,12 +27,15 @@ class LaxWaves(SineWaves):
     Options = Lax
 
 
-def test_the_example_passes_every_check():
+def first_tokens(waves):
+    return waves.encode(next(iter(open_stream(waves, 4, 0))), "cpu")
+
+
+def test_the_example_passes_every_check(caplog):
     waves = SineWaves({"length": 32, "patch": 4})
     check_layout(waves)
-    stream = open_stream(waves, 4, 0)
-    batch = next(iter(stream))
-    check_data_labels(waves, waves.encode(batch, "cpu")[1])
+    check_first_batch(waves, *first_tokens(waves))
+    assert not caplog.records
 
 
 def test_a_bad_token_layout_is_named():
@@ -69,13 +72,34 @@ def test_a_stream_that_cannot_be_resumed_is_refused_before_training():
 
 def test_labels_counted_from_one_are_refused():
     waves = SineWaves()  # 4 classes: 4 is the null label, which the backbone accepts
-    check_data_labels(waves, Conditioning(labels=torch.tensor([0, 3])))
-    check_data_labels(waves, Conditioning())
+    tokens, _ = first_tokens(waves)
+    check_first_batch(waves, tokens, Conditioning(labels=torch.tensor([0, 3])))
+    check_first_batch(waves, tokens, Conditioning())
     with pytest.raises(ValueError, match=r"modality 'sine_waves': encode gave class labels in 1…4, outside 0…3 "
                                          r"\(num_classes = 4; 4 is the null label"):
-        check_data_labels(waves, Conditioning(labels=torch.tensor([1, 4])))
+        check_first_batch(waves, tokens, Conditioning(labels=torch.tensor([1, 4])))
     with pytest.raises(ValueError, match=r"labels in -1…2"):
-        check_data_labels(waves, Conditioning(labels=torch.tensor([-1, 2])))
+        check_first_batch(waves, tokens, Conditioning(labels=torch.tensor([-1, 2])))
+
+
+def test_tokens_other_than_the_declared_layout_are_named(caplog):
+    """Channels other than token_channels are refused (the backbone's input projection would fail with a bare
+    shape error); a token count other than sample_ids' is warned about (previews decode sample_ids' layout)."""
+    class WideTokens(SineWaves):
+        @property
+        def token_channels(self):
+            return super().token_channels + 1
+
+    class ShortSamples(SineWaves):
+        def sample_ids(self, n, device):
+            return super().sample_ids(n, device)[:, :-1]
+
+    tokens, cond = first_tokens(SineWaves())
+    with pytest.raises(ValueError, match=r"modality 'sine_waves': encode gave tokens \(4, 16, 8\) of 8 channels, "
+                                         r"but token_channels is 9"):
+        check_first_batch(WideTokens(), tokens, cond)
+    check_first_batch(ShortSamples(), tokens, cond)
+    assert "modality 'sine_waves': encode gave 16 tokens per sample, sample_ids 15" in caplog.text
 
 
 def test_an_option_a_lax_options_model_would_ignore_is_refused():

@@ -1,5 +1,6 @@
 """``selfflow sample --out-dir``: rank-independent, resumable many-sample generation with an ADM npz."""
 
+import json
 import os
 import signal
 import subprocess
@@ -125,11 +126,44 @@ def test_a_restart_with_other_settings_is_refused_naming_them(run_dir, tmp_path)
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
     for change, says in [({"seed": 1}, "seed: 0 then, 1 now"), ({"batch_size": 2}, "batch_size: 4 then, 2 now"),
-                         ({"steps": 3}, "sampler: "), ({"num": 12}, "num: 8 then, 12 now"),
+                         ({"steps": 3}, "sampler: "), ({"num": 6}, "num: 8 then, 6 now"),
                          ({"labels": "balanced"}, "labels: "), ({"model": other}, "weights: ")]:
         with pytest.raises(ConfigError, match=f"holds samples made with other settings \\({says}"):
             _in_process(run_dir, out, **change)
     assert np.array_equal(np.load(out / "samples_8.npz")["arr_0"], first)  # untouched
+
+
+def test_a_larger_num_extends_the_run_to_the_samples_of_a_fresh_one(run_dir, tmp_path, capsys):
+    """6 samples in batches of 4, then 10 in the same folder: batch 0 is kept, batch 1 (cut short at 6) is
+    redone with its 4 indices, batch 2 is new — and the 10 equal a fresh run of 10 bit for bit."""
+    out = tmp_path / "s"
+    _in_process(run_dir, out, num=6)
+    kept = (out / "parts" / "batch_000000.npy").stat().st_mtime_ns
+    npz = _in_process(run_dir, out, num=10)
+    assert "extending the 6 samples" in capsys.readouterr().err
+    assert (out / "parts" / "batch_000000.npy").stat().st_mtime_ns == kept
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:06d}.png" for i in range(10)]
+    fresh = _in_process(run_dir, tmp_path / "fresh", num=10)
+    assert np.array_equal(np.load(npz)["arr_0"], np.load(fresh)["arr_0"])
+    assert np.array_equal(np.load(npz)["arr_1"], np.load(fresh)["arr_1"])
+    assert np.array_equal(np.load(_in_process(run_dir, out, num=10))["arr_0"], np.load(fresh)["arr_0"])  # resumes
+
+
+def test_a_larger_num_is_another_run_in_the_official_layout(tmp_path):
+    """The official layout seeds batches by rank over ceil(N / W) samples each: another N moves every batch."""
+    from selfflow.core.config import ConfigError
+    from selfflow.core.sample_many import check_settings
+
+    (tmp_path / "parts").mkdir()
+    for official in (False, True):
+        record = {"num": 8, "batch_size": 4, "official_repro": official}
+        (tmp_path / "parts" / "settings.json").write_text(json.dumps(record))
+        assert check_settings(tmp_path, record) is None
+        if official:
+            with pytest.raises(ConfigError, match="num: 8 then, 12 now"):
+                check_settings(tmp_path, {**record, "num": 12})
+        else:
+            assert check_settings(tmp_path, {**record, "num": 12}) == 8  # ours: extended from 8
 
 
 def test_a_batch_killed_while_writing_its_files_leaves_nothing_behind(run_dir, tmp_path, monkeypatch):

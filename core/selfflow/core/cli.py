@@ -197,7 +197,8 @@ def add_sample_arguments(smp: argparse.ArgumentParser) -> None:
     many = smp.add_argument_group("many samples for evaluation (sharded over torchrun ranks, resumable)")
     many.add_argument("--out-dir", type=Path, help="write one file per sample as the evaluators read it (images "
                                                     "PNG, video clips uint8 (T, H, W, 3) .npy, audio WAV), "
-                                                    "samples_N.npz (images) and (with prompts) prompts.jsonl here")
+                                                    "samples_N.npz (images) and (with prompts) prompts.jsonl here; the same "
+                                                    "command resumes, a larger --num extends the samples")
     many.add_argument("--batch-size", type=positive_int, default=64, help="samples per forward")
     many.add_argument("--labels", choices=["random", "balanced"], default="random", help="class labels")
     many.add_argument("--png", action=argparse.BooleanOptionalAction, default=True, help="per-sample files")

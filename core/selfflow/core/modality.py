@@ -8,6 +8,7 @@ samples are written (PNG grids, MP4, WAV). Core never branches on a modality's n
 
 from __future__ import annotations
 
+import logging
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -263,15 +264,28 @@ def open_stream(modality: Modality, batch_size: int, seed: int, rank: int = 0, w
     return stream
 
 
-def check_data_labels(modality: Modality, cond: Conditioning) -> None:
-    """Refuse class labels from :meth:`Modality.encode` outside ``0…num_classes − 1``. The backbone accepts
-    ``num_classes`` too — the null label, which training itself sets for classifier-free guidance — so labels
-    counted from 1 would train without an error, the last class merged with "unconditional". The trainer asks on
-    each session's first batch of a modality (a device sync there, not on every step)."""
+def check_first_batch(modality: Modality, tokens: Tokens, cond: Conditioning) -> None:
+    """Check what :meth:`Modality.encode` gave against what the modality declares, naming the modality: tokens of
+    ``token_channels`` channels (the backbone's input projection is sized by it), and class labels in
+    ``0…num_classes − 1``. The backbone accepts ``num_classes`` too — the null label, which training itself sets
+    for classifier-free guidance — so labels counted from 1 would train without an error, the last class merged
+    with "unconditional". A token count other than ``sample_ids``' is only warned about: a modality may train on
+    other lengths than it samples, but its previews and samples take ``sample_ids``' layout, which ``decode`` must
+    then accept. The trainer asks on each session's first batch of a modality (a device sync there, not on every
+    step)."""
+    channels, length = tokens.x.shape[-1], tokens.x.shape[1]
+    if channels != modality.token_channels:
+        raise ValueError(f"modality {modality.name!r}: encode gave tokens {tuple(tokens.x.shape)} of {channels} "
+                         f"channels, but token_channels is {modality.token_channels} (the backbone's input "
+                         "projection is sized by token_channels)")
     k, labels = modality.num_classes, cond.labels
-    if not k or labels is None or labels.numel() == 0:
-        return
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= k:
-        raise ValueError(f"modality {modality.name!r}: encode gave class labels in {low}…{high}, outside 0…{k - 1} "
-                         f"(num_classes = {k}; {k} is the null label that training sets itself for guidance)")
+    if k and labels is not None and labels.numel():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= k:
+            raise ValueError(f"modality {modality.name!r}: encode gave class labels in {low}…{high}, outside "
+                             f"0…{k - 1} (num_classes = {k}; {k} is the null label that training sets itself for "
+                             "guidance)")
+    if length != (sampled := modality.sample_ids(1, "cpu").shape[1]):
+        logging.getLogger("selfflow").warning(
+            "selfflow: warning: modality %r: encode gave %d tokens per sample, sample_ids %d; previews and samples "
+            "take sample_ids' layout, so decode must accept it", modality.name, length, sampled)

@@ -8,7 +8,8 @@ atomically) and then a part file ``parts/batch_XXXXXX.npy`` with its evaluation 
 file is done and skipped on restart (a ``parts/batch_XXXXXX.json`` beside it, written first, names the batch's
 files, labels and prompts). ``parts/settings.json`` records what fixes the samples (count, batching, seed,
 labels, sampler, prompts, modality, a digest of the weights); a restart with other settings is refused, naming
-them, instead of mixing two runs' samples. Rank 0 finally concatenates the parts into ``samples_N.npz`` (``arr_0``, the ADM
+them, instead of mixing two runs' samples — except a larger count, which extends the run (its finished batches
+are kept; a last batch cut short by the old count is redone). Rank 0 finally concatenates the parts into ``samples_N.npz`` (``arr_0``, the ADM
 evaluator's format; ``arr_1`` the class labels of class-conditional runs; ``prompts`` those of text-conditioned
 runs) and, for text-conditioned runs, writes ``prompts.jsonl`` (each sample's file and prompt, what ``selfflow
 eval`` pairs samples with). The output directory must be shared by the ranks.
@@ -105,12 +106,18 @@ def run_settings(model: nn.Module, modality: Modality, sampler: SamplerConfig, o
             "weights": weights_digest(model)}
 
 
-def check_settings(out: Path, settings: dict) -> None:
-    """Raise ``ConfigError`` when ``out`` holds samples made with other settings."""
+def check_settings(out: Path, settings: dict) -> int | None:
+    """Raise ``ConfigError`` when ``out`` holds samples made with other settings. A larger ``num`` is not another
+    setting in our per-index layout: batch ``j`` still holds indices ``[j·B, (j+1)·B)`` with the same seeds, so
+    the run is extended. Returns the recorded ``num`` when it grows (``None`` otherwise). The official layout
+    seeds its batches by rank, so there every ``num`` is a run of its own."""
     path = out / "parts" / "settings.json"
-    if changed := changed_settings(path, settings):
+    then = json.loads(path.read_text()).get("num") if path.is_file() else None
+    grows = isinstance(then, int) and settings["num"] > then and not settings["official_repro"]
+    if changed := changed_settings(path, {**settings, "num": then} if grows else settings):
         raise ConfigError(f"{out} holds samples made with other settings ({'; '.join(changed)}), recorded in "
                           f"{path}: give another --out-dir, or delete {out} to start over")
+    return then if grows else None
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -199,15 +206,22 @@ def sample_many(model: nn.Module, modality: Modality, sampler: SamplerConfig, op
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = run_settings(model, modality, sampler, opts, dist.world_size, prompts)
-    check_settings(out, settings)  # every rank reads the same record, so every rank stops alike
+    grown_from = check_settings(out, settings)  # every rank reads the same record, so every rank stops alike
     batches = plan_batches(opts, dist.world_size)
     n_batches = len(batches)
-    remaining = [j for j in range(n_batches) if not part_path(out, j).is_file()]
+    # extending a run whose last batch was cut short at the old num: that batch now holds more indices
+    short = grown_from // opts.batch_size if grown_from is not None and grown_from % opts.batch_size else None
+    remaining = [j for j in range(n_batches) if j == short or not part_path(out, j).is_file()]
     if dist.is_main:  # a killed run's half-written batches, whatever its number of ranks
         for stale in (out / "parts").glob("staging-rank*"):
             shutil.rmtree(stale)
+        if grown_from is not None:
+            if short is not None:  # before the record says the new num: a rerun after a kill redoes it too
+                part_path(out, short).unlink(missing_ok=True)
+                meta_path(out, short).unlink(missing_ok=True)
+            print(f"selfflow: extending the {grown_from} samples in {out} to {opts.num}", file=sys.stderr)
     barrier()  # every rank has checked and listed the finished batches before any rank adds one
-    if dist.is_main and not (out / "parts" / "settings.json").is_file():
+    if dist.is_main and (grown_from is not None or not (out / "parts" / "settings.json").is_file()):
         atomic_write_text(out / "parts" / "settings.json", json.dumps(settings, indent=1) + "\n")
     mine = remaining[dist.rank::dist.world_size]
     model.eval()

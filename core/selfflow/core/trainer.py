@@ -34,7 +34,7 @@ from .distributed import all_mean, init_distributed
 from .ema import ema_update, make_ema
 from .flops import train_step_flops
 from .mixture import ModalitySchedule
-from .modality import Batch, check_data_labels, open_stream
+from .modality import Batch, check_first_batch, open_stream
 from .precision import warn_if_slow
 from .previewer import EvaluationInterrupted, Previewer
 from .run_setup import (
@@ -202,7 +202,7 @@ class Trainer:
             # The batch moves here, for every modality (asynchronously when pinned); encode's own .to keep it.
             tokens, cond = modality.encode(batch_to_device(batch, self.device), self.device)
             if name not in self.tokens_per_sample:  # this session's first batch: one device sync, not one a step
-                check_data_labels(modality, cond)
+                check_first_batch(modality, tokens, cond)
             self.tokens_per_sample[name] = tokens.x.shape[1]
             self.context_per_sample[name] = 0 if cond.context is None else cond.context.shape[1]
             with parallel.grad_sync(self.model, i == accum - 1), autocast:
