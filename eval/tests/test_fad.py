@@ -254,6 +254,11 @@ def test_fad_cli_and_missing_weights(laion_dir: str, tmp_path) -> None:
         assert v.checkpoint in help_text and v.paper_name in help_text
     with pytest.raises(FileNotFoundError, match=r"config\.json.*630k-audioset-best\.pt.*lukewys"):
         clap.load_clap(tmp_path / "nothing", "clap_a")
+    (tmp_path / "videos").mkdir()
+    np.save(tmp_path / "videos" / "0.npy", np.zeros((8, 4, 4, 3), np.uint8))
+    for fake, says in [(tmp_path / "nothere", "audio folder not found"), (tmp_path / "videos", "no audio files")]:
+        with pytest.raises(FileNotFoundError, match=says):  # before CLAP loads (its path does not exist)
+            fad.fad(fake, real_dir, tmp_path / "nothing", "clap_a")
     with pytest.raises(FileNotFoundError, match=r"CLAP_weights_2023\.pth.*microsoft/msclap"):
         clap.convert_checkpoint(tmp_path / "CLAP_weights_2023.pth", tmp_path / "o", "clap")
     with pytest.raises(ValueError, match="not a CLAP directory usable for CLAP"):

@@ -152,6 +152,33 @@ def test_cli_reads_video_folders(i3d_file: str, tmp_path) -> None:
     assert res["fvd"] == pytest.approx(direct, rel=1e-9)
 
 
+def test_inputs_are_checked_before_the_network_loads_or_a_set_is_embedded(i3d_file: str, tmp_path) -> None:
+    """A typo in --fake (or audio, images given as videos) is refused before I3D loads and before the real set
+    is embedded; the weights path here does not even exist."""
+    real_dir, audio_dir = tmp_path / "real", tmp_path / "audio"
+    real_dir.mkdir()
+    audio_dir.mkdir()
+    np.save(real_dir / "0.npy", videos(1, 16, seed=0)[0])
+    (audio_dir / "0.wav").write_bytes(b"RIFF")
+    for fake, says in [(tmp_path / "nothere", "video folder not found: .*nothere"),
+                       (audio_dir, "no videos .* in .*audio")]:
+        with pytest.raises(FileNotFoundError, match=says):
+            fvd_mod.fvd(fake, real_dir, tmp_path / "no_i3d.pt", progress=False)
+        with pytest.raises(FileNotFoundError, match=says):
+            fvd_mod.fid_frames(real_dir, fake, tmp_path / "no_inception.pth", progress=False)
+
+
+def test_videos_all_too_short_say_so_and_the_protocol_names_its_frames(i3d_file: str, tmp_path) -> None:
+    short = videos(3, 8, seed=1)
+    with pytest.raises(ValueError, match=r"I3D real: all 3 videos are shorter than the 16 frames a clip takes .*"
+                                         r"the longest has 8\): pass --frames"):
+        fvd_mod.fvd(short, short, i3d_file, progress=False)
+    res = fvd_mod.fvd(short, short, i3d_file, num_frames=8, progress=False)
+    assert res["protocol"].startswith("StyleGAN-V fvd2048_8f: ") and "; 8 consecutive frames" in res["protocol"]
+    assert fvd_mod.PROTOCOL_FVD.format(frames=16, start=0, stride=1, max_clips=2048).startswith(
+        "StyleGAN-V fvd2048_16f: ")  # the default's string, as statistics saved before recorded it
+
+
 def test_missing_i3d_error_names_file_and_source(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"i3d_torchscript\.pt.*dropbox"):
         load_i3d(tmp_path)

@@ -111,5 +111,6 @@ def test_an_evaluator_that_cannot_score_the_run_is_refused_before_training(tmp_p
     with pytest.raises(ValueError, match="the linear probe needs labelled held-out data"):
         Trainer(load_config(None, [*audio, "name=lp", "eval.every=2", "eval.evaluators=[linear_probe]"]),
                 progress=False)
-    Trainer(load_config(None, [*audio, "name=none", "eval.every=2"]), progress=False)
-    assert "eval.every=2 but no modality of this run has an evaluator" in caplog.text
+    trainer = Trainer(load_config(None, [*audio, "name=none", "eval.every=2"]), progress=False)
+    assert "eval.every=2 but no online evaluator scores audio (installed: " in caplog.text
+    assert "eval.every=2 but no online evaluator" in (trainer.run_dir / "train.log").read_text()  # kept there

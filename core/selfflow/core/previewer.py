@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,8 @@ from .generate import generate, generate_share_batches
 from .modality import Modality
 from .parallel import Strategy
 from .precision import autocast
-from .registry import get_evaluator
+from .registry import available_evaluators, get_evaluator
 from .training_log import TrainingLog
-
-logger = logging.getLogger("selfflow")
 
 
 class Previewer:
@@ -59,9 +56,15 @@ class Previewer:
         # Built at the start: an evaluator that cannot score a modality (the linear probe on audio) is refused
         # before the first step, not at the first evaluation, and an eval.every with nothing to run is said.
         self._evaluators = self._build_evaluators() if cfg.eval.every else None  # else built if evaluate() is called
-        if cfg.eval.every and not self._evaluators and dist.is_main:
-            logger.warning("selfflow: warning: eval.every=%d but no modality of this run has an evaluator and "
-                           "eval.evaluators is empty: there is nothing to evaluate online", cfg.eval.every)
+
+    def idle_eval_warning(self) -> str | None:
+        """What to warn about when ``eval.every`` is set but no modality of the run has an evaluator (the trainer
+        logs it where train.log keeps it)."""
+        if not self.eval_cfg.every or self._evaluators:
+            return None
+        return (f"selfflow: warning: eval.every={self.eval_cfg.every} but no online evaluator scores "
+                f"{', '.join(self.modalities)} (installed: {', '.join(available_evaluators()) or 'none'}): there is "
+                "nothing to evaluate online; score saved samples with `selfflow eval` (e.g. fvd, fad) instead")
 
     def _build_evaluators(self) -> dict[str, list[Any]]:
         """``{modality: [evaluator, …]}``: the modality's own (e.g. probe-FD on synthetic shapes), then

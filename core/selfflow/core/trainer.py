@@ -104,6 +104,8 @@ class Trainer:
             collective_state=self.strategy == "fsdp2")
         configured = [{k: g[k] for k in HYPERPARAMETERS} for g in self.optimizer.param_groups]
         with self.log.text_log():  # what the resume says (a broken checkpoint skipped) belongs in train.log
+            if self.dist.is_main and (warning := self.previewer.idle_eval_warning()):
+                logging.getLogger("selfflow").warning(warning)
             self.resumed_from = self.checkpointer.resume() if resume else None
             if not resume:
                 self.checkpointer.set_aside()

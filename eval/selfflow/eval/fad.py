@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .audio_io import AudioSource, iter_audio
+from .audio_io import AudioSource, iter_audio, list_audio
 from .clap import ClapAudioEmbedder, ClapVariant, load_clap
 from .extractor import extract
 from .frechet import FeatureStats, checked_distance
@@ -120,6 +120,9 @@ def fad(fake: AudioSource, real: AudioSource, model: ClapAudioEmbedder | str | o
         save_real_stats: str | os.PathLike | None = None) -> dict[str, Any]:
     """FAD between generated and reference audio with one CLAP variant (``clap``, ``clap_m``,
     ``clap_a``; taken from ``model`` when it is a loaded embedder)."""
+    for source in (fake, real):  # a missing, empty or other-media folder: refused before CLAP loads
+        if isinstance(source, (str, os.PathLike)) and Path(source).suffix != ".npz":
+            list_audio(source)
     if not isinstance(model, ClapAudioEmbedder):
         if variant is None:
             raise ValueError("pass variant= (clap, clap_m or clap_a) with a model directory")

@@ -15,6 +15,7 @@ resize to 299), at most 50 000 frames per set (``fid50k``), biased covariance as
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,20 @@ import torch
 from .extractor import extract_stats
 from .frechet import FeatureStats, checked_distance, save_npz_atomic
 from .i3d import I3D_KWARGS, I3DFeatures, load_i3d
-from .video_io import ClipReport, VideoSource, is_stats_file, iter_clips, iter_frames, iter_videos
+from .video_io import (
+    ClipReport,
+    VideoSource,
+    is_stats_file,
+    iter_clips,
+    iter_frames,
+    iter_videos,
+    list_videos,
+)
 
 NUM_FRAMES = 16
 MAX_CLIPS = 2048
 MAX_FRAMES_FID = 50_000
-PROTOCOL_FVD = ("StyleGAN-V fvd2048_16f: i3d_torchscript.pt called on uint8 [B,3,T,H,W] with "
+PROTOCOL_FVD = ("StyleGAN-V fvd{max_clips}_{frames}f: i3d_torchscript.pt called on uint8 [B,3,T,H,W] with "
                 "rescale=True, resize=True, return_features=True (400-d); {frames} consecutive "
                 "frames from frame {start} with stride {stride}; up to {max_clips} clips per set; "
                 "biased covariance; Frechet distance")
@@ -42,12 +51,29 @@ def i3d_stats(source: VideoSource, extractor: I3DFeatures, *, num_frames: int = 
               desc: str = "I3D") -> tuple[FeatureStats, ClipReport]:
     """Biased ``FeatureStats`` of the I3D features of one clip per video."""
     report = ClipReport()
-    clips = iter_clips(source, num_frames, max_clips, start=start, stride=stride, report=report)
-    feats = extractor(clips, total=min(max_clips, iter_videos(source)[1]), desc=desc)
+    need = start + num_frames * stride
+
+    def clips() -> Iterator[np.ndarray]:
+        yield from iter_clips(source, num_frames, max_clips, start=start, stride=stride, report=report)
+        if report.skipped_short and not report.used:  # else the extractor's "nothing to embed" would not say why
+            raise ValueError(f"{desc}: all {report.skipped_short} videos are shorter than the {need} frames a clip "
+                             f"takes ({num_frames} frames × stride {stride} after start {start}; the longest has "
+                             f"{report.longest_skipped}): pass --frames (and --stride, --clip-start) that fit them "
+                             f"— the StyleGAN-V protocol takes {NUM_FRAMES}")
+
+    feats = extractor(clips(), total=min(max_clips, iter_videos(source)[1]), desc=desc)
     if report.skipped_short:
-        print(f"FVD: skipped {report.skipped_short} videos shorter than {start + num_frames * stride} "
+        print(f"FVD: skipped {report.skipped_short} videos shorter than {need} "
               f"frames ({num_frames} frames × stride {stride} after start {start})")
     return FeatureStats(biased=True).update(feats), report
+
+
+def check_video_sources(*sources: VideoSource) -> None:
+    """List each folder among ``sources`` (statistics files pass): a missing or empty folder, or one of other
+    media, is refused before a network loads or the other set is embedded."""
+    for source in sources:
+        if isinstance(source, (str, os.PathLike)) and not is_stats_file(source):
+            list_videos(source)
 
 
 def fvd(fake: VideoSource, real: VideoSource, detector: Any | str | os.PathLike, *,
@@ -57,6 +83,7 @@ def fvd(fake: VideoSource, real: VideoSource, detector: Any | str | os.PathLike,
     """FVD between generated and real videos (StyleGAN-V protocol). ``real`` may also be a
     ``.npz`` of statistics written by ``save_real_stats``. ``detector``: the path of
     ``i3d_torchscript.pt`` or a loaded module with the same call signature."""
+    check_video_sources(fake, real)
     weights = str(detector) if isinstance(detector, (str, os.PathLike)) else "in-memory module"
     if isinstance(detector, (str, os.PathLike)):
         detector = load_i3d(detector, device)
@@ -129,6 +156,7 @@ def fid_frames(fake: VideoSource, real: VideoSource,
     default lookup of ``selfflow.eval.inception``."""
     from .inception import load_inception
 
+    check_video_sources(fake, real)
     if inception is None or isinstance(inception, (str, os.PathLike)):
         inception = load_inception(inception, device=device)
     weights = str(getattr(inception, "weights_path", "in-memory model"))

@@ -111,6 +111,7 @@ def iter_videos(source: VideoSource) -> tuple[Iterator[np.ndarray], int]:
 class ClipReport:
     used: int = 0
     skipped_short: int = 0
+    longest_skipped: int = 0  # frames of the longest video skipped as too short
     lengths: list[int] = field(default_factory=list)
 
 
@@ -133,6 +134,7 @@ def iter_clips(source: VideoSource, num_frames: int, max_clips: int, *, start: i
             raise ValueError(f"videos must be uint8 (T, H, W, 3), got {video.dtype} {video.shape}")
         if video.shape[0] < need:
             report.skipped_short += 1
+            report.longest_skipped = max(report.longest_skipped, int(video.shape[0]))
             continue
         report.used += 1
         report.lengths.append(int(video.shape[0]))
