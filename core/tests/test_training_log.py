@@ -74,6 +74,30 @@ def test_mixed_runs_plot_per_step_values_per_modality(tmp_path):
     assert _log(tmp_path)._tags(record, "audio")["loss"] == 0.5  # one modality: plain tags
 
 
+def test_a_mixed_run_logs_each_modality_of_the_window_also_across_a_resume(tmp_path):
+    """Audio trains at step 2 only; the logging step 4 is an image step. The window's record of step 4 comes
+    with audio's step 2 (its values, no rates) — in an uninterrupted run and in one resumed at step 2."""
+    def run(name, stop_at=None, state=None):
+        log = _log(tmp_path, f"name={name}", "logging.every=4", "logging.plot_every=100", *MIXTURE)
+        log.open(0 if state is None else 2)
+        if state is not None:
+            log.load_state_dict(state)
+        for step, modality in [(1, "image"), (2, "audio"), (3, "image"), (4, "image")][0 if state is None else 2:]:
+            _steps(log, [step], modality)
+            if step == stop_at:
+                break
+        log.close()
+        return log.state_dict()
+
+    run("full")
+    run("split", state=run("split", stop_at=2))
+    for name in ("full", "split"):
+        records = read_metrics(tmp_path / name / "metrics.jsonl")
+        assert [(r["step"], r["modality"]) for r in records] == [(2, "audio"), (4, "image")]
+        assert records[0] == {"step": 2, "modality": "audio", "loss": 0.5, "loss_rep": -0.5, "lr": 0.1}
+        assert "samples_per_s" in records[1]
+
+
 def test_the_scores_plot_has_a_panel_per_score_and_leaves_the_probe_grid_out(tmp_path):
     import json
 

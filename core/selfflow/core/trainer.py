@@ -178,11 +178,13 @@ class Trainer:
 
     # The trainer's own part of a checkpoint (the components hold the rest).
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "world_size": self.dist.world_size, "eval_pending": self.eval_pending}
+        return {"step": self.step, "world_size": self.dist.world_size, "eval_pending": self.eval_pending,
+                "log": self.log.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.eval_pending = bool(state.get("eval_pending", False))  # absent from checkpoints before session 17
+        self.log.load_state_dict(state.get("log", {}))  # absent before session 22
 
     # --- one optimizer step -----------------------------------------------------------------------
     def train_step(self, batches: list[Batch], name: str) -> dict[str, float]:

@@ -64,6 +64,9 @@ class TrainingLog:
         self._mixed = len(cfg.data.entries()) > 1
         self._window_s = 0.0
         self._window_steps: dict[str, int] = {}
+        # A mixed run's other modalities in the logging window: their last step and values, logged with the
+        # window's record (else a modality whose steps never land on a logging step would never be logged)
+        self._window_last: dict[str, tuple[int, dict[str, float]]] = {}
         self._t0 = 0.0
 
     @contextlib.contextmanager
@@ -130,19 +133,33 @@ class TrainingLog:
 
     def step_done(self, step: int, modality: str, values: dict[str, float], extra: dict[str, Any]) -> None:
         """Count the step in the window; on a logging step (``logging.every``, and the last step) write
-        ``{step, modality, **values, **rates, **extra}``; draw the plot every ``logging.plot_every`` steps."""
+        ``{step, modality, **values, **rates, **extra}`` — in a mixed run preceded by ``{step, modality, **values}``
+        of each other modality's last step in the window; draw the plot every ``logging.plot_every`` steps."""
         self._window_s += time.perf_counter() - self._t0
         self._window_steps[modality] = self._window_steps.get(modality, 0) + 1
         self._bar.update(1)
         if step % self.log_cfg.every == 0 or step == self.cfg.train.steps:
+            for other, (at, last) in sorted(self._window_last.items(), key=lambda item: item[1][0]):
+                if other != modality:
+                    self._write({"step": at, "modality": other, **last}, self._tags(last, other))
             rates = self._rates()
             record = {"step": step, "modality": modality, **values, **rates, **extra}
-            self._window_s, self._window_steps = 0.0, {}
+            self._window_s, self._window_steps, self._window_last = 0.0, {}, {}
             self._write(record, self._tags(record, modality))
             self._bar.set_postfix(loss=f"{values['loss']:.4f}", rep=f"{values['loss_rep']:.3f}",
                                   sps=f"{rates['samples_per_s']:.0f}", tps=f"{rates['tokens_per_s']:.0f}")
+        elif self._mixed:
+            self._window_last[modality] = (step, dict(values))
         if self._metrics is not None and self.log_cfg.plot_every and step % self.log_cfg.plot_every == 0:
             plot_losses(self._metrics.path, self.run_dir / "loss.png")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The logging window's pending per-modality values (a mixed run's), so that a resumed run logs the records
+        an uninterrupted one does."""
+        return {"window_last": {m: {"step": at, "values": v} for m, (at, v) in self._window_last.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._window_last = {m: (int(e["step"]), dict(e["values"])) for m, e in state.get("window_last", {}).items()}
 
     def scores(self, step: int, scores: dict[str, float]) -> None:
         """Online-evaluation scores: to ``metrics.jsonl``, the console and ``eval.png`` (rank 0)."""
