@@ -49,3 +49,25 @@ def test_a_mixture_of_captioned_and_class_labelled_modalities_is_refused(tmp_pat
     with pytest.raises(ConfigError, match=r"share one conditioning; got \{'image': 'class', 'video': 'text', "
                                           r"'audio': 'text'\}"):
         build_model_config(cfg, build_modalities(cfg), uses_projector=True)
+
+
+def test_freeze_matches_whole_dotted_parts_and_refuses_a_prefix_that_matches_nothing():
+    """``single_blocks.1`` is block 1 — a plain string prefix also froze blocks 10 and 11 — and a typo such as
+    ``double_block`` used to be a prefix of ``double_blocks`` (or froze nothing silently)."""
+    from torch import nn
+
+    from selfflow.core.run_setup import freeze
+
+    def model():
+        m = nn.Module()
+        m.single_blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(12))
+        m.double_blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+        return m
+
+    m = model()
+    assert freeze(m, ["single_blocks.1", "single_blocks.1.bias", "double_blocks.0."]) == 6 + 6
+    assert [n for n, p in m.named_parameters() if not p.requires_grad] == [
+        "single_blocks.1.weight", "single_blocks.1.bias", "double_blocks.0.weight", "double_blocks.0.bias"]
+    with pytest.raises(ConfigError, match=r"train.freeze: 'double_block' matches no parameter .* top-level "
+                                          r"modules: double_blocks, single_blocks\)"):
+        freeze(model(), ["double_block"])

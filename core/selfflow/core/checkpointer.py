@@ -14,6 +14,7 @@ run's (:func:`~selfflow.core.config.resume_conflicts`).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -113,12 +114,15 @@ class Checkpointer:
     config); every method that gathers state is a collective: call it on every rank."""
 
     def __init__(self, cfg: RunConfig, dist: DistInfo, components: dict[str, Stateful],
-                 collective_state: bool = False):
-        """``collective_state``: gathering the state is itself a collective (sharded models, FSDP2)."""
+                 collective_state: bool = False, objectives: dict[str, dict[str, Any]] | None = None):
+        """``collective_state``: gathering the state is itself a collective (sharded models, FSDP2).
+        ``objectives``: each modality's resolved objective settings (``ResolvedObjective.settings``), kept in
+        the checkpoint so that a resume tells a default written out from a changed objective."""
         self.cfg: CheckpointConfig = cfg.checkpoint
         self.collective_state = collective_state and dist.enabled
         self.config = cfg.model_dump(mode="json")
         self.config_text = yaml.safe_dump(self.config)
+        self.objectives_text = None if objectives is None else json.dumps(objectives, sort_keys=True)
         self.dist = dist
         self.components = components
         self.run_dir = cfg.run_dir
@@ -129,7 +133,10 @@ class Checkpointer:
         return bool(self.cfg.every) and step % self.cfg.every == 0 and step < total
 
     def state_dict(self) -> dict[str, Any]:
-        return {**{n: c.state_dict() for n, c in self.components.items()}, "config": self.config_text}
+        state = {**{n: c.state_dict() for n, c in self.components.items()}, "config": self.config_text}
+        if self.objectives_text is not None:
+            state["objectives"] = self.objectives_text
+        return state
 
     def load_state_dict(self, state: dict[str, Any], source: Path | str = "the checkpoint") -> None:
         """Restore every component; a state that does not fit this run is an error naming ``source``."""
@@ -158,7 +165,8 @@ class Checkpointer:
             stored = parse_yaml(str(state.get("config") or "{}"), f"the config stored in {path}")
         except YamlError as e:
             raise CheckpointLoadError(str(e)) from None
-        conflicts = resume_conflicts(stored if isinstance(stored, dict) else {}, self.config)
+        same_objectives = self.objectives_text is not None and state.get("objectives") == self.objectives_text
+        conflicts = resume_conflicts(stored if isinstance(stored, dict) else {}, self.config, same_objectives)
         if conflicts:
             raise ConfigError(
                 f"cannot resume from {path}: the config differs from the one it was trained with in "

@@ -127,7 +127,8 @@ class TrainConfig(_Section):
     init_from: str | None = Field(None, description="fine-tune: start from this checkpoint file, run "
                                   "directory or ema.safetensors (new modality heads start fresh)")
     init_weights: Literal["ema", "model"] = Field("ema", description="which weights of init_from to start from")
-    freeze: list[str] = Field(default_factory=list, description="parameter-name prefixes to keep frozen")
+    freeze: list[str] = Field(default_factory=list, description="module paths (or parameter names) to keep frozen, matched on whole dotted parts: "
+                              "single_blocks.1 is block 1, not 10-19")
 
 
 class CheckpointConfig(_Section):
@@ -309,20 +310,27 @@ def _flatten(value: Any, key: str, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resume_conflicts(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+# The keys that only choose the objective's settings: with the same resolved objectives they may differ.
+_OBJECTIVE_KEYS = re.compile(r"^objective\.|^data\.mixture\.\d+\.(mask_ratio|timesteps)(\.|$)")
+
+
+def resume_conflicts(stored: dict[str, Any], current: dict[str, Any], same_objectives: bool = False) -> list[str]:
     """``key (checkpoint A, now B)`` for every key of :data:`RESUME_FIXED_SECTIONS` that differs between a
     checkpoint's dumped config and the current one. A key the stored config lacks is a field added by a
     newer version and is not a conflict — unless it is a modality option (``…options.<key>``), where any
-    new key changes the data."""
+    new key changes the data. ``same_objectives``: every modality's objective resolved to the same settings
+    (a key set to its default value, or unset where it was set to the default), so objective keys may differ."""
     lines = []
     for section in RESUME_FIXED_SECTIONS:
         old = _flatten(stored.get(section, {}), section, {})
         new = _flatten(current.get(section, {}), section, {})
         for key in sorted(set(old) | set(new)):
             a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
-            if a == b or (a is _ABSENT and ".options." not in key) or _RESUME_FREE_KEYS.match(key):
+            if (a == b or (a is _ABSENT and ".options." not in key) or _RESUME_FREE_KEYS.match(key)
+                    or (same_objectives and _OBJECTIVE_KEYS.match(key))):
                 continue
-            shown = ["(unset)" if v is _ABSENT else short_repr(v, 60) for v in (a, b)]
+            shown = ["(unset)" if v is _ABSENT else "null (the default)" if v is None else short_repr(v, 60)
+                     for v in (a, b)]
             lines.append(f"{key} (checkpoint {shown[0]}, now {shown[1]})")
     return lines
 

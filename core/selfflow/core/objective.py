@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -100,6 +101,14 @@ class ResolvedObjective:
     timesteps: TimestepDistribution
     kind: ObjectiveKind
     teacher_level: TeacherLevel = "min_ts"
+
+    def settings(self) -> dict[str, Any]:
+        """What every default resolved to, as JSON values: a resume compares them, so that a key set to its
+        default value (``objective.gamma: 0.8`` where the kind's is 0.8) is the same objective as the key unset."""
+        return {"kind": self.kind.name, "mask_ratio": self.mask_ratio, "gamma": self.gamma,
+                "student_layer": self.student_layer, "teacher_layer": self.teacher_layer,
+                "label_dropout": self.label_dropout, "teacher_level": self.teacher_level,
+                "timesteps": self.timesteps.model_dump(mode="json")}
 
     @property
     def uses_teacher(self) -> bool:

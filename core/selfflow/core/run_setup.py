@@ -322,12 +322,19 @@ def init_from(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, lis
 
 
 def freeze(model: nn.Module, prefixes: list[str]) -> int:
-    """Stop gradients for parameters whose name starts with one of ``prefixes``; returns how many."""
-    n = 0
-    for name, p in model.named_parameters():
-        if any(name.startswith(pre) for pre in prefixes):
-            p.requires_grad_(False)
-            n += p.numel()
-    if prefixes and n == 0:
-        raise ConfigError(f"train.freeze {prefixes} matches no parameter")
-    return n
+    """Stop gradients for the parameters under each of ``prefixes`` — a module path (``double_blocks``,
+    ``single_blocks.0``) or a parameter name, matched on whole dotted parts: ``single_blocks.1`` is block 1, not
+    blocks 10–19. Returns how many values are frozen. A prefix that matches nothing is refused, naming the model's
+    top-level modules: a typo would otherwise train everything."""
+    params = dict(model.named_parameters())
+    frozen: set[str] = set()
+    for prefix in prefixes:
+        under = [name for name in params if name == prefix.rstrip(".") or name.startswith(prefix.rstrip(".") + ".")]
+        if not under:
+            tops = sorted({name.split(".")[0] for name in params})
+            raise ConfigError(f"train.freeze: {prefix!r} matches no parameter (a module path or parameter name, "
+                              f"e.g. {tops[0]!r}; the model's top-level modules: {', '.join(tops)})")
+        frozen.update(under)
+    for name in frozen:
+        params[name].requires_grad_(False)
+    return sum(params[name].numel() for name in frozen)

@@ -101,7 +101,8 @@ class Trainer:
             "optimizer": OptimizerState(self.model, self.optimizer), "scheduler": self.scheduler,
             "streams": StreamsState(self.streams), "schedule": self.schedule,
             "generator": GeneratorState(self.generator), "guard": self.guard},
-            collective_state=self.strategy == "fsdp2")
+            collective_state=self.strategy == "fsdp2",
+            objectives={name: objective.settings() for name, objective in self.run.objectives.items()})
         configured = [{k: g[k] for k in HYPERPARAMETERS} for g in self.optimizer.param_groups]
         with self.log.text_log():  # what the resume says (a broken checkpoint skipped) belongs in train.log
             if self.dist.is_main and (warning := self.previewer.idle_eval_warning()):
