@@ -196,17 +196,31 @@ def test_errors_are_clear(data, inception_weights: Path, tmp_path: Path, monkeyp
     assert run(["eval", "adm", str(tmp_path / "typo.npz"), str(data["samples"]), "--inception",
                 str(tmp_path / "missing.pth")]) == 2
     err = capsys.readouterr().err
-    assert "typo.npz does not exist" in err and "missing.pth" not in err
+    assert "no such image folder or npz file: " in err and "typo.npz" in err and "missing.pth" not in err
     (tmp_path / "junk.npz").write_text("junk")  # was a zipfile.BadZipFile traceback
     assert run(["eval", "adm", str(tmp_path / "junk.npz"), str(data["samples"]), "--inception",
-                str(inception_weights)]) == 2
+                str(tmp_path / "missing.pth")]) == 2
     assert "junk.npz is not a readable .npz file" in capsys.readouterr().err
+    # a grid PNG, one image, an .npz of other arrays: named before the network loads (the weights are missing)
+    one = tmp_path / "one"
+    one.mkdir()
+    Image.new("RGB", (8, 8)).save(one / "grid.png")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    for given, says in [(one / "grid.png", "grid.png: expected an image folder or an .npz holding arr_0"),
+                        (one, "one: 1 image; a Fréchet distance's covariance needs at least 2"),
+                        (tmp_path / "other.npz", "other.npz: neither images ('arr_0') nor mu/sigma/mu_s/sigma_s "
+                                                 "statistics; arrays: ['x']")]:
+        assert run(["eval", "adm", str(data["ref_dir"]), str(given), "--inception",
+                    str(tmp_path / "missing.pth")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "missing.pth" not in err, err
     bad_dir = tmp_path / "bad_images"
     bad_dir.mkdir()
-    (bad_dir / "z.png").write_bytes(b"not a png")  # PIL's error is an OSError: it used to escape the handler
+    for name in ("y.png", "z.png"):  # PIL's error is an OSError: it used to escape the handler
+        (bad_dir / name).write_bytes(b"not a png")
     assert run(["eval", "stats", str(bad_dir), "--out", str(tmp_path / "s.npz"), "--inception",
                 str(inception_weights)]) == 2
-    assert "z.png" in capsys.readouterr().err
+    assert "bad_images/y.png" in capsys.readouterr().err
     # an --out that cannot be written is refused before the work, not after it
     with pytest.raises(SystemExit) as stop:
         run(["eval", "adm", str(data["ref_dir"]), str(data["samples"]), "--out", str(tmp_path)])

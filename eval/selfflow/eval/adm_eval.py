@@ -23,7 +23,7 @@ import torch
 from .adm_metrics import ADM_BLOCK, ADM_K, ADM_SPLIT_SIZE, inception_score, precision_recall
 from .extract import extract_activations, pool_to_logits, rank
 from .frechet import FeatureStats, checked_distance, save_npz_atomic
-from .image_io import ImageSource, npz_keys, open_images, read_reference_stats
+from .image_io import STAT_KEYS, ImageSource, npz_keys, open_images, read_reference_stats
 from .inception import WEIGHTS_NAME, WEIGHTS_URL, FIDInceptionV3, sha256_file, weights_hash_notes
 
 PROTOCOL = "adm-tf-inception-2015-12-05"
@@ -62,6 +62,26 @@ def _has_images(path: Path) -> bool:
     return path.is_dir() or "arr_0" in npz_keys(path)
 
 
+def check_feature_input(path: str | os.PathLike[str], *, statistics_ok: bool = True) -> None:
+    """Refuse, naming it, an input :func:`load_feature_set` could not use — checked before any network loads: a
+    missing path, a file that is not an ``.npz``, an ``.npz`` with neither images (``arr_0``) nor the four
+    statistics (when ``statistics_ok``), fewer than two images (a covariance needs two)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such image folder or npz file: {p}")
+    stats = " or mu/sigma/mu_s/sigma_s statistics" if statistics_ok else ""
+    if not p.is_dir() and p.suffix != ".npz":
+        raise ValueError(f"{p}: expected an image folder or an .npz holding arr_0 (uint8 (N, H, W, 3) images){stats}, "
+                         "e.g. the samples_N.npz of `selfflow sample --out-dir`")
+    if p.is_file() and statistics_ok and set(STAT_KEYS) <= set(npz_keys(p)):
+        return
+    if not _has_images(p):
+        raise KeyError(f"{p}: neither images ('arr_0'){stats.replace(' or', ' nor')}; arrays: {npz_keys(p)}")
+    if (n := len(open_images(p))) < 2:
+        raise ValueError(f"{p}: {n} image; a Fréchet distance's covariance needs at least 2 (ADM's reference "
+                         "batches hold 10,000 or 50,000)")
+
+
 def load_feature_set(path: str | os.PathLike[str], model: FIDInceptionV3, *, need_pool: bool = True,
                      batch_size: int = 64, progress: bool = True) -> FeatureSet:
     """Statistics and pool features of an image folder, an ADM batch or a statistics file.
@@ -70,8 +90,7 @@ def load_feature_set(path: str | os.PathLike[str], model: FIDInceptionV3, *, nee
     pool features come from a stored ``pool_3`` array, else from the images when ``need_pool``.
     """
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"no such image folder or npz file: {p}")
+    check_feature_input(p)
     stored = read_reference_stats(p) if p.suffix == ".npz" else None
     pool = None
     if p.suffix == ".npz" and POOL_KEY in npz_keys(p):
@@ -87,9 +106,6 @@ def load_feature_set(path: str | os.PathLike[str], model: FIDInceptionV3, *, nee
             acts = extract_activations(open_images(p), model, batch_size=batch_size, progress=progress)
             fs.pool, fs.num_images = acts.pool, len(acts)
         return fs
-    if not _has_images(p):
-        raise KeyError(f"{p}: neither images ('arr_0') nor statistics (mu, sigma, mu_s, sigma_s); "
-                       f"arrays: {npz_keys(p)}")
     acts = extract_activations(open_images(p), model, batch_size=batch_size, progress=progress)
     return FeatureSet(p, acts.pool_stats, acts.spatial_stats, acts.pool, num_images=len(acts))
 

@@ -14,7 +14,6 @@ import json
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from selfflow.core.arg_types import (
@@ -98,18 +97,22 @@ def add_stats_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_stats)
 
 
-def _run(args: argparse.Namespace, body: Callable[[Any, bool], int], inputs: list[str]) -> int:
+def _run(args: argparse.Namespace, body: Callable[[Any, bool], int], inputs: list[str], statistics_ok: bool) -> int:
     """Join torchrun's process group if any (core's restart-safe setup, which also picks this rank's
     GPU), load the network, run ``body(model, is_main)``; input errors become exit code 2. The ``inputs``
-    are checked first: a typo is reported before the network loads."""
+    (image folders or ``.npz`` files; of statistics too when ``statistics_ok``) are checked first: a typo or a
+    file of another kind is reported before the network loads."""
     from selfflow.core.distributed import init_distributed, torn_down_after
 
+    from .adm_eval import check_feature_input
     from .frechet import MetricNote
     from .inception import load_inception
 
-    for path in inputs:
-        if not Path(path).exists():
-            return _fail(FileNotFoundError(f"{path} does not exist"))
+    try:
+        for path in inputs:
+            check_feature_input(path, statistics_ok=statistics_ok)
+    except (OSError, KeyError, ValueError) as e:
+        return _fail(e)
     try:
         # torn_down_after: an error on one rank leaves no barrier the others could be waiting past
         with torn_down_after(), warnings.catch_warnings():
@@ -152,7 +155,7 @@ def cmd_adm(args: argparse.Namespace) -> int:
             print(f"wrote {args.out}")
         return 0
 
-    return _run(args, body, [args.ref, args.samples])
+    return _run(args, body, [args.ref, args.samples], statistics_ok=True)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -165,7 +168,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             print(f"wrote {info['out']} ({info['count']} images, keys: {', '.join(info['keys'])})")
         return 0
 
-    return _run(args, body, [args.src])
+    return _run(args, body, [args.src], statistics_ok=False)
 
 
 def _run_probe(args: argparse.Namespace) -> int:
