@@ -261,5 +261,8 @@ def test_fad_cli_and_missing_weights(laion_dir: str, tmp_path) -> None:
             fad.fad(fake, real_dir, tmp_path / "nothing", "clap_a")
     with pytest.raises(FileNotFoundError, match=r"CLAP_weights_2023\.pth.*microsoft/msclap"):
         clap.convert_checkpoint(tmp_path / "CLAP_weights_2023.pth", tmp_path / "o", "clap")
+    (tmp_path / "notes.pt").write_text("good weights, honest")  # torch reads it as a pickle: "operand 103"
+    with pytest.raises(ValueError, match=r"CLAP checkpoint .*notes\.pt is truncated or corrupt \(not a PyTorch"):
+        clap.convert_checkpoint(tmp_path / "notes.pt", tmp_path / "o", "clap_a")
     with pytest.raises(ValueError, match="not a CLAP directory usable for CLAP"):
         clap.load_clap(laion_dir, "clap")  # MS-CLAP cannot come from a transformers ClapModel

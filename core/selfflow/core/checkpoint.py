@@ -112,14 +112,19 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
     return final
 
 
-def unreadable_torch_file(path: str | Path, e: BaseException, what: str = "checkpoint") -> CheckpointLoadError:
-    """A one-line reason why ``torch.load`` (or ``torch.jit.load``) failed on ``path``, a ``what``."""
+def not_a_torch_file(path: str | Path) -> bool:
+    """``path`` starts with bytes of neither format ``torch.save`` writes (a zip archive, a legacy pickle)."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError:
-        head = b""
-    if head and not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # neither zip nor pickle
+        return False
+    return bool(head) and not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"))
+
+
+def unreadable_torch_file(path: str | Path, e: BaseException, what: str = "checkpoint") -> CheckpointLoadError:
+    """A one-line reason why ``torch.load`` (or ``torch.jit.load``) failed on ``path``, a ``what``."""
+    if not_a_torch_file(path):
         return CheckpointLoadError(f"{what} {path} is truncated or corrupt (not a PyTorch file)")
     if isinstance(e, pickle.UnpicklingError):  # the weights-only unpickler refused an object
         return CheckpointLoadError(f"cannot load {what} {path} safely (weights_only=True): it holds objects "

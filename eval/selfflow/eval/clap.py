@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfflow.core.checkpoint import unreadable_torch_file
+from selfflow.core.checkpoint import not_a_torch_file, unreadable_torch_file
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,9 @@ def infer_htsat_config(tower: dict[str, torch.Tensor]) -> dict[str, Any]:
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     try:
         ck = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # pickled extras that weights_only=True refuses
+    except pickle.UnpicklingError as err:  # pickled extras that weights_only=True refuses — or not a checkpoint
+        if not_a_torch_file(path):
+            raise unreadable_torch_file(path, err, "CLAP checkpoint") from err
         raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({err}). "
                          "Re-save its state_dict on a trusted machine: "
                          "torch.save(torch.load(p, weights_only=False), p)") from err
