@@ -113,7 +113,17 @@ def test_ddp_allocates_its_gradient_buckets_when_it_wraps_the_model(one_gloo_ran
 def test_plan_cli(capsys):
     assert main(["plan", "--config", str(CONFIG), "--gpus", "8", "--gpu-mem", "80"]) == 0
     out = capsys.readouterr().out
-    assert "trainable parameters" in out and "fsdp2" in out and "largest micro-batch on 80 GB (90 % usable)" in out
+    assert "trainable parameters" in out and "fsdp2" in out and "on 80 GB (90 % usable) the largest micro-batch" in out
+    assert "does not fit" not in out
+    big = ["--set", "train.batch_size=65536"]  # the most a config takes: no GPU here holds it
+    assert main(["plan", "--config", str(CONFIG), "--gpu-mem", "80", *big]) == 0
+    out = capsys.readouterr().out
+    assert "! ddp: micro-batch 65536 does not fit (" in out and "a micro-batch of at most " in out
+    assert main(["plan", "--config", str(CONFIG), "--gpu-mem", "0.0001"]) == 0
+    out = capsys.readouterr().out
+    assert "largest micro-batch is 0 (none fits)" in out and "not even one sample" in out
+    assert main(["plan", "--config", str(CONFIG), "--gpu-mem", "1e9"]) == 0
+    assert "largest micro-batch is 65536 (train.batch_size's limit)" in capsys.readouterr().out
     plan = make_plan(load_config(CONFIG))
     assert plan.activations(4, True) < plan.activations(4, False)
     assert plan.resident("fsdp2", 8) < plan.resident("none", 1) < plan.resident("ddp", 8)

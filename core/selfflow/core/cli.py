@@ -135,8 +135,9 @@ def prepare_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubP
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .plan import format_plans, make_plans
 
-    plans = make_plans(load_config(args.config, args.set))
-    print(format_plans([(plan, args.batch or batch) for plan, batch in plans], args.gpus, args.gpu_mem))
+    cfg = load_config(args.config, args.set)
+    print(format_plans([(plan, args.batch or batch) for plan, batch in make_plans(cfg)], args.gpus, args.gpu_mem,
+                       cfg.train.activation_checkpointing))
     return 0
 
 
@@ -274,15 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Capacity planning: parameters, FLOPs per step, activation memory per micro-batch with "
                     "and without activation checkpointing, the memory resident per GPU (weights, AdamW, EMA; DDP's "
                     "gradient buckets) under DDP and FSDP2, the peak per GPU at the configured micro-batch (the "
-                    "gradients come and go with each step) and the largest that fits; a mixed run "
-                    "per modality at its entry's batch. Needs no GPU, weights or shards: absent autoencoders and "
-                    "shards stand in as their published shapes; a caption encoder is read from its config.json "
-                    "alone (method: selfflow.core.plan).",
+                    "gradients come and go with each step) and the largest that fits, with a '!' line and what "
+                    "would fit where the configured step does not; a mixed run per modality at its entry's batch. "
+                    "Needs no GPU, weights or shards (robotics excepted: an rt1 plan reads the prepared data's "
+                    "stats.json and the Wan VAE's config.json): absent autoencoders and shards stand in as their "
+                    "published shapes; a caption encoder is read from its config.json alone (method: "
+                    "selfflow.core.plan).",
         epilog="examples:\n"
                "  selfflow plan --config configs/imagenet256/selfflow_sit_xl2.yaml --gpus 8 --gpu-mem 80\n"
                "  selfflow plan --config configs/mixed_625m.yaml --gpus 8 --batch 16",
         formatter_class=ExamplesFormatter)
-    plan.add_argument("--config", type=Path, help="YAML run config")
+    plan.add_argument("--config", type=Path, help="YAML run config (default: the built-in defaults, a run named "
+                      "'run')")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     plan.add_argument("--gpus", type=positive_int, default=1, help="GPUs (FSDP2 shards over them; default 1)")
     plan.add_argument("--gpu-mem", type=positive_float, default=80.0, help="memory per GPU in GB, 1e9 bytes (default 80; "

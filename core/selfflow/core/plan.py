@@ -38,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from .codec import shapes_only
+from .config import MAX_BATCH_SIZE
 from .flops import train_step_flops
 from .modality import preview_conditions
 from .modulation import TokenTimesteps
@@ -241,8 +242,10 @@ class Plan:
         fits = lambda b: self.gpu_memory(strategy, gpus, b, checkpointing) <= budget  # noqa: E731
         if not fits(1):
             return 0
+        if fits(MAX_BATCH_SIZE):  # the most train.batch_size takes
+            return MAX_BATCH_SIZE
         lo, hi = 1, 2
-        while fits(hi) and hi < 2**24:
+        while fits(hi):
             lo, hi = hi, 2 * hi
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -325,10 +328,30 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def format_plans(plans: list[tuple[Plan, int]], gpus: int, gpu_mem_gb: float) -> str:
+def _largest(n: int) -> str:
+    return {0: "0 (none fits)", MAX_BATCH_SIZE: f"{MAX_BATCH_SIZE} (train.batch_size's limit)"}.get(n, str(n))
+
+
+def _fitting_advice(batch: int, fits: list[int], strategy: str, gpus: int, checkpointing: bool) -> str:
+    """What makes a step that does not fit fit, given the largest micro-batch without / with activation
+    checkpointing and whether the run already checkpoints."""
+    largest = fits[1] if checkpointing else fits[0]
+    if largest:
+        return (f"a micro-batch of at most {largest} (train.batch_size; train.grad_accum_steps keeps the global "
+                "batch)" + ("" if checkpointing or fits[1] < batch else
+                            f", or train.activation_checkpointing: true (up to {fits[1]})"))
+    if fits[1]:
+        return f"train.activation_checkpointing: true with a micro-batch of at most {fits[1]}"
+    if strategy == "ddp":
+        return "not even one sample: DDP keeps the whole state on every GPU; try fsdp2 over more GPUs"
+    return f"not even one sample on {gpus} GPU{'s' if gpus > 1 else ''}: shard over more (--gpus) or a larger GPU"
+
+
+def format_plans(plans: list[tuple[Plan, int]], gpus: int, gpu_mem_gb: float, checkpointing: bool = False) -> str:
     """The plans of one run (one per modality, with its micro-batch) as a short table (GiB) for ``gpus`` GPUs
     of ``gpu_mem_gb``: the state once, then per modality FLOPs, activations, memory per GPU and the largest
-    micro-batch; a mixed run's peak is its largest modality step."""
+    micro-batch, with a ``!`` line and what would fit where the configured step does not (``checkpointing``:
+    the run's ``train.activation_checkpointing``); a mixed run's peak is its largest modality step."""
     gib = lambda v: f"{v / GIB:.2f} GiB"  # noqa: E731
     first, mixed, mem = plans[0][0], len(plans) > 1, gpu_mem_gb * 1e9
     what = (f"{len(plans)} modalities, one per step" if mixed else f"{first.tokens} tokens per sample")
@@ -353,8 +376,13 @@ def format_plans(plans: list[tuple[Plan, int]], gpus: int, gpu_mem_gb: float) ->
             use = [plan.gpu_memory(strategy, gpus, batch, ac) for ac in (False, True)]
             fits = [plan.largest_batch(strategy, gpus, mem, ac) for ac in (False, True)]
             lines.append(f"{pad}{strategy:5s} per GPU at micro-batch {batch}:  {gib(use[0])} "
-                         f"(with activation checkpointing {gib(use[1])}); largest micro-batch on "
-                         f"{gpu_mem_gb:g} GB ({100 * USABLE_FRACTION:.0f} % usable): {fits[0]} ({fits[1]})")
+                         f"(with activation checkpointing {gib(use[1])}); on {gpu_mem_gb:g} GB "
+                         f"({100 * USABLE_FRACTION:.0f} % usable) the largest micro-batch is {_largest(fits[0])}, "
+                         f"with activation checkpointing {_largest(fits[1])}")
+            if (need := use[checkpointing]) > USABLE_FRACTION * mem:
+                lines.append(f"{pad}  ! {strategy}: micro-batch {batch} does not fit ({gib(need)} > "
+                             f"{gib(USABLE_FRACTION * mem)} usable): "
+                             + _fitting_advice(batch, fits, strategy, gpus, checkpointing))
     if mixed:
         for strategy in ("ddp", "fsdp2"):
             peak, name = max((p.gpu_memory(strategy, gpus, b, False), p.modality) for p, b in plans)

@@ -79,7 +79,8 @@ class WanCodec(WanGeometry, NormalizedVAE):
             raise FileNotFoundError(
                 f"Wan VAE directory {path} not found (no config.json). The {version} VAE in diffusers format "
                 f"is published as {WEIGHTS.get(version, WEIGHTS['wan2.2'])}; download it on a machine with "
-                "network and point data.options.vae_dir (training) or --vae-dir (prepare) at the vae/ folder.")
+                "network and point data.options.vae_dir (training) or --vae-dir (prepare) at the vae/ folder "
+                "(`selfflow plan` reads its config.json alone).")
         from diffusers import AutoencoderKLWan
 
         vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
