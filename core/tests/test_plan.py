@@ -110,7 +110,11 @@ def test_ddp_allocates_its_gradient_buckets_when_it_wraps_the_model(one_gloo_ran
     assert buckets == pytest.approx((RESIDENT_BYTES["ddp"] - RESIDENT_BYTES["none"]) * plan.params, rel=0.02)
 
 
-def test_plan_cli(capsys):
+def test_plan_cli(capsys, monkeypatch):
+    with monkeypatch.context() as m:  # under torchrun each rank would print the same plan
+        m.setenv("WORLD_SIZE", "2")
+        assert main(["plan", "--config", str(CONFIG)]) == 2
+    assert "selfflow plan runs in one process" in capsys.readouterr().err
     assert main(["plan", "--config", str(CONFIG), "--gpus", "8", "--gpu-mem", "80"]) == 0
     out = capsys.readouterr().out
     assert "trainable parameters" in out and "fsdp2" in out and "on 80 GB (90 % usable) the largest micro-batch" in out

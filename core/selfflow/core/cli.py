@@ -25,7 +25,7 @@ from .arg_types import (
 )
 from .checkpoint import CheckpointLoadError
 from .config import ConfigError, load_config, validation_problems
-from .distributed import launched_world_size, left_out_of_step
+from .distributed import launched_world_size, left_out_of_step, one_process_only
 from .export_cli import add_export_parser
 from .faults import RunInterrupted, RunStopped
 from .registry import command_registrars, plugin_frame
@@ -135,6 +135,7 @@ def prepare_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubP
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .plan import format_plans, make_plans
 
+    one_process_only("selfflow plan", "--gpus N plans for N GPUs without running on them")
     cfg = load_config(args.config, args.set)
     print(format_plans([(plan, args.batch or batch) for plan, batch in make_plans(cfg)], args.gpus, args.gpu_mem,
                        cfg.train.activation_checkpointing))
