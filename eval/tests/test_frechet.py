@@ -164,3 +164,11 @@ def test_checked_distance_notes_small_n_only_when_below_dim() -> None:
     assert frechet_notes("FD", -1e-9, dim=16, counts={}, scale=10.0) == []  # round-off
     with pytest.warns(UserWarning):
         assert frechet_notes("FD", -1e-3, dim=16, counts={}, scale=10.0) != []
+
+
+def test_checked_distance_takes_features_as_well_as_statistics() -> None:
+    rng = np.random.default_rng(0)
+    fake, real = rng.normal(size=(300, 8)), rng.normal(0.2, 1.0, size=(300, 8))
+    from_stats = checked_distance("FD", FeatureStats().update(fake), FeatureStats().update(real))
+    assert checked_distance("FD", fake, torch.from_numpy(real)) == from_stats
+    assert from_stats[0] > 0

@@ -295,8 +295,10 @@ def frechet_notes(metric: str, value: float, *, dim: int, counts: dict[str, int]
     return notes
 
 
-def checked_distance(metric: str, a: FeatureStats, b: FeatureStats) -> tuple[float, list[str]]:
-    """``frechet_distance`` of two ``FeatureStats`` and the :func:`frechet_notes` about it."""
+def checked_distance(metric: str, a: FeatureStats | ArrayLike, b: FeatureStats | ArrayLike) -> tuple[float, list[str]]:
+    """``frechet_distance`` of two ``FeatureStats`` — or of two sets of features ``(N, D)`` (numpy or torch),
+    taken as the statistics of one batch each — and the :func:`frechet_notes` about it."""
+    a, b = (s if isinstance(s, FeatureStats) else FeatureStats().update(s) for s in (a, b))
     value, imaginary, scale = _frechet_terms(a.mean, a.cov, b.mean, b.cov)
     dim = int(a.mean.shape[0])
     notes = frechet_notes(metric, value, dim=dim, counts={"generated": a.count, "reference": b.count},
