@@ -29,7 +29,9 @@ def test_mixed_run_logs_and_samples_each_modality(tmp_path):
     trainer = Trainer(_cfg(tmp_path, "mix", "train.steps=8"), progress=False)
     assert set(trainer.raw.img_in) == {"image", "audio"} and trainer.raw.cfg.context_dim == 16
     assert trainer.run.objectives["image"].mask_ratio == 0.25 and trainer.run.objectives["audio"].mask_ratio == 0.5
-    trainer.fit()
+    result = trainer.fit()
+    assert [p.parent.name for p in result["previews"]] == ["image", "audio"]  # every modality's, for the summary
+    assert result["samples"] == result["previews"][0]
     records = read_metrics(tmp_path / "mix" / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 9))
     mods = [r["modality"] for r in records]

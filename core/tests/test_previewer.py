@@ -62,14 +62,14 @@ def test_due_steps(run):
 
 
 def test_rank_0_writes_the_previews(run, calls, tmp_path):
-    path = _previewer(run).write_samples(4)
+    (path,) = _previewer(run).write_samples(4)
     assert calls == [("image", 2, run.config.sample.seed)]
     assert path.parent == tmp_path / "run" / "samples" and "step_00000004" in path.name
 
 
 @pytest.mark.parametrize(("strategy", "generates"), [("ddp", False), ("fsdp2", True)])
 def test_other_ranks_generate_only_under_fsdp2(run, calls, strategy, generates, monkeypatch, tmp_path):
-    assert _previewer(run, rank=1, strategy=strategy).write_samples(4) is None
+    assert _previewer(run, rank=1, strategy=strategy).write_samples(4) == []
     assert bool(calls) == generates and not (tmp_path / "run" / "samples").exists()
 
 

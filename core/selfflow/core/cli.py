@@ -95,9 +95,11 @@ def _train(trainer) -> int:
     result = trainer.fit()
     if main_rank:
         log.info(f"run directory: {cfg.run_dir}")
-        for key in ("checkpoint", "samples", "loss_plot", "eval_plot", "ema"):
-            if result[key] is not None or key != "eval_plot":  # a run without online evaluation has no plot
-                log.info(f"  {key:10s} {result[key]}")
+        lines = [("checkpoint", result["checkpoint"]), *(("samples", p) for p in result["previews"]),
+                 ("loss_plot", result["loss_plot"]), ("eval_plot", result["eval_plot"]), ("ema", result["ema"])]
+        for key, value in lines:
+            if value is not None or key != "eval_plot":  # a run without online evaluation has no plot
+                log.info(f"  {key:10s} {value}")
     return 0
 
 

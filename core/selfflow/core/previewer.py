@@ -132,14 +132,14 @@ class Previewer:
     def eval_due(self, step: int) -> bool:
         return bool(self.eval_cfg.every) and (step % self.eval_cfg.every == 0 or step == self.total)
 
-    def write_samples(self, step: int) -> Path | None:
-        """Preview samples of every modality (a mixed run writes ``samples/<modality>/``); returns the
-        first file written (rank 0)."""
+    def write_samples(self, step: int) -> list[Path]:
+        """Preview samples of every modality (a mixed run writes ``samples/<modality>/``); returns the files
+        written, one per modality (rank 0; other ranks: none)."""
         s = self.sample_cfg
         if not self._all_ranks_generate and not self.dist.is_main:
             barrier()
-            return None
-        first = None
+            return []
+        written = []
         show = self.log is not None and self.log.progress
         for name, modality in self.modalities.items():
             sampler = self.samplers[name]
@@ -149,12 +149,12 @@ class Previewer:
             folder = self.sample_dir / name if self._mixed else self.sample_dir
             if self.dist.is_main:
                 path = modality.save_samples(media, labels, folder / f"step_{step:08d}")
-                first = first or path
+                written.append(path)
                 if self.log is not None:
                     self.log.media(step, name, path)
         if not self._all_ranks_generate:
             barrier()
-        return first
+        return written
 
     def evaluate(self, interrupted: Callable[[], bool] | None = None) -> dict[str, float]:
         """Generate ``eval.num_samples`` for each modality that has evaluators (its own, e.g. probe-FD on

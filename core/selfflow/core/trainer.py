@@ -268,15 +268,17 @@ class Trainer:
     # --- loop -------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to ``train.steps``, then write the final checkpoint, preview, EMA export and loss plot. A run
-        that had already finished is left as it is (``samples`` and ``last`` are then empty).
+        that had already finished is left as it is (``samples`` and ``last`` are then empty). ``samples``: the
+        (first) preview file; ``previews``: every modality's.
 
         ``SIGTERM``, ``SIGUSR1`` or Ctrl-C (in the main thread) stop the run after the step in progress: a
         checkpoint of that step is written and :class:`~.faults.RunInterrupted` raised; fitting again resumes
         there with the numbers of an uninterrupted run (:mod:`~selfflow.core.stop_request`). The step's online
         evaluation, if due, is left to the resumed run (``eval_pending``), which does it first."""
         if self.finished:
-            return {"checkpoint": self.resumed_from, "samples": None, "ema": self.run_dir / "ema.safetensors",
-                    "loss_plot": self._file("loss.png"), "eval_plot": self._file("eval.png"), "last": {}}
+            return {"checkpoint": self.resumed_from, "samples": None, "previews": [],
+                    "ema": self.run_dir / "ema.safetensors", "loss_plot": self._file("loss.png"),
+                    "eval_plot": self._file("eval.png"), "last": {}}
         total, accum = self.cfg.train.steps, self.cfg.train.grad_accum_steps
         self.log.open(self.step)
         with self.stop.installed():
@@ -285,8 +287,8 @@ class Trainer:
             finally:
                 self.log.close()
             # a signal from here on lets the run finish: its final outputs take a moment, not a step
-            return {"checkpoint": self.checkpointer.save(self.step),
-                    "samples": self.previewer.write_samples(self.step),
+            checkpoint, previews = self.checkpointer.save(self.step), self.previewer.write_samples(self.step)
+            return {"checkpoint": checkpoint, "samples": previews[0] if previews else None, "previews": previews,
                     "ema": self.checkpointer.export_ema(self.ema, self.run.model_config,
                                                        data_facts=self.run.data_facts),
                     "loss_plot": self.log.finish(), "eval_plot": self._file("eval.png"), "last": last}
