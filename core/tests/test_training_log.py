@@ -170,3 +170,15 @@ def test_text_log_appends_the_console_lines_to_train_log(tmp_path, capsys):
         raise RuntimeError("disk full")
     assert (tmp_path / "run" / "train.log").read_text().splitlines()[-1].endswith(
         "ERROR stopped: RuntimeError: disk full")
+
+
+def test_without_a_progress_bar_each_logging_step_is_a_line_of_train_log(tmp_path, capsys):
+    """A batch job (``--no-progress``) would otherwise log nothing but metrics.jsonl while it trains."""
+    log = _log(tmp_path, "logging.tensorboard=false", "logging.plot_every=100")
+    with log.text_log():
+        log.open(0)
+        _steps(log, [1, 2, 3])
+        log.close()
+    lines = [ln.split(" ", 3)[3] for ln in (tmp_path / "run" / "train.log").read_text().splitlines()]
+    assert [ln.split(" samples/s")[0].rsplit(", ", 1)[0] for ln in lines] == ["step 2/5: loss 0.5000, rep -0.500"]
+    assert "step 2/5: loss 0.5000" in capsys.readouterr().out

@@ -148,6 +148,10 @@ class TrainingLog:
             self._write(record, self._tags(record, modality))
             self._bar.set_postfix(loss=f"{values['loss']:.4f}", rep=f"{values['loss_rep']:.3f}",
                                   sps=f"{rates['samples_per_s']:.0f}", tps=f"{rates['tokens_per_s']:.0f}")
+            if not self.progress and self.dist.is_main:  # no bar (a batch job's log): a line instead
+                logger.info(f"step {step}/{self.cfg.train.steps}{f' ({modality})' if self._mixed else ''}: "
+                            f"loss {values['loss']:.4f}, rep {values['loss_rep']:.3f}, "
+                            f"{rates['samples_per_s']:.1f} samples/s")
         elif self._mixed:
             self._window_last[modality] = (step, dict(values))
         if self._metrics is not None and self.log_cfg.plot_every and step % self.log_cfg.plot_every == 0:
