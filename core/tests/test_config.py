@@ -33,7 +33,25 @@ def test_unknown_key_names_key_value_and_file(tmp_path):
         load_config(p)
     msg = str(e.value)
     assert "train.stpes" in msg and "unknown key" in msg and str(p) in msg and "5" in msg
-    assert "YAML needs a space" not in msg
+    assert "YAML needs a space" not in msg and "did you mean 'steps'?" in msg
+
+
+def test_an_unknown_key_names_the_declared_keys_it_may_have_meant():
+    """Close spellings, else the keys that contain it — in a section, the model's arch, a mixture entry and a
+    modality's options; nothing when no key is close."""
+    mix = "data.mixture=[{modality: image, wieght: 1}]"
+    for sets, says in [(["model.depth=4"], "model.depth: unknown key (value 4) — did you mean 'depth_double' or "
+                                           "'depth_single'?"),
+                       (["model={arch: dit, preset: tiny, hiden_size: 3}"], "did you mean 'hidden_size'?"),
+                       ([mix], "data.mixture.0.wieght: unknown key (value 1) — did you mean 'weight'?"),
+                       (["logging.zzz=1"], "logging.zzz: unknown key (value 1)\n")]:
+        with pytest.raises(ConfigError) as e:
+            load_config(None, sets)
+        assert says in str(e.value) + "\n", str(e.value)
+    from selfflow.core.run_setup import build_modalities
+
+    with pytest.raises(ConfigError, match=r"data\.options\.patch_sise: .* — did you mean 'patch_size'\?"):
+        build_modalities(load_config(None, ["data.options.patch_sise=4"]))
 
 
 def test_a_flow_mapping_without_a_space_after_the_colon_is_explained():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -23,12 +24,13 @@ from pydantic import (
 )
 
 from .atomic import atomic_write_text
-from .backbones import validate_model_config
+from .backbones import DEFAULT_ARCH, backbone_spec, validate_model_config
 from .mmdit import MMDiTConfig
 from .objective import UNKNOWN_KIND_OK, ObjectiveConfig
 from .safe_yaml import YamlError, parse_yaml
 from .sampler import SamplerConfig, SamplerSettings, resolve_sampler
 from .timesteps import TimestepDistribution
+from .undeclared_keys import did_you_mean, fields_along
 
 if TYPE_CHECKING:
     from .modality import Modality
@@ -250,8 +252,10 @@ def short_repr(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
-def validation_problems(err: ValidationError, root: str = "") -> list[str]:
-    """``key: problem (got value)`` for each error of ``err`` (``root`` names an error of the whole object)."""
+def validation_problems(err: ValidationError, root: str = "",
+                        known: Callable[[tuple[Any, ...]], list[str]] | None = None) -> list[str]:
+    """``key: problem (got value)`` for each error of ``err`` (``root`` names an error of the whole object);
+    ``known(loc)``: the keys declared beside an unknown one, to say which it may have meant."""
     out = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or root
@@ -262,14 +266,27 @@ def validation_problems(err: ValidationError, root: str = "") -> list[str]:
             name, _, value = str(last).partition(":")
             out.append(f"{key}: unknown key (value {short_repr(e['input'])})"
                        + (f" — YAML needs a space after a key's colon: write '{name}: {value}', not '{last}'"
-                          if glued else ""))
+                          if glued else did_you_mean(str(last), known(e["loc"]) if known else [])))
         else:
             out.append(f"{key}: {e['msg']} (got {short_repr(e['input'])})")
     return out
 
 
 def _format_errors(err: ValidationError, source: str, raw: dict[str, Any]) -> str:
-    return "\n".join([f"invalid config {source}:", *(f"  {p}" for p in validation_problems(err))])
+    return "\n".join([f"invalid config {source}:",
+                      *(f"  {p}" for p in validation_problems(err, known=lambda loc: _declared_beside(loc, raw)))])
+
+
+def _declared_beside(loc: tuple[Any, ...], raw: dict[str, Any]) -> list[str]:
+    """The keys the config declares in the section of the key at ``loc``; the model section's are its arch's."""
+    if loc[:1] != ("model",):
+        return fields_along(RunConfig, loc[:-1])
+    model = raw.get("model")
+    try:
+        spec = backbone_spec(model.get("arch", DEFAULT_ARCH) if isinstance(model, dict) else DEFAULT_ARCH)
+    except (KeyError, TypeError):
+        return []
+    return fields_along(spec.config_cls, loc[1:-1])
 
 
 def _arch_override_hint(err: ValidationError, overrides: list[str]) -> str:

@@ -36,6 +36,7 @@ from .data.data_facts import collecting
 from .modality import Modality, check_layout
 from .objective import ResolvedObjective
 from .registry import get_modality
+from .undeclared_keys import did_you_mean, fields_along
 
 
 def pick_device(name: str | torch.device, what: str = "train.device") -> torch.device:
@@ -64,7 +65,8 @@ def build_entry_modality(entry: MixtureEntry, where: str) -> Modality:
             if len(loc) > 1 and isinstance(loc[0], str) and loc[0] not in entry.options:
                 del loc[0]  # the per-dataset union's tag (e.g. synthetic_shapes) is not a key the user wrote
             key = ".".join(str(p) for p in loc)
-            lines.append(f"  {where}.options.{key}: {err['msg']} (got {short_repr(err['input'])})")
+            hint = did_you_mean(str(loc[-1]), fields_along(cls.Options, loc[:-1])) if err["type"] == "extra_forbidden" else ""
+            lines.append(f"  {where}.options.{key}: {err['msg']} (got {short_repr(err['input'])}){hint}")
         raise ConfigError("\n".join(lines)) from None
     except (ValueError, FileNotFoundError) as e:  # a missing file or inconsistent options: name the keys
         keys = [f"{where}.options.{k}={v!r}" for k, v in entry.options.items()
