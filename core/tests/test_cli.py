@@ -53,6 +53,14 @@ def test_a_missing_command_prints_help_to_stderr_with_exit_2(argv, capsys):
     assert out == "" and err.startswith("usage: selfflow")
 
 
+def test_a_config_given_without_config_is_pointed_at_it(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "configs/tiny/image.yaml"])
+    assert stop.value.code == 2
+    assert ("unrecognized arguments: configs/tiny/image.yaml — a config file goes after --config: --config "
+            "configs/tiny/image.yaml") in capsys.readouterr().err
+
+
 def test_train_then_sample(tmp_path, capsys):
     sets = [a for s in [*TINY, "train.steps=2", f"output_dir={tmp_path}", "name=cli",
                         "objective.timesteps={kind: logit_normal, mean: -0.5, std: 1, shift: 3}"] for a in ("--set", s)]

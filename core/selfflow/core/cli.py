@@ -59,8 +59,8 @@ def _objective_summary(trainer) -> str:
     parts = [f"{n}: R_M={o.mask_ratio}, γ={o.gamma}, {_timesteps_summary(o.timesteps)}"
              for n, o in objectives.items()]
     first = next(iter(objectives.values()))
-    return (f"{trainer.cfg.objective.kind} ({'; '.join(parts)}; "
-            f"layers {first.student_layer}→{first.teacher_layer})")
+    layers = f"; layers {first.student_layer}→{first.teacher_layer}" if first.uses_projector else ""
+    return f"{trainer.cfg.objective.kind} ({'; '.join(parts)}{layers})"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -230,6 +230,9 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        configs = [w for w in message.split() if w.endswith((".yaml", ".yml"))]
+        if message.startswith("unrecognized arguments") and configs:  # `selfflow train run.yaml`
+            message += f" — a config file goes after --config: --config {configs[0]}"
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 

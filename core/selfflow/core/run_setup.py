@@ -264,14 +264,16 @@ def reapply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: torch.o
     """After a resume: the run config's AdamW hyperparameters (``fresh``, read off the optimizer as built)
     over those the checkpoint brought back, and the schedule's base rate with them — so a resume with a lower
     ``optim.lr`` trains at it, as ``config.yaml`` says. Returns what changed, for the log."""
-    changed = []
+    groups: dict[str, list[int]] = {}  # "lr 0.001 → 0.0005": the param groups it changed in
     for i, (group, want) in enumerate(zip(optimizer.param_groups, fresh)):
         for k in HYPERPARAMETERS:
             was = tuple(group[k]) if isinstance(group[k], (list, tuple)) else group[k]
             now = tuple(want[k]) if isinstance(want[k], (list, tuple)) else want[k]
             if was != now:
-                changed.append(f"{'lr' if k == 'initial_lr' else k} {was} → {now} (param group {i})")
+                groups.setdefault(f"{'lr' if k == 'initial_lr' else k} {was} → {now}", []).append(i)
                 group[k] = want[k]
+    changed = [f"{what} (param group{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))})"
+               for what, ids in groups.items()]
     scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)
