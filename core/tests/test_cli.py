@@ -53,6 +53,24 @@ def test_a_missing_command_prints_help_to_stderr_with_exit_2(argv, capsys):
     assert out == "" and err.startswith("usage: selfflow")
 
 
+def test_a_second_ctrl_c_names_the_checkpoint_a_rerun_resumes_from(tmp_path, capsys, monkeypatch):
+    from selfflow.core.trainer import Trainer
+
+    sets = _sets(*TINY, f"output_dir={tmp_path}", "name=r", "sample.num_samples=2")
+    assert main(["train", "--no-progress", *sets, "--set", "train.steps=1"]) == 0
+    capsys.readouterr()
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    assert main(["train", "--no-progress", *sets, "--set", "train.steps=3"]) == 130
+    err = capsys.readouterr().err
+    assert "stopped at once; the same command resumes from " in err and "step_00000001.pt" in err
+    assert main(["train", "--no-progress", *_sets(*TINY, f"output_dir={tmp_path}", "name=fresh")]) == 130
+    assert "the same command starts the run over (no checkpoint was written yet)" in capsys.readouterr().err
+
+
 def test_a_config_given_without_config_is_pointed_at_it(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["train", "configs/tiny/image.yaml"])

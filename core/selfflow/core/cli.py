@@ -23,7 +23,7 @@ from .arg_types import (
     positive_float,
     positive_int,
 )
-from .checkpoint import CheckpointLoadError
+from .checkpoint import CheckpointLoadError, latest_checkpoint
 from .config import ConfigError, load_config, validation_problems
 from .distributed import launched_world_size, left_out_of_step, one_process_only
 from .export_cli import add_export_parser
@@ -92,7 +92,14 @@ def _train(trainer) -> int:
             log.info(f"{cfg.name} is already finished (step {trainer.step}, train.steps={cfg.train.steps}); "
                      f"nothing to do. Its outputs are in {cfg.run_dir}; raise train.steps to train further")
         return 0
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:  # Ctrl-C twice: stopped at once, without a checkpoint of the step in progress
+        if main_rank:
+            last = latest_checkpoint(cfg.run_dir / "checkpoints")
+            log.warning("selfflow: stopped at once; the same command " + (
+                f"resumes from {last}" if last else "starts the run over (no checkpoint was written yet)"))
+        raise
     if main_rank:
         log.info(f"run directory: {cfg.run_dir}")
         lines = [("checkpoint", result["checkpoint"]), *(("samples", p) for p in result["previews"]),
