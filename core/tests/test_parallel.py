@@ -59,3 +59,31 @@ def test_one_plain_process_trains_unwrapped_whatever_the_strategy(requested):
     with pytest.warns(UserWarning, match=f"train.parallel is '{requested}' but this is one process"):
         assert parallel.resolve_strategy(requested, DistInfo()) == "none"
     assert parallel.resolve_strategy("none", DistInfo()) == "none"
+
+
+def test_fsdp2_does_not_alarm_about_the_view_its_velocity_is(one_gloo_rank, recwarn):
+    """The MMDiT's velocity is a Linear over a slice of the sequence (past its class token), a view: torch warned
+    at every forward that an in-place op on it would skip the all-gather, which no loss or sampler here does."""
+    import warnings
+
+    torch.manual_seed(0)
+    run = build_run(load_config(ROOT / "configs/tiny/video.yaml", ["train.batch_size=2"]))
+    (name, modality), obj = next(iter(run.modalities.items())), next(iter(run.objectives.values()))
+    ema = make_ema(run.backbone)
+    student = parallel.wrap_student(run.backbone, "fsdp2", DistInfo(), bf16=False)
+    teacher = parallel.wrap_teacher(ema, "fsdp2", bf16=False)
+    ids = modality.sample_ids(2, "cpu")
+    tokens = Tokens(torch.randn(2, ids.shape[1], modality.token_channels), ids)
+    cond = modality.sample_conditions(2, "cpu")[0]
+
+    def step() -> None:
+        obj.loss(student, teacher, tokens, cond, null_label=modality.num_classes, modality=name,
+                 generator=torch.Generator().manual_seed(0))["loss"].backward()
+
+    step()
+    assert not [w for w in recwarn if "returned a view tensor" in str(w.message)]
+    with warnings.catch_warnings(record=True) as unfiltered:  # the premise: torch does warn
+        warnings.resetwarnings()
+        warnings.simplefilter("always")
+        step()
+    assert [w for w in unfiltered if "returned a view tensor" in str(w.message)]

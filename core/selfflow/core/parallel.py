@@ -58,6 +58,10 @@ def shard_fsdp2(model: nn.Module, bf16: bool, reshard_after_forward: bool = True
     for block in model.blocks():
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+    # torch warns when a sharded module returns a view (the MMDiT's velocity is a Linear over the sequence's
+    # data-token slice): an in-place op on it would skip the backward all-gather. Nothing here changes a model's
+    # output in place — the losses and samplers compute out of place — so the warning only alarms.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
     return model
 
 

@@ -252,7 +252,7 @@ class Trainer:
             return
         # torch warns when a run's very first step is skipped (no optimizer.step yet); that is intended here.
         # Only then: catch_warnings resets Python's once-per-place filter, so around every step it let other
-        # warnings (FSDP2's view-tensor note) repeat at each step.
+        # warnings repeat at each step.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             self.scheduler.step()
