@@ -193,7 +193,11 @@ def _run_probe(args: argparse.Namespace) -> int:
         media, labels = generate(model, modality, args.num, sampler, args.seed, device, bar.update)
     scores = load(evaluators()[modality.evaluator])(modality)(media, labels)
     result = {**scores, "protocol": f"{modality.evaluator}-v1 (a proxy on built-in data, not FID)",
-              "run": str(args.run), "num_samples": args.num, "sampler": sampler.model_dump()}
+              "run": str(args.run), "modality": modality.name, "num_samples": args.num,
+              "sampler": sampler.model_dump()}
+    if cfg.data.mixture:  # a mixed run: say which of its modalities was scored
+        print(f"probe on the {modality.name!r} samples of a mixed run "
+              f"({', '.join(e.modality for e in cfg.data.mixture)})")
     out = args.out or model_root(args.run) / "probe_metrics.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"probe_fd {scores['probe_fd']:.4f}   probe_acc {scores['probe_acc']:.3f}   ({args.num} samples)")
