@@ -149,6 +149,20 @@ def test_a_larger_num_extends_the_run_to_the_samples_of_a_fresh_one(run_dir, tmp
     assert np.array_equal(np.load(_in_process(run_dir, out, num=10))["arr_0"], np.load(fresh)["arr_0"])  # resumes
 
 
+def test_balanced_labels_need_classes(run_dir, tmp_path, monkeypatch):
+    from selfflow.core.config import ConfigError
+    from selfflow.core.distributed import DistInfo
+    from selfflow.core.pretrained import load_model
+    from selfflow.core.sample_many import SampleManyConfig, sample_many
+
+    loaded = load_model(run_dir, "cpu")
+    sampler = loaded.config.sampler(loaded.modality)
+    monkeypatch.setattr(type(loaded.modality), "num_classes", property(lambda self: 0))
+    with pytest.raises(ConfigError, match="--labels balanced spreads the samples over the classes, but 'image'"):
+        sample_many(loaded.model, loaded.modality, sampler,
+                    SampleManyConfig(num=4, batch_size=4, labels="balanced", out_dir=tmp_path), DistInfo())
+
+
 def test_a_larger_num_is_another_run_in_the_official_layout(tmp_path):
     """The official layout seeds batches by rank over ceil(N / W) samples each: another N moves every batch."""
     from selfflow.core.config import ConfigError

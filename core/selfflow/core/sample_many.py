@@ -197,6 +197,9 @@ def sample_many(model: nn.Module, modality: Modality, sampler: SamplerConfig, op
     """Generate ``opts.num`` samples into ``opts.out_dir``; returns the ``.npz`` path on rank 0 (else None)."""
     if opts.prompts is not None:
         require_prompts(modality)
+    if opts.labels == "balanced" and not modality.num_classes:
+        raise ConfigError(f"--labels balanced spreads the samples over the classes, but {modality.name!r} samples "
+                          "have none (a text-conditioned or unconditional run)")
     if not opts.png and type(modality).evaluation_array is Modality.evaluation_array:
         raise ConfigError(f"--no-png: {modality.name!r} samples have no array format (samples_N.npz holds images), "
                           "so nothing would be written; keep the per-sample files")
