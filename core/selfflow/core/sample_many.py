@@ -9,9 +9,9 @@ file is done and skipped on restart (a ``parts/batch_XXXXXX.json`` beside it, wr
 files, labels and prompts). ``parts/settings.json`` records what fixes the samples (count, batching, seed,
 labels, sampler, prompts, modality, a digest of the weights); a restart with other settings is refused, naming
 them, instead of mixing two runs' samples — except a larger count, which extends the run (its finished batches
-are kept; a last batch cut short by the old count is redone). Rank 0 finally concatenates the parts into ``samples_N.npz`` (``arr_0``, the ADM
-evaluator's format; ``arr_1`` the class labels of class-conditional runs; ``prompts`` those of text-conditioned
-runs) and, for text-conditioned runs, writes ``prompts.jsonl`` (each sample's file and prompt, what ``selfflow
+are kept; a last batch cut short by the old count is redone). Rank 0 finally concatenates the parts into
+``samples_N.npz`` (``arr_0``, the ADM evaluator's format; ``arr_1`` the class labels of class-conditional runs;
+``prompts`` those of text-conditioned runs) and, for text-conditioned runs, writes ``prompts.jsonl`` (each sample's file and prompt, what ``selfflow
 eval`` pairs samples with). The output directory must be shared by the ranks.
 
 Sample ``i`` of a text-conditioned run gets ``prompts[i mod P]``: the given prompts, else the modality's
