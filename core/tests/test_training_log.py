@@ -182,3 +182,6 @@ def test_without_a_progress_bar_each_logging_step_is_a_line_of_train_log(tmp_pat
     lines = [ln.split(" ", 3)[3] for ln in (tmp_path / "run" / "train.log").read_text().splitlines()]
     assert [ln.split(" samples/s")[0].rsplit(", ", 1)[0] for ln in lines] == ["step 2/5: loss 0.5000, rep -0.500"]
     assert "step 2/5: loss 0.5000" in capsys.readouterr().out
+    cfg = load_config(None, [f"output_dir={tmp_path}", "name=run"])
+    asked = TrainingLog(cfg, DistInfo(), torch.device("cpu"), progress=True, step_cost=None)
+    assert not asked.progress  # stderr is not a terminal here (pytest captures it): lines, not a bar

@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set train.steps=200 (repeatable; value is YAML)")
     train.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
     train.add_argument("--no-progress", action="store_true", help="no progress bar: a line per logging.every "
-                       "steps instead (console and train.log), for batch jobs' logs")
+                       "steps instead (console and train.log), as when the output is not a terminal")
     train.set_defaults(func=_cmd_train)
 
     smp = sub.add_parser(

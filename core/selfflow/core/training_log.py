@@ -55,7 +55,9 @@ class TrainingLog:
         self.log_cfg = cfg.logging
         self.dist = dist
         self.device = device
-        self.progress = progress and dist.is_main
+        # A bar only on a terminal: piped into a file (tee, a batch job) it is a line of carriage returns, and the
+        # run logs a line per logging step instead
+        self.progress = progress and dist.is_main and sys.stderr.isatty()
         self.step_cost = step_cost
         self.run_dir = cfg.run_dir
         self._metrics: MetricsLogger | None = None
