@@ -80,10 +80,11 @@ def test_fsdp2_does_not_alarm_about_the_view_its_velocity_is(one_gloo_rank, recw
         obj.loss(student, teacher, tokens, cond, null_label=modality.num_classes, modality=name,
                  generator=torch.Generator().manual_seed(0))["loss"].backward()
 
-    step()
-    assert not [w for w in recwarn if "returned a view tensor" in str(w.message)]
-    with warnings.catch_warnings(record=True) as unfiltered:  # the premise: torch does warn
+    with warnings.catch_warnings(record=True) as unfiltered:  # the premise: this torch warns (2.14 does, 2.11 not)
         warnings.resetwarnings()
         warnings.simplefilter("always")
         step()
-    assert [w for w in unfiltered if "returned a view tensor" in str(w.message)]
+    if not [w for w in unfiltered if "returned a view tensor" in str(w.message)]:
+        pytest.skip(f"torch {torch.__version__} does not warn about a view returned by an FSDP2 module")
+    step()
+    assert not [w for w in recwarn if "returned a view tensor" in str(w.message)]
