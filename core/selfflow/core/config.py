@@ -129,8 +129,8 @@ class TrainConfig(_Section):
     init_from: str | None = Field(None, description="fine-tune: start from this checkpoint file, run "
                                   "directory or ema.safetensors (new modality heads start fresh)")
     init_weights: Literal["ema", "model"] = Field("ema", description="which weights of init_from to start from")
-    freeze: list[str] = Field(default_factory=list, description="module paths (or parameter names) to keep frozen, matched on whole dotted parts: "
-                              "single_blocks.1 is block 1, not 10-19")
+    freeze: list[str] = Field(default_factory=list, description="module paths (or parameter names) to keep "
+                              "frozen, matched on whole dotted parts: single_blocks.1 is block 1, not 10-19")
 
 
 class CheckpointConfig(_Section):

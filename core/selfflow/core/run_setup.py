@@ -65,7 +65,8 @@ def build_entry_modality(entry: MixtureEntry, where: str) -> Modality:
             if len(loc) > 1 and isinstance(loc[0], str) and loc[0] not in entry.options:
                 del loc[0]  # the per-dataset union's tag (e.g. synthetic_shapes) is not a key the user wrote
             key = ".".join(str(p) for p in loc)
-            hint = did_you_mean(str(loc[-1]), fields_along(cls.Options, loc[:-1])) if err["type"] == "extra_forbidden" else ""
+            unknown = err["type"] == "extra_forbidden"
+            hint = did_you_mean(str(loc[-1]), fields_along(cls.Options, loc[:-1])) if unknown else ""
             lines.append(f"  {where}.options.{key}: {err['msg']} (got {short_repr(err['input'])}){hint}")
         raise ConfigError("\n".join(lines)) from None
     except (ValueError, FileNotFoundError) as e:  # a missing file or inconsistent options: name the keys

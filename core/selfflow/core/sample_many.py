@@ -1,18 +1,18 @@
 """``selfflow sample --num N``: many samples for evaluation, sharded over ``torchrun`` ranks, resumable.
 
 The index space ``0 … N−1`` is cut into fixed batches ``j = [j·B, (j+1)·B)``; the unfinished ones are dealt
-round-robin to the ranks. A sample's label, initial noise and (SDE) Brownian increments come from its own generator,
-seeded by ``(seed, index)``, and a batch always holds the same indices — so the samples are bit-identical
-on any number of ranks and across restarts. Each finished batch leaves its per-sample files (PNG …, written
-atomically) and then a part file ``parts/batch_XXXXXX.npy`` with its evaluation array; a batch with a part
+round-robin to the ranks. A sample's label, initial noise and (SDE) Brownian increments come from its own
+generator, seeded by ``(seed, index)``, and a batch always holds the same indices — so the samples are
+bit-identical on any number of ranks and across restarts. Each finished batch leaves its per-sample files (PNG …,
+written atomically) and then a part file ``parts/batch_XXXXXX.npy`` with its evaluation array; a batch with a part
 file is done and skipped on restart (a ``parts/batch_XXXXXX.json`` beside it, written first, names the batch's
-files, labels and prompts). ``parts/settings.json`` records what fixes the samples (count, batching, seed,
-labels, sampler, prompts, modality, a digest of the weights); a restart with other settings is refused, naming
-them, instead of mixing two runs' samples — except a larger count, which extends the run (its finished batches
-are kept; a last batch cut short by the old count is redone). Rank 0 finally concatenates the parts into
-``samples_N.npz`` (``arr_0``, the ADM evaluator's format; ``arr_1`` the class labels of class-conditional runs;
-``prompts`` those of text-conditioned runs) and, for text-conditioned runs, writes ``prompts.jsonl`` (each sample's file and prompt, what ``selfflow
-eval`` pairs samples with). The output directory must be shared by the ranks.
+files, labels and prompts). ``parts/settings.json`` records what fixes the samples (count, batching, seed, labels,
+sampler, prompts, modality, a digest of the weights); a restart with other settings is refused, naming them,
+instead of mixing two runs' samples — except a larger count, which extends the run (its finished batches are kept;
+a last batch cut short by the old count is redone). Rank 0 finally concatenates the parts into ``samples_N.npz``
+(``arr_0``, the ADM evaluator's format; ``arr_1`` the class labels of class-conditional runs; ``prompts`` those of
+text-conditioned runs) and, for text-conditioned runs, writes ``prompts.jsonl`` (each sample's file and prompt,
+what ``selfflow eval`` pairs samples with). The output directory must be shared by the ranks.
 
 Sample ``i`` of a text-conditioned run gets ``prompts[i mod P]``: the given prompts, else the modality's
 sample captions.
