@@ -254,6 +254,9 @@ def test_fad_cli_and_missing_weights(laion_dir: str, tmp_path) -> None:
         assert v.checkpoint in help_text and v.paper_name in help_text
     with pytest.raises(FileNotFoundError, match=r"config\.json.*630k-audioset-best\.pt.*lukewys"):
         clap.load_clap(tmp_path / "nothing", "clap_a")
+    write_wav(fake_dir / "step_00000040.wav", tone(1.0, 48_000, 900), 48_000)  # a preview: samples joined
+    notes = fad.fad(fake_dir, real_dir, laion_dir, "clap_a", progress=False)["notes"]
+    assert notes[0].startswith("1 of the 4 generated files look like training previews or sample grids")
     (tmp_path / "videos").mkdir()
     np.save(tmp_path / "videos" / "0.npy", np.zeros((8, 4, 4, 3), np.uint8))
     for fake, says in [(tmp_path / "nothere", "audio folder not found"), (tmp_path / "videos", "no audio files")]:

@@ -179,6 +179,22 @@ def test_videos_all_too_short_say_so_and_the_protocol_names_its_frames(i3d_file:
         "StyleGAN-V fvd2048_16f: ")  # the default's string, as statistics saved before recorded it
 
 
+def test_training_previews_given_as_samples_are_noted(i3d_file: str, tmp_path) -> None:
+    """A video preview is a tiled grid of clips: FVD reads it as one video, so the result says what it got."""
+    fake_dir = tmp_path / "fake"
+    fake_dir.mkdir()
+    frames = [Image.fromarray(fr) for fr in videos(1, 16, seed=2)[0]]
+    frames[0].save(fake_dir / "step_00000040.gif", save_all=True, append_images=frames[1:], duration=40)
+    np.save(fake_dir / "000000.npy", videos(1, 16, seed=3)[0])
+    res = fvd_mod.fvd(fake_dir, videos(4, 16, seed=4), i3d_file, progress=False)
+    assert res["notes"][0].startswith("1 of the 2 generated files look like training previews or sample grids "
+                                      "(e.g. step_00000040.gif")
+    (fake_dir / "step_00000040.gif").unlink()  # per-sample files only: no such note
+    np.save(fake_dir / "000001.npy", videos(1, 16, seed=5)[0])
+    res = fvd_mod.fvd(fake_dir, videos(4, 16, seed=4), i3d_file, progress=False)
+    assert not any("previews" in note for note in res["notes"])
+
+
 def test_missing_i3d_error_names_file_and_source(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"i3d_torchscript\.pt.*dropbox"):
         load_i3d(tmp_path)

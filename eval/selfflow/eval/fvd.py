@@ -25,6 +25,7 @@ import torch
 from .extractor import extract_stats
 from .frechet import FeatureStats, checked_distance, save_npz_atomic
 from .i3d import I3D_KWARGS, I3DFeatures, load_i3d
+from .preview_files import preview_note
 from .video_io import (
     ClipReport,
     VideoSource,
@@ -68,12 +69,14 @@ def i3d_stats(source: VideoSource, extractor: I3DFeatures, *, num_frames: int = 
     return FeatureStats(biased=True).update(feats), report
 
 
-def check_video_sources(*sources: VideoSource) -> None:
-    """List each folder among ``sources`` (statistics files pass): a missing or empty folder, or one of other
-    media, is refused before a network loads or the other set is embedded."""
-    for source in sources:
+def check_video_sources(fake: VideoSource, real: VideoSource) -> list[str]:
+    """List each folder (statistics files pass): a missing or empty folder, or one of other media, is refused
+    before a network loads or the other set is embedded. Returns notes on previews given as samples."""
+    notes = []
+    for source, which in ((fake, "generated"), (real, "reference")):
         if isinstance(source, (str, os.PathLike)) and not is_stats_file(source):
-            list_videos(source)
+            notes += preview_note(list_videos(source), which)
+    return notes
 
 
 def fvd(fake: VideoSource, real: VideoSource, detector: Any | str | os.PathLike, *,
@@ -83,7 +86,7 @@ def fvd(fake: VideoSource, real: VideoSource, detector: Any | str | os.PathLike,
     """FVD between generated and real videos (StyleGAN-V protocol). ``real`` may also be a
     ``.npz`` of statistics written by ``save_real_stats``. ``detector``: the path of
     ``i3d_torchscript.pt`` or a loaded module with the same call signature."""
-    check_video_sources(fake, real)
+    preview_notes = check_video_sources(fake, real)
     weights = str(detector) if isinstance(detector, (str, os.PathLike)) else "in-memory module"
     if isinstance(detector, (str, os.PathLike)):
         detector = load_i3d(detector, device)
@@ -101,7 +104,7 @@ def fvd(fake: VideoSource, real: VideoSource, detector: Any | str | os.PathLike,
         save_npz_atomic(save_real_stats, {**s_real.npz_dict(), "protocol": np.asarray(protocol)})
     s_fake, _ = i3d_stats(fake, extractor, desc="I3D fake", **kw)
     value, notes = checked_distance("FVD", s_fake, s_real)
-    notes = stats_notes + notes
+    notes = preview_notes + stats_notes + notes
     return {"fvd": float(value), "protocol": protocol, "weights": weights,
             "detector_kwargs": dict(I3D_KWARGS), "n_fake": int(s_fake.count),
             "n_real": int(s_real.count), "notes": notes}
@@ -156,7 +159,7 @@ def fid_frames(fake: VideoSource, real: VideoSource,
     default lookup of ``selfflow.eval.inception``."""
     from .inception import load_inception
 
-    check_video_sources(fake, real)
+    preview_notes = check_video_sources(fake, real)
     if inception is None or isinstance(inception, (str, os.PathLike)):
         inception = load_inception(inception, device=device)
     weights = str(getattr(inception, "weights_path", "in-memory model"))
@@ -168,4 +171,4 @@ def fid_frames(fake: VideoSource, real: VideoSource,
     value, notes = checked_distance("framewise FID", s_fake, s_real)
     return {"fid_frames": float(value), "protocol": PROTOCOL_FID.format(max_frames=max_frames),
             "weights": weights, "n_fake": int(s_fake.count), "n_real": int(s_real.count),
-            "notes": notes}
+            "notes": preview_notes + notes}
