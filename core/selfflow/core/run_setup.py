@@ -334,7 +334,8 @@ def freeze(model: nn.Module, prefixes: list[str]) -> int:
     params = dict(model.named_parameters())
     frozen: set[str] = set()
     for prefix in prefixes:
-        under = [name for name in params if name == prefix.rstrip(".") or name.startswith(prefix.rstrip(".") + ".")]
+        path = prefix.rstrip(".")
+        under = [name for name in params if name == path or name.startswith(path + ".")]
         if not under:
             tops = sorted({name.split(".")[0] for name in params})
             raise ConfigError(f"train.freeze: {prefix!r} matches no parameter (a module path or parameter name, "

@@ -29,7 +29,7 @@ from .audio_io import AudioSource, iter_audio, list_audio
 from .clap import ClapAudioEmbedder, ClapVariant, load_clap
 from .extractor import extract
 from .frechet import FeatureStats, checked_distance
-from .preview_files import preview_note
+from .preview_files import listed_sets
 
 FADTK_RESAMPLE = {"lowpass_filter_width": 64, "rolloff": 0.9475937167399596,
                   "resampling_method": "sinc_interp_kaiser", "beta": 14.769656459379492}
@@ -121,10 +121,7 @@ def fad(fake: AudioSource, real: AudioSource, model: ClapAudioEmbedder | str | o
         save_real_stats: str | os.PathLike | None = None) -> dict[str, Any]:
     """FAD between generated and reference audio with one CLAP variant (``clap``, ``clap_m``,
     ``clap_a``; taken from ``model`` when it is a loaded embedder)."""
-    preview_notes = []
-    for source, which in ((fake, "generated"), (real, "reference")):  # a missing, empty or other-media folder:
-        if isinstance(source, (str, os.PathLike)) and Path(source).suffix != ".npz":  # refused before CLAP loads
-            preview_notes += preview_note(list_audio(source), which)
+    preview_notes = listed_sets(fake, real, list_audio, lambda source: Path(source).suffix == ".npz")
     if not isinstance(model, ClapAudioEmbedder):
         if variant is None:
             raise ValueError("pass variant= (clap, clap_m or clap_a) with a model directory")

@@ -25,7 +25,7 @@ import torch
 from .extractor import extract_stats
 from .frechet import FeatureStats, checked_distance, save_npz_atomic
 from .i3d import I3D_KWARGS, I3DFeatures, load_i3d
-from .preview_files import preview_note
+from .preview_files import listed_sets
 from .video_io import (
     ClipReport,
     VideoSource,
@@ -69,16 +69,6 @@ def i3d_stats(source: VideoSource, extractor: I3DFeatures, *, num_frames: int = 
     return FeatureStats(biased=True).update(feats), report
 
 
-def check_video_sources(fake: VideoSource, real: VideoSource) -> list[str]:
-    """List each folder (statistics files pass): a missing or empty folder, or one of other media, is refused
-    before a network loads or the other set is embedded. Returns notes on previews given as samples."""
-    notes = []
-    for source, which in ((fake, "generated"), (real, "reference")):
-        if isinstance(source, (str, os.PathLike)) and not is_stats_file(source):
-            notes += preview_note(list_videos(source), which)
-    return notes
-
-
 def fvd(fake: VideoSource, real: VideoSource, detector: Any | str | os.PathLike, *,
         num_frames: int = NUM_FRAMES, start: int = 0, stride: int = 1, max_clips: int = MAX_CLIPS,
         batch_size: int = 8, device: str = "cpu", progress: bool = True,
@@ -86,7 +76,7 @@ def fvd(fake: VideoSource, real: VideoSource, detector: Any | str | os.PathLike,
     """FVD between generated and real videos (StyleGAN-V protocol). ``real`` may also be a
     ``.npz`` of statistics written by ``save_real_stats``. ``detector``: the path of
     ``i3d_torchscript.pt`` or a loaded module with the same call signature."""
-    preview_notes = check_video_sources(fake, real)
+    preview_notes = listed_sets(fake, real, list_videos, is_stats_file)
     weights = str(detector) if isinstance(detector, (str, os.PathLike)) else "in-memory module"
     if isinstance(detector, (str, os.PathLike)):
         detector = load_i3d(detector, device)
@@ -159,7 +149,7 @@ def fid_frames(fake: VideoSource, real: VideoSource,
     default lookup of ``selfflow.eval.inception``."""
     from .inception import load_inception
 
-    preview_notes = check_video_sources(fake, real)
+    preview_notes = listed_sets(fake, real, list_videos, is_stats_file)
     if inception is None or isinstance(inception, (str, os.PathLike)):
         inception = load_inception(inception, device=device)
     weights = str(getattr(inception, "weights_path", "in-memory model"))
