@@ -27,6 +27,10 @@ def test_a_grid_from_prompts_writes_its_captions_beside_it(tmp_path, capsys):
     # without prompts the captions come from the run's data: the modality's own grid.txt, not a second copy
     assert main(["sample", "--run", str(run_dir), "--num", "2", "--out", str(tmp_path / "data"), *FAST]) == 0
     assert (tmp_path / "data.txt").is_file() and not (tmp_path / "data.prompts.txt").exists()
+    # what the modality wrote beside its grid is named (a video's .gif beside its .mp4 went unmentioned)
+    assert f"wrote {tmp_path / 'data.png'} (and data.txt beside it)" in capsys.readouterr().out
+    assert main(["sample", "--run", str(run_dir), "--num", "2", "--out", str(tmp_path / "data"), *FAST]) == 0
+    assert "beside it" in capsys.readouterr().out  # rewritten, so named again
 
 
 def test_out_names_a_grid_or_an_existing_folder_and_says_when_the_suffix_changes(tmp_path, capsys):

@@ -184,7 +184,7 @@ def test_adm_notes_small_n_and_unpublished_weights(data, inception_weights: Path
     assert all(err.count(n) == 1 and f"note: {n}" in err for n in notes), err
 
 
-def test_errors_are_clear(data, inception_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_errors_are_clear(data, inception_weights: Path, inception_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                           capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("SELFFLOW_WEIGHTS", raising=False)
     assert run(["eval", "adm", str(data["ref_dir"]), str(data["samples"]), "--inception",
@@ -229,6 +229,13 @@ def test_errors_are_clear(data, inception_weights: Path, tmp_path: Path, monkeyp
     with pytest.raises(SystemExit):
         run(["eval", "stats", str(data["ref_dir"]), "--out", str(tmp_path / "file" / "stats.npz")])
     assert "is a file, not a folder" in capsys.readouterr().err
+    # from Python too, the samples are checked before the reference's features are extracted
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("extracted features before checking the samples")
+
+    monkeypatch.setattr(adm_eval, "extract_activations", no_extraction)
+    with pytest.raises(FileNotFoundError, match="typo"):
+        adm_eval.evaluate_adm(data["ref_dir"], tmp_path / "typo", inception_model, progress=False)
 
 
 def test_registered_with_core_cli() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,14 @@ def eval_hint(modality: Modality, run: Path | None, out_dir: Path, npz: Path | N
     return modality.evaluation_hint(out_dir, npz, (out_dir / PROMPTS_FILE).is_file())
 
 
+def _siblings(path: Path) -> dict[Path, int]:
+    """The files named ``path.stem`` + any suffix, with their mtimes: what a modality writes beside its grid
+    (a video's ``.gif`` next to its ``.mp4``, captions' ``.txt``) shows up as new or changed ones."""
+    if not path.parent.is_dir():
+        return {}
+    return {p: p.stat().st_mtime_ns for p in path.parent.glob(glob.escape(path.stem) + ".*") if p.is_file()}
+
+
 def _sample_grid(args: argparse.Namespace, prompts: list[str] | None) -> int:
     if args.run is None:
         raise ConfigError("selfflow sample needs --run RUN (or --official-ckpt PATH --out-dir DIR)")
@@ -74,8 +83,10 @@ def _sample_grid(args: argparse.Namespace, prompts: list[str] | None) -> int:
     out = args.out or where / f"sample_seed{args.seed}"
     if out.is_dir():  # an existing folder: the grid goes inside it under its default name
         out = out / f"sample_seed{args.seed}"
+    before = _siblings(out)
     written = loaded.modality.save_samples(media, labels, out)
-    print(f"wrote {written}")
+    beside = [p.name for p, mtime in _siblings(written).items() if p != written and before.get(p) != mtime]
+    print(f"wrote {written}" + (f" (and {', '.join(beside)} beside it)" if beside else ""))
     if args.out is not None and args.out.suffix and written.name != args.out.name and not args.out.is_dir():
         print(f"note: {loaded.modality.name} grids are written as {written.suffix} (--out {args.out} named "
               f"{args.out.suffix!r})", file=sys.stderr)

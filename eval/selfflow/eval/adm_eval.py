@@ -138,7 +138,8 @@ def evaluate_adm(ref: str | os.PathLike[str], samples: str | os.PathLike[str], m
                  batch_size: int = 64, fp16_distances: bool = True, progress: bool = True) -> dict[str, Any]:
     """The five ADM numbers plus provenance. Keys: fid, sfid, is, precision, recall, protocol, weights…"""
     weights = _weights_record(model)
-    for given in (ref, samples):  # before extracting features: that can take hours
+    for given in (ref, samples):  # both, before extracting either's features: that can take hours
+        check_feature_input(given)
         if Path(given).is_file():
             check_stats_weights(Path(given), weights[0].get("sha256"))
     ref_set = load_feature_set(ref, model, batch_size=batch_size, progress=progress)
