@@ -52,6 +52,7 @@ def test_state_round_trips_through_a_checkpoint(tmp_path):
     assert path.name == "step_00000007.pt"
     stored = torch.load(path, weights_only=True)
     assert set(stored) == {"model", "optimizer", "generator", "streams", "config"}
+    assert stored["generator"]["device"] == "cpu"
     assert yaml.safe_load(stored["config"])["name"] == "run"
     assert _checkpointer(tmp_path, dst).resume() == path
     assert torch.equal(src[0].weight, dst[0].weight)
@@ -106,6 +107,28 @@ def test_resume_skips_a_broken_newest_checkpoint_names_it_and_moves_it_aside(tmp
     assert torch.equal(src[0].weight, dst[0].weight)
     assert "step_00000002.pt is truncated or corrupt" in caplog.text and "moved to step_00000002.pt.corrupt" in caplog.text
     assert not broken.exists() and broken.with_name("step_00000002.pt.corrupt").exists()
+
+
+def test_a_generator_state_from_another_device_kind_seeds_the_generator(caplog):
+    """A CUDA checkpoint's Philox state (16 bytes) on a CPU run, or the reverse: set_state refused it, so a run
+    begun on a GPU could not continue on a laptop. Now it seeds the generator from the saved state, and says so."""
+    philox = {"state": torch.arange(16, dtype=torch.uint8), "device": "cuda"}
+    draws = []
+    for state in (philox, philox, {"state": philox["state"] + 1, "device": "cuda"}):
+        gen = torch.Generator().manual_seed(0)
+        GeneratorState(gen).load_state_dict(state)
+        draws.append(torch.rand(3, generator=gen))
+    assert torch.equal(draws[0], draws[1])  # deterministic: a resume of the resume draws the same
+    assert not torch.equal(draws[0], draws[2])  # another checkpoint, another seed
+    assert not torch.equal(draws[0], torch.rand(3, generator=torch.Generator().manual_seed(0)))
+    assert "generator ran on cuda and this run's runs on cpu: it is seeded from the saved state" in caplog.text
+    # a checkpoint written before the device was recorded: the state's size tells its kind
+    gen, old = torch.Generator().manual_seed(5), {"state": torch.Generator().manual_seed(3).get_state()}
+    caplog.clear()
+    GeneratorState(gen).load_state_dict(old)
+    assert torch.equal(gen.get_state(), old["state"]) and not caplog.text
+    GeneratorState(gen).load_state_dict({"state": philox["state"]})
+    assert "ran on another kind of device and this run's runs on cpu" in caplog.text
 
 
 def test_resume_refuses_nonfinite_weights_and_a_state_that_does_not_fit(tmp_path):

@@ -26,11 +26,12 @@ on_cpu_and_cuda = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda",
 GRID, CH = 8, 16
 
 
-def small_dit(device: str = "cuda") -> DiT:
+def small_dit(device: str = "cuda", width: int | None = None) -> DiT:
     """6 blocks of width 256 on the GPU; width 64 on the CPU, where a bf16 matrix product can be ~100× slower
     than fp32 (CPUs without AVX512-BF16 or AMX)."""
     torch.manual_seed(0)
-    model = DiT(DiTConfig(hidden_size=256 if device == "cuda" else 64, num_heads=4, depth=6, num_classes=10,
+    width = width or (256 if device == "cuda" else 64)
+    model = DiT(DiTConfig(hidden_size=width, num_heads=4, depth=6, num_classes=10,
                           grid_size=GRID, modalities={"image": CH}))
     with torch.no_grad():  # non-zero adaLN gates so every block does real work
         for p in model.parameters():
@@ -207,7 +208,7 @@ def test_checkpoint_saved_on_gpu_resumes_on_cpu(tmp_path):
     opt.step()
     path = save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 1}, tmp_path, 1)
     state = load_checkpoint(path, map_location="cpu")
-    cpu_model = small_dit("cpu")
+    cpu_model = small_dit("cpu", width=256)  # the GPU's model (the CPU's default is narrower)
     cpu_model.load_state_dict(state["model"])
     cpu_opt = torch.optim.AdamW(cpu_model.parameters(), lr=1e-4)
     cpu_opt.load_state_dict(state["optimizer"])
@@ -248,6 +249,8 @@ def test_selfflow_train_bf16_resumes(tmp_path, device):
     full, split = train_split_and_resume(tmp_path, *sets)
     assert [r["step"] for r in full] == [r["step"] for r in split] == list(range(1, 7))
     assert all(math.isfinite(r["loss"]) for r in full)
+    if device == "cuda":  # each window's training steps' own peak, not a preview's before them
+        assert all(0 < r["gpu_mem_gb"] < 40 for r in full)
     tolerance = {"rel": 2e-2, "abs": 1e-3} if device == "cuda" else {"rel": 0, "abs": 0}
     for a, b in zip(full, split):
         assert b["loss"] == pytest.approx(a["loss"], **tolerance), (a["step"], a["loss"], b["loss"])
@@ -258,3 +261,6 @@ def test_selfflow_train_bf16_resumes(tmp_path, device):
     state = load_checkpoint(run / "checkpoints" / "step_00000006.pt", map_location="cpu")
     assert all(v.device.type == "cpu" for v in state["model"].values())
     assert (run / "ema.safetensors").is_file() and any(run.rglob("*.png"))
+    if device == "cuda":  # and the GPU run continues on the CPU (the CUDA generator's state cannot be a CPU one's)
+        on_cpu = train_cli(tmp_path, "split", 8, "train.device=cpu", "train.precision=bf16")
+        assert [r["step"] for r in on_cpu][-2:] == [7, 8] and all(math.isfinite(r["loss"]) for r in on_cpu)

@@ -14,6 +14,7 @@ run's (:func:`~selfflow.core.config.resume_conflicts`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -80,16 +81,31 @@ class OptimizerState:
 
 
 class GeneratorState:
-    """A torch generator's state, stored on the CPU and restored on the generator's device."""
+    """A torch generator's state, stored on the CPU with its device type and restored on the generator's device.
+
+    A CPU generator (mt19937, 5,056 bytes of state) and a CUDA one (Philox, 16 bytes) cannot take each other's
+    state, so a run moved between them (begun on a laptop, continued on a GPU, or back) cannot continue the same
+    stream — its numbers differ on the other device anyway. The generator is then seeded from the saved state
+    (deterministic, and a different seed at every checkpoint) and the move is logged."""
 
     def __init__(self, generator: torch.Generator):
         self.generator = generator
 
     def state_dict(self) -> dict[str, Any]:
-        return {"state": self.generator.get_state().cpu()}
+        return {"state": self.generator.get_state().cpu(), "device": self.generator.device.type}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["state"].to(self.generator.get_state().device))
+        saved, here = state["state"], self.generator.device.type
+        # checkpoints before the device was recorded: a state of this generator's size is of its kind
+        written_on = state.get("device", here if saved.numel() == self.generator.get_state().numel() else None)
+        if written_on == here:
+            self.generator.set_state(saved.to(self.generator.get_state().device))
+            return
+        seed = int.from_bytes(hashlib.sha256(saved.cpu().numpy().tobytes()).digest()[:7], "little")
+        self.generator.manual_seed(seed)
+        log.warning("selfflow: the checkpoint's step generator ran on %s and this run's runs on %s: it is seeded from "
+                    "the saved state instead (noise, timesteps and masks from here on differ from those the run would "
+                    "have drawn there)", written_on or "another kind of device", here)
 
 
 class StreamsState:

@@ -131,8 +131,10 @@ def guided_velocity(model: Callable, ids: torch.Tensor, cond: Conditioning, null
     lo, hi = interval
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        tv = float(t[0])
-        if not uses_guidance(cfg_scale, null_cond) or not lo <= tv <= hi:
+        guided = uses_guidance(cfg_scale, null_cond)
+        if guided and not (lo <= 0.0 and hi >= 1.0):  # reading t waits for the GPU: only when an interval limits CFG
+            guided = lo <= float(t[0]) <= hi
+        if not guided:
             return model(x, ids, t, cond, modality=modality)
         both = model(torch.cat([x, x]), torch.cat([ids, ids]), torch.cat([t, t]),
                      concat_conditions(cond, null_cond), modality=modality)

@@ -66,6 +66,7 @@ class TrainingLog:
         self._mixed = len(cfg.data.entries()) > 1
         self._window_s = 0.0
         self._window_steps: dict[str, int] = {}
+        self._window_peak = 0  # bytes: the largest CUDA peak of the window's training steps
         # A mixed run's other modalities in the logging window: their last step and values, logged with the
         # window's record (else a modality whose steps never land on a logging step would never be logged)
         self._window_last: dict[str, tuple[int, dict[str, float]]] = {}
@@ -131,6 +132,8 @@ class TrainingLog:
                           dir=str(self.run_dir), config=self.cfg.model_dump(mode="json"))
 
     def step_started(self) -> None:
+        if self.device.type == "cuda":  # each step's own peak: not a preview's or evaluation's before it
+            torch.cuda.reset_peak_memory_stats(self.device)
         self._t0 = time.perf_counter()
 
     def step_done(self, step: int, modality: str, values: dict[str, float], extra: dict[str, Any]) -> None:
@@ -139,6 +142,8 @@ class TrainingLog:
         of each other modality's last step in the window; draw the plot every ``logging.plot_every`` steps."""
         self._window_s += time.perf_counter() - self._t0
         self._window_steps[modality] = self._window_steps.get(modality, 0) + 1
+        if self.device.type == "cuda":
+            self._window_peak = max(self._window_peak, torch.cuda.max_memory_allocated(self.device))
         self._bar.update(1)
         if step % self.log_cfg.every == 0 or step == self.cfg.train.steps:
             for other, (at, last) in sorted(self._window_last.items(), key=lambda item: item[1][0]):
@@ -146,7 +151,7 @@ class TrainingLog:
                     self._write({"step": at, "modality": other, **last}, self._tags(last, other))
             rates = self._rates()
             record = {"step": step, "modality": modality, **values, **rates, **extra}
-            self._window_s, self._window_steps, self._window_last = 0.0, {}, {}
+            self._window_s, self._window_steps, self._window_last, self._window_peak = 0.0, {}, {}, 0
             self._write(record, self._tags(record, modality))
             self._bar.set_postfix(loss=f"{values['loss']:.4f}", rep=f"{values['loss_rep']:.3f}",
                                   sps=f"{rates['samples_per_s']:.0f}", tps=f"{rates['tokens_per_s']:.0f}")
@@ -212,7 +217,7 @@ class TrainingLog:
             flops = sum(n * c.flops for n, c in costs.values())
             out["mfu"] = flops / seconds / (self.log_cfg.peak_tflops * 1e12 * self.dist.world_size)
         if self.device.type == "cuda":
-            out["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            out["gpu_mem_gb"] = self._window_peak / 2**30
         return out
 
     def close(self) -> None:
