@@ -59,7 +59,9 @@ def test_a_registered_module_missing_protocol_members_is_named():
         def forward(self, x, ids, t, cond=None, **options):
             return x
 
-    register_backbone("dit", DiTConfig, Bare)
+    with pytest.raises(ValueError, match="backbone 'dit' is built in: register yours under another name"):
+        register_backbone("dit", DiTConfig, Bare)
+    register_backbone("dit", DiTConfig, Bare, replace=True)
     with pytest.raises(ValueError, match=r"lacks \['activation_checkpointing', 'blocks', 'depth'"):
         build_backbone(DiTConfig(modalities={"image": 16}))
 

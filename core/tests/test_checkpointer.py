@@ -131,6 +131,27 @@ def test_a_generator_state_from_another_device_kind_seeds_the_generator(caplog):
     assert "ran on another kind of device and this run's runs on cpu" in caplog.text
 
 
+def test_resume_refuses_a_default_that_changed_in_the_code(tmp_path):
+    """The same config, resolved otherwise (a plug-in's γ or data seed default changed): it used to resume
+    silently, training another objective or data stream from there."""
+    model = _pieces(1)[0]
+    cfg = load_config(None, [f"output_dir={tmp_path}", "name=run"])
+
+    def checkpointer(gamma, seed):
+        return Checkpointer(cfg, DistInfo(), {"model": ModelState(model)}, objectives={"image": {"gamma": gamma}},
+                            data_options={"image": {"seed": seed, "size": 16}})
+
+    checkpointer(0.5, 0).save(1)
+    assert checkpointer(0.5, 0).resume().name == "step_00000001.pt"
+    with pytest.raises(ConfigError, match=r"settings the config leaves at their defaults resolve otherwise than when "
+                                          r"it was trained .*: image: objective\.gamma \(checkpoint 0\.5, now 0\.6\); "
+                                          r"image: data\.options\.seed \(checkpoint 0, now 1\)"):
+        checkpointer(0.6, 1).resume()
+    old = Checkpointer(cfg, DistInfo(), {"model": ModelState(model)})  # a checkpoint from before they were kept
+    old.save(2)
+    assert checkpointer(0.6, 1).resume().name == "step_00000002.pt"
+
+
 def test_resume_refuses_nonfinite_weights_and_a_state_that_does_not_fit(tmp_path):
     from selfflow.core.checkpoint import CheckpointLoadError
 

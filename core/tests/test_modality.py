@@ -74,7 +74,8 @@ def test_labels_counted_from_one_are_refused():
     waves = SineWaves()  # 4 classes: 4 is the null label, which the backbone accepts
     tokens, _ = first_tokens(waves)
     check_first_batch(waves, tokens, Conditioning(labels=torch.tensor([0, 3])))
-    check_first_batch(waves, tokens, Conditioning())
+    with pytest.raises(ValueError, match=r"modality 'sine_waves': num_classes is 4, but encode gave no class labels"):
+        check_first_batch(waves, tokens, Conditioning())  # the backbone's error named neither modality nor encode
     with pytest.raises(ValueError, match=r"modality 'sine_waves': encode gave class labels in 1…4, outside 0…3 "
                                          r"\(num_classes = 4; 4 is the null label"):
         check_first_batch(waves, tokens, Conditioning(labels=torch.tensor([1, 4])))

@@ -87,9 +87,21 @@ def test_an_error_raised_in_plug_in_code_is_located(installed, tmp_path, monkeyp
             "train.steps=1", f"output_dir={tmp_path}", "name=typo"]
     assert main(["train", "--no-progress", *[a for s in sets for a in ("--set", s)]]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("selfflow: error: label (KeyError in plug-in code at ")
+    assert err.startswith("selfflow: error: KeyError: 'label' (in plug-in code at ")
     assert err.endswith(f"{tmp_path / 'site' / 'typo_waves.py'}:8 in encode; SELFFLOW_TRACEBACK=1 prints the "
                         "traceback)"), err
+    # any other kind of error in plug-in code too (an AttributeError or an assert was a 30-line traceback)
+    (tmp_path / "site" / "typo_waves.py").write_text(
+        (tmp_path / "site" / "typo_waves.py").read_text().replace("batch['label']", "batch.media"))
+    monkeypatch.delitem(sys.modules, "typo_waves", raising=False)
+    monkeypatch.setattr(registry, "_MODALITIES", {k: v for k, v in registry._MODALITIES.items() if k != "typo_waves"})
+    assert main(["train", "--no-progress", *[a for s in sets for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("selfflow: error: AttributeError: 'dict' object has no attribute 'media' (in plug-in "
+                          f"code at {tmp_path / 'site' / 'typo_waves.py'}:8 in encode;"), err
+    monkeypatch.setenv("SELFFLOW_TRACEBACK", "1")
+    with pytest.raises(AttributeError):
+        main(["train", "--no-progress", *[a for s in sets for a in ("--set", s)]])
 
 
 def test_the_example_package_declares_each_plug_in(monkeypatch):

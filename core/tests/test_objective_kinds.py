@@ -28,6 +28,25 @@ def test_register_objective_adds_a_kind(monkeypatch):
     assert registry.get_objective("half_gamma") is kind
     obj = ObjectiveConfig(kind="half_gamma").resolve(4, 0.25, TimestepDistribution())
     assert obj.gamma == 0.4 and obj.kind is kind and obj.uses_teacher
+    with pytest.raises(ValueError, match="objective kind 'self_flow' is built in"):
+        registry.register_objective(ObjectiveKind("self_flow", "mine", gamma=123.0))
+    assert registry.get_objective("self_flow").gamma == 0.8
+    with pytest.raises(TypeError, match="takes an ObjectiveKind, got 'not a kind'"):
+        registry.register_objective("not a kind")
+
+
+@pytest.mark.parametrize("fields, says", [
+    ({"teacher_level": "min_st"}, "teacher_level must be one of min_ts, t, got 'min_st'"),
+    ({"alignment": "teachr"}, "alignment must be one of none, teacher, target, got 'teachr'"),
+    ({"gamma": -1.0}, r"gamma \(the representation loss.s default weight\) must be a number >= 0, got -1.0"),
+    ({"second_level": lambda t, s: s + 5.0}, r"must keep s in \[0, 1\] .* values in \[5, 6\]"),
+    ({"second_level": lambda t, s: s.sum()}, r"must return s as t and s come, a float tensor \(11, 11\); got \(\)"),
+    ({"second_level": lambda t, s: t / (t - t)}, r"must keep s in \[0, 1\]"),  # NaN
+])
+def test_an_objective_kind_refuses_what_would_train_another_method_silently(fields, says):
+    """A misspelt teacher level used to put the teacher at t; a rule taking s above 1 trained without a word."""
+    with pytest.raises(ValueError, match=says):
+        ObjectiveKind("mine", "a plug-in's kind", **fields)
 
 
 def test_get_objective_names_the_group_for_an_unknown_kind():

@@ -27,3 +27,24 @@ def test_plugins_lists_every_kind_and_names_a_broken_one(tmp_path, monkeypatch, 
     assert broken == ["broken: entry point toy_mlp = 'toy_mlp_backbone:ToyMLP' "
                       "(selfflow.backbones) must give a (config_cls, module_cls) pair (or a function returning one), "
                       "got <class 'toy_mlp_backbone.ToyMLP'>"], broken
+
+
+def test_a_plugin_named_like_a_built_in_and_two_packages_with_one_name_are_flagged(tmp_path, monkeypatch, capsys):
+    """Both used to pass unnoticed: a run used the built-in while the listing showed the plug-in, and of two
+    packages registering one name the one later on sys.path won."""
+    monkeypatch.setattr(backbones, "_BACKBONES", dict(backbones._BACKBONES))
+    monkeypatch.setattr(registry, "_MODALITIES", dict(registry._MODALITIES))
+    _install_plugin(tmp_path, monkeypatch, target="toy_mlp_backbone:SPEC")
+    entry = tmp_path / "site" / "toy_mlp_backbone-0.1.dist-info" / "entry_points.txt"
+    entry.write_text("[selfflow.backbones]\nmmdit = toy_mlp_backbone:SPEC\ntoy_mlp = toy_mlp_backbone:SPEC\n")
+    twin = tmp_path / "site" / "twin-0.1.dist-info"
+    twin.mkdir()
+    (twin / "METADATA").write_text("Metadata-Version: 2.1\nName: twin\nVersion: 0.1\n")
+    (twin / "entry_points.txt").write_text("[selfflow.backbones]\ntoy_mlp = twin_module:SPEC\n")
+    assert main(["plugins"]) == 1
+    rows = {line.split()[0]: line.split(maxsplit=1)[1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(" ")}
+    assert "the entry point mmdit = toy_mlp_backbone:SPEC " \
+        "(selfflow.backbones) is ignored: the built-in mmdit comes first; rename it" in rows["mmdit"]
+    assert ("several installed packages register the selfflow.backbones entry point toy_mlp: toy_mlp_backbone:SPEC, "
+            "twin_module:SPEC") in rows["toy_mlp"]

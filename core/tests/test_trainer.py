@@ -246,3 +246,19 @@ def test_a_warning_raised_at_every_step_is_shown_once(tmp_path, monkeypatch):
     # at most twice: the first step's LR call still filters torch's skipped-first-step note (and so resets the
     # once-per-place record once); it was once per step
     assert sum("a note from deep inside a step" in str(w.message) for w in caught) <= 2
+
+
+def test_a_preview_that_fails_loses_no_steps_of_a_checkpoint_due_with_it(tmp_path, monkeypatch):
+    """A plug-in's writer that raised at the first preview used to lose that step's checkpoint: it came after."""
+    from selfflow.core.previewer import Previewer
+
+    def broken(self, step):
+        raise OSError("the plug-in's writer failed")
+
+    monkeypatch.setattr(Previewer, "write_samples", broken)
+    cfg = _cfg(tmp_path, "broken", "train.steps=4", "sample.every=2", "checkpoint.every=2")
+    with pytest.raises(OSError, match="writer failed"):
+        Trainer(cfg, progress=False).fit()
+    assert [p.name for p in (tmp_path / "broken/checkpoints").glob("*.pt")] == ["step_00000002.pt"]
+    monkeypatch.undo()
+    assert Trainer(cfg, progress=False).step == 2  # the fixed plug-in resumes there

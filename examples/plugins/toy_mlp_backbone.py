@@ -7,7 +7,7 @@ exposes it with an entry point, e.g. in its ``pyproject.toml``::
     [project.entry-points."selfflow.backbones"]
     toy_mlp = "toy_mlp_backbone:SPEC"
 
-after which ``model: {arch: toy_mlp, hidden_size: 64, depth: 2}`` in a run config validates against
+after which ``model: {arch: toy_mlp, hidden_size: 64, depth: 4}`` in a run config validates against
 :class:`ToyMLPConfig` and trains with any objective. Tokens do not mix (no attention): a demonstration,
 not a model to use.
 """
@@ -32,7 +32,8 @@ class ToyMLPConfig(BaseModel):
 
     arch: Literal["toy_mlp"] = "toy_mlp"
     hidden_size: int = Field(64, gt=0)
-    depth: int = Field(2, ge=1)
+    # 4: Self-Flow's default layers (0.3 / 0.7 of the depth) are then blocks 1 and 3; at depth 2 both would be 1
+    depth: int = Field(4, ge=1)
     num_classes: int = Field(0, ge=0, description="class labels (0: none); id num_classes is the null label")
     projector_mult: float = Field(2.0, ge=0, description="projector hidden = mult·hidden (0: no projector)")
     modalities: dict[str, int] = Field(default_factory=dict, description="modality → token channels")

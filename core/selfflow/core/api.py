@@ -68,6 +68,7 @@ class Sampler:
         shown = None
         if labels is not None:  # display labels, cycled over the samples as sample() cycles them
             _, _, shown = conditions_for(self.modality, len(media), "cpu", labels=labels)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         written = self.modality.save_samples(media, shown, Path(path))
         if prompts is not None:
             if not prompts:

@@ -27,7 +27,7 @@ from torch import nn
 from .backbone_protocol import Backbone, BackboneConfig
 from .dit import DiT, DiTConfig
 from .mmdit import MMDiT, MMDiTConfig
-from .registry import load_registered
+from .registry import load_registered, refuse_builtin
 from .undeclared_keys import undeclared_keys
 
 ENTRY_POINT_GROUP = "selfflow.backbones"
@@ -44,8 +44,13 @@ _FILLED_FIELDS = ("modalities", "num_classes", "projector_mult")
 _PROTOCOL_MEMBERS = sorted({*Backbone.__annotations__, *(n for n in vars(Backbone) if not n.startswith("_"))})
 
 
-def register_backbone(arch: str, config_cls: type[BaseModel], module_cls: type[nn.Module]) -> None:
-    """Make ``model.arch: <arch>`` validate with ``config_cls`` and build ``module_cls(config)``."""
+BUILTIN_ARCHS = {"mmdit", "dit"}
+
+
+def register_backbone(arch: str, config_cls: type[BaseModel], module_cls: type[nn.Module], *,
+                      replace: bool = False) -> None:
+    """Make ``model.arch: <arch>`` validate with ``config_cls`` and build ``module_cls(config)``; a built-in's
+    arch only with ``replace=True``."""
     if not (isinstance(config_cls, type) and issubclass(config_cls, BaseModel)):
         raise TypeError(f"backbone {arch!r}: the config class must be a pydantic BaseModel, got {config_cls!r}")
     field = config_cls.model_fields.get("arch")
@@ -68,6 +73,8 @@ def register_backbone(arch: str, config_cls: type[BaseModel], module_cls: type[n
     except TypeError as e:
         raise TypeError(f"backbone {arch!r}: {module_cls.__name__}.forward{signature} must take (self, x, ids, t, "
                         f"cond=None, *, modality, capture, stop_after, project) ({e})") from None
+    if arch in _BACKBONES:  # the built-ins register themselves below
+        refuse_builtin("backbone", arch, BUILTIN_ARCHS, replace)
     _BACKBONES[arch] = BackboneSpec(config_cls, module_cls)
 
 

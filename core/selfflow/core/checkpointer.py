@@ -40,7 +40,7 @@ from .checkpoint import (
     resume_hint,
     save_checkpoint,
 )
-from .config import CheckpointConfig, ConfigError, RunConfig, resume_conflicts
+from .config import CheckpointConfig, ConfigError, RunConfig, resume_conflicts, short_repr
 from .distributed import DistInfo, barrier, gather_objects, leave_out_of_step
 from .pretrained import save_pretrained
 from .safe_yaml import YamlError, parse_yaml
@@ -130,15 +130,19 @@ class Checkpointer:
     config); every method that gathers state is a collective: call it on every rank."""
 
     def __init__(self, cfg: RunConfig, dist: DistInfo, components: dict[str, Stateful],
-                 collective_state: bool = False, objectives: dict[str, dict[str, Any]] | None = None):
+                 collective_state: bool = False, objectives: dict[str, dict[str, Any]] | None = None,
+                 data_options: dict[str, dict[str, Any]] | None = None):
         """``collective_state``: gathering the state is itself a collective (sharded models, FSDP2).
-        ``objectives``: each modality's resolved objective settings (``ResolvedObjective.settings``), kept in
-        the checkpoint so that a resume tells a default written out from a changed objective."""
+        ``objectives``: each modality's resolved objective settings (``ResolvedObjective.settings``), and
+        ``data_options`` its options with every default filled, both kept in the checkpoint: a resume tells a
+        default written out from a changed objective, and sees a default that changed in the code (a plug-in's)."""
         self.cfg: CheckpointConfig = cfg.checkpoint
         self.collective_state = collective_state and dist.enabled
         self.config = cfg.model_dump(mode="json")
         self.config_text = yaml.safe_dump(self.config)
-        self.objectives_text = None if objectives is None else json.dumps(objectives, sort_keys=True)
+        self.resolved_texts = {key: json.dumps(value, sort_keys=True) for key, value in
+                               (("objectives", objectives), ("data_options", data_options)) if value is not None}
+        self.objectives_text = self.resolved_texts.get("objectives")
         self.dist = dist
         self.components = components
         self.run_dir = cfg.run_dir
@@ -150,8 +154,7 @@ class Checkpointer:
 
     def state_dict(self) -> dict[str, Any]:
         state = {**{n: c.state_dict() for n, c in self.components.items()}, "config": self.config_text}
-        if self.objectives_text is not None:
-            state["objectives"] = self.objectives_text
+        state.update(self.resolved_texts)
         return state
 
     def load_state_dict(self, state: dict[str, Any], source: Path | str = "the checkpoint") -> None:
@@ -188,12 +191,31 @@ class Checkpointer:
                 f"cannot resume from {path}: the config differs from the one it was trained with in "
                 f"{'; '.join(conflicts)}. Use the same settings, another run name, or --no-resume "
                 "(Trainer(cfg, resume=False) in Python) to start afresh")
+        if changed := self._changed_defaults(state):  # the same config, resolved otherwise: the code changed
+            raise ConfigError(
+                f"cannot resume from {path}: settings the config leaves at their defaults resolve otherwise than "
+                f"when it was trained (the objective kind's or the modality's code changed): {'; '.join(changed)}. "
+                "Set them in the config to the checkpoint's values, use another run name, or --no-resume")
         self.load_state_dict(state, path)
         if self.dist.is_main:
             for bad, why in skipped:
                 log.warning("selfflow: warning: skipped a broken checkpoint: %s%s; resuming from %s",
                             why, _move_aside(bad), path)
         return path
+
+    def _changed_defaults(self, state: dict[str, Any]) -> list[str]:
+        """``<modality>: objective.gamma (checkpoint 0.5, now 0.6)`` for each resolved setting the checkpoint and
+        this run both have and disagree on (a checkpoint from before they were kept has none)."""
+        lines = []
+        for key, section in (("objectives", "objective"), ("data_options", "data.options")):
+            if key not in self.resolved_texts or not isinstance(state.get(key), str):
+                continue
+            old, new = json.loads(state[key]), json.loads(self.resolved_texts[key])
+            for modality in sorted(set(old) & set(new)):
+                a, b = old[modality], new[modality]
+                lines += [f"{modality}: {section}.{k} (checkpoint {short_repr(a[k], 60)}, now {short_repr(b[k], 60)})"
+                          for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+        return lines
 
     def set_aside(self) -> Path | None:
         """A fresh start (``--no-resume``) in a directory with checkpoints: rank 0 moves them into

@@ -340,6 +340,15 @@ def error_message(e: Exception) -> str:
     return str(e)
 
 
+def _located(e: Exception) -> str | None:
+    """``AttributeError: 'dict' object has no attribute 'media' (in plug-in code at FILE:LINE in encode; …)`` for an
+    error a plug-in's own code raised (``None`` for core's): its author sees what and where in one line."""
+    if (where := plugin_frame(e)) is None:
+        return None
+    what = repr(e.args[0]) if isinstance(e, KeyError) and e.args else error_message(e)
+    return f"{type(e).__name__}: {what} (in plug-in code at {where}; SELFFLOW_TRACEBACK=1 prints the traceback)"
+
+
 def _said_on_this_node(e: Exception) -> bool:
     """Under torchrun, an error in the arguments or the config is the same on every rank: local rank 0 prints
     it, once per node, instead of every rank printing the same line (each still exits with status 2)."""
@@ -360,9 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SELFFLOW_TRACEBACK"):
             raise
         if not _said_on_this_node(e):
-            where = plugin_frame(e)
-            print(f"selfflow: error: {error_message(e)}" + (f" ({type(e).__name__} in plug-in code at {where}; "
-                  "SELFFLOW_TRACEBACK=1 prints the traceback)" if where else ""), file=sys.stderr)
+            print(f"selfflow: error: {_located(e) or error_message(e)}", file=sys.stderr)
         code = 2
     except RunInterrupted as e:  # a stop signal: the step finished, its checkpoint written (rank 0 says where)
         if str(e):
@@ -374,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:  # a deliberate stop (bad data, non-finite steps, failed checkpoint write)
         print(f"selfflow: stopped: {e}", file=sys.stderr)
         code = 3
+    except Exception as e:  # any other error: a traceback, unless a plug-in's own code raised it
+        if os.environ.get("SELFFLOW_TRACEBACK") or not (line := _located(e)):
+            raise
+        print(f"selfflow: error: {line}", file=sys.stderr)
+        code = 2
     if left_out_of_step():  # the other ranks may wait in a collective: exit now, so that torchrun stops them
         logging.shutdown()
         sys.stdout.flush()

@@ -8,6 +8,7 @@ samples are written (PNG grids, MP4, WAV). Core never branches on a modality's n
 
 from __future__ import annotations
 
+import json
 import logging
 import numbers
 from abc import ABC, abstractmethod
@@ -18,6 +19,7 @@ from typing import Annotated, Any, ClassVar, Union
 import numpy as np
 import torch
 from pydantic import BaseModel, Discriminator, Tag, TypeAdapter
+from pydantic_core import PydanticSerializationError
 
 from .atomic import atomic_write_text
 from .sampler import SamplerSettings
@@ -182,7 +184,8 @@ class Modality(ABC):
 
     @abstractmethod
     def save_samples(self, media: torch.Tensor, labels: torch.Tensor | None, path: Path) -> Path:
-        """Write decoded samples (a PNG grid, MP4s, WAVs …) and return the file written."""
+        """Write decoded samples (a PNG grid, MP4s, WAVs …) at ``path`` plus the writer's suffix and return the file
+        written. Core creates ``path``'s folder first."""
 
     def write_captions(self, labels: torch.Tensor, path: Path) -> Path:
         """``<path>.txt`` beside a preview: one ``i: <class name or caption of labels[i]>`` line per sample."""
@@ -264,6 +267,18 @@ def open_stream(modality: Modality, batch_size: int, seed: int, rank: int = 0, w
     return stream
 
 
+def options_record(modality: Modality) -> dict[str, Any]:
+    """The modality's options with every default filled, as JSON values — what checkpoints keep, so that a resume
+    sees a default changed in the modality's code ({} when an option does not serialize)."""
+    options = modality.options
+    if not isinstance(options, BaseModel):
+        return {}
+    try:
+        return json.loads(json.dumps(options.model_dump(mode="json")))
+    except (PydanticSerializationError, TypeError, ValueError):
+        return {}
+
+
 def check_first_batch(modality: Modality, tokens: Tokens, cond: Conditioning) -> None:
     """Check what :meth:`Modality.encode` gave against what the modality declares, naming the modality: tokens of
     ``token_channels`` channels (the backbone's input projection is sized by it), and class labels in
@@ -279,6 +294,9 @@ def check_first_batch(modality: Modality, tokens: Tokens, cond: Conditioning) ->
                          f"channels, but token_channels is {modality.token_channels} (the backbone's input "
                          "projection is sized by token_channels)")
     k, labels = modality.num_classes, cond.labels
+    if k and labels is None and cond.context is None:
+        raise ValueError(f"modality {modality.name!r}: num_classes is {k}, but encode gave no class labels "
+                         "(Conditioning(labels=...), (B,) integers): the model is class-conditional")
     if k and labels is not None and labels.numel():
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= k:

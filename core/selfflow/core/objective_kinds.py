@@ -10,11 +10,11 @@ The built-ins below are registered in :mod:`selfflow.core.registry`; an ablation
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
-from .dual_timestep import TeacherLevel
+from .dual_timestep import TEACHER_LEVELS, TeacherLevel
 from .noise_plan import SecondLevel
 
 Alignment = Literal["none", "teacher", "target"]
@@ -40,6 +40,38 @@ class ObjectiveKind:
     gamma: float = 0.8
     teacher_level: TeacherLevel = "min_ts"
     second_level: SecondLevel | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse, naming the field, what would train another method without a word: a misspelt teacher level
+        or alignment (``"min_st"`` put the teacher at ``t``), a negative γ, a ``second_level`` rule whose ``s``
+        leaves [0, 1] or is not finite (tried on a grid of ``(t, s)`` here, so a run pays nothing per step)."""
+        where = f"objective kind {self.name!r}"
+        if not (isinstance(self.name, str) and self.name):
+            raise ValueError(f"an objective kind needs a name (a non-empty str, its objective.kind), got {self.name!r}")
+        if self.teacher_level not in TEACHER_LEVELS:
+            raise ValueError(f"{where}: teacher_level must be one of {', '.join(TEACHER_LEVELS)}, "
+                             f"got {self.teacher_level!r}")
+        if self.alignment not in get_args(Alignment):
+            raise ValueError(f"{where}: alignment must be one of {', '.join(get_args(Alignment))}, "
+                             f"got {self.alignment!r}")
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not self.gamma >= 0:
+            raise ValueError(f"{where}: gamma (the representation loss's default weight) must be a number >= 0, "
+                             f"got {self.gamma!r}")
+        if self.second_level is not None:
+            grid = torch.linspace(0.0, 1.0, 11)
+            t, s = grid.repeat_interleave(11).view(11, 11), grid.repeat(11).view(11, 11)  # every (t, s) pair
+            try:
+                out = self.second_level(t, s)
+            except Exception as e:
+                raise ValueError(f"{where}: its second_level rule failed on (t, s) tensors of shape (11, 11): "
+                                 f"{type(e).__name__}: {e}") from e
+            if not (isinstance(out, torch.Tensor) and out.shape == s.shape and out.is_floating_point()):
+                got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"{where}: its second_level rule must return s as t and s come, a float tensor "
+                                 f"(11, 11); got {got}")
+            if not (out.isfinite().all() and (out >= 0).all() and (out <= 1).all()):
+                raise ValueError(f"{where}: its second_level rule must keep s in [0, 1] (a noise level); on t, s "
+                                 f"in [0, 1] it gave values in [{out.min().item():g}, {out.max().item():g}]")
 
 
 @dataclass(frozen=True)

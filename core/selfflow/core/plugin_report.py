@@ -11,9 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .backbones import BUILTIN_ARCHS, available_backbones, backbone_spec
 from .backbones import ENTRY_POINT_GROUP as BACKBONE_GROUP
-from .backbones import available_backbones, backbone_spec
 from .registry import (
+    BUILTIN_OBJECTIVE_NAMES,
     available_evaluators,
     available_modalities,
     available_objectives,
@@ -38,13 +39,16 @@ class PluginKind:
     group: str  # the entry point group
     names: Callable[[], list[str]]
     load: Callable[[str], Any]
+    builtins: frozenset[str] = frozenset()  # names core defines itself: they come before any entry point
 
 
 MODALITIES = PluginKind("modalities", "data.modality", "selfflow.modalities", available_modalities, get_modality)
 KINDS = (
     MODALITIES,
-    PluginKind("backbones", "model.arch", BACKBONE_GROUP, available_backbones, backbone_spec),
-    PluginKind("objective kinds", "objective.kind", "selfflow.objectives", available_objectives, get_objective),
+    PluginKind("backbones", "model.arch", BACKBONE_GROUP, available_backbones, backbone_spec,
+               frozenset(BUILTIN_ARCHS)),
+    PluginKind("objective kinds", "objective.kind", "selfflow.objectives", available_objectives, get_objective,
+               frozenset(BUILTIN_OBJECTIVE_NAMES)),
     PluginKind("online evaluators", "eval.evaluators", "selfflow.evaluators", available_evaluators, get_evaluator),
 )
 
@@ -59,5 +63,8 @@ def plugin_statuses(kind: PluginKind) -> list[PluginStatus]:
             error = None
         except (KeyError, ValueError, TypeError) as e:
             error = e
-        out.append(PluginStatus(name, sources.get(name, "built-in"), error))
+        if name in kind.builtins and name in sources:  # a run uses the built-in: say that the plug-in is ignored
+            error = ValueError(f"the entry point {name} = {sources[name]} ({kind.group}) is ignored: the built-in "
+                               f"{name} comes first; rename it")
+        out.append(PluginStatus(name, "built-in" if name in kind.builtins else sources.get(name, "built-in"), error))
     return out

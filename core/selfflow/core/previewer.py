@@ -148,6 +148,7 @@ class Previewer:
                                          progress=bar.update)
             folder = self.sample_dir / name if self._mixed else self.sample_dir
             if self.dist.is_main:
+                folder.mkdir(parents=True, exist_ok=True)
                 path = modality.save_samples(media, labels, folder / f"step_{step:08d}")
                 written.append(path)
                 if self.log is not None:

@@ -84,6 +84,22 @@ def _entry_points(group: str) -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=group)}
 
 
+def duplicate_entry_points(group: str, name: str) -> list[str]:
+    """The different ``"package.module:object"`` values installed packages give the entry point ``name`` of
+    ``group`` when there are several: which one would load depends on the order of ``sys.path``, so
+    :func:`load_registered` refuses to pick."""
+    values = sorted({ep.value for ep in entry_points(group=group) if ep.name == name})
+    return values if len(values) > 1 else []
+
+
+def refuse_builtin(kind: str, name: str, builtins: set[str], replace: bool) -> None:
+    """``register_*(name)`` may not silently replace a built-in (a plug-in's ``self_flow`` would change what every
+    config of that name trains); ``replace=True`` says it is meant."""
+    if name in builtins and not replace:
+        raise ValueError(f"{kind} {name!r} is built in: register yours under another name (or pass replace=True "
+                         "to replace the built-in in this process)")
+
+
 def entry_point_values(group: str) -> dict[str, str]:
     """``name → "package.module:object"`` of the entry points installed in ``group`` (none loaded)."""
     return {name: ep.value for name, ep in _entry_points(group).items()}
@@ -100,6 +116,9 @@ def load_registered(table: dict[str, T], group: str, name: str, unknown: Callabl
     eps = _entry_points(group)
     if name not in eps:
         raise KeyError(unknown())
+    if twins := duplicate_entry_points(group, name):
+        raise ValueError(f"several installed packages register the {group} entry point {name}: {', '.join(twins)} "
+                         "(which one loads would depend on sys.path): uninstall or rename all but one")
     try:
         table[name] = load(eps[name])
     except ValueError:
@@ -179,8 +198,15 @@ def checkpoint_loaders() -> dict[str, Any]:
     return {name: ep.load() for name, ep in sorted(_entry_points("selfflow.checkpoints").items())}
 
 
-def register_objective(kind: ObjectiveKind) -> ObjectiveKind:
-    """Register an objective kind under ``kind.name`` (a value of ``objective.kind``)."""
+BUILTIN_OBJECTIVE_NAMES = {kind.name for kind in BUILTIN_OBJECTIVES}
+
+
+def register_objective(kind: ObjectiveKind, *, replace: bool = False) -> ObjectiveKind:
+    """Register an objective kind under ``kind.name`` (a value of ``objective.kind``); a built-in's name only with
+    ``replace=True``."""
+    if not isinstance(kind, ObjectiveKind):
+        raise TypeError(f"register_objective takes an ObjectiveKind, got {kind!r}"[:200])
+    refuse_builtin("objective kind", kind.name, BUILTIN_OBJECTIVE_NAMES, replace)
     _OBJECTIVES[kind.name] = kind
     return kind
 

@@ -83,6 +83,7 @@ def _sample_grid(args: argparse.Namespace, prompts: list[str] | None) -> int:
     out = args.out or where / f"sample_seed{args.seed}"
     if out.is_dir():  # an existing folder: the grid goes inside it under its default name
         out = out / f"sample_seed{args.seed}"
+    out.parent.mkdir(parents=True, exist_ok=True)
     before = _siblings(out)
     written = loaded.modality.save_samples(media, labels, out)
     beside = [p.name for p, mtime in _siblings(written).items() if p != written and before.get(p) != mtime]

@@ -34,7 +34,7 @@ from .distributed import all_mean, init_distributed
 from .ema import ema_update, make_ema
 from .flops import train_step_flops
 from .mixture import ModalitySchedule
-from .modality import Batch, check_first_batch, open_stream
+from .modality import Batch, check_first_batch, open_stream, options_record
 from .precision import warn_if_slow
 from .previewer import EvaluationInterrupted, Previewer
 from .run_setup import (
@@ -102,7 +102,8 @@ class Trainer:
             "streams": StreamsState(self.streams), "schedule": self.schedule,
             "generator": GeneratorState(self.generator), "guard": self.guard},
             collective_state=self.strategy == "fsdp2",
-            objectives={name: objective.settings() for name, objective in self.run.objectives.items()})
+            objectives={name: objective.settings() for name, objective in self.run.objectives.items()},
+            data_options={name: options_record(m) for name, m in self.run.modalities.items()})
         configured = [{k: g[k] for k in HYPERPARAMETERS} for g in self.optimizer.param_groups]
         with self.log.text_log():  # what the resume says (a broken checkpoint skipped) belongs in train.log
             if self.dist.is_main and (warning := self.previewer.idle_eval_warning()):
@@ -324,7 +325,10 @@ class Trainer:
             self.eval_pending = evaluation and asked is not None
             if self.eval_pending:
                 self._say_pending()
-            if asked is not None and preview:  # the checkpoint first, for the same reason
+            # The checkpoint before the preview when a stop is asked (for the same reason), or when one is due and
+            # no evaluation follows (a preview that fails, say a plug-in's writer, then loses no steps); with an
+            # evaluation due it comes after that, so that it records the evaluation done.
+            if preview and (asked is not None or (not evaluation and self.checkpointer.due(self.step, total))):
                 self.checkpointer.save(self.step)
                 saved = True
             if preview:
