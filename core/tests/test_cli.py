@@ -121,6 +121,13 @@ def test_a_finished_run_rerun_does_nothing_unless_steps_are_raised(tmp_path, cap
     assert (run / "checkpoints" / "step_00000003.pt").is_file()
     log = (run / "train.log").read_text()
     assert log.count("resuming from") == 2 and "already finished" in log
+    # a lower train.steps than the checkpoint's step, final outputs missing: said, and they are written there
+    (run / "loss.png").unlink()
+    capsys.readouterr()
+    assert main(["train", "--no-progress", *sets, "--set", "train.steps=2"]) == 0
+    assert ("train.steps=2 is below the checkpoint's step 3: no step is trained; the final outputs are written at "
+            "step 3") in capsys.readouterr().err
+    assert (run / "loss.png").is_file()
 
 
 def _sets(*overrides):

@@ -91,14 +91,18 @@ def test_every_rank_trains_the_same_modality_at_every_step(tmp_path):
     assert r0 == r1 and len(r0) == 10 and set(r0) == {"image", "audio"}
 
 
-def test_fine_tune_from_another_run_adds_a_modality_and_freezes(tmp_path):
+def test_fine_tune_from_another_run_adds_a_modality_and_freezes(tmp_path, caplog):
     Trainer(_cfg(tmp_path, "base", "train.steps=2", "data.mixture=null", "data.modality=image",
                  "data.options={image_size: 16, patch_size: 4, conditioning: text, text: {kind: tiny, dim: 16}}"),
             progress=False).fit()
     source = torch.load(tmp_path / "base/checkpoints/step_00000002.pt", weights_only=True)["ema"]
+    # a broken newer checkpoint is passed over, as a resume does (it stopped the fine-tuning start)
+    whole = (tmp_path / "base/checkpoints/step_00000002.pt").read_bytes()
+    (tmp_path / "base/checkpoints/step_00000003.pt").write_bytes(whole[: len(whole) // 2])
     ft = Trainer(_cfg(tmp_path, "ft", "train.steps=2", f"train.init_from={tmp_path / 'base'}",
                       "train.freeze=[double_blocks]"), progress=False)
     assert "img_in.audio.weight" in ft.init_report["fresh"] and not ft.init_report["ignored"]
+    assert "train.init_from: skipped " in caplog.text and "step_00000003.pt" in caplog.text
     own = ft.raw.state_dict()
     assert torch.equal(own["img_in.image.weight"], source["img_in.image.weight"])
     frozen = {n: p.clone() for n, p in ft.raw.named_parameters() if n.startswith("double_blocks")}

@@ -36,6 +36,10 @@ def test_bad_prompt_files_name_the_file_and_line(tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(ConfigError, match="holds no prompts"):
         read_prompt_file(empty)
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"ok\n\xf0\x28\x8c\x28")  # was a bare codec error naming no file
+    with pytest.raises(ConfigError, match=r"prompt file .*bin\.txt is not UTF-8 text \(byte 3: invalid"):
+        read_prompt_file(binary)
 
 
 def test_prompt_records_round_trip(tmp_path):

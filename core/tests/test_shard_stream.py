@@ -100,6 +100,8 @@ def test_every_corrupt_member_is_skipped_counted_and_named_and_resume_stays_exac
     for key in BAD_MEMBERS:
         assert f"s-000000.tar, key {key})" in caplog.text
     assert "(shard ?" not in caplog.text and "key ?)" not in caplog.text
+    assert "key garbage): ValueError: not a .npy array (garbage bytes" in caplog.text
+    assert "allow_pickle" not in caplog.text  # numpy's advice to load it unsafely is not passed on
     resumed = ShardStream(shard_urls(tmp_path), 1, decode=partial(decode_sample, num_classes=10),
                           num_workers=workers)
     resumed.load_state_dict(state)
@@ -192,3 +194,14 @@ def test_a_medium_prepared_without_its_caption_trains_on_the_empty_caption(tmp_p
     with wds.TarWriter(str(plain / "u.tar")) as sink:  # class-conditional shards: no captions at all
         sink.write({"__key__": "c", "latent.npy": GOOD, "cls": "1"})
     assert "captions" not in next(iter(ShardStream(shard_urls(plain), 1)))
+
+
+def test_a_shard_gone_from_the_disk_is_counted_as_lost_not_dropped(tmp_path, caplog):
+    """A deleted .tar whose report stayed was left out of the listing: its samples were lost without a word."""
+    write_shards(list(range(16)), lambda i: _process(i + 10), tmp_path, shard_size=4)
+    (tmp_path / "shard-000001.tar").unlink()
+    stream = ShardStream(shard_urls(tmp_path), 1, seed=0)
+    assert "1 shard(s) listed by their reports are missing (shard-000001.tar)" in caplog.text
+    batches = _one_epoch(stream)
+    assert len(batches) == 12 and stream.skipped == 4 and stream.lost_shards == 1  # the report's 4 samples
+    assert "shard-000001.tar, key ?): unreadable shard: FileNotFoundError" in caplog.text

@@ -1,9 +1,11 @@
+import json
+
 import numpy as np
 import pytest
 
 from selfflow.core.data.shard_format import shard_urls
 from selfflow.core.data.shard_stream import read_shard
-from selfflow.core.data.shard_writer import write_shards
+from selfflow.core.data.shard_writer import write_codec_record, write_shards
 from selfflow.core.data.stats import latent_stats
 
 
@@ -52,3 +54,20 @@ def test_shards_hold_a_recorded_random_order_and_a_changed_list_is_refused(tmp_p
     write_shards(items, _process, legacy, shard_size=8)
     assert _captions(legacy / "shard-000004.tar") == [f"item {i}" for i in items[32:]]
     assert "keep the sorted item order" in caplog.text
+
+
+def test_a_rerun_with_other_settings_is_refused_and_a_killed_runs_shard_is_cleared(tmp_path):
+    """A rerun with another --image-size used to rewrite codec.json over shards of the old size (and train on them);
+    a killed run's half-written .tmp stayed beside the shards."""
+    record = {"codec": "pixel", "image_size": 32, "latent_shape": [3, 32, 32], "sample_captions": ["a"]}
+    write_codec_record(tmp_path, record)
+    write_codec_record(tmp_path, {**record, "image_size": 64})  # no shards yet: nothing to contradict
+    write_codec_record(tmp_path, record)
+    (tmp_path / "a-000000.tar.999.tmp").write_bytes(b"half a shard")
+    write_shards(list(range(4)), _process, tmp_path, prefix="a", shard_size=4)
+    assert not list(tmp_path.glob("*.tmp"))
+    write_codec_record(tmp_path, {**record, "sample_captions": ["b"]})  # drawn again: not a setting
+    with pytest.raises(ValueError, match=r"holds shards prepared with other settings \(image_size 32 then, 64 now; "
+                                         r"latent_shape \[3, 32, 32\] then, \[3, 64, 64\] now;"):
+        write_codec_record(tmp_path, {**record, "image_size": 64, "latent_shape": [3, 64, 64]})
+    assert json.loads((tmp_path / "codec.json").read_text())["image_size"] == 32  # not rewritten

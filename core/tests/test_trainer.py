@@ -172,7 +172,7 @@ def test_a_resume_trains_with_the_optimizer_settings_of_its_config(tmp_path):
     """Lowering optim.lr (or changing the decay, betas, eps) and resuming must take effect, not the old values."""
     Trainer(_cfg(tmp_path, "run", "train.steps=2", "optim.lr=1e-3", "optim.weight_decay=0.1"), progress=False).fit()
     resumed = Trainer(_cfg(tmp_path, "run", "train.steps=4", "optim.lr=1e-4", "optim.weight_decay=0.05",
-                           "optim.betas=[0.9,0.95]"), progress=False)
+                           "optim.betas=[0.9,0.95]", "ema.decay=0.5", "train.seed=7"), progress=False)
     decay, no_decay = resumed.optimizer.param_groups
     assert (decay["lr"], decay["initial_lr"], decay["weight_decay"], decay["betas"]) == (1e-4, 1e-4, 0.05, (0.9, 0.95))
     assert (no_decay["lr"], no_decay["weight_decay"]) == (1e-4, 0.0) and resumed.scheduler.base_lrs == [1e-4, 1e-4]
@@ -183,6 +183,10 @@ def test_a_resume_trains_with_the_optimizer_settings_of_its_config(tmp_path):
     assert "resume: optim lr 0.001 → 0.0001 (param groups 0, 1), as this run's config says" in log  # one line
     assert "weight_decay 0.1 → 0.05 (param group 0)" in log
     assert "betas (0.9, 0.999) → (0.9, 0.95) (param groups 0, 1)" in log
+    # the train and ema sections too (they were taken silently, config.yaml rewritten as the only trace)
+    assert "resume: ema.decay 0.9 → 0.5, from step 2 on" in log
+    assert "resume: train.seed 0 → 7 (no effect on a resumed run: its generator and data streams continue" in log
+    assert "train.steps" not in log.split("resume: ema")[1]  # raising the steps is how a run goes on
 
 
 def test_a_fresh_start_sets_the_earlier_checkpoints_aside(tmp_path):
@@ -262,3 +266,22 @@ def test_a_preview_that_fails_loses_no_steps_of_a_checkpoint_due_with_it(tmp_pat
     assert [p.name for p in (tmp_path / "broken/checkpoints").glob("*.pt")] == ["step_00000002.pt"]
     monkeypatch.undo()
     assert Trainer(cfg, progress=False).step == 2  # the fixed plug-in resumes there
+
+
+def test_a_run_killed_among_its_final_outputs_writes_them_on_rerun(tmp_path):
+    """A kill after ema.safetensors but before pretrained/ and loss.png left a run that said "already finished"
+    and never wrote them."""
+    import shutil
+
+    cfg = _cfg(tmp_path, "end", "train.steps=3")
+    Trainer(cfg, progress=False).fit()
+    run = tmp_path / "end"
+    assert Trainer(cfg, progress=False).finished
+    shutil.rmtree(run / "pretrained")
+    (run / "loss.png").unlink()
+    again = Trainer(cfg, progress=False)
+    assert not again.finished and again.step == 3
+    again.fit()
+    assert (run / "pretrained" / "config.json").is_file() and (run / "loss.png").is_file()
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]  # no step trained again
+    assert Trainer(cfg, progress=False).finished

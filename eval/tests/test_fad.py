@@ -254,6 +254,10 @@ def test_fad_cli_and_missing_weights(laion_dir: str, tmp_path) -> None:
         assert v.checkpoint in help_text and v.paper_name in help_text
     with pytest.raises(FileNotFoundError, match=r"config\.json.*630k-audioset-best\.pt.*lukewys"):
         clap.load_clap(tmp_path / "nothing", "clap_a")
+    (tmp_path / "630k-audioset-best.pt").write_bytes(b"x")  # the published file, not converted
+    with pytest.raises(ValueError, match=r"630k-audioset-best\.pt is a file; CLAP weights are a directory\. .*"
+                                         r"--convert-from"):
+        clap.load_clap(tmp_path / "630k-audioset-best.pt", "clap_a")
     write_wav(fake_dir / "step_00000040.wav", tone(1.0, 48_000, 900), 48_000)  # a preview: samples joined
     notes = fad.fad(fake_dir, real_dir, laion_dir, "clap_a", progress=False)["notes"]
     assert notes[0].startswith("1 of the 4 generated files look like training previews or sample grids")

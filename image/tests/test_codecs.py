@@ -51,7 +51,10 @@ def test_under_shapes_only_image_text_shards_need_neither_shards_nor_captions(tm
 
     options = {"dataset": "image_text_shards", "shards": str(tmp_path / "none"), "image_size": 32, "patch_size": 4,
                "text": {"kind": "tiny", "dim": 8}}
-    with pytest.raises(FileNotFoundError, match="prepare image-text"):
+    with pytest.raises(FileNotFoundError, match=r"data\.options\.shards: .*none does not exist"):
+        ImageModality(options)  # it named the parent folder's codec.json
+    (tmp_path / "none").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"none/codec\.json not found: is .* a `selfflow prepare image-text`"):
         ImageModality(options)
     with shapes_only():
         assert ImageModality(options).context_dim == 8

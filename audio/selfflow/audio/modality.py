@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from selfflow.core.codec import stands_in
 from selfflow.core.data.indexed_stream import IndexedStream
-from selfflow.core.data.shard_format import read_codec_info, shard_urls
+from selfflow.core.data.shard_format import read_codec_info, required_shard_urls
 from selfflow.core.data.shard_stream import ShardReadOptions, ShardStream
 from selfflow.core.data.stats import latent_stats
 from selfflow.core.modality import Batch, DataStream, Modality, options_union
@@ -139,8 +139,8 @@ class AudioModality(CaptionedModalityMixin, Modality):
     def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataStream:
         o = self.options
         if o.dataset == "latent_shards":
-            return ShardStream(shard_urls(o.shards), batch_size, seed=seed, rank=rank, world_size=world_size,
-                               num_workers=o.num_workers, shuffle_buffer=o.shuffle_buffer)
+            return ShardStream(required_shard_urls(o.shards, "audio"), batch_size, seed=seed, rank=rank,
+                               world_size=world_size, num_workers=o.num_workers, shuffle_buffer=o.shuffle_buffer)
 
         def render(indices: range) -> Batch:
             media, labels, captions = render_batch(o.data_seed, indices, o.sample_rate, o.num_samples)

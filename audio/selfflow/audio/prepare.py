@@ -16,7 +16,7 @@ from pydantic import Field
 
 from selfflow.core.data.manifest import MediaItem, list_media
 from selfflow.core.data.prepare_options import PrepareOptions, rank_device
-from selfflow.core.data.shard_writer import write_json, write_shards
+from selfflow.core.data.shard_writer import write_codec_record, write_shards
 from selfflow.text.build_encoder import build_text_encoder
 
 from .audio_io import audio_duration, fit_length, read_audio
@@ -54,7 +54,7 @@ def prepare_audio(options: PrepareAudioOptions | dict[str, Any]) -> dict[str, An
                 "info": {"source": str(item.path), "start_s": start}}
 
     if opts.rank == 0:
-        write_json(f"{opts.out}/codec.json", {
+        write_codec_record(opts.out, {
             **codec.describe(), "kind": opts.codec, "latent_shape": [codec.latent_channels, n // codec.hop],
             "latent_mean": None, "latent_std": None,
             "text": None if encoder is None else encoder.describe()})

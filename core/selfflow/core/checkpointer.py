@@ -143,6 +143,7 @@ class Checkpointer:
         self.resolved_texts = {key: json.dumps(value, sort_keys=True) for key, value in
                                (("objectives", objectives), ("data_options", data_options)) if value is not None}
         self.objectives_text = self.resolved_texts.get("objectives")
+        self.resumed_config: dict[str, Any] = {}  # the config stored in the checkpoint resumed from
         self.dist = dist
         self.components = components
         self.run_dir = cfg.run_dir
@@ -197,6 +198,7 @@ class Checkpointer:
                 f"when it was trained (the objective kind's or the modality's code changed): {'; '.join(changed)}. "
                 "Set them in the config to the checkpoint's values, use another run name, or --no-resume")
         self.load_state_dict(state, path)
+        self.resumed_config = stored if isinstance(stored, dict) else {}
         if self.dist.is_main:
             for bad, why in skipped:
                 log.warning("selfflow: warning: skipped a broken checkpoint: %s%s; resuming from %s",

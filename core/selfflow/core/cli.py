@@ -87,6 +87,9 @@ def _train(trainer) -> int:
         if trainer.resumed_from is not None:
             pending = "; its evaluation first, left pending by a stop" if trainer.eval_pending else ""
             log.info(f"resuming from {trainer.resumed_from} (step {trainer.step}{pending})")
+    if trainer.step > cfg.train.steps and not trainer.finished and main_rank:
+        log.warning(f"selfflow: warning: train.steps={cfg.train.steps} is below the checkpoint's step {trainer.step}: "
+                    f"no step is trained; the final outputs are written at step {trainer.step}")
     if trainer.finished:
         if main_rank:
             log.info(f"{cfg.name} is already finished (step {trainer.step}, train.steps={cfg.train.steps}); "

@@ -327,6 +327,27 @@ def _flatten(value: Any, key: str, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# What a resumed run's seed would have chosen continues from the checkpoint instead.
+_RESUME_NOTES = {"train.seed": "no effect on a resumed run: its generator and data streams continue from the "
+                               "checkpoint"}
+
+
+def changed_settings(stored: dict[str, Any], current: dict[str, Any], sections: tuple[str, ...] = ("train", "ema"),
+                     skip: tuple[str, ...] = ("train.steps",)) -> list[str]:
+    """``train.batch_size 8 → 4`` for every key of ``sections`` (free to change on a resume, unlike
+    :data:`RESUME_FIXED_SECTIONS`) that differs between a checkpoint's config and the current one — what the
+    resume log says, so that a config.yaml rewritten with the new value is not the only trace of it."""
+    lines = []
+    for section in sections:
+        old = _flatten(stored.get(section, {}), section, {})
+        new = _flatten(current.get(section, {}), section, {})
+        for key in sorted(set(old) & set(new)):
+            if key not in skip and old[key] != new[key]:
+                note = f" ({_RESUME_NOTES[key]})" if key in _RESUME_NOTES else ""
+                lines.append(f"{key} {short_repr(old[key], 60)} → {short_repr(new[key], 60)}{note}")
+    return lines
+
+
 # The keys that only choose the objective's settings: with the same resolved objectives they may differ.
 _OBJECTIVE_KEYS = re.compile(r"^objective\.|^data\.mixture\.\d+\.(mask_ratio|timesteps)(\.|$)")
 

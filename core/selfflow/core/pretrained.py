@@ -108,10 +108,17 @@ def _loaded(run: Run, state: dict[str, torch.Tensor], device: str | torch.device
     try:
         run.backbone.load_state_dict(state)
     except RuntimeError as e:  # tensors of another shape or name: not this config's model
-        raise CheckpointLoadError(f"the weights in {source} do not fit its config "
-                                  f"({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointLoadError(f"the weights in {source} do not fit its config ({state_dict_mismatch(e)})") from None
     dev = pick_device(device, "device")
     return LoadedModel(run.backbone.to(dev).eval(), modality, run.config, run.model_config, run.data_facts)
+
+
+def state_dict_mismatch(error: RuntimeError, most: int = 3) -> str:
+    """The lines of ``load_state_dict``'s error that name keys (``size mismatch for pos_embed: …``, ``Missing
+    key(s) …``), not its header ``Error(s) in loading state_dict for MMDiT:`` alone."""
+    lines = [line.strip()[:240] for line in str(error).splitlines()[1:] if line.strip()] or [str(error)[:240]]
+    more = f"; … {len(lines) - most} more" if len(lines) > most else ""
+    return "; ".join(lines[:most]) + more
 
 
 def from_pretrained(path: str | Path, device: str | torch.device = "auto", modality_name: str | None = None

@@ -22,7 +22,11 @@ def read_prompt_file(path: str | Path) -> list[str]:
         raise ValueError(f"prompt file {path} is a directory: give a .txt or .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"prompt file {path} is not UTF-8 text (byte {e.start}: {e.reason}): give a .txt or "
+                          ".jsonl file of prompts") from None
     if path.suffix != ".jsonl":
         prompts = [line.strip() for line in lines if line.strip()]
     else:

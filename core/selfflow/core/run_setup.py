@@ -293,21 +293,25 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 
 
 def read_init_weights(source: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:
-    """Weights to fine-tune from: a checkpoint file, a run directory (its newest checkpoint, else its
-    ``ema.safetensors``) or a safetensors file."""
+    """Weights to fine-tune from: a checkpoint file, a run directory (its newest intact checkpoint — a broken
+    newer one is named and passed over, as a resume does — else its ``ema.safetensors``) or a safetensors file."""
     src = Path(source)
     if src.is_dir():
-        ckpt = latest_checkpoint(src / "checkpoints")
-        if ckpt is not None:
-            src = ckpt
+        found = load_newest_intact(src / "checkpoints")
+        if found is not None:
+            src, state, skipped = found
+            for _, why in skipped:
+                logging.getLogger("selfflow.checkpoint").warning("selfflow: warning: train.init_from: skipped %s; "
+                                                                 "using %s", why, src)
         elif (src / "ema.safetensors").is_file():
-            src = src / "ema.safetensors"
+            return load_weights(src / "ema.safetensors")
         else:
             raise FileNotFoundError(f"train.init_from: {source} holds neither checkpoints/step_*.pt nor "
                                     "ema.safetensors")
-    if src.suffix == ".safetensors":
+    elif src.suffix == ".safetensors":
         return load_weights(src)
-    state = load_checkpoint(src)
+    else:
+        state = load_checkpoint(src)
     if which not in state:
         raise KeyError(f"train.init_from: {src} has no {which!r} weights")
     return state[which]

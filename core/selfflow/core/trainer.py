@@ -27,7 +27,7 @@ from . import faults, parallel
 from .atomic import atomic_write_text
 from .checkpoint import checkpoint_path, latest_checkpoint
 from .checkpointer import Checkpointer, GeneratorState, ModelState, OptimizerState, StreamsState
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, changed_settings
 from .data.data_facts import FACTS_FILE
 from .data.pinning import batch_to_device, pin_batch, resolve_pin_memory
 from .distributed import all_mean, init_distributed
@@ -36,6 +36,7 @@ from .flops import train_step_flops
 from .mixture import ModalitySchedule
 from .modality import Batch, check_first_batch, open_stream, options_record
 from .precision import warn_if_slow
+from .pretrained import CONFIG_FILE
 from .previewer import EvaluationInterrupted, Previewer
 from .run_setup import (
     HYPERPARAMETERS,
@@ -114,6 +115,8 @@ class Trainer:
             if self.resumed_from is not None:
                 for change in reapply_hyperparameters(self.optimizer, self.scheduler, configured):
                     logging.getLogger("selfflow").info("resume: optim %s, as this run's config says", change)
+                for change in changed_settings(self.checkpointer.resumed_config, cfg.model_dump(mode="json")):
+                    logging.getLogger("selfflow").info("resume: %s, from step %d on", change, self.step)
             elif self.init_report is not None or cfg.train.freeze:
                 self._log_fine_tuning()
         # What the modalities read from their data (loading the run needs no data then) — written once the
@@ -260,11 +263,15 @@ class Trainer:
 
     @property
     def finished(self) -> bool:
-        """The resumed run already reached ``train.steps`` and wrote its final outputs (the EMA export is the
-        last of them, after the final checkpoint): a rerun has nothing to do."""
-        ema = self.run_dir / "ema.safetensors"
-        return (self.resumed_from is not None and self.step >= self.cfg.train.steps and ema.is_file()
-                and ema.stat().st_mtime >= self.resumed_from.stat().st_mtime)
+        """The resumed run already reached ``train.steps`` and wrote every final output after its final checkpoint
+        (the EMA export and its ``pretrained/`` folder, the loss plot): a rerun has nothing to do. A run killed
+        among them is not finished: its rerun trains no step and writes them."""
+        if self.resumed_from is None or self.step < self.cfg.train.steps:
+            return False
+        since = self.resumed_from.stat().st_mtime
+        outputs = [self.run_dir / "ema.safetensors", self.run_dir / "pretrained" / CONFIG_FILE,
+                   self.run_dir / "loss.png"]
+        return all(p.is_file() and p.stat().st_mtime >= since for p in outputs)
 
     # --- loop -------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

@@ -174,6 +174,8 @@ def load_clap(path: str | os.PathLike, variant: str) -> ClapAudioEmbedder:
     v = VARIANTS[variant]
     root = Path(path)
     cfg_file = root / "config.json"
+    if root.is_file():  # the published .pt/.pth itself, most likely: it named "<file>/config.json" as missing
+        raise ValueError(f"--clap {root} is a file; CLAP weights are a directory. {weights_help(v)}.")
     if not cfg_file.is_file():
         raise FileNotFoundError(f"CLAP weights not found: {cfg_file} is missing. {weights_help(v)}.")
     cfg = json.loads(cfg_file.read_text())

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from selfflow.core.data.image_file import decode_rgb
-from selfflow.core.data.shard_format import Sample, class_label, float_array, shard_urls
+from selfflow.core.data.shard_format import Sample, class_label, float_array, required_shard_urls
 from selfflow.core.data.shard_stream import ShardStream
 from selfflow.core.modality import Batch
 
@@ -68,11 +68,8 @@ def imagenet_stream(spec: str, batch_size: int, seed: int, rank: int, world_size
                     shuffle_buffer: int = 1000) -> ShardStream:
     """Endless, resumable ``{"latents", "labels"[, "pixels"]}`` batches of the shards at ``spec`` (a
     directory or a glob) for one rank."""
-    urls = shard_urls(spec)
-    if not urls:
-        raise FileNotFoundError(f"no webdataset shards (*.tar) at {spec}: run `selfflow prepare imagenet` first")
-    return ShardStream(urls, batch_size, collate_imagenet, seed, rank, world_size, shape_key="latents",
-                       decode=ImageNetDecoder(seed, flip, scale, pixels, num_classes), num_workers=num_workers,
-                       shuffle_buffer=shuffle_buffer)
+    return ShardStream(required_shard_urls(spec, "imagenet"), batch_size, collate_imagenet, seed, rank, world_size,
+                       shape_key="latents", decode=ImageNetDecoder(seed, flip, scale, pixels, num_classes),
+                       num_workers=num_workers, shuffle_buffer=shuffle_buffer)
 
 

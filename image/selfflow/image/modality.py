@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from selfflow.core.codec import shapes_only_active, stands_in
 from selfflow.core.data.indexed_stream import IndexedStream
-from selfflow.core.data.shard_format import read_codec_info, shard_urls
+from selfflow.core.data.shard_format import read_codec_info, required_shard_urls
 from selfflow.core.data.shard_stream import ShardReadOptions, ShardStream
 from selfflow.core.modality import Batch, DataStream, Modality, options_union
 from selfflow.core.registry import register_modality
@@ -156,8 +156,9 @@ class ImageModality(CaptionedModalityMixin, Modality):
         if info is None:
             path = folder / "codec.json"
             if isinstance(o, ImageTextShardsOptions) and o.sample_captions is None and not shapes_only_active():
-                raise FileNotFoundError(f"{path} not found: is {o.shards} a `selfflow prepare image-text` output? "
-                                        "(to sample without the shards, set data.options.sample_captions)")
+                what = (f"{path} not found: is {o.shards} a `selfflow prepare image-text` output?" if root.exists()
+                        or any(c in str(root) for c in "*?[") else f"data.options.shards: {o.shards} does not exist")
+                raise FileNotFoundError(f"{what} (to sample without the shards, set data.options.sample_captions)")
             # sampling a trained run where its shards are absent, or SD-VAE shards from before codec.json:
             # nothing to check against (a wrong codec then fails on the first batch's shape)
             return {}
@@ -206,8 +207,8 @@ class ImageModality(CaptionedModalityMixin, Modality):
                                    scale=o.scaling_factor, pixels=self.repa is not None, num_classes=o.num_classes,
                                    num_workers=o.num_workers, shuffle_buffer=o.shuffle_buffer)
         if o.dataset == "image_text_shards":
-            return ShardStream(shard_urls(o.shards), batch_size, seed=seed, rank=rank, world_size=world_size,
-                               num_workers=o.num_workers, shuffle_buffer=o.shuffle_buffer)
+            return ShardStream(required_shard_urls(o.shards, "image-text"), batch_size, seed=seed, rank=rank,
+                               world_size=world_size, num_workers=o.num_workers, shuffle_buffer=o.shuffle_buffer)
         if o.dataset == "digits":
             def render(indices: range) -> Batch:
                 images, labels = digits.digits_batch(o.data_seed, indices, o.image_size)

@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 from selfflow.core.data.image_file import read_rgb
 from selfflow.core.data.manifest import MediaItem, list_media, preview_captions
 from selfflow.core.data.prepare_options import PrepareOptions, rank_device
-from selfflow.core.data.shard_writer import write_json, write_shards
+from selfflow.core.data.shard_writer import write_codec_record, write_shards
 from selfflow.text.build_encoder import build_text_encoder
 
 from .codecs import CodecName, check_image_size, codec_name, latent_shape, load_autoencoder, name_of
@@ -90,7 +90,7 @@ def prepare_image_text(options: PrepareImageTextOptions | dict[str, Any]) -> dic
                 "info": {"source": str(item.path)}}
 
     if opts.rank == 0:
-        write_json(f"{opts.out}/codec.json", {
+        write_codec_record(opts.out, {
             "codec": name_of(vae), "image_size": opts.image_size, "latent_shape": list(shape),
             "space": "model", "scaling_factor": opts.scaling_factor if opts.codec == "sd_vae" else None,
             "text": None if encoder is None else encoder.describe(),

@@ -34,7 +34,7 @@ from PIL import Image
 
 from selfflow.core.data.image_file import read_rgb
 from selfflow.core.data.shard_format import npy_bytes
-from selfflow.core.data.shard_writer import write_json, write_shards
+from selfflow.core.data.shard_writer import write_codec_record, write_shards
 
 from .codecs import Autoencoder, check_image_size, latent_shape, name_of
 from .sd_vae import SDVAE
@@ -129,7 +129,7 @@ def prepare_imagenet(vae: Autoencoder, opts: PrepareOptions, rank: int = 0, worl
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (out / "classes.json").write_text(json.dumps(classes))
-        write_json(out / "codec.json", {
+        write_codec_record(out, {
             "codec": name_of(vae), "image_size": opts.image_size,
             "stored": "moments" if isinstance(vae, SDVAE) else "latent",
             "latent_shape": list(latent_shape(vae, opts.image_size)), "flip": opts.flip,

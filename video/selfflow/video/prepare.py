@@ -17,7 +17,7 @@ from pydantic import Field
 
 from selfflow.core.data.manifest import MediaItem, list_media
 from selfflow.core.data.prepare_options import PrepareOptions, rank_device
-from selfflow.core.data.shard_writer import write_json, write_shards
+from selfflow.core.data.shard_writer import write_codec_record, write_shards
 from selfflow.text.build_encoder import build_text_encoder
 
 from .clips import ClipSpec, sample_clip
@@ -55,7 +55,7 @@ def prepare_video(options: PrepareVideoOptions | dict[str, Any]) -> dict[str, An
                 "info": {"source": str(item.path)}}
 
     if opts.rank == 0:
-        write_json(f"{opts.out}/codec.json", {
+        write_codec_record(opts.out, {
             **codec.describe(), "version": opts.codec, "clip": spec.model_dump(),
             "latent_shape": list(codec.latent_shape(spec.frames, spec.height, spec.width)),
             "text": None if encoder is None else encoder.describe()})

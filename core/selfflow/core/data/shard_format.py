@@ -56,7 +56,13 @@ def npy_load(data: bytes, copy: bool = True) -> np.ndarray:
             flat = np.frombuffer(data, dtype, count=count, offset=offset)
             array = flat.reshape(shape, order="F" if fortran else "C")
             return array.copy(order="K") if copy else array
-    return np.load(io.BytesIO(data), allow_pickle=False)  # anything unusual: numpy's checks and errors
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)  # anything unusual: numpy's checks and errors
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise
+        # numpy's advice there is to load it unsafely: what is neither .npy magic nor an array is never unpickled
+        raise ValueError("not a .npy array (garbage bytes, or a pickled object array, which is never loaded)") from None
 
 
 def float_array(raw: Sample, member: str, ndim: int | None = None) -> np.ndarray:
@@ -126,6 +132,15 @@ def shard_urls(spec: str | Path) -> list[str]:
     """The ``*.tar`` files of a directory, or of a glob pattern (``dir/*.tar``), sorted."""
     p = Path(spec)
     return sorted(glob.glob(str(p / "*.tar")) if p.is_dir() else glob.glob(str(spec)))
+
+
+def required_shard_urls(spec: str | Path, target: str) -> list[str]:
+    """:func:`shard_urls`, refusing none found, naming ``data.options.shards``'s value and the command that
+    writes them (``target``: ``image-text``, ``video``, …)."""
+    if not (urls := shard_urls(spec)):
+        raise FileNotFoundError(f"data.options.shards: no shards (*.tar) at {spec}: run `selfflow prepare {target}` "
+                                "first, or check the path")
+    return urls
 
 
 def read_codec_info(shards: str | Path, target: str, *, required: bool = True) -> dict[str, Any] | None:

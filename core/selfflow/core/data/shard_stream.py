@@ -214,6 +214,21 @@ def _as_is(chunk: Any) -> Any:
     return chunk  # the loader hands chunks of events over as they are (no tensor conversion)
 
 
+def missing_shards(urls: list[str]) -> list[str]:
+    """The shards whose writer's ``.json`` report lies beside ``urls`` but whose ``.tar`` is gone from the disk
+    (deleted, lost in a copy). They stay in the stream's list, so that the reader counts their samples as lost,
+    each epoch, as for an unreadable shard: dropping them from the listing lost them without a word."""
+    gone = []
+    for folder in sorted({Path(u).parent for u in urls if "://" not in u}):
+        for report in sorted(folder.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].json")):
+            if not (tar := report.with_suffix(".tar")).exists():
+                gone.append(str(tar))
+    if gone:
+        log.warning("%d shard(s) listed by their reports are missing (%s%s): their samples count as skipped",
+                    len(gone), ", ".join(Path(g).name for g in gone[:3]), " …" if len(gone) > 3 else "")
+    return gone
+
+
 class ShardStream(DataStream):
     """Endless batches ``collate(list of decoded samples)`` from ``urls`` for one rank (see module doc).
 
@@ -228,6 +243,7 @@ class ShardStream(DataStream):
                  world_size: int = 1, *, decode: Decoder = decode_sample, shape_key: str | None = "latent", num_workers: int = 0, shuffle_buffer: int = 0):
         if not urls:
             raise FileNotFoundError("no shards found (run `selfflow prepare …` first, and check data.options.shards)")
+        urls = [*urls, *missing_shards(urls)]
         self.urls, self.batch_size, self.collate, self.decode = sorted(urls), batch_size, collate, decode
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shape_key, self.num_workers, self.shuffle_buffer = shape_key, num_workers, shuffle_buffer

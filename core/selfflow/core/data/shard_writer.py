@@ -62,6 +62,8 @@ def write_shards(items: Sequence[Any], process: Callable[[Any], Any], out_dir: s
         if path.exists():
             report["existing"] += 1
             continue
+        for stale in out.glob(f"{prefix}-{k:06d}.tar.*.tmp"):  # a killed run's half-written shard k: only this
+            stale.unlink(missing_ok=True)  # rank writes shard k, so no live writer's file
         failed: list[dict[str, str]] = []
         loaded = []
         for item in (items[i] for i in order[k * shard_size:(k + 1) * shard_size]):
@@ -125,6 +127,29 @@ def item_order(keys: list[str], out: Path, prefix: str, seed: int | None) -> lis
     if seed is not None:
         random.Random(seed).shuffle(order)
     return order
+
+
+CODEC_FILE = "codec.json"
+
+
+def write_codec_record(out_dir: str | Path, record: dict[str, Any]) -> None:
+    """``out_dir/codec.json``: what every shard there was prepared with. A rerun finishes an interrupted
+    preparation, so it must ask for the same: one that changes any of it (another ``--image-size``, codec or
+    text encoder) is refused, naming the keys — the shards already written hold the old data, and a rewritten
+    record would describe data they do not hold. The preview captions may differ (they are drawn again)."""
+    out = Path(out_dir)
+    path = out / CODEC_FILE
+    if path.is_file() and any(out.glob("*.tar")):
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = None  # unreadable: the shards' own record is lost, writing it again is all that can be done
+        new = json.loads(json.dumps(record))
+        if isinstance(old, dict) and (changed := [k for k in new if k != "sample_captions" and old.get(k) != new[k]]):
+            said = "; ".join(f"{k} {json.dumps(old.get(k))} then, {json.dumps(new[k])} now" for k in changed)
+            raise ValueError(f"{out} holds shards prepared with other settings ({said}; {path}): prepare into a "
+                             "new directory, or give the same settings to finish it")
+    write_json(path, record)
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
