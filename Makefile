@@ -127,6 +127,8 @@ gpu-check-cuda:
 		--config-settings editable_mode=compat $(foreach p,$(GPU_PACKAGES),-e ./$(p))
 	$(GPU_VENV)/bin/python -c "import sys, torch; assert not torch.__file__.startswith(sys.prefix + '/'), 'torch in $(GPU_VENV)'; \
 		print('torch', torch.__version__, 'from', torch.__file__, 'cuda', torch.cuda.is_available())"
+	@command -v cc >/dev/null || command -v gcc >/dev/null || echo "gpu-check: no C compiler (cc, gcc) here:" \
+		"Triton builds torch.compile's kernels with one, so the compiled tests and rows will fail"
 	@# the speed table runs even when a cuda test fails or hangs (one lent GPU run must bring back both: a hung NCCL
 	@# init must not spend the whole call); either fails the target
 	rc=0; limit=$$(command -v timeout >/dev/null && echo "timeout -k 10 $(GPU_TESTS_TIMEOUT_S)"); \
