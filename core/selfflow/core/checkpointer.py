@@ -103,9 +103,9 @@ class GeneratorState:
             return
         seed = int.from_bytes(hashlib.sha256(saved.cpu().numpy().tobytes()).digest()[:7], "little")
         self.generator.manual_seed(seed)
-        log.warning("selfflow: the checkpoint's step generator ran on %s and this run's runs on %s: it is seeded from "
-                    "the saved state instead (noise, timesteps and masks from here on differ from those the run would "
-                    "have drawn there)", written_on or "another kind of device", here)
+        log.warning("selfflow: warning: the checkpoint's step generator ran on %s and this run's runs on %s: it is "
+                    "seeded from the saved state instead (noise, timesteps and masks from here on differ from those "
+                    "the run would have drawn there)", written_on or "another kind of device", here)
 
 
 class StreamsState:
