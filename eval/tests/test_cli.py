@@ -220,7 +220,18 @@ def test_errors_are_clear(data, inception_weights: Path, inception_model, tmp_pa
         (bad_dir / name).write_bytes(b"not a png")
     assert run(["eval", "stats", str(bad_dir), "--out", str(tmp_path / "s.npz"), "--inception",
                 str(inception_weights)]) == 2
-    assert "bad_images/y.png" in capsys.readouterr().err
+    assert "bad_images/y.png: not a readable image" in capsys.readouterr().err
+    # a bad file or one of another size among the samples: named before the network loads (and before the
+    # reference's features, which it used to follow)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (8, 8)).save(mixed / "a.png")
+    Image.new("RGB", (8, 6)).save(mixed / "b.png")
+    assert run(["eval", "adm", str(data["ref_dir"]), str(mixed), "--inception", str(tmp_path / "missing.pth")]) == 2
+    assert "images must share one size: " in (err := capsys.readouterr().err) and "b.png is 8x6" in err, err
+    (mixed / "b.png").write_bytes(b"garbage")
+    assert run(["eval", "adm", str(data["ref_dir"]), str(mixed), "--inception", str(tmp_path / "missing.pth")]) == 2
+    assert "mixed/b.png: not a readable image" in (err := capsys.readouterr().err) and "missing.pth" not in err
     # an --out that cannot be written is refused before the work, not after it
     with pytest.raises(SystemExit) as stop:
         run(["eval", "adm", str(data["ref_dir"]), str(data["samples"]), "--out", str(tmp_path)])

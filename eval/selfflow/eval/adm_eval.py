@@ -23,7 +23,14 @@ import torch
 from .adm_metrics import ADM_BLOCK, ADM_K, ADM_SPLIT_SIZE, inception_score, precision_recall
 from .extract import extract_activations, pool_to_logits, rank
 from .frechet import FeatureStats, checked_distance, save_npz_atomic
-from .image_io import STAT_KEYS, ImageSource, npz_keys, open_images, read_reference_stats
+from .image_io import (
+    STAT_KEYS,
+    FolderImages,
+    ImageSource,
+    npz_keys,
+    open_images,
+    read_reference_stats,
+)
 from .inception import WEIGHTS_NAME, WEIGHTS_URL, FIDInceptionV3, sha256_file, weights_hash_notes
 
 PROTOCOL = "adm-tf-inception-2015-12-05"
@@ -77,9 +84,12 @@ def check_feature_input(path: str | os.PathLike[str], *, statistics_ok: bool = T
         return
     if not _has_images(p):
         raise KeyError(f"{p}: neither images ('arr_0'){stats.replace(' or', ' nor')}; arrays: {npz_keys(p)}")
-    if (n := len(open_images(p))) < 2:
+    images = open_images(p)
+    if (n := len(images)) < 2:
         raise ValueError(f"{p}: {n} image; a Fréchet distance's covariance needs at least 2 (ADM's reference "
                          "batches hold 10,000 or 50,000)")
+    if isinstance(images, FolderImages):
+        images.check_headers()
 
 
 def load_feature_set(path: str | os.PathLike[str], model: FIDInceptionV3, *, need_pool: bool = True,
