@@ -122,3 +122,14 @@ def test_a_latent_patch_that_does_not_divide_the_clip_is_one_frame_and_says_so(t
     assert (f"data.options.patch={patch} does not divide the 250 latent frames" in caplog.text) == warned
     if warned:
         assert "[1, 2, 5, 10, 25, 50, 125, 250]" in caplog.text
+
+
+def test_shards_of_another_codec_or_modality_are_refused_naming_codec_json(tmp_path):
+    (tmp_path / "codec.json").write_text(json.dumps({"kind": "songbloom", "latent_shape": [64, 40],
+                                                      "latent_mean": [0.0] * 64, "latent_std": [1.0] * 64}))
+    with pytest.raises(ValueError, match=r"holds songbloom latents \(codec\.json kind\), but data\.options\.codec is "
+                                         r"stable_audio"):
+        AudioModality({"dataset": "latent_shards", "codec": "stable_audio", "shards": str(tmp_path)})
+    (tmp_path / "codec.json").write_text(json.dumps({"version": "wan2.2", "latent_shape": [48, 3, 2, 4]}))
+    with pytest.raises(ValueError, match=r"not the 2-D latents of `selfflow prepare audio`"):
+        AudioModality({"dataset": "latent_shards", "codec": "songbloom", "shards": str(tmp_path)})

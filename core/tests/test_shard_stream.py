@@ -129,14 +129,14 @@ def test_truncated_and_unreadable_shards_count_the_samples_they_held(tmp_path, c
 
 def test_a_rank_with_only_unreadable_shards_stops_with_a_clear_error(tmp_path):
     (tmp_path / "a.tar").write_bytes(b"junk")
-    with pytest.raises(RuntimeError, match=r"rank 0 read 0 valid sample\(s\) in a whole epoch of its 1 shard"):
+    with pytest.raises(ValueError, match=r"rank 0 read 0 valid sample\(s\) in a whole epoch of its 1 shard"):
         next(iter(ShardStream([str(tmp_path / "a.tar")], 1)))
     with pytest.raises(FileNotFoundError, match="no shards"):
         ShardStream([], 1)
 
 def test_fewer_samples_than_one_batch_stop_with_a_clear_error_not_a_hang(tmp_path):
     write_shards(list(range(3)), _process, tmp_path, shard_size=2)
-    with pytest.raises(RuntimeError, match=r"read 3 valid sample\(s\) .* fewer than one batch of 4"):
+    with pytest.raises(ValueError, match=r"read 3 valid sample\(s\) .* fewer than one batch of 4"):
         next(iter(ShardStream(shard_urls(tmp_path), 4)))
     assert len(next(iter(ShardStream(shard_urls(tmp_path), 3)))["captions"]) == 3
 

@@ -46,6 +46,8 @@ def test_shards_hold_a_recorded_random_order_and_a_changed_list_is_refused(tmp_p
         write_shards([*items, 99], _process, tmp_path, shard_size=8)
     with pytest.raises(ValueError, match="seed 0 then, 1 now"):
         write_shards(items, _process, tmp_path, shard_size=8, order_seed=1)
+    with pytest.raises(ValueError, match="shard_size 8 then, 4 now"):  # it took the 8-item shards as done
+        write_shards(items, _process, tmp_path, shard_size=4)
     # a directory begun before the order record existed finishes in its sorted order
     legacy = tmp_path / "legacy"
     write_shards(items, _process, legacy, shard_size=8, order_seed=None)

@@ -140,3 +140,16 @@ def test_shapes_only_takes_the_published_wan_vae_and_the_default_prepared_clip(t
     assert wan21.latent_shape == (16, 12, 24, 40)
     with shapes_only(), pytest.raises(RuntimeError, match="only its shape is known"):
         wan22.wan.encode(torch.zeros(1, 3, 5, 32, 32))
+
+
+def test_shards_of_another_codec_or_modality_are_refused_naming_codec_json(tmp_path):
+    """Wan 2.2 shards read with codec wan2.1 trained and sampled at the wrong size; audio shards read as video
+    failed with "not enough values to unpack"."""
+    (tmp_path / "codec.json").write_text(json.dumps({"version": "wan2.2", "latent_shape": [48, 3, 2, 4]}))
+    with pytest.raises(ValueError, match=r"holds wan2\.2 latents \(codec\.json version\), but data\.options\.codec "
+                                         r"is wan2\.1: set codec: wan2\.2"):
+        VideoModality({"dataset": "latent_shards", "codec": "wan2.1", "shards": str(tmp_path)})
+    (tmp_path / "codec.json").write_text(json.dumps({"kind": "songbloom", "latent_shape": [64, 40]}))
+    with pytest.raises(ValueError, match=r"holds latents of shape \[64, 40\] \(codec\.json\), not the 4-D latents "
+                                         r"of `selfflow prepare video`"):
+        VideoModality({"dataset": "latent_shards", "codec": "wan2.2", "shards": str(tmp_path)})

@@ -59,3 +59,16 @@ def test_gif_writer(tmp_path):
     frames[1] = 255
     gif = Image.open(write_gif(frames, tmp_path / "a.gif"))
     assert gif.n_frames == 3 and gif.size == (10, 8)
+
+
+def test_auto_reads_with_pyav_what_decord_refuses(tmp_path):
+    """decord 0.6 refuses valid H.264 48 pixels wide ("from_size == to_size"): prepare skipped such videos as
+    unreadable. ``auto`` now reads them with PyAV; a file neither reads names both errors."""
+    path = moving_bar_video(tmp_path / "narrow.mp4", size=48)
+    with pytest.raises(Exception, match="from_size == to_size"):
+        read_frames(path, [0, 1], "decord")  # the premise: if a decord release fixes it, this test says so
+    expected = read_frames(path, [0, 1], "pyav")
+    assert np.array_equal(read_frames(path, [0, 1]), expected) and count_frames(path) == 9
+    (tmp_path / "junk.mp4").write_bytes(b"not a video")
+    with pytest.raises(OSError, match=r"unreadable video \(PyAV: .*; decord: "):
+        read_frames(tmp_path / "junk.mp4", [0])

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from selfflow.core.codec import stands_in
 from selfflow.core.data.indexed_stream import IndexedStream
-from selfflow.core.data.shard_format import read_codec_info, required_shard_urls
+from selfflow.core.data.shard_format import check_shard_record, read_codec_info, required_shard_urls
 from selfflow.core.data.shard_stream import ShardReadOptions, ShardStream
 from selfflow.core.data.stats import latent_stats
 from selfflow.core.modality import Batch, DataStream, Modality, options_union
@@ -91,6 +91,7 @@ class AudioModality(CaptionedModalityMixin, Modality):
             if o.codec == "waveform":
                 raise ValueError("dataset 'latent_shards' needs an Oobleck codec (codec: songbloom | stable_audio)")
             self.info = self._read_shard_info()
+            check_shard_record(self.info, o.shards, "audio", latent_dims=2, codec_key="kind", codec=o.codec)
             if self.info.get("latent_mean") is None:  # dataset statistics from the shard reports
                 self.info["latent_mean"], self.info["latent_std"] = latent_stats(o.shards)
             self.channels, self.length = self.info["latent_shape"]

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from selfflow.core.codec import stands_in
 from selfflow.core.data.indexed_stream import IndexedStream
-from selfflow.core.data.shard_format import read_codec_info, required_shard_urls
+from selfflow.core.data.shard_format import check_shard_record, read_codec_info, required_shard_urls
 from selfflow.core.data.shard_stream import ShardReadOptions, ShardStream
 from selfflow.core.modality import Batch, DataStream, Modality, options_union
 from selfflow.core.registry import register_modality
@@ -73,6 +73,7 @@ class VideoModality(CaptionedModalityMixin, Modality):
             if o.codec == "pixel":
                 raise ValueError("dataset 'latent_shards' needs a Wan codec (codec: wan2.2 | wan2.1)")
             self.shard_info = self._read_shard_info()
+            check_shard_record(self.shard_info, o.shards, "video", latent_dims=4, codec_key="version", codec=o.codec)
         self.patch = tuple(o.patch or ((2, 4, 4) if o.codec == "pixel" else (1, 2, 2)))
         self.pixel = VideoPixelCodec(o.frames, o.image_size, self.patch) if o.codec == "pixel" else None
         self._wan = None

@@ -1,7 +1,7 @@
 """Reading frames with decord or PyAV (same frames), and writing MP4 and GIF.
 
 decord is the fast path for random access; it is unmaintained and has no wheel for some platforms, so it
-is imported lazily and PyAV (which bundles FFmpeg) takes over when it is missing. Both return RGB uint8
+is imported lazily and PyAV (which bundles FFmpeg) takes over when it is missing, or (``auto``) when it fails on a file. Both return RGB uint8
 ``(N, H, W, 3)``, bit-identical for the same file (both decode the same bitstream with FFmpeg). Requested
 frame indices are clamped to the number of frames actually decoded — containers may over-report it.
 """
@@ -9,12 +9,14 @@ frame indices are clamped to the number of frames actually decoded — container
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
 Backend = Literal["auto", "decord", "pyav"]
+T = TypeVar("T")
 
 
 def has_decord() -> bool:
@@ -33,25 +35,45 @@ def resolve_backend(backend: Backend = "auto") -> str:
     return backend
 
 
+def _with_fallback(backend: Backend, decord_read: Callable[[], T], pyav_read: Callable[[], T]) -> T:
+    """``decord_read()`` where decord is the backend, else ``pyav_read()``. Under ``auto`` a file decord fails on
+    is read with PyAV: decord 0.6 refuses valid H.264 of some widths (16, 48: "from_size == to_size"), which
+    skipped good videos as unreadable; a file neither reads is reported with both errors."""
+    if resolve_backend(backend) != "decord":
+        return pyav_read()
+    if backend != "auto":
+        return decord_read()
+    try:
+        return decord_read()
+    except Exception as first:
+        try:
+            return pyav_read()
+        except Exception as second:
+            raise OSError(f"unreadable video (PyAV: {type(second).__name__}: {second}; decord: "
+                          f"{type(first).__name__}: {str(first).splitlines()[0][:200]})") from second
+
+
 def count_frames(path: str | Path, backend: Backend = "auto") -> int:
     """Number of decodable frames."""
-    if resolve_backend(backend) == "decord":
+    def with_decord() -> int:
         import decord
 
         return len(decord.VideoReader(str(path), num_threads=1))
-    import av
 
-    with av.open(str(path)) as container:
-        return sum(1 for _ in container.decode(video=0))
+    def with_pyav() -> int:
+        import av
+
+        with av.open(str(path)) as container:
+            return sum(1 for _ in container.decode(video=0))
+
+    return _with_fallback(backend, with_decord, with_pyav)
 
 
 def read_frames(path: str | Path, indices: list[int], backend: Backend = "auto") -> np.ndarray:
     """Frames ``indices`` of a video as RGB uint8 ``(N, H, W, 3)`` (indices clamped to the last frame)."""
     if not indices:
         raise ValueError("read_frames needs at least one frame index")
-    if resolve_backend(backend) == "decord":
-        return _read_decord(path, indices)
-    return _read_pyav(path, indices)
+    return _with_fallback(backend, lambda: _read_decord(path, indices), lambda: _read_pyav(path, indices))
 
 
 def _read_decord(path: str | Path, indices: list[int]) -> np.ndarray:

@@ -143,6 +143,20 @@ def required_shard_urls(spec: str | Path, target: str) -> list[str]:
     return urls
 
 
+def check_shard_record(info: dict[str, Any], shards: str | Path, target: str, *, latent_dims: int,
+                       codec_key: str, codec: str) -> None:
+    """Refuse, naming ``codec.json``, shards a modality cannot train on: latents of another rank (audio's
+    ``(C, N)`` read as video's ``(C, T, H, W)`` failed with "not enough values to unpack"), or of another codec
+    than ``data.options.codec`` (Wan 2.2 shards decoded by Wan 2.1 trained and sampled at the wrong size)."""
+    shape = info.get("latent_shape")
+    if shape is not None and len(shape) != latent_dims:
+        raise ValueError(f"{shards} holds latents of shape {shape} (codec.json), not the {latent_dims}-D latents of "
+                         f"`selfflow prepare {target}`: is it another modality's shard folder?")
+    if info.get(codec_key) is not None and info[codec_key] != codec:
+        raise ValueError(f"{shards} holds {info[codec_key]} latents (codec.json {codec_key}), but data.options.codec "
+                         f"is {codec}: set codec: {info[codec_key]}")
+
+
 def read_codec_info(shards: str | Path, target: str, *, required: bool = True) -> dict[str, Any] | None:
     """The ``codec.json`` that ``selfflow prepare <target>`` wrote beside its shards (codec, latent shape,
     statistics …); a clear error when the directory is not such an output (``None`` if not ``required``)."""

@@ -305,7 +305,8 @@ class ShardStream(DataStream):
                     yield self.collate(batch)
                     batch = []
             if whole_epoch and produced < self.batch_size:  # every later epoch would read the same: a hang
-                raise RuntimeError(
+                # a ValueError: the data or the batch size to fix, one `selfflow: error:` line (not a traceback)
+                raise ValueError(
                     f"rank {self.rank} read {produced} valid sample(s) in a whole epoch of its "
                     f"{len(self.epoch_shards(self.epoch))} shard(s), fewer than one batch of {self.batch_size} "
                     f"({self.skipped} corrupt samples skipped, {self.lost_shards} shards lost): use more data, "

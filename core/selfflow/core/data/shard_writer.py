@@ -55,7 +55,7 @@ def write_shards(items: Sequence[Any], process: Callable[[Any], Any], out_dir: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"written": 0, "skipped": 0, "shards": 0, "existing": 0}
-    order = item_order([key(item) for item in items], out, prefix, order_seed)
+    order = item_order([key(item) for item in items], out, prefix, order_seed, shard_size)
     n_chunks = (len(items) + shard_size - 1) // shard_size
     for k in tqdm(range(rank, n_chunks, world_size), disable=not progress, desc=f"prepare rank {rank}", unit="shard"):
         path = out / f"{prefix}-{k:06d}.tar"
@@ -106,16 +106,21 @@ def write_shards(items: Sequence[Any], process: Callable[[Any], Any], out_dir: s
     return report
 
 
-def item_order(keys: list[str], out: Path, prefix: str, seed: int | None) -> list[int]:
+def item_order(keys: list[str], out: Path, prefix: str, seed: int | None,
+               shard_size: int | None = None) -> list[int]:
     """The indices of the items in shard order: a ``seed``-ed permutation, checked against (or written as)
-    ``{prefix}.order.json``; raises ``ValueError`` when the directory was cut from another list."""
+    ``{prefix}.order.json``; raises ``ValueError`` when the directory was cut from another list, order or shard
+    size (a rerun with another ``--shard-size`` took the old shards as done and lost the items between)."""
     record = {"items": len(keys), "seed": seed,
-              "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()}
+              "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest(), "shard_size": shard_size}
     path = out / f"{prefix}.order.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        if old != record:
-            changed = ", ".join(f"{k} {old.get(k)!r} then, {record[k]!r} now" for k in record if old.get(k) != record[k])
+        # a record from before the shard size was kept says nothing of it
+        compared = [k for k in record if k in old or k != "shard_size"]
+        if any(old.get(k) != record[k] for k in compared):
+            changed = ", ".join(f"{k} {old.get(k)!r} then, {record[k]!r} now" for k in compared
+                                if old.get(k) != record[k])
             raise ValueError(f"{out} holds {prefix} shards cut from another item list or order ({changed}; "
                              f"{path}): prepare into a new directory, or give the same inputs")
     elif any(out.glob(f"{prefix}-*.tar")):  # written before the order record existed: sorted, keep it
