@@ -57,6 +57,13 @@ def test_oobleck_codec_shapes_normalisation_and_missing_dir(tmp_path, oobleck_di
         OobleckCodec.from_pretrained(tmp_path / "nope", "songbloom")
     with pytest.raises(FileNotFoundError, match=r"stable-audio-open-1\.0"):
         OobleckCodec.from_pretrained(tmp_path / "nope", "stable_audio")
+    # another class's folder (a Wan VAE): diffusers loaded it with random weights, and prepare wrote noise
+    wan = tmp_path / "wan"
+    wan.mkdir()
+    (wan / "config.json").write_text('{"_class_name": "AutoencoderKLWan", "z_dim": 48}')
+    with pytest.raises(ValueError, match=r"wan holds a AutoencoderKLWan \(its config\.json's _class_name\), not the "
+                                         r"AutoencoderOobleck this codec loads"):
+        OobleckCodec.from_pretrained(wan)
 
 
 def test_read_resample_mono_and_pyav_fallback(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfflow.core.codec import CodecShape, NormalizedVAE
+from selfflow.core.codec import CodecShape, NormalizedVAE, check_diffusers_class
 
 WEIGHTS = {
     "songbloom": "CypressYang/SongBloom (stable_audio_1920_vae.json + autoencoder_music_dsp1920.ckpt; "
@@ -81,6 +81,7 @@ class OobleckCodec(NormalizedVAE):
                 f"{WEIGHTS.get(kind, WEIGHTS['songbloom'])}; point data.options.vae_dir (training) or --vae-dir (prepare) at the diffusers folder.")
         from diffusers import AutoencoderOobleck
 
+        check_diffusers_class(path, "AutoencoderOobleck")
         return cls(AutoencoderOobleck.from_pretrained(path, torch_dtype=dtype, local_files_only=True))
 
     def latent_length(self, num_samples: int) -> int:

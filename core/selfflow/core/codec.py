@@ -16,6 +16,7 @@ latent shards without ``codec.json`` take the shape ``selfflow prepare`` writes 
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,6 +64,19 @@ def stands_in(folder: str | Path | None, marker: str = "config.json") -> bool:
     """Whether a loader should return a published shape instead of reading ``folder``: only under
     :func:`shapes_only`, and only when ``folder/marker`` is absent (a present folder is read as always)."""
     return shapes_only_active() and not (folder and (Path(folder) / marker).is_file())
+
+
+def check_diffusers_class(path: str | Path, class_name: str) -> None:
+    """Refuse a diffusers folder whose ``config.json`` names another model class: diffusers loads what weights fit
+    into the class asked for and initialises the rest at random, so a Wan VAE given as an Oobleck one prepared
+    noise with a warning buried in the log (no ``_class_name``, or an unreadable file: diffusers' own checks)."""
+    try:
+        found = json.loads((Path(path) / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return
+    if found and found != class_name:
+        raise ValueError(f"{path} holds a {found} (its config.json's _class_name), not the {class_name} this codec "
+                         f"loads: point at a {class_name} folder")
 
 
 @dataclass(frozen=True)

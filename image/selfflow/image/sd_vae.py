@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from selfflow.core.codec import NormalizedVAE
+from selfflow.core.codec import NormalizedVAE, check_diffusers_class
 from selfflow.core.tokens import Tokens, patchify, unpatchify
 
 SD_VAE_SCALE = 0.18215
@@ -30,6 +30,7 @@ def load_autoencoder_kl(path: str | Path, device: torch.device | str = "cpu"):
             f"stabilityai/sd-vae-ft-ema --local-dir {path}`, on a machine with network access")
     from diffusers import AutoencoderKL
 
+    check_diffusers_class(path, "AutoencoderKL")
     vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
     return vae.to(device).eval().requires_grad_(False)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfflow.core.codec import CodecShape, NormalizedVAE
+from selfflow.core.codec import CodecShape, NormalizedVAE, check_diffusers_class
 
 # Where the diffusers-format weights are published (the `vae/` folder of these repos).
 WEIGHTS = {
@@ -83,6 +83,7 @@ class WanCodec(WanGeometry, NormalizedVAE):
                 "(`selfflow plan` reads its config.json alone).")
         from diffusers import AutoencoderKLWan
 
+        check_diffusers_class(path, "AutoencoderKLWan")
         vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
         codec = cls(vae)
         expected = PUBLISHED_SHAPES[version].compression if version in PUBLISHED_SHAPES else None
