@@ -249,6 +249,15 @@ def test_errors_are_clear(data, inception_weights: Path, inception_model, tmp_pa
         adm_eval.evaluate_adm(data["ref_dir"], tmp_path / "typo", inception_model, progress=False)
 
 
+def test_too_few_images_for_precision_recall_leave_the_other_metrics(data, inception_model, tmp_path) -> None:
+    """3 samples failed the whole evaluation after the Inception pass ("need more than k=3 feature vectors")."""
+    three = tmp_path / "three.npz"
+    np.savez(three, arr_0=data["smp_imgs"][:3])
+    metrics = adm_eval.evaluate_adm(data["ref_dir"], three, inception_model, progress=False)
+    assert metrics["precision"] is metrics["recall"] is None and math.isfinite(metrics["fid"])
+    assert any("need more than 3 images a side (samples 3)" in n for n in metrics["notes"])
+
+
 def test_registered_with_core_cli() -> None:
     from selfflow.core.cli import build_parser
 

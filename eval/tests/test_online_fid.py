@@ -61,6 +61,8 @@ def test_what_cannot_work_is_refused_when_the_run_starts(tmp_path, reference, in
     modality = _modality(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"reference statistics not found: .*missing\.npz"):
         InceptionFIDEvaluator(modality, reference=tmp_path / "missing.npz", inception=inception_weights)
+    with pytest.raises(ValueError, match=r"is a folder: write its statistics once with `selfflow eval stats"):
+        InceptionFIDEvaluator(modality, reference=tmp_path, inception=inception_weights)  # said "not found"
     images_only = tmp_path / "images.npz"
     np.savez(images_only, arr_0=np.zeros((2, 16, 16, 3), np.uint8))
     with pytest.raises(ValueError, match=r"no mu/sigma/mu_s/sigma_s statistics: .*selfflow eval stats"):

@@ -153,3 +153,20 @@ def test_shards_of_another_codec_or_modality_are_refused_naming_codec_json(tmp_p
     with pytest.raises(ValueError, match=r"holds latents of shape \[64, 40\] \(codec\.json\), not the 4-D latents "
                                          r"of `selfflow prepare video`"):
         VideoModality({"dataset": "latent_shards", "codec": "wan2.2", "shards": str(tmp_path)})
+
+
+def test_the_fvd_hint_names_the_frames_of_short_samples(tmp_path):
+    """FVD's clips are 16 frames: the printed command failed as written on the tiny runs' 8-frame samples."""
+    short = VideoModality({"frames": 8, "image_size": 16}).evaluation_hint(tmp_path, None, False)
+    assert short.endswith("--i3d i3d_torchscript.pt --frames 8")
+    assert "--frames" not in VideoModality({"frames": 16, "image_size": 16}).evaluation_hint(tmp_path, None, False)
+
+
+def test_a_pixel_patch_on_latent_shards_is_named(tmp_path):
+    """The tiny config's pixel patch (2, 4, 4) on a (3, 2, 4) latent made no token: "sample_ids … got (1, 0, 3)"."""
+    (tmp_path / "codec.json").write_text(json.dumps({"version": "wan2.2", "latent_shape": [48, 3, 2, 4]}))
+    options = {"dataset": "latent_shards", "codec": "wan2.2", "shards": str(tmp_path)}
+    with pytest.raises(ValueError, match=r"data\.options\.patch \[2, 4, 4\] does not divide the shards' latent "
+                                         r"\(T, H, W\) = \(3, 2, 4\) \(codec\.json\): e\.g\. patch \[1, 2, 2\]"):
+        VideoModality({**options, "patch": [2, 4, 4]})
+    assert VideoModality({**options, "patch": [1, 2, 2]}).grid == (3, 1, 2)

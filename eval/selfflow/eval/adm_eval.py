@@ -86,8 +86,8 @@ def check_feature_input(path: str | os.PathLike[str], *, statistics_ok: bool = T
         raise KeyError(f"{p}: neither images ('arr_0'){stats.replace(' or', ' nor')}; arrays: {npz_keys(p)}")
     images = open_images(p)
     if (n := len(images)) < 2:
-        raise ValueError(f"{p}: {n} image; a Fréchet distance's covariance needs at least 2 (ADM's reference "
-                         "batches hold 10,000 or 50,000)")
+        raise ValueError(f"{p}: {n} image{'' if n == 1 else 's'}; a Fréchet distance's covariance needs at least 2 "
+                         "(ADM's reference batches hold 10,000 or 50,000)")
     if isinstance(images, FolderImages):
         images.check_headers()
 
@@ -165,7 +165,12 @@ def evaluate_adm(ref: str | os.PathLike[str], samples: str | os.PathLike[str], m
         isc = inception_score(pool_to_logits(smp_set.pool, model))
     else:
         notes.append("Inception Score skipped: no sample images or pool_3 features")
-    if smp_set.pool is not None and ref_set.pool is not None:
+    few = [f"{name} {len(fs.pool)}" for name, fs in (("reference", ref_set), ("samples", smp_set))
+           if fs.pool is not None and len(fs.pool) <= ADM_K]
+    if few:  # the k-NN radii need more than k features a side: the other metrics stand (it failed them all)
+        notes.append(f"precision/recall skipped: the k = {ADM_K} nearest-neighbour radii need more than {ADM_K} "
+                     f"images a side ({', '.join(few)})")
+    elif smp_set.pool is not None and ref_set.pool is not None:
         dev = model.fc.weight.device
         pr = precision_recall(torch.from_numpy(ref_set.pool).to(dev), torch.from_numpy(smp_set.pool).to(dev),
                               fp16=fp16_distances)

@@ -62,6 +62,9 @@ class InceptionFIDEvaluator:
         self.modality, self.batch_size = modality, batch_size
         self.device = None if device is None else torch.device(device)
         ref = Path(reference).expanduser()
+        if ref.is_dir():  # reference images: their statistics are computed once, not at every evaluation
+            raise ValueError(f"inception_fid reference {ref} is a folder: write its statistics once with "
+                             f"`selfflow eval stats {ref} --out ref_stats.npz` and give that file")
         if not ref.is_file():
             raise FileNotFoundError(f"inception_fid reference statistics not found: {ref}")
         if ref.suffix != ".npz" or read_reference_stats(ref) is None:

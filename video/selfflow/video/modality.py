@@ -75,6 +75,11 @@ class VideoModality(CaptionedModalityMixin, Modality):
             self.shard_info = self._read_shard_info()
             check_shard_record(self.shard_info, o.shards, "video", latent_dims=4, codec_key="version", codec=o.codec)
         self.patch = tuple(o.patch or ((2, 4, 4) if o.codec == "pixel" else (1, 2, 2)))
+        if self.shard_info.get("latent_shape"):  # a patch larger than the latent made no token at all
+            _, *thw = self.shard_info["latent_shape"]
+            if any(n % p for n, p in zip(thw, self.patch)):
+                raise ValueError(f"data.options.patch {list(self.patch)} does not divide the shards' latent (T, H, W) "
+                                 f"= {tuple(thw)} (codec.json): e.g. patch [1, 2, 2]")
         self.pixel = VideoPixelCodec(o.frames, o.image_size, self.patch) if o.codec == "pixel" else None
         self._wan = None
         if self.pixel is None and o.dataset != "latent_shards":
@@ -174,9 +179,18 @@ class VideoModality(CaptionedModalityMixin, Modality):
         captions = [names[int(i)] for i in labels] if labels is not None else None
         return save_video_samples(media, path, captions, self.options.fps)
 
+    @property
+    def sample_frames(self) -> int:
+        """Frames of a decoded sample: the pixel clip's, else the Wan VAE's ``4k + 1`` from ``k + 1`` latents."""
+        if self.pixel is not None:
+            return self.options.frames
+        return (self.latent_shape[1] - 1) * self.wan.compression[0] + 1
+
     def evaluation_hint(self, out_dir: Path, npz: Path | None, paired: bool) -> str | None:
+        frames = self.sample_frames
+        short = f" --frames {frames}" if frames < 16 else ""  # FVD's clips are 16 frames: else it fails as printed
         return (f"evaluate with (FVD against real videos{'; prompts paired from prompts.jsonl' if paired else ''}):"
-                f"\n  selfflow eval fvd --fake {out_dir} --real REAL_VIDEOS --i3d i3d_torchscript.pt")
+                f"\n  selfflow eval fvd --fake {out_dir} --real REAL_VIDEOS --i3d i3d_torchscript.pt{short}")
 
     def write_sample(self, media: torch.Tensor, label: int | None, path: Path) -> Path:
         """One clip exactly, as ``<path>.npy`` (uint8 ``(T, H, W, 3)``): what ``selfflow eval fvd`` reads."""
