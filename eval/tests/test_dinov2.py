@@ -156,6 +156,19 @@ def test_fd_dinov2_end_to_end(tiny_dir: str, tmp_path) -> None:
     assert abs(same) < 1e-6 * res["fd_dinov2"] + 1e-8
     from_stats = dinov2.fd_dinov2(fake_dir, stats_file, model, progress=False)["fd_dinov2"]
     assert from_stats == pytest.approx(res["fd_dinov2"], rel=1e-9)
+    # a reference saved with one weights folder is refused with another (it gave a number, silently)
+    import shutil
+
+    by_path = tmp_path / "by_path.npz"
+    dinov2.fd_dinov2(fake_dir, real_dir, tiny_dir, progress=False, save_real_stats=by_path)
+    other = shutil.copytree(tiny_dir, tmp_path / "other_dinov2")
+    (other / "config.json").write_text((other / "config.json").read_text() + "\n")
+    with pytest.raises(ValueError, match=r"by_path\.npz holds statistics of dinov2 weights with sha256"):
+        dinov2.fd_dinov2(fake_dir, by_path, other, progress=False)
+    with np.load(by_path) as z:  # `selfflow eval stats` output: Inception's (a shape error after the features)
+        np.savez(tmp_path / "adm.npz", mu=z["mu"], sigma=z["sigma"], inception_sha256=np.asarray("ab"))
+    with pytest.raises(ValueError, match=r"adm\.npz holds inception statistics, not dinov2 ones"):
+        dinov2.fd_dinov2(fake_dir, tmp_path / "adm.npz", model, progress=False)
 
 
 def test_missing_weights_error_names_file_and_source(tmp_path) -> None:

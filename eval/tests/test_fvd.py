@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +102,15 @@ def test_fvd_matches_hand_computation(i3d_file: str, tmp_path) -> None:
         np.savez(tmp_path / "foreign.npz", **{k: z[k] for k in z.files if k != "protocol"})
     assert "its protocol is not recorded" in fvd_mod.fvd(fake, tmp_path / "foreign.npz", i3d_file,
                                                          progress=False)["notes"][0]
+    # ... and refuse, before I3D loads, a reference of other I3D weights or of another network (both gave numbers)
+    other = tmp_path / "other_i3d.pt"
+    other.write_bytes(Path(i3d_file).read_bytes() + b"\0")
+    with pytest.raises(ValueError, match=r"holds statistics of i3d weights with sha256 \w+…, but .*other_i3d\.pt is"):
+        fvd_mod.fvd(fake, stats, other, progress=False)
+    with np.load(stats) as z:
+        np.savez(tmp_path / "dino.npz", **{**{k: z[k] for k in z.files}, "feature": np.asarray("dinov2")})
+    with pytest.raises(ValueError, match=r"dino\.npz holds dinov2 statistics, not i3d ones"):
+        fvd_mod.fvd(fake, tmp_path / "dino.npz", i3d_file, progress=False)
 
 
 def test_extractor_rejects_float_videos_and_batches_by_shape(i3d_file: str) -> None:

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .extractor import extract
-from .frechet import FeatureStats, checked_distance
+from .frechet import FeatureStats, checked_distance, save_npz_atomic
 from .image_io import ImageInput, iter_images
+from .reference_source import check_source, source_record
 
 PROTOCOL = ("dgm-eval FD-DINOv2: ViT-L/14 CLS token after final LayerNorm; PIL bicubic 224x224 "
             "squash on uint8; ImageNet mean/std; pos-embed bicubic scale_factor (16+0.1)/37, "
@@ -160,12 +161,15 @@ def fd_dinov2(fake: ImageInput, real: ImageInput, model: Any | str | os.PathLike
     ``FeatureStats.save``. ``model``: a loaded Dinov2Model or its local directory."""
     weights = str(model) if isinstance(model, (str, os.PathLike)) else getattr(
         model.config, "_name_or_path", "in-memory model")
+    weights_path = model if isinstance(model, (str, os.PathLike)) else None
+    if isinstance(real, (str, os.PathLike)) and Path(real).suffix == ".npz":  # before the network loads
+        check_source(real, "dinov2", weights_path)
     if isinstance(model, (str, os.PathLike)):
         model = load_dinov2(model)
     extractor = DinoV2Features(model, batch_size=batch_size, device=device, progress=progress)
     s_real = _stats_of(real, extractor, "DINOv2 real")
-    if save_real_stats is not None:
-        s_real.save(save_real_stats)
+    if save_real_stats is not None:  # with the network and weights it came from, checked when read back
+        save_npz_atomic(save_real_stats, {**s_real.npz_dict(), **source_record("dinov2", weights_path)})
     s_fake = _stats_of(fake, extractor, "DINOv2 fake")
     fd, notes = checked_distance("FD-DINOv2", s_fake, s_real)
     return {"fd_dinov2": float(fd), "protocol": PROTOCOL, "weights": weights,

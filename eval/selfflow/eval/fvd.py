@@ -26,6 +26,7 @@ from .extractor import extract_stats
 from .frechet import FeatureStats, checked_distance, save_npz_atomic
 from .i3d import I3D_KWARGS, I3DFeatures, load_i3d
 from .preview_files import listed_sets
+from .reference_source import check_source, source_record
 from .video_io import (
     ClipReport,
     VideoSource,
@@ -78,6 +79,9 @@ def fvd(fake: VideoSource, real: VideoSource, detector: Any | str | os.PathLike,
     ``i3d_torchscript.pt`` or a loaded module with the same call signature."""
     preview_notes = listed_sets(fake, real, list_videos, is_stats_file)
     weights = str(detector) if isinstance(detector, (str, os.PathLike)) else "in-memory module"
+    weights_path = detector if isinstance(detector, (str, os.PathLike)) else None
+    if is_stats_file(real):  # before the network loads: another network's or other weights' reference
+        check_source(real, "i3d", weights_path)
     if isinstance(detector, (str, os.PathLike)):
         detector = load_i3d(detector, device)
     extractor = I3DFeatures(detector, batch_size=batch_size, device=device, progress=progress)
@@ -91,7 +95,8 @@ def fvd(fake: VideoSource, real: VideoSource, detector: Any | str | os.PathLike,
     else:
         s_real, _ = i3d_stats(real, extractor, desc="I3D real", **kw)
     if save_real_stats is not None:  # with the protocol it was made under, checked when it is read back
-        save_npz_atomic(save_real_stats, {**s_real.npz_dict(), "protocol": np.asarray(protocol)})
+        save_npz_atomic(save_real_stats, {**s_real.npz_dict(), "protocol": np.asarray(protocol),
+                                           **source_record("i3d", weights_path)})
     s_fake, _ = i3d_stats(fake, extractor, desc="I3D fake", **kw)
     value, notes = checked_distance("FVD", s_fake, s_real)
     notes = preview_notes + stats_notes + notes
