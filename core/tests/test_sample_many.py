@@ -140,7 +140,9 @@ def test_a_larger_num_extends_the_run_to_the_samples_of_a_fresh_one(run_dir, tmp
     _in_process(run_dir, out, num=6)
     kept = (out / "parts" / "batch_000000.npy").stat().st_mtime_ns
     npz = _in_process(run_dir, out, num=10)
-    assert "extending the 6 samples" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "extending the 6 samples" in err and "removed samples_6.npz" in err
+    assert not (out / "samples_6.npz").exists()  # left beside samples_10.npz, it was easy to evaluate by mistake
     assert (out / "parts" / "batch_000000.npy").stat().st_mtime_ns == kept
     assert sorted(p.name for p in out.glob("*.png")) == [f"{i:06d}.png" for i in range(10)]
     fresh = _in_process(run_dir, tmp_path / "fresh", num=10)
@@ -180,7 +182,7 @@ def test_a_larger_num_is_another_run_in_the_official_layout(tmp_path):
             assert check_settings(tmp_path, {**record, "num": 12}) == 8  # ours: extended from 8
 
 
-def test_a_batch_killed_while_writing_its_files_leaves_nothing_behind(run_dir, tmp_path, monkeypatch):
+def test_a_batch_killed_while_writing_its_files_leaves_nothing_behind(run_dir, tmp_path, monkeypatch, capsys):
     """A crash inside the writer (a kill between a sample's file and the batch's part) is redone on restart,
     and whatever a writer leaves beside its samples (a video preview's GIF …) never reaches the folder."""
     from selfflow.core.pretrained import load_model
@@ -203,7 +205,9 @@ def test_a_batch_killed_while_writing_its_files_leaves_nothing_behind(run_dir, t
     with pytest.raises(KeyboardInterrupt):
         _in_process(run_dir, out)
     assert (out / "parts" / "batch_000000.npy").is_file() and not (out / "parts" / "batch_000001.npy").exists()
-    npz = _in_process(run_dir, out)  # the restart
+    capsys.readouterr()
+    npz = _in_process(run_dir, out)  # the restart, which says what it reuses (a killed run's was silent)
+    assert "resuming " in (err := capsys.readouterr().err) and ": 1 of its 2 batches are done" in err
     assert sorted(p.name for p in out.iterdir()) == [*(f"{i:06d}.png" for i in range(8)), "parts", npz.name]
     assert sorted(p.name for p in (out / "parts").iterdir()) == [
         "batch_000000.json", "batch_000000.npy", "batch_000001.json", "batch_000001.npy", "settings.json"]
@@ -246,3 +250,13 @@ def test_ctrl_c_says_how_far_the_samples_got_and_how_to_finish(tmp_path, capsys)
     with pytest.raises(KeyboardInterrupt), resume_note_on_interrupt(tmp_path, 3, False):  # rank ≠ 0: silent
         raise KeyboardInterrupt
     assert capsys.readouterr().err == ""
+
+
+def test_balanced_labels_that_do_not_divide_say_so(run_dir, tmp_path, capsys):
+    from selfflow.core.pretrained import load_model
+
+    k = load_model(run_dir, "cpu").modality.num_classes
+    _in_process(run_dir, tmp_path / "even", labels="balanced", num=k, batch_size=k)
+    assert "balanced" not in capsys.readouterr().err
+    _in_process(run_dir, tmp_path / "uneven", labels="balanced", num=k + 1, batch_size=k + 1)
+    assert f"over {k} classes: classes 0…0 get one sample more than the others" in capsys.readouterr().err

@@ -61,7 +61,8 @@ def test_a_prompt_file_drives_an_out_dir_and_is_recorded(tmp_path, capsys):
     z = np.load(out / "samples_3.npz")
     assert z["arr_0"].shape == (3, 16, 16, 3) and z["prompts"].tolist() == [r["prompt"] for r in records]
     assert "arr_1" not in z.files
-    assert "selfflow eval probe" in capsys.readouterr().out
+    # prompted samples: the t2i command, not the probe (which makes its own samples and reads no prompts)
+    assert f"selfflow eval t2i --images {out}" in (printed := capsys.readouterr().out) and "eval probe" not in printed
 
 
 def test_a_mixed_run_samples_the_chosen_modality_with_prompts(tmp_path, capsys):

@@ -223,6 +223,13 @@ def sample_many(model: nn.Module, modality: Modality, sampler: SamplerConfig, op
                 part_path(out, short).unlink(missing_ok=True)
                 meta_path(out, short).unlink(missing_ok=True)
             print(f"selfflow: extending the {grown_from} samples in {out} to {opts.num}", file=sys.stderr)
+        elif 0 < len(remaining) < n_batches:  # a killed or stopped run: said as a Ctrl-C'd one says it will be
+            print(f"selfflow: resuming {out}: {n_batches - len(remaining)} of its {n_batches} batches are done",
+                  file=sys.stderr)
+        if opts.labels == "balanced" and opts.num % modality.num_classes:
+            extra = opts.num % modality.num_classes
+            print(f"note: --labels balanced with --num {opts.num} over {modality.num_classes} classes: classes "
+                  f"0…{extra - 1} get one sample more than the others", file=sys.stderr)
     barrier()  # every rank has checked and listed the finished batches before any rank adds one
     if dist.is_main and (grown_from is not None or not (out / "parts" / "settings.json").is_file()):
         atomic_write_text(out / "parts" / "settings.json", json.dumps(settings, indent=1) + "\n")
@@ -254,7 +261,11 @@ def sample_many(model: nn.Module, modality: Modality, sampler: SamplerConfig, op
     barrier()
     if not dist.is_main:
         return None
-    return assemble(out, opts.num, n_batches, opts.npz)
+    npz = assemble(out, opts.num, n_batches, opts.npz)
+    if grown_from is not None and npz is not None and (old := out / f"samples_{grown_from}.npz").is_file():
+        old.unlink()  # its samples are the first of the new file: left beside it, it was easy to evaluate by mistake
+        print(f"selfflow: removed {old.name} (its samples are the first {grown_from} of {npz.name})", file=sys.stderr)
+    return npz
 
 
 @contextlib.contextmanager

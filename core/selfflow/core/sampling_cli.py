@@ -50,11 +50,13 @@ def _sampler(base: Any, args: argparse.Namespace, modality: Modality) -> Sampler
 
 def eval_hint(modality: Modality, run: Path | None, out_dir: Path, npz: Path | None) -> str | None:
     """The ``selfflow eval`` command that fits what was sampled (``None`` when none does): the probe of a run
-    on built-in labelled data, else the modality's own suggestion (:meth:`Modality.evaluation_hint`)."""
-    if modality.evaluator and run is not None:
+    on built-in labelled data — unless the samples follow prompts (``prompts.jsonl``), which the probe never
+    reads — else the modality's own suggestion (:meth:`Modality.evaluation_hint`)."""
+    paired = (out_dir / PROMPTS_FILE).is_file()
+    if modality.evaluator and run is not None and not paired:
         return ("the model's probe metrics on its synthetic data (the probe makes its own samples from the model; "
                 f"it does not read these files):\n  selfflow eval probe --run {model_root(run)}")
-    return modality.evaluation_hint(out_dir, npz, (out_dir / PROMPTS_FILE).is_file())
+    return modality.evaluation_hint(out_dir, npz, paired)
 
 
 def _siblings(path: Path) -> dict[Path, int]:
