@@ -54,3 +54,23 @@ def test_t2i_pairs_images_with_their_recorded_prompts(tiny_dir, tmp_path):  # no
         args = parser.parse_args(["t2i", "--images", str(tmp_path / "s"), "--clip", tiny_dir, *extra])
         with pytest.raises(ConfigError, match=r"FD-DINOv2 needs both --dinov2 DIR and --ref"):
             args.func(args)
+
+
+def test_metric_notes_print_once_as_note_lines(capsys):
+    """fvd / fad / t2i printed their notes as Python warnings with a source line (`frechet.py:304: MetricNote: …`
+    and the code beneath it); eval adm printed `note: …` lines. Other warnings still pass on."""
+    import warnings
+
+    from selfflow.eval.cli_media import notes_as_lines
+    from selfflow.eval.frechet import MetricNote
+
+    def run(args):
+        for _ in range(2):
+            warnings.warn("FVD: only 12 generated feature vectors", MetricNote, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
+        return 0
+
+    with pytest.warns(UserWarning, match="something else"):
+        assert notes_as_lines(run)(argparse.Namespace()) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: FVD: only 12 generated feature vectors") == 1 and "MetricNote" not in err

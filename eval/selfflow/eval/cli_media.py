@@ -7,7 +7,11 @@ imports the metric module only when it runs and prints the results as JSON (also
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +30,29 @@ from .clap import VARIANTS
 from .cli import one_process
 from .clip_score import WEIGHTS_HELP as CLIP_WEIGHTS_HELP
 from .dinov2 import WEIGHTS_HELP as DINOV2_WEIGHTS_HELP
+from .frechet import MetricNote
 from .fvd import MAX_CLIPS, MAX_FRAMES_FID, NUM_FRAMES
 from .i3d import WEIGHTS_HELP as I3D_WEIGHTS_HELP
 from .video_io import is_stats_file
+
+
+def notes_as_lines(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run a metric command with its :class:`MetricNote` warnings printed once each as ``note: …`` lines at the
+    end, as ``eval adm`` prints its notes — not as Python warnings with a source line; other warnings pass on."""
+    @functools.wraps(run)
+    def wrapped(args: argparse.Namespace) -> int:
+        caught: list[warnings.WarningMessage] = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                return run(args)
+        finally:  # outside the recording: the others go through the filters as they came
+            for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, MetricNote)):
+                print(f"note: {message}", file=sys.stderr)
+            for w in caught:
+                if not issubclass(w.category, MetricNote):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return wrapped
 
 
 def report_results(results: dict[str, Any], out: str | Path | None) -> int:
@@ -108,7 +132,7 @@ def add_t2i_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images per forward (default 50)")
     parser.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda:N")
     parser.add_argument("--out", type=output_file, help="also write the JSON results to this file")
-    parser.set_defaults(func=_run_t2i)
+    parser.set_defaults(func=notes_as_lines(_run_t2i))
     return parser
 
 
@@ -168,7 +192,7 @@ def add_fvd_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=8, help="clips per I3D batch")
     parser.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda:N")
     parser.add_argument("--out", type=output_file, help="also write the JSON results to this file")
-    parser.set_defaults(func=_run_fvd)
+    parser.set_defaults(func=notes_as_lines(_run_fvd))
     return parser
 
 
@@ -227,5 +251,5 @@ def add_fad_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--convert-from", help="original checkpoint (.pt / .pth) to convert")
     parser.add_argument("--convert-to", help="output directory of the conversion")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help="variant being converted")
-    parser.set_defaults(func=_run_fad)
+    parser.set_defaults(func=notes_as_lines(_run_fad))
     return parser
