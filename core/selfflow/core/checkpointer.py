@@ -142,7 +142,6 @@ class Checkpointer:
         self.config_text = yaml.safe_dump(self.config)
         self.resolved_texts = {key: json.dumps(value, sort_keys=True) for key, value in
                                (("objectives", objectives), ("data_options", data_options)) if value is not None}
-        self.objectives_text = self.resolved_texts.get("objectives")
         self.resumed_config: dict[str, Any] = {}  # the config stored in the checkpoint resumed from
         self.dist = dist
         self.components = components
@@ -185,7 +184,8 @@ class Checkpointer:
             stored = parse_yaml(str(state.get("config") or "{}"), f"the config stored in {path}")
         except YamlError as e:
             raise CheckpointLoadError(str(e)) from None
-        same_objectives = self.objectives_text is not None and state.get("objectives") == self.objectives_text
+        objectives = self.resolved_texts.get("objectives")
+        same_objectives = objectives is not None and state.get("objectives") == objectives
         conflicts = resume_conflicts(stored if isinstance(stored, dict) else {}, self.config, same_objectives)
         if conflicts:
             raise ConfigError(

@@ -8,7 +8,6 @@ samples are written (PNG grids, MP4, WAV). Core never branches on a modality's n
 
 from __future__ import annotations
 
-import json
 import logging
 import numbers
 from abc import ABC, abstractmethod
@@ -274,8 +273,8 @@ def options_record(modality: Modality) -> dict[str, Any]:
     if not isinstance(options, BaseModel):
         return {}
     try:
-        return json.loads(json.dumps(options.model_dump(mode="json")))
-    except (PydanticSerializationError, TypeError, ValueError):
+        return options.model_dump(mode="json")
+    except PydanticSerializationError:
         return {}
 
 

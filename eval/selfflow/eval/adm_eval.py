@@ -69,10 +69,11 @@ def _has_images(path: Path) -> bool:
     return path.is_dir() or "arr_0" in npz_keys(path)
 
 
-def check_feature_input(path: str | os.PathLike[str], *, statistics_ok: bool = True) -> None:
+def check_feature_input(path: str | os.PathLike[str], *, statistics_ok: bool = True, headers: bool = True) -> None:
     """Refuse, naming it, an input :func:`load_feature_set` could not use — checked before any network loads: a
     missing path, a file that is not an ``.npz``, an ``.npz`` with neither images (``arr_0``) nor the four
-    statistics (when ``statistics_ok``), fewer than two images (a covariance needs two)."""
+    statistics (when ``statistics_ok``), fewer than two images (a covariance needs two), and (``headers``) a
+    folder's file that is no image or of another size."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no such image folder or npz file: {p}")
@@ -88,7 +89,7 @@ def check_feature_input(path: str | os.PathLike[str], *, statistics_ok: bool = T
     if (n := len(images)) < 2:
         raise ValueError(f"{p}: {n} image{'' if n == 1 else 's'}; a Fréchet distance's covariance needs at least 2 "
                          "(ADM's reference batches hold 10,000 or 50,000)")
-    if isinstance(images, FolderImages):
+    if headers and isinstance(images, FolderImages):
         images.check_headers()
 
 
@@ -100,7 +101,7 @@ def load_feature_set(path: str | os.PathLike[str], model: FIDInceptionV3, *, nee
     pool features come from a stored ``pool_3`` array, else from the images when ``need_pool``.
     """
     p = Path(path)
-    check_feature_input(p)
+    check_feature_input(p, headers=False)  # a folder's headers: read by the callers' checks before any network
     stored = read_reference_stats(p) if p.suffix == ".npz" else None
     pool = None
     if p.suffix == ".npz" and POOL_KEY in npz_keys(p):
