@@ -40,6 +40,15 @@ def test_alignment_is_minus_cosine_and_checks_shapes():
         alignment_loss(feats, torch.randn(2, 5, 6))
 
 
+def test_alignment_l2_is_the_channel_mean_squared_difference():
+    feats, target = torch.zeros(1, 2, 4), torch.ones(1, 2, 4)
+    target[0, 1] = 3.0  # token errors 1 and 9
+    assert torch.allclose(alignment_loss(feats, target, distance="l2"), torch.tensor(5.0))
+    assert torch.allclose(alignment_loss(feats, target, torch.tensor([[0.25, 0.75]]), "l2"), torch.tensor(7.0))
+    with pytest.raises(ValueError, match="alignment distance must be 'cosine' or 'l2', got 'l1'"):
+        alignment_loss(feats, target, distance="l1")
+
+
 def test_flow_matching_refuses_shapes_that_would_broadcast():
     """(B, L, C) against (B, 1, C) or (L, C) used to broadcast with only a warning (unweighted) or silently."""
     pred = torch.randn(2, 5, 4)

@@ -184,6 +184,34 @@ def test_slightly_cleaner_second_level():
     assert torch.equal(teacher.calls[0]["t"], s)
 
 
+def test_l2_kind_changes_only_the_representation_distance(monkeypatch):
+    """``self_flow_l2`` (the paper's "L2 instead of cosine" ablation) draws what ``self_flow`` draws and scores
+    the same student and teacher features with the channel-mean squared difference."""
+    from selfflow.core import loss_terms, objective
+
+    seen = []
+
+    def recording(feats, aligned_to, weight=None, distance="cosine"):
+        seen.append((feats.detach(), aligned_to, weight, distance))
+        return loss_terms.alignment_loss(feats, aligned_to, weight, distance)
+
+    monkeypatch.setattr(objective, "alignment_loss", recording)
+    student = randomize(Spy(tiny_config()))
+    teacher = make_ema(student)
+    tokens, cond = _batch()
+    out = {kind: _resolve(kind, student_layer=1, teacher_layer=3).loss(
+        student, teacher, tokens, cond, null_label=5, modality=None, generator=torch.Generator().manual_seed(3))
+        for kind in ("self_flow", "self_flow_l2")}
+    (f_cos, t_cos, _, d_cos), (f_l2, t_l2, w_l2, d_l2) = seen
+    assert (d_cos, d_l2) == ("cosine", "l2")
+    assert torch.equal(f_cos, f_l2) and torch.equal(t_cos, t_l2)
+    assert torch.equal(out["self_flow"]["loss_fm"], out["self_flow_l2"]["loss_fm"])
+    err = ((f_l2 - t_l2) ** 2).mean(-1)  # (B, L)
+    expected = err.mean() if w_l2 is None else (w_l2 * err).sum()
+    assert torch.allclose(out["self_flow_l2"]["loss_rep"], expected, rtol=1e-5)
+    assert torch.allclose(out["self_flow_l2"]["loss"], out["self_flow_l2"]["loss_fm"] + 0.8 * expected, rtol=1e-5)
+
+
 def test_repa_aligns_with_the_external_target_and_runs_no_teacher():
     student = randomize(Spy(tiny_config()))
     tokens, cond = _batch()

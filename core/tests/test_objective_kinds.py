@@ -10,10 +10,15 @@ from selfflow.core.timesteps import TimestepDistribution
 def test_builtin_kinds_are_registered_and_resolve():
     names = {k.name for k in BUILTIN_OBJECTIVES}
     assert names == {"self_flow", "flow_matching", "self_flow_no_mask", "self_flow_no_rep",
-                     "self_flow_slightly_cleaner", "repa"}
+                     "self_flow_slightly_cleaner", "self_flow_l2", "repa"}
     assert names <= set(registry.available_objectives())
     for name in names:
         ObjectiveConfig(kind=name).resolve(4, 0.25, TimestepDistribution())
+
+
+def test_a_misspelt_distance_is_named():
+    with pytest.raises(ValueError, match="objective kind 'x': distance must be one of cosine, l2, got 'l1'"):
+        ObjectiveKind("x", "", distance="l1")
 
 
 def test_slightly_cleaner_is_a_fixed_gap_clipped_at_the_data_end():

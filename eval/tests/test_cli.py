@@ -258,6 +258,26 @@ def test_too_few_images_for_precision_recall_leave_the_other_metrics(data, incep
     assert any("need more than 3 images a side (samples 3)" in n for n in metrics["notes"])
 
 
+def test_swapped_arguments_and_two_resolutions_are_noted(data, inception_model, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both orders and both sizes are valid inputs, but IS/precision/recall of a swapped call describe the
+    reference, and a FID across resolutions is not the published protocol: each is said in the notes."""
+    monkeypatch.setattr(adm_eval, "checked_distance", FDSpy([1.0, 2.0, 3.0, 4.0]))
+    rng = np.random.default_rng(0)
+    stats = tmp_path / "VIRTUAL_ref.npz"
+    np.savez(stats, arr_0=np.concatenate([data["ref_imgs"]] * 2), mu=rng.uniform(0, 1, 2048),
+             sigma=np.eye(2048), mu_s=rng.uniform(0, 1, 2023), sigma_s=np.eye(2023))
+    swapped = adm_eval.evaluate_adm(data["samples"], stats, inception_model, progress=False)["notes"]
+    assert any("the samples (VIRTUAL_ref.npz) hold stored statistics and the reference (samples.npz) does not: "
+               "the order is `eval adm REF SAMPLES`" in n for n in swapped), swapped
+    assert not any("resized" in n for n in swapped)  # both 32x32
+    small = tmp_path / "small.npz"
+    np.savez(small, arr_0=data["smp_imgs"][:, :16, :24])
+    notes = adm_eval.evaluate_adm(stats, small, inception_model, progress=False)["notes"]
+    assert any("the reference images are 32x32 and the samples 24x16" in n for n in notes), notes
+    assert not any("order" in n for n in notes)
+
+
 def test_registered_with_core_cli() -> None:
     from selfflow.core.cli import build_parser
 

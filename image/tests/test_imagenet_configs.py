@@ -10,7 +10,7 @@ from selfflow.core.dit import DiTConfig
 from selfflow.core.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-KINDS = ["selfflow", "fm", "repa", "no_mask", "no_rep", "rae"]
+KINDS = ["selfflow", "fm", "repa", "no_mask", "no_rep", "slightly_cleaner", "l2", "rae"]
 
 
 def test_paper_recipes():
@@ -32,6 +32,13 @@ def test_paper_recipes():
     assert nm.mask_ratio == 0 and nm.gamma == 0.8
     nr = load_config(CONFIGS / "imagenet256" / "ablation_no_rep.yaml").objective.resolve(28, 0.25, obj.timesteps)
     assert nr.mask_ratio == 0.25 and nr.gamma == 0
+    for name, kind in (("slightly_cleaner", "self_flow_slightly_cleaner"), ("l2", "self_flow_l2")):
+        ab = load_config(CONFIGS / "imagenet256" / f"ablation_{name}.yaml")
+        ao = ab.objective.resolve(28, 0.25, ab.objective.timesteps)
+        assert ao.kind.name == kind and (ao.mask_ratio, ao.gamma, ao.student_layer, ao.teacher_layer) == (0.25, 0.8, 8, 20)
+        assert ab.model_dump(exclude={"name", "objective"}) == sf.model_dump(exclude={"name", "objective"})
+    assert load_config(CONFIGS / "imagenet256" / "ablation_l2.yaml").objective.resolve(
+        28, 0.25, obj.timesteps).kind.distance == "l2"
     rae = load_config(CONFIGS / "imagenet256" / "rae_selfflow.yaml")
     ro = rae.objective.resolve(28, 0.25, rae.objective.timesteps)
     assert rae.model.patch_size == 1 and rae.model.grid_size == 16 and rae.data.options["codec"] == "rae"
@@ -79,10 +86,12 @@ def test_tiny_recipe_trains(kind, tmp_path, tiny_dinov2, tiny_rae):
     assert torch.isfinite(torch.tensor(last["loss"]))
     if kind == "rae":
         assert trainer.run.modalities["image"].token_channels == 64 and trainer.run.modalities["image"].codec.grid == (1, 4, 4)
-    if kind in ("selfflow", "no_mask", "repa", "rae"):
-        assert last["loss_rep"] != 0  # the −cos alignment term is computed
+    if kind in ("selfflow", "no_mask", "slightly_cleaner", "l2", "repa", "rae"):
+        assert last["loss_rep"] != 0  # the alignment term is computed
         assert trainer.raw.projector is not None
     else:
         assert last["loss_rep"] == 0 and trainer.raw.projector is None
+    if kind == "l2":
+        assert last["loss_rep"] > 0  # a squared distance, never negative as −cos can be
     if kind == "repa":
         assert trainer.run.modalities["image"].repa is not None and trainer.raw.projector(torch.zeros(1, 64)).shape == (1, 32)

@@ -41,12 +41,18 @@ def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.T
     return (weight * err).sum(), groups
 
 
-def alignment_loss(feats: torch.Tensor, aligned_to: torch.Tensor, weight: torch.Tensor | None = None
-                   ) -> torch.Tensor:
-    """``−cos(proj(h_l), target)`` per token ``(B, L, D)``, meaned (or summed with ``weight (B, L)``)."""
+def alignment_loss(feats: torch.Tensor, aligned_to: torch.Tensor, weight: torch.Tensor | None = None,
+                   distance: str = "cosine") -> torch.Tensor:
+    """``−cos(proj(h_l), target)`` per token ``(B, L, D)`` (``distance="l2"``: the squared difference meaned over
+    channels), meaned over tokens (or summed with ``weight (B, L)``)."""
     if feats.shape != aligned_to.shape:
         raise ValueError(f"projected features {tuple(feats.shape)} do not match the alignment target "
                          f"{tuple(aligned_to.shape)}: set the projector's output width to the target's")
+    if distance == "l2":
+        err = token_mse(feats, aligned_to)  # (B, L)
+        return err.mean() if weight is None else (weight * err).sum()
+    if distance != "cosine":
+        raise ValueError(f"alignment distance must be 'cosine' or 'l2', got {distance!r}")
     cos = F.cosine_similarity(feats.float(), aligned_to.float(), dim=-1)  # (B, L)
     return -cos.mean() if weight is None else -(weight * cos).sum()
 

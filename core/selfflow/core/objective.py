@@ -38,8 +38,8 @@ UNKNOWN_KIND_OK = "unknown_objective_kind_ok"
 
 class ObjectiveConfig(BaseModel):
     """Which objective to train. ``kind`` picks a registered :class:`ObjectiveKind`; explicit keys override
-    its defaults. Built-in kinds: ``self_flow``, ``flow_matching``, ``self_flow_no_mask``,
-    ``self_flow_no_rep``, ``self_flow_slightly_cleaner``, ``repa`` (see :mod:`selfflow.core.objective_kinds`).
+    its defaults. Built-in kinds: ``self_flow``, ``flow_matching``, ``self_flow_no_mask``, ``self_flow_no_rep``,
+    ``self_flow_slightly_cleaner``, ``self_flow_l2``, ``repa`` (see :mod:`selfflow.core.objective_kinds`).
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)  # as the other run config sections
@@ -150,7 +150,7 @@ class ResolvedObjective:
         if aligned_to is None:
             aligned_to = teacher_features(teacher, view.noised(x0, view.teacher), tokens.ids, view.teacher.model,
                                           cond, modality=modality, layer=self.teacher_layer)
-        loss_rep = alignment_loss(feats[self.student_layer], aligned_to, view.rep_weight)
+        loss_rep = alignment_loss(feats[self.student_layer], aligned_to, view.rep_weight, self.kind.distance)
         loss_fm, groups_fm = flow_matching_loss(pred, target, view.fm_weight, view.channels, view.group_weight)
         return {"loss": loss_fm + self.gamma * loss_rep, "loss_fm": loss_fm.detach(), "loss_rep": loss_rep.detach(),
                 **groups_fm}

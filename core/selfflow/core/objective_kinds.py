@@ -2,7 +2,8 @@
 
 An entry says how the noise plan draws the levels (whether Dual-Timestep masking applies, how the second
 level ``s`` relates to ``t``, where the teacher looks) and which loss terms run (flow matching always; the
-representation term against the EMA teacher, an external target, or none) with its default weight γ.
+representation term against the EMA teacher, an external target, or none) with its default weight γ and
+its distance (−cos, or L2 for the paper's ablation).
 The built-ins below are registered in :mod:`selfflow.core.registry`; an ablation is a new entry, added with
 :func:`~selfflow.core.registry.register_objective` or the ``selfflow.objectives`` entry-point group.
 """
@@ -18,6 +19,7 @@ from .dual_timestep import TEACHER_LEVELS, TeacherLevel
 from .noise_plan import SecondLevel
 
 Alignment = Literal["none", "teacher", "target"]
+Distance = Literal["cosine", "l2"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,9 @@ class ObjectiveKind:
       stopped at its layer), ``target`` (``tokens.target``, an external encoder's features: REPA) or ``none``;
     - ``gamma``: its default weight γ;
     - ``teacher_level``: the teacher's default level, ``min_ts`` (``τ_min = min(t, s)``) or ``t``;
-    - ``second_level``: a rule ``(t, s) → s`` replacing the independently drawn ``s`` (None: keep it).
+    - ``second_level``: a rule ``(t, s) → s`` replacing the independently drawn ``s`` (None: keep it);
+    - ``distance``: the representation term per token, ``cosine`` (``−cos``, the paper's) or ``l2`` (the mean
+      squared difference over channels, the paper's "L2 instead of cosine" ablation).
     """
 
     name: str
@@ -40,6 +44,7 @@ class ObjectiveKind:
     gamma: float = 0.8
     teacher_level: TeacherLevel = "min_ts"
     second_level: SecondLevel | None = None
+    distance: Distance = "cosine"
 
     def __post_init__(self) -> None:
         """Refuse, naming the field, what would train another method without a word: a misspelt teacher level
@@ -54,6 +59,9 @@ class ObjectiveKind:
         if self.alignment not in get_args(Alignment):
             raise ValueError(f"{where}: alignment must be one of {', '.join(get_args(Alignment))}, "
                              f"got {self.alignment!r}")
+        if self.distance not in get_args(Distance):
+            raise ValueError(f"{where}: distance must be one of {', '.join(get_args(Distance))}, "
+                             f"got {self.distance!r}")
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not self.gamma >= 0:
             raise ValueError(f"{where}: gamma (the representation loss's default weight) must be a number >= 0, "
                              f"got {self.gamma!r}")
@@ -101,6 +109,10 @@ BUILTIN_OBJECTIVES: tuple[ObjectiveKind, ...] = (
                   alignment="none", gamma=0.0),
     ObjectiveKind("self_flow_slightly_cleaner", "ablation: masked tokens at s = max(t − 0.1, 0), only "
                   "slightly cleaner than t", second_level=SlightlyCleaner(0.1)),
+    # The paper's L2 ablation; its exact form is not in our sources: the per-token mean over channels of the
+    # squared difference between the projected student features and the teacher's raw hidden states.
+    ObjectiveKind("self_flow_l2", "ablation: the representation loss as an L2 distance instead of −cos",
+                  distance="l2"),
     ObjectiveKind("repa", "flow matching + γ·(−cos(proj(h_l), tokens.target)), γ 0.5",
                   masked=False, alignment="target", gamma=0.5),
 )

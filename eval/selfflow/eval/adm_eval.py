@@ -27,6 +27,7 @@ from .image_io import (
     STAT_KEYS,
     FolderImages,
     ImageSource,
+    image_size,
     npz_keys,
     open_images,
     read_reference_stats,
@@ -121,6 +122,25 @@ def load_feature_set(path: str | os.PathLike[str], model: FIDInceptionV3, *, nee
     return FeatureSet(p, acts.pool_stats, acts.spatial_stats, acts.pool, num_images=len(acts))
 
 
+def order_and_size_notes(ref: str | os.PathLike[str], samples: str | os.PathLike[str]) -> list[str]:
+    """What makes the numbers not what the user meant though both inputs are valid: arguments in the wrong
+    order (ADM's is REF SAMPLES: IS, precision and recall are not symmetric) and images of two resolutions
+    (both are resized to 299, but a FID across resolutions is not comparable with published ones)."""
+    notes = []
+    has_stats = [Path(p).is_file() and set(STAT_KEYS) <= set(npz_keys(p)) for p in (ref, samples)]
+    if has_stats == [False, True]:
+        notes.append(f"the samples ({Path(samples).name}) hold stored statistics and the reference "
+                     f"({Path(ref).name}) does not: the order is `eval adm REF SAMPLES`; if these are swapped, "
+                     "IS, precision and recall describe the reference (FID and sFID are symmetric)")
+    sizes = [image_size(p) for p in (ref, samples)]
+    if None not in sizes and sizes[0] != sizes[1]:
+        (rw, rh), (sw, sh) = sizes
+        notes.append(f"the reference images are {rw}x{rh} and the samples {sw}x{sh}: both are resized to 299 for "
+                     "Inception, but a FID across resolutions is not comparable with published numbers (ADM's "
+                     "ImageNet 256 batch holds 256x256 images)")
+    return notes
+
+
 def check_stats_weights(path: Path, sha256: str | None) -> None:
     """A statistics file written by ``selfflow eval stats`` records its Inception weights: refuse to compare it
     with features of other weights (both sides must come from the same network)."""
@@ -153,9 +173,10 @@ def evaluate_adm(ref: str | os.PathLike[str], samples: str | os.PathLike[str], m
         check_feature_input(given)
         if Path(given).is_file():
             check_stats_weights(Path(given), weights[0].get("sha256"))
+    input_notes = order_and_size_notes(ref, samples)
     ref_set = load_feature_set(ref, model, batch_size=batch_size, progress=progress)
     smp_set = load_feature_set(samples, model, batch_size=batch_size, progress=progress)
-    notes = ref_set.notes + smp_set.notes
+    notes = input_notes + ref_set.notes + smp_set.notes
     if "sha256" in weights[0]:
         notes += weights_hash_notes(weights[0]["sha256"])
     fid, fid_notes = checked_distance("FID", smp_set.pool_stats, ref_set.pool_stats)

@@ -192,6 +192,19 @@ def open_images(path: str | os.PathLike[str]) -> ImageSource:
     raise ValueError(f"{p}: expected an image directory or an .npz file with 'arr_0'")
 
 
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """``(width, height)`` of an image folder's first file or an ``.npz``'s ``arr_0``, read from headers only;
+    None for a statistics-only file."""
+    p = Path(path)
+    if p.is_dir():
+        with Image.open(list_images(p)[0]) as im:
+            return im.size
+    if "arr_0" not in npz_keys(p):
+        return None
+    shape = NpzImages(p).shape
+    return shape[2], shape[1]
+
+
 def read_reference_stats(path: str | os.PathLike[str]) -> dict[str, np.ndarray] | None:
     """``mu``/``sigma``/``mu_s``/``sigma_s`` (float64) if all four are stored in the npz, else None."""
     keys = set(npz_keys(path))
