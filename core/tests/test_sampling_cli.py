@@ -102,6 +102,19 @@ def test_class_conditional_runs_refuse_prompts_and_store_labels_as_arr_1(tmp_pat
     assert "selfflow eval probe --run" in printed and "VIRTUAL_imagenet256" not in printed
 
 
+def test_guided_samples_for_metrics_are_noted_against_the_evaluations_scale(tmp_path, capsys):
+    """The run's preview CFG was used silently for an --out-dir meant for FID, which the online evaluation
+    and the paper compute without guidance."""
+    run_dir, _ = make_run_dir(tmp_path, "sample.cfg_scale=3")
+    assert main(["sample", "--run", str(run_dir), "--num", "2", "--out-dir", str(tmp_path / "a"), *FAST]) == 0
+    assert ("note: sampling with the run's CFG scale 3 (sample.cfg_scale); its online evaluation and the paper's "
+            "metrics use 1 (eval.cfg_scale): add --cfg-scale 1") in capsys.readouterr().err
+    for flags in (["--cfg-scale", "3"], ["--cfg-scale", "1"]):  # chosen: not noted
+        assert main(["sample", "--run", str(run_dir), "--num", "2", "--out-dir", str(tmp_path / flags[1]),
+                     *flags, *FAST]) == 0
+        assert "note: sampling with" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (["--batch-size", "0", "--out-dir", "x"], "argument --batch-size: must be an integer ≥ 1, got '0'"),
     (["--steps", "0"], "argument --steps: must be an integer ≥ 1, got '0'"),

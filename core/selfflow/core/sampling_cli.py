@@ -48,6 +48,17 @@ def _sampler(base: Any, args: argparse.Namespace, modality: Modality) -> Sampler
                           precision=args.precision, guidance_low=args.guidance_low, guidance_high=args.guidance_high)
 
 
+def note_guidance_vs_evaluation(args: argparse.Namespace, sampler: SamplerConfig, modality: Modality,
+                                eval_cfg: float) -> None:
+    """Many samples are made for metrics: when the run's own sampler guides them (its ``sample.cfg_scale``, for
+    previews) but its online evaluation does not (``eval.cfg_scale``, 1 as the paper's metrics), say so —
+    the two sets of numbers would not compare."""
+    if args.cfg_scale is None and (modality.num_classes or modality.context_dim) and sampler.cfg_scale != eval_cfg:
+        print(f"note: sampling with the run's CFG scale {sampler.cfg_scale:g} (sample.cfg_scale); its online "
+              f"evaluation and the paper's metrics use {eval_cfg:g} (eval.cfg_scale): add --cfg-scale {eval_cfg:g} "
+              "for numbers comparable with those", file=sys.stderr)
+
+
 def eval_hint(modality: Modality, run: Path | None, out_dir: Path, npz: Path | None) -> str | None:
     """The ``selfflow eval`` command that fits what was sampled (``None`` when none does): the probe of a run
     on built-in labelled data — unless the samples follow prompts (``prompts.jsonl``), which the probe never
@@ -143,6 +154,8 @@ def run_sample(args: argparse.Namespace) -> int:
         else:
             raise ConfigError("--out-dir needs --run RUN or --official-ckpt PATH")
         sampler = _sampler(base, args, modality)
+        if args.run is not None and dist.is_main:
+            note_guidance_vs_evaluation(args, sampler, modality, loaded.config.eval.cfg_scale)
         out_dir = args.out_dir or (model_root(args.run or Path("samples")) / "samples" / f"eval_seed{args.seed}")
         opts = SampleManyConfig(num=args.num or (len(prompts) if prompts else 50_000), batch_size=args.batch_size,
                                 seed=args.seed, labels=args.labels, png=args.png, npz=args.npz, out_dir=out_dir,
