@@ -56,7 +56,7 @@ def test_prepare_skips_corrupt_files_and_trains_on_latents(tmp_path, oobleck_dir
     src.mkdir()
     rows = []
     for i in range(3):
-        t = np.arange(12000) / 8000
+        t = np.arange(12000 if i else 400) / 8000  # t0: 50 ms, shorter than the 64 ms window
         sf.write(src / f"t{i}.flac", (0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype(np.float32), 8000)
         rows.append({"path": f"t{i}.flac", "caption": f"a tone number {i}"})
     (src / "bad.wav").write_bytes(b"RIFF....WAVEgarbage")
@@ -64,7 +64,12 @@ def test_prepare_skips_corrupt_files_and_trains_on_latents(tmp_path, oobleck_dir
     (src / "list.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     opts = {"input": str(src / "list.jsonl"), "out": str(tmp_path / "shards"), "vae_dir": str(oobleck_dir),
             "seconds": 0.064, "shard_size": 2, "text": {"dim": 8}}
-    assert prepare_audio(opts) == {"written": 3, "skipped": 1, "shards": 2, "existing": 0}
+    report = prepare_audio(opts)
+    assert {k: report[k] for k in ("written", "skipped", "shards", "existing")} == {
+        "written": 3, "skipped": 1, "shards": 2, "existing": 0}
+    [note] = report["notes"]
+    assert note.startswith("1 file(s) shorter than the 0.064 s window: zero-padded to it (up to 0.014 s") or \
+        note.startswith("1 file(s) shorter than the 0.064 s window: zero-padded to it (up to 0.013 s"), note
     from selfflow.core.cli import main  # the same target through `selfflow prepare audio`: resumes
 
     assert main(["prepare", "audio", "--input", str(src / "list.jsonl"), "--out", str(tmp_path / "shards"),

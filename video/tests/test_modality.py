@@ -97,13 +97,15 @@ def test_trainer_end_to_end(tmp_path, conditioning):
 def test_prepare_shards_and_train_on_latents(tmp_path, wan_dir):
     src = tmp_path / "videos"
     for i in range(3):
-        moving_bar_video(src / f"clip{i}.mp4", frames=12, shift=i)
+        moving_bar_video(src / f"clip{i}.mp4", frames=3 if i == 0 else 12, shift=i)  # clip0: shorter than a clip
         (src / f"clip{i}.txt").write_text(f"a bar moving right {i}")
     (src / "broken.mp4").write_bytes(b"not a video at all")
     opts = {"input": str(src), "out": str(tmp_path / "shards"), "vae_dir": str(wan_dir), "shard_size": 2,
             "clip": {"frames": 5, "height": 32, "width": 32}, "text": {"dim": 8}}
     report = prepare_video(opts)
-    assert report == {"written": 3, "skipped": 1, "shards": 2, "existing": 0}
+    assert report == {"written": 3, "skipped": 1, "shards": 2, "existing": 0, "notes": [
+        "1 video(s) shorter than the clip (5 frames): their last frame repeats (up to 2 times; repeated_frames in "
+        "their samples' info)"]}
     assert prepare_video(opts)["existing"] == 2  # resumable: complete shards are not redone
     info = json.loads((tmp_path / "shards" / "codec.json").read_text())
     assert info["latent_shape"] == [4, 2, 2, 2]

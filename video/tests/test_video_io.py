@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,7 @@ from pydantic import ValidationError
 
 from selfflow.video import video_io
 from selfflow.video.clips import ClipSpec, clip_indices, resize_crop, sample_clip
-from selfflow.video.video_io import count_frames, read_frames, resolve_backend, write_gif
+from selfflow.video.video_io import count_frames, read_frames, resolve_backend, video_fps, write_gif
 
 from .conftest import moving_bar_video
 
@@ -51,7 +53,26 @@ def test_clip_spec_and_sampling(tmp_path):
     assert x.shape == (3, 2, 32, 32) and x[:, :, :, :14].max() < -0.9 and x[:, :, :, 18:].min() > 0.9
     path = moving_bar_video(tmp_path / "bar.mp4")
     clip = sample_clip(path, ClipSpec(frames=5, height=32, width=32), np.random.default_rng(0))
-    assert clip.shape == (3, 5, 32, 32) and clip.dtype == torch.float32
+    assert clip.pixels.shape == (3, 5, 32, 32) and clip.pixels.dtype == torch.float32 and clip.repeated == 0
+    assert sample_clip(path, ClipSpec(frames=9, stride=2, height=32, width=32), np.random.default_rng(0)).repeated == 4
+
+
+def test_fps_resamples_the_source_frame_rate(tmp_path):
+    """--fps: a 24 fps video read at 8 fps takes every 3rd frame; fractional ratios round per frame."""
+    idx = clip_indices(100, 5, 30 / 8, np.random.default_rng(1))
+    assert [i - idx[0] for i in idx] == [0, 4, 8, 11, 15]
+    path = moving_bar_video(tmp_path / "bar24.mp4", frames=13, fps=24)
+    assert video_fps(path) == pytest.approx(24.0)
+    spec = ClipSpec(frames=5, height=64, width=64, fps=8)
+    assert spec.spacing(24.0) == 3.0 and ClipSpec(stride=2).spacing(None) == 2.0
+    clip = sample_clip(path, spec, np.random.default_rng(0))
+    # the bar moves 4 px a source frame: 12 px between two clip frames read at 8 fps
+    cols = [int(torch.argmax(clip.pixels[0, f, 32]).item()) for f in range(5)]
+    assert [b - a for a, b in itertools.pairwise(cols)] == [12, 12, 12, 12] and clip.repeated == 0
+    with pytest.raises(ValidationError, match=r"give stride \(2\) or fps \(8\), not both"):
+        ClipSpec(stride=2, fps=8)
+    with pytest.raises(ValueError, match="no frame rate to resample to fps=8"):
+        spec.spacing(0.0)
 
 
 def test_gif_writer(tmp_path):

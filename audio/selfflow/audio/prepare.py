@@ -44,14 +44,20 @@ def prepare_audio(options: PrepareAudioOptions | dict[str, Any]) -> dict[str, An
     encoder = build_text_encoder(opts.text, opts.device) if opts.text is not None else None
     index = {it.path: i for i, it in enumerate(items)}
 
+    short: list[float] = []  # seconds of zero padding of each file shorter than the window (this run's)
+
     def process(item: MediaItem) -> dict[str, Any]:
         rng = np.random.default_rng([opts.seed, index[item.path]])
         start = rng.uniform(0, max(0.0, audio_duration(item.path) - n / sr))
-        wave = fit_length(read_audio(item.path, sr, codec.audio_channels, start, n / sr), n)
+        read = read_audio(item.path, sr, codec.audio_channels, start, n / sr)
+        wave = fit_length(read, n)
         latent = codec.encode_raw(wave[None].to(opts.device))[0]
         emb = encoder.encode_unpadded([item.caption or ""])[0] if encoder is not None else None
-        return {"latent": latent, "caption": item.caption, "label": item.label, "emb": emb,
-                "info": {"source": str(item.path), "start_s": start}}
+        info: dict[str, Any] = {"source": str(item.path), "start_s": start}
+        if read.shape[1] < n:
+            info["padded_s"] = round((n - read.shape[1]) / sr, 3)
+            short.append(info["padded_s"])
+        return {"latent": latent, "caption": item.caption, "label": item.label, "emb": emb, "info": info}
 
     if opts.rank == 0:
         write_codec_record(opts.out, {
@@ -59,5 +65,9 @@ def prepare_audio(options: PrepareAudioOptions | dict[str, Any]) -> dict[str, An
             "latent_mean": None, "latent_std": None,
             "text": None if encoder is None else encoder.describe()})
     with torch.inference_mode():
-        return write_shards(items, process, opts.out, prefix="audio", shard_size=opts.shard_size,
-                            rank=opts.rank, world_size=opts.world_size, progress=opts.progress)
+        report = write_shards(items, process, opts.out, prefix="audio", shard_size=opts.shard_size,
+                              rank=opts.rank, world_size=opts.world_size, progress=opts.progress)
+    report["notes"] = [] if not short else [
+        f"{len(short)} file(s) shorter than the {opts.seconds:g} s window: zero-padded to it (up to "
+        f"{max(short):g} s; padded_s in their samples' info)"]
+    return report

@@ -8,13 +8,14 @@ silently dropped by diffusers, so :class:`ClipSpec` insists on ``4k + 1``. Width
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .video_io import Backend, count_frames, read_frames
+from .video_io import Backend, count_frames, read_frames, video_fps
 
 
 class ClipSpec(BaseModel):
@@ -24,6 +25,8 @@ class ClipSpec(BaseModel):
     height: int = Field(192, ge=32, description="multiple of 32")
     width: int = Field(320, ge=32, description="multiple of 32")
     stride: int = Field(1, ge=1, description="take every stride-th source frame")
+    fps: float | None = Field(None, gt=0, description="sample the clip at this frame rate whatever the source's "
+                              "(None: every stride-th source frame)")
 
     @field_validator("frames")
     @classmethod
@@ -39,13 +42,34 @@ class ClipSpec(BaseModel):
             raise ValueError(f"height and width must be multiples of 32, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _one_spacing(self) -> ClipSpec:
+        if self.fps is not None and self.stride != 1:
+            raise ValueError(f"give stride ({self.stride}) or fps ({self.fps:g}), not both: fps sets the spacing")
+        return self
 
-def clip_indices(total: int, frames: int, stride: int, rng: np.random.Generator) -> list[int]:
-    """A random window of ``frames`` indices ``stride`` apart inside ``total`` frames; a short video
+    def spacing(self, source_fps: float | None) -> float:
+        """Source frames between two clip frames: ``stride``, or ``source_fps / fps`` (fractional: rounded
+        per frame, so a 30 fps source read at 8 fps takes frames 0, 4, 8, 11, 15 …)."""
+        if self.fps is None:
+            return float(self.stride)
+        if not source_fps or source_fps <= 0:
+            raise ValueError(f"the video has no frame rate to resample to fps={self.fps:g}: use stride instead")
+        return source_fps / self.fps
+
+
+class SampledClip(NamedTuple):
+    pixels: torch.Tensor  # (3, F, H, W) in [-1, 1]
+    repeated: int  # clip frames past the video's end: its last frame, repeated
+
+
+def clip_indices(total: int, frames: int, stride: float, rng: np.random.Generator) -> list[int]:
+    """A random window of ``frames`` indices ``stride`` apart (rounded) inside ``total`` frames; a short video
     starts at 0 and its indices run past the end (the reader clamps them: the last frame repeats)."""
-    span = (frames - 1) * stride + 1
+    offsets = [round(i * stride) for i in range(frames)]
+    span = offsets[-1] + 1
     start = int(rng.integers(0, total - span + 1)) if total >= span else 0
-    return [start + i * stride for i in range(frames)]
+    return [start + o for o in offsets]
 
 
 def resize_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -61,10 +85,12 @@ def resize_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
 
 
 def sample_clip(path: str | Path, spec: ClipSpec, rng: np.random.Generator, backend: Backend = "auto"
-                ) -> torch.Tensor:
-    """One clip ``(3, spec.frames, spec.height, spec.width)`` in [-1, 1] from a video file."""
+                ) -> SampledClip:
+    """One clip ``(3, spec.frames, spec.height, spec.width)`` in [-1, 1] from a video file, and how many of its
+    frames repeat the last one because the video is shorter than the clip."""
     total = count_frames(path, backend)
     if total == 0:
         raise ValueError(f"{path}: no decodable frame")
-    idx = clip_indices(total, spec.frames, spec.stride, rng)
-    return resize_crop(read_frames(path, idx, backend), spec.height, spec.width)
+    idx = clip_indices(total, spec.frames, spec.spacing(video_fps(path, backend) if spec.fps else None), rng)
+    pixels = resize_crop(read_frames(path, idx, backend), spec.height, spec.width)
+    return SampledClip(pixels, sum(i >= total for i in idx))

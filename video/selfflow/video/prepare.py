@@ -46,19 +46,29 @@ def prepare_video(options: PrepareVideoOptions | dict[str, Any]) -> dict[str, An
     index = {it.path: i for i, it in enumerate(items)}
     spec = opts.clip
 
+    short: list[int] = []  # repeated frames of each video shorter than the clip (this run's)
+
     def process(item: MediaItem) -> dict[str, Any]:
         rng = np.random.default_rng([opts.seed, index[item.path]])
-        clip = sample_clip(item.path, spec, rng, opts.backend)  # (3, F, H, W)
-        latent = codec.encode_raw(clip[None].to(opts.device))[0]
+        clip = sample_clip(item.path, spec, rng, opts.backend)
+        latent = codec.encode_raw(clip.pixels[None].to(opts.device))[0]
         emb = encoder.encode_unpadded([item.caption or ""])[0] if encoder is not None else None
-        return {"latent": latent, "caption": item.caption, "label": item.label, "emb": emb,
-                "info": {"source": str(item.path)}}
+        info: dict[str, Any] = {"source": str(item.path)}
+        if clip.repeated:
+            info["repeated_frames"] = clip.repeated
+            short.append(clip.repeated)
+        return {"latent": latent, "caption": item.caption, "label": item.label, "emb": emb, "info": info}
 
     if opts.rank == 0:
         write_codec_record(opts.out, {
-            **codec.describe(), "version": opts.codec, "clip": spec.model_dump(),
+            **codec.describe(), "version": opts.codec, "clip": spec.model_dump(exclude_none=True),
             "latent_shape": list(codec.latent_shape(spec.frames, spec.height, spec.width)),
             "text": None if encoder is None else encoder.describe()})
     with torch.inference_mode():
-        return write_shards(items, process, opts.out, prefix="video", shard_size=opts.shard_size,
-                            rank=opts.rank, world_size=opts.world_size, progress=opts.progress)
+        report = write_shards(items, process, opts.out, prefix="video", shard_size=opts.shard_size,
+                              rank=opts.rank, world_size=opts.world_size, progress=opts.progress)
+    report["notes"] = [] if not short else [
+        f"{len(short)} video(s) shorter than the clip ({spec.frames} frames{'' if spec.fps is None else f' at {spec.fps:g} fps'}"
+        f"{f', stride {spec.stride}' if spec.stride > 1 else ''}): their last frame repeats (up to {max(short)} times; "
+        "repeated_frames in their samples' info)"]
+    return report

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from selfflow.core.arg_types import positive_int
+from selfflow.core.arg_types import positive_float, positive_int
 from selfflow.core.cli import prepare_subparsers
 from selfflow.core.data.prepare_options import (
     add_prepare_arguments,
@@ -21,7 +21,8 @@ def _run(args: argparse.Namespace) -> int:
     from .prepare import prepare_video
 
     opts = {**prepare_options_from_args(args), "codec": args.codec, "backend": args.backend,
-            "clip": {"frames": args.frames, "height": args.height, "width": args.width, "stride": args.stride}}
+            "clip": {"frames": args.frames, "height": args.height, "width": args.width, "stride": args.stride,
+                     "fps": args.fps}}
     return print_report("video", prepare_video(opts))
 
 
@@ -37,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=positive_int, default=192, help="clip height in pixels, a multiple of 32")
     p.add_argument("--width", type=positive_int, default=320, help="clip width in pixels, a multiple of 32")
     p.add_argument("--stride", type=positive_int, default=1, help="take every n-th source frame")
+    p.add_argument("--fps", type=positive_float, help="sample every clip at this frame rate, whatever its "
+                   "video's (a 30 fps and a 60 fps video then move alike); instead of --stride")
     p.add_argument("--backend", choices=["auto", "decord", "pyav"], default="auto",
                    help="video decoder (auto: decord where installed, else PyAV)")
     p.set_defaults(func=_run)

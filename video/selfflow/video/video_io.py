@@ -69,6 +69,23 @@ def count_frames(path: str | Path, backend: Backend = "auto") -> int:
     return _with_fallback(backend, with_decord, with_pyav)
 
 
+def video_fps(path: str | Path, backend: Backend = "auto") -> float:
+    """The video's average frame rate (0 when the container gives none)."""
+    def with_decord() -> float:
+        import decord
+
+        return float(decord.VideoReader(str(path), num_threads=1).get_avg_fps())
+
+    def with_pyav() -> float:
+        import av
+
+        with av.open(str(path)) as container:
+            rate = container.streams.video[0].average_rate
+            return float(rate) if rate else 0.0
+
+    return _with_fallback(backend, with_decord, with_pyav)
+
+
 def read_frames(path: str | Path, indices: list[int], backend: Backend = "auto") -> np.ndarray:
     """Frames ``indices`` of a video as RGB uint8 ``(N, H, W, 3)`` (indices clamped to the last frame)."""
     if not indices:

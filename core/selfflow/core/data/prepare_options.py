@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -74,4 +75,6 @@ def print_report(target: str, report: dict[str, Any]) -> int:
     print(f"prepare {target}{part}: {report['written']} samples in {report['shards']} new shard(s), "
           f"{report['existing']} shard(s) already done, {report['skipped']} unreadable file(s) skipped "
           "(listed in the shards' .json reports)")
+    for note in report.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
     return 0
