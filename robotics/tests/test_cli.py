@@ -18,6 +18,9 @@ def test_prepare_targets_are_registered(tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["episodes"] == {"train": 3, "val": 0} and (tmp_path / "out" / "stats.json").is_file()
     r = _cli("prepare", "rt1", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o2"))
+    assert r.returncode != 0 and "no such file or folder: " in r.stderr and "missing" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = _cli("prepare", "rt1", "--input", str(tmp_path / "empty"), "--out", str(tmp_path / "o2"))
     assert r.returncode != 0 and "no *.tfrecord* files" in r.stderr
     assert not (tmp_path / "o2").exists()  # a wrong --input leaves no half-made output behind
     r = _cli("prepare", "rt1-fake", "--out", str(tmp_path / "tf0"), "--shards", "0")
@@ -42,5 +45,21 @@ def test_train_then_roll_out_the_model_in_the_fake_env(tmp_path):
     val = json.loads((tmp_path / "eval" / "validation.json").read_text())
     assert "validation on held-out episodes" in r.stdout and {"action_l1_raw", "gripper_accuracy",
                                                               "val_loss_fm_video"} <= set(val)
+    assert val["video"] == "joint"  # the policy mode the metrics were sampled in (--video applies to them too)
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("loss_fm_action" in rec and "loss_fm_video" in rec for rec in logged)
+
+
+def test_no_validation_episodes_skip_the_metrics_not_the_rollouts(tmp_path, capsys):
+    """A data set prepared with --val-fraction 0 (or too few episodes for its fraction) has an empty val/:
+    `selfflow simpler` stopped with an error before any rollout."""
+    import argparse
+    from types import SimpleNamespace
+
+    from selfflow.robotics.cli import _validate
+
+    (tmp_path / "val").mkdir()
+    (tmp_path / "manifest.json").write_text(json.dumps({"episodes": {"train": 3, "val": 0}}))
+    args = argparse.Namespace(steps=2, seed=0, video="joint", out=str(tmp_path / "eval"))
+    assert _validate(None, SimpleNamespace(root=tmp_path), args, "cpu") is None
+    assert "holds no validation episodes" in capsys.readouterr().out and not (tmp_path / "eval").exists()

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -22,12 +23,12 @@ from selfflow.robotics.normalize import (
     gripper_rel_to_abs,
     rpy_to_axis_angle,
 )
-from selfflow.robotics.prepare import episode_key, is_validation
+from selfflow.robotics.prepare import episode_key, is_validation, name_number
 
 
 def _source_episodes(folder):
     errors: list[dict] = []
-    eps = {episode_key(e.meta["source"], e.meta["index"]): e
+    eps = {episode_key(name_number(p.name), e.meta["index"]): e
            for p in sorted(folder.iterdir()) for e in read_episodes(p, errors)}
     return eps, errors
 
@@ -199,6 +200,45 @@ def test_prepare_by_ranks_resumes_and_matches_one_process(fake_tfrecords, prepar
         prep.prepare_rt1({**opts, "val_fraction": 0.5})
     # a rerun with fewer shards keeps every converted shard in the statistics, as training reads them all
     assert prep.prepare_rt1({**opts, "max_shards": 1})["episodes"] == single["episodes"]
+
+
+def test_a_rerun_over_another_subset_of_the_files_converts_each_file_once(fake_tfrecords, prepared, tmp_path):
+    """Reports were numbered by position: shard 1 converted alone became report 0, then the full set skipped
+    shard 0 as done and converted shard 1 twice. Numbered by the names' shard numbers, any order of partial
+    runs (a copy still running) gives the one-pass result."""
+    from selfflow.robotics import prepare as prep
+
+    _, single = prepared
+    part = tmp_path / "part"
+    part.mkdir()
+    files = sorted(fake_tfrecords.iterdir())
+    os.symlink(files[1], part / files[1].name)
+    opts = {"out": str(tmp_path / "out"), "val_fraction": 0.3}
+    first = prep.prepare_rt1({**opts, "input": str(part)})
+    assert sorted(first["split"]["train"] + first["split"]["val"]) == sorted(
+        k for s in ("train", "val") for k in single["split"][s] if k.startswith("fractal_00001_"))
+    merged = prep.prepare_rt1({**opts, "input": str(fake_tfrecords)})
+    assert merged["split"] == single["split"] and merged["episodes"] == single["episodes"]
+
+
+def test_files_without_distinct_shard_numbers_get_distinct_keys(fake_tfrecords, tmp_path, caplog):
+    """Two files named a.tfrecord and b.tfrecord both gave fractal_00000_* keys (and so one split and window
+    start for two episodes); they are numbered by order, and a changed file list is then refused."""
+    from selfflow.robotics import prepare as prep
+
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for name, src in zip(("a.tfrecord", "b.tfrecord"), sorted(fake_tfrecords.iterdir()), strict=True):
+        os.symlink(src, renamed / name)
+    out = tmp_path / "out"
+    manifest = prep.prepare_rt1({"input": str(renamed), "out": str(out), "val_fraction": 0.3})
+    keys = manifest["split"]["train"] + manifest["split"]["val"]
+    assert len(keys) == len(set(keys)) == 7 and {k[:14] for k in keys} == {"fractal_00000_", "fractal_00001_"}
+    assert "numbered by their sorted order" in caplog.text
+    (renamed / "a.tfrecord").rename(renamed / "c.tfrecord")  # now b is first: shard 0 would be another file
+    with pytest.raises(ValueError, match=r"00000\.json was converted from a\.tfrecord, but shard 0 of the input "
+                                         r"is now b\.tfrecord"):
+        prep.prepare_rt1({"input": str(renamed), "out": str(out), "val_fraction": 0.3})
 
 
 def test_an_over_large_frame_skips_the_episode(prepared, tmp_path, monkeypatch, caplog):

@@ -158,6 +158,34 @@ def test_evaluate_writes_labelled_json(tmp_path):
     assert zero["tasks"]["move_near"]["success_rate"] == 0.0
 
 
+def test_a_killed_sweep_continues_and_other_settings_are_refused(tmp_path):
+    """Rows were held until the sweep ended and a rerun truncated them: hours of SIMPLER lost to one kill.
+    Each row is now written as its episode ends, and a rerun runs only the missing ones."""
+    calls = []
+
+    def factory(env):
+        calls.append(env)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed in the third episode
+        return Scripted(env)
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(factory, ["move_near"], "fake", tmp_path, limit=4, settings={"steps": 10})
+    assert len((tmp_path / "episodes.jsonl").read_text().splitlines()) == 2
+    with (tmp_path / "episodes.jsonl").open("a") as f:
+        f.write('{"task": "move_near", "epis')  # a line cut short by the kill
+    calls.clear()
+    full = evaluate(lambda env: calls.append(env) or Scripted(env), ["move_near"], "fake", tmp_path, limit=4,
+                    settings={"steps": 10})
+    assert len(calls) == 2 and full["tasks"]["move_near"]["episodes"] == 4  # episodes 2 and 3 only
+    rows = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in rows] == [0, 1, 2, 3]
+    fresh = evaluate(lambda env: Scripted(env), ["move_near"], "fake", tmp_path / "fresh", limit=4)
+    assert fresh["tasks"] == full["tasks"]
+    with pytest.raises(ValueError, match=r"holds episodes run with other settings \(steps: 10 then, 20 now\)"):
+        evaluate(lambda env: Scripted(env), ["move_near"], "fake", tmp_path, limit=4, settings={"steps": 20})
+
+
 def test_selfflow_policy_chunk_is_bounded_and_seeded(fake_data_dir):
     cfg = load_config("configs/tiny/rt1.yaml", [f"data.options.fake_dir={fake_data_dir}"])
     m = RT1Modality(cfg.data.options)
@@ -190,12 +218,14 @@ def _run_cli(argv, monkeypatch):
 
 def test_cli_needs_simpler_or_explicit_fake(tmp_path, monkeypatch, capsys):
     assert _run_cli(["--policy", "zero"], monkeypatch) == 2
-    out = capsys.readouterr().out
-    assert "simpler_env is not installed" in out and "--env fake" in out
+    err = capsys.readouterr().err
+    assert "selfflow: error: simpler_env is not installed" in err and "--env fake" in err
     assert _run_cli(["--env", "fake", "--policy", "oracle", "--limit", "2", "--out", str(tmp_path)], monkeypatch) == 0
     assert "[env: fake] move_near: success_rate 1.000" in capsys.readouterr().out
-    assert json.loads((tmp_path / "summary.json").read_text())["env"] == "fake"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["env"] == "fake" and summary["settings"]["policy"] == "oracle"
     assert _run_cli(["--policy", "oracle"], monkeypatch) == 2  # never the oracle outside the fake env
+    assert "exists only with --env fake" in capsys.readouterr().err  # said first, not the missing SimplerEnv
 
 
 class _Spy(torch.nn.Module):

@@ -7,6 +7,7 @@ needs SimplerEnv on a GPU machine; ``--env fake`` runs the labelled offline stan
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from selfflow.core.arg_types import add_model_argument, device_name, non_negative_int, positive_int
@@ -16,18 +17,22 @@ from selfflow.core.config import ConfigError
 def _run(args: argparse.Namespace) -> int:
     from .simpler_eval import SIMPLER_INSTALL, TASKS, evaluate
 
+    if args.policy == "oracle" and args.env != "fake":
+        print("selfflow: error: --policy oracle is a scripted check of the driver and exists only with --env fake",
+              file=sys.stderr)
+        return 2
     if args.env == "simpler":
         try:
             import simpler_env  # noqa: F401 - only checks the installation
         except ImportError:
-            print(SIMPLER_INSTALL)
+            print(f"selfflow: error: {SIMPLER_INSTALL}", file=sys.stderr)
             return 2
-    if args.policy == "oracle" and args.env != "fake":
-        print("--policy oracle is a scripted check of the driver and exists only with --env fake")
-        return 2
     tasks = list(TASKS) if args.task == "all" else [args.task]
     factory = _policy_factory(args)
-    summary = evaluate(factory, tasks, args.env, args.out, args.limit, args.seed)
+    settings = {"run": None if args.run is None else str(Path(args.run).resolve()), "policy": args.policy,
+                "steps": args.steps, "exec_horizon": args.exec_horizon, "sticky_steps": args.sticky_steps,
+                "video": args.video}
+    summary = evaluate(factory, tasks, args.env, args.out, args.limit, args.seed, settings)
     if getattr(args, "validation", None) is not None:
         print("validation on held-out episodes: " + ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in args.validation.items()))
@@ -74,13 +79,17 @@ def _validate(model, modality, args: argparse.Namespace, device) -> dict | None:
     """Validation metrics on the run's held-out episodes (``validation.json`` in ``--out``), if its data is here."""
     import json
 
-    from .validate import validate
+    from .validate import val_episodes, validate
 
     if not (modality.root / "val").is_dir():
         print(f"no validation split at {modality.root / 'val'}: skipping the validation metrics")
         return None
-    metrics = {"split": str(modality.root / "val"), **validate(model, modality, steps=args.steps, seed=args.seed,
-                                                               device=device)}
+    if val_episodes(modality.root) == 0:
+        print(f"{modality.root} holds no validation episodes (prepared with --val-fraction 0, or too few episodes "
+              "for its fraction): skipping the validation metrics")
+        return None
+    metrics = {"split": str(modality.root / "val"), "video": args.video,
+               **validate(model, modality, steps=args.steps, seed=args.seed, device=device, video=args.video)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "validation.json").write_text(json.dumps(metrics, indent=1))

@@ -11,11 +11,12 @@ a hash of the key, so an episode's split never depends on which shards were conv
 ``manifest.json`` freezes it with the kept and rejected counts. ``stats.json`` holds the statistics of
 the *training* episodes' raw actions (:class:`~selfflow.robotics.normalize.ActionStats`).
 
-Source shard ``n`` (in sorted order) becomes ``train/rt1-{n:05d}.tar`` and ``val/rt1-{n:05d}.tar`` (written
-under a temporary name, then renamed) and ``reports/{n:05d}.json`` (+ its training actions), written last:
-a rerun skips converted shards, and ranks (RANK / WORLD_SIZE, e.g. under torchrun) take every
-``world``-th shard. Whichever rank finds every report present merges them into ``stats.json`` and
-``manifest.json``.
+Source shard ``n`` — the number in its name (``…tfrecord-00042-of-01024``: 42), or its place in sorted order
+when the names carry no distinct 5-digit numbers — becomes ``train/rt1-{n:05d}.tar`` and ``val/rt1-{n:05d}.tar``
+(written under a temporary name, then renamed) and ``reports/{n:05d}.json`` (+ its training actions), written
+last: a rerun skips converted shards (whichever subset of the files an earlier run saw), and ranks (RANK /
+WORLD_SIZE, e.g. under torchrun) take every ``world``-th file. Whichever rank finds every report present merges
+them into ``stats.json`` and ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -54,10 +55,26 @@ class PrepareRT1Options(BaseModel):
     progress: bool = Field(False, description="a progress bar over this rank's source shards")
 
 
-def episode_key(source: str, index: int) -> str:
-    """``fractal_{shard:05d}_{idx:03d}`` from the source file's shard number (its first 5-digit field)."""
-    digits = [p for p in source.replace(".", "-").split("-") if p.isdigit() and len(p) == 5]
-    return f"fractal_{int(digits[0]) if digits else 0:05d}_{index:03d}"
+def name_number(name: str) -> int | None:
+    """The shard number in a source file's name: its first 5-digit field (``…tfrecord-00042-of-01024``: 42)."""
+    digits = [p for p in name.replace(".", "-").split("-") if p.isdigit() and len(p) == 5]
+    return int(digits[0]) if digits else None
+
+
+def shard_numbers(files: list[Path]) -> list[int]:
+    """Each file's shard number: the one in its name, or — when a name has none or two names share one, which
+    would give two episodes one key — its place in the sorted list (logged)."""
+    numbers = [name_number(f.name) for f in files]
+    if None in numbers or len(set(numbers)) < len(numbers):
+        log.warning("the files of %s do not all carry a distinct 5-digit shard number (as fractal's "
+                    "…tfrecord-00042-of-01024): numbered by their sorted order instead", files[0].parent)
+        return list(range(len(files)))
+    return numbers  # type: ignore[return-value]
+
+
+def episode_key(shard: int, index: int) -> str:
+    """``fractal_{shard:05d}_{idx:03d}``: the source shard's number and the episode's index in it."""
+    return f"fractal_{shard:05d}_{index:03d}"
 
 
 def is_validation(key: str, fraction: float) -> bool:
@@ -78,6 +95,8 @@ def episode_sample(key: str, ep: Episode) -> dict:
 
 def tfrecord_files(source: str | Path) -> list[Path]:
     src = Path(source)
+    if not src.exists():
+        raise FileNotFoundError(f"no such file or folder: {src} (--input: the fractal20220817_data TFRecords)")
     files = [src] if src.is_file() else sorted(p for p in src.glob("*.tfrecord*") if p.is_file())
     if not files:
         raise FileNotFoundError(f"no *.tfrecord* files in {src} (expected fractal20220817_data-train."
@@ -98,7 +117,7 @@ def convert_shard(path: Path, number: int, out: Path, o: PrepareRT1Options) -> d
             if ep.length < o.min_steps:
                 report["too_short"] += 1
                 continue
-            key = episode_key(ep.meta["source"], ep.meta["index"])
+            key = episode_key(number, ep.meta["index"])
             split = "val" if is_validation(key, o.val_fraction) else "train"
             writers[split].write(episode_sample(key, ep))
             report["episodes"][split].append(key)
@@ -150,15 +169,28 @@ def prepare_rt1(options: PrepareRT1Options | dict) -> dict:
     for sub in ("train", "val", "reports"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     check_conversion_options(out, o)
-    mine = [n for n in range(o.rank, len(files), o.world_size) if not (out / "reports" / f"{n:05d}.json").is_file()]
-    for n in tqdm(mine, desc=f"rt1 shards (rank {o.rank})", unit="shard", disable=not o.progress or None):
-        convert_shard(files[n], n, out, o)
-    pending = [n for n in range(len(files)) if not (out / "reports" / f"{n:05d}.json").is_file()]
+    numbers = shard_numbers(files)
+    check_report_sources(out, files, numbers)
+    mine = [(files[i], numbers[i]) for i in range(o.rank, len(files), o.world_size)
+            if not (out / "reports" / f"{numbers[i]:05d}.json").is_file()]
+    for path, n in tqdm(mine, desc=f"rt1 shards (rank {o.rank})", unit="shard", disable=not o.progress or None):
+        convert_shard(path, n, out, o)
+    pending = [n for n in numbers if not (out / "reports" / f"{n:05d}.json").is_file()]
     if pending:
         return {"pending": pending}
     # every converted shard, also those of an earlier run with a larger --max-shards: training reads them all
     done = {int(r.stem) for r in (out / "reports").glob("*.json") if r.stem.isdigit()}
-    return merge_reports(out, sorted(done | set(range(len(files)))), o)
+    return merge_reports(out, sorted(done | set(numbers)), o)
+
+
+def check_report_sources(out: Path, files: list[Path], numbers: list[int]) -> None:
+    """Refuse a rerun whose shard ``n`` is another file than the one converted as ``n`` (files numbered by their
+    order, then some added or removed): it would skip a file and count another twice."""
+    for path, n in zip(files, numbers, strict=True):
+        report = out / "reports" / f"{n:05d}.json"
+        if report.is_file() and (was := json.loads(report.read_text()).get("source")) not in (None, path.name):
+            raise ValueError(f"{report} was converted from {was}, but shard {n} of the input is now {path.name}: "
+                             "the input's files changed since; restore them or prepare into a new directory")
 
 
 CONTENT_OPTIONS = ("val_fraction", "min_steps")  # what decides a shard's split and episodes

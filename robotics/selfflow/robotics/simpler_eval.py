@@ -22,14 +22,19 @@ from typing import Any
 
 import numpy as np
 
+from selfflow.core.data.shard_writer import write_json
+from selfflow.core.settings_record import changed_settings
+
 from .fake_env import FakeGoogleRobotEnv
 
 URDFS = [None, "recolor_tabletop_visual_matching_1", "recolor_tabletop_visual_matching_2",
          "recolor_cabinet_visual_matching_1"]
 SIMPLER_INSTALL = """simpler_env is not installed. SIMPLER needs an NVIDIA GPU (Vulkan), Python ≤ 3.11 and git:
   git clone https://github.com/simpler-env/SimplerEnv --recurse-submodules
-  pip install numpy==1.24.4 'gymnasium<1.0' && pip install -e SimplerEnv/ManiSkill2_real2sim -e SimplerEnv
-  (then run with DISPLAY="" on a headless machine). For a labelled offline stand-in pass --env fake."""
+  pip install numpy==1.26.4 'gymnasium<1.0' && pip install -e SimplerEnv/ManiSkill2_real2sim -e SimplerEnv
+  (numpy < 2 for SimplerEnv, >= 1.26.4 for selfflow's scipy: best in a separate Python 3.11 environment with
+  selfflow installed into it; then run with DISPLAY="" on a headless machine).
+  For a labelled offline stand-in pass --env fake."""
 
 
 @dataclass(frozen=True)
@@ -113,9 +118,33 @@ def make_simpler_env(spec: TaskSpec, episode: dict[str, Any], seed: int):
     return env
 
 
+def finished_rows(out: Path, settings: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """The rows an earlier run of these ``settings`` wrote to ``out/episodes.jsonl`` (a sweep takes hours: a
+    rerun continues it), keyed by (task, episode); ``settings.json`` records the settings, and other ones are
+    refused, naming them. A line cut short by a kill is dropped, and the file rewritten without it."""
+    record, rows_file = out / "settings.json", out / "episodes.jsonl"
+    if changed := changed_settings(record, settings):
+        raise ValueError(f"{out} holds episodes run with other settings ({'; '.join(changed)}): give the same "
+                         "ones to continue, or another --out")
+    write_json(record, settings)
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    if rows_file.is_file():
+        for line in rows_file.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                rows[row["task"], int(row["episode"])] = row
+            except (ValueError, KeyError, TypeError):
+                continue
+        rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+    return rows
+
+
 def evaluate(policy_factory: Callable[[Any], Any], tasks: list[str], env_kind: str, out_dir: str | Path,
-             limit: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Run the sweeps; write ``episodes.jsonl`` and ``summary.json`` under ``out_dir``; return the summary.
+             limit: int | None = None, seed: int = 0, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the sweeps; write ``episodes.jsonl`` (a row as each episode ends) and ``summary.json`` under
+    ``out_dir``; return the summary. A rerun with the same ``settings`` (what changes the numbers: the run, the
+    policy's sampler and execution flags; recorded in ``settings.json`` and the summary) and seed runs only the
+    episodes not yet in ``episodes.jsonl``.
 
     ``policy_factory(env)`` returns the policy for one episode (the scripted fake oracle needs the env).
     """
@@ -124,20 +153,30 @@ def evaluate(policy_factory: Callable[[Any], Any], tasks: list[str], env_kind: s
     make_env = make_fake_env if env_kind == "fake" else make_simpler_env
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"env": env_kind, "seed": seed, **(settings or {})}
+    done = finished_rows(out, settings)
     label = "fake (FakeGoogleRobotEnv stand-in, NOT SIMPLER)" if env_kind == "fake" else "simpler"
     config = ("toy goal per seeded reset" if env_kind == "fake" else "prepackaged_config; Move Near obj "
               "episode_id set per episode; URDF, overlay and apple position drawn by the env at reset (seeded), "
               "so no per-URDF rates")
     summary: dict[str, Any] = {"env": "fake" if env_kind == "fake" else "simpler", "env_description": label,
-                               "episode_config": config, "success_mode": "final_step", "tasks": {}}
-    with (out / "episodes.jsonl").open("w") as f:
+                               "episode_config": config, "success_mode": "final_step", "settings": settings,
+                               "tasks": {}}
+    with (out / "episodes.jsonl").open("a") as f:
         for task in tasks:
             spec = TASKS[task]
             episodes = visual_matching_episodes(task)[:limit] if limit else visual_matching_episodes(task)
             rows = []
             for i, ep in enumerate(episodes):
+                if (task, i) in done:
+                    rows.append(done[task, i])
+                    continue
                 env = make_env(spec, ep, seed + i)
-                result = run_episode(env, policy_factory(env), spec.max_episode_steps)
+                try:
+                    result = run_episode(env, policy_factory(env), spec.max_episode_steps)
+                finally:
+                    if callable(close := getattr(env, "close", None)):
+                        close()  # one simulator per episode: 348 of them in a full sweep
                 if env_kind == "simpler":  # the row says what ran: the env's own draw from this seed
                     ep = {**{k: v for k, v in ep.items() if k not in DRAWN_BY_ENV},
                           "variant": f"drawn by the env at reset (seed {seed + i})"}
@@ -145,6 +184,7 @@ def evaluate(policy_factory: Callable[[Any], Any], tasks: list[str], env_kind: s
                        **ep, **result, "success_mode": "final_step", "max_episode_steps": spec.max_episode_steps}
                 rows.append(row)
                 f.write(json.dumps(row) + "\n")
+                f.flush()  # a killed sweep keeps every finished episode
             variants: dict[str, list[bool]] = {}
             for r in rows:
                 variants.setdefault(r["variant"], []).append(r["success"])

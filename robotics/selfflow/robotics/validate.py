@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,11 +30,17 @@ from .dataset import episode_window_stream
 from .policy import SelfFlowPolicy
 
 
+def val_episodes(root: Path) -> int | None:
+    """Validation episodes of a prepared data set, from its ``manifest.json`` (None without one)."""
+    manifest = root / "manifest.json"
+    return json.loads(manifest.read_text())["episodes"]["val"] if manifest.is_file() else None
+
+
 def val_stream(modality, batch_size: int = 8, seed: int = 0) -> tuple[ShardStream, int]:
     """A stream over the modality's ``val`` split and the number of its batches that covers it once."""
     o = modality.options
-    manifest = modality.root / "manifest.json"
-    count = json.loads(manifest.read_text())["episodes"]["val"] if manifest.is_file() else batch_size
+    count = val_episodes(modality.root)
+    count = batch_size if count is None else count
     if count < 1:
         raise ValueError(f"{modality.root} holds no validation episodes (prepare with a val fraction > 0)")
     bs = min(batch_size, count)
@@ -71,11 +78,12 @@ def flow_losses(model: torch.nn.Module, modality, tokens, cond, levels: tuple[fl
 
 def validate(model: torch.nn.Module, modality, *, batch_size: int = 8, max_batches: int = 4, steps: int = 10,
              seed: int = 0, device: torch.device | str = "cpu",
-             levels: tuple[float, ...] = (0.25, 0.5, 0.75)) -> dict[str, Any]:
-    """The metrics of the module docstring for ``model`` (EMA weights, eval mode) on the val split."""
+             levels: tuple[float, ...] = (0.25, 0.5, 0.75), video: str = "joint") -> dict[str, Any]:
+    """The metrics of the module docstring for ``model`` (EMA weights, eval mode) on the val split; ``video``:
+    the policy's future-frame mode (:class:`SelfFlowPolicy`), as the rollouts use it."""
     model.eval()
     stream, covering = val_stream(modality, batch_size, seed)
-    policy = SelfFlowPolicy(model, modality, steps=steps, seed=seed, device=device)
+    policy = SelfFlowPolicy(model, modality, steps=steps, seed=seed, device=device, video=video)
     norm = modality.normalizer
     sums: dict[str, float] = {}
     n_steps = n_batches = n_windows = 0
