@@ -77,10 +77,12 @@ def test_prepare_skips_corrupt_files_and_trains_on_latents(tmp_path, oobleck_dir
     assert "0 samples in 0 new shard(s), 2 shard(s) already done" in capsys.readouterr().out
     info = json.loads((tmp_path / "shards" / "codec.json").read_text())
     assert info["latent_shape"] == [4, 64] and info["latent_mean"] is None
+    assert info["sample_captions"] == ["a tone number 0", "a tone number 1", "a tone number 2", "broken"]
     cfg = load_config(None, [*TINY, f"output_dir={tmp_path}", "name=lat", "data.options.dataset=latent_shards",
                              "data.options.codec=songbloom", f"data.options.shards={tmp_path / 'shards'}",
                              f"data.options.vae_dir={oobleck_dir}", "data.options.patch=4"])
     trainer = Trainer(cfg, progress=False)
+    assert trainer.run.modalities["audio"].conditioner.sample_captions == info["sample_captions"]  # not synthetic
     tokens, cond = trainer.run.modalities["audio"].encode(next(iter(trainer.streams["audio"])), "cpu")
     assert tokens.x.shape == (2, 16, 16) and cond.context.shape[-1] == 8
     result = trainer.fit()

@@ -249,6 +249,27 @@ def test_data_workers_ignore_the_stop_signals(tmp_path):
     assert sum(len(next(it)["captions"]) for _ in range(7)) == 14  # the rest of the epoch, from the same workers
 
 
+CRASH_WITH_LIVE_WORKERS = """
+import sys
+from selfflow.core.data.shard_format import shard_urls
+from selfflow.core.data.shard_stream import ShardStream
+it = iter(ShardStream(shard_urls(sys.argv[1]), 2, num_workers=2))
+next(it)
+raise RuntimeError("boom")  # the traceback holds the live loader: its workers ignore SIGTERM
+"""
+
+
+def test_a_crash_with_live_data_workers_exits_at_once(tmp_path):
+    """multiprocessing's exit hook stops daemonic workers with SIGTERM, which ours ignore, and then joins them:
+    a run that failed with a live loader hung at exit (a SLURM job sat on its GPUs until its time limit)."""
+    write_shards(list(range(16)), _sample, tmp_path, shard_size=4)
+    start = time.time()
+    r = subprocess.run([sys.executable, "-c", CRASH_WITH_LIVE_WORKERS, str(tmp_path)], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and "RuntimeError: boom" in r.stderr, r.stderr
+    assert time.time() - start < 30  # it hung for good before
+
+
 def _ignores_stop_signals(pid: int) -> bool:
     """Whether the process ignores all of them: its init sets one after the other, and a signal sent between two
     would kill it."""

@@ -109,6 +109,7 @@ def test_prepare_shards_and_train_on_latents(tmp_path, wan_dir):
     assert prepare_video(opts)["existing"] == 2  # resumable: complete shards are not redone
     info = json.loads((tmp_path / "shards" / "codec.json").read_text())
     assert info["latent_shape"] == [4, 2, 2, 2]
+    assert info["sample_captions"] == [f"a bar moving right {i}" for i in range(3)]
     failed = json.loads((tmp_path / "shards" / "video-000000.json").read_text())["skipped"]
     assert [f["item"].endswith("broken.mp4") for f in failed] == [True]
     cfg = load_config(None, [*TINY, f"output_dir={tmp_path}", "name=lat", "data.options.dataset=latent_shards",
@@ -116,6 +117,8 @@ def test_prepare_shards_and_train_on_latents(tmp_path, wan_dir):
                              f"data.options.vae_dir={wan_dir}", "data.options.text.dim=8",
                              "data.options.patch=[1,1,1]"])
     trainer = Trainer(cfg, progress=False)
+    # previews prompt with the shards' own captions (they used the synthetic "a red circle …")
+    assert trainer.run.modalities["video"].conditioner.sample_captions == info["sample_captions"]
     batch = next(iter(trainer.streams["video"]))
     assert batch["latent"].shape == (2, 4, 2, 2, 2) and len(batch["emb"]) == 2
     result = trainer.fit()

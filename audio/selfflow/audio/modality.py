@@ -57,7 +57,7 @@ class _CommonAudioOptions(BaseModel):
                        "the prepared clip's frames; one that does not is read as 1, with a warning)")
     conditioning: Literal["class", "text"] = "text"
     text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
-    sample_captions: list[str] | None = Field(None, description="preview prompts (None: the synthetic captions)")
+    sample_captions: list[str] | None = Field(None, description="preview prompts (None: the prepared shards' own captions, else the synthetic ones)")
     vae_dir: str | None = Field(None, description="Oobleck codec: local diffusers-format directory (decoding)")
 
 
@@ -100,7 +100,9 @@ class AudioModality(CaptionedModalityMixin, Modality):
             self.waveform = WaveformCodec(o.num_samples, o.patch)
             self.channels, self.length, self.patch = 2, o.num_samples, o.patch
         self._oobleck = None
-        self.conditioner = CaptionConditioner(o.conditioning, CAPTIONS, o.text, o.sample_captions)
+        # previews: the options' captions, else the shards' own (codec.json), else the synthetic ones
+        self.conditioner = CaptionConditioner(o.conditioning, CAPTIONS, o.text,
+                                              o.sample_captions or self.info.get("sample_captions"))
         self.check_stored_captions(self.info, getattr(o, "shards", ""))
 
     def _read_shard_info(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from selfflow.core.data.manifest import MediaItem, list_media
+from selfflow.core.data.manifest import MediaItem, list_media, preview_captions
 from selfflow.core.data.prepare_options import PrepareOptions, rank_device
 from selfflow.core.data.shard_writer import write_codec_record, write_shards
 from selfflow.text.build_encoder import build_text_encoder
@@ -63,7 +63,7 @@ def prepare_audio(options: PrepareAudioOptions | dict[str, Any]) -> dict[str, An
         write_codec_record(opts.out, {
             **codec.describe(), "kind": opts.codec, "latent_shape": [codec.latent_channels, n // codec.hop],
             "latent_mean": None, "latent_std": None,
-            "text": None if encoder is None else encoder.describe()})
+            "text": None if encoder is None else encoder.describe(), "sample_captions": preview_captions(items)})
     with torch.inference_mode():
         report = write_shards(items, process, opts.out, prefix="audio", shard_size=opts.shard_size,
                               rank=opts.rank, world_size=opts.world_size, progress=opts.progress)

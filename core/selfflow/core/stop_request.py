@@ -17,6 +17,7 @@ Under ``torchrun`` each worker also asks the kernel for ``SIGTERM`` when its age
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import logging
@@ -24,11 +25,14 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterable, Iterator
 from types import FrameType
+from typing import Any, TypeVar
 
 log = logging.getLogger("selfflow")
 
+T = TypeVar("T")
 STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGUSR1")) if s)
 
 
@@ -125,9 +129,39 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     """A DataLoader ``worker_init_fn``: the workers leave the stop signals to the training process. A terminal's
     Ctrl-C and SLURM's signals reach every process of the job; a worker that died of one would fail the batch
     being fetched ("worker exited unexpectedly") before the trainer could stop cleanly. The workers end with
-    their loader (or with the training process: they watch it)."""
+    their loader (or with the training process: they watch it); iterate such a loader with
+    :func:`iterate_signal_ignoring_loader`, which also ends them when the process exits on an error."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+_signal_ignoring_workers: weakref.WeakSet[Any] = weakref.WeakSet()
+_kill_registered = False
+
+
+def _kill_signal_ignoring_workers() -> None:
+    """At exit, before multiprocessing's own hook (atexit runs the later registration first): that one stops
+    daemonic children with ``SIGTERM`` and joins them — workers that ignore it kept an exiting process (a
+    crash with a live loader, whose iterator a traceback still holds) waiting forever."""
+    for worker in list(_signal_ignoring_workers):
+        if worker.is_alive():
+            worker.kill()
+
+
+def iterate_signal_ignoring_loader(loader: Iterable[T]) -> Iterator[T]:
+    """Iterate a DataLoader whose workers run :func:`ignore_stop_signals`; its workers are shut down when the
+    iteration ends or is abandoned, and killed if the process exits while they live."""
+    global _kill_registered
+    it = iter(loader)  # starts the workers: multiprocessing (and its exit hook) is imported by now
+    if not _kill_registered:
+        atexit.register(_kill_signal_ignoring_workers)
+        _kill_registered = True
+    _signal_ignoring_workers.update(getattr(it, "_workers", ()))  # torch's worker processes (num_workers > 0)
+    try:
+        yield from it
+    finally:
+        if callable(shutdown := getattr(it, "_shutdown_workers", None)):
+            shutdown()
 
 
 def stop_with_parent() -> bool:

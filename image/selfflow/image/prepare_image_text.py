@@ -37,8 +37,6 @@ from selfflow.text.build_encoder import build_text_encoder
 from .codecs import CodecName, check_image_size, codec_name, latent_shape, load_autoencoder, name_of
 from .prepare_imagenet import IMAGE_EXTS, center_crop_adm
 
-PREVIEW_CAPTIONS = 8  # captions kept in codec.json for sample previews
-
 log = logging.getLogger("selfflow.shards")
 
 
@@ -94,7 +92,7 @@ def prepare_image_text(options: PrepareImageTextOptions | dict[str, Any]) -> dic
             "codec": name_of(vae), "image_size": opts.image_size, "latent_shape": list(shape),
             "space": "model", "scaling_factor": opts.scaling_factor if opts.codec == "sd_vae" else None,
             "text": None if encoder is None else encoder.describe(),
-            "sample_captions": preview_captions(items, PREVIEW_CAPTIONS)})
+            "sample_captions": preview_captions(items)})
     with torch.inference_mode():
         return write_shards(items, process, opts.out, prefix="image", shard_size=opts.shard_size,
                             rank=opts.rank, world_size=opts.world_size, progress=opts.progress)

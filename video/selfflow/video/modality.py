@@ -39,7 +39,7 @@ class _CommonVideoOptions(BaseModel):
         None, description="(pt, ph, pw); None: pixel (2,4,4), Wan (1,2,2)")
     conditioning: Literal["class", "text"] | None = Field(None, description="None: class (synthetic), text (shards)")
     text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
-    sample_captions: list[str] | None = Field(None, description="preview prompts (None: the synthetic captions)")
+    sample_captions: list[str] | None = Field(None, description="preview prompts (None: the prepared shards' own captions, else the synthetic ones)")
     vae_dir: str | None = Field(None, description="Wan codec: local diffusers-format vae/ directory")
     fps: int = Field(8, ge=1, description="of written samples")
 
@@ -85,7 +85,9 @@ class VideoModality(CaptionedModalityMixin, Modality):
         if self.pixel is None and o.dataset != "latent_shards":
             self.wan  # noqa: B018 - on-the-fly encoding needs the VAE now (fails early if missing)
         mode = o.conditioning or ("class" if o.dataset == "synthetic_moving_shapes" else "text")
-        self.conditioner = CaptionConditioner(mode, CAPTIONS, o.text, o.sample_captions)
+        # previews: the options' captions, else the shards' own (codec.json), else the synthetic ones
+        self.conditioner = CaptionConditioner(mode, CAPTIONS, o.text,
+                                              o.sample_captions or self.shard_info.get("sample_captions"))
         self.check_stored_captions(self.shard_info, getattr(o, "shards", ""))
 
     def _read_shard_info(self) -> dict[str, Any]:

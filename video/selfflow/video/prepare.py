@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from selfflow.core.data.manifest import MediaItem, list_media
+from selfflow.core.data.manifest import MediaItem, list_media, preview_captions
 from selfflow.core.data.prepare_options import PrepareOptions, rank_device
 from selfflow.core.data.shard_writer import write_codec_record, write_shards
 from selfflow.text.build_encoder import build_text_encoder
@@ -63,7 +63,7 @@ def prepare_video(options: PrepareVideoOptions | dict[str, Any]) -> dict[str, An
         write_codec_record(opts.out, {
             **codec.describe(), "version": opts.codec, "clip": spec.model_dump(exclude_none=True),
             "latent_shape": list(codec.latent_shape(spec.frames, spec.height, spec.width)),
-            "text": None if encoder is None else encoder.describe()})
+            "text": None if encoder is None else encoder.describe(), "sample_captions": preview_captions(items)})
     with torch.inference_mode():
         report = write_shards(items, process, opts.out, prefix="video", shard_size=opts.shard_size,
                               rank=opts.rank, world_size=opts.world_size, progress=opts.progress)

@@ -80,7 +80,10 @@ def _list_media(src: Path, extensions: tuple[str, ...]) -> list[MediaItem]:
     raise FileNotFoundError(f"prepare input {src} is neither a directory nor a .jsonl manifest")
 
 
-def preview_captions(items: list[MediaItem], n: int) -> list[str]:
+PREVIEW_CAPTIONS = 8  # captions a preparation keeps in codec.json for the sample previews
+
+
+def preview_captions(items: list[MediaItem], n: int = PREVIEW_CAPTIONS) -> list[str]:
     """The first ``n`` non-empty readable captions (for sample previews); unreadable ones are left to the
     shard writer to skip and report."""
     out: list[str] = []

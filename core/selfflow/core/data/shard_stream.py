@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..modality import DataStream
-from ..stop_request import ignore_stop_signals
+from ..stop_request import ignore_stop_signals, iterate_signal_ignoring_loader
 from .shard_format import Decoder, Sample, collate_samples, decode_sample
 from .tar_members import Unsupported, iter_members
 
@@ -265,7 +265,7 @@ class ShardStream(DataStream):
             return iter(reader)
         loader = DataLoader(reader, batch_size=None, num_workers=workers, collate_fn=_as_is,
                             worker_init_fn=ignore_stop_signals)
-        return (_from_wire(event) for chunk in loader for event in chunk)
+        return (_from_wire(event) for chunk in iterate_signal_ignoring_loader(loader) for event in chunk)
 
     def _skip(self, event: Skip) -> None:
         self.skipped += event.lost
