@@ -1,5 +1,6 @@
 """``selfflow plan``: its memory estimate against the live-tensor peak of real CPU training steps, and the CLI."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,15 @@ def test_plan_cli(capsys, monkeypatch):
     assert main(["plan", "--config", str(CONFIG), "--gpu-mem", "80", *big]) == 0
     out = capsys.readouterr().out
     assert "! ddp: micro-batch 65536 does not fit (" in out and "a micro-batch of at most " in out
+    # SiT-XL/2 with checkpointing: the first batch past the largest exceeds 67.06 GiB by < 1 MiB ("67.06 > 67.06")
+    xl2 = ["--config", str(ROOT / "configs/imagenet256/selfflow_sit_xl2.yaml"), "--gpu-mem", "80", "--set",
+           "train.activation_checkpointing=true"]
+    assert main(["plan", *xl2]) == 0
+    largest = int(re.search(r"ddp .* with activation checkpointing (\d+)\n", capsys.readouterr().out).group(1))
+    assert main(["plan", *xl2, "--batch", str(largest + 1)]) == 0
+    need, usable = re.search(r"! ddp: .* does not fit \(([\d.]+) GiB > ([\d.]+) GiB usable", capsys.readouterr().out
+                             ).groups()
+    assert need != usable and float(need) > float(usable)  # at the boundary: enough decimals to see it
     assert main(["plan", "--config", str(CONFIG), "--gpu-mem", "0.0001"]) == 0
     out = capsys.readouterr().out
     assert "largest micro-batch is 0 (none fits)" in out and "not even one sample" in out

@@ -170,6 +170,9 @@ def test_a_resume_keeps_the_reference_shape_of_the_uninterrupted_run(tmp_path):
         ["item 6", "item 7"], ["item 0", "item 1"], ["item 2", "item 3"]]
     with pytest.raises(ValueError, match=r"another shuffle buffer .* set shuffle_buffer: 0"):
         ShardStream(urls, 2, seed=seed, shuffle_buffer=8).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"was 1×2, 0 workers; now 1×4, 0 workers\): resume on 1 rank\(s\) with "
+                                         r"batch 2 per rank and data.options.num_workers=0, or .*train.init_from"):
+        ShardStream(urls, 4, seed=seed).load_state_dict(state)
 
 def test_nested_keys_group_members_like_webdataset(tmp_path):
     path = tmp_path / "n.tar"

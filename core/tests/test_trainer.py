@@ -187,6 +187,20 @@ def test_a_resume_trains_with_the_optimizer_settings_of_its_config(tmp_path):
     assert "resume: ema.decay 0.9 → 0.5, from step 2 on" in log
     assert "resume: train.seed 0 → 7 (no effect on a resumed run: its generator and data streams continue" in log
     assert "train.steps" not in log.split("resume: ema")[1]  # raising the steps is how a run goes on
+    assert "global batch" not in log  # unchanged
+
+
+def test_a_resume_on_other_ranks_or_batch_says_how_the_global_batch_changes(tmp_path):
+    """train.batch_size is per rank: 2 ranks × 2 resumed in one process as "the same command" trained on with
+    half the batch, unsaid. The checkpoint records the global batch; a change is a warning with the way back."""
+    Trainer(_cfg(tmp_path, "run", "train.steps=1", "train.batch_size=4"), progress=False).fit()
+    resumed = Trainer(_cfg(tmp_path, "run", "train.steps=2", "train.batch_size=2"), progress=False)
+    assert resumed.global_batch_changes() == ["image's global batch 4 → 2 (1 rank(s) × 2 × 1 accumulation step(s): "
+                                              "the batch size is per rank; 4 per rank keeps 4)"]
+    assert "resume: image's global batch 4 → 2" in (tmp_path / "run" / "train.log").read_text()
+    resumed.resumed_batches = (2, None)  # a checkpoint of 2 ranks from before the global batch was recorded
+    assert resumed.global_batch_changes() == ["2 rank(s) then, 1 now: the batch size is per rank, so image's "
+                                              "global batch changed with them (now 2)"]
 
 
 def test_a_fresh_start_sets_the_earlier_checkpoints_aside(tmp_path):

@@ -380,8 +380,11 @@ def format_plans(plans: list[tuple[Plan, int]], gpus: int, gpu_mem_gb: float, ch
                          f"({100 * USABLE_FRACTION:.0f} % usable) the largest micro-batch is {_largest(fits[0])}, "
                          f"with activation checkpointing {_largest(fits[1])}")
             if (need := use[checkpointing]) > USABLE_FRACTION * mem:
-                lines.append(f"{pad}  ! {strategy}: micro-batch {batch} does not fit ({gib(need)} > "
-                             f"{gib(USABLE_FRACTION * mem)} usable): "
+                usable = USABLE_FRACTION * mem
+                # as many decimals as show the difference: "67.06 GiB > 67.06 GiB" read as a contradiction
+                places = next((p for p in range(2, 10) if f"{need / GIB:.{p}f}" != f"{usable / GIB:.{p}f}"), 9)
+                lines.append(f"{pad}  ! {strategy}: micro-batch {batch} does not fit ({need / GIB:.{places}f} GiB > "
+                             f"{usable / GIB:.{places}f} GiB usable): "
                              + _fitting_advice(batch, fits, strategy, gpus, checkpointing))
     if mixed:
         for strategy in ("ddp", "fsdp2"):

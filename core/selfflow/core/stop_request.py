@@ -98,7 +98,9 @@ class StopRequest:
                 raise KeyboardInterrupt
             return
         self.signal = sig
-        again = " (Ctrl-C again to stop at once)" if sig == signal.SIGINT else ""
+        # torchrun passes on only the first Ctrl-C: the hint would promise what it cannot do there
+        again = " (Ctrl-C again to stop at once)" if sig == signal.SIGINT and "TORCHELASTIC_RUN_ID" not in os.environ \
+            else ""
         log.warning("selfflow: %s received: stopping after this step with a checkpoint%s", sig.name, again)
 
 

@@ -117,6 +117,8 @@ class Trainer:
                     logging.getLogger("selfflow").info("resume: optim %s, as this run's config says", change)
                 for change in changed_settings(self.checkpointer.resumed_config, cfg.model_dump(mode="json")):
                     logging.getLogger("selfflow").info("resume: %s, from step %d on", change, self.step)
+                for change in self.global_batch_changes():
+                    logging.getLogger("selfflow").warning("resume: %s", change)
             elif self.init_report is not None or cfg.train.freeze:
                 self._log_fine_tuning()
         # What the modalities read from their data (loading the run needs no data then) — written once the
@@ -172,6 +174,24 @@ class Trainer:
     def global_batch(self, name: str) -> int:
         return self.batch_size(name) * self.dist.world_size * self.cfg.train.grad_accum_steps
 
+    def global_batch_changes(self) -> list[str]:
+        """How a resume changes each modality's global batch: ``train.batch_size`` is per rank, so the "same
+        command" on another number of ranks is another run (silently, until this said so)."""
+        world_then, then = getattr(self, "resumed_batches", (None, None))
+        world, accum, out = self.dist.world_size, self.cfg.train.grad_accum_steps, []
+        for name in self.entries:
+            now = self.global_batch(name)
+            if then is None or name not in then:  # a checkpoint before session 24 records the ranks only
+                if world_then is not None and world_then != world:
+                    out.append(f"{world_then} rank(s) then, {world} now: the batch size is per rank, so {name}'s "
+                               f"global batch changed with them (now {now})")
+                continue
+            if (was := int(then[name])) != now:
+                hint = f"; {was // (world * accum)} per rank keeps {was}" if was % (world * accum) == 0 else ""
+                out.append(f"{name}'s global batch {was} → {now} ({world} rank(s) × {self.batch_size(name)} × "
+                           f"{accum} accumulation step(s): the batch size is per rank{hint})")
+        return out
+
     def _step_cost(self, name: str) -> StepCost:
         n, tokens = self.global_batch(name), self.tokens_per_sample[name]
         flops = 0.0
@@ -184,10 +204,11 @@ class Trainer:
     # The trainer's own part of a checkpoint (the components hold the rest).
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "world_size": self.dist.world_size, "eval_pending": self.eval_pending,
-                "log": self.log.state_dict()}
+                "log": self.log.state_dict(), "global_batch": {name: self.global_batch(name) for name in self.entries}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.resumed_batches = (state.get("world_size"), state.get("global_batch"))  # the latter since session 24
         self.eval_pending = bool(state.get("eval_pending", False))  # absent from checkpoints before session 17
         self.log.load_state_dict(state.get("log", {}))  # absent before session 22
 

@@ -325,7 +325,9 @@ class ShardStream(DataStream):
         if was != (self.world_size, self.batch_size, self.num_workers):
             raise ValueError("cannot resume a shard stream with another world size, batch size or number of "
                              f"data-loader workers (was {was[0]}×{was[1]}, {was[2]} workers; now "
-                             f"{self.world_size}×{self.batch_size}, {self.num_workers} workers)")
+                             f"{self.world_size}×{self.batch_size}, {self.num_workers} workers): resume on "
+                             f"{was[0]} rank(s) with batch {was[1]} per rank and data.options.num_workers="
+                             f"{was[2]}, or start a new run from this one's weights with train.init_from")
         if state.get("shuffle_buffer", self.shuffle_buffer) != self.shuffle_buffer:  # (older checkpoints lack it)
             raise ValueError(f"cannot resume a shard stream with another shuffle buffer (was "
                              f"{state['shuffle_buffer']}, now {self.shuffle_buffer}): set shuffle_buffer: "
