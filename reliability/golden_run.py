@@ -4,6 +4,8 @@
 (one thread, fp32, CPU) and writes every logged loss, a checksum of the EMA weights and a checksum of each
 sample file to ``reliability/golden_run.json``. ``... check`` trains again and compares: losses and
 checksums must be bitwise equal. Run it before and after any change that should not change behaviour.
+Bitwise holds on one machine: another CPU rounds differently (in the 8th digit), so on a new machine record at
+the base commit first and check the change against that record.
 """
 
 from __future__ import annotations
