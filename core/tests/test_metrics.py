@@ -73,3 +73,21 @@ def test_frame_strip_puts_frames_side_by_side():
     frames = np.arange(20)[:, None, None, None] * np.ones((20, 2, 3, 3), np.uint8)
     strip = frame_strip(frames, max_frames=4)
     assert strip.shape == (2, 12, 3) and strip[0, ::3, 0].tolist() == [0, 6, 13, 19]
+
+
+def test_the_loss_plot_has_a_panel_per_token_group(tmp_path, monkeypatch):
+    """rt1 logs loss_fm_video and loss_fm_action (its token schedule's groups): loss.png left them out."""
+    from selfflow.core import metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0, "loss_fm": 0.9, "loss_rep": -0.1,
+                                        "loss_fm_video": 0.5, "loss_fm_action": 0.4}) + "\n" for s in (1, 2)))
+    from matplotlib.axes import Axes
+
+    titles = []
+    set_title = Axes.set_title
+    monkeypatch.setattr(Axes, "set_title", lambda ax, title, *a, **k: (titles.append(title),
+                                                                       set_title(ax, title, *a, **k))[1])
+    metrics.plot_losses(path, tmp_path / "loss.png")
+    assert titles == ["loss", "loss_fm", "loss_rep", "loss_fm_action", "loss_fm_video"]
+    assert (tmp_path / "loss.png").is_file()

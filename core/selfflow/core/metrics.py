@@ -140,10 +140,14 @@ def frame_strip(frames: np.ndarray, max_frames: int = 8) -> np.ndarray:
     return np.concatenate(list(frames[keep]), axis=1)
 
 
-def plot_losses(metrics_path: str | Path, out_path: str | Path,
-                keys: tuple[str, ...] = ("loss", "loss_fm", "loss_rep")) -> Path:
-    """Loss curves (raw and smoothed) from ``metrics.jsonl`` as a PNG, one panel per key present."""
+def plot_losses(metrics_path: str | Path, out_path: str | Path, keys: tuple[str, ...] | None = None) -> Path:
+    """Loss curves (raw and smoothed) from ``metrics.jsonl`` as a PNG, one panel per key present; by default
+    ``loss``, ``loss_fm``, ``loss_rep`` and the token groups' ``loss_fm_<group>`` (a token schedule's: rt1's
+    future video and actions)."""
     records = read_metrics(metrics_path)
+    if keys is None:
+        grouped = sorted({k for r in records for k in r if k.startswith("loss_fm_")})
+        keys = ("loss", "loss_fm", "loss_rep", *grouped)
     keys = tuple(k for k in keys if any(k in r for r in records))
     # One curve per modality in mixed runs (records name their modality), else raw + smoothed.
     groups = sorted({r["modality"] for r in records if "modality" in r})
