@@ -14,7 +14,7 @@ def test_prepare_targets_are_registered(tmp_path):
     r = _cli("prepare", "rt1", "--input", str(tmp_path / "tf"), "--out", str(tmp_path / "out"),
              "--val-fraction", "0")
     assert r.returncode == 0, r.stderr
-    assert "3 train / 0 val episodes" in r.stdout
+    assert "3 train / 0 val episodes" in r.stdout and "cut short" not in r.stdout
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["episodes"] == {"train": 3, "val": 0} and (tmp_path / "out" / "stats.json").is_file()
     r = _cli("prepare", "rt1", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o2"))

@@ -35,6 +35,7 @@ def test_truncated_file_keeps_the_episodes_before_the_cut(shards):
     errors: list[dict] = []
     assert [e.meta["index"] for e in read_episodes(path, errors)] == [0, 1]
     assert len(errors) == 1 and errors[0]["index"] == 2 and path.name in errors[0]["error"]
+    assert errors[0]["rest_of_file"]  # the file ends at the cut: what follows is not counted, and said so
     with pytest.raises(TFRecordFrameError, match="truncated"):
         list(read_episodes(path))
 
@@ -46,7 +47,7 @@ def test_flipped_byte_rejects_only_its_record(shards):
     path.write_bytes(bytes(data))
     errors: list[dict] = []
     assert [e.meta["index"] for e in read_episodes(path, errors)] == [0, 2]
-    assert [e["index"] for e in errors] == [1] and "CRC" in errors[0]["error"]
+    assert [e["index"] for e in errors] == [1] and "CRC" in errors[0]["error"] and "rest_of_file" not in errors[0]
     with pytest.raises(EpisodeError, match=r"\[1\]: record CRC"):
         list(read_episodes(path))
 
@@ -70,3 +71,6 @@ def test_prepare_rt1_converts_around_a_corrupt_and_a_truncated_file(shards, tmp_
     named = {(e["source"].rsplit("/", 1)[-1], e["index"]) for e in manifest["rejected"]}
     assert named == {(shards[1].name, 2), ("fractal20220817_data-train.tfrecord-00003-of-00004", 0)}
     assert manifest["episodes"]["train"] == 3 + 2 + 3
+    from selfflow.robotics.prepare_cli import _cut_short  # the CLI's line: the unread rest is not counted
+
+    assert _cut_short(manifest["rejected"]) == " (2 file(s) cut short: their later episodes unread, uncounted)"

@@ -159,7 +159,8 @@ def read_episodes(path: str | Path, errors: list[dict] | None = None) -> Iterato
         if errors is None:
             raise
         at = e.index if isinstance(e, TFRecordFrameError) else index
-        errors.append({"source": str(path), "index": at, "error": f"{type(e).__name__}: {e}"})
+        # the file ends here: its later episodes are lost unread, uncounted (a record's length comes with it)
+        errors.append({"source": str(path), "index": at, "error": f"{type(e).__name__}: {e}", "rest_of_file": True})
 
 
 # --- fake shards (tests, the embedded default of `make finetune-rt1`) -----------------------------------

@@ -133,7 +133,11 @@ def convert_shard(path: Path, number: int, out: Path, o: PrepareRT1Options) -> d
         else:
             t.unlink()
     for e in errors:
-        log.warning("rejected %s[%d]: %s", e["source"], e["index"], e["error"])
+        if e.get("rest_of_file"):
+            log.warning("rejected %s from record %d on (the rest of the file, unread): %s", Path(e["source"]).name,
+                        e["index"], e["error"])
+        else:  # the error names its record already
+            log.warning("rejected %s", e["error"])
     actions = np.concatenate(train_actions) if train_actions else np.zeros((0, 7), np.float32)
     np.save(out / "reports" / f"{number:05d}.train_actions.npy", actions)
     write_json(out / "reports" / f"{number:05d}.json", report)

@@ -18,9 +18,15 @@ def _run(args: argparse.Namespace) -> int:
               "(run again once they finish, or let the last rank merge stats.json and manifest.json)")
         return 0
     print(f"prepare rt1: {m['episodes']['train']} train / {m['episodes']['val']} val episodes "
-          f"({m['steps']['train']} / {m['steps']['val']} steps), {len(m['rejected'])} rejected, "
+          f"({m['steps']['train']} / {m['steps']['val']} steps), {len(m['rejected'])} rejected"
+          f"{_cut_short(m['rejected'])}, "
           f"{m['too_short']} too short; stats.json and manifest.json in {args.out}")
     return 0
+
+
+def _cut_short(rejected: list[dict]) -> str:
+    n = sum(1 for e in rejected if e.get("rest_of_file"))
+    return f" ({n} file(s) cut short: their later episodes unread, uncounted)" if n else ""
 
 
 def _run_fake(args: argparse.Namespace) -> int:
