@@ -30,6 +30,23 @@ def test_scaled_latents_and_token_layout(tiny_vae_dir):
     assert mod.evaluation_array(mod.decode(tk.x)).shape == (2, 16, 16, 3)
 
 
+def test_loading_prints_no_install_accelerate_notice(tiny_vae_dir):
+    """Without accelerate, diffusers' default load printed "Cannot initialize model with low cpu memory usage
+    because `accelerate` was not found … pip install accelerate" at every VAE load of every run."""
+    import logging
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("diffusers")  # diffusers' own handler writes to the stderr it saw at import
+    logger.addHandler(handler)
+    try:
+        SDVAE.from_pretrained(tiny_vae_dir)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in said if "accelerate" in m], said
+
+
 def test_missing_vae_names_the_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no AutoencoderKL at .*nothing.*sd-vae-ft-ema"):
         SDVAE.from_pretrained(tmp_path / "nothing")

@@ -71,6 +71,8 @@ def test_prepare_rt1_converts_around_a_corrupt_and_a_truncated_file(shards, tmp_
     named = {(e["source"].rsplit("/", 1)[-1], e["index"]) for e in manifest["rejected"]}
     assert named == {(shards[1].name, 2), ("fractal20220817_data-train.tfrecord-00003-of-00004", 0)}
     assert manifest["episodes"]["train"] == 3 + 2 + 3
-    from selfflow.robotics.prepare_cli import _cut_short  # the CLI's line: the unread rest is not counted
+    from selfflow.robotics.prepare_cli import (
+        _cut_short,  # the CLI's line: the unread rest is not counted
+    )
 
     assert _cut_short(manifest["rejected"]) == " (2 file(s) cut short: their later episodes unread, uncounted)"

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfflow.core.codec import CodecShape, NormalizedVAE, check_diffusers_class
+from selfflow.core.codec import CodecShape, NormalizedVAE, diffusers_from_pretrained
 
 WEIGHTS = {
     "songbloom": "CypressYang/SongBloom (stable_audio_1920_vae.json + autoencoder_music_dsp1920.ckpt; "
@@ -79,10 +79,7 @@ class OobleckCodec(NormalizedVAE):
             raise FileNotFoundError(
                 f"audio VAE directory {path} not found (no config.json). The {kind} VAE is published as "
                 f"{WEIGHTS.get(kind, WEIGHTS['songbloom'])}; point data.options.vae_dir (training) or --vae-dir (prepare) at the diffusers folder.")
-        from diffusers import AutoencoderOobleck
-
-        check_diffusers_class(path, "AutoencoderOobleck")
-        return cls(AutoencoderOobleck.from_pretrained(path, torch_dtype=dtype, local_files_only=True))
+        return cls(diffusers_from_pretrained("AutoencoderOobleck", path, torch_dtype=dtype))
 
     def latent_length(self, num_samples: int) -> int:
         if num_samples % self.hop:

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,6 +78,18 @@ def check_diffusers_class(path: str | Path, class_name: str) -> None:
     if found and found != class_name:
         raise ValueError(f"{path} holds a {found} (its config.json's _class_name), not the {class_name} this codec "
                          f"loads: point at a {class_name} folder")
+
+
+def diffusers_from_pretrained(class_name: str, path: str | Path, **kwargs: Any) -> Any:
+    """``diffusers.<class_name>.from_pretrained(path)`` from local files only, after :func:`check_diffusers_class`.
+    Without ``accelerate`` it loads the plain way (``low_cpu_mem_usage=False``): diffusers' default printed a
+    notice to install it at every load, in every run's output."""
+    import diffusers
+    from diffusers.utils import is_accelerate_available
+
+    check_diffusers_class(path, class_name)
+    return getattr(diffusers, class_name).from_pretrained(
+        str(path), local_files_only=True, low_cpu_mem_usage=is_accelerate_available(), **kwargs)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from selfflow.core.codec import NormalizedVAE, check_diffusers_class
+from selfflow.core.codec import NormalizedVAE, diffusers_from_pretrained
 
 FLUX2_HINT = ("black-forest-labs/FLUX.2-dev (subfolder vae/, or a FLUX.2 [klein] repo), e.g. `hf "
               "download black-forest-labs/FLUX.2-dev --include 'vae/*' --local-dir DIR` and point at DIR/vae")
@@ -29,11 +29,7 @@ def load_local_diffusers(class_name: str, path: str | Path, hint: str, device: t
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no {class_name} at {path} (config.json missing): download the diffusers "
                                 f"folder of {hint}, on a machine with network access")
-    import diffusers
-
-    check_diffusers_class(path, class_name)
-    model = getattr(diffusers, class_name).from_pretrained(str(path), local_files_only=True)
-    return model.to(device).eval().requires_grad_(False)
+    return diffusers_from_pretrained(class_name, path).to(device).eval().requires_grad_(False)
 
 
 def patchify_2x2(z: torch.Tensor) -> torch.Tensor:

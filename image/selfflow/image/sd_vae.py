@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from selfflow.core.codec import NormalizedVAE, check_diffusers_class
+from selfflow.core.codec import NormalizedVAE, diffusers_from_pretrained
 from selfflow.core.tokens import Tokens, patchify, unpatchify
 
 SD_VAE_SCALE = 0.18215
@@ -28,11 +28,7 @@ def load_autoencoder_kl(path: str | Path, device: torch.device | str = "cpu"):
             f"no AutoencoderKL at {path} (config.json missing): download the diffusers folder of "
             "stabilityai/sd-vae-ft-ema (or sd-vae-ft-mse), e.g. `hf download "
             f"stabilityai/sd-vae-ft-ema --local-dir {path}`, on a machine with network access")
-    from diffusers import AutoencoderKL
-
-    check_diffusers_class(path, "AutoencoderKL")
-    vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
-    return vae.to(device).eval().requires_grad_(False)
+    return diffusers_from_pretrained("AutoencoderKL", path).to(device).eval().requires_grad_(False)
 
 
 class SDVAE(NormalizedVAE):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfflow.core.codec import CodecShape, NormalizedVAE, check_diffusers_class
+from selfflow.core.codec import CodecShape, NormalizedVAE, diffusers_from_pretrained
 
 # Where the diffusers-format weights are published (the `vae/` folder of these repos).
 WEIGHTS = {
@@ -81,10 +81,7 @@ class WanCodec(WanGeometry, NormalizedVAE):
                 f"is published as {WEIGHTS.get(version, WEIGHTS['wan2.2'])}; download it on a machine with "
                 "network and point data.options.vae_dir (training) or --vae-dir (prepare) at the vae/ folder "
                 "(`selfflow plan` reads its config.json alone).")
-        from diffusers import AutoencoderKLWan
-
-        check_diffusers_class(path, "AutoencoderKLWan")
-        vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        vae = diffusers_from_pretrained("AutoencoderKLWan", path, torch_dtype=dtype)
         codec = cls(vae)
         expected = PUBLISHED_SHAPES[version].compression if version in PUBLISHED_SHAPES else None
         if expected is not None and codec.compression != expected:
