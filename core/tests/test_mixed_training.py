@@ -113,6 +113,20 @@ def test_fine_tune_from_another_run_adds_a_modality_and_freezes(tmp_path, caplog
     assert not torch.equal(after["img_in.image.weight"], source["img_in.image.weight"])
     # the README's promise: what was loaded, started fresh and stayed frozen is listed (console and train.log)
     log = (tmp_path / "ft" / "train.log").read_text()
-    assert f"init_from {tmp_path / 'base'} (ema weights): " in log and "fresh (not in the source): " in log
+    # which file of the run directory the weights came from
+    assert f"init_from {tmp_path / 'base'} (ema weights of {tmp_path / 'base/checkpoints/step_00000002.pt'}): " in log
+    assert "fresh (not in the source): " in log
     assert "img_in.audio.weight" in log and "0 ignored (not in this model)" in log
     assert "train.freeze ['double_blocks']: " in log and "parameter values frozen" in log
+
+
+def test_a_model_of_another_size_is_one_short_line_naming_the_fix():
+    """Every tensor of another preset differs: the message listed them all (~6,000 characters on one line)."""
+    from selfflow.core.run_setup import init_from
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(5)])
+    other = {k: torch.zeros(8, *v.shape[1:]) for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as e:
+        init_from(model, other)
+    said = str(e.value)
+    assert said.count(" vs model ") == 4 and "(10 tensors in all)" in said and "model section of the source" in said

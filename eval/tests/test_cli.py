@@ -197,6 +197,9 @@ def test_errors_are_clear(data, inception_weights: Path, inception_model, tmp_pa
                 str(tmp_path / "missing.pth")]) == 2
     err = capsys.readouterr().err
     assert "no such image folder or npz file: " in err and "typo.npz" in err and "missing.pth" not in err
+    assert run(["eval", "adm", str(tmp_path / "VIRTUAL_imagenet256_labeled.npz"), str(data["samples"])]) == 2
+    assert ("openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/, e.g. "
+            "imagenet/256/VIRTUAL_imagenet256_labeled.npz") in capsys.readouterr().err  # where to get it
     (tmp_path / "junk.npz").write_text("junk")  # was a zipfile.BadZipFile traceback
     assert run(["eval", "adm", str(tmp_path / "junk.npz"), str(data["samples"]), "--inception",
                 str(tmp_path / "missing.pth")]) == 2

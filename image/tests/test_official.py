@@ -149,3 +149,15 @@ def test_wrappers_ema_preferred_and_sit_conversion(tmp_path):
         assert torch.allclose(model(x, grid_ids(1, 16, 16), t, labels), reference_forward(sd, x, t, labels),
                               atol=1e-5)
     assert model.projector is not None and model.projector.linear1.weight.abs().sum() > 0  # fresh, not zeros
+
+
+def test_the_cli_names_a_missing_checkpoint_before_loading_the_vae(tmp_path, capsys):
+    """`selfflow sample --official-ckpt` with neither file present named only the VAE (the checkpoint came after
+    it loaded; with a dummy VAE folder, a raw diffusers message instead)."""
+    from selfflow.core.cli import main
+
+    assert main(["sample", "--official-ckpt", str(tmp_path / "selfflow_imagenet256.pt"), "--vae",
+                 str(tmp_path / "sd-vae"), "--out-dir", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "selfflow_imagenet256.pt does not exist" in err and "github.com/black-forest-labs/Self-Flow" in err
+    assert "AutoencoderKL" not in err

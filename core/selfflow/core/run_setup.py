@@ -292,9 +292,10 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def read_init_weights(source: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:
-    """Weights to fine-tune from: a checkpoint file, a run directory (its newest intact checkpoint — a broken
-    newer one is named and passed over, as a resume does — else its ``ema.safetensors``) or a safetensors file."""
+def read_init_weights(source: str | Path, which: str = "ema") -> tuple[dict[str, torch.Tensor], Path]:
+    """Weights to fine-tune from and the file they came from: a checkpoint file, a run directory (its newest intact
+    checkpoint — a broken newer one is named and passed over, as a resume does — else its ``ema.safetensors``) or
+    a safetensors file."""
     src = Path(source)
     if src.is_dir():
         found = load_newest_intact(src / "checkpoints")
@@ -304,17 +305,17 @@ def read_init_weights(source: str | Path, which: str = "ema") -> dict[str, torch
                 logging.getLogger("selfflow.checkpoint").warning("selfflow: warning: train.init_from: skipped %s; "
                                                                  "using %s", why, src)
         elif (src / "ema.safetensors").is_file():
-            return load_weights(src / "ema.safetensors")
+            return load_weights(src / "ema.safetensors"), src / "ema.safetensors"
         else:
             raise FileNotFoundError(f"train.init_from: {source} holds neither checkpoints/step_*.pt nor "
                                     "ema.safetensors")
     elif src.suffix == ".safetensors":
-        return load_weights(src)
+        return load_weights(src), src
     else:
         state = load_checkpoint(src)
     if which not in state:
         raise KeyError(f"train.init_from: {src} has no {which!r} weights")
-    return state[which]
+    return state[which], src
 
 
 def init_from(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
@@ -324,8 +325,10 @@ def init_from(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, lis
     own = model.state_dict()
     bad = [f"{k}: source {tuple(v.shape)} vs model {tuple(own[k].shape)}"
            for k, v in state.items() if k in own and v.shape != own[k].shape]
-    if bad:
-        raise ValueError("train.init_from: shapes differ for " + "; ".join(bad))
+    if bad:  # one line a terminal can show: a model of another size differs in nearly every tensor
+        more = f"; … ({len(bad)} tensors in all)" if len(bad) > 4 else ""
+        raise ValueError("train.init_from: shapes differ for " + "; ".join(bad[:4]) + more
+                         + ": give the model section of the source run (its config.yaml: preset, hidden_size, depth …)")
     result = model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return {"fresh": list(result.missing_keys), "ignored": sorted(set(state) - set(own))}
 

@@ -136,8 +136,8 @@ class Trainer:
         if self.init_report is not None:
             fresh, ignored = self.init_report["fresh"], self.init_report["ignored"]
             loaded = len(self.raw.state_dict()) - len(fresh)
-            log.info("init_from %s (%s weights): %d tensors loaded; %d fresh (not in the source)%s; %d ignored "
-                     "(not in this model)%s", tc.init_from, tc.init_weights, loaded, len(fresh),
+            log.info("init_from %s (%s weights of %s): %d tensors loaded; %d fresh (not in the source)%s; %d ignored "
+                     "(not in this model)%s", tc.init_from, tc.init_weights, self.init_report["file"][0], loaded, len(fresh),
                      f": {names(fresh)}" if fresh else "", len(ignored), f": {names(ignored)}" if ignored else "")
         if tc.freeze:
             log.info("train.freeze %s: %s parameter values frozen", list(tc.freeze), f"{self.frozen_params:,}")
@@ -151,7 +151,8 @@ class Trainer:
         self.init_report: dict[str, list[str]] | None = None
         if tc.init_from and not (resume and latest_checkpoint(self.run_dir / "checkpoints")):
             try:
-                self.init_report = init_from(raw, read_init_weights(tc.init_from, tc.init_weights))
+                weights, read = read_init_weights(tc.init_from, tc.init_weights)
+                self.init_report = {**init_from(raw, weights), "file": [str(read)]}
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         self.frozen_params = freeze(raw, tc.freeze)

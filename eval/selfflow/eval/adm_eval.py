@@ -35,6 +35,7 @@ from .image_io import (
 from .inception import WEIGHTS_NAME, WEIGHTS_URL, FIDInceptionV3, sha256_file, weights_hash_notes
 
 PROTOCOL = "adm-tf-inception-2015-12-05"
+ADM_REF_BATCHES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
 POOL_KEY = "pool_3"  # optional cached pool_3 features in our statistics files
 
 
@@ -77,7 +78,9 @@ def check_feature_input(path: str | os.PathLike[str], *, statistics_ok: bool = T
     folder's file that is no image or of another size."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"no such image folder or npz file: {p}")
+        where = (f" (ADM's reference batches are published under {ADM_REF_BATCHES}, e.g. imagenet/256/{p.name})"
+                 if p.name.startswith("VIRTUAL_") else "")
+        raise FileNotFoundError(f"no such image folder or npz file: {p}{where}")
     stats = " or mu/sigma/mu_s/sigma_s statistics" if statistics_ok else ""
     if not p.is_dir() and p.suffix != ".npz":
         raise ValueError(f"{p}: expected an image folder or an .npz holding arr_0 (uint8 (N, H, W, 3) images){stats}, "

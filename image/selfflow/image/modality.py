@@ -284,8 +284,9 @@ def load_official_for_sampling(path: str | Path, options: dict[str, Any]):
     official sampler defaults (SDE, 250 model calls, no CFG; guidance interval t ≤ 0.7 if CFG is asked for)."""
     from selfflow.core.sampler import SamplerConfig
 
-    from .official import load_official_selfflow
+    from .official import check_checkpoint_file, load_official_selfflow
 
+    check_checkpoint_file(path)  # before the VAE loads: a missing checkpoint was named only after it
     if options.get("vae") is None:
         raise ValueError("--official-ckpt needs --vae DIR (a local stabilityai/sd-vae-ft-ema AutoencoderKL)")
     device = options.get("device", "cpu")

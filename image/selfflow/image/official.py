@@ -34,13 +34,19 @@ def official_config(**overrides: Any) -> DiTConfig:
     return DiTConfig(**{**base, **overrides})
 
 
-def read_checkpoint(path: str | Path) -> Any:
-    """Load ``.safetensors`` or a torch pickle without running pickled code (argparse namespaces, as in
-    SiT/REPA checkpoints, are allowed)."""
+def check_checkpoint_file(path: str | Path) -> Path:
+    """``path`` as a Path; a FileNotFoundError saying where the released weights are when it is no file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (the released Self-Flow weights are "
                                 "linked from github.com/black-forest-labs/Self-Flow)")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """Load ``.safetensors`` or a torch pickle without running pickled code (argparse namespaces, as in
+    SiT/REPA checkpoints, are allowed)."""
+    path = check_checkpoint_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
