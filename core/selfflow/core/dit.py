@@ -28,7 +28,13 @@ from .backbone_protocol import check_forward_inputs, embed_labels
 from .block_walk import BlockWalk
 from .modulation import TIME_EMBED_DIM, TokenTimesteps, gather_levels, modulate, timestep_embedding
 from .presets import apply_preset
-from .projector import MLPProjector, Projector
+from .projector import (
+    MLPProjector,
+    Projector,
+    init_projector,
+    outside_projector,
+    random_stream_apart,
+)
 from .tokens import Conditioning
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -218,19 +224,21 @@ class DiT(nn.Module):
         self.blocks = BlockList(DiTBlock(d, cfg.num_heads, cfg.mlp_hidden) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(d, out)
         self.projector: nn.Module | None = None
-        if cfg.projector_dims:
-            self.projector = MLPProjector(d, cfg.projector_dims)
-        elif cfg.projector_mult:
-            self.projector = Projector(d, int(d * cfg.projector_mult))
+        with random_stream_apart():  # the rest of the weights draw alike with or without a projector
+            if cfg.projector_dims:
+                self.projector = MLPProjector(d, cfg.projector_dims)
+            elif cfg.projector_mult:
+                self.projector = Projector(d, int(d * cfg.projector_mult))
         self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """DiT init: Xavier linears, N(0, 0.02) embeddings, zero adaLN and output (blocks start as identity)."""
-        for m in self.modules():
+        for m in outside_projector(self, self.projector):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+        init_projector(self.projector)
         with torch.no_grad():
             self.pos_embed.copy_(sincos_pos_embed_2d(self.cfg.hidden_size, self.cfg.grid_size)[None])
         if self.y_embedder is not None:

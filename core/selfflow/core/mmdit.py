@@ -23,7 +23,7 @@ from .block_walk import BlockWalk
 from .mmdit_blocks import DoubleStreamBlock, FinalLayer, Modulation, SingleStreamBlock
 from .modulation import TIME_EMBED_DIM, TokenTimesteps, gather_levels, timestep_embedding
 from .presets import apply_preset
-from .projector import Projector
+from .projector import Projector, init_projector, outside_projector, random_stream_apart
 from .rope import rope_cos_sin
 from .tokens import Conditioning
 
@@ -129,17 +129,19 @@ class MMDiT(nn.Module):
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(d, cfg.num_heads, cfg.mlp_hidden) for _ in range(cfg.depth_single))
         self.final = nn.ModuleDict({m: FinalLayer(d, c) for m, c in cfg.modalities.items()})
-        self.projector = Projector(d, int(d * cfg.projector_mult)) if cfg.projector_mult else None
+        with random_stream_apart():  # the rest of the weights draw alike with or without a projector
+            self.projector = Projector(d, int(d * cfg.projector_mult)) if cfg.projector_mult else None
         self.activation_checkpointing = False  # recompute each block in backward (set by the trainer)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Xavier linears; zero modulation and output layers so every block starts as the identity."""
-        for m in self.modules():
+        for m in outside_projector(self, self.projector):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        init_projector(self.projector)
         for mod in (self.double_mod_img, self.double_mod_txt, self.single_mod):
             if mod is not None:
                 nn.init.zeros_(mod.lin.weight)

@@ -7,7 +7,44 @@ one as its ``projector`` attribute and applies it inside ``forward`` (``project=
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 from torch import Tensor, nn
+
+_APART = 0x5E1F_F10  # mixes the stream-apart seed away from the draws of the stream it was taken from
+
+
+@contextlib.contextmanager
+def random_stream_apart() -> Iterator[None]:
+    """Run the block on a random stream of its own, seeded from the global generators without advancing them.
+
+    A backbone builds and initialises its projector inside this, so the rest of its weights are the same draws with
+    a projector (Self-Flow, REPA) or without (flow matching): one ``train.seed`` gives every method the same
+    starting backbone, which a paired-seed comparison takes for granted (it did not hold before session 24)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # from the fork's copy: the outer stream stays put
+        torch.manual_seed(seed ^ _APART)
+        yield
+
+
+def init_projector(projector: nn.Module | None) -> None:
+    """Xavier linears and zero biases, drawn apart (:func:`random_stream_apart`)."""
+    if projector is None:
+        return
+    with random_stream_apart():
+        for m in projector.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+def outside_projector(model: nn.Module, projector: nn.Module | None) -> Iterator[nn.Module]:
+    """``model.modules()`` without the projector's (those are initialised apart)."""
+    own = set() if projector is None else {id(m) for m in projector.modules()}
+    return (m for m in model.modules() if id(m) not in own)
 
 
 class Projector(nn.Module):
