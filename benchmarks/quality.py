@@ -3,9 +3,10 @@
 Methods: vanilla flow matching, REPA (the toy encoder: ``data.options.repa_encoder: toy``), Self-Flow and its
 two ablations (no masking, no representation loss). Datasets: the embedded digits (configs/tiny/digits.yaml)
 and synthetic shapes (configs/tiny/image.yaml). Every run is the tiny MMDiT at equal optimizer steps and batch;
-seed k gives every method the same initialisation, data order and evaluation noise, so differences are paired.
+seed k gives every method the same initial backbone (a projector is drawn apart since session 24), and every
+seed and method the same data order (``data.options.data_seed``) and evaluation noise, so differences are paired.
 
-At ``--evals`` evenly spaced points the trainer's online evaluator samples ``--eval-samples`` images from the
+Every ``steps // evals`` steps and at the last step (``--evals`` 6 of 1,000 steps: 166 … 996 and 1,000) the trainer's online evaluator samples ``--eval-samples`` images from the
 EMA model with the same sampler and the same noise for every method (:data:`SAMPLER`, seed ``sample.seed + 1``)
 and scores the dataset's probe-FD and conditional accuracy; after training, ``selfflow eval linear-probe``
 measures each block's linear-probe accuracy (t = 0, 0.25, 0.5). Then: per method the mean with a 95 % interval
@@ -254,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--evals", type=int, help="evaluation points (evenly spaced, the last at the end)")
+    ap.add_argument("--evals", type=int, help="evaluations every steps // evals steps, plus one at the last step")
     ap.add_argument("--eval-samples", type=int, help="generated samples per evaluation during training")
     ap.add_argument("--final-samples", type=int, help="generated samples of the final FD (the table's)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),

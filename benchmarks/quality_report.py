@@ -4,7 +4,7 @@ Input: one record per run, ``{"dataset", "method", "seed", "steps", "s_per_step"
 "probe_fd", "probe_acc"}, ...], "final": {"probe_fd", "probe_acc"} (a larger last evaluation, optional),
 "linear_probe": {"accuracy": {block: {t: acc}}} | None}``; the table's final numbers are ``final``'s. Per dataset and
 method: the mean over seeds with its 95 % Student-t interval at every evaluation; the paired difference to
-the baseline (same seed = same initialisation, data order, evaluation noise) with its interval at the last
+the baseline (same seed = same initial backbone; data order and evaluation noise shared by all) with its interval at the last
 step both reached; linear-probe accuracy per block; the convergence speed-up over the baseline per seed
 (:func:`.quality_stats.speedup`), at equal steps and at equal wall-clock.
 """

@@ -1,8 +1,9 @@
 """The statistics of ``make bench-quality``: t-intervals over seeds, paired differences, convergence speed-ups.
 
-Seeds are the unit of replication: seed k gives every method the same initialisation, data order and
-evaluation noise, so a method's effect is estimated from the per-seed differences to the baseline (a paired
-t-interval), which removes the seed-to-seed variance both methods share.
+Seeds are the unit of replication: seed k gives every method the same initial backbone (since session 24; the
+data order and evaluation noise are the same for every seed), so a method's effect is estimated from the
+per-seed differences to the baseline (a paired t-interval), which removes the initialisation variance both
+methods share (not the data-order or sampling-noise variance, which the seeds do not vary).
 """
 
 from __future__ import annotations
