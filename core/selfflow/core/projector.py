@@ -25,7 +25,8 @@ def random_stream_apart() -> Iterator[None]:
     starting backbone, which a paired-seed comparison takes for granted (it did not hold before session 24)."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        seed = int(torch.randint(0, 2**62, (1,)).item())  # from the fork's copy: the outer stream stays put
+        # from the fork's copy (the outer stream stays put), on the CPU whatever device the model is built on (meta)
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
         torch.manual_seed(seed ^ _APART)
         yield
 
