@@ -88,6 +88,7 @@ class Trainer:
                         for n, m in self.run.modalities.items()}
         self.step = 0
         self.eval_pending = False  # this step's evaluation was deferred by a stop: the resumed run does it first
+        self.resumed_batches: tuple[int | None, dict[str, int] | None] = (None, None)  # ranks, global batches
         self.tokens_per_sample: dict[str, int] = {}
         self.context_per_sample: dict[str, int] = {}  # caption tokens (padded: all computed), for the FLOPs
 
@@ -137,7 +138,7 @@ class Trainer:
             fresh, ignored = self.init_report["fresh"], self.init_report["ignored"]
             loaded = len(self.raw.state_dict()) - len(fresh)
             log.info("init_from %s (%s weights of %s): %d tensors loaded; %d fresh (not in the source)%s; %d ignored "
-                     "(not in this model)%s", tc.init_from, tc.init_weights, self.init_report["file"][0], loaded, len(fresh),
+                     "(not in this model)%s", tc.init_from, tc.init_weights, self.init_source, loaded, len(fresh),
                      f": {names(fresh)}" if fresh else "", len(ignored), f": {names(ignored)}" if ignored else "")
         if tc.freeze:
             log.info("train.freeze %s: %s parameter values frozen", list(tc.freeze), f"{self.frozen_params:,}")
@@ -149,10 +150,11 @@ class Trainer:
         raw = self.run.backbone.to(self.device)
         raw.activation_checkpointing = tc.activation_checkpointing
         self.init_report: dict[str, list[str]] | None = None
+        self.init_source: Path | None = None  # the file init_from's weights came from
         if tc.init_from and not (resume and latest_checkpoint(self.run_dir / "checkpoints")):
             try:
-                weights, read = read_init_weights(tc.init_from, tc.init_weights)
-                self.init_report = {**init_from(raw, weights), "file": [str(read)]}
+                weights, self.init_source = read_init_weights(tc.init_from, tc.init_weights)
+                self.init_report = init_from(raw, weights)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         self.frozen_params = freeze(raw, tc.freeze)
@@ -178,7 +180,7 @@ class Trainer:
     def global_batch_changes(self) -> list[str]:
         """How a resume changes each modality's global batch: ``train.batch_size`` is per rank, so the "same
         command" on another number of ranks is another run (silently, until this said so)."""
-        world_then, then = getattr(self, "resumed_batches", (None, None))
+        world_then, then = self.resumed_batches
         world, accum, out = self.dist.world_size, self.cfg.train.grad_accum_steps, []
         for name in self.entries:
             now = self.global_batch(name)
