@@ -82,7 +82,12 @@ def test_probe_cli_scores_a_run(probe, tmp_path, capsys):
     result = json.loads((tmp_path / "cli" / "probe_metrics.json").read_text())
     assert result["num_samples"] == 30 and result["probe_fd"] > 0 and "not FID" in result["protocol"]
     assert (result["sampler"]["cfg_scale"], result["sampler"]["steps"]) == (1.0, 2)  # a metric: no guidance
-    assert "probe_fd" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "probe_fd" in printed.out
+    # 30 samples of 128-d features: said, in the JSON and on stderr (the README suggested --num 100 once)
+    [note] = result["notes"]
+    assert "from 30 samples of 128-d probe features" in note
+    assert "note: probe_fd from 30 samples of 128-d probe features" in printed.err
     # the run's export (the same EMA weights) scores the same; so does its weights file
     for source in (tmp_path / "cli" / "pretrained", tmp_path / "cli" / "ema.safetensors"):
         out = tmp_path / f"{source.name}.json"

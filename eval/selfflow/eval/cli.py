@@ -191,16 +191,23 @@ def _run_probe(args: argparse.Namespace) -> int:
     with tqdm(total=sampler.steps, desc=f"sampling {args.num}", unit="step", leave=False,
               disable=args.no_progress or None) as bar:
         media, labels = generate(model, modality, args.num, sampler, args.seed, device, bar.update)
-    scores = load(evaluators()[modality.evaluator])(modality)(media, labels)
+    evaluator = load(evaluators()[modality.evaluator])(modality)
+    scores = evaluator(media, labels)
+    notes = []
+    if (dim := len(getattr(getattr(evaluator, "reference", None), "mean", ()))) > args.num:
+        notes.append(f"probe_fd from {args.num} samples of {dim}-d probe features: the covariance is singular and "
+                     f"the distance is mostly small-sample bias (use --num {dim} or more; 500 by default)")
     result = {**scores, "protocol": f"{modality.evaluator}-v1 (a proxy on built-in data, not FID)",
               "run": str(args.run), "modality": modality.name, "num_samples": args.num,
-              "sampler": sampler.model_dump()}
+              "sampler": sampler.model_dump(), "notes": notes}
     if cfg.data.mixture:  # a mixed run: say which of its modalities was scored
         print(f"probe on the {modality.name!r} samples of a mixed run "
               f"({', '.join(e.modality for e in cfg.data.mixture)})")
     out = args.out or model_root(args.run) / "probe_metrics.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"probe_fd {scores['probe_fd']:.4f}   probe_acc {scores['probe_acc']:.3f}   ({args.num} samples)")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote {out}")
     return 0
 
