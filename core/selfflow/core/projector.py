@@ -23,7 +23,9 @@ def random_stream_apart() -> Iterator[None]:
     A backbone builds and initialises its projector inside this, so the rest of its weights are the same draws with
     a projector (Self-Flow, REPA) or without (flow matching): one ``train.seed`` gives every method the same
     starting backbone, which a paired-seed comparison takes for granted (it did not hold before session 24)."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    # this rank's GPU only: forking every visible device made each rank of a node open a context on all of them
+    # (a model built on the GPU has initialised CUDA by the time its projector is built; one on the CPU draws none)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         # from the fork's copy (the outer stream stays put), on the CPU whatever device the model is built on (meta)
         seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
