@@ -210,3 +210,14 @@ def test_a_shard_gone_from_the_disk_is_counted_as_lost_not_dropped(tmp_path, cap
     # (the order hashes the URLs, so the path of tmp_path decides)
     assert len(batches) == 12 and (stream.skipped, stream.lost_shards) in ((4, 1), (8, 2))
     assert "shard-000001.tar, key ?): unreadable shard: FileNotFoundError" in caplog.text
+
+
+def test_the_data_order_does_not_depend_on_where_the_data_lies(tmp_path):
+    """The epoch order hashes each shard's path below the shards' shared folder, not its full path: the same
+    shards in another folder (another clone, another disk) give the same batches."""
+    for where in ("a", "deeper/b"):
+        write_shards(list(range(24)), _process, tmp_path / where / "train", shard_size=3)
+    first, second = (ShardStream(shard_urls(tmp_path / w / "train"), 4, seed=1) for w in ("a", "deeper/b"))
+    names = [[u.rsplit("/", 1)[1] for u in s.epoch_shards(e)] for s in (first, second) for e in (0, 1)]
+    assert names[:2] == names[2:] and names[0] != sorted(names[0])
+    assert [b["captions"] for b in _one_epoch(first)] == [b["captions"] for b in _one_epoch(second)]

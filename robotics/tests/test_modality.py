@@ -59,12 +59,13 @@ def test_bad_options_are_clear_errors(fake_data_dir):
 def test_tiny_model_overfits_one_batch_of_action_chunks(fake_data_dir, tmp_path):
     """The real Trainer (Self-Flow objective under the rt1 token schedule, EMA teacher) on one repeated
     batch: the actions' flow-matching error at fixed levels and noise (current frame clean) must fall
-    strongly within 40 steps, and the per-group losses are logged."""
+    strongly within 120 steps, and the per-group losses are logged. (At the config's lr, 1e-3, the error falls
+    to 0.27-0.38 of its start over train.seed 0-3; at 3e-3 it oscillated, 0.57-0.75 at 80 steps.)"""
     from selfflow.robotics.validate import flow_losses
 
     cfg = load_config("configs/tiny/rt1.yaml", [
-        f"output_dir={tmp_path}", f"data.options.fake_dir={fake_data_dir}", "train.steps=80",
-        "train.batch_size=4", "optim.lr=0.003", "optim.warmup_steps=0", "data.options.image_size=[16,16]"])
+        f"output_dir={tmp_path}", f"data.options.fake_dir={fake_data_dir}", "train.steps=120",
+        "train.batch_size=4", "optim.lr=0.001", "optim.warmup_steps=0", "data.options.image_size=[16,16]"])
     torch.manual_seed(0)
     tr = Trainer(cfg, resume=False, progress=False)
     objective = tr.run.objectives["rt1"]
@@ -79,12 +80,12 @@ def test_tiny_model_overfits_one_batch_of_action_chunks(fake_data_dir, tmp_path)
         return flow_losses(tr.raw, m, tokens, cond, (0.3, 0.6), seed=0)["val_loss_fm_action"]
 
     before = action_error()
-    for _ in range(80):
+    for _ in range(120):
         out = tr.train_step([batch], "rt1")
     after = action_error()
     assert {"loss_fm_video", "loss_fm_action"} <= set(out) and np.isfinite(out["loss"])
     assert "loss_fm_context" not in out  # the clean current frame carries no loss
-    assert after < 0.7 * before, (before, after)
+    assert after < 0.6 * before, (before, after)
 
 
 def test_legacy_plain_objective_still_trains(fake_data_dir, tmp_path):

@@ -1,6 +1,8 @@
 """Reading shards: the one resumable stream every modality's prepared data goes through.
 
-Each epoch the shard list is ordered by ``sha256(seed/epoch/url)`` (the same order on every rank); rank
+Each epoch the shard list is ordered by ``sha256(seed/epoch/name)`` (the same order on every rank), where a
+shard's name is its path below the folder all the shards share, so that moving the data (another clone, another
+disk) keeps the run's data order; rank
 ``r`` of ``W`` reads shards ``r, r+W, …``, and its data-loader workers split those again. Samples may pass
 through a seeded shuffle buffer. A modality's :data:`~selfflow.core.data.shard_format.Decoder` turns the
 raw members into a sample.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import tarfile
 from collections.abc import Callable, Iterator
@@ -68,6 +71,14 @@ def split_by_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
         raise ValueError(f"{len(urls)} shard(s) cannot be split over {world_size} ranks: write more "
                          "shards (prepare --shard-size smaller) or use fewer ranks")
     return urls[rank::world_size]
+
+
+def shard_names(urls: list[str]) -> dict[str, str]:
+    """Each shard's path below the deepest folder all of ``urls`` share: what the epoch order hashes. Hashing the
+    URL itself tied the order, and so every number of a run, to where the data happened to lie."""
+    paths = [os.path.abspath(u) for u in urls]
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    return {u: os.path.relpath(p, root) for u, p in zip(urls, paths)}
 
 
 def _expected_samples(url: str) -> int | None:
@@ -245,6 +256,7 @@ class ShardStream(DataStream):
             raise FileNotFoundError("no shards found (run `selfflow prepare …` first, and check data.options.shards)")
         urls = [*urls, *missing_shards(urls)]
         self.urls, self.batch_size, self.collate, self.decode = sorted(urls), batch_size, collate, decode
+        self._names = shard_names(self.urls)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shape_key, self.num_workers, self.shuffle_buffer = shape_key, num_workers, shuffle_buffer
         split_by_rank(self.urls, rank, world_size)  # fail early with a clear message
@@ -255,7 +267,7 @@ class ShardStream(DataStream):
 
     def epoch_shards(self, epoch: int) -> list[str]:
         """This rank's shards of ``epoch``, in reading order."""
-        order = sorted(self.urls, key=lambda u: hashlib.sha256(f"{self.seed}/{epoch}/{u}".encode()).digest())
+        order = sorted(self.urls, key=lambda u: hashlib.sha256(f"{self.seed}/{epoch}/{self._names[u]}".encode()).digest())
         return split_by_rank(order, self.rank, self.world_size)
 
     def _epoch_events(self, epoch: int) -> Iterator[Decoded | Skip]:
