@@ -63,3 +63,19 @@ def test_no_validation_episodes_skip_the_metrics_not_the_rollouts(tmp_path, caps
     args = argparse.Namespace(steps=2, seed=0, video="joint", out=str(tmp_path / "eval"))
     assert _validate(None, SimpleNamespace(root=tmp_path), args, "cpu") is None
     assert "holds no validation episodes" in capsys.readouterr().out and not (tmp_path / "eval").exists()
+
+
+def test_a_class_conditioned_run_is_refused_before_tasks_it_cannot_read(fake_data_dir):
+    """The fake instructions hold the drawer task's two but not Move Near's: `selfflow simpler` stopped with a
+    ValueError at Move Near's first episode; it now refuses before any rollout, naming the instruction."""
+    import pytest
+
+    from selfflow.core.config import ConfigError
+    from selfflow.robotics.cli import check_instructions
+    from selfflow.robotics.modality import RT1Modality
+
+    m = RT1Modality({"dataset": "fake", "fake_dir": str(fake_data_dir), "conditioning": "class"})
+    check_instructions(m, ["open_top_drawer_place_apple"])
+    with pytest.raises(ConfigError, match=r"class-conditioned .*'move blue plastic bottle near pepsi can'.*--task"):
+        check_instructions(m, ["move_near", "open_top_drawer_place_apple"])
+    check_instructions(RT1Modality({"dataset": "fake", "fake_dir": str(fake_data_dir)}), ["move_near"])  # text

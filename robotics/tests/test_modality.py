@@ -191,3 +191,22 @@ def test_the_action_statistics_are_recorded_and_used_without_the_data(fake_data_
     with replaying({str(gone / "stats.json"): facts[key], **recorded}):
         assert _modality(fake_data_dir).stats.q99 == recorded[key]["q99"]
         assert _modality(gone).stats == trained.stats and not gone.exists()  # no fake data made in its place
+
+
+def test_one_sample_file_holds_the_frames_and_the_actions(fake_data_dir, tmp_path):
+    """`selfflow sample --out-dir` keeps the one file `write_sample` returns: the default (a PNG, actions in a
+    JSON beside it) lost the actions."""
+    m = _modality(fake_data_dir, image_size=(16, 16))
+    frames = torch.rand(2, 3, 2, 16, 16) * 2 - 1
+    actions = torch.rand(2, 4, 7) * 4 - 2  # partly outside the normalised range: decode clips them
+    media = m.decode(m.pack(frames, actions).x)
+    path = m.write_sample(media[1], 2, tmp_path / "000001")
+    assert path == tmp_path / "000001.npz" and sorted(p.name for p in tmp_path.iterdir()) == ["000001.npz"]
+    got = np.load(path)
+    np.testing.assert_array_equal(got["frames"], ((frames[1].clamp(-1, 1) + 1) * 127.5).round().byte().permute(
+        1, 2, 3, 0).numpy())
+    want = m.normalizer.denormalize(m.normalizer.clip(actions[1]).numpy())
+    assert got["actions_raw"].dtype == np.float32 and got["actions_raw"].shape == (4, 7)
+    np.testing.assert_allclose(got["actions_raw"], want, rtol=1e-5, atol=1e-6)
+    assert str(got["instruction"]) == m.class_names[2]
+    assert str(np.load(m.write_sample(media[0], None, tmp_path / "x"))["instruction"]) == ""

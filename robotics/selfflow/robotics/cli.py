@@ -28,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"selfflow: error: {SIMPLER_INSTALL}", file=sys.stderr)
             return 2
     tasks = list(TASKS) if args.task == "all" else [args.task]
-    factory = _policy_factory(args)
+    factory = _policy_factory(args, tasks)
     settings = {"run": None if args.run is None else str(Path(args.run).resolve()), "policy": args.policy,
                 "steps": args.steps, "exec_horizon": args.exec_horizon, "sticky_steps": args.sticky_steps,
                 "video": args.video}
@@ -44,7 +44,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _policy_factory(args: argparse.Namespace):
+def check_instructions(modality, tasks: list[str]) -> None:
+    """Refuse, before any rollout, a class-conditioned run whose classes lack a task's instruction: it stopped at
+    the first such episode. (The real SIMPLER's Move Near changes its instruction per episode.)"""
+    from .simpler_eval import TASKS
+
+    try:
+        modality.with_labels({"captions": [s for t in tasks for s in TASKS[t].subtasks]})
+    except ValueError as e:
+        raise ConfigError(f"the run is class-conditioned and cannot read SIMPLER's instructions: {e}; or choose a "
+                          "--task whose instructions it knows") from None
+
+
+def _policy_factory(args: argparse.Namespace, tasks: list[str]):
     import numpy as np
 
     from .normalize import ActionNormalizer, ActionStats
@@ -65,6 +77,8 @@ def _policy_factory(args: argparse.Namespace):
     loaded = load_model(args.run, args.device, modality_name="rt1")
     model, modality = loaded.model, loaded.modality
     device = next(model.parameters()).device
+    if args.policy == "model":
+        check_instructions(modality, tasks)
     if args.validate and args.policy == "model":
         args.validation = _validate(model, modality, args, device)
     chunk_fn = SelfFlowPolicy(model, modality, steps=args.steps, seed=args.seed, device=device, video=args.video)

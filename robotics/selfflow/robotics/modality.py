@@ -299,6 +299,19 @@ class RT1Modality(CaptionedModalityMixin, Modality):
         path.with_suffix(".json").write_text(json.dumps(rows, indent=1))
         return png
 
+    def write_sample(self, media: torch.Tensor, label: int | None, path: Path) -> Path:
+        """One sample exactly, as ``<path>.npz``: ``frames`` uint8 ``(F, H, W, 3)``, ``actions_raw`` float32
+        ``(K, 7)`` (de-normalised, clipped to the action bounds) and ``instruction`` (its caption; empty when none).
+        ``selfflow sample --out-dir`` keeps one file per sample: the default PNG writer lost the actions."""
+        from selfflow.video.writer import to_uint8_frames
+
+        frames, actions = self.split_media(media[None])
+        path = Path(path).with_suffix(".npz")
+        np.savez(path, frames=to_uint8_frames(frames[0]).numpy(),
+                 actions_raw=self.normalizer.denormalize(actions[0].float().cpu().numpy()).astype(np.float32),
+                 instruction=np.array("" if label is None else self.class_names[label]))
+        return path
+
 
 def make_fake_dataset(root: str | Path, *, shards: int = 4, episodes_per_shard: int = 4, seed: int = 0) -> Path:
     """Generate fake RT-1 TFRecords (real key names, synthetic content) and convert them under ``root``."""
