@@ -28,6 +28,19 @@ from .test_distributed import assert_same_losses, train_process
 from .test_trainer import _cfg
 
 
+@pytest.fixture(autouse=True)
+def _live_sigint():
+    """Ctrl-C as a terminal delivers it. A test run started as a background job of a non-interactive shell
+    inherits SIGINT ignored, and our handler rightly leaves an ignored SIGINT alone (tested below): these tests'
+    own SIGINTs, and their training subprocesses' (Python's handler becomes the default at exec), would then
+    vanish and the Ctrl-C tests fail though the code is right."""
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def test_the_first_signal_is_recorded_and_the_handlers_restored():
     before = signal.getsignal(signal.SIGTERM)
     stop = StopRequest()
