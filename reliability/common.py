@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -77,8 +78,15 @@ def train_cmd(out: Path, name: str, *sets: str, nproc: int = 1, max_restarts: in
             f"--max-restarts={max_restarts}", "-m", "selfflow.core.cli", "train", "--no-progress", *args]
 
 
+def _live_sigint() -> None:
+    # A suite started as a background job of a non-interactive shell passes SIGINT on ignored, and the trainer
+    # rightly leaves an ignored SIGINT alone: the SIGINT faults would vanish. The child gets the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(cmd: list[str], timeout: float = 600, **extra_env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**extra_env), cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**extra_env), cwd=ROOT,
+                          preexec_fn=_live_sigint)
 
 
 def losses(records: list[dict[str, Any]]) -> list[tuple[int, float, float, float]]:
