@@ -79,8 +79,8 @@ def _policy_factory(args: argparse.Namespace, tasks: list[str]):
     device = next(model.parameters()).device
     if args.policy == "model":
         check_instructions(modality, tasks)
-    if args.validate and args.policy == "model":
-        args.validation = _validate(model, modality, args, device)
+        if args.validate:
+            args.validation = _validate(model, modality, args, device)
     chunk_fn = SelfFlowPolicy(model, modality, steps=args.steps, seed=args.seed, device=device, video=args.video)
     if args.policy == "zero":
         still = modality.normalizer.normalize(np.zeros((modality.options.chunk, 7), np.float32))  # raw 0

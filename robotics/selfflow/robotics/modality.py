@@ -301,8 +301,9 @@ class RT1Modality(CaptionedModalityMixin, Modality):
 
     def write_sample(self, media: torch.Tensor, label: int | None, path: Path) -> Path:
         """One sample exactly, as ``<path>.npz``: ``frames`` uint8 ``(F, H, W, 3)``, ``actions_raw`` float32
-        ``(K, 7)`` (de-normalised, clipped to the action bounds) and ``instruction`` (its caption; empty when none).
-        ``selfflow sample --out-dir`` keeps one file per sample: the default PNG writer lost the actions."""
+        ``(K, 7)`` (de-normalised, clipped to the action bounds) and ``instruction`` (a class-conditioned run's class
+        name, else empty: ``--prompts`` go to ``prompts.jsonl``). ``selfflow sample --out-dir`` keeps one file per
+        sample: the default PNG writer lost the actions."""
         from selfflow.video.writer import to_uint8_frames
 
         frames, actions = self.split_media(media[None])
