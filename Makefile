@@ -70,7 +70,7 @@ eval: setup  ## probe-FD / accuracy of a run on synthetic shapes (RUN=runs/tiny-
 bench: setup  ## speed benchmarks: a table and bench.json (~7 min on 2 quiet cores)
 	$(PY) benchmarks/run.py $(ARGS)
 
-bench-quality: setup  ## flow matching vs Self-Flow on digits, 5 paired seeds: CIs, linear probes, speed-ups (CPU, 54 min; REPA: ARGS="--methods flow_matching repa self_flow"; ARGS=--quick ~10 min, a pipeline check too short to compare the methods)
+bench-quality: setup  ## flow matching vs Self-Flow on digits, 5 paired seeds: CIs, linear probes, speed-ups (CPU, 54–65 min; REPA: ARGS="--methods flow_matching repa self_flow"; ARGS=--quick ~10 min, a pipeline check too short to compare the methods)
 	$(PY) benchmarks/quality.py $(ARGS)
 
 fault-test: setup  ## fault-injection suite (kills, corrupt data, config fuzzing …): writes docs/RELIABILITY.md (~11 min)

@@ -221,3 +221,21 @@ def test_the_data_order_does_not_depend_on_where_the_data_lies(tmp_path):
     names = [[u.rsplit("/", 1)[1] for u in s.epoch_shards(e)] for s in (first, second) for e in (0, 1)]
     assert names[:2] == names[2:] and names[0] != sorted(names[0])
     assert [b["captions"] for b in _one_epoch(first)] == [b["captions"] for b in _one_epoch(second)]
+
+
+def test_a_checkpoint_from_before_keeps_its_full_path_order(tmp_path, caplog):
+    """A stream state without ``shard_order`` (written when the order hashed full paths) resumes in that order,
+    with a warning, and says so in its own state; a new one records the order it reads in."""
+    import hashlib
+
+    write_shards(list(range(24)), _process, tmp_path, shard_size=3)
+    urls = shard_urls(tmp_path)
+    new = ShardStream(urls, 4, seed=1)
+    assert new.state_dict()["shard_order"] == "path below the shards' shared folder"
+    old_state = {k: v for k, v in new.state_dict().items() if k != "shard_order"}
+    old = ShardStream(urls, 4, seed=1)
+    with caplog.at_level(logging.WARNING):
+        old.load_state_dict(old_state)
+    full_path = sorted(old.urls, key=lambda u: hashlib.sha256(f"1/0/{u}".encode()).digest())
+    assert old.epoch_shards(0) == full_path != new.epoch_shards(0)
+    assert "keeps its full-path order" in caplog.text and old.state_dict()["shard_order"] == "full path"

@@ -186,6 +186,18 @@ def test_a_killed_sweep_continues_and_other_settings_are_refused(tmp_path):
         evaluate(lambda env: Scripted(env), ["move_near"], "fake", tmp_path, limit=4, settings={"steps": 20})
 
 
+def test_a_sweep_is_continued_by_its_weights_not_by_where_the_run_lies(tmp_path):
+    """The run's path is recorded, not compared: the same weights moved elsewhere continue the sweep, and a run
+    trained on in place (same path, new weights) is refused instead of mixed into one success rate."""
+    first = {"run": "/data/runs/a", "weights": "w1", "steps": 10}
+    evaluate(lambda env: Scripted(env), ["move_near"], "fake", tmp_path, limit=1, settings=first)
+    moved = evaluate(lambda env: Scripted(env), ["move_near"], "fake", tmp_path, limit=2,
+                     settings={**first, "run": "/mnt/other/a"})
+    assert moved["settings"]["run"] == "/mnt/other/a" and moved["tasks"]["move_near"]["episodes"] == 2
+    with pytest.raises(ValueError, match=r"other settings \(weights: 'w1' then, 'w2' now\)"):
+        evaluate(lambda env: Scripted(env), ["move_near"], "fake", tmp_path, limit=2, settings={**first, "weights": "w2"})
+
+
 def test_selfflow_policy_chunk_is_bounded_and_seeded(fake_data_dir):
     cfg = load_config("configs/tiny/rt1.yaml", [f"data.options.fake_dir={fake_data_dir}"])
     m = RT1Modality(cfg.data.options)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from selfflow.core.arg_types import add_model_argument, device_name, non_negative_int, positive_int
 from selfflow.core.config import ConfigError
@@ -28,8 +30,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"selfflow: error: {SIMPLER_INSTALL}", file=sys.stderr)
             return 2
     tasks = list(TASKS) if args.task == "all" else [args.task]
-    factory = _policy_factory(args, tasks)
-    settings = {"run": None if args.run is None else str(Path(args.run).resolve()), "policy": args.policy,
+    factory, weights = _policy_factory(args, tasks)
+    # the weights' digest, not the run's path, says which model ran: a run trained on in place is another model,
+    # a run moved or mounted elsewhere the same one
+    settings = {"run": None if args.run is None else str(Path(args.run).resolve()), "weights": weights,
+                "policy": args.policy,
                 "steps": args.steps, "exec_horizon": args.exec_horizon, "sticky_steps": args.sticky_steps,
                 "video": args.video}
     summary = evaluate(factory, tasks, args.env, args.out, args.limit, args.seed, settings)
@@ -56,7 +61,8 @@ def check_instructions(modality, tasks: list[str]) -> None:
                           "--task whose instructions it knows") from None
 
 
-def _policy_factory(args: argparse.Namespace, tasks: list[str]):
+def _policy_factory(args: argparse.Namespace, tasks: list[str]) -> tuple[Callable[[Any], Any], str | None]:
+    """The per-episode policy maker and the digest of the run's weights (``None`` without a run)."""
     import numpy as np
 
     from .normalize import ActionNormalizer, ActionStats
@@ -67,12 +73,13 @@ def _policy_factory(args: argparse.Namespace, tasks: list[str]):
                                             max=[1.0] * 7, q01=[-1.0] * 7, q99=[1.0] * 7))
     if args.policy == "oracle":
         return lambda env: SimplerPolicyAdapter(
-            lambda image, text: env.oracle_action()[None] * [1, 1, 1, 1, 1, 1, 0], identity, exec_horizon=1)
+            lambda image, text: env.oracle_action()[None] * [1, 1, 1, 1, 1, 1, 0], identity, exec_horizon=1), None
     if args.run is None:
         if args.policy == "zero":
-            return lambda env: SimplerPolicyAdapter(lambda image, text: np.zeros((4, 7), np.float32), identity)
+            return lambda env: SimplerPolicyAdapter(lambda image, text: np.zeros((4, 7), np.float32), identity), None
         raise ConfigError("--policy model needs --run <run directory of an rt1 training>")
     from selfflow.core.pretrained import load_model
+    from selfflow.core.sample_many import weights_digest
 
     loaded = load_model(args.run, args.device, modality_name="rt1")
     model, modality = loaded.model, loaded.modality
@@ -85,8 +92,9 @@ def _policy_factory(args: argparse.Namespace, tasks: list[str]):
     if args.policy == "zero":
         still = modality.normalizer.normalize(np.zeros((modality.options.chunk, 7), np.float32))  # raw 0
         chunk_fn = lambda image, text: still  # noqa: E731
-    return lambda env: SimplerPolicyAdapter(chunk_fn, modality.normalizer, exec_horizon=args.exec_horizon,
-                                            sticky_steps=args.sticky_steps, gripper=modality.options.gripper)
+    return (lambda env: SimplerPolicyAdapter(chunk_fn, modality.normalizer, exec_horizon=args.exec_horizon,
+                                             sticky_steps=args.sticky_steps, gripper=modality.options.gripper),
+            weights_digest(model))
 
 
 def _validate(model, modality, args: argparse.Namespace, device) -> dict | None:

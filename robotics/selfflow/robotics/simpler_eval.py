@@ -123,7 +123,7 @@ def finished_rows(out: Path, settings: dict[str, Any]) -> dict[tuple[str, int], 
     rerun continues it), keyed by (task, episode); ``settings.json`` records the settings, and other ones are
     refused, naming them. A line cut short by a kill is dropped, and the file rewritten without it."""
     record, rows_file = out / "settings.json", out / "episodes.jsonl"
-    if changed := changed_settings(record, settings):
+    if changed := changed_settings(record, settings, informative=("run",)):  # "weights" says which model
         raise ValueError(f"{out} holds episodes run with other settings ({'; '.join(changed)}): give the same "
                          "ones to continue, or another --out")
     write_json(record, settings)

@@ -73,6 +73,11 @@ def split_by_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
     return urls[rank::world_size]
 
 
+# How an epoch's shard order names the shards, recorded in the stream's state: checkpoints written before the
+# order stopped depending on where the data lies say nothing, and keep their full-path order when resumed.
+BELOW_SHARED_FOLDER, FULL_PATH = "path below the shards' shared folder", "full path"
+
+
 def shard_names(urls: list[str]) -> dict[str, str]:
     """Each shard's path below the deepest folder all of ``urls`` share: what the epoch order hashes. Hashing the
     URL itself tied the order, and so every number of a run, to where the data happened to lie."""
@@ -256,7 +261,7 @@ class ShardStream(DataStream):
             raise FileNotFoundError("no shards found (run `selfflow prepare …` first, and check data.options.shards)")
         urls = [*urls, *missing_shards(urls)]
         self.urls, self.batch_size, self.collate, self.decode = sorted(urls), batch_size, collate, decode
-        self._names = shard_names(self.urls)
+        self._order, self._names = BELOW_SHARED_FOLDER, shard_names(self.urls)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shape_key, self.num_workers, self.shuffle_buffer = shape_key, num_workers, shuffle_buffer
         split_by_rank(self.urls, rank, world_size)  # fail early with a clear message
@@ -330,7 +335,8 @@ class ShardStream(DataStream):
                 "lost_shards": self._at_position[1], "world_size": self.world_size,
                 "batch_size": self.batch_size, "num_workers": self.num_workers,
                 "shuffle_buffer": self.shuffle_buffer,
-                "shape": None if self.shape is None else list(self.shape)}
+                "shape": None if self.shape is None else list(self.shape),
+                "shard_order": self._order}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         was = (state["world_size"], state["batch_size"], state.get("num_workers", 0))
@@ -347,6 +353,10 @@ class ShardStream(DataStream):
         # the reference shape of the samples, which the uninterrupted run took from its first good sample
         if state.get("shape") is not None:
             self.shape = tuple(state["shape"])
+        if state.get("shard_order", FULL_PATH) == FULL_PATH:  # resumed in the order it was read in
+            self._order, self._names = FULL_PATH, {u: u for u in self.urls}
+            log.warning("resuming a shard stream checkpointed before the shard order stopped depending on where the "
+                        "data lies: the run keeps its full-path order (exact only with the data where it was)")
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
         self.skipped, self.lost_shards = int(state["skipped"]), int(state.get("lost_shards", 0))
         self._at_position = (self.skipped, self.lost_shards)
