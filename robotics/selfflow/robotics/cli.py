@@ -34,9 +34,8 @@ def _run(args: argparse.Namespace) -> int:
     # the weights' digest, not the run's path, says which model ran: a run trained on in place is another model,
     # a run moved or mounted elsewhere the same one
     settings = {"run": None if args.run is None else str(Path(args.run).resolve()), "weights": weights,
-                "policy": args.policy,
-                "steps": args.steps, "exec_horizon": args.exec_horizon, "sticky_steps": args.sticky_steps,
-                "video": args.video}
+                "policy": args.policy, "steps": args.steps, "exec_horizon": args.exec_horizon,
+                "sticky_steps": args.sticky_steps, "video": args.video}
     summary = evaluate(factory, tasks, args.env, args.out, args.limit, args.seed, settings)
     if getattr(args, "validation", None) is not None:
         print("validation on held-out episodes: " + ", ".join(

@@ -78,9 +78,12 @@ def split_by_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
 BELOW_SHARED_FOLDER, FULL_PATH = "path below the shards' shared folder", "full path"
 
 
-def shard_names(urls: list[str]) -> dict[str, str]:
+def shard_names(urls: list[str], order: str = BELOW_SHARED_FOLDER) -> dict[str, str]:
     """Each shard's path below the deepest folder all of ``urls`` share: what the epoch order hashes. Hashing the
-    URL itself tied the order, and so every number of a run, to where the data happened to lie."""
+    URL itself (``order`` :data:`FULL_PATH`, kept for older checkpoints) tied the order, and so every number of a
+    run, to where the data happened to lie."""
+    if order == FULL_PATH:
+        return {u: u for u in urls}
     paths = [os.path.abspath(u) for u in urls]
     root = os.path.commonpath([os.path.dirname(p) for p in paths])
     return {u: os.path.relpath(p, root) for u, p in zip(urls, paths)}
@@ -261,7 +264,7 @@ class ShardStream(DataStream):
             raise FileNotFoundError("no shards found (run `selfflow prepare …` first, and check data.options.shards)")
         urls = [*urls, *missing_shards(urls)]
         self.urls, self.batch_size, self.collate, self.decode = sorted(urls), batch_size, collate, decode
-        self._order, self._names = BELOW_SHARED_FOLDER, shard_names(self.urls)
+        self._order = BELOW_SHARED_FOLDER
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shape_key, self.num_workers, self.shuffle_buffer = shape_key, num_workers, shuffle_buffer
         split_by_rank(self.urls, rank, world_size)  # fail early with a clear message
@@ -272,7 +275,8 @@ class ShardStream(DataStream):
 
     def epoch_shards(self, epoch: int) -> list[str]:
         """This rank's shards of ``epoch``, in reading order."""
-        order = sorted(self.urls, key=lambda u: hashlib.sha256(f"{self.seed}/{epoch}/{self._names[u]}".encode()).digest())
+        names = shard_names(self.urls, self._order)
+        order = sorted(self.urls, key=lambda u: hashlib.sha256(f"{self.seed}/{epoch}/{names[u]}".encode()).digest())
         return split_by_rank(order, self.rank, self.world_size)
 
     def _epoch_events(self, epoch: int) -> Iterator[Decoded | Skip]:
@@ -354,7 +358,7 @@ class ShardStream(DataStream):
         if state.get("shape") is not None:
             self.shape = tuple(state["shape"])
         if state.get("shard_order", FULL_PATH) == FULL_PATH:  # resumed in the order it was read in
-            self._order, self._names = FULL_PATH, {u: u for u in self.urls}
+            self._order = FULL_PATH
             log.warning("resuming a shard stream checkpointed before the shard order stopped depending on where the "
                         "data lies: the run keeps its full-path order (exact only with the data where it was)")
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
