@@ -188,6 +188,23 @@ def test_resume_conflicts_name_fixed_keys_only():
     assert resume_conflicts(stored, stored) == []
 
 
+def test_where_the_data_lies_may_change_on_a_resume():
+    """The keys of a modality's data-location options, in a single-modality config and in a mixture, are the
+    ones a resume lets change (the data moved; the stream's state checks it is the same data)."""
+    from selfflow.core.config import location_keys, resume_conflicts
+
+    single = {"data": {"modality": "image", "options": {"shards": "/a", "codec": "sd_vae"}}}
+    assert location_keys(single, {"image": ["shards"], "audio": ["shards"]}) == {"data.options.shards"}
+    mixed = {"data": {"mixture": [{"modality": "image", "options": {"shards": "/a"}},
+                                  {"modality": "audio", "options": {"shards": "/b"}}]}}
+    keys = location_keys(mixed, {"audio": ["shards"]})
+    assert keys == {"data.mixture.1.options.shards"}
+    moved = {"data": {"mixture": [{"modality": "image", "options": {"shards": "/c"}},
+                                  {"modality": "audio", "options": {"shards": "/d"}}]}}
+    assert resume_conflicts(mixed, moved, movable=keys) == [
+        "data.mixture.0.options.shards (checkpoint '/a', now '/c')"]  # image's shards were not declared movable
+
+
 def test_resume_may_change_pin_memory():
     from selfflow.core.config import resume_conflicts
 

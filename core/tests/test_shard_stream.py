@@ -239,3 +239,35 @@ def test_a_checkpoint_from_before_keeps_its_full_path_order(tmp_path, caplog):
     full_path = sorted(old.urls, key=lambda u: hashlib.sha256(f"1/0/{u}".encode()).digest())
     assert old.epoch_shards(0) == full_path != new.epoch_shards(0)
     assert "keeps its full-path order" in caplog.text and old.state_dict()["shard_order"] == "full path"
+
+
+def test_a_state_loads_on_the_same_shards_elsewhere_and_refuses_other_data(tmp_path):
+    """The stream keeps each shard's name below the shared folder and its size with its position: the same
+    shards in another folder resume (a copy's path is not its identity); shards added, renamed or of another
+    size are refused, naming the difference; a shard gone since only counts as lost, as it would have."""
+    import shutil
+
+    write_shards(list(range(24)), _process, tmp_path / "a", shard_size=3)
+    a = ShardStream(shard_urls(tmp_path / "a"), 4, seed=1)
+    next(iter(a))
+    state = a.state_dict()
+    assert len(state["shard_sizes"]) == 8 and all(size > 0 for size in state["shard_sizes"].values())
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    b = ShardStream(shard_urls(tmp_path / "b"), 4, seed=1)
+    b.load_state_dict(state)
+    assert next(iter(b))["captions"] == next(iter(a))["captions"]
+
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    (tmp_path / "c" / "shard-000007.tar").unlink()  # its .json report stays: the reader counts it as lost
+    ShardStream(shard_urls(tmp_path / "c"), 4, seed=1).load_state_dict(state)
+    (tmp_path / "c" / "shard-000007.json").unlink()  # no trace of it: the data now is other data
+    with pytest.raises(ValueError, match=r"other data than it was reading \(8 shards then, 7 now; not there: "
+                                         r"shard-000007.tar\)"):
+        ShardStream(shard_urls(tmp_path / "c"), 4, seed=1).load_state_dict(state)
+    with open(tmp_path / "b" / "shard-000002.tar", "ab") as f:
+        f.write(b"\0" * 512)
+    with pytest.raises(ValueError, match=r"other contents: shard-000002.tar \(\d+ bytes then, \d+ now\)"):
+        ShardStream(shard_urls(tmp_path / "b"), 4, seed=1).load_state_dict(state)
+    write_shards(list(range(27)), _process, tmp_path / "d", shard_size=3)
+    with pytest.raises(ValueError, match=r"8 shards then, 9 now; new: shard-000008.tar"):
+        ShardStream(shard_urls(tmp_path / "d"), 4, seed=1).load_state_dict(state)

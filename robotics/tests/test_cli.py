@@ -1,6 +1,9 @@
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 
 def _cli(*args, cwd=None):
@@ -48,6 +51,24 @@ def test_train_then_roll_out_the_model_in_the_fake_env(tmp_path):
     assert val["video"] == "joint"  # the policy mode the metrics were sampled in (--video applies to them too)
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("loss_fm_action" in rec and "loss_fm_video" in rec for rec in logged)
+
+
+@pytest.mark.distributed
+def test_two_torchrun_ranks_generate_the_fake_data_once_and_train(tmp_path):
+    """The tiny config's first run under torchrun: every rank generated and converted the fake data into the
+    same folder, each (by RANK / WORLD_SIZE) only its share of the shards, so no rank found stats.json and the
+    job died before its first step. Rank 0 now makes all of it while the other waits."""
+    repo = __file__.rsplit("/robotics/", 1)[0]
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+         "selfflow.core.cli", "train", "--config", f"{repo}/configs/tiny/rt1.yaml", "--no-progress",
+         *(a for s in ("train.steps=2", "train.batch_size=4", "sample.every=0", "train.num_threads=1")
+           for a in ("--set", s))],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "2 rank(s)" in r.stdout and (tmp_path / "runs/tiny-rt1/checkpoints/step_00000002.pt").is_file()
+    data = tmp_path / "runs/rt1-fake-data"  # the config's folder, relative to where the job started
+    assert json.loads((data / "manifest.json").read_text())["episodes"] == {"train": 11, "val": 5}
 
 
 def test_no_validation_episodes_skip_the_metrics_not_the_rollouts(tmp_path, capsys):

@@ -1,3 +1,6 @@
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -86,6 +89,38 @@ def test_tiny_model_overfits_one_batch_of_action_chunks(fake_data_dir, tmp_path)
     assert {"loss_fm_video", "loss_fm_action"} <= set(out) and np.isfinite(out["loss"])
     assert "loss_fm_context" not in out  # the clean current frame carries no loss
     assert after < 0.6 * before, (before, after)
+
+
+def test_a_run_resumes_exactly_with_its_data_moved_and_refuses_other_data(fake_data_dir, tmp_path):
+    """The data copied elsewhere between two sessions (another disk, a node's scratch): the option that says where
+    it lies (``data_location``) may change on a resume, and the stream checks that the shards there are those it
+    was reading (names below their folder, sizes), then continues with the uninterrupted run's numbers. The
+    changed path used to refuse the resume; other data is refused now, by the stream."""
+    from selfflow.core.metrics import read_metrics
+
+    here, there, other = tmp_path / "here", tmp_path / "there", tmp_path / "other"
+    shutil.copytree(fake_data_dir, here)
+
+    def fit(name: str, data: Path, steps: int) -> list[float]:
+        cfg = load_config("configs/tiny/rt1.yaml", [
+            f"output_dir={tmp_path}", f"name={name}", f"data.options.fake_dir={data}", f"train.steps={steps}",
+            "train.batch_size=2", "data.options.image_size=[16,16]", "checkpoint.every=2", "sample.every=0",
+            "logging.every=1"])
+        tr = Trainer(cfg, progress=False)
+        with tr.log.text_log():
+            tr.fit()
+        return [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+
+    whole = fit("whole", here, 4)
+    fit("split", here, 2)
+    shutil.copytree(here, there)
+    shutil.copytree(here, other)
+    shutil.rmtree(here)  # the data is gone from where the run began
+    assert fit("split", there, 4) == whole
+    assert "data.options.fake_dir" in (tmp_path / "split" / "train.log").read_text()  # the move is logged
+    sorted((other / "train").glob("*.tar"))[-1].unlink()
+    with pytest.raises(Exception, match=r"on other data than it was reading \(4 shards then, 3 now; not there"):
+        fit("split", other, 6)
 
 
 def test_legacy_plain_objective_still_trains(fake_data_dir, tmp_path):

@@ -19,7 +19,7 @@ from selfflow.core.data.indexed_stream import IndexedStream
 from selfflow.core.data.shard_format import check_shard_record, read_codec_info, required_shard_urls
 from selfflow.core.data.shard_stream import ShardReadOptions, ShardStream
 from selfflow.core.data.stats import latent_stats
-from selfflow.core.modality import Batch, DataStream, Modality, options_union
+from selfflow.core.modality import Batch, DataStream, Modality, data_location, options_union
 from selfflow.core.registry import register_modality
 from selfflow.core.sampler import SamplerSettings
 from selfflow.core.timesteps import TimestepDistribution
@@ -68,7 +68,7 @@ class SyntheticTonesOptions(_CommonAudioOptions):
 
 class AudioShardsOptions(_CommonAudioOptions, ShardReadOptions):
     dataset: Literal["latent_shards"]
-    shards: str = Field(description="directory written by `selfflow prepare audio`")
+    shards: str = data_location("directory written by `selfflow prepare audio`")
 
 
 AudioOptions = options_union("dataset", "synthetic_tones", SyntheticTonesOptions, AudioShardsOptions)

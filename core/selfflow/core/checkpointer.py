@@ -40,7 +40,14 @@ from .checkpoint import (
     resume_hint,
     save_checkpoint,
 )
-from .config import CheckpointConfig, ConfigError, RunConfig, resume_conflicts, short_repr
+from .config import (
+    CheckpointConfig,
+    ConfigError,
+    RunConfig,
+    location_keys,
+    resume_conflicts,
+    short_repr,
+)
 from .distributed import DistInfo, barrier, gather_objects, leave_out_of_step
 from .pretrained import save_pretrained
 from .safe_yaml import YamlError, parse_yaml
@@ -131,17 +138,21 @@ class Checkpointer:
 
     def __init__(self, cfg: RunConfig, dist: DistInfo, components: dict[str, Stateful],
                  collective_state: bool = False, objectives: dict[str, dict[str, Any]] | None = None,
-                 data_options: dict[str, dict[str, Any]] | None = None):
+                 data_options: dict[str, dict[str, Any]] | None = None,
+                 data_locations: dict[str, list[str]] | None = None):
         """``collective_state``: gathering the state is itself a collective (sharded models, FSDP2).
         ``objectives``: each modality's resolved objective settings (``ResolvedObjective.settings``), and
         ``data_options`` its options with every default filled, both kept in the checkpoint: a resume tells a
-        default written out from a changed objective, and sees a default that changed in the code (a plug-in's)."""
+        default written out from a changed objective, and sees a default that changed in the code (a plug-in's).
+        ``data_locations``: each modality's options that say where its data lies (``location_options``), which a
+        resume lets change: the data moved (its stream's state checks that it is the same data)."""
         self.cfg: CheckpointConfig = cfg.checkpoint
         self.collective_state = collective_state and dist.enabled
         self.config = cfg.model_dump(mode="json")
         self.config_text = yaml.safe_dump(self.config)
         self.resolved_texts = {key: json.dumps(value, sort_keys=True) for key, value in
                                (("objectives", objectives), ("data_options", data_options)) if value is not None}
+        self.data_locations = data_locations or {}
         self.resumed_config: dict[str, Any] = {}  # the config stored in the checkpoint resumed from
         self.dist = dist
         self.components = components
@@ -186,7 +197,8 @@ class Checkpointer:
             raise CheckpointLoadError(str(e)) from None
         objectives = self.resolved_texts.get("objectives")
         same_objectives = objectives is not None and state.get("objectives") == objectives
-        conflicts = resume_conflicts(stored if isinstance(stored, dict) else {}, self.config, same_objectives)
+        conflicts = resume_conflicts(stored if isinstance(stored, dict) else {}, self.config, same_objectives,
+                                     movable=location_keys(self.config, self.data_locations))
         if conflicts:
             raise ConfigError(
                 f"cannot resume from {path}: the config differs from the one it was trained with in "
@@ -215,8 +227,9 @@ class Checkpointer:
             old, new = json.loads(state[key]), json.loads(self.resolved_texts[key])
             for modality in sorted(set(old) & set(new)):
                 a, b = old[modality], new[modality]
+                moved = self.data_locations.get(modality, []) if key == "data_options" else []
                 lines += [f"{modality}: {section}.{k} (checkpoint {short_repr(a[k], 60)}, now {short_repr(b[k], 60)})"
-                          for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+                          for k in sorted(set(a) & set(b)) if a[k] != b[k] and k not in moved]
         return lines
 
     def set_aside(self) -> Path | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -332,11 +332,12 @@ _RESUME_NOTES = {"train.seed": "no effect on a resumed run: its generator and da
                                "checkpoint"}
 
 
-def changed_settings(stored: dict[str, Any], current: dict[str, Any], sections: tuple[str, ...] = ("train", "ema"),
+def changed_settings(stored: dict[str, Any], current: dict[str, Any],
+                     sections: tuple[str, ...] = ("train", "ema", "data"),
                      skip: tuple[str, ...] = ("train.steps",)) -> list[str]:
-    """``train.batch_size 8 → 4`` for every key of ``sections`` (free to change on a resume, unlike
-    :data:`RESUME_FIXED_SECTIONS`) that differs between a checkpoint's config and the current one — what the
-    resume log says, so that a config.yaml rewritten with the new value is not the only trace of it."""
+    """``train.batch_size 8 → 4`` for every key of ``sections`` that differs between a checkpoint's config and
+    the current one — what the resume log says, so that a config.yaml rewritten with the new value is not the
+    only trace of it. (Of ``data``, a resume lets only a few keys change: :func:`resume_conflicts`.)"""
     lines = []
     for section in sections:
         old = _flatten(stored.get(section, {}), section, {})
@@ -352,19 +353,32 @@ def changed_settings(stored: dict[str, Any], current: dict[str, Any], sections: 
 _OBJECTIVE_KEYS = re.compile(r"^objective\.|^data\.mixture\.\d+\.(mask_ratio|timesteps)(\.|$)")
 
 
-def resume_conflicts(stored: dict[str, Any], current: dict[str, Any], same_objectives: bool = False) -> list[str]:
+def location_keys(config: dict[str, Any], locations: dict[str, list[str]]) -> set[str]:
+    """The dumped config's keys of each modality's data-location options (``locations``: modality → option
+    names, :func:`~selfflow.core.modality.location_options`): ``data.options.shards``, or
+    ``data.mixture.<i>.options.shards`` in a mixture."""
+    data = config.get("data") or {}
+    entries = [(f"data.mixture.{i}.options.", e.get("modality")) for i, e in enumerate(data.get("mixture") or [])]
+    return {prefix + name for prefix, modality in entries or [("data.options.", data.get("modality"))]
+            for name in locations.get(modality, [])}
+
+
+def resume_conflicts(stored: dict[str, Any], current: dict[str, Any], same_objectives: bool = False,
+                     movable: Collection[str] = ()) -> list[str]:
     """``key (checkpoint A, now B)`` for every key of :data:`RESUME_FIXED_SECTIONS` that differs between a
     checkpoint's dumped config and the current one. A key the stored config lacks is a field added by a
     newer version and is not a conflict — unless it is a modality option (``…options.<key>``), where any
     new key changes the data. ``same_objectives``: every modality's objective resolved to the same settings
-    (a key set to its default value, or unset where it was set to the default), so objective keys may differ."""
+    (a key set to its default value, or unset where it was set to the default), so objective keys may differ.
+    ``movable``: keys that say where the data lies (:func:`location_keys`), which may differ too: the data stream's
+    state then checks that the data there is the data the run was reading."""
     lines = []
     for section in RESUME_FIXED_SECTIONS:
         old = _flatten(stored.get(section, {}), section, {})
         new = _flatten(current.get(section, {}), section, {})
         for key in sorted(set(old) | set(new)):
             a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
-            if (a == b or (a is _ABSENT and ".options." not in key) or _RESUME_FREE_KEYS.match(key)
+            if (a == b or (a is _ABSENT and ".options." not in key) or _RESUME_FREE_KEYS.match(key) or key in movable
                     or (same_objectives and _OBJECTIVE_KEYS.match(key))):
                 continue
             shown = ["(unset)" if v is _ABSENT else "null (the default)" if v is None else short_repr(v, 60)

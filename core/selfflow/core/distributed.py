@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,15 @@ def init_distributed(device: torch.device, timeout_s: int = 1800) -> DistInfo:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def main_rank_first(work: Callable[[], None]) -> None:
+    """Run ``work`` on rank 0 alone while the other ranks wait for it: files that every rank then reads
+    (generated data) are made once, not by every rank into the same folder at the same time. Without a process
+    group it just runs. An error on rank 0 ends the job as any error does (torchrun stops the waiting ranks)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        work()
+    barrier()
 
 
 def all_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -17,8 +17,8 @@ from typing import Annotated, Any, ClassVar, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Discriminator, Tag, TypeAdapter
-from pydantic_core import PydanticSerializationError
+from pydantic import BaseModel, Discriminator, Field, Tag, TypeAdapter
+from pydantic_core import PydanticSerializationError, PydanticUndefined
 
 from .atomic import atomic_write_text
 from .sampler import SamplerSettings
@@ -276,6 +276,23 @@ def options_record(modality: Modality) -> dict[str, Any]:
         return options.model_dump(mode="json")
     except PydanticSerializationError:
         return {}
+
+
+def data_location(description: str, default: Any = PydanticUndefined) -> Any:
+    """An option field that says *where* a modality's prepared data lies (a folder, or a glob), not what it
+    is. A resume accepts it changed — the data moved to another disk, or was copied to a node's scratch — and
+    lets the data stream's state judge whether the shards there are the ones the run was reading
+    (:class:`~selfflow.core.data.shard_stream.ShardStream` refuses others)."""
+    return Field(default, description=description, json_schema_extra={"data_location": True})
+
+
+def location_options(modality: Modality) -> list[str]:
+    """The names of the modality's :func:`data_location` options."""
+    options = modality.options
+    if not isinstance(options, BaseModel):
+        return []
+    return [name for name, f in type(options).model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("data_location")]
 
 
 def check_first_batch(modality: Modality, tokens: Tokens, cond: Conditioning) -> None:

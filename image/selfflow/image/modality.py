@@ -17,7 +17,7 @@ from selfflow.core.codec import shapes_only_active, stands_in
 from selfflow.core.data.indexed_stream import IndexedStream
 from selfflow.core.data.shard_format import read_codec_info, required_shard_urls
 from selfflow.core.data.shard_stream import ShardReadOptions, ShardStream
-from selfflow.core.modality import Batch, DataStream, Modality, options_union
+from selfflow.core.modality import Batch, DataStream, Modality, data_location, options_union
 from selfflow.core.registry import register_modality
 from selfflow.core.sample_many import part_path
 from selfflow.core.timesteps import TimestepDistribution
@@ -78,7 +78,7 @@ class ImageNetShardsOptions(_ShardOptions):
     """``selfflow prepare imagenet`` output: latents (or SD-VAE moments) with class labels."""
 
     dataset: Literal["latent_shards"]
-    shards: str = Field(description="directory of prepared *.tar shards, or a glob")
+    shards: str = data_location("directory of prepared *.tar shards, or a glob")
     num_classes: int = Field(1000, ge=0, description="number of classes (ImageNet 1000)")
     flip: bool = Field(False, description="use the stored mirrored moments / latents half the time")
 
@@ -87,7 +87,7 @@ class ImageTextShardsOptions(_ShardOptions):
     """``selfflow prepare image-text`` output: latents with captions and caption embeddings."""
 
     dataset: Literal["image_text_shards"]
-    shards: str = Field(description="directory of prepared *.tar shards")
+    shards: str = data_location("directory of prepared *.tar shards")
     sample_captions: list[str] | None = Field(
         None, description="preview prompts (None: the captions recorded in codec.json)")
 

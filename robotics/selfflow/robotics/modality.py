@@ -44,7 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from selfflow.core.data.data_facts import data_fact, is_recorded
 from selfflow.core.data.shard_format import shard_urls
-from selfflow.core.modality import Batch, DataStream, Modality, options_union
+from selfflow.core.distributed import main_rank_first
+from selfflow.core.modality import Batch, DataStream, Modality, data_location, options_union
 from selfflow.core.registry import register_modality
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.token_schedule import ScheduleMode, TokenGroup, TokenSchedule
@@ -101,12 +102,12 @@ class FakeRT1Options(_CommonRT1Options):
     """Generated RT-1-format TFRecords, converted once (embedded runs and tests)."""
 
     dataset: Literal["fake"] = "fake"
-    fake_dir: str = Field("runs/rt1-fake-data", description="where the generated data is converted")
+    fake_dir: str = data_location("where the generated data is converted", "runs/rt1-fake-data")
 
 
 class EpisodeShardsOptions(_CommonRT1Options):
     dataset: Literal["episode_shards"]
-    shards: str = Field(description="output directory of `selfflow prepare rt1`")
+    shards: str = data_location("output directory of `selfflow prepare rt1`")
 
 
 RT1Options = options_union("dataset", "fake", FakeRT1Options, EpisodeShardsOptions)
@@ -140,8 +141,9 @@ class RT1Modality(CaptionedModalityMixin, Modality):
         self.action_copies  # noqa: B018 - validates action_repeat now, not at the first batch
         self.root = Path(o.shards) if o.dataset == "episode_shards" else Path(o.fake_dir)
         stats_path = self.root / "stats.json"
-        if o.dataset == "fake" and not stats_path.is_file() and not is_recorded(str(stats_path)):
-            make_fake_dataset(self.root)
+        if o.dataset == "fake" and not is_recorded(str(stats_path)):
+            # under torchrun rank 0 generates it, once; a second rank converting into the same folder would race
+            main_rank_first(lambda: None if stats_path.is_file() else make_fake_dataset(self.root))
 
         def read_stats() -> dict:
             if not stats_path.is_file():
@@ -320,5 +322,6 @@ def make_fake_dataset(root: str | Path, *, shards: int = 4, episodes_per_shard: 
 
     root = Path(root)
     write_fake_shards(root / "tfrecords", shards=shards, episodes_per_shard=episodes_per_shard, seed=seed)
-    prepare_rt1({"input": str(root / "tfrecords"), "out": str(root), "val_fraction": 0.2})
+    # all of it in this process, also under torchrun (whose RANK / WORLD_SIZE would give it a share)
+    prepare_rt1({"input": str(root / "tfrecords"), "out": str(root), "val_fraction": 0.2, "rank": 0, "world_size": 1})
     return root

@@ -16,7 +16,7 @@ from selfflow.core.codec import stands_in
 from selfflow.core.data.indexed_stream import IndexedStream
 from selfflow.core.data.shard_format import check_shard_record, read_codec_info, required_shard_urls
 from selfflow.core.data.shard_stream import ShardReadOptions, ShardStream
-from selfflow.core.modality import Batch, DataStream, Modality, options_union
+from selfflow.core.modality import Batch, DataStream, Modality, data_location, options_union
 from selfflow.core.registry import register_modality
 from selfflow.core.sampler import SamplerSettings
 from selfflow.core.timesteps import TimestepDistribution
@@ -51,7 +51,7 @@ class SyntheticMovingShapesOptions(_CommonVideoOptions):
 
 class VideoShardsOptions(_CommonVideoOptions, ShardReadOptions):
     dataset: Literal["latent_shards"]
-    shards: str = Field(description="directory written by `selfflow prepare video`")
+    shards: str = data_location("directory written by `selfflow prepare video`")
 
 
 VideoOptions = options_union("dataset", "synthetic_moving_shapes", SyntheticMovingShapesOptions, VideoShardsOptions)

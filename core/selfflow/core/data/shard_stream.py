@@ -89,6 +89,25 @@ def shard_names(urls: list[str], order: str = BELOW_SHARED_FOLDER) -> dict[str, 
     return {u: os.path.relpath(p, root) for u, p in zip(urls, paths)}
 
 
+def shard_sizes(urls: list[str]) -> dict[str, int | None]:
+    """Each shard's :func:`shard_names` name → its size in bytes (None: not a local file — gone, or a URL): what
+    tells the data a run was reading from other data, wherever it lies."""
+    names = shard_names(urls)
+    return {names[u]: os.path.getsize(u) if "://" not in u and os.path.isfile(u) else None for u in urls}
+
+
+def changed_shards(then: dict[str, int | None], now: dict[str, int | None]) -> str | None:
+    """How the shards ``now`` differ from those a checkpoint was reading (None: the same data). A shard gone
+    since is no difference: the reader counts its samples as lost, as for any missing shard."""
+    if set(then) != set(now):
+        added, gone = sorted(set(now) - set(then)), sorted(set(then) - set(now))
+        return (f"{len(then)} shards then, {len(now)} now" + (f"; new: {', '.join(added[:3])}" if added else "")
+                + (f"; not there: {', '.join(gone[:3])}" if gone else ""))
+    resized = [f"{n} ({then[n]} bytes then, {now[n]} now)" for n in sorted(now)
+               if None not in (then[n], now[n]) and then[n] != now[n]]
+    return f"other contents: {', '.join(resized[:3])}" if resized else None
+
+
 def _expected_samples(url: str) -> int | None:
     """The sample count the writer's ``.json`` report gives for a shard (None when there is none)."""
     try:
@@ -268,6 +287,7 @@ class ShardStream(DataStream):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shape_key, self.num_workers, self.shuffle_buffer = shape_key, num_workers, shuffle_buffer
         split_by_rank(self.urls, rank, world_size)  # fail early with a clear message
+        self.sizes = shard_sizes(self.urls)  # kept with the position: a resume checks that it reads the same data
         self.epoch = self.consumed = 0
         self.skipped = self.lost_shards = 0  # cumulative; the trainer reads ``skipped``
         self._at_position = (0, 0)  # (skipped, lost_shards) at the last yielded batch: what a resume restores
@@ -340,7 +360,7 @@ class ShardStream(DataStream):
                 "batch_size": self.batch_size, "num_workers": self.num_workers,
                 "shuffle_buffer": self.shuffle_buffer,
                 "shape": None if self.shape is None else list(self.shape),
-                "shard_order": self._order}
+                "shard_order": self._order, "shard_sizes": self.sizes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         was = (state["world_size"], state["batch_size"], state.get("num_workers", 0))
@@ -354,6 +374,11 @@ class ShardStream(DataStream):
             raise ValueError(f"cannot resume a shard stream with another shuffle buffer (was "
                              f"{state['shuffle_buffer']}, now {self.shuffle_buffer}): set shuffle_buffer: "
                              f"{state['shuffle_buffer']} in the data options to continue this run")
+        # The position only means something in the same shards; where they lie may change (the data moved).
+        if "shard_sizes" in state and (change := changed_shards(state["shard_sizes"], self.sizes)):
+            raise ValueError(f"cannot resume a shard stream on other data than it was reading ({change}): point "
+                             "the data options at that data, or start a new run from this one's weights with "
+                             "train.init_from")
         # the reference shape of the samples, which the uninterrupted run took from its first good sample
         if state.get("shape") is not None:
             self.shape = tuple(state["shape"])
