@@ -57,3 +57,38 @@ def test_a_failed_training_leaves_no_file(tmp_path):
     with pytest.raises(RuntimeError):
         cached_classifier(lambda: nn.Linear(4, 2), tmp_path / "n.pt", _logits, broken, steps=1, batch=1, seed=0)
     assert not any(tmp_path.iterdir())
+
+
+def _conv_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 2))
+
+
+def _image_batches(indices: range) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(indices.start)
+    return torch.randn(len(indices), 3, 16, 16, generator=g), torch.arange(len(indices)) % 2
+
+
+def test_the_weights_do_not_depend_on_the_callers_thread_count(tmp_path):
+    """A cached net is trained by whichever run needs it first: trained on the caller's threads, the shapes probe
+    differed by up to 0.14 between 1 and 2 threads, and every metric read through it with it. It trains on
+    TRAINING_THREADS now, and the caller's setting is restored."""
+    threads = torch.get_num_threads()
+    weights = []
+    try:
+        for n, caller in enumerate((1, 3)):
+            torch.set_num_threads(caller)
+            net = cached_classifier(_conv_net, tmp_path / f"{n}.pt", _logits, _image_batches, steps=5, batch=64,
+                                    seed=0)
+            assert torch.get_num_threads() == caller
+            weights.append(net.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_the_cache_key_names_the_torch_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path))
+    now = cache_file("probe", "v1-0")
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert cache_file("probe", "v1-0") != now
