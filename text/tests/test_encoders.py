@@ -155,3 +155,29 @@ def test_other_weights_in_the_same_directory_are_another_encoder(tmp_path):
         modality.check_stored_captions({"text": first.describe()}, "shards/")
     legacy = {"cache_id": first.cache_id, "dim": first.dim}  # shards prepared before weights were recorded
     modality.check_stored_captions({"text": legacy}, "shards/")
+
+
+def test_the_same_encoder_in_a_folder_of_another_name_is_the_same_encoder(tmp_path):
+    """Shards prepared with the encoder downloaded to one folder, trained on a machine where it lies in a folder
+    of another name: the same config and files — the same encoder. Its cache_id names the folder, and the
+    shards' check refused them."""
+    import shutil
+    from types import SimpleNamespace
+
+    from selfflow.text.conditioning import CaptionedModalityMixin
+    from selfflow.text.encoder import model_identity
+
+    _t5_dir(tmp_path / "t5-v1_1-base", seed=0)
+    _word_tokenizer(tmp_path / "t5-v1_1-base", ["a", "cat"])
+    shutil.copytree(tmp_path / "t5-v1_1-base", tmp_path / "t5")
+    prepared, here = HFTextEncoder(tmp_path / "t5-v1_1-base"), HFTextEncoder(tmp_path / "t5")
+    assert prepared.cache_id != here.cache_id and model_identity(prepared.cache_id) == model_identity(here.cache_id)
+    assert prepared.weights_id == here.weights_id
+    modality = CaptionedModalityMixin()
+    modality.conditioner = SimpleNamespace(encoder=here)
+    modality.check_stored_captions({"text": prepared.describe()}, "shards/")
+    name, digest, rest = prepared.cache_id.split(":", 3)[1:]
+    other = {**prepared.describe(), "cache_id": f"hf:{name}:{'0' * len(digest)}:{rest}"}  # another config.json
+    with pytest.raises(ValueError, match=r"shards/ stores caption embeddings of hf:t5-v1_1-base:0+:"):
+        modality.check_stored_captions({"text": other}, "shards/")
+    assert model_identity("tiny-hashed-words-v1:dim=8:max=4") == "tiny-hashed-words-v1:dim=8:max=4"

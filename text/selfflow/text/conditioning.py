@@ -7,7 +7,7 @@ import torch
 from selfflow.core.modality import sample_indices
 from selfflow.core.tokens import Conditioning
 
-from .encoder import TextEncoder, pad_embeddings
+from .encoder import TextEncoder, model_identity, pad_embeddings
 
 
 def caption_conditioning(encoder: TextEncoder, captions: list[str], device: torch.device | str
@@ -124,7 +124,7 @@ class CaptionedModalityMixin:
         stored, enc = info.get("text"), self.conditioner.encoder
         if not stored or enc is None:
             return
-        if stored["cache_id"] != enc.cache_id:
+        if model_identity(stored["cache_id"]) != model_identity(enc.cache_id):  # the folder's name may differ
             raise ValueError(f"{shards} stores caption embeddings of {stored['cache_id']} but "
                              f"data.options.text gives {enc.cache_id}: configure the same text encoder")
         # Shards written before weights were recorded, and planning (config.json alone), have no weights_id.

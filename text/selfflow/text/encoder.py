@@ -99,6 +99,13 @@ def read_hf_config(model_dir: Path, layers: tuple[int, ...], max_length: int, mi
     return config, dim, f"hf:{model_dir.name}:{digest}:layers={list(layers)}:max={max_length}"
 
 
+def model_identity(cache_id: str) -> str:
+    """``cache_id`` without an ``hf`` model folder's name (``hf:<folder name>:<config digest>:…``): the name is
+    where the model was downloaded to, not which model it is (the digest and ``weights_id`` say that)."""
+    kind, _, rest = cache_id.partition(":")
+    return f"hf:{rest.partition(':')[2]}" if kind == "hf" and rest.count(":") >= 1 else cache_id
+
+
 FINGERPRINT_WHOLE_BYTES = 16 << 20  # files up to this size are hashed whole; larger ones by their ends
 FINGERPRINT_END_BYTES = 1 << 20
 
