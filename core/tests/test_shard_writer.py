@@ -73,3 +73,26 @@ def test_a_rerun_with_other_settings_is_refused_and_a_killed_runs_shard_is_clear
                                          r"latent_shape \[3, 32, 32\] then, \[3, 64, 64\] now;"):
         write_codec_record(tmp_path, {**record, "image_size": 64, "latent_shape": [3, 64, 64]})
     assert json.loads((tmp_path / "codec.json").read_text())["image_size"] == 32  # not rewritten
+
+
+def test_a_prepare_resumes_with_its_input_moved(tmp_path):
+    """The order record hashes the item keys below their shared folder: a prepare stopped half-way resumes after
+    its input moved (the keys were full paths, and the rerun was refused as another item list); a record from
+    before, which hashed the full paths, still accepts the same list."""
+    import hashlib
+
+    def _from_path(key: str) -> dict:
+        return {"latent": np.zeros((2, 3), dtype=np.float32), "caption": key.rsplit("/", 1)[1]}
+
+    here = [f"/data/here/class{i % 3}/img{i}.png" for i in range(12)]
+    there = [k.replace("/data/here/", "/scratch/job7/in/") for k in here]
+    first = write_shards(here, _from_path, tmp_path, shard_size=4, world_size=3)
+    assert (first["shards"], first["existing"]) == (1, 0)
+    assert write_shards(there, _from_path, tmp_path, shard_size=4, rank=1, world_size=3)["shards"] == 1
+    with pytest.raises(ValueError, match="another item list"):
+        write_shards([*there[:-1], "/scratch/job7/in/class2/other.png"], _from_path, tmp_path, shard_size=4, rank=2,
+                     world_size=3)
+    record = json.loads((tmp_path / "shard.order.json").read_text())
+    record["keys_sha256"] = hashlib.sha256("\n".join(here).encode()).hexdigest()  # as written before
+    (tmp_path / "shard.order.json").write_text(json.dumps(record))
+    assert write_shards(here, _from_path, tmp_path, shard_size=4, rank=2, world_size=3)["shards"] == 1

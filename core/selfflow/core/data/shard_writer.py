@@ -11,8 +11,8 @@ sums (:func:`selfflow.core.data.stats.latent_stats`).
 **Why the random order.** Inputs are listed sorted (ImageNet by class, media by folder), and the reader mixes
 only within a buffer of a few shards: sorted shards would give batches of a handful of classes — far from the
 i.i.d. batches of REPA's or SiT's loaders. ``{prefix}.order.json`` records the seed, the item count and a digest
-of the item keys; a rerun with another list (files added, another seed) is refused instead of mixing two
-orders. A directory whose shards were written before that record existed keeps its sorted order.
+of the item keys (below the folder they share: the input may move between two runs); a rerun with another list
+(files added, another seed) is refused instead of mixing two orders. A directory whose shards were written before that record existed keeps its sorted order.
 """
 
 from __future__ import annotations
@@ -106,16 +106,27 @@ def write_shards(items: Sequence[Any], process: Callable[[Any], Any], out_dir: s
     return report
 
 
+def keys_digest(keys: list[str], below_shared_folder: bool = True) -> str:
+    """SHA-256 of the item keys; ``below_shared_folder``: each without the longest prefix up to a ``/`` that all
+    share, so that a list of files is the same list wherever its folder lies (the input moved between two runs of
+    a prepare, or is mounted elsewhere on another node). Records from before hashed the keys whole."""
+    if below_shared_folder and keys:
+        cut = os.path.commonprefix(keys).rfind("/") + 1  # noqa: RUF071 - keys are strings, not all paths
+        keys = [k[cut:] for k in keys]
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
 def item_order(keys: list[str], out: Path, prefix: str, seed: int | None,
                shard_size: int | None = None) -> list[int]:
     """The indices of the items in shard order: a ``seed``-ed permutation, checked against (or written as)
     ``{prefix}.order.json``; raises ``ValueError`` when the directory was cut from another list, order or shard
     size (a rerun with another ``--shard-size`` took the old shards as done and lost the items between)."""
-    record = {"items": len(keys), "seed": seed,
-              "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest(), "shard_size": shard_size}
+    record = {"items": len(keys), "seed": seed, "keys_sha256": keys_digest(keys), "shard_size": shard_size}
     path = out / f"{prefix}.order.json"
     if path.is_file():
         old = json.loads(path.read_text())
+        if old.get("keys_sha256") == keys_digest(keys, below_shared_folder=False):  # an older record, the same keys
+            old["keys_sha256"] = record["keys_sha256"]
         # a record from before the shard size was kept says nothing of it
         compared = [k for k in record if k in old or k != "shard_size"]
         if any(old.get(k) != record[k] for k in compared):
