@@ -116,16 +116,22 @@ def test_loss_falls_on_a_fixed_batch(kind):
     tokens, cond = _batch(8)
     obj = _resolve(kind, label_dropout=0.0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    first, last = None, None
+
+    def loss_fm() -> float:
+        """The flow-matching loss over the whole fixed set of draws (before, one draw against another)."""
+        with torch.no_grad():
+            return sum(obj.loss(model, teacher, tokens, cond, null_label=5, modality=None,
+                                generator=torch.Generator().manual_seed(s))["loss_fm"].item() for s in range(4)) / 4
+
+    first = loss_fm()
     for step in range(60):
         gen = torch.Generator().manual_seed(step % 4)  # a small fixed set of noise draws
         losses = obj.loss(model, teacher, tokens, cond, null_label=5, modality=None, generator=gen)
         opt.zero_grad()
         losses["loss"].backward()
         opt.step()
-        first = first if first is not None else losses["loss_fm"].item()
-        last = losses["loss_fm"].item()
-    assert last < 0.6 * first
+    last = loss_fm()
+    assert last < 0.3 * first, (first, last)  # 0.04 (Self-Flow) and 0.06 (flow matching) here
 
 
 def test_an_unknown_kind_is_an_error_listing_the_known_ones():
