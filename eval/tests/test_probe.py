@@ -86,8 +86,8 @@ def test_probe_cli_scores_a_run(probe, tmp_path, capsys):
     assert "probe_fd" in printed.out
     # 30 samples of 128-d features: said, in the JSON and on stderr (the README suggested --num 100 once)
     [note] = result["notes"]
-    assert "from 30 samples of 128-d probe features" in note
-    assert "note: probe_fd from 30 samples of 128-d probe features" in printed.err
+    assert note.startswith("probe_fd: only 30 generated feature vectors for a 128-d feature; the covariance is singular")
+    assert f"note: {note}" in printed.err and "MetricNote" not in printed.err  # once, not also as a warning
     # the run's export (the same EMA weights) scores the same; so does its weights file
     for source in (tmp_path / "cli" / "pretrained", tmp_path / "cli" / "ema.safetensors"):
         out = tmp_path / f"{source.name}.json"

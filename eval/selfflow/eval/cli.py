@@ -193,10 +193,12 @@ def _run_probe(args: argparse.Namespace) -> int:
         media, labels = generate(model, modality, args.num, sampler, args.seed, device, bar.update)
     evaluator = load(evaluators()[modality.evaluator])(modality)
     scores = evaluator(media, labels)
-    notes = []
-    if (dim := len(getattr(getattr(evaluator, "reference", None), "mean", ()))) > args.num:
-        notes.append(f"probe_fd from {args.num} samples of {dim}-d probe features: the covariance is singular and "
-                     f"the distance is mostly small-sample bias (use --num {dim} or more; 500 by default)")
+    from .frechet import MetricNote, frechet_notes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricNote)  # printed below with the result, once
+        dim = len(getattr(getattr(evaluator, "reference", None), "mean", ()))
+        notes = frechet_notes("probe_fd", scores["probe_fd"], dim=dim, counts={"generated": args.num}) if dim else []
     result = {**scores, "protocol": f"{modality.evaluator}-v1 (a proxy on built-in data, not FID)",
               "run": str(args.run), "modality": modality.name, "num_samples": args.num,
               "sampler": sampler.model_dump(), "notes": notes}
