@@ -236,3 +236,27 @@ def test_under_torchrun_a_config_error_prints_once_per_node(tmp_path, capsys, mo
     assert main(["train", "--set", f"output_dir={tmp_path}", "--set", "train.no_such_key=1"]) == 2
     err = capsys.readouterr().err
     assert err.count("selfflow: error:") == printed and err.count("train.no_such_key: unknown key") == printed
+
+
+def test_selfflows_own_warnings_are_one_line_others_keep_pythons_form(capsys, monkeypatch):
+    """A warning raised in selfflow's code printed Python's way — its file, line and source line, under torchrun
+    on every rank — where one line says it; a plug-in's or a library's warning keeps Python's form (its source
+    line is the user's to read)."""
+    import warnings
+
+    from selfflow.core import precision
+    from selfflow.core.cli import show_own_warnings
+
+    python_form = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *rest: python_form.append(str(message)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    show_own_warnings()
+    show_own_warnings()  # main() again in this process: still one line per warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn_explicit("slow", UserWarning, filename=precision.__file__, lineno=40)
+        warnings.warn_explicit("elsewhere", UserWarning, filename=__file__, lineno=1)
+    err = capsys.readouterr().err
+    assert err.startswith("selfflow: warning (rank 1): slow\n") and "precision.py" not in err
+    assert python_form == ["elsewhere"] and "elsewhere" not in err

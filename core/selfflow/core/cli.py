@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -359,7 +360,30 @@ def _said_on_this_node(e: Exception) -> bool:
     return config_error and launched_world_size() > 1 and os.environ.get("LOCAL_RANK", "0") != "0"
 
 
+def show_own_warnings() -> None:
+    """Show a warning that selfflow's own code raises as one ``selfflow: warning: …`` line (with the rank under
+    torchrun) instead of Python's form with a file, a line number and a source line, which point into
+    selfflow rather than at what the user can change; a plug-in's or a library's warnings keep that form."""
+    import selfflow
+
+    if getattr(warnings.showwarning, "selfflow_form", False):  # main() called again in one process
+        return
+    python_form = warnings.showwarning
+    # the folders of the selfflow namespace: one per installed selfflow package (core, image, eval …)
+    folders = tuple(str(Path(folder).resolve()) + os.sep for folder in selfflow.__path__)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not str(Path(filename).resolve()).startswith(folders):
+            return python_form(message, category, filename, lineno, file, line)
+        rank = f" (rank {os.environ['RANK']})" if launched_world_size() > 1 else ""
+        print(f"selfflow: warning{rank}: {message}", file=file or sys.stderr)
+
+    show.selfflow_form = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
+    show_own_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -19,6 +19,9 @@ SLOW_CPU_BF16 = ("bf16 on this CPU (no AVX512-BF16 or AMX-BF16 instructions) may
                  "(~100x measured on such a CPU); fp32 is the CPU default")
 
 
+_said_slow = False  # SLOW_CPU_BF16 is said once per process: training, then its previews' sampler, would each say it
+
+
 def cpu_bf16_is_native() -> bool:
     """Whether the CPU has AVX512-BF16 or AMX-BF16 instructions (x86); False where torch cannot tell."""
     capabilities = getattr(torch.cpu, "get_capabilities", None)  # newer torch; the flags below before it
@@ -30,9 +33,11 @@ def cpu_bf16_is_native() -> bool:
 
 
 def warn_if_slow(precision: str, device: torch.device | str, stacklevel: int = 2) -> None:
-    """Warn when ``precision`` is bf16 on a CPU without native bf16 matrix products (``stacklevel`` as
-    :func:`warnings.warn`: 2 names the line that called this)."""
-    if precision == "bf16" and torch.device(device).type == "cpu" and not cpu_bf16_is_native():
+    """Warn, once per process, when ``precision`` is bf16 on a CPU without native bf16 matrix products
+    (``stacklevel`` as :func:`warnings.warn`: 2 names the line that called this)."""
+    global _said_slow
+    if precision == "bf16" and torch.device(device).type == "cpu" and not cpu_bf16_is_native() and not _said_slow:
+        _said_slow = True
         warnings.warn(SLOW_CPU_BF16, stacklevel=stacklevel)
 
 
