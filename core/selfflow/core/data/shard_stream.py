@@ -18,7 +18,9 @@ unreadable.
 
 **Position** = (epoch, events consumed in the epoch), where an event is one sample or one skip, in the
 deterministic order the (possibly multi-worker) reader produces them: resuming replays the epoch up to
-that point without re-counting its skips, and continues with the same batches.
+that point without re-counting its skips, and continues with the same batches. A position only means something
+in the same shards, so the state keeps each shard's name and size (:func:`shard_sizes`) and a resume on other
+shards is refused — wherever they lie: the same shards in another folder resume.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ sums (:func:`selfflow.core.data.stats.latent_stats`).
 only within a buffer of a few shards: sorted shards would give batches of a handful of classes — far from the
 i.i.d. batches of REPA's or SiT's loaders. ``{prefix}.order.json`` records the seed, the item count and a digest
 of the item keys (below the folder they share: the input may move between two runs); a rerun with another list
-(files added, another seed) is refused instead of mixing two orders. A directory whose shards were written before that record existed keeps its sorted order.
+(files added, another seed) is refused instead of mixing two orders. A directory whose shards were written
+before that record existed keeps its sorted order.
 """
 
 from __future__ import annotations
