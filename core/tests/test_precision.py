@@ -48,6 +48,7 @@ def test_trainer_in_bf16_on_a_slow_cpu_warns(monkeypatch, tmp_path):
     from selfflow.core.trainer import Trainer
 
     monkeypatch.setattr(precision, "cpu_bf16_is_native", lambda: False)
+    monkeypatch.setattr(precision, "_said_slow", False)  # said once per process: maybe already, by another test
     cfg = load_config(None, [*TINY, f"output_dir={tmp_path}", "name=bf16", "train.steps=1", "train.device=cpu",
                              "train.precision=bf16"])
     with pytest.warns(UserWarning, match="bf16 on this CPU"):
