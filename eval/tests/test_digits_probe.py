@@ -20,6 +20,8 @@ def test_evaluator_scores_real_digits_well_and_noise_badly(cache):
     evaluator = DigitsProbeEvaluator()
     images, labels = digits_split("test")
     real = evaluator(images, labels)
+    held_out = evaluator.real_images(500)  # `selfflow eval probe`'s floor: the test split, at most all of it
+    assert all(torch.equal(a, b) for a, b in zip(held_out, (images, labels))) and len(evaluator.real_images(30)[0]) == 30
     noise = evaluator(torch.rand(297, 3, 16, 16) * 2 - 1, labels)
     assert all(math.isfinite(v) for v in (*real.values(), *noise.values()))
     assert real["probe_acc"] > 0.9 and real["probe_fd"] < noise["probe_fd"] / 10

@@ -84,6 +84,10 @@ def test_probe_cli_scores_a_run(probe, tmp_path, capsys):
     assert (result["sampler"]["cfg_scale"], result["sampler"]["steps"]) == (1.0, 2)  # a metric: no guidance
     printed = capsys.readouterr()
     assert "probe_fd" in printed.out
+    # as many held-out real images, scored the same way: the floor at 30 (a 2-step model is far above it)
+    floor = result["real_images"]
+    assert floor["num_images"] == 30 and 0 < floor["probe_fd"] < result["probe_fd"] and floor["probe_acc"] > 0.8
+    assert "real images: probe_fd" in printed.out and "the floor at this count" in printed.out
     # 30 samples of 128-d features: said, in the JSON and on stderr (the README suggested --num 100 once)
     [note] = result["notes"]
     assert note.startswith("probe_fd: only 30 generated feature vectors for a 128-d feature; the covariance is singular")

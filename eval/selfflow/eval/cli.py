@@ -199,7 +199,12 @@ def _run_probe(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", MetricNote)  # printed below with the result, once
         dim = len(getattr(getattr(evaluator, "reference", None), "mean", ()))
         notes = frechet_notes("probe_fd", scores["probe_fd"], dim=dim, counts={"generated": args.num}) if dim else []
-    result = {**scores, "protocol": f"{modality.evaluator}-v1 (a proxy on built-in data, not FID)",
+    # The same scores of as many real images: the floor at this sample count (small-N bias included), to read
+    # the model's numbers against.
+    real, real_labels = evaluator.real_images(args.num)
+    floor = {"num_images": len(real), **evaluator(real, real_labels)}
+    result = {**scores, "real_images": floor,
+              "protocol": f"{modality.evaluator}-v1 (a proxy on built-in data, not FID)",
               "run": str(args.run), "modality": modality.name, "num_samples": args.num,
               "sampler": sampler.model_dump(), "notes": notes}
     if cfg.data.mixture:  # a mixed run: say which of its modalities was scored
@@ -208,6 +213,8 @@ def _run_probe(args: argparse.Namespace) -> int:
     out = args.out or model_root(args.run) / "probe_metrics.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"probe_fd {scores['probe_fd']:.4f}   probe_acc {scores['probe_acc']:.3f}   ({args.num} samples)")
+    print(f"real images: probe_fd {floor['probe_fd']:.4f}   probe_acc {floor['probe_acc']:.3f}   "
+          f"({floor['num_images']} held-out images: the floor at this count)")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {out}")

@@ -41,8 +41,16 @@ class DigitsProbeEvaluator:
 
     def __init__(self, modality=None):
         size = getattr(getattr(modality, "options", None), "image_size", 16)
+        self.size = size
         self.probe = train_digits_probe(image_size=size)
         self.reference = digits_reference_stats(self.probe, size)
+
+    def real_images(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to ``n`` images of the test split (297), which the reference (the training split) did not see."""
+        from selfflow.image.digits import digits_split
+
+        images, labels = digits_split("test", self.size)
+        return images[:n], labels[:n]
 
     def __call__(self, media: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
         return probe_metrics(media, labels, self.probe, self.reference)

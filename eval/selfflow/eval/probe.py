@@ -113,8 +113,16 @@ class ShapesProbeEvaluator:
 
     def __init__(self, modality=None):
         size = getattr(getattr(modality, "options", None), "image_size", 32)
+        self.size = size
         self.probe = train_shapes_probe(image_size=size)
         self.reference = reference_stats(self.probe, image_size=size)
+
+    def real_images(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` real images and their labels that neither the reference (stream 7) nor the probe (stream 1000)
+        nor a default run (stream 0) saw: scored like samples, they give the floor of the scores at ``n``."""
+        from selfflow.image.synthetic_shapes import render_batch
+
+        return render_batch(8, range(n), self.size)
 
     def __call__(self, media: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
         return probe_metrics(media, labels, self.probe, self.reference)
