@@ -66,3 +66,18 @@ def test_an_option_of_another_dataset_is_an_error_naming_it():
         ImageModality({"dataset": "image_text_shards"})
     with pytest.raises(ValueError, match=r"dataset must be one of .* got 'imagenet'"):
         ImageModality({"dataset": "imagenet"})
+
+
+def test_where_things_lie_is_declared_option_by_option():
+    """The options a resume may see changed: data and cache locations (any change), model folders (the same files
+    moved), nested option models (``text``) included — everything else about the data is fixed for a run."""
+    from types import SimpleNamespace
+
+    from selfflow.core.modality import location_options, model_location_options
+    from selfflow.image.modality import ImageNetShardsOptions
+
+    shapes = ImageModality({"conditioning": "text", "image_size": 16, "patch_size": 2})
+    assert sorted(model_location_options(shapes)) == ["repa_encoder", "text.model_dir", "vae_path"]
+    assert location_options(shapes) == ["text.cache_dir"]
+    shards = SimpleNamespace(options=ImageNetShardsOptions(dataset="latent_shards", shards="x"))  # no data read
+    assert sorted(location_options(shards)) == ["shards", "text.cache_dir"]

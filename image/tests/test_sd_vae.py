@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -52,3 +54,53 @@ def test_missing_vae_names_the_directory(tmp_path):
         SDVAE.from_pretrained(tmp_path / "nothing")
     with pytest.raises(ValueError, match="vae_path"):
         ImageModality({"codec": "sd_vae"})
+
+
+def test_a_run_resumes_exactly_with_its_vae_moved_and_refuses_other_weights(tiny_vae_dir, tmp_path):
+    """The VAE folder (a ``model_location``) copied elsewhere between two sessions — another cluster, another
+    disk: a resume accepts the new path when the folder holds the same files (the fingerprint the checkpoint
+    kept), logs the move, and continues with the uninterrupted run's numbers; other weights there are refused,
+    naming both fingerprints. The text cache folder (a ``cache_location``) may move freely. Any changed path used
+    to refuse the resume."""
+    import shutil
+
+    from selfflow.core.config import ConfigError, load_config
+    from selfflow.core.metrics import read_metrics
+    from selfflow.core.trainer import Trainer
+
+    here, there, other = tmp_path / "here", tmp_path / "there", tmp_path / "other"
+    shutil.copytree(tiny_vae_dir, here)
+
+    def fit(name: str, vae: Path, steps: int, cache: str = "cache-a") -> list[float]:
+        cfg = load_config("configs/tiny/image.yaml", [
+            f"output_dir={tmp_path}", f"name={name}", "data.options.codec=sd_vae", f"data.options.vae_path={vae}",
+            "data.options.image_size=16", "data.options.patch_size=2", "data.options.device=cpu",
+            "data.options.conditioning=text", f"data.options.text.cache_dir={tmp_path / cache}", "model.class_token=false",
+            f"train.steps={steps}", "train.batch_size=2", "checkpoint.every=2", "sample.every=0", "logging.every=1"])
+        tr = Trainer(cfg, progress=False)
+        with tr.log.text_log():
+            tr.fit()
+        return [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+
+    whole = fit("whole", here, 4)
+    fit("split", here, 2)
+    shutil.copytree(here, there)
+    shutil.rmtree(here)  # the weights are gone from where the run began
+    assert fit("split", there, 4, cache="cache-b") == whole
+    log = (tmp_path / "split" / "train.log").read_text()
+    assert "data.options.vae_path" in log and "data.options.text.cache_dir" in log  # the moves are logged
+    torch.manual_seed(1)
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                  norm_num_groups=8, sample_size=32).save_pretrained(other)
+    with pytest.raises(ConfigError, match=r"data\.options\.vae_path \(checkpoint .*there.*, now .*other.*\) — other "
+                                          r"files: fingerprint [0-9a-f]{16} then, [0-9a-f]{16} now"):
+        fit("split", other, 6)
+    # A checkpoint from before fingerprints were kept cannot tell a move from other weights: refused, saying so.
+    newest = tmp_path / "split" / "checkpoints" / "step_00000004.pt"
+    state = torch.load(newest, weights_only=True)
+    del state["model_files"]
+    torch.save(state, newest)
+    shutil.copytree(there, here)
+    with pytest.raises(ConfigError, match="kept no fingerprint of the folder it read"):
+        fit("split", here, 6)

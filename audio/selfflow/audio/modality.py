@@ -19,7 +19,14 @@ from selfflow.core.data.indexed_stream import IndexedStream
 from selfflow.core.data.shard_format import check_shard_record, read_codec_info, required_shard_urls
 from selfflow.core.data.shard_stream import ShardReadOptions, ShardStream
 from selfflow.core.data.stats import latent_stats
-from selfflow.core.modality import Batch, DataStream, Modality, data_location, options_union
+from selfflow.core.modality import (
+    Batch,
+    DataStream,
+    Modality,
+    data_location,
+    model_location,
+    options_union,
+)
 from selfflow.core.registry import register_modality
 from selfflow.core.sampler import SamplerSettings
 from selfflow.core.timesteps import TimestepDistribution
@@ -58,7 +65,7 @@ class _CommonAudioOptions(BaseModel):
     conditioning: Literal["class", "text"] = "text"
     text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
     sample_captions: list[str] | None = Field(None, description="preview prompts (None: the prepared shards' own captions, else the synthetic ones)")
-    vae_dir: str | None = Field(None, description="Oobleck codec: local diffusers-format directory (decoding)")
+    vae_dir: str | None = model_location("Oobleck codec: local diffusers-format directory (decoding)")
 
 
 class SyntheticTonesOptions(_CommonAudioOptions):

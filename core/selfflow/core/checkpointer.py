@@ -44,11 +44,14 @@ from .config import (
     CheckpointConfig,
     ConfigError,
     RunConfig,
+    flat_section,
+    location_entries,
     location_keys,
     resume_conflicts,
     short_repr,
 )
 from .distributed import DistInfo, barrier, gather_objects, leave_out_of_step
+from .folder_fingerprint import files_fingerprint
 from .pretrained import save_pretrained
 from .safe_yaml import YamlError, parse_yaml
 
@@ -139,13 +142,17 @@ class Checkpointer:
     def __init__(self, cfg: RunConfig, dist: DistInfo, components: dict[str, Stateful],
                  collective_state: bool = False, objectives: dict[str, dict[str, Any]] | None = None,
                  data_options: dict[str, dict[str, Any]] | None = None,
-                 data_locations: dict[str, list[str]] | None = None):
+                 data_locations: dict[str, list[str]] | None = None,
+                 model_locations: dict[str, list[str]] | None = None):
         """``collective_state``: gathering the state is itself a collective (sharded models, FSDP2).
         ``objectives``: each modality's resolved objective settings (``ResolvedObjective.settings``), and
         ``data_options`` its options with every default filled, both kept in the checkpoint: a resume tells a
         default written out from a changed objective, and sees a default that changed in the code (a plug-in's).
         ``data_locations``: each modality's options that say where its data lies (``location_options``), which a
-        resume lets change: the data moved (its stream's state checks that it is the same data)."""
+        resume lets change: the data moved (its stream's state checks that it is the same data).
+        ``model_locations``: each modality's options that say where a model it reads lies
+        (``model_location_options``): a resume lets them change when the folder holds the same files as when the
+        checkpoint was written (their fingerprints are kept in it)."""
         self.cfg: CheckpointConfig = cfg.checkpoint
         self.collective_state = collective_state and dist.enabled
         self.config = cfg.model_dump(mode="json")
@@ -153,6 +160,12 @@ class Checkpointer:
         self.resolved_texts = {key: json.dumps(value, sort_keys=True) for key, value in
                                (("objectives", objectives), ("data_options", data_options)) if value is not None}
         self.data_locations = data_locations or {}
+        self.model_locations = model_locations or {}
+        values = flat_section(self.config, "data")
+        self.model_files = {key: files_fingerprint(Path(values[key])) for key in location_keys(self.config,
+                            self.model_locations) if isinstance(values.get(key), str) and Path(values[key]).is_dir()}
+        if self.model_files:
+            self.resolved_texts["model_files"] = json.dumps(self.model_files, sort_keys=True)
         self.resumed_config: dict[str, Any] = {}  # the config stored in the checkpoint resumed from
         self.dist = dist
         self.components = components
@@ -197,39 +210,63 @@ class Checkpointer:
             raise CheckpointLoadError(str(e)) from None
         objectives = self.resolved_texts.get("objectives")
         same_objectives = objectives is not None and state.get("objectives") == objectives
-        conflicts = resume_conflicts(stored if isinstance(stored, dict) else {}, self.config, same_objectives,
-                                     movable=location_keys(self.config, self.data_locations))
+        stored = stored if isinstance(stored, dict) else {}
+        stored_files = json.loads(state["model_files"]) if isinstance(state.get("model_files"), str) else {}
+        moved_models = self._moved_models(stored, stored_files)
+        conflicts = [line + self._model_note(line, stored_files) for line in resume_conflicts(
+            stored, self.config, same_objectives, movable=location_keys(self.config, self.data_locations) | {
+                key for key, _, _ in moved_models})]
         if conflicts:
             raise ConfigError(
                 f"cannot resume from {path}: the config differs from the one it was trained with in "
                 f"{'; '.join(conflicts)}. Use the same settings, another run name, or --no-resume "
                 "(Trainer(cfg, resume=False) in Python) to start afresh")
-        if changed := self._changed_defaults(state):  # the same config, resolved otherwise: the code changed
+        if changed := self._changed_defaults(state, moved_models):  # the same config, resolved otherwise: the code changed
             raise ConfigError(
                 f"cannot resume from {path}: settings the config leaves at their defaults resolve otherwise than "
                 f"when it was trained (the objective kind's or the modality's code changed): {'; '.join(changed)}. "
                 "Set them in the config to the checkpoint's values, use another run name, or --no-resume")
         self.load_state_dict(state, path)
-        self.resumed_config = stored if isinstance(stored, dict) else {}
+        self.resumed_config = stored
         if self.dist.is_main:
             for bad, why in skipped:
                 log.warning("selfflow: warning: skipped a broken checkpoint: %s%s; resuming from %s",
                             why, _move_aside(bad), path)
         return path
 
-    def _changed_defaults(self, state: dict[str, Any]) -> list[str]:
+    def _moved_models(self, stored: dict[str, Any], stored_files: dict[str, str]) -> list[tuple[str, str, str]]:
+        """The model-location entries (:func:`location_entries`) whose folder changed since the checkpoint and
+        holds the same files (the fingerprint the checkpoint kept)."""
+        then, now = flat_section(stored, "data"), flat_section(self.config, "data")
+        return [(key, modality, option) for key, modality, option in location_entries(self.config, self.model_locations)
+                if then.get(key) != now.get(key) and key in stored_files and stored_files[key] == self.model_files.get(key)]
+
+    def _model_note(self, conflict: str, stored_files: dict[str, str]) -> str:
+        """Why a changed model folder (a ``resume_conflicts`` line) is not taken as the same model moved."""
+        key = conflict.split(" (", 1)[0]
+        if key not in self.model_files or key not in location_keys(self.config, self.model_locations):
+            return ""
+        if key not in stored_files:
+            return (" — the checkpoint kept no fingerprint of the folder it read (it was not a folder then, or the "
+                    "checkpoint is older than fingerprints), so a move cannot be told from other weights")
+        return f" — other files: fingerprint {stored_files[key]} then, {self.model_files[key]} now"
+
+    def _changed_defaults(self, state: dict[str, Any], moved_models: list[tuple[str, str, str]]) -> list[str]:
         """``<modality>: objective.gamma (checkpoint 0.5, now 0.6)`` for each resolved setting the checkpoint and
-        this run both have and disagree on (a checkpoint from before they were kept has none)."""
+        this run both have and disagree on (a checkpoint from before they were kept has none). Data and cache
+        locations, and model folders moved with the same files, may differ."""
         lines = []
         for key, section in (("objectives", "objective"), ("data_options", "data.options")):
             if key not in self.resolved_texts or not isinstance(state.get(key), str):
                 continue
             old, new = json.loads(state[key]), json.loads(self.resolved_texts[key])
             for modality in sorted(set(old) & set(new)):
-                a, b = old[modality], new[modality]
-                moved = self.data_locations.get(modality, []) if key == "data_options" else []
-                lines += [f"{modality}: {section}.{k} (checkpoint {short_repr(a[k], 60)}, now {short_repr(b[k], 60)})"
-                          for k in sorted(set(a) & set(b)) if a[k] != b[k] and k not in moved]
+                a, b = flat_section(old, modality), flat_section(new, modality)
+                moved = set(self.data_locations.get(modality, [])) | {option for _, m, option in moved_models
+                                                                      if m == modality}
+                lines += [f"{modality}: {section}.{k.partition('.')[2]} (checkpoint {short_repr(a[k], 60)}, now "
+                          f"{short_repr(b[k], 60)})" for k in sorted(set(a) & set(b))
+                          if a[k] != b[k] and (key != "data_options" or k.partition(".")[2] not in moved)]
         return lines
 
     def set_aside(self) -> Path | None:

@@ -247,9 +247,11 @@ def _moved_keys(raw: dict[str, Any]) -> list[str]:
 
 
 def short_repr(value: Any, limit: int = 120) -> str:
-    """``repr(value)``, cut to ``limit`` characters: an error message never echoes a huge input."""
+    """``repr(value)``, cut to ``limit`` characters: an error message never echoes a huge input. The cut is in
+    the middle: the end of a path (the folder that differs) or of a list stays readable."""
     text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+    head = limit // 2
+    return text if len(text) <= limit else f"{text[:head]}…{text[head - limit:]} ({len(text)} characters)"
 
 
 def validation_problems(err: ValidationError, root: str = "",
@@ -353,14 +355,24 @@ def changed_settings(stored: dict[str, Any], current: dict[str, Any],
 _OBJECTIVE_KEYS = re.compile(r"^objective\.|^data\.mixture\.\d+\.(mask_ratio|timesteps)(\.|$)")
 
 
-def location_keys(config: dict[str, Any], locations: dict[str, list[str]]) -> set[str]:
-    """The dumped config's keys of each modality's data-location options (``locations``: modality → option
-    names, :func:`~selfflow.core.modality.location_options`): ``data.options.shards``, or
-    ``data.mixture.<i>.options.shards`` in a mixture."""
+def flat_section(config: dict[str, Any], section: str) -> dict[str, Any]:
+    """A dumped config's ``section`` as dotted keys: ``{"data.options.shards": …, "data.mixture.0.weight": …}``."""
+    return _flatten(config.get(section, {}), section, {})
+
+
+def location_entries(config: dict[str, Any], locations: dict[str, list[str]]) -> list[tuple[str, str, str]]:
+    """``(key, modality, option)`` for each location option of each modality the dumped config trains
+    (``locations``: modality → dotted option names, :func:`~selfflow.core.modality.location_options`): the key is
+    ``data.options.<option>``, or ``data.mixture.<i>.options.<option>`` in a mixture."""
     data = config.get("data") or {}
     entries = [(f"data.mixture.{i}.options.", e.get("modality")) for i, e in enumerate(data.get("mixture") or [])]
-    return {prefix + name for prefix, modality in entries or [("data.options.", data.get("modality"))]
-            for name in locations.get(modality, [])}
+    return [(prefix + name, modality, name) for prefix, modality in entries or [("data.options.", data.get("modality"))]
+            for name in locations.get(modality, [])]
+
+
+def location_keys(config: dict[str, Any], locations: dict[str, list[str]]) -> set[str]:
+    """The dumped config's keys of the modalities' location options (:func:`location_entries`)."""
+    return {key for key, _, _ in location_entries(config, locations)}
 
 
 def resume_conflicts(stored: dict[str, Any], current: dict[str, Any], same_objectives: bool = False,

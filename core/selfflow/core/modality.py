@@ -286,13 +286,42 @@ def data_location(description: str, default: Any = PydanticUndefined) -> Any:
     return Field(default, description=description, json_schema_extra={"data_location": True})
 
 
-def location_options(modality: Modality) -> list[str]:
-    """The names of the modality's :func:`data_location` options."""
-    options = modality.options
+def model_location(description: str, default: Any = None) -> Any:
+    """An option field that says where a model the modality reads lies (a VAE, a text or REPA encoder folder).
+    A resume accepts it changed when the folder there holds the same files as when the checkpoint was written
+    (:func:`~selfflow.core.folder_fingerprint.files_fingerprint`, kept in every checkpoint) — the weights were
+    copied to another cluster or disk — and refuses other weights."""
+    return Field(default, description=description, json_schema_extra={"model_location": True})
+
+
+def cache_location(description: str, default: Any = None) -> Any:
+    """An option field that says where a cache lies (its entries are keyed by what they hold): a resume accepts
+    it changed, with no check."""
+    return Field(default, description=description, json_schema_extra={"cache_location": True})
+
+
+def _marked_options(options: Any, markers: tuple[str, ...], prefix: str = "") -> list[str]:
+    """The dotted names of the option fields carrying one of ``markers``, nested option models included."""
     if not isinstance(options, BaseModel):
         return []
-    return [name for name, f in type(options).model_fields.items()
-            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("data_location")]
+    names = []
+    for name, f in type(options).model_fields.items():
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        if any(extra.get(m) for m in markers):
+            names.append(prefix + name)
+        names += _marked_options(getattr(options, name, None), markers, f"{prefix}{name}.")
+    return names
+
+
+def location_options(modality: Modality) -> list[str]:
+    """The dotted names of the modality's :func:`data_location` and :func:`cache_location` options: a resume
+    lets them change."""
+    return _marked_options(modality.options, ("data_location", "cache_location"))
+
+
+def model_location_options(modality: Modality) -> list[str]:
+    """The dotted names of the modality's :func:`model_location` options (``vae_path``, ``text.model_dir``)."""
+    return _marked_options(modality.options, ("model_location",))
 
 
 def check_first_batch(modality: Modality, tokens: Tokens, cond: Conditioning) -> None:

@@ -34,7 +34,14 @@ from .distributed import all_mean, init_distributed
 from .ema import ema_update, make_ema
 from .flops import train_step_flops
 from .mixture import ModalitySchedule
-from .modality import Batch, check_first_batch, location_options, open_stream, options_record
+from .modality import (
+    Batch,
+    check_first_batch,
+    location_options,
+    model_location_options,
+    open_stream,
+    options_record,
+)
 from .precision import warn_if_slow
 from .pretrained import CONFIG_FILE
 from .previewer import EvaluationInterrupted, Previewer
@@ -106,7 +113,8 @@ class Trainer:
             collective_state=self.strategy == "fsdp2",
             objectives={name: objective.settings() for name, objective in self.run.objectives.items()},
             data_options={name: options_record(m) for name, m in self.run.modalities.items()},
-            data_locations={name: location_options(m) for name, m in self.run.modalities.items()})
+            data_locations={name: location_options(m) for name, m in self.run.modalities.items()},
+            model_locations={name: model_location_options(m) for name, m in self.run.modalities.items()})
         configured = [{k: g[k] for k in HYPERPARAMETERS} for g in self.optimizer.param_groups]
         with self.log.text_log():  # what the resume says (a broken checkpoint skipped) belongs in train.log
             if self.dist.is_main and (warning := self.previewer.idle_eval_warning()):

@@ -17,7 +17,14 @@ from selfflow.core.codec import shapes_only_active, stands_in
 from selfflow.core.data.indexed_stream import IndexedStream
 from selfflow.core.data.shard_format import read_codec_info, required_shard_urls
 from selfflow.core.data.shard_stream import ShardReadOptions, ShardStream
-from selfflow.core.modality import Batch, DataStream, Modality, data_location, options_union
+from selfflow.core.modality import (
+    Batch,
+    DataStream,
+    Modality,
+    data_location,
+    model_location,
+    options_union,
+)
 from selfflow.core.registry import register_modality
 from selfflow.core.sample_many import part_path
 from selfflow.core.timesteps import TimestepDistribution
@@ -44,10 +51,10 @@ class _CommonImageOptions(BaseModel):
     conditioning: Literal["class", "text"] | None = Field(
         None, description="None: text for image_text_shards, else class; synthetic shapes: labels or captions")
     text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
-    vae_path: str | None = Field(None, description="local diffusers directory: AutoencoderKL (sd_vae), "
+    vae_path: str | None = model_location("local diffusers directory: AutoencoderKL (sd_vae), "
                                  "AutoencoderKLFlux2 (flux2) or AutoencoderRAE (rae)")
     scaling_factor: float = Field(0.18215, gt=0, description="SD-VAE latent scale")
-    repa_encoder: str | None = Field(None, description="local DINOv2 directory: REPA target features; toy: a "
+    repa_encoder: str | None = model_location("local DINOv2 directory: REPA target features; toy: a "
                                      "small CNN trained once on the built-in dataset (synthetic_shapes, digits)")
     toy_repa_dim: int = Field(128, ge=1, description="feature width of the toy REPA encoder (the model width)")
     repa_resolution: int = Field(224, ge=14, description="REPA encoder input size (224 → 16×16 tokens)")

@@ -45,7 +45,14 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from selfflow.core.data.data_facts import data_fact, is_recorded
 from selfflow.core.data.shard_format import shard_urls
 from selfflow.core.distributed import main_rank_first
-from selfflow.core.modality import Batch, DataStream, Modality, data_location, options_union
+from selfflow.core.modality import (
+    Batch,
+    DataStream,
+    Modality,
+    data_location,
+    model_location,
+    options_union,
+)
 from selfflow.core.registry import register_modality
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.token_schedule import ScheduleMode, TokenGroup, TokenSchedule
@@ -79,7 +86,7 @@ class _CommonRT1Options(BaseModel):
     chunk: int = Field(4, ge=1, description="actions per window (K)")
     image_size: tuple[int, int] = Field((32, 40), description="(H, W) frames are resized to (fractal: 256×320)")
     codec: Literal["pixel", "wan2.2", "wan2.1"] = Field("pixel", description="wan*: frames = 4k+1, vae_dir")
-    vae_dir: str | None = Field(None, description="Wan codec: local diffusers-format vae/ directory")
+    vae_dir: str | None = model_location("Wan codec: local diffusers-format vae/ directory")
     patch: tuple[PositiveInt, PositiveInt, PositiveInt] = (1, 8, 8)
     action_norm: Literal["bound", "gaussian"] = "bound"
     gripper: Literal["absolute", "relative"] = "absolute"

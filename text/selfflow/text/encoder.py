@@ -23,6 +23,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from selfflow.core.folder_fingerprint import files_fingerprint
+from selfflow.core.modality import cache_location, model_location
+
 # encoder-decoder families whose encoder half is a class of its own in transformers
 _ENCODER_ONLY = {"t5": "T5EncoderModel", "umt5": "UMT5EncoderModel", "mt5": "MT5EncoderModel"}
 
@@ -34,10 +37,10 @@ class TextEncoderOptions(BaseModel):
 
     kind: Literal["tiny", "hf"] = Field("tiny", description="tiny: built-in hashed words; hf: transformers")
     dim: int = Field(64, ge=1, description="tiny encoder width (hf: taken from the model)")
-    model_dir: str | None = Field(None, description="hf: local directory with config, tokenizer, weights")
+    model_dir: str | None = model_location("hf: local directory with config, tokenizer, weights")
     layers: tuple[int, ...] = Field((-1,), min_length=1, description="hf: hidden-state layers to stack")
     max_length: int = Field(64, ge=1, description="captions are truncated to this many tokens")
-    cache_dir: str | None = Field(None, description="on-disk embedding cache (None: no cache)")
+    cache_dir: str | None = cache_location("on-disk embedding cache (None: no cache)")
 
 
 class TextEncoder(ABC):
@@ -104,30 +107,6 @@ def model_identity(cache_id: str) -> str:
     where the model was downloaded to, not which model it is (the digest and ``weights_id`` say that)."""
     kind, _, rest = cache_id.partition(":")
     return f"hf:{rest.partition(':')[2]}" if kind == "hf" and rest.count(":") >= 1 else cache_id
-
-
-FINGERPRINT_WHOLE_BYTES = 16 << 20  # files up to this size are hashed whole; larger ones by their ends
-FINGERPRINT_END_BYTES = 1 << 20
-
-
-def files_fingerprint(model_dir: Path) -> str:
-    """A short digest of every file of a model directory (weights, tokenizer, configs; not ``*.md`` or hidden
-    files), cheap even for tens of GB: each file's path, size and bytes — whole up to 16 MiB, else its first and
-    last MiB, which differ between any two trainings of the same architecture."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.suffix != ".md"
-                   and not any(part.startswith(".") for part in p.relative_to(model_dir).parts))
-    for path in files:
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(model_dir).as_posix()}\0{size}\0".encode())
-        with open(path, "rb") as f:
-            if size <= FINGERPRINT_WHOLE_BYTES:
-                digest.update(f.read())
-            else:
-                digest.update(f.read(FINGERPRINT_END_BYTES))
-                f.seek(size - FINGERPRINT_END_BYTES)
-                digest.update(f.read())
-    return digest.hexdigest()[:16]
 
 
 class HFTextEncoderShape(TextEncoder):

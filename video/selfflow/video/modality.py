@@ -16,7 +16,14 @@ from selfflow.core.codec import stands_in
 from selfflow.core.data.indexed_stream import IndexedStream
 from selfflow.core.data.shard_format import check_shard_record, read_codec_info, required_shard_urls
 from selfflow.core.data.shard_stream import ShardReadOptions, ShardStream
-from selfflow.core.modality import Batch, DataStream, Modality, data_location, options_union
+from selfflow.core.modality import (
+    Batch,
+    DataStream,
+    Modality,
+    data_location,
+    model_location,
+    options_union,
+)
 from selfflow.core.registry import register_modality
 from selfflow.core.sampler import SamplerSettings
 from selfflow.core.timesteps import TimestepDistribution
@@ -40,7 +47,7 @@ class _CommonVideoOptions(BaseModel):
     conditioning: Literal["class", "text"] | None = Field(None, description="None: class (synthetic), text (shards)")
     text: TextEncoderOptions = Field(default_factory=TextEncoderOptions)
     sample_captions: list[str] | None = Field(None, description="preview prompts (None: the prepared shards' own captions, else the synthetic ones)")
-    vae_dir: str | None = Field(None, description="Wan codec: local diffusers-format vae/ directory")
+    vae_dir: str | None = model_location("Wan codec: local diffusers-format vae/ directory")
     fps: int = Field(8, ge=1, description="of written samples")
 
 
