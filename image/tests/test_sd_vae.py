@@ -104,3 +104,39 @@ def test_a_run_resumes_exactly_with_its_vae_moved_and_refuses_other_weights(tiny
     shutil.copytree(there, here)
     with pytest.raises(ConfigError, match="kept no fingerprint of the folder it read"):
         fit("split", here, 6)
+
+
+def test_a_trained_model_samples_with_its_vae_elsewhere_on_this_machine(tiny_vae_dir, tmp_path, capsys):
+    """A run (or its export) used where its VAE folder lies elsewhere — another machine, a laptop: ``--set
+    data.options.vae_path=…`` (``locations`` in Python) points it there for sample, eval and export; the run's
+    config needs no edit. Keys that would change the model are refused, naming those that may be set. Before,
+    the only way was to edit config.yaml (or config.json inside an export)."""
+    import shutil
+
+    from selfflow.core import load
+    from selfflow.core.cli import main
+    from selfflow.core.config import ConfigError, load_config
+    from selfflow.core.pretrained import load_model
+    from selfflow.core.trainer import Trainer
+
+    shutil.copytree(tiny_vae_dir, tmp_path / "vae")
+    cfg = load_config("configs/tiny/image.yaml", [
+        f"output_dir={tmp_path}", "name=run", "data.options.codec=sd_vae", f"data.options.vae_path={tmp_path / 'vae'}",
+        "data.options.image_size=16", "data.options.patch_size=2", "data.options.device=cpu", "train.steps=1",
+        "train.batch_size=2", "sample.every=0"])
+    Trainer(cfg, progress=False).fit()
+    (tmp_path / "vae").rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match="vae_path"):
+        load_model(tmp_path / "run", "cpu")
+    here = [f"data.options.vae_path={tmp_path / 'moved'}"]
+    assert main(["sample", "--run", str(tmp_path / "run"), "--num", "2", "--steps", "2", "--no-progress",
+                 "--device", "cpu", "--out", str(tmp_path / "grid.png"), "--set", here[0]]) == 0
+    assert (tmp_path / "grid.png").is_file()
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "pre"), "--set", here[0]]) == 0
+    (tmp_path / "moved").rename(tmp_path / "again")
+    again = load(tmp_path / "pre", device="cpu", locations={"data.options.vae_path": str(tmp_path / "again")})
+    assert again.modality.options.vae_path == str(tmp_path / "again")
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match=r"--set model\.depth: a trained model takes only where things lie .*"
+                                          r"data\.options\.vae_path"):
+        load_model(tmp_path / "pre", "cpu", locations=["model.depth=2"])

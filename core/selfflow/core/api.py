@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,10 +84,12 @@ class Sampler:
 
 
 def load(path: str | Path, *, modality: str | None = None, device: str | torch.device = "auto",
-         weights: str = "ema") -> Sampler:
+         weights: str = "ema", locations: Mapping[str, Any] | None = None) -> Sampler:
     """A :class:`Sampler` from a run directory, a pretrained directory or a weights file in one;
     ``modality`` picks the modality of a mixed model (default: the first); ``device``: ``auto`` (CUDA when
     available), ``cpu``, ``cuda``, ``cuda:N`` or a ``torch.device``; ``weights``: ``ema`` (the EMA weights, what
     the paper samples) or ``model`` (a run's newest checkpoint's raw weights; a pretrained directory holds one
-    set only)."""
-    return Sampler(load_model(path, device, modality, weights))
+    set only); ``locations``: where folders the model reads lie on this machine, when they moved since it was
+    trained (``{"data.options.vae_path": "/models/sd-vae"}``; only such keys)."""
+    sets = [f"{key}={json.dumps(value)}" for key, value in (locations or {}).items()]
+    return Sampler(load_model(path, device, modality, weights, sets))

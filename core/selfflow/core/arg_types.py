@@ -81,10 +81,15 @@ def output_file(text: str) -> Path:
 def add_model_argument(parser: argparse.ArgumentParser, *, required: bool = False, what: str = "") -> None:
     """``--run PATH``: the model a command reads, as :func:`~selfflow.core.pretrained.load_model` takes it (a run
     directory, a pretrained directory or ``ema.safetensors``); ``what`` narrows it (``"an rt1 training: "``). Also
-    spelled ``--run-dir``, which torchrun's own parser leaves alone (it takes ``--run`` for its ``--run-path``)."""
+    spelled ``--run-dir``, which torchrun's own parser leaves alone (it takes ``--run`` for its ``--run-path``).
+    With it ``--set KEY=VALUE`` (``args.locations``): where a folder the model reads lies on this machine."""
     parser.add_argument("--run", "--run-dir", dest="run", type=Path, required=required,
                         help=f"{what}run directory (config.yaml), pretrained directory (config.json) or "
                              "ema.safetensors; --run-dir under torchrun")
+    parser.add_argument("--set", dest="locations", action="append", default=[], metavar="KEY=VALUE",
+                        help="where something the model reads lies on this machine, when it differs from its "
+                             "config (repeatable): e.g. data.options.vae_path=/models/sd-vae, "
+                             "data.options.text.model_dir=…; other keys are refused")
 
 
 def device_name(text: str) -> str:

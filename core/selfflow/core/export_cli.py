@@ -42,7 +42,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise ConfigError("--private applies to --push-to-hub REPO only")
     if args.push_to_hub:
         require_hub_online()
-    loaded = load_model(args.run, "cpu", weights=args.weights)
+    loaded = load_model(args.run, "cpu", weights=args.weights, locations=args.locations)
     out = save_pretrained(args.out, loaded.model.state_dict(), loaded.config, loaded.model_config, loaded.data_facts)
     print(f"wrote {out} (config.json, model.safetensors)")
     if args.push_to_hub:

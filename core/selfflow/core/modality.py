@@ -313,6 +313,12 @@ def _marked_options(options: Any, markers: tuple[str, ...], prefix: str = "") ->
     return names
 
 
+def options_locations(options: Any) -> list[str]:
+    """The dotted names of every option of ``options`` that says where something lies on this machine (data,
+    a model folder, a cache): what may point elsewhere when a trained model is used on another machine."""
+    return _marked_options(options, ("data_location", "model_location", "cache_location"))
+
+
 def location_options(modality: Modality) -> list[str]:
     """The dotted names of the modality's :func:`data_location` and :func:`cache_location` options: a resume
     lets them change."""

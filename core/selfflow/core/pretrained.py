@@ -12,21 +12,31 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from torch import nn
 
 from .atomic import atomic_path, atomic_write_text
 from .checkpoint import CheckpointLoadError, load_weights
-from .config import ConfigError, RunConfig, load_config, short_repr, validation_problems
+from .config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    load_config,
+    location_keys,
+    parse_override,
+    short_repr,
+    validation_problems,
+)
 from .data.data_facts import read_facts, replaying
-from .modality import Modality
+from .modality import Modality, options_locations
 from .objective import UNKNOWN_KIND_OK
-from .registry import get_objective
+from .registry import get_modality, get_objective
 from .run_setup import Run, build_run, pick_device, read_run_weights
 
 FORMAT = "selfflow-pretrained"
@@ -77,6 +87,33 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def relocate(cfg: RunConfig, sets: Sequence[str], source: str) -> RunConfig:
+    """``cfg`` with ``key=value`` settings (``--set``) that say where something lies on this machine — the options
+    a modality declares with ``data_location``, ``model_location`` or ``cache_location`` (a VAE or text encoder
+    folder, the data, a cache) — for a trained model used on another machine than it was trained on. Any other
+    key is refused, naming the ones that may be set: it would change the model."""
+    if not sets:
+        return cfg
+    try:
+        entries = cfg.data.entries()
+        locations = {e.modality: options_locations(TypeAdapter(get_modality(e.modality).Options).validate_python(
+            e.options)) for e in entries}
+    except (KeyError, ValueError, ValidationError) as e:  # a modality not installed here, or options it refuses
+        raise ConfigError(f"{source}: cannot tell which options say where things lie ({str(e).splitlines()[0]})"
+                          ) from None
+    raw = cfg.model_dump(mode="json")
+    allowed = location_keys(raw, locations)
+    for text in sets:
+        key = ".".join(parse_override(text)[0])
+        if key not in allowed:
+            raise ConfigError(f"--set {key}: a trained model takes only where things lie on this machine (its "
+                              f"weights fix the rest): {', '.join(sorted(allowed)) or 'none here'}")
+    try:
+        return RunConfig.model_validate(apply_overrides(raw, list(sets)), context={UNKNOWN_KIND_OK: True})
+    except ValidationError as e:
+        raise ConfigError(f"--set: {validation_problems(e)[0]}") from None
+
+
 def _build_for_weights(cfg: RunConfig, state: dict[str, torch.Tensor], source: str) -> Run:
     """:func:`build_run` for loading trained weights. Sampling never runs the objective, so a kind that is not
     installed here (a plug-in's) is only warned about, and whether the backbone has a projector follows the
@@ -121,10 +158,11 @@ def state_dict_mismatch(error: RuntimeError, most: int = 3) -> str:
     return "; ".join(lines[:most]) + more
 
 
-def from_pretrained(path: str | Path, device: str | torch.device = "auto", modality_name: str | None = None
-                    ) -> LoadedModel:
+def from_pretrained(path: str | Path, device: str | torch.device = "auto", modality_name: str | None = None,
+                    locations: Sequence[str] = ()) -> LoadedModel:
     """A pretrained directory's model on ``device``; for a mixed model, ``modality_name`` picks the
-    modality to sample (default: the first)."""
+    modality to sample (default: the first); ``locations``: ``key=value`` settings of where things lie on this
+    machine (:func:`relocate`)."""
     root = Path(path)
     config = _read_config(root / CONFIG_FILE)
     try:
@@ -134,6 +172,7 @@ def from_pretrained(path: str | Path, device: str | torch.device = "auto", modal
     except ValidationError as e:
         raise ConfigError(f"{root / CONFIG_FILE}: invalid run_config: "
                           f"{validation_problems(e, 'run_config')[0]}") from None
+    cfg = relocate(cfg, locations, str(root / CONFIG_FILE))
     state = load_weights(root / WEIGHTS_FILE)
     with replaying(config.get("data_facts")):  # the shards' codec.json, statistics …: not needed here
         run = _build_for_weights(cfg, state, str(root))
@@ -152,9 +191,10 @@ def model_root(path: Path) -> Path:
 
 
 def load_model(path: str | Path, device: str | torch.device = "auto", modality_name: str | None = None,
-               weights: str = "ema") -> LoadedModel:
+               weights: str = "ema", locations: Sequence[str] = ()) -> LoadedModel:
     """The model of a run directory (``config.yaml``; ``weights``: ``"ema"`` or ``"model"``), a pretrained
-    directory (``config.json``) or a weights file inside either."""
+    directory (``config.json``) or a weights file inside either. ``locations``: ``key=value`` settings of where
+    things lie on this machine, e.g. ``data.options.vae_path=/models/sd-vae`` (:func:`relocate`)."""
     p = Path(path)
     if p.is_file() and (p.suffix == ".pt" or p.name in ("config.yaml", CONFIG_FILE)):  # name the folder to pass
         where = p.parent.parent if p.parent.name == "checkpoints" else p.parent
@@ -166,7 +206,7 @@ def load_model(path: str | Path, device: str | torch.device = "auto", modality_n
                           f"(the EMA unless export --weights model), so weights={weights!r} cannot be chosen here")
     if p.is_file() and p.suffix == ".safetensors":
         if p.name == WEIGHTS_FILE and (p.parent / CONFIG_FILE).is_file():
-            return from_pretrained(p.parent, device, modality_name)
+            return from_pretrained(p.parent, device, modality_name, locations)
         if p.name == "ema.safetensors" and (p.parent / "config.yaml").is_file():
             if weights != "ema":
                 raise ConfigError(f"{p} holds the EMA weights, not weights={weights!r}: pass the run directory "
@@ -176,14 +216,14 @@ def load_model(path: str | Path, device: str | torch.device = "auto", modality_n
             raise ConfigError(f"{p}: a weights file is loaded from its run directory (beside config.yaml) or "
                               "pretrained directory (beside config.json)")
     if (p / CONFIG_FILE).is_file():
-        return from_pretrained(p, device, modality_name)
+        return from_pretrained(p, device, modality_name, locations)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist (expected a run directory, a pretrained directory or a "
                                 "weights file in one)")
     if not (p / "config.yaml").is_file():
         raise ConfigError(f"{p} is not a run directory (no config.yaml), a pretrained directory (no config.json) "
                           "or a weights file in one")
-    cfg = load_config(p / "config.yaml", for_inference=True)
+    cfg = relocate(load_config(p / "config.yaml", for_inference=True), locations, str(p / "config.yaml"))
     state = read_run_weights(p, weights)
     with replaying(read_facts(p)):  # the data as it was read at training (also when it is gone)
         run = _build_for_weights(cfg, state, str(p))

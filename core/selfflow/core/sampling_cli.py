@@ -83,7 +83,7 @@ def _sample_grid(args: argparse.Namespace, prompts: list[str] | None) -> int:
         raise ConfigError("selfflow sample needs --run RUN (or --official-ckpt PATH --out-dir DIR)")
     one_process_only("selfflow sample without --out-dir (one grid)", "--out-dir DIR shares many samples out "
                      "among the ranks")
-    loaded = load_model(args.run, args.device, getattr(args, "modality", None), args.weights)
+    loaded = load_model(args.run, args.device, getattr(args, "modality", None), args.weights, args.locations)
     sampler = _sampler(loaded.config.sampler(loaded.modality), args, loaded.modality)
     device = next(loaded.model.parameters()).device
     n = args.num or (len(prompts) if prompts else 40)
@@ -149,7 +149,8 @@ def run_sample(args: argparse.Namespace) -> int:
         if args.official_ckpt is not None:
             model, modality, base = _load_official(args, dist.device)
         elif args.run is not None:
-            loaded = load_model(args.run, dist.device, getattr(args, "modality", None), args.weights)
+            loaded = load_model(args.run, dist.device, getattr(args, "modality", None), args.weights,
+                                args.locations)
             model, modality, base = loaded.model, loaded.modality, loaded.config.sampler(loaded.modality)
         else:
             raise ConfigError("--out-dir needs --run RUN or --official-ckpt PATH")

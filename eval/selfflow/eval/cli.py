@@ -180,7 +180,7 @@ def _run_probe(args: argparse.Namespace) -> int:
     from .registry import evaluators, load
 
     one_process("probe")
-    loaded = load_model(args.run, args.device, weights=args.weights)
+    loaded = load_model(args.run, args.device, weights=args.weights, locations=args.locations)
     model, modality, cfg = loaded.model, loaded.modality, loaded.config
     if modality.evaluator not in ("shapes_probe", "digits_probe"):
         raise ValueError(f"{args.run} does not train on synthetic shapes or digits; the probe only applies there")

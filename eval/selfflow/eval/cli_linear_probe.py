@@ -54,7 +54,7 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
     if any(not 0 <= t < 1 for t in args.levels):
         return _fail(ValueError(f"--levels must lie in [0, 1), got {args.levels}"))
     try:
-        loaded = load_model(args.run, args.device, weights=args.weights)
+        loaded = load_model(args.run, args.device, weights=args.weights, locations=args.locations)
         model, modality = loaded.model, loaded.modality
         with tqdm(total=len(args.levels), desc="linear probe", unit="level", leave=False,
                   disable=args.no_progress or None) as bar:

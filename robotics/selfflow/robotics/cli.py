@@ -80,7 +80,7 @@ def _policy_factory(args: argparse.Namespace, tasks: list[str]) -> tuple[Callabl
     from selfflow.core.pretrained import load_model
     from selfflow.core.sample_many import weights_digest
 
-    loaded = load_model(args.run, args.device, modality_name="rt1")
+    loaded = load_model(args.run, args.device, modality_name="rt1", locations=args.locations)
     model, modality = loaded.model, loaded.modality
     device = next(model.parameters()).device
     if args.policy == "model":
