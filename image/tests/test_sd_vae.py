@@ -60,8 +60,9 @@ def test_a_run_resumes_exactly_with_its_vae_moved_and_refuses_other_weights(tiny
     """The VAE folder (a ``model_location``) copied elsewhere between two sessions — another cluster, another
     disk: a resume accepts the new path when the folder holds the same files (the fingerprint the checkpoint
     kept), logs the move, and continues with the uninterrupted run's numbers; other weights there are refused,
-    naming both fingerprints. The text cache folder (a ``cache_location``) may move freely. Any changed path used
-    to refuse the resume."""
+    naming both fingerprints, and so are other weights put at the same path. The text cache folder (a
+    ``cache_location``) may move freely. Any changed path used to refuse the resume, and weights replaced in
+    place went unnoticed."""
     import shutil
 
     from selfflow.core.config import ConfigError, load_config
@@ -96,6 +97,11 @@ def test_a_run_resumes_exactly_with_its_vae_moved_and_refuses_other_weights(tiny
     with pytest.raises(ConfigError, match=r"data\.options\.vae_path \(checkpoint .*there.*, now .*other.*\) — other "
                                           r"files: fingerprint [0-9a-f]{16} then, [0-9a-f]{16} now"):
         fit("split", other, 6)
+    shutil.rmtree(there)
+    shutil.copytree(other, there)  # other weights where the run's were
+    with pytest.raises(ConfigError, match=r"data\.options\.vae_path \(.*there'.*\) holds other files than when the "
+                                          r"checkpoint was written \(fingerprint [0-9a-f]{16} then"):
+        fit("split", there, 6)
     # A checkpoint from before fingerprints were kept cannot tell a move from other weights: refused, saying so.
     newest = tmp_path / "split" / "checkpoints" / "step_00000004.pt"
     state = torch.load(newest, weights_only=True)

@@ -45,13 +45,12 @@ from .config import (
     ConfigError,
     RunConfig,
     flat_section,
-    location_entries,
     location_keys,
     resume_conflicts,
     short_repr,
 )
 from .distributed import DistInfo, barrier, gather_objects, leave_out_of_step
-from .folder_fingerprint import files_fingerprint
+from .model_folders import ModelFolders
 from .pretrained import save_pretrained
 from .safe_yaml import YamlError, parse_yaml
 
@@ -152,7 +151,7 @@ class Checkpointer:
         resume lets change: the data moved (its stream's state checks that it is the same data).
         ``model_locations``: each modality's options that say where a model it reads lies
         (``model_location_options``): a resume lets them change when the folder holds the same files as when the
-        checkpoint was written (their fingerprints are kept in it)."""
+        checkpoint was written (their fingerprints are kept in it), and refuses other files at the same path."""
         self.cfg: CheckpointConfig = cfg.checkpoint
         self.collective_state = collective_state and dist.enabled
         self.config = cfg.model_dump(mode="json")
@@ -160,12 +159,9 @@ class Checkpointer:
         self.resolved_texts = {key: json.dumps(value, sort_keys=True) for key, value in
                                (("objectives", objectives), ("data_options", data_options)) if value is not None}
         self.data_locations = data_locations or {}
-        self.model_locations = model_locations or {}
-        values = flat_section(self.config, "data")
-        self.model_files = {key: files_fingerprint(Path(values[key])) for key in location_keys(self.config,
-                            self.model_locations) if isinstance(values.get(key), str) and Path(values[key]).is_dir()}
-        if self.model_files:
-            self.resolved_texts["model_files"] = json.dumps(self.model_files, sort_keys=True)
+        self.model_folders = ModelFolders(self.config, model_locations or {})
+        if (record := self.model_folders.record()) is not None:
+            self.resolved_texts["model_files"] = record
         self.resumed_config: dict[str, Any] = {}  # the config stored in the checkpoint resumed from
         self.dist = dist
         self.components = components
@@ -211,9 +207,9 @@ class Checkpointer:
         objectives = self.resolved_texts.get("objectives")
         same_objectives = objectives is not None and state.get("objectives") == objectives
         stored = stored if isinstance(stored, dict) else {}
-        stored_files = json.loads(state["model_files"]) if isinstance(state.get("model_files"), str) else {}
-        moved_models = self._moved_models(stored, stored_files)
-        conflicts = [line + self._model_note(line, stored_files) for line in resume_conflicts(
+        record = ModelFolders.read_record(state)
+        moved_models = self.model_folders.moved(stored, record)
+        conflicts = [line + self.model_folders.note(line.split(" (", 1)[0], record) for line in resume_conflicts(
             stored, self.config, same_objectives, movable=location_keys(self.config, self.data_locations) | {
                 key for key, _, _ in moved_models})]
         if conflicts:
@@ -221,7 +217,11 @@ class Checkpointer:
                 f"cannot resume from {path}: the config differs from the one it was trained with in "
                 f"{'; '.join(conflicts)}. Use the same settings, another run name, or --no-resume "
                 "(Trainer(cfg, resume=False) in Python) to start afresh")
-        if changed := self._changed_defaults(state, moved_models):  # the same config, resolved otherwise: the code changed
+        if replaced := self.model_folders.replaced(stored, record):
+            raise ConfigError(
+                f"cannot resume from {path}: {'; '.join(replaced)}. Put back the weights the run trained with, use "
+                "another run name, or --no-resume")
+        if changed := self._changed_defaults(state, moved_models):  # the same config, resolved otherwise
             raise ConfigError(
                 f"cannot resume from {path}: settings the config leaves at their defaults resolve otherwise than "
                 f"when it was trained (the objective kind's or the modality's code changed): {'; '.join(changed)}. "
@@ -233,23 +233,6 @@ class Checkpointer:
                 log.warning("selfflow: warning: skipped a broken checkpoint: %s%s; resuming from %s",
                             why, _move_aside(bad), path)
         return path
-
-    def _moved_models(self, stored: dict[str, Any], stored_files: dict[str, str]) -> list[tuple[str, str, str]]:
-        """The model-location entries (:func:`location_entries`) whose folder changed since the checkpoint and
-        holds the same files (the fingerprint the checkpoint kept)."""
-        then, now = flat_section(stored, "data"), flat_section(self.config, "data")
-        return [(key, modality, option) for key, modality, option in location_entries(self.config, self.model_locations)
-                if then.get(key) != now.get(key) and key in stored_files and stored_files[key] == self.model_files.get(key)]
-
-    def _model_note(self, conflict: str, stored_files: dict[str, str]) -> str:
-        """Why a changed model folder (a ``resume_conflicts`` line) is not taken as the same model moved."""
-        key = conflict.split(" (", 1)[0]
-        if key not in self.model_files or key not in location_keys(self.config, self.model_locations):
-            return ""
-        if key not in stored_files:
-            return (" — the checkpoint kept no fingerprint of the folder it read (it was not a folder then, or the "
-                    "checkpoint is older than fingerprints), so a move cannot be told from other weights")
-        return f" — other files: fingerprint {stored_files[key]} then, {self.model_files[key]} now"
 
     def _changed_defaults(self, state: dict[str, Any], moved_models: list[tuple[str, str, str]]) -> list[str]:
         """``<modality>: objective.gamma (checkpoint 0.5, now 0.6)`` for each resolved setting the checkpoint and

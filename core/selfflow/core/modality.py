@@ -289,7 +289,7 @@ def data_location(description: str, default: Any = PydanticUndefined) -> Any:
 def model_location(description: str, default: Any = None) -> Any:
     """An option field that says where a model the modality reads lies (a VAE, a text or REPA encoder folder).
     A resume accepts it changed when the folder there holds the same files as when the checkpoint was written
-    (:func:`~selfflow.core.folder_fingerprint.files_fingerprint`, kept in every checkpoint) — the weights were
+    (:func:`~selfflow.core.model_folders.files_fingerprint`, kept in every checkpoint) — the weights were
     copied to another cluster or disk — and refuses other weights."""
     return Field(default, description=description, json_schema_extra={"model_location": True})
 

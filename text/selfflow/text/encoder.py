@@ -23,8 +23,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfflow.core.folder_fingerprint import files_fingerprint
 from selfflow.core.modality import cache_location, model_location
+from selfflow.core.model_folders import files_fingerprint
 
 # encoder-decoder families whose encoder half is a class of its own in transformers
 _ENCODER_ONLY = {"t5": "T5EncoderModel", "umt5": "UMT5EncoderModel", "mt5": "MT5EncoderModel"}

@@ -1,7 +1,7 @@
 import shutil
 
-from selfflow.core import folder_fingerprint
-from selfflow.core.folder_fingerprint import files_fingerprint
+from selfflow.core import model_folders
+from selfflow.core.model_folders import files_fingerprint
 
 
 def test_a_folder_keeps_its_fingerprint_where_it_lies_and_loses_it_with_any_other_file(tmp_path, monkeypatch):
@@ -9,8 +9,8 @@ def test_a_folder_keeps_its_fingerprint_where_it_lies_and_loses_it_with_any_othe
     byte, size or name, or one more file, another. Notes (``*.md``) and hidden files (``.cache/``) do not count.
     Large files are hashed by their ends (a byte in the middle of one is not seen: the ends of two trainings'
     weights differ anyway)."""
-    monkeypatch.setattr(folder_fingerprint, "WHOLE_BYTES", 64)
-    monkeypatch.setattr(folder_fingerprint, "END_BYTES", 16)
+    monkeypatch.setattr(model_folders, "WHOLE_BYTES", 64)
+    monkeypatch.setattr(model_folders, "END_BYTES", 16)
     model = tmp_path / "model"
     (model / "vae").mkdir(parents=True)
     (model / "config.json").write_text('{"width": 8}')
