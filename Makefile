@@ -35,7 +35,7 @@ $(STAMP): $(PYPROJECTS) Makefile
 	$(PY) -m pip install --quiet $(DEV_TOOLS)
 	@touch $(STAMP)
 
-test: setup  ## lint + the whole test suite (~15 min on 2 cores)
+test: setup  ## lint + the whole test suite (~13–23 min on 2 quiet cores)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q $(ARGS)
 

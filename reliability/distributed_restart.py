@@ -155,8 +155,8 @@ def full_disk(work: Path, reference: list[tuple], at: int = 8) -> Outcome:
 def save_error(work: Path, reference: list[tuple], at: int = 8) -> Outcome:
     """An error that is not a write error (here: while gathering the state) on one rank during checkpoint
     ``at``: both ranks stop with the message naming the checkpoint and that rank within seconds (no hang
-    until the process group's timeout), the previous checkpoint is intact (rank 0 failing) or the new one
-    complete (rank 1 failing), and a rerun resumes to the reference losses."""
+    until the process group's timeout), nothing is written (every rank's data position belongs in the
+    checkpoint), the previous checkpoint is intact, and a rerun resumes to the reference losses."""
     out = Outcome("distributed", "an error other than a failed write during a save, on one of 2 ranks",
                   "all ranks stop naming the checkpoint and rank (no hang); no torn checkpoint; rerun resumes")
     for rank in (0, 1):
@@ -167,11 +167,9 @@ def save_error(work: Path, reference: list[tuple], at: int = 8) -> Outcome:
             continue
         text = r.stopped.stdout + r.stopped.stderr
         path = work / name / "checkpoints" / f"step_{at:08d}.pt"
-        # rank 0's state is the whole checkpoint: when only rank 1 fails, the file is complete and kept
-        message = (f"selfflow: stopped: cannot write checkpoint {path}: rank 0 failed" if rank == 0 else
-                   f"selfflow: stopped: checkpoint {path} was written, but rank 1 failed")
+        message = f"selfflow: stopped: cannot write checkpoint {path}: rank {rank} failed"
         ok = (r.stopped.returncode != 0 and text.count(message) == 2 and "SELFFLOW_FAULT_SAVE_ERROR" in text
-              and r.left and r.left[-1] == (at - 4 if rank == 0 else at) and r.again.returncode == 0)
+              and r.left and r.left[-1] == at - 4 and r.again.returncode == 0)
         out.record(ok and not r.lost, lost=r.lost, why=f"rank {rank} failing: exit {r.stopped.returncode}, left "
                                                         f"{r.left}, rerun exit {r.again.returncode}: {text[-800:]}")
     out.note = (f"checkpoint {at} fails on rank 0, then on rank 1 (`SELFFLOW_FAULT_SAVE_ERROR`); both ranks "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -118,7 +119,11 @@ class GeneratorState:
 
 
 class StreamsState:
-    """The read positions of every modality's data stream."""
+    """The read positions of every modality's data stream on this rank. Each rank reads its own share of the
+    data (a corrupt sample, or an uneven split of the shards, puts ranks at different positions), so a
+    checkpoint keeps every rank's (``per_rank``)."""
+
+    per_rank = True
 
     def __init__(self, streams: Mapping[str, Stateful]):
         self.streams = streams
@@ -165,6 +170,7 @@ class Checkpointer:
         self.resumed_config: dict[str, Any] = {}  # the config stored in the checkpoint resumed from
         self.dist = dist
         self.components = components
+        self.per_rank = [n for n, c in components.items() if getattr(c, "per_rank", False)]
         self.run_dir = cfg.run_dir
         self.dir = self.run_dir / "checkpoints"
 
@@ -184,7 +190,7 @@ class Checkpointer:
             raise CheckpointLoadError(f"{source} has no {', '.join(missing)} state: not a checkpoint of this run")
         for name, component in self.components.items():
             try:
-                component.load_state_dict(state[name])
+                component.load_state_dict(self._this_ranks(name, state[name]))
             except ConfigError:  # a component's own message about the config (the mixture changed)
                 raise
             # ValueError: a data stream refusing another split of its data (world size, batch, buffer)
@@ -192,6 +198,15 @@ class Checkpointer:
                 first = (str(e).splitlines() or [type(e).__name__])[0][:300]
                 raise CheckpointLoadError(f"cannot resume from {source}: its {name} state does not fit this "
                                           f"run ({first})") from e
+
+    def _this_ranks(self, name: str, part: Any) -> Any:
+        """This rank's share of a ``per_rank`` component's stored state: its own on as many ranks as wrote it, else
+        rank 0's (the component judges: a synthetic stream is one global sequence, a shard stream refuses another
+        split). A checkpoint from before every rank's share was kept holds rank 0's only."""
+        if name not in self.per_rank or not isinstance(part, dict) or "per_rank" not in part:
+            return part
+        ranks = part["per_rank"]
+        return ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
 
     def resume(self) -> Path | None:
         """Load the newest intact checkpoint, if any; returns its path. Newer broken ones are named, moved
@@ -281,14 +296,14 @@ class Checkpointer:
         Under FSDP2 gathering the state is a collective of its own: a rank that fails inside it cannot join
         the agreement below (the others are still in the gather, and a second collective would pair with
         theirs), so it stops alone with the message and its exit stops the others."""
-        path, error, state = None, None, None
+        path, error, state, share = None, None, None, None
         try:
             faults.save_error(step, self.dist.rank)  # fault hook: a no-op unless its env variable is set
             state = self.state_dict()
-            if self.dist.is_main:
-                path = save_checkpoint(state, self.dir, step, self.cfg.keep_last)
+            share = {name: state[name] for name in self.per_rank}
+            pickle.dumps(share)  # fails here, not inside the collective below (where the others would wait)
         except Exception as e:  # agreed on below by every rank, whatever it is
-            error = e
+            error, share = e, None
             if not isinstance(e, CheckpointWriteError):  # a bug, not a full disk: keep its traceback
                 log.error("saving checkpoint %s failed on rank %d", checkpoint_path(self.dir, step),
                           self.dist.rank, exc_info=e)
@@ -296,9 +311,21 @@ class Checkpointer:
                 leave_out_of_step()
                 raise CheckpointWriteError(_failed_gather_message(checkpoint_path(self.dir, step), self.dist.rank,
                                                                   _failure(e)[1])) from e
-        # The one collective of a save: every rank's failure (or None) to every rank; it is also the barrier
-        # after which rank 0's file is complete.
-        failures = {rank: f for rank, f in enumerate(gather_objects(_failure(error))) if f}
+        # Every rank's failure so far (or None) and its share of the state (its data positions), to every rank:
+        # a failure anywhere writes nothing, and every rank stops with the same message.
+        shares = gather_objects((_failure(error), share))
+        failures = {rank: f for rank, (f, _) in enumerate(shares) if f}
+        if not failures:
+            if self.dist.is_main:
+                try:
+                    state.update({name: {"per_rank": [s[name] for _, s in shares]} for name in self.per_rank})
+                    path = save_checkpoint(state, self.dir, step, self.cfg.keep_last)
+                except Exception as e:
+                    error = e
+                    if not isinstance(e, CheckpointWriteError):
+                        log.error("saving checkpoint %s failed on rank 0", checkpoint_path(self.dir, step), exc_info=e)
+            # rank 0's write (or its failure), to every rank: also the barrier after which the file is complete
+            failures = {rank: f for rank, f in enumerate(gather_objects(_failure(error))) if f}
         if failures:
             raise CheckpointWriteError(_failed_save_message(checkpoint_path(self.dir, step), failures)) from error
         return path
@@ -357,9 +384,6 @@ def _failed_gather_message(path: Path, rank: int, why: str) -> str:
 def _failed_save_message(path: Path, failures: dict[int, tuple[bool, str]]) -> str:
     """One message for every rank, from the failures of the ranks that had one (``{rank: _failure}``)."""
     parts = [why if write else f"rank {rank} failed: {why}" for rank, (write, why) in failures.items()]
-    if 0 not in failures:  # rank 0's state is the whole checkpoint: the file is complete
-        return (f"checkpoint {path} was written, but {'; '.join(parts)}. Every rank stops: fix the error and run "
-                "the same command again to resume from it")
-    if failures[0][0] and len(failures) == 1:
+    if 0 in failures and failures[0][0] and len(failures) == 1:
         return parts[0]
     return f"cannot write checkpoint {path}: {'; '.join(parts)}. {resume_hint(path.parent)}"
