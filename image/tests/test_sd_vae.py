@@ -112,11 +112,14 @@ def test_a_run_resumes_exactly_with_its_vae_moved_and_refuses_other_weights(tiny
         fit("split", here, 6)
 
 
-def test_a_trained_model_samples_with_its_vae_elsewhere_on_this_machine(tiny_vae_dir, tmp_path, capsys):
+def test_a_trained_model_samples_with_its_vae_elsewhere_on_this_machine(tiny_vae_dir, tmp_path, caplog):
     """A run (or its export) used where its VAE folder lies elsewhere — another machine, a laptop: ``--set
     data.options.vae_path=…`` (``locations`` in Python) points it there for sample, eval and export; the run's
     config needs no edit. Keys that would change the model are refused, naming those that may be set. Before,
-    the only way was to edit config.yaml (or config.json inside an export)."""
+    the only way was to edit config.yaml (or config.json inside an export). Other weights than the run trained
+    with are loaded with a warning (another decoder of the same latent space can be a choice)."""
+    import json
+    import re
     import shutil
 
     from selfflow.core import load
@@ -142,7 +145,19 @@ def test_a_trained_model_samples_with_its_vae_elsewhere_on_this_machine(tiny_vae
     (tmp_path / "moved").rename(tmp_path / "again")
     again = load(tmp_path / "pre", device="cpu", locations={"data.options.vae_path": str(tmp_path / "again")})
     assert again.modality.options.vae_path == str(tmp_path / "again")
-    capsys.readouterr()
     with pytest.raises(ConfigError, match=r"--set model\.depth: a trained model takes only where things lie .*"
                                           r"data\.options\.vae_path"):
         load_model(tmp_path / "pre", "cpu", locations=["model.depth=2"])
+    # The fingerprint of the VAE the run trained with travels with it (data_facts.json, the export's config.json):
+    # the same files anywhere load quietly, other weights load with a warning naming both fingerprints.
+    recorded = json.loads((tmp_path / "run" / "data_facts.json").read_text())["model_files"]
+    assert list(recorded) == ["data.options.vae_path"]
+    assert json.loads((tmp_path / "pre" / "config.json").read_text())["data_facts"]["model_files"] == recorded
+    assert "holds other files" not in caplog.text
+    torch.manual_seed(1)
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                  norm_num_groups=8, sample_size=32).save_pretrained(tmp_path / "other")
+    load(tmp_path / "pre", device="cpu", locations={"data.options.vae_path": str(tmp_path / "other")})
+    assert re.search(r"data\.options\.vae_path holds other files than .*pre was trained with \(fingerprint "
+                     rf"{recorded['data.options.vae_path']} then, [0-9a-f]{{16}} now\)", caplog.text), caplog.text

@@ -33,8 +33,9 @@ from .config import (
     short_repr,
     validation_problems,
 )
-from .data.data_facts import read_facts, replaying
-from .modality import Modality, options_locations
+from .data.data_facts import MODEL_FILES, read_facts, replaying
+from .modality import Modality, model_location_options, options_locations
+from .model_folders import ModelFolders
 from .objective import UNKNOWN_KIND_OK
 from .registry import get_modality, get_objective
 from .run_setup import Run, build_run, pick_device, read_run_weights
@@ -140,14 +141,31 @@ class LoadedModel:
 
 
 def _loaded(run: Run, state: dict[str, torch.Tensor], device: str | torch.device, modality_name: str | None,
-            source: str) -> LoadedModel:
+            source: str, facts: dict[str, Any] | None) -> LoadedModel:
+    """``facts``: the record the run was loaded with (its model folders' fingerprints are checked and kept)."""
     modality = run.modality(modality_name, source)
+    if recorded := (facts or {}).get(MODEL_FILES):
+        _check_model_files(run, recorded, source)
+        run.data_facts[MODEL_FILES] = recorded  # no reader asked for it: kept for a re-export
     try:
         run.backbone.load_state_dict(state)
     except RuntimeError as e:  # tensors of another shape or name: not this config's model
         raise CheckpointLoadError(f"the weights in {source} do not fit its config ({state_dict_mismatch(e)})") from None
     dev = pick_device(device, "device")
     return LoadedModel(run.backbone.to(dev).eval(), modality, run.config, run.model_config, run.data_facts)
+
+
+def _check_model_files(run: Run, recorded: dict[str, str], source: str) -> None:
+    """Warn for each model folder (VAE, text encoder) that holds other files than the run trained with — pointed
+    elsewhere with ``--set``, or replaced in place: its samples then go through another model (a deliberate
+    choice at times — another VAE decoder of the same latent space —, so a warning, not an error)."""
+    config = run.config.model_dump(mode="json")
+    here = ModelFolders(config, {name: model_location_options(m) for name, m in run.modalities.items()}).files
+    for key in sorted(set(recorded) & set(here)):
+        if recorded[key] != here[key]:
+            log.warning("selfflow: warning: %s holds other files than %s was trained with (fingerprint %s then, %s "
+                        "now): what it reads there — its samples' decoder, its text encoder — is another model",
+                        key, source, recorded[key], here[key])
 
 
 def state_dict_mismatch(error: RuntimeError, most: int = 3) -> str:
@@ -174,14 +192,15 @@ def from_pretrained(path: str | Path, device: str | torch.device = "auto", modal
                           f"{validation_problems(e, 'run_config')[0]}") from None
     cfg = relocate(cfg, locations, str(root / CONFIG_FILE))
     state = load_weights(root / WEIGHTS_FILE)
-    with replaying(config.get("data_facts")):  # the shards' codec.json, statistics …: not needed here
+    facts = config.get("data_facts")
+    with replaying(facts):  # the shards' codec.json, statistics …: not needed here
         run = _build_for_weights(cfg, state, str(root))
     built, stored = run.model_config.model_dump(mode="json"), config.get("model_config", {})
     differ = sorted(k for k in set(built) | set(stored) if built.get(k) != stored.get(k))
     if differ:
         raise ConfigError(f"{root / CONFIG_FILE}: the run config builds a different model (keys {differ}): "
                           "was it written by another selfflow version?")
-    return _loaded(run, state, device, modality_name, str(root))
+    return _loaded(run, state, device, modality_name, str(root), facts)
 
 
 def model_root(path: Path) -> Path:
@@ -225,6 +244,7 @@ def load_model(path: str | Path, device: str | torch.device = "auto", modality_n
                           "or a weights file in one")
     cfg = relocate(load_config(p / "config.yaml", for_inference=True), locations, str(p / "config.yaml"))
     state = read_run_weights(p, weights)
-    with replaying(read_facts(p)):  # the data as it was read at training (also when it is gone)
+    facts = read_facts(p)
+    with replaying(facts):  # the data as it was read at training (also when it is gone)
         run = _build_for_weights(cfg, state, str(p))
-    return _loaded(run, state, device, modality_name, str(p))
+    return _loaded(run, state, device, modality_name, str(p), facts)

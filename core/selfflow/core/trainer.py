@@ -28,7 +28,7 @@ from .atomic import atomic_write_text
 from .checkpoint import checkpoint_path, latest_checkpoint
 from .checkpointer import Checkpointer, GeneratorState, ModelState, OptimizerState, StreamsState
 from .config import ConfigError, RunConfig, changed_settings
-from .data.data_facts import FACTS_FILE
+from .data.data_facts import FACTS_FILE, MODEL_FILES
 from .data.pinning import batch_to_device, pin_batch, resolve_pin_memory
 from .distributed import all_mean, init_distributed
 from .ema import ema_update, make_ema
@@ -115,6 +115,8 @@ class Trainer:
             data_options={name: options_record(m) for name, m in self.run.modalities.items()},
             data_locations={name: location_options(m) for name, m in self.run.modalities.items()},
             model_locations={name: model_location_options(m) for name, m in self.run.modalities.items()})
+        if self.checkpointer.model_folders.files:  # recorded with the run and its export, checked when loaded
+            self.run.data_facts[MODEL_FILES] = dict(self.checkpointer.model_folders.files)
         configured = [{k: g[k] for k in HYPERPARAMETERS} for g in self.optimizer.param_groups]
         with self.log.text_log():  # what the resume says (a broken checkpoint skipped) belongs in train.log
             if self.dist.is_main and (warning := self.previewer.idle_eval_warning()):

@@ -1,7 +1,9 @@
 """What a modality reads from its data directory to build itself — a shard directory's ``codec.json``, its
 latent statistics, a robot dataset's action statistics — recorded with a run (``data_facts.json``) and in its
 pretrained export, so that the model loads and samples without the data (on another machine, after the shards
-moved) and with the numbers it was trained with (after the data was prepared again).
+moved) and with the numbers it was trained with (after the data was prepared again). Beside them the record
+keeps the fingerprints of the model folders the run read (``model_files``: a VAE, a text encoder;
+:mod:`selfflow.core.model_folders`), so a loaded model tells when it is given other weights than it trained with.
 
 Readers go through :func:`data_fact`; :func:`collecting` gathers what they read (``build_run`` does, for every
 run), :func:`replaying` answers them from a record (loading a run or a pretrained directory).
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 FACTS_FILE = "data_facts.json"
+MODEL_FILES = "model_files"  # {config key: fingerprint} of the run's model folders (no reader asks for it)
 
 _collected: ContextVar[dict[str, Any] | None] = ContextVar("selfflow_collected_data_facts", default=None)
 _recorded: ContextVar[dict[str, Any] | None] = ContextVar("selfflow_recorded_data_facts", default=None)
