@@ -250,7 +250,7 @@ def test_any_failure_while_saving_on_one_rank_stops_every_rank(tmp_path, fault):
     assert not path.exists()
 
 
-def test_each_rank_resumes_its_own_data_position(tmp_path):
+def test_each_rank_resumes_its_own_data_position(tmp_path, caplog):
     """A checkpoint keeps every rank's data position (``streams``: ``per_rank``); a rank loads its own, or rank
     0's on another number of ranks (the stream decides whether it can split it otherwise); a checkpoint from
     before (one position) loads as it is."""
@@ -266,7 +266,13 @@ def test_each_rank_resumes_its_own_data_position(tmp_path):
             "model": ModelState(model), "optimizer": OptimizerState(model, opt), "generator": GeneratorState(gen),
             "streams": StreamsState(streams)}).load_state_dict(state)
         assert streams["image"].n == image, (rank, world)
+    assert "before every rank's data position was kept" not in caplog.text
     state["streams"] = {"image": {"n": 3}, "audio": {"n": 4}}  # one position: a checkpoint from before
-    model, opt, gen, streams = _pieces(2)
-    _checkpointer(tmp_path, (model, opt, gen, streams)).load_state_dict(state)
-    assert streams["image"].n == 3
+    for world in (1, 2):
+        model, opt, gen, streams = _pieces(2)
+        Checkpointer(load_config(None, [f"output_dir={tmp_path}", "name=run"]), DistInfo(0, world), {
+            "model": ModelState(model), "optimizer": OptimizerState(model, opt), "generator": GeneratorState(gen),
+            "streams": StreamsState(streams)}).load_state_dict(state)
+        assert streams["image"].n == 3
+        # on several ranks, said once (rank 0): the other ranks resume at rank 0's position
+        assert ("before every rank's data position was kept" in caplog.text) == (world == 2)

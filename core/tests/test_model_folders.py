@@ -39,3 +39,29 @@ def test_a_folder_keeps_its_fingerprint_where_it_lies_and_loses_it_with_any_othe
     middle = bytearray(weights)
     middle[100] ^= 1
     assert changed(lambda d: (d / "vae" / "weights.bin").write_bytes(bytes(middle))) == first
+
+
+def test_model_folders_fingerprints_the_folders_that_exist_and_skips_what_it_cannot_read(tmp_path, monkeypatch,
+                                                                                        caplog):
+    """Only a location naming an existing folder is fingerprinted — not an unset or empty one (``""`` would be
+    the working directory), not ``toy``, in a mixture by its entry's key; an unreadable folder is skipped with a
+    warning instead of stopping the run (its loader decides)."""
+    from selfflow.core.model_folders import ModelFolders
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    locations = {"image": ["vae_path", "repa_encoder", "text.model_dir"], "audio": ["vae_dir"]}
+    config = {"data": {"mixture": [
+        {"modality": "image", "options": {"vae_path": str(tmp_path / "vae"), "repa_encoder": "toy",
+                                          "text": {"model_dir": ""}}},
+        {"modality": "audio", "options": {"vae_dir": None}}]}}
+    folders = ModelFolders(config, locations)
+    assert list(folders.files) == ["data.mixture.0.options.vae_path"]
+    assert folders.record() is not None and ModelFolders({"data": {}}, locations).record() is None
+
+    def unreadable(_folder):
+        raise PermissionError("permission denied: weights.bin")
+
+    monkeypatch.setattr(model_folders, "files_fingerprint", unreadable)
+    assert ModelFolders(config, locations).files == {}
+    assert "cannot fingerprint data.mixture.0.options.vae_path" in caplog.text

@@ -143,7 +143,7 @@ def test_a_trained_model_samples_with_its_vae_elsewhere_on_this_machine(tiny_vae
     assert (tmp_path / "grid.png").is_file()
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "pre"), "--set", here[0]]) == 0
     (tmp_path / "moved").rename(tmp_path / "again")
-    again = load(tmp_path / "pre", device="cpu", locations={"data.options.vae_path": str(tmp_path / "again")})
+    again = load(tmp_path / "pre", device="cpu", locations={"data.options.vae_path": tmp_path / "again"})  # a Path
     assert again.modality.options.vae_path == str(tmp_path / "again")
     with pytest.raises(ConfigError, match=r"--set model\.depth: a trained model takes only where things lie .*"
                                           r"data\.options\.vae_path"):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -91,5 +92,6 @@ def load(path: str | Path, *, modality: str | None = None, device: str | torch.d
     the paper samples) or ``model`` (a run's newest checkpoint's raw weights; a pretrained directory holds one
     set only); ``locations``: where folders the model reads lie on this machine, when they moved since it was
     trained (``{"data.options.vae_path": "/models/sd-vae"}``; only such keys)."""
-    sets = [f"{key}={json.dumps(value)}" for key, value in (locations or {}).items()]
+    sets = [f"{key}={json.dumps(os.fspath(v) if isinstance(v, os.PathLike) else v)}" for key, v in
+            (locations or {}).items()]
     return Sampler(load_model(path, device, modality, weights, sets))

@@ -14,6 +14,7 @@ run's (:func:`~selfflow.core.config.resume_conflicts`).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -45,7 +46,6 @@ from .config import (
     CheckpointConfig,
     ConfigError,
     RunConfig,
-    flat_section,
     location_keys,
     resume_conflicts,
     short_repr,
@@ -203,7 +203,13 @@ class Checkpointer:
         """This rank's share of a ``per_rank`` component's stored state: its own on as many ranks as wrote it, else
         rank 0's (the component judges: a synthetic stream is one global sequence, a shard stream refuses another
         split). A checkpoint from before every rank's share was kept holds rank 0's only."""
-        if name not in self.per_rank or not isinstance(part, dict) or "per_rank" not in part:
+        if name not in self.per_rank or not isinstance(part, dict):
+            return part
+        if "per_rank" not in part:
+            if self.dist.enabled and self.dist.is_main:
+                log.warning("selfflow: warning: the checkpoint was written before every rank's data position was kept: "
+                            "each rank resumes at rank 0's, so a rank whose share of the data stood elsewhere reads "
+                            "other samples than the uninterrupted run would have")
             return part
         ranks = part["per_rank"]
         return ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
@@ -259,12 +265,13 @@ class Checkpointer:
                 continue
             old, new = json.loads(state[key]), json.loads(self.resolved_texts[key])
             for modality in sorted(set(old) & set(new)):
-                a, b = flat_section(old, modality), flat_section(new, modality)
                 moved = set(self.data_locations.get(modality, [])) | {option for _, m, option in moved_models
                                                                       if m == modality}
-                lines += [f"{modality}: {section}.{k.partition('.')[2]} (checkpoint {short_repr(a[k], 60)}, now "
-                          f"{short_repr(b[k], 60)})" for k in sorted(set(a) & set(b))
-                          if a[k] != b[k] and (key != "data_options" or k.partition(".")[2] not in moved)]
+                a, b = old[modality], new[modality]
+                if key == "data_options":  # a nested location (text.cache_dir) leaves the rest of its option
+                    a, b = _without(a, moved), _without(b, moved)
+                lines += [f"{modality}: {section}.{k} (checkpoint {short_repr(a[k], 60)}, now {short_repr(b[k], 60)})"
+                          for k in sorted(set(a) & set(b)) if a[k] != b[k]]
         return lines
 
     def set_aside(self) -> Path | None:
@@ -350,6 +357,19 @@ class Checkpointer:
         save_pretrained(path.parent / "pretrained", path, RunConfig.model_validate(self.config), model_config,
                         data_facts)
         return path
+
+
+def _without(record: dict[str, Any], paths: set[str]) -> dict[str, Any]:
+    """A copy of an options record without the dotted ``paths`` (``shards``, ``text.cache_dir``)."""
+    out = copy.deepcopy(record)
+    for path in paths:
+        *parents, last = path.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
 
 
 def _move_aside(bad: Path) -> str:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from .config import flat_section, location_entries, short_repr
+
+log = logging.getLogger("selfflow")
 
 WHOLE_BYTES = 16 << 20  # files up to this size are hashed whole; larger ones by their ends
 END_BYTES = 1 << 20
@@ -48,8 +51,16 @@ class ModelFolders:
         self.config = config
         self.entries = location_entries(config, locations)  # (key, modality, option)
         values = flat_section(config, "data")
-        self.files = {key: files_fingerprint(Path(values[key])) for key, _, _ in self.entries
-                      if isinstance(values.get(key), str) and Path(values[key]).is_dir()}
+        self.files: dict[str, str] = {}
+        for key, _, _ in self.entries:
+            folder = values.get(key)
+            if not (isinstance(folder, str) and folder and Path(folder).is_dir()):
+                continue  # unset, not a folder ("toy"), or missing (its loader says so)
+            try:
+                self.files[key] = files_fingerprint(Path(folder))
+            except OSError as e:  # an unreadable file: the folder goes unchecked, its loader decides
+                log.warning("selfflow: warning: cannot fingerprint %s=%s (%s): a resume or load will not check "
+                            "which files it holds", key, folder, e)
 
     def record(self) -> str | None:
         """What a checkpoint keeps (``None``: the run reads no model folder)."""

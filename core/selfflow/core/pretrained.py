@@ -198,8 +198,9 @@ def from_pretrained(path: str | Path, device: str | torch.device = "auto", modal
     built, stored = run.model_config.model_dump(mode="json"), config.get("model_config", {})
     differ = sorted(k for k in set(built) | set(stored) if built.get(k) != stored.get(k))
     if differ:
+        moved = f" or does a folder set with --set ({', '.join(locations)}) hold another model" if locations else ""
         raise ConfigError(f"{root / CONFIG_FILE}: the run config builds a different model (keys {differ}): "
-                          "was it written by another selfflow version?")
+                          f"was it written by another selfflow version{moved}?")
     return _loaded(run, state, device, modality_name, str(root), facts)
 
 
