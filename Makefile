@@ -13,7 +13,7 @@ CONFIG ?=
 ARGS ?=
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup test lint train-image train-mixed train-video train-audio finetune-rt1 eval-simpler eval bench bench-quality clean-venv fault-test golden gpu-wheels gpu-check gpu-check-cuda test-gpu-stack
+.PHONY: help setup test lint train-image train-mixed train-video train-audio finetune-rt1 eval-simpler eval bench bench-quality clean-venv fault-test golden gpu-wheels gpu-venv gpu-check gpu-check-cuda test-gpu-stack
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -115,7 +115,7 @@ gpu-check:  ## on a CUDA machine, offline: install beside its torch, run the cud
 # The venv sees the machine's packages: --system-site-packages, plus a .pth of site.addsitedir lines when
 # $(PYTHON) is itself a venv (the device machines' /opt/torch/.venv), whose packages that flag does not reach.
 # It is made without pip (ensurepip may be missing there): the machine's pip runs in it and installs into it.
-gpu-check-cuda:
+gpu-venv:  ## (on a CUDA machine) the venv beside the machine's torch that gpu-check runs in, from gpu-wheels/
 	@test -d $(GPU_WHEELS) || { echo "gpu-check: no $(GPU_WHEELS)/ (run make gpu-wheels where PyPI is reachable)"; exit 2; }
 	test -x $(GPU_VENV)/bin/python || { $(PYTHON) -m venv --system-site-packages --without-pip $(GPU_VENV) && \
 		$(PYTHON) -c "import site, sys; sys.prefix == sys.base_prefix or open(sys.argv[1], 'w').write(''.join( \
@@ -127,6 +127,8 @@ gpu-check-cuda:
 		--config-settings editable_mode=compat $(foreach p,$(GPU_PACKAGES),-e ./$(p))
 	$(GPU_VENV)/bin/python -c "import sys, torch; assert not torch.__file__.startswith(sys.prefix + '/'), 'torch in $(GPU_VENV)'; \
 		print('torch', torch.__version__, 'from', torch.__file__, 'cuda', torch.cuda.is_available())"
+
+gpu-check-cuda: gpu-venv
 	@command -v cc >/dev/null || command -v gcc >/dev/null || echo "gpu-check: no C compiler (cc, gcc) here:" \
 		"Triton builds torch.compile's kernels with one, so the compiled tests and rows will fail"
 	@# the speed table runs even when a cuda test fails or hangs (one lent GPU run must bring back both: a hung NCCL

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import sys
 import time
@@ -249,8 +250,7 @@ def loader_case(sizes: Sizes, train_rows: list[dict]) -> dict:
     """Issue 18's data loader on the GPU node, against what its training step consumes: SiT-XL/2's ImageNet
     latent shards read by the trainer's stream with N DataLoader workers, pinned and copied to the GPU
     (``data_loading.imagenet_read_rate``); steady samples/s, per worker, and the workers the fastest SiT-XL/2
-    step measured above needs."""
-    import math
+    step measured so far needs (:func:`workers_needed`)."""
     import tempfile
 
     from benchmarks.data_loading import imagenet_read_rate, write_imagenet_shards
@@ -261,11 +261,18 @@ def loader_case(sizes: Sizes, train_rows: list[dict]) -> dict:
         batches = max(8, 2 * sizes.loader_samples // sizes.batch)  # two epochs: every worker reaches its shards
         rates = {w: imagenet_read_rate(Path(tmp), sizes.batch, w, sizes.device, batches)
                  for w in sizes.loader_workers}
+    per_worker = max(rate / w for w, rate in rates.items())
+    row = {"samples_per_s": {str(w): r for w, r in rates.items()}, "per_worker": per_worker,
+           "pinned": resolve_pin_memory("auto", torch.device(sizes.device))}
+    return {**row, **workers_needed(per_worker, train_rows)}
+
+
+def workers_needed(per_worker: float, train_rows: list[dict]) -> dict:
+    """The fastest SiT-XL/2 training step among ``train_rows`` (images/s) and the DataLoader workers that keep
+    it fed at ``per_worker`` samples/s each; redone once the compiled rows, measured after the loader, are in."""
     consumed = max((r["images_per_s"] for r in train_rows if r.get("arch") == "dit" and "images_per_s" in r),
                    default=None)
-    per_worker = max(rate / w for w, rate in rates.items())
-    return {"samples_per_s": {str(w): r for w, r in rates.items()}, "per_worker": per_worker,
-            "pinned": resolve_pin_memory("auto", torch.device(sizes.device)), "step_images_per_s": consumed,
+    return {"step_images_per_s": consumed,
             "workers_needed": None if consumed is None else math.ceil(consumed / per_worker)}
 
 
@@ -317,6 +324,8 @@ def measure(sizes: Sizes, compile_modes: tuple[bool, ...] = (False, True), budge
             run("sampling", partial(sampling_case, sizes))
             run("xl2_vs_naive", partial(xl2_vs_naive_case, sizes))
             run("loader", partial(loader_case, sizes, result["train"]))
+    if result["loader"] and "per_worker" in result["loader"]:  # against the fastest step of all, compiled too
+        result["loader"].update(workers_needed(result["loader"]["per_worker"], result["train"]))
     return result
 
 

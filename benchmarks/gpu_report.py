@@ -38,6 +38,9 @@ def print_table(result: dict, peak: float) -> None:
             print(f"  {r['arch']:6s} {r['kind']:14s} compile={r['compile']!s:5s} ckpt={r['checkpointing']!s:5s} "
                   f"plan {r['plan_gib']:6.1f}  measured {r['peak_gib']:6.1f}  "
                   f"({100 * (r['plan_gib'] / r['peak_gib'] - 1):+.0f} %)")
+    if any(r["compile"] and "peak_gib" in r for r in rows):
+        print("  (the plan counts the eager step's activations: compiled blocks fuse some away, so for them it is "
+              "an upper bound)")
     if "images_per_s" in sampling:
         print(f"SiT-XL/2 SDE {sampling['model_calls']} steps, CFG 1.5 on [0, 0.7]: {sampling['images_per_s']:.2f} img/s "
               f"({100 * sampling['ratio_to_bound']:.0f}% of the bound of its model calls alone, "

@@ -42,10 +42,11 @@ def test_the_measuring_code_runs_tiny_on_the_cpu():
     assert (sampling["model_calls"], sampling["guided_calls"]) == (3, 2)
     pair = result["xl2_vs_naive"]  # ours vs the naive official-class step, bf16, against its FLOP bound
     assert pair["ours_s"] > 0 and pair["naive_s"] > 0 and pair["flop_bound"] > 1
-    # the ImageNet stream with a DataLoader worker against the fastest SiT step measured before it
+    # the ImageNet stream with a DataLoader worker against the fastest SiT step of the run (also those measured
+    # after it: the compiled and activation-checkpointed ones)
     loader = result["loader"]
     assert loader["samples_per_s"]["1"] > 0 and loader["per_worker"] == loader["samples_per_s"]["1"]
-    fastest = max(r["images_per_s"] for r in rows if r["arch"] == "dit" and not r["checkpointing"])
+    fastest = max(r["images_per_s"] for r in rows if r["arch"] == "dit")
     assert loader["step_images_per_s"] == fastest and not loader["pinned"]
     assert loader["workers_needed"] == -(-fastest // loader["per_worker"])
 

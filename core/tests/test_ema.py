@@ -27,3 +27,17 @@ def test_ema_warmup_schedule():
     assert EMAConfig(decay=0.999).decay_at(5) == 0.999
     warm = EMAConfig(decay=0.999, warmup=True)
     assert warm.decay_at(0) == 0.1 and warm.decay_at(90) == 0.91 and warm.decay_at(10**6) == 0.999
+
+
+def test_ema_of_a_compiled_model_is_compiled_too():
+    """deepcopy drops nn.Module.compile(): the teacher of a model compiled before its EMA was made ran eagerly."""
+    from selfflow.core.ema import is_compiled
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4))
+    model[0].compile()
+    ema = make_ema(model)
+    assert [is_compiled(m) for m in ema.modules()] == [False, True, False, False]
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.zero_()
+    assert torch.equal(ema(torch.randn(2, 4)), torch.zeros(2, 4))  # its own (zeroed) weights, not the model's

@@ -13,11 +13,24 @@ from torch import nn
 
 
 def make_ema(model: nn.Module) -> nn.Module:
-    """A frozen deep copy of ``model`` to hold the average."""
+    """A frozen deep copy of ``model`` to hold the average, compiled where ``model`` is.
+
+    ``copy.deepcopy`` drops what ``nn.Module.compile()`` set: a teacher copied from a model whose blocks were
+    already compiled would run them eagerly (the first H200 run of ``make gpu-check`` did: docs/BENCHMARKS.md
+    "GPU check"). Each submodule compiled in ``model`` is compiled in the copy (``torch.compile``'s defaults).
+    """
     ema = copy.deepcopy(model)
     ema.requires_grad_(False)
     ema.eval()
+    for source, copied in zip(model.modules(), ema.modules(), strict=True):
+        if is_compiled(source) and not is_compiled(copied):
+            copied.compile()
     return ema
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module.compile()`` was called (torch keeps it in a private attribute, which deepcopy drops)."""
+    return getattr(module, "_compiled_call_impl", None) is not None
 
 
 @torch.no_grad()

@@ -89,7 +89,10 @@ class _SelectOfTwo(torch.autograd.Function):
     The forward is a select (exact: no arithmetic touches the values, so TF32 cannot round them). The
     backward sums each level's token gradients with one batched matrix product ``(B, 2, L) · (B, L, D)``;
     autograd's own backward of a broadcasting select writes two masked ``(B, L, D)`` copies of the gradient and
-    reduces each (forward + backward at SiT-XL/2 size on the CPU: ~7 ms with it, ~3 ms with this).
+    reduces each (forward + backward at SiT-XL/2 size on the CPU: ~7 ms with it, ~3 ms with this). Inside
+    compiled blocks too: on an H200 (SiT-XL/2, batch 64, bf16) Inductor's own reduction for a plain
+    ``torch.where`` made the Self-Flow step slower than this function traced into the graph (426 vs
+    434 images/s: docs/BENCHMARKS.md "On a GPU").
     """
 
     @staticmethod
