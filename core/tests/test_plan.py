@@ -119,7 +119,9 @@ def test_plan_cli(capsys, monkeypatch):
     assert main(["plan", "--config", str(CONFIG), "--gpus", "8", "--gpu-mem", "80"]) == 0
     out = capsys.readouterr().out
     assert "trainable parameters" in out and "fsdp2" in out and "on 80 GB (90 % usable) the largest micro-batch" in out
-    assert "does not fit" not in out
+    assert "does not fit" not in out and "train.compile" not in out
+    assert main(["plan", "--config", str(CONFIG), "--set", "train.compile=true"]) == 0
+    assert "train.compile: these are the eager step's" in capsys.readouterr().out  # an upper bound there
     big = ["--set", "train.batch_size=65536"]  # the most a config takes: no GPU here holds it
     assert main(["plan", "--config", str(CONFIG), "--gpu-mem", "80", *big]) == 0
     out = capsys.readouterr().out

@@ -151,7 +151,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     one_process_only("selfflow plan", "--gpus N plans for N GPUs without running on them")
     cfg = load_config(args.config, args.set)
     print(format_plans([(plan, args.batch or batch) for plan, batch in make_plans(cfg)], args.gpus, args.gpu_mem,
-                       cfg.train.activation_checkpointing))
+                       cfg.train.activation_checkpointing, cfg.train.compile))
     return 0
 
 
