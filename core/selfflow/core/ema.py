@@ -17,7 +17,7 @@ def make_ema(model: nn.Module) -> nn.Module:
 
     ``copy.deepcopy`` drops what ``nn.Module.compile()`` set: a teacher copied from a model whose blocks were
     already compiled would run them eagerly (the first H200 run of ``make gpu-check`` did: docs/BENCHMARKS.md
-    "GPU check"). Each submodule compiled in ``model`` is compiled in the copy (``torch.compile``'s defaults).
+    "On a GPU"). Each submodule compiled in ``model`` is compiled in the copy (``torch.compile``'s defaults).
     """
     ema = copy.deepcopy(model)
     ema.requires_grad_(False)
