@@ -32,6 +32,8 @@ def print_table(result: dict, peak: float) -> None:
               f"{sf['images_per_s']:9.1f} {fm['images_per_s'] / sf['images_per_s']:10.2f} "
               f"{100 * fm['tflops'] / peak:6.1f}% {100 * sf['tflops'] / peak:6.1f}% "
               f"{fm['peak_gib']:7.1f} {sf['peak_gib']:7.1f}")
+    print("(steps timed back to back, waiting only for the host's reads of the losses and the gradient norm, as "
+          "selfflow train runs them)")
     print(f"selfflow plan vs measured peak memory (GiB; batch {rows[0]['batch'] if rows else '?'}):")
     for r in rows:
         if "peak_gib" in r:

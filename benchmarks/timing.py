@@ -30,6 +30,14 @@ class Row:
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cpu") -> float:
     """Median seconds of ``fn`` over ``repeats`` calls after ``warmup``; on ``device="cuda"`` each timing waits
     for the GPU's queued work (kernels run asynchronously)."""
+    return steady_time(fn, repeats, 1, warmup, device)
+
+
+def steady_time(fn: Callable[[], object], repeats: int, steps: int, warmup: int = 1, device: str = "cpu") -> float:
+    """Seconds per call of ``fn`` in a training loop's steady state: the median over ``repeats`` rounds of
+    ``steps`` calls in a row, waiting for the GPU once per round. Unlike :func:`median_time`, the host queues
+    the next call's first kernels while the GPU still runs this one's last, as it does in ``selfflow train``
+    (whose only waits are the host reads inside a step)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -37,9 +45,10 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, device:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        for _ in range(steps):
+            fn()
         sync()
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / steps)
     return statistics.median(times)
 
 

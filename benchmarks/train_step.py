@@ -16,9 +16,12 @@ from selfflow.core.tokens import Conditioning, grid_ids
 from .timing import Row, paired_median
 
 
-def make_train_step(model, ema, opt, tokens, cond, obj, null_label: int, bf16: bool = False):
+def make_train_step(model, ema, opt, tokens, cond, obj, null_label: int, bf16: bool = False,
+                    host_reads: bool = False):
     """One full training step (loss, backward, clip, AdamW, EMA) as a closure, for timing any backbone; noise
-    is drawn on the tokens' device, the loss under bf16 autocast when ``bf16``."""
+    is drawn on the tokens' device, the loss under bf16 autocast when ``bf16``. ``host_reads``: read the losses
+    after the backward and the gradient norm after clipping on the host, as ``Trainer.train_step`` does (its
+    step guard decides on them before the optimizer steps); on a GPU each read waits for the queued work."""
     device = tokens.x.device
     gen = torch.Generator(device).manual_seed(0)
 
@@ -27,7 +30,12 @@ def make_train_step(model, ema, opt, tokens, cond, obj, null_label: int, bf16: b
             losses = obj.loss(model, ema if obj.uses_teacher else None, tokens, cond, null_label=null_label,
                               modality=None, generator=gen)
         losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if host_reads:
+            for value in losses.values():
+                float(value.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if host_reads:
+            float(grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema_update(ema, model, 0.9999)

@@ -37,3 +37,19 @@ def test_the_table_sets_the_loader_against_the_step(capsys):
             "2 worker(s) per GPU keep it fed") in out and "pinned → GPU" in out
     print_table({"train": [], "sampling": {"error": "x"}, "loader": {"error": "OSError: disk full"}}, peak=1.0)
     assert "data loader not measured: OSError: disk full" in capsys.readouterr().out
+
+
+
+def test_the_table_says_how_the_steps_were_timed(capsys):
+    from benchmarks.gpu_report import print_table
+
+    def row(kind, images):
+        return {"arch": "dit", "kind": kind, "compile": True, "checkpointing": False, "batch": 64,
+                "images_per_s": images, "tflops": 400.0, "peak_gib": 30.0, "plan_gib": 36.0}
+
+    print_table({"train": [row("flow_matching", 550.0), row("self_flow", 440.0)], "sampling": {"error": "x"}},
+                peak=800.0)
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("dit"))
+    assert line.split()[3:6] == ["550.0", "440.0", "1.25"]
+    assert "back to back, waiting only for the host's reads" in out

@@ -1,0 +1,14 @@
+"""The benchmark clocks: a step alone vs steps in a row."""
+
+import pytest
+
+from benchmarks import timing
+
+
+def test_steady_time_is_per_call_over_rounds_of_calls_in_a_row(monkeypatch):
+    clock = iter(range(0, 1000, 10))  # every perf_counter reading 10 s after the last
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    calls = []
+    per_call = timing.steady_time(lambda: calls.append(1), repeats=3, steps=4, warmup=2)
+    assert len(calls) == 2 + 3 * 4  # warm-up, then 3 rounds of 4 calls, each round read twice
+    assert per_call == pytest.approx(10 / 4)  # one round's 10 s over its 4 calls
