@@ -276,3 +276,40 @@ def test_each_rank_resumes_its_own_data_position(tmp_path, caplog):
         assert streams["image"].n == 3
         # on several ranks, said once (rank 0): the other ranks resume at rank 0's position
         assert ("before every rank's data position was kept" in caplog.text) == (world == 2)
+
+
+def test_with_resplit_a_shard_stream_split_otherwise_goes_on_and_others_load_as_before(tmp_path):
+    """``StreamsState(resplit=True)`` (``selfflow train --resplit-data``) hands a shard stream every rank's stored
+    position when its split changed, and loads the exact position when it did not; a stream that cannot resplit
+    (here a counter) loads this rank's or rank 0's position as without it. Without it the change is refused."""
+    import numpy as np
+
+    from selfflow.core.checkpoint import CheckpointLoadError
+    from selfflow.core.data.shard_format import shard_urls
+    from selfflow.core.data.shard_stream import ShardStream
+    from selfflow.core.data.shard_writer import write_shards
+
+    write_shards(list(range(12)), lambda i: {"latent": np.full((2, 3), float(i), dtype=np.float32),
+                                             "caption": f"item {i}", "label": 0}, tmp_path / "data", shard_size=3)
+    urls = shard_urls(tmp_path / "data")
+    ranks = []
+    for rank in range(2):
+        stream = ShardStream(urls, 2, rank=rank, world_size=2)
+        next(iter(stream))
+        ranks.append({"shards": stream.state_dict(), "counter": {"n": 10 + rank}})
+    state = {"streams": {"per_rank": ranks}}
+    cfg = load_config(None, [f"output_dir={tmp_path}", "name=run"])
+
+    def load(rank, world, batch, resplit):
+        streams = {"shards": ShardStream(urls, batch, rank=rank, world_size=world), "counter": Counter()}
+        Checkpointer(cfg, DistInfo(rank, world), {"streams": StreamsState(streams, resplit=resplit)}).load_state_dict(
+            state)
+        return streams
+
+    exact = load(1, 2, 2, resplit=True)  # the same split: the exact position, as without resplit
+    assert (exact["shards"].epoch, exact["shards"].consumed, exact["counter"].n) == (0, ranks[1]["shards"]["consumed"],
+                                                                                   11)
+    one = load(0, 1, 3, resplit=True)  # one rank, another batch: from the next epoch; the counter takes rank 0's
+    assert (one["shards"].epoch, one["shards"].consumed, one["counter"].n) == (1, 0, 10)
+    with pytest.raises(CheckpointLoadError, match=r"split otherwise.*--resplit-data"):
+        load(0, 1, 3, resplit=False)

@@ -62,7 +62,8 @@ def test_stream_splits_by_rank_resumes_and_skips_corrupt_members(tmp_path, caplo
     got = [next(it2) for _ in range(3)]
     assert [b["captions"] for b in got] == [b["captions"] for b in expected]
     assert got[0]["latent"].shape == (2, 2, 3) and isinstance(got[0]["emb"][0], torch.Tensor)
-    with pytest.raises(ValueError, match="world size"):
+    with pytest.raises(ValueError, match=r"split otherwise \(was 1×2, 0 workers; now 2×1, 0 workers\).*"
+                                         "--resplit-data"):
         ShardStream(urls, 1, world_size=2).load_state_dict(state)
     with pytest.raises(ValueError, match="cannot be split"):
         ShardStream(urls[:1], 1, rank=0, world_size=2)
@@ -171,7 +172,8 @@ def test_a_resume_keeps_the_reference_shape_of_the_uninterrupted_run(tmp_path):
     with pytest.raises(ValueError, match=r"another shuffle buffer .* set shuffle_buffer: 0"):
         ShardStream(urls, 2, seed=seed, shuffle_buffer=8).load_state_dict(state)
     with pytest.raises(ValueError, match=r"was 1×2, 0 workers; now 1×4, 0 workers\): resume on 1 rank\(s\) with "
-                                         r"batch 2 per rank and data.options.num_workers=0, or .*train.init_from"):
+                                         r"batch 2 per rank and data.options.num_workers=0, or with --resplit-data "
+                                         r".*train.init_from"):
         ShardStream(urls, 4, seed=seed).load_state_dict(state)
 
 def test_nested_keys_group_members_like_webdataset(tmp_path):
@@ -271,3 +273,42 @@ def test_a_state_loads_on_the_same_shards_elsewhere_and_refuses_other_data(tmp_p
     write_shards(list(range(27)), _process, tmp_path / "d", shard_size=3)
     with pytest.raises(ValueError, match=r"8 shards then, 9 now; new: shard-000008.tar"):
         ShardStream(shard_urls(tmp_path / "d"), 4, seed=1).load_state_dict(state)
+
+
+def test_a_resplit_goes_on_from_the_next_epoch_with_the_skip_counts(tmp_path, caplog):
+    """``--resplit-data``: positions read under 2 ranks × 2 go on under another split from the start of the epoch
+    after the furthest rank's, the shards divided anew; the corrupt-sample counts carry over (all on rank 0 when
+    the number of ranks changes, each rank its own when it does not); other data is still refused."""
+    write_shards(list(range(16)), _process, tmp_path, shard_size=4)
+    urls = shard_urls(tmp_path)
+    states = []
+    for rank in range(2):
+        stream = ShardStream(urls, 2, seed=5, rank=rank, world_size=2)
+        it = iter(stream)
+        for _ in range(rank + 1):  # the ranks stand at different places of epoch 0
+            next(it)
+        states.append({**stream.state_dict(), "skipped": 3 + rank, "lost_shards": rank})
+    assert [s["epoch"] for s in states] == [0, 0] and states[0]["consumed"] != states[1]["consumed"]
+
+    one = ShardStream(urls, 3, seed=5)
+    one.resplit_from(states)
+    assert (one.epoch, one.consumed, one.skipped, one.lost_shards) == (1, 0, 7, 1)
+    assert one.state_dict()["skipped"] == 7  # what the next checkpoint keeps
+    fresh = ShardStream(urls, 3, seed=5)
+    fresh.epoch = 1
+    assert next(iter(one))["captions"] == next(iter(fresh))["captions"]
+    assert "split otherwise (was 2×2, 0 workers; now 1×3, 0 workers)" in caplog.text and "epoch 1" in caplog.text
+    # the same ranks, another batch: each rank keeps its own counts; more ranks: the others start at 0
+    same_ranks = ShardStream(urls, 1, seed=5, rank=1, world_size=2)
+    same_ranks.resplit_from(states)
+    assert (same_ranks.epoch, same_ranks.skipped, same_ranks.lost_shards) == (1, 4, 1)
+    more = [ShardStream(urls, 1, seed=5, rank=r, world_size=4) for r in range(4)]
+    for stream in more:
+        stream.resplit_from(states)
+    assert [s.skipped for s in more] == [7, 0, 0, 0] and {s.epoch for s in more} == {1}
+    # nothing read yet: the same epoch
+    start = ShardStream(urls, 2, seed=5)
+    start.resplit_from([{**s, "consumed": 0} for s in states])
+    assert start.epoch == 0
+    with pytest.raises(ValueError, match="other data than it was reading"):
+        ShardStream(urls[:-1], 3, seed=5).resplit_from(states)

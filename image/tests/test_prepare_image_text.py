@@ -11,6 +11,7 @@ from PIL import Image
 
 from selfflow.core.cli import main
 from selfflow.core.config import load_config
+from selfflow.core.metrics import read_metrics
 from selfflow.core.trainer import Trainer
 from selfflow.image.modality import ImageModality
 from selfflow.image.prepare_image_text import load_image, prepare_image_text
@@ -157,3 +158,25 @@ def test_images_without_captions_are_counted_in_a_warning(tmp_path, caplog):
                                      "image_size": 32})
     assert report["written"] == 3
     assert "2 of 3 images have no caption" in caplog.text
+
+
+def test_a_run_on_shards_resumes_on_another_split_only_when_asked(captioned_folder, tmp_path, capsys):
+    """`selfflow train` on shards resumed with another batch per rank is refused, saying how to go on; with
+    --resplit-data it goes on from the shards' next epoch, and says so in train.log."""
+    out = tmp_path / "px"
+    prepare_image_text({"input": str(captioned_folder), "out": str(out), "codec": "pixel", "image_size": 16,
+                        "shard_size": 4, "text": {"kind": "tiny", "dim": 8}})
+    sets = [f"output_dir={tmp_path}", "name=r", "train.num_threads=1", "logging.every=1", "sample.num_samples=2",
+            "sample.steps=2",
+            f"data.options.shards={out}", "data.options.image_size=16", "data.options.text.dim=8"]
+    argv = ["train", "--no-progress", "--config", str(CONFIG), *(a for s in sets for a in ("--set", s))]
+    assert main([*argv, "--set", "train.steps=2", "--set", "train.batch_size=2"]) == 0
+    capsys.readouterr()
+    resumed = [*argv, "--set", "train.steps=4", "--set", "train.batch_size=1"]
+    assert main(resumed) == 2
+    err = capsys.readouterr().err
+    assert "split otherwise (was 1×2, 0 workers; now 1×1, 0 workers)" in err and "--resplit-data" in err
+    assert main([*resumed, "--resplit-data"]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl")] == [1, 2, 3, 4]
+    log = (tmp_path / "r" / "train.log").read_text()
+    assert "--resplit-data: it goes on from the start of epoch 1 on this split" in log

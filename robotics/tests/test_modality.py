@@ -278,3 +278,38 @@ def test_two_ranks_resume_with_the_uninterrupted_runs_numbers(fake_data_dir, tmp
     state = torch.load(tmp_path / "split/checkpoints/step_00000006.pt", weights_only=True)["streams"]["per_rank"]
     assert state[0]["rt1"] != state[1]["rt1"]  # the premise: the ranks stood at different places
     assert fit("split", 12) == whole
+
+
+@pytest.mark.distributed
+def test_a_two_rank_run_goes_on_in_one_process_with_resplit_data(fake_data_dir, tmp_path):
+    """A job requeued on fewer GPUs: 2 torchrun ranks × 2 train 4 steps, then one process × 4 (the same global
+    batch) resumes only with --resplit-data, its shard stream from the next epoch; model, optimizer and step go
+    on."""
+    import os
+    import subprocess
+    import sys
+
+    from selfflow.core.metrics import read_metrics
+
+    repo = Path(__file__).resolve().parents[2]
+    base = [f"output_dir={tmp_path}", "name=r", f"data.options.fake_dir={fake_data_dir}",
+            "data.options.image_size=[16,16]", "sample.every=0", "logging.every=1", "train.num_threads=1"]
+
+    def train(launcher: list[str], *sets: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, *launcher, "-m", "selfflow.core.cli", "train", "--config",
+             str(repo / "configs/tiny/rt1.yaml"), "--no-progress", *flags,
+             *(a for s in [*base, *sets] for a in ("--set", s))],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    two = train(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "train.steps=4",
+                "train.batch_size=2")
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    refused = train([], "train.steps=8", "train.batch_size=4")
+    assert refused.returncode == 2 and "--resplit-data" in refused.stderr, refused.stderr[-2000:]
+    one = train([], "train.steps=8", "train.batch_size=4", flags=("--resplit-data",))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl")] == list(range(1, 9))
+    assert "split otherwise (was 2×2, 0 workers; now 1×4, 0 workers)" in one.stderr
+    state = torch.load(tmp_path / "r/checkpoints/step_00000008.pt", weights_only=True)["streams"]["per_rank"]
+    assert len(state) == 1 and state[0]["rt1"]["world_size"] == 1

@@ -125,18 +125,37 @@ class StreamsState:
 
     per_rank = True
 
-    def __init__(self, streams: Mapping[str, Stateful]):
-        self.streams = streams
+    def __init__(self, streams: Mapping[str, Stateful], resplit: bool = False):
+        """``resplit``: a stream that can (``resplit_from``: the shard streams) goes on under another split of its
+        data than the checkpoint's (other ranks, batch or data-loader workers) instead of refusing it."""
+        self.streams, self.resplit = streams, resplit
 
     def state_dict(self) -> dict[str, Any]:
         return {n: s.state_dict() for n, s in self.streams.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check(state)
+        for name, stream in self.streams.items():
+            stream.load_state_dict(state[name])
+
+    def load_every_rank(self, ranks: list[dict[str, Any]], rank: int, world_size: int) -> None:
+        """With ``resplit``: every rank's stored positions; a stream split otherwise than it was goes on with
+        ``resplit_from``, the others load this rank's position (rank 0's on another number of ranks)."""
+        own = ranks[rank] if len(ranks) == world_size else ranks[0]
+        self._check(own)
+        for name, stream in self.streams.items():
+            state = own[name]
+            resplit = getattr(stream, "resplit_from", None)
+            if resplit is not None and (len(ranks) != world_size or tuple(stream.split()) != (
+                    state["world_size"], state["batch_size"], state.get("num_workers", 0))):
+                resplit([r[name] for r in ranks])
+            else:
+                stream.load_state_dict(state)
+
+    def _check(self, state: dict[str, Any]) -> None:
         missing = set(self.streams) - set(state)
         if missing:
             raise ConfigError(f"the checkpoint has no data position for {sorted(missing)}: the mixture changed")
-        for name, stream in self.streams.items():
-            stream.load_state_dict(state[name])
 
 
 class Checkpointer:
@@ -190,7 +209,12 @@ class Checkpointer:
             raise CheckpointLoadError(f"{source} has no {', '.join(missing)} state: not a checkpoint of this run")
         for name, component in self.components.items():
             try:
-                component.load_state_dict(self._this_ranks(name, state[name]))
+                part = state[name]
+                if name in self.per_rank and getattr(component, "resplit", False):
+                    ranks = part["per_rank"] if isinstance(part, dict) and "per_rank" in part else [part]
+                    component.load_every_rank(ranks, self.dist.rank, self.dist.world_size)
+                else:
+                    component.load_state_dict(self._this_ranks(name, part))
             except ConfigError:  # a component's own message about the config (the mixture changed)
                 raise
             # ValueError: a data stream refusing another split of its data (world size, batch, buffer)

@@ -70,7 +70,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     with torn_down_after():
-        trainer = Trainer(cfg, resume=not args.no_resume, progress=not args.no_progress)
+        trainer = Trainer(cfg, resume=not args.no_resume, resplit_data=args.resplit_data,
+                          progress=not args.no_progress)
         with trainer.log.text_log():  # rank 0's console lines also go to <run_dir>/train.log
             return _train(trainer)
 
@@ -269,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.steps=200 (repeatable; value is YAML)")
     train.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
+    train.add_argument("--resplit-data", action="store_true",
+                       help="resume although the data's split changed (other number of ranks, batch per rank or "
+                       "data-loader workers): each shard stream goes on from the start of its next epoch, divided "
+                       "anew (not the samples the uninterrupted run would read). Without it such a resume is refused")
     train.add_argument("--no-progress", action="store_true", help="no progress bar: a line per logging.every "
                        "steps instead (console and train.log), as when the output is not a terminal")
     train.set_defaults(func=_cmd_train)

@@ -63,7 +63,9 @@ from .training_log import StepCost, TrainingLog
 
 class Trainer:
     """One training run of a :class:`~.config.RunConfig`: ``Trainer(cfg).fit()`` trains to ``train.steps`` in
-    ``cfg.run_dir``, resuming from its newest intact checkpoint unless ``resume=False``. Under ``torchrun`` each
+    ``cfg.run_dir``, resuming from its newest intact checkpoint unless ``resume=False`` (``resplit_data``: also
+    when its shard streams were split otherwise, from their next epoch: ``selfflow train --resplit-data``). Under
+    ``torchrun`` each
     rank builds its own (DDP or FSDP2 by ``train.parallel``). ``selfflow train`` wraps :meth:`fit` in
     ``trainer.log.text_log()``, which also appends the console lines to ``<run_dir>/train.log``; from Python,
     do the same to keep that file::
@@ -73,7 +75,7 @@ class Trainer:
             result = trainer.fit()  # {"checkpoint", "samples", "ema", "loss_plot", "eval_plot", "last": …}
     """
 
-    def __init__(self, cfg: RunConfig, *, resume: bool = True, progress: bool = True):
+    def __init__(self, cfg: RunConfig, *, resume: bool = True, resplit_data: bool = False, progress: bool = True):
         self.cfg, self.run_dir = cfg, cfg.run_dir
         tc = cfg.train
         self.dist = init_distributed(pick_device(tc.device))
@@ -108,7 +110,7 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, self.dist, {
             "trainer": self, "model": ModelState(self.model), "ema": ModelState(self.ema),
             "optimizer": OptimizerState(self.model, self.optimizer), "scheduler": self.scheduler,
-            "streams": StreamsState(self.streams), "schedule": self.schedule,
+            "streams": StreamsState(self.streams, resplit=resplit_data), "schedule": self.schedule,
             "generator": GeneratorState(self.generator), "guard": self.guard},
             collective_state=self.strategy == "fsdp2",
             objectives={name: objective.settings() for name, objective in self.run.objectives.items()},

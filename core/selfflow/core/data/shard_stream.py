@@ -364,18 +364,51 @@ class ShardStream(DataStream):
                 "shape": None if self.shape is None else list(self.shape),
                 "shard_order": self._order, "shard_sizes": self.sizes}
 
+    def split(self) -> tuple[int, int, int]:
+        """How the data is divided: (ranks, batch per rank, data-loader workers). A position means something
+        only under the split it was read with."""
+        return self.world_size, self.batch_size, self.num_workers
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         was = (state["world_size"], state["batch_size"], state.get("num_workers", 0))
-        if was != (self.world_size, self.batch_size, self.num_workers):
-            raise ValueError("cannot resume a shard stream with another world size, batch size or number of "
-                             f"data-loader workers (was {was[0]}×{was[1]}, {was[2]} workers; now "
-                             f"{self.world_size}×{self.batch_size}, {self.num_workers} workers): resume on "
-                             f"{was[0]} rank(s) with batch {was[1]} per rank and data.options.num_workers="
-                             f"{was[2]}, or start a new run from this one's weights with train.init_from")
+        if was != self.split():
+            raise ValueError(f"cannot resume a shard stream split otherwise (was {was[0]}×{was[1]}, {was[2]} workers; "
+                             f"now {self.world_size}×{self.batch_size}, {self.num_workers} workers): resume on "
+                             f"{was[0]} rank(s) with batch {was[1]} per rank and data.options.num_workers={was[2]}, "
+                             "or with --resplit-data to go on from the next epoch on this split, or start a new "
+                             "run from this one's weights with train.init_from")
         if state.get("shuffle_buffer", self.shuffle_buffer) != self.shuffle_buffer:  # (older checkpoints lack it)
             raise ValueError(f"cannot resume a shard stream with another shuffle buffer (was "
                              f"{state['shuffle_buffer']}, now {self.shuffle_buffer}): set shuffle_buffer: "
                              f"{state['shuffle_buffer']} in the data options to continue this run")
+        self._restore_reading(state)
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.skipped, self.lost_shards = int(state["skipped"]), int(state.get("lost_shards", 0))
+        self._at_position = (self.skipped, self.lost_shards)
+
+    def resplit_from(self, states: list[dict[str, Any]]) -> None:
+        """Go on from the positions ``states`` (every rank's, as checkpointed) under this stream's split, which
+        differs from theirs (``selfflow train --resplit-data``): at the start of the epoch after the furthest
+        rank's, the shards divided anew. What the ranks had not read of their last epoch is left out, so the
+        samples are not those the uninterrupted run would have read; the skip counts carry over (on rank 0 when
+        the number of ranks changed), so ``train.max_bad_data_fraction`` still sees them."""
+        self._restore_reading(states[0])
+        self.epoch = max(int(s["epoch"]) + (int(s["consumed"]) > 0) for s in states)
+        self.consumed = 0
+        mine = [states[self.rank]] if len(states) == self.world_size else states if self.rank == 0 else []
+        self.skipped = sum(int(s["skipped"]) for s in mine)
+        self.lost_shards = sum(int(s.get("lost_shards", 0)) for s in mine)
+        self._at_position = (self.skipped, self.lost_shards)
+        if self.rank == 0:
+            was = states[0]
+            log.warning("resuming a shard stream split otherwise (was %d×%d, %d workers; now %d×%d, %d workers): "
+                        "--resplit-data: it goes on from the start of epoch %d on this split; the samples differ "
+                        "from the uninterrupted run's", len(states), was["batch_size"], was.get("num_workers", 0),
+                        *self.split(), self.epoch)
+
+    def _restore_reading(self, state: dict[str, Any]) -> None:
+        """What a resume keeps of how the stream was reading, whatever the split: the same data (checked), the
+        reference sample shape, the shard order."""
         # The position only means something in the same shards; where they lie may change (the data moved).
         if "shard_sizes" in state and (change := changed_shards(state["shard_sizes"], self.sizes)):
             raise ValueError(f"cannot resume a shard stream on other data than it was reading ({change}): point "
@@ -388,6 +421,3 @@ class ShardStream(DataStream):
             self._order = FULL_PATH
             log.warning("resuming a shard stream checkpointed before the shard order stopped depending on where the "
                         "data lies: the run keeps its full-path order (exact only with the data where it was)")
-        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
-        self.skipped, self.lost_shards = int(state["skipped"]), int(state.get("lost_shards", 0))
-        self._at_position = (self.skipped, self.lost_shards)
