@@ -297,7 +297,8 @@ def test_a_resplit_goes_on_from_the_next_epoch_with_the_skip_counts(tmp_path, ca
     fresh = ShardStream(urls, 3, seed=5)
     fresh.epoch = 1
     assert next(iter(one))["captions"] == next(iter(fresh))["captions"]
-    assert "split otherwise (was 2×2, 0 workers; now 1×3, 0 workers)" in caplog.text and "epoch 1" in caplog.text
+    assert ("read otherwise (was 2×2, 0 workers, shuffle buffer 0; now 1×3, 0 workers, shuffle buffer 0)" in
+            caplog.text and "epoch 1" in caplog.text)
     # the same ranks, another batch: each rank keeps its own counts; more ranks: the others start at 0
     same_ranks = ShardStream(urls, 1, seed=5, rank=1, world_size=2)
     same_ranks.resplit_from(states)
@@ -306,6 +307,9 @@ def test_a_resplit_goes_on_from_the_next_epoch_with_the_skip_counts(tmp_path, ca
     for stream in more:
         stream.resplit_from(states)
     assert [s.skipped for s in more] == [7, 0, 0, 0] and {s.epoch for s in more} == {1}
+    # what StreamsState asks before it resplits: the same split and shuffle buffer carry the position as it is
+    assert ShardStream(urls, 2, seed=5, rank=1, world_size=2).resumes_exactly(states[1])
+    assert not ShardStream(urls, 2, seed=5, rank=1, world_size=2, shuffle_buffer=4).resumes_exactly(states[1])
     # nothing read yet: the same epoch
     start = ShardStream(urls, 2, seed=5)
     start.resplit_from([{**s, "consumed": 0} for s in states])

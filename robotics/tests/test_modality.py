@@ -310,6 +310,6 @@ def test_a_two_rank_run_goes_on_in_one_process_with_resplit_data(fake_data_dir, 
     one = train([], "train.steps=8", "train.batch_size=4", flags=("--resplit-data",))
     assert one.returncode == 0, one.stderr[-3000:]
     assert [r["step"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl")] == list(range(1, 9))
-    assert "split otherwise (was 2×2, 0 workers; now 1×4, 0 workers)" in one.stderr
+    assert "read otherwise (was 2×2, 0 workers, shuffle buffer 0; now 1×4, 0 workers" in one.stderr
     state = torch.load(tmp_path / "r/checkpoints/step_00000008.pt", weights_only=True)["streams"]["per_rank"]
     assert len(state) == 1 and state[0]["rt1"]["world_size"] == 1

@@ -127,7 +127,8 @@ class StreamsState:
 
     def __init__(self, streams: Mapping[str, Stateful], resplit: bool = False):
         """``resplit``: a stream that can (``resplit_from``: the shard streams) goes on under another split of its
-        data than the checkpoint's (other ranks, batch or data-loader workers) instead of refusing it."""
+        data than the checkpoint's (other ranks, batch, data-loader workers or shuffle buffer) instead of refusing
+        it."""
         self.streams, self.resplit = streams, resplit
 
     def state_dict(self) -> dict[str, Any]:
@@ -145,10 +146,8 @@ class StreamsState:
         self._check(own)
         for name, stream in self.streams.items():
             state = own[name]
-            resplit = getattr(stream, "resplit_from", None)
-            if resplit is not None and (len(ranks) != world_size or tuple(stream.split()) != (
-                    state["world_size"], state["batch_size"], state.get("num_workers", 0))):
-                resplit([r[name] for r in ranks])
+            if hasattr(stream, "resplit_from") and (len(ranks) != world_size or not stream.resumes_exactly(state)):
+                stream.resplit_from([r[name] for r in ranks])
             else:
                 stream.load_state_dict(state)
 

@@ -369,6 +369,11 @@ class ShardStream(DataStream):
         only under the split it was read with."""
         return self.world_size, self.batch_size, self.num_workers
 
+    def resumes_exactly(self, state: dict[str, Any]) -> bool:
+        """Whether ``state``'s position carries over as it is: read under this split and shuffle buffer."""
+        was = (state["world_size"], state["batch_size"], state.get("num_workers", 0))
+        return was == self.split() and state.get("shuffle_buffer", self.shuffle_buffer) == self.shuffle_buffer
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         was = (state["world_size"], state["batch_size"], state.get("num_workers", 0))
         if was != self.split():
@@ -380,7 +385,8 @@ class ShardStream(DataStream):
         if state.get("shuffle_buffer", self.shuffle_buffer) != self.shuffle_buffer:  # (older checkpoints lack it)
             raise ValueError(f"cannot resume a shard stream with another shuffle buffer (was "
                              f"{state['shuffle_buffer']}, now {self.shuffle_buffer}): set shuffle_buffer: "
-                             f"{state['shuffle_buffer']} in the data options to continue this run")
+                             f"{state['shuffle_buffer']} in the data options to continue this run, or resume with "
+                             "--resplit-data to go on from the next epoch with this one")
         self._restore_reading(state)
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
         self.skipped, self.lost_shards = int(state["skipped"]), int(state.get("lost_shards", 0))
@@ -388,7 +394,8 @@ class ShardStream(DataStream):
 
     def resplit_from(self, states: list[dict[str, Any]]) -> None:
         """Go on from the positions ``states`` (every rank's, as checkpointed) under this stream's split, which
-        differs from theirs (``selfflow train --resplit-data``): at the start of the epoch after the furthest
+        or shuffle buffer differs from theirs (``selfflow train --resplit-data``): at the start of the epoch after
+        the furthest
         rank's, the shards divided anew. What the ranks had not read of their last epoch is left out, so the
         samples are not those the uninterrupted run would have read; the skip counts carry over (on rank 0 when
         the number of ranks changed), so ``train.max_bad_data_fraction`` still sees them."""
@@ -401,10 +408,11 @@ class ShardStream(DataStream):
         self._at_position = (self.skipped, self.lost_shards)
         if self.rank == 0:
             was = states[0]
-            log.warning("resuming a shard stream split otherwise (was %d×%d, %d workers; now %d×%d, %d workers): "
-                        "--resplit-data: it goes on from the start of epoch %d on this split; the samples differ "
-                        "from the uninterrupted run's", len(states), was["batch_size"], was.get("num_workers", 0),
-                        *self.split(), self.epoch)
+            log.warning("resuming a shard stream read otherwise (was %d×%d, %d workers, shuffle buffer %s; now %d×%d, "
+                        "%d workers, shuffle buffer %d): --resplit-data: it goes on from the start of epoch %d on this "
+                        "split; the samples differ from the uninterrupted run's", len(states), was["batch_size"],
+                        was.get("num_workers", 0), was.get("shuffle_buffer", "?"), *self.split(),
+                        self.shuffle_buffer, self.epoch)
 
     def _restore_reading(self, state: dict[str, Any]) -> None:
         """What a resume keeps of how the stream was reading, whatever the split: the same data (checked), the
