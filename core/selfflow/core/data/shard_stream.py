@@ -393,16 +393,19 @@ class ShardStream(DataStream):
         self._at_position = (self.skipped, self.lost_shards)
 
     def resplit_from(self, states: list[dict[str, Any]]) -> None:
-        """Go on from the positions ``states`` (every rank's, as checkpointed) under this stream's split, which
-        or shuffle buffer differs from theirs (``selfflow train --resplit-data``): at the start of the epoch after
-        the furthest
-        rank's, the shards divided anew. What the ranks had not read of their last epoch is left out, so the
-        samples are not those the uninterrupted run would have read; the skip counts carry over (on rank 0 when
-        the number of ranks changed), so ``train.max_bad_data_fraction`` still sees them."""
+        """Go on from the positions ``states`` (every rank's, as checkpointed) under this stream's split or shuffle
+        buffer, which differ from theirs (``selfflow train --resplit-data``): at the start of the epoch after the
+        furthest rank's, the shards divided anew. What the ranks had not read of their last epoch is left out, so
+        the samples are not those the uninterrupted run would have read. The skip counts carry over, so
+        ``train.max_bad_data_fraction`` still sees them: each rank keeps its own on as many ranks, and rank 0 takes
+        them all on another number."""
         self._restore_reading(states[0])
         self.epoch = max(int(s["epoch"]) + (int(s["consumed"]) > 0) for s in states)
         self.consumed = 0
-        mine = [states[self.rank]] if len(states) == self.world_size else states if self.rank == 0 else []
+        if len(states) == self.world_size:
+            mine = [states[self.rank]]
+        else:
+            mine = states if self.rank == 0 else []
         self.skipped = sum(int(s["skipped"]) for s in mine)
         self.lost_shards = sum(int(s.get("lost_shards", 0)) for s in mine)
         self._at_position = (self.skipped, self.lost_shards)
@@ -410,7 +413,7 @@ class ShardStream(DataStream):
             was = states[0]
             log.warning("resuming a shard stream read otherwise (was %d×%d, %d workers, shuffle buffer %s; now %d×%d, "
                         "%d workers, shuffle buffer %d): --resplit-data: it goes on from the start of epoch %d on this "
-                        "split; the samples differ from the uninterrupted run's", len(states), was["batch_size"],
+                        "split; the samples differ from the uninterrupted run's", was["world_size"], was["batch_size"],
                         was.get("num_workers", 0), was.get("shuffle_buffer", "?"), *self.split(),
                         self.shuffle_buffer, self.epoch)
 
