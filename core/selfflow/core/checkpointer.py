@@ -139,10 +139,10 @@ class StreamsState:
         for name, stream in self.streams.items():
             stream.load_state_dict(state[name])
 
-    def load_every_rank(self, ranks: list[dict[str, Any]], rank: int, world_size: int) -> None:
-        """With ``resplit``: every rank's stored positions; a stream split otherwise than it was goes on with
-        ``resplit_from``, the others load this rank's position (rank 0's on another number of ranks)."""
-        own = ranks[rank] if len(ranks) == world_size else ranks[0]
+    def load_every_rank(self, own: dict[str, Any], ranks: list[dict[str, Any]], world_size: int) -> None:
+        """With ``resplit``: ``own``, this rank's share of the stored positions (as :meth:`load_state_dict` gets
+        it), and every rank's; a stream split otherwise than it was goes on with ``resplit_from``, the others
+        load ``own``."""
         self._check(own)
         for name, stream in self.streams.items():
             state = own[name]
@@ -208,12 +208,12 @@ class Checkpointer:
             raise CheckpointLoadError(f"{source} has no {', '.join(missing)} state: not a checkpoint of this run")
         for name, component in self.components.items():
             try:
-                part = state[name]
+                part, own = state[name], self._this_ranks(name, state[name])
                 if name in self.per_rank and getattr(component, "resplit", False):
                     ranks = part["per_rank"] if isinstance(part, dict) and "per_rank" in part else [part]
-                    component.load_every_rank(ranks, self.dist.rank, self.dist.world_size)
+                    component.load_every_rank(own, ranks, self.dist.world_size)
                 else:
-                    component.load_state_dict(self._this_ranks(name, part))
+                    component.load_state_dict(own)
             except ConfigError:  # a component's own message about the config (the mixture changed)
                 raise
             # ValueError: a data stream refusing another split of its data (world size, batch, buffer)

@@ -272,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
     train.add_argument("--resplit-data", action="store_true",
                        help="resume although the data's split changed (other number of ranks, batch per rank, "
-                       "data-loader workers or shuffle buffer): each shard stream goes on from the start of its next epoch, divided "
-                       "anew (not the samples the uninterrupted run would read). Without it such a resume is refused")
+                       "data-loader workers or shuffle buffer): each shard stream goes on from the start of its next "
+                       "epoch, divided anew (not the samples the uninterrupted run would read). Without it such a "
+                       "resume is refused")
     train.add_argument("--no-progress", action="store_true", help="no progress bar: a line per logging.every "
                        "steps instead (console and train.log), as when the output is not a terminal")
     train.set_defaults(func=_cmd_train)

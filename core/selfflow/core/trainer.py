@@ -65,8 +65,7 @@ class Trainer:
     """One training run of a :class:`~.config.RunConfig`: ``Trainer(cfg).fit()`` trains to ``train.steps`` in
     ``cfg.run_dir``, resuming from its newest intact checkpoint unless ``resume=False`` (``resplit_data``: also
     when its shard streams were split otherwise, from their next epoch: ``selfflow train --resplit-data``). Under
-    ``torchrun`` each
-    rank builds its own (DDP or FSDP2 by ``train.parallel``). ``selfflow train`` wraps :meth:`fit` in
+    ``torchrun`` each rank builds its own (DDP or FSDP2 by ``train.parallel``). ``selfflow train`` wraps :meth:`fit` in
     ``trainer.log.text_log()``, which also appends the console lines to ``<run_dir>/train.log``; from Python,
     do the same to keep that file::
 

@@ -369,13 +369,18 @@ class ShardStream(DataStream):
         only under the split it was read with."""
         return self.world_size, self.batch_size, self.num_workers
 
+    @staticmethod
+    def split_of(state: dict[str, Any]) -> tuple[int, int, int]:
+        """:meth:`split` of the stream that wrote ``state`` (checkpoints from before workers were kept: 0)."""
+        return state["world_size"], state["batch_size"], state.get("num_workers", 0)
+
     def resumes_exactly(self, state: dict[str, Any]) -> bool:
         """Whether ``state``'s position carries over as it is: read under this split and shuffle buffer."""
-        was = (state["world_size"], state["batch_size"], state.get("num_workers", 0))
-        return was == self.split() and state.get("shuffle_buffer", self.shuffle_buffer) == self.shuffle_buffer
+        return (self.split_of(state) == self.split()
+                and state.get("shuffle_buffer", self.shuffle_buffer) == self.shuffle_buffer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        was = (state["world_size"], state["batch_size"], state.get("num_workers", 0))
+        was = self.split_of(state)
         if was != self.split():
             raise ValueError(f"cannot resume a shard stream split otherwise (was {was[0]}×{was[1]}, {was[2]} workers; "
                              f"now {self.world_size}×{self.batch_size}, {self.num_workers} workers): resume on "
@@ -413,9 +418,8 @@ class ShardStream(DataStream):
             was = states[0]
             log.warning("resuming a shard stream read otherwise (was %d×%d, %d workers, shuffle buffer %s; now %d×%d, "
                         "%d workers, shuffle buffer %d): --resplit-data: it goes on from the start of epoch %d on this "
-                        "split; the samples differ from the uninterrupted run's", was["world_size"], was["batch_size"],
-                        was.get("num_workers", 0), was.get("shuffle_buffer", "?"), *self.split(),
-                        self.shuffle_buffer, self.epoch)
+                        "split; the samples differ from the uninterrupted run's", *self.split_of(was),
+                        was.get("shuffle_buffer", "?"), *self.split(), self.shuffle_buffer, self.epoch)
 
     def _restore_reading(self, state: dict[str, Any]) -> None:
         """What a resume keeps of how the stream was reading, whatever the split: the same data (checked), the
