@@ -107,7 +107,7 @@ gpu-wheels:  ## download the non-torch wheels for a CUDA machine (Python 3.12, m
 		--implementation cp --platform any $(GPU_CHECK_NODEPS)
 	@du -sh $(GPU_WHEELS)
 
-gpu-check:  ## on a CUDA machine, offline: install beside its torch, run the cuda tests and the speed table (<= 8 min; 3.6-5 on an H200)
+gpu-check:  ## on a CUDA machine, offline: install beside its torch, run the cuda tests and the speed table (<= 8 min; ~5 on an H200)
 	@if $(PYTHON) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 		$(MAKE) --no-print-directory gpu-check-cuda; \
 	else echo "gpu-check: $(PYTHON) has no CUDA GPU (or no torch) on this machine: nothing to check"; fi

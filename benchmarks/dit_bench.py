@@ -52,11 +52,12 @@ def _train_step(kind: str, batch: int, bf16: bool = False):
     return make_train_step(model, ema, opt, tokens, cond, obj, null_label=1000, bf16=bf16)
 
 
-def _official_modulation(per_level: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """The official per-token class runs the adaLN Linear on every token's own conditioning and uses its
+def _official_modulation(per_level: torch.Tensor, index: torch.Tensor | None,
+                         chunks: int) -> tuple[torch.Tensor, ...]:
+    """The official per-token class runs the adaLN Linear on every token's own conditioning and chunks its
     ``(B, L, 6D)`` output as is; with levels = tokens our gather would be an identity the official code never
     pays for, so the naive step skips it."""
-    return per_level
+    return per_level.chunk(chunks, dim=-1)
 
 
 def xl2_step_pair(batch: int = 2, preset: str = "XL/2", attention: str = "auto", device: str = "cpu",
@@ -83,7 +84,7 @@ def xl2_step_pair(batch: int = 2, preset: str = "XL/2", attention: str = "auto",
     x = tokens.x
 
     def naive() -> None:
-        with (mock.patch.object(dit_module, "gather_levels", _official_modulation),
+        with (mock.patch.object(dit_module, "gather_chunks", _official_modulation),
               torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)):
             pred, feats = model(x, tokens.ids, per_token, cond, capture=(obj.student_layer,), project=True)
             with torch.no_grad():

@@ -107,14 +107,20 @@ def test_a_failing_case_is_recorded_and_the_rest_still_run(monkeypatch, capsys):
 
 
 def test_the_compiled_cases_run_tiny_on_the_cpu():
-    """The compiled training cases too (TorchDynamo's tracing is shared by the CPU and GPU backends, so a graph
-    error shows here; ~1 min of compilation)."""
+    """The compiled training cases too, and the compiled pair in alternating rounds (TorchDynamo's tracing is
+    shared by the CPU and GPU backends, so a graph error shows here; ~1 min of compilation)."""
     sys.path.insert(0, str(ROOT))
     from benchmarks.gpu_check import Sizes, measure
 
-    rows = measure(Sizes.smoke(), compile_modes=(True,))["train"]
+    result = measure(Sizes.smoke(), compile_modes=(True,))
+    rows = result["train"]
     assert [(r["compile"], r["checkpointing"]) for r in rows] == [(True, False)] * 4
     assert all(r.get("images_per_s", 0) > 0 for r in rows), [r.get("error") for r in rows]
+    # and the issue's ratio target: compiled SiT flow matching and Self-Flow, held at once, in alternating rounds
+    pair = result["alternating"]
+    assert pair.get("rounds") == 2, pair.get("error")
+    low, high = pair["round_ratios"]
+    assert pair["ratio"] == pytest.approx(pair["self_flow_s"] / pair["flow_matching_s"]) and 0 < low <= high
 
 
 def test_a_case_is_freed_before_the_next_one(monkeypatch):

@@ -26,7 +26,7 @@ from torch import nn
 from .attention import attention, resolve_backend
 from .backbone_protocol import check_forward_inputs, embed_labels
 from .block_walk import BlockWalk
-from .modulation import TIME_EMBED_DIM, TokenTimesteps, gather_levels, modulate, timestep_embedding
+from .modulation import TIME_EMBED_DIM, TokenTimesteps, gather_chunks, modulate, timestep_embedding
 from .presets import apply_preset
 from .projector import (
     MLPProjector,
@@ -173,8 +173,8 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, index: torch.Tensor | None, backend: str) -> torch.Tensor:
-        mod = gather_levels(self.adaLN_modulation(c), index)  # (B, L, 6D), or (B, 1, 6D) for one level
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        # Six (B, L, D), or (B, 1, D) for one level.
+        shift1, scale1, gate1, shift2, scale2, gate2 = gather_chunks(self.adaLN_modulation(c), index, 6)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), backend)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -187,7 +187,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        shift, scale = gather_levels(self.adaLN_modulation(c), index).chunk(2, dim=-1)
+        shift, scale = gather_chunks(self.adaLN_modulation(c), index, 2)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 

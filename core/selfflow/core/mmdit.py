@@ -21,7 +21,7 @@ from .attention import resolve_backend
 from .backbone_protocol import check_forward_inputs, embed_labels
 from .block_walk import BlockWalk
 from .mmdit_blocks import DoubleStreamBlock, FinalLayer, Modulation, SingleStreamBlock
-from .modulation import TIME_EMBED_DIM, TokenTimesteps, gather_levels, timestep_embedding
+from .modulation import TIME_EMBED_DIM, TokenTimesteps, gather_chunks, timestep_embedding
 from .presets import apply_preset
 from .projector import Projector, init_projector, outside_projector, random_stream_apart
 from .rope import rope_cos_sin
@@ -228,7 +228,7 @@ class MMDiT(nn.Module):
             mask = keep[:, None, None, :]  # (B, 1, 1, Lc + L)
 
         if self.double_blocks:
-            img_mod = list(gather_levels(self.double_mod_img(vec), idx_img).chunk(6, dim=-1))
+            img_mod = list(gather_chunks(self.double_mod_img(vec), idx_img, 6))
             txt_mod = (list(self.double_mod_txt(txt_vec).chunk(6, dim=-1))
                        if self.double_mod_txt is not None else None)
             for block in self.double_blocks:
@@ -236,7 +236,7 @@ class MMDiT(nn.Module):
                 if walk.finished(img):
                     return walk.stopped()
         if self.single_blocks:
-            single_mod = list(gather_levels(self.single_mod(vec_all), idx_all).chunk(3, dim=-1))
+            single_mod = list(gather_chunks(self.single_mod(vec_all), idx_all, 3))
             h = img if txt is None else torch.cat([txt, img], 1)  # (B, Lc + L, D)
             for block in self.single_blocks:
                 h = walk(block, h, single_mod, rope, mask, backend)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .attention import attention
-from .modulation import gather_levels, modulate
+from .modulation import gather_chunks, modulate
 from .rope import apply_rope
 
 
@@ -147,5 +147,5 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, out_channels, bias=False)
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        shift, scale = gather_levels(self.adaLN_modulation(vec), index).chunk(2, dim=-1)
+        shift, scale = gather_chunks(self.adaLN_modulation(vec), index, 2)
         return self.linear(modulate(self.norm(x), shift, scale))

@@ -86,13 +86,17 @@ class TokenTimesteps:
 class _SelectOfTwo(torch.autograd.Function):
     """Each token takes level 0 or 1 of its sample: ``(B, 2, D)`` → ``(B, L, D)``.
 
-    The forward is a select (exact: no arithmetic touches the values, so TF32 cannot round them). The
-    backward sums each level's token gradients with one batched matrix product ``(B, 2, L) · (B, L, D)``;
-    autograd's own backward of a broadcasting select writes two masked ``(B, L, D)`` copies of the gradient and
-    reduces each (forward + backward at SiT-XL/2 size on the CPU: ~7 ms with it, ~3 ms with this). Inside
-    compiled blocks too: on an H200 (SiT-XL/2, batch 64, bf16) Inductor's own reduction for a plain
-    ``torch.where`` made the Self-Flow step slower than this function traced into the graph (426 vs
-    434 images/s: docs/BENCHMARKS.md "On a GPU").
+    The forward is a select (exact: no arithmetic touches the values, so TF32 cannot round them). The backward
+    sums each level's token gradients, in one of two ways:
+
+    - eager: one batched matrix product ``(B, 2, L) · (B, L, D)``. Autograd's own backward of a broadcasting
+      select writes two masked ``(B, L, D)`` copies of the gradient and reduces each (forward + backward at
+      SiT-XL/2 size on the CPU: ~7 ms with it, ~3 ms with this).
+    - inside ``torch.compile``: two sums over ``L`` of the gradient times a 0/1 float mask and one minus it. A
+      matrix product is a kernel of its own, so the per-token gradient would be written out for it to read;
+      sums let Inductor fold the reduction into the kernel that makes the gradient, as it does for flow
+      matching's one level. SiT-XL/2 on an H200 (batch 64, bf16): 4.7 ms a step for these sums, 6.5 ms when
+      written with ``torch.where`` (docs/BENCHMARKS.md "Third run").
     """
 
     @staticmethod
@@ -104,6 +108,9 @@ class _SelectOfTwo(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (second,) = ctx.saved_tensors
+        if torch.compiler.is_compiling():
+            w = second.unsqueeze(-1).to(grad.dtype)  # (B, L, 1): 1 for level 1; products with 0/1 are exact
+            return torch.stack([(grad * (1 - w)).sum(1), (grad * w).sum(1)], 1), None
         one_hot = torch.stack([~second, second], dim=1).to(grad.dtype)  # (B, 2, L)
         return torch.bmm(one_hot, grad), None
 
@@ -115,6 +122,16 @@ def gather_levels(per_level: torch.Tensor, index: torch.Tensor | None) -> torch.
     if per_level.shape[1] == 2:  # Dual-Timestep Scheduling
         return _SelectOfTwo.apply(per_level, index)
     return per_level.gather(1, index.unsqueeze(-1).expand(-1, -1, per_level.shape[-1]))
+
+
+def gather_chunks(per_level: torch.Tensor, index: torch.Tensor | None, chunks: int) -> tuple[torch.Tensor, ...]:
+    """``(B, K, chunks·D)`` → ``chunks`` per-token tensors ``(B, L, D)``, e.g. an adaLN's shift, scale and gate.
+
+    Splitting before the gather, not after, means no ``(B, L, chunks·D)`` gradient is ever assembled: each
+    part's gradient is reduced to its levels on its own (compiled SiT-XL/2 Self-Flow on an H200 spent 6.5 ms a
+    step writing that assembled gradient and 1.7 ms reducing it).
+    """
+    return tuple(gather_levels(part, index) for part in per_level.chunk(chunks, dim=-1))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
