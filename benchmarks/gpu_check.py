@@ -58,8 +58,8 @@ class Sizes:
     @classmethod
     def smoke(cls) -> Sizes:
         return cls(device="cpu", presets={"dit": "tiny", "mmdit": "tiny"}, batch=2, grid=4, sample_batch=2,
-                   sample_steps=3, reps=1, steps_in_a_row=1, alternating_rounds=2, context_tokens=8, mmdit_options={"context_dim": 32},
-                   loader_samples=32, loader_workers=(1,))
+                   sample_steps=3, reps=1, steps_in_a_row=1, alternating_rounds=2, context_tokens=8,
+                   mmdit_options={"context_dim": 32}, loader_samples=32, loader_workers=(1,))
 
 
 def bf16_matmul_tflops(n: int = 8192, device: str = "cuda") -> float:
@@ -391,8 +391,8 @@ def main() -> int:
     print("issue 18's GPU targets:")
     print_targets(targets)
     OUT.write_text(json.dumps({**info, **result, "targets": targets, "complete": True}, indent=1))
-    failed = [r for r in [*result["train"], *(result[k] for k in ("sampling", "xl2_vs_naive", "loader", "alternating"))]
-              if r and "error" in r]
+    cases = [*result["train"], *(result[k] for k in ("sampling", "xl2_vs_naive", "loader", "alternating"))]
+    failed = [r for r in cases if r and "error" in r]
     print(f"wrote {OUT}" + (f"; {len(failed)} case(s) failed" if failed else ""))
     return 1 if failed else 0
 

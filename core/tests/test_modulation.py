@@ -48,8 +48,8 @@ def test_two_level_select_matches_autograd_select():
 
 
 def test_two_level_select_compiled_equals_eager():
-    """Compiled blocks trace the select and its batched-product backward into their graph: the same values
-    and gradients as eager."""
+    """Compiled blocks trace the select and its backward (masked sums there, a batched product in eager) into
+    their graph: the same values and gradients as eager."""
     torch.manual_seed(0)
     index = (torch.rand(3, 40) < 0.25).long()
     per = torch.randn(3, 2, 16, requires_grad=True)
