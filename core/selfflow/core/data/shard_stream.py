@@ -393,9 +393,7 @@ class ShardStream(DataStream):
                              f"{state['shuffle_buffer']} in the data options to continue this run, or resume with "
                              "--resplit-data to go on from the next epoch with this one")
         self._restore_reading(state)
-        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
-        self.skipped, self.lost_shards = int(state["skipped"]), int(state.get("lost_shards", 0))
-        self._at_position = (self.skipped, self.lost_shards)
+        self._go_to(int(state["epoch"]), int(state["consumed"]), [state])
 
     def resplit_from(self, states: list[dict[str, Any]]) -> None:
         """Go on from the positions ``states`` (every rank's, as checkpointed) under this stream's split or shuffle
@@ -405,21 +403,24 @@ class ShardStream(DataStream):
         ``train.max_bad_data_fraction`` still sees them: each rank keeps its own on as many ranks, and rank 0 takes
         them all on another number."""
         self._restore_reading(states[0])
-        self.epoch = max(int(s["epoch"]) + (int(s["consumed"]) > 0) for s in states)
-        self.consumed = 0
         if len(states) == self.world_size:
             mine = [states[self.rank]]
         else:
             mine = states if self.rank == 0 else []
-        self.skipped = sum(int(s["skipped"]) for s in mine)
-        self.lost_shards = sum(int(s.get("lost_shards", 0)) for s in mine)
-        self._at_position = (self.skipped, self.lost_shards)
+        self._go_to(max(int(s["epoch"]) + (int(s["consumed"]) > 0) for s in states), 0, mine)
         if self.rank == 0:
             was = states[0]
             log.warning("resuming a shard stream read otherwise (was %d×%d, %d workers, shuffle buffer %s; now %d×%d, "
                         "%d workers, shuffle buffer %d): --resplit-data: it goes on from the start of epoch %d on this "
                         "split; the samples differ from the uninterrupted run's", *self.split_of(was),
                         was.get("shuffle_buffer", "?"), *self.split(), self.shuffle_buffer, self.epoch)
+
+    def _go_to(self, epoch: int, consumed: int, counted: list[dict[str, Any]]) -> None:
+        """Stand at ``consumed`` samples into ``epoch``, with the skip counts of the ``counted`` states summed."""
+        self.epoch, self.consumed = epoch, consumed
+        self.skipped = sum(int(s["skipped"]) for s in counted)
+        self.lost_shards = sum(int(s.get("lost_shards", 0)) for s in counted)  # (older checkpoints lack it)
+        self._at_position = (self.skipped, self.lost_shards)
 
     def _restore_reading(self, state: dict[str, Any]) -> None:
         """What a resume keeps of how the stream was reading, whatever the split: the same data (checked), the
