@@ -11,6 +11,7 @@ import torch
 import selfflow.core.dit as dit_module
 from selfflow.core.dit import DiT, DiTConfig, dit_forward_flops
 from selfflow.core.ema import ema_update, make_ema
+from selfflow.core.linear import onednn_linear
 from selfflow.core.loss_terms import alignment_loss
 from selfflow.core.modulation import TIME_EMBED_DIM, TokenTimesteps
 from selfflow.core.objective import ObjectiveConfig
@@ -19,7 +20,7 @@ from selfflow.core.sampler import SamplerConfig, sample
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.tokens import Conditioning, Tokens, grid_ids
 
-from .timing import Row, paired_median
+from .timing import Row, interleaved_medians, paired_median
 from .train_step import make_train_step
 
 GRID, CH = 16, 16
@@ -65,8 +66,9 @@ def xl2_step_pair(batch: int = 2, preset: str = "XL/2", attention: str = "auto",
     """SiT-XL/2 (or ``preset``) Self-Flow training steps (B, L=256): ours (distinct-level modulation, teacher stopped at block
     20 by the objective) and the naive step of the official per-token class — every token's timestep through
     the timestep MLP and the adaLN Linears (levels = tokens, no gather), the EMA teacher run through all 28
-    blocks and the final layer — with the same loss terms, backward, clipping, AdamW and EMA. Returns the two
-    step closures (on ``device``, under bf16 autocast when ``bf16``: how ``benchmarks/gpu_check.py`` runs them)."""
+    blocks and the final layer, every Linear as ``nn.Linear`` runs it (``F.linear``: our oneDNN path off) —
+    with the same loss terms, backward, clipping, AdamW and EMA. Returns the two step closures (on ``device``,
+    under bf16 autocast when ``bf16``: how ``benchmarks/gpu_check.py`` runs them)."""
     model = _model(preset, attention=attention, device=device)
     ema = make_ema(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)  # as the trainer
@@ -84,7 +86,7 @@ def xl2_step_pair(batch: int = 2, preset: str = "XL/2", attention: str = "auto",
     x = tokens.x
 
     def naive() -> None:
-        with (mock.patch.object(dit_module, "gather_chunks", _official_modulation),
+        with (mock.patch.object(dit_module, "gather_chunks", _official_modulation), onednn_linear(False),
               torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)):
             pred, feats = model(x, tokens.ids, per_token, cond, capture=(obj.student_layer,), project=True)
             with torch.no_grad():
@@ -116,6 +118,18 @@ def xl2_step_flops(preset: str = "XL/2") -> tuple[float, float]:
     return ours, 4 * (full + per_token)
 
 
+def _xl2_step_times(batch: int, repeats: int) -> list[float]:
+    """Median seconds of our XL/2 step, the naive one and ours on ``F.linear``, in turn each round (the three
+    models live only inside this call)."""
+    ours, naive = xl2_step_pair(batch)
+
+    def ours_f_linear() -> None:
+        with onednn_linear(False):
+            ours()
+
+    return interleaved_medians((ours, naive, ours_f_linear), repeats)
+
+
 def bench_dit(quick: bool) -> list[Row]:
     reps = 2 if quick else 3
     batch = 2
@@ -131,12 +145,19 @@ def bench_dit(quick: bool) -> list[Row]:
                         "speed-up; measured only on a CPU with native bf16 (core.precision.cpu_bf16_is_native)"))
     del self_flow  # its B/2 model, optimizer and EMA: not held through the XL/2 pair below
 
-    t_ours, t_naive = paired_median(*xl2_step_pair(batch), 1 if quick else 2)
+    t_ours, t_naive, t_ours_f = _xl2_step_times(batch, 1 if quick else 2)
     f_ours, f_naive = xl2_step_flops()
     rows.append(Row(f"SiT-XL/2 Self-Flow train step (B={batch}, L={L}): ours vs naive official-class step",
                     t_ours * 1e3, t_naive * 1e3, t_naive / t_ours, ">= 1.6", "ms",
-                    "naive: per-token adaLN Linear + 28-block teacher; AdamW (fused, as the trainer), EMA and "
-                    f"clipping are common to both; the FLOP ratio below bounds it at {f_naive / f_ours:.2f}"))
+                    "naive: per-token adaLN Linear + 28-block teacher, nn.Linear's F.linear; AdamW (fused, as the "
+                    "trainer), EMA and clipping are common to both; the FLOP ratio below bounds it at "
+                    f"{f_naive / f_ours:.2f} at equal kernels"))
+    rows.append(Row(f"SiT-XL/2 Self-Flow train step (B={batch}, L={L}): ours vs naive, both on F.linear",
+                    t_ours_f * 1e3, t_naive * 1e3, t_naive / t_ours_f, None, "ms",
+                    "the row above at equal kernels: our oneDNN Linear off (core.linear)"))
+    rows.append(Row(f"SiT-XL/2 Self-Flow train step (B={batch}, L={L}): our oneDNN Linear vs F.linear",
+                    t_ours * 1e3, t_ours_f * 1e3, t_ours_f / t_ours, None, "ms",
+                    "speed-up of core.linear inside our step (fp32 CPU products through oneDNN)"))
     rows.append(Row("SiT-XL/2 training-step FLOPs per sample: ours vs naive (the bound of the row above)",
                     f_ours / 1e9, f_naive / 1e9, f_naive / f_ours, None, "GFLOP",
                     "analytic (core.dit.dit_forward_flops): matmuls and attention, backward = 2× forward"))

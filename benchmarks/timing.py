@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -55,18 +55,22 @@ def steady_time(fn: Callable[[], object], repeats: int, steps: int, warmup: int 
 def paired_median(ours: Callable[[], object], base: Callable[[], object], repeats: int,
                   warmup: int = 1) -> tuple[float, float]:
     """Median seconds of ``ours`` and ``base``, alternating calls so background load hits both alike."""
+    t_ours, t_base = interleaved_medians((ours, base), repeats, warmup)
+    return t_ours, t_base
+
+
+def interleaved_medians(fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 1) -> list[float]:
+    """Median seconds of each of ``fns``, called in turn each round so background load hits all alike."""
     for _ in range(warmup):
-        ours()
-        base()
-    a, b = [], []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        ours()
-        a.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        base()
-        b.append(time.perf_counter() - t0)
-    return statistics.median(a), statistics.median(b)
+        for fn, seconds in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - t0)
+    return [statistics.median(s) for s in times]
 
 
 def gemm_peak_gflops(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 7) -> float:

@@ -26,6 +26,7 @@ from torch import nn
 from .attention import attention, resolve_backend
 from .backbone_protocol import check_forward_inputs, embed_labels
 from .block_walk import BlockWalk
+from .linear import Linear
 from .modulation import TIME_EMBED_DIM, TokenTimesteps, gather_chunks, modulate, timestep_embedding
 from .presets import apply_preset
 from .projector import (
@@ -111,7 +112,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, channels: int, dim: int):
         super().__init__()
-        self.proj = nn.Linear(channels, dim)
+        self.proj = Linear(channels, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
@@ -122,7 +123,7 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(TIME_EMBED_DIM, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(TIME_EMBED_DIM, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         emb = timestep_embedding(t, TIME_EMBED_DIM, time_factor=1.0)
@@ -142,8 +143,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
@@ -153,9 +154,9 @@ class SelfAttention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -170,7 +171,7 @@ class DiTBlock(nn.Module):
         self.attn = SelfAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, mlp_hidden)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, index: torch.Tensor | None, backend: str) -> torch.Tensor:
         # Six (B, L, D), or (B, 1, D) for one level.
@@ -183,8 +184,8 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = Linear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         shift, scale = gather_chunks(self.adaLN_modulation(c), index, 2)

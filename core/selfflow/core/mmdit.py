@@ -20,6 +20,7 @@ from torch import nn
 from .attention import resolve_backend
 from .backbone_protocol import check_forward_inputs, embed_labels
 from .block_walk import BlockWalk
+from .linear import Linear
 from .mmdit_blocks import DoubleStreamBlock, FinalLayer, Modulation, SingleStreamBlock
 from .modulation import TIME_EMBED_DIM, TokenTimesteps, gather_chunks, timestep_embedding
 from .presets import apply_preset
@@ -112,11 +113,11 @@ class MMDiT(nn.Module):
             raise ValueError("model.class_token needs a class-conditional modality (num_classes > 0)")
         self.cfg = cfg
         d = cfg.hidden_size
-        self.img_in = nn.ModuleDict({m: nn.Linear(c, d, bias=False) for m, c in cfg.modalities.items()})
-        self.time_in = nn.Sequential(nn.Linear(TIME_EMBED_DIM, d, bias=False), nn.SiLU(),
-                                     nn.Linear(d, d, bias=False))
+        self.img_in = nn.ModuleDict({m: Linear(c, d, bias=False) for m, c in cfg.modalities.items()})
+        self.time_in = nn.Sequential(Linear(TIME_EMBED_DIM, d, bias=False), nn.SiLU(),
+                                     Linear(d, d, bias=False))
         self.label_embed = nn.Embedding(cfg.num_classes + 1, d) if cfg.num_classes else None
-        self.txt_in = nn.Linear(cfg.context_dim, d, bias=False) if cfg.context_dim else None
+        self.txt_in = Linear(cfg.context_dim, d, bias=False) if cfg.context_dim else None
         # FLUX.2 shares one modulation across all blocks, so a label that only shifts that modulation is a
         # narrow pathway; as a context token every data token can also attend to it.
         self.class_token_embed = nn.Embedding(cfg.num_classes + 1, d) if cfg.class_token else None

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .attention import attention
+from .linear import Linear
 from .modulation import gather_chunks, modulate
 from .rope import apply_rope
 
@@ -35,8 +36,8 @@ def _fp32_rms_norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w_in = nn.Linear(dim, 2 * hidden, bias=False)
-        self.w_out = nn.Linear(hidden, dim, bias=False)
+        self.w_in = Linear(dim, 2 * hidden, bias=False)
+        self.w_out = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.w_in(x).chunk(2, dim=-1)
@@ -54,9 +55,9 @@ class StreamAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv = Linear(dim, 3 * dim, bias=False)
         self.norm = QKNorm(dim // heads)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.proj = Linear(dim, dim, bias=False)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = split_heads(self.qkv(x), self.heads)  # 3 × (B, H, L, Dh)
@@ -109,9 +110,9 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         self.heads, self.dim, self.mlp_hidden = heads, dim, mlp_hidden
         self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear1 = nn.Linear(dim, 3 * dim + 2 * mlp_hidden, bias=False)
+        self.linear1 = Linear(dim, 3 * dim + 2 * mlp_hidden, bias=False)
         self.norm = QKNorm(dim // heads)
-        self.linear2 = nn.Linear(dim + mlp_hidden, dim, bias=False)
+        self.linear2 = Linear(dim + mlp_hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor, mod: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None, backend: str) -> torch.Tensor:
@@ -131,7 +132,7 @@ class Modulation(nn.Module):
 
     def __init__(self, dim: int, n: int):
         super().__init__()
-        self.lin = nn.Linear(dim, 3 * n * dim, bias=False)
+        self.lin = Linear(dim, 3 * n * dim, bias=False)
 
     def forward(self, vec: torch.Tensor) -> torch.Tensor:
         return self.lin(nn.functional.silu(vec))  # (B, K, 3·n·D)
@@ -143,8 +144,8 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_channels: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=False))
-        self.linear = nn.Linear(dim, out_channels, bias=False)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim, bias=False))
+        self.linear = Linear(dim, out_channels, bias=False)
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         shift, scale = gather_chunks(self.adaLN_modulation(vec), index, 2)

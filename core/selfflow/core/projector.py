@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from .linear import Linear
+
 _APART = 0x5E1F_F10  # mixes the stream-apart seed away from the draws of the stream it was taken from
 
 
@@ -55,8 +57,8 @@ class Projector(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.linear1 = nn.Linear(dim, hidden)
-        self.linear2 = nn.Linear(hidden, dim)
+        self.linear1 = Linear(dim, hidden)
+        self.linear2 = Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear2(nn.functional.silu(self.linear1(x)))
@@ -69,7 +71,7 @@ class MLPProjector(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for i, out in enumerate(dims):
-            layers.append(nn.Linear(dims[i - 1] if i else dim, out))
+            layers.append(Linear(dims[i - 1] if i else dim, out))
             if i < len(dims) - 1:
                 layers.append(nn.SiLU())
         self.mlp = nn.Sequential(*layers)
