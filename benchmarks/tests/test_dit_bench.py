@@ -46,3 +46,26 @@ def test_the_naive_per_token_path_computes_the_same_model():
             naive = model(x, ids, TokenTimesteps.from_levels(dense, torch.arange(length).expand(batch, length)),
                           labels)
     torch.testing.assert_close(naive, ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_the_naive_step_runs_nn_linears_kernels_and_ours_our_linear():
+    """The official class's Linear is ``nn.Linear`` (``F.linear``): the naive step never takes our oneDNN path,
+    while ours does (``core.linear``, on where oneDNN is built in)."""
+    import selfflow.core.linear as linear_module
+
+    if not linear_module._onednn_available():
+        pytest.skip("PyTorch built without oneDNN")
+    calls = []
+    real = linear_module._matmul
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    ours_step, naive_step = dit_bench.xl2_step_pair(1, preset="S/2")
+    with mock.patch.object(linear_module, "_matmul", spy), linear_module.onednn_linear(True):
+        naive_step()
+        assert calls == []
+        ours_step()
+        assert calls

@@ -1,10 +1,10 @@
 """``nn.Linear`` whose fp32 CPU products run through oneDNN's matmul.
 
 PyTorch runs an fp32 CPU ``F.linear`` as MKL's ``addmm`` against the transposed weight. On the CPU this
-project is measured on (AMD EPYC, 2 threads; docs/BENCHMARKS.md), oneDNN's matmul primitive runs the same
+was measured on (an AVX2 AMD EPYC, 2 threads; docs/BENCHMARKS.md), oneDNN's matmul primitive runs the same
 forward product at SiT-XL/2's shapes 1.1–1.4× faster alone and up to 1.15× inside a training step, and the
 few-row products of distinct-level modulation — the adaLN Linear applied to the ``B·K`` levels instead of every
-token, bound by reading the weight — 2× faster forward and 1.3–1.8× backward. MKL stays faster for the
+token, bound by reading the weight — 2× faster forward and 1.5–1.9× backward. MKL stays faster for the
 backward of many rows, so that part keeps autograd's ``mm``.
 
 Anything else — other devices, other dtypes, autocast, ``torch.compile`` (Inductor picks its own kernels),
