@@ -158,7 +158,7 @@ def bench_dit(quick: bool) -> list[Row]:
     rows.append(Row(f"SiT-XL/2 Self-Flow train step (B={batch}, L={L}): our oneDNN Linear vs F.linear",
                     t_ours * 1e3, t_ours_f * 1e3, t_ours_f / t_ours, None, "ms",
                     "speed-up of core.linear inside our step (fp32 CPU products through oneDNN)"))
-    rows.append(Row("SiT-XL/2 training-step FLOPs per sample: ours vs naive (the bound of the row above)",
+    rows.append(Row("SiT-XL/2 training-step FLOPs per sample: ours vs naive (the XL/2 rows' bound at equal kernels)",
                     f_ours / 1e9, f_naive / 1e9, f_naive / f_ours, None, "GFLOP",
                     "analytic (core.dit.dit_forward_flops): matmuls and attention, backward = 2× forward"))
 
