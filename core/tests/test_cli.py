@@ -84,7 +84,11 @@ def test_train_then_sample(tmp_path, capsys):
                         "objective.timesteps={kind: logit_normal, mean: -0.5, std: 1, shift: 3}"] for a in ("--set", s)]
     assert main(["train", "--no-progress", *sets]) == 0
     # the start-up line says which timestep distribution the objective resolved
-    assert "γ=0.8, t~logit_normal(-0.5,1) shift 3; layers" in (tmp_path / "cli" / "train.log").read_text()
+    log = (tmp_path / "cli" / "train.log").read_text()
+    assert "γ=0.8, t~logit_normal(-0.5,1) shift 3; layers" in log
+    from selfflow.core.linear import cpu_kernels
+
+    assert f"cpu (Linear: {cpu_kernels()})" in log  # which kernels its fp32 products ran on (core.linear)
     out = tmp_path / "grid"
     assert main(["sample", "--run", str(tmp_path / "cli"), "--num", "10", "--steps", "2", "--seed", "3",
                  "--out", str(out)]) == 0

@@ -119,6 +119,12 @@ def test_default_follows_the_machine_and_the_variable(monkeypatch):
     assert linear_module._enabled_by_default()
 
 
+def test_cpu_kernels_names_the_path():
+    assert linear_module.cpu_kernels() == "oneDNN"
+    with onednn_linear(False):
+        assert linear_module.cpu_kernels() == "F.linear"
+
+
 def test_compiled_layer_equals_eager():
     torch.manual_seed(0)
     layer = Linear(96, 384)

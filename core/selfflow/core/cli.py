@@ -78,12 +78,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _train(trainer) -> int:
     """Report, then train (a finished run is left as it is: no new checkpoint, samples or export)."""
+    from .linear import cpu_kernels
+
     cfg, main_rank = trainer.cfg, trainer.dist.is_main
     log = logging.getLogger("selfflow")
     if main_rank:
         n = sum(p.numel() for p in trainer.raw.parameters())
         how = f"{trainer.dist.world_size} rank(s), {trainer.strategy}"
-        log.info(f"{cfg.name}: {n / 1e6:.2f}M parameters, {_objective_summary(trainer)}, {how}, {trainer.device}")
+        where = f"{trainer.device} (Linear: {cpu_kernels()})" if trainer.device.type == "cpu" else trainer.device
+        log.info(f"{cfg.name}: {n / 1e6:.2f}M parameters, {_objective_summary(trainer)}, {how}, {where}")
         if evaluation := trainer.previewer.summary():
             log.info(f"online evaluation {evaluation}")
         if trainer.resumed_from is not None:

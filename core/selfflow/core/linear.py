@@ -62,6 +62,11 @@ def onednn_linear(enabled: bool) -> Iterator[None]:
         _ENABLED = before
 
 
+def cpu_kernels() -> str:
+    """What the fp32 CPU Linear products run on now, for a run's first log line: ``"oneDNN"`` or ``"F.linear"``."""
+    return "oneDNN" if _ENABLED else "F.linear"
+
+
 def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x (M, K) @ weight (N, K).T + bias`` through oneDNN; strided operands are taken as they are."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
