@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import selfflow.core.linear as linear_module
 from selfflow.core.linear import FEW_ROWS, MIN_WORK, Linear, linear, onednn_linear
 
-pytestmark = pytest.mark.skipif(not linear_module._onednn_available(), reason="PyTorch built without oneDNN")
+needs_onednn = pytest.mark.skipif(not linear_module._onednn_available(), reason="PyTorch built without oneDNN")
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +34,7 @@ def _counting():
     return mock.patch.object(linear_module, "_matmul", spy), calls
 
 
+@needs_onednn
 @pytest.mark.parametrize("shape", [(2, 3, 256), (3, 256), (2, 128, 256)])  # few rows (adaLN levels), 3, many
 @pytest.mark.parametrize("bias", [True, False])
 def test_values_and_gradients_equal_f_linear(shape, bias):
@@ -73,6 +74,7 @@ def test_frozen_weight_and_input_without_grad():
         assert layer(torch.randn(40, 64)).grad_fn is None
 
 
+@needs_onednn
 def test_steps_aside_to_f_linear():
     """Autocast, dispatch modes (the FLOP counter), tiny products, float64 and the switch all take F.linear."""
     torch.manual_seed(0)
@@ -106,6 +108,7 @@ def test_state_dict_is_nn_linears():
     torch.testing.assert_close(ours(x), plain(x))
 
 
+@needs_onednn
 def test_default_follows_the_machine_and_the_variable(monkeypatch):
     monkeypatch.delenv("SELFFLOW_ONEDNN_LINEAR", raising=False)
     monkeypatch.setattr(linear_module.platform, "machine", lambda: "arm64")
@@ -119,10 +122,27 @@ def test_default_follows_the_machine_and_the_variable(monkeypatch):
     assert linear_module._enabled_by_default()
 
 
+@needs_onednn
 def test_cpu_kernels_names_the_path():
     assert linear_module.cpu_kernels() == "oneDNN"
     with onednn_linear(False):
         assert linear_module.cpu_kernels() == "F.linear"
+
+
+def test_without_onednn_every_product_is_f_linear(monkeypatch):
+    """A PyTorch built without oneDNN (or without the op) never reaches it, whatever the switch says."""
+    monkeypatch.setattr(linear_module, "_onednn_available", lambda: False)
+    monkeypatch.setenv("SELFFLOW_ONEDNN_LINEAR", "1")
+    assert not linear_module._enabled_by_default()
+    torch.manual_seed(0)
+    layer = Linear(256, 1536)
+    x = torch.randn(2, 64, 256)
+    patch, calls = _counting()
+    with patch, onednn_linear(True):
+        assert linear_module.cpu_kernels() == "F.linear"
+        out = layer(x)
+    assert calls == []
+    assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
 
 
 def test_compiled_layer_equals_eager():
