@@ -24,6 +24,8 @@ from benchmarks.memory import bench_memory
 from benchmarks.sampling import bench_sampling
 from benchmarks.timing import Row, gemm_peak_gflops
 from benchmarks.train_step import bench_modulation_and_early_exit, bench_train_steps
+from selfflow.core.host_malloc import host_malloc_summary, keep_freed_memory
+from selfflow.core.linear import cpu_kernels
 
 
 def optional_rows(quick: bool) -> list[Row]:
@@ -54,7 +56,8 @@ def machine_info() -> dict:
             versions[pkg] = None
     return {"machine": platform.machine(), "cpu_model": cpu, "cpus": os.cpu_count(), "os": platform.platform(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "cuda": torch.cuda.is_available(), "versions": versions}
+            "cuda": torch.cuda.is_available(), "cpu_kernels": f"Linear: {cpu_kernels()}, {host_malloc_summary()}",
+            "versions": versions}
 
 
 def print_table(rows: list[Row]) -> None:
@@ -74,6 +77,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("bench.json"))
     args = ap.parse_args()
     t0, load0 = time.perf_counter(), os.getloadavg()
+    keep_freed_memory()  # as a CPU training run does (core.host_malloc): the training-step rows measure that
     torch.manual_seed(0)
     peak = gemm_peak_gflops()
     rows = [Row("fp32 GEMM peak (best of 1024³/2048³ matmul medians)", peak, None, None, None, "GFLOP/s")]
@@ -87,7 +91,8 @@ def main() -> int:
     print_table(rows)
     meta = {**machine_info(), "load_average_start": load0, "load_average_end": os.getloadavg(),
             "wall_s": round(time.perf_counter() - t0, 1), "quick": args.quick}
-    print(f"\n{meta['cpu_model']}, {meta['cpus']} CPUs, torch {meta['torch']} ({meta['threads']} threads); "
+    print(f"\n{meta['cpu_model']}, {meta['cpus']} CPUs, torch {meta['torch']} ({meta['threads']} threads, "
+          f"{meta['cpu_kernels']}); "
           f"load average at start {load0[0]:.2f}, at end {meta['load_average_end'][0]:.2f} "
           f"(> ~0.5 means other work shared the CPUs); {meta['wall_s'] / 60:.1f} min")
     # bench.json is the list of rows; the machine and versions go beside it (bench.meta.json).

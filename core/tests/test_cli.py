@@ -86,9 +86,11 @@ def test_train_then_sample(tmp_path, capsys):
     # the start-up line says which timestep distribution the objective resolved
     log = (tmp_path / "cli" / "train.log").read_text()
     assert "γ=0.8, t~logit_normal(-0.5,1) shift 3; layers" in log
+    from selfflow.core.host_malloc import host_malloc_summary
     from selfflow.core.linear import cpu_kernels
 
-    assert f"cpu (Linear: {cpu_kernels()})" in log  # which kernels its fp32 products ran on (core.linear)
+    # which kernels its fp32 products ran on (core.linear) and whether malloc keeps freed memory (core.host_malloc)
+    assert f"cpu (Linear: {cpu_kernels()}, {host_malloc_summary()})" in log
     out = tmp_path / "grid"
     assert main(["sample", "--run", str(tmp_path / "cli"), "--num", "10", "--steps", "2", "--seed", "3",
                  "--out", str(out)]) == 0

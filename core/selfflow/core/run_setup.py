@@ -33,6 +33,7 @@ from .config import (
     short_repr,
 )
 from .data.data_facts import collecting
+from .host_malloc import keep_freed_memory
 from .modality import Modality, check_layout
 from .objective import ResolvedObjective
 from .registry import get_modality
@@ -236,7 +237,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def set_torch_globals(train: TrainConfig, device: torch.device) -> None:
-    """The process-wide torch settings a run asks for: CPU threads, TF32 matmuls on CUDA."""
+    """The process-wide settings a run asks for: CPU threads, TF32 matmuls on CUDA, and on the CPU a malloc that
+    keeps freed memory for the next step (:mod:`.host_malloc`)."""
+    if device.type == "cpu":
+        keep_freed_memory()
     if train.num_threads:
         torch.set_num_threads(train.num_threads)
     if device.type == "cuda" and train.tf32:
