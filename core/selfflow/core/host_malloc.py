@@ -4,8 +4,8 @@ A CPU training step allocates and frees the same large blocks every step: activa
 with ``zero_grad(set_to_none=True)``, every gradient (2.7 GB at SiT-XL/2). glibc's default serves a large
 block with ``mmap`` and unmaps it on ``free``, or trims the heap's free top back to the kernel, so the next
 step faults the same memory in again, page by page, each page zeroed by the kernel. At SiT-XL/2 (B=2, fp32, 2
-threads) that was ~44k page faults a step and our Self-Flow step ran ~0.25 s (~1.7 %) faster with the
-settings below (docs/BENCHMARKS.md "Session 32").
+threads) that was 17–58k page faults a step (3–5k with the settings below), and our Self-Flow step ran ~1 %
+faster with them, inside the run-to-run spread (docs/BENCHMARKS.md "Session 32").
 
 :func:`keep_freed_memory` asks glibc to serve every block up to its ceiling (32 MiB on 64-bit, which covers
 each of SiT-XL/2's tensors) from the heap and never to trim it: the process keeps its peak footprint, as a
