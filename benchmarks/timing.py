@@ -55,8 +55,7 @@ def steady_time(fn: Callable[[], object], repeats: int, steps: int, warmup: int 
 def paired_median(ours: Callable[[], object], base: Callable[[], object], repeats: int,
                   warmup: int = 1) -> tuple[float, float]:
     """Median seconds of ``ours`` and ``base``, alternating calls so background load hits both alike."""
-    t_ours, t_base = interleaved_medians((ours, base), repeats, warmup)
-    return t_ours, t_base
+    return tuple(interleaved_medians((ours, base), repeats, warmup))
 
 
 def interleaved_medians(fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 1) -> list[float]:

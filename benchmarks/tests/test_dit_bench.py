@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import selfflow.core.linear as linear_module
 from benchmarks import dit_bench
 from selfflow.core.modulation import TokenTimesteps
 from selfflow.core.tokens import Conditioning, grid_ids
@@ -49,13 +50,10 @@ def test_the_naive_per_token_path_computes_the_same_model():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.skipif(not linear_module._onednn_available(), reason="PyTorch built without oneDNN: no path of ours")
 def test_the_naive_step_runs_nn_linears_kernels_and_ours_our_linear():
     """The official class's Linear is ``nn.Linear`` (``F.linear``): the naive step never takes our oneDNN path,
     while ours does (``core.linear``, on where oneDNN is built in)."""
-    import selfflow.core.linear as linear_module
-
-    if not linear_module._onednn_available():
-        pytest.skip("PyTorch built without oneDNN")
     calls = []
     real = linear_module._matmul
 
