@@ -3,7 +3,9 @@ distinct-level vs per-token modulation, the teacher's early exit, and sampler th
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from unittest import mock
 
 import torch
@@ -13,7 +15,7 @@ from selfflow.core.dit import DiT, DiTConfig, dit_forward_flops
 from selfflow.core.ema import ema_update, make_ema
 from selfflow.core.linear import onednn_linear
 from selfflow.core.loss_terms import alignment_loss
-from selfflow.core.modulation import TIME_EMBED_DIM, TokenTimesteps
+from selfflow.core.modulation import TIME_EMBED_DIM, TokenTimesteps, modulate
 from selfflow.core.objective import ObjectiveConfig
 from selfflow.core.precision import cpu_bf16_is_native
 from selfflow.core.sampler import SamplerConfig, sample
@@ -53,12 +55,25 @@ def _train_step(kind: str, batch: int, bf16: bool = False):
     return make_train_step(model, ema, opt, tokens, cond, obj, null_label=1000, bf16=bf16)
 
 
-def _official_modulation(per_level: torch.Tensor, index: torch.Tensor | None,
-                         chunks: int) -> tuple[torch.Tensor, ...]:
-    """The official per-token class runs the adaLN Linear on every token's own conditioning and chunks its
-    ``(B, L, 6D)`` output as is; with levels = tokens our gather would be an identity the official code never
-    pays for, so the naive step skips it."""
-    return per_level.chunk(chunks, dim=-1)
+def _official_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                       index: torch.Tensor | None) -> torch.Tensor:
+    """The official per-token class runs the adaLN Linear on every token's own conditioning and modulates with
+    its ``(B, L, D)`` output as is; with levels = tokens our level select would be an identity the official code
+    never pays for, so the naive step skips it (and autograd keeps what it keeps for the plain expression)."""
+    return modulate(x, shift, scale)
+
+
+def _official_gate(h: torch.Tensor, gate: torch.Tensor, out: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """The official gated residual on per-token gates ``(B, L, D)`` (see :func:`_official_modulate`)."""
+    return h + gate * out
+
+
+@contextlib.contextmanager
+def official_modulation() -> Iterator[None]:
+    """Inside the block, the DiT modulates as the official per-token class (levels = tokens, no select)."""
+    with (mock.patch.object(dit_module, "modulate_levels", _official_modulate),
+          mock.patch.object(dit_module, "gate_levels", _official_gate)):
+        yield
 
 
 def xl2_step_pair(batch: int = 2, preset: str = "XL/2", attention: str = "auto", device: str = "cpu",
@@ -86,7 +101,7 @@ def xl2_step_pair(batch: int = 2, preset: str = "XL/2", attention: str = "auto",
     x = tokens.x
 
     def naive() -> None:
-        with (mock.patch.object(dit_module, "gather_chunks", _official_modulation), onednn_linear(False),
+        with (official_modulation(), onednn_linear(False),
               torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)):
             pred, feats = model(x, tokens.ids, per_token, cond, capture=(obj.student_layer,), project=True)
             with torch.no_grad():

@@ -7,7 +7,7 @@ from selfflow.core.dit import DiT, DiTConfig, dit_forward_flops, sincos_pos_embe
 from selfflow.core.modulation import TokenTimesteps
 from selfflow.core.tokens import Conditioning, grid_ids
 
-from .conftest import randomize
+from .conftest import assert_compiled_blocks_match_eager, randomize
 
 
 def tiny(**kw) -> DiT:
@@ -130,3 +130,10 @@ def test_token_layouts_the_2d_position_table_cannot_hold_are_config_errors():
     with pytest.raises(ConfigError, match=r"8×8 token grid, larger than .* \(model\.grid_size=4\): set model\.grid_size=8"):
         build_run(load_config(None, ["model={arch: dit, preset: tiny, grid_size: 4}"]))
     assert build_run(load_config(None, ["model={arch: dit, preset: tiny, grid_size: 8}"])).backbone.depth > 0
+
+
+@pytest.mark.timeout(300)
+def test_compiled_blocks_equal_eager_under_two_levels():
+    """The blocks' level modulation traces whole into a compiled block: values and gradients as eager."""
+    x, ids, cond = _inputs()
+    assert_compiled_blocks_match_eager(tiny(projector_mult=2.0), (x, ids), cond, layer=1)

@@ -8,7 +8,7 @@ from selfflow.core.mmdit import PRESETS, MMDiT, MMDiTConfig
 from selfflow.core.modulation import TokenTimesteps
 from selfflow.core.tokens import Conditioning, grid_ids
 
-from .conftest import randomize, tiny_config
+from .conftest import assert_compiled_blocks_match_eager, randomize, tiny_config
 
 
 def _inputs(b=3, ctx=False):
@@ -199,3 +199,12 @@ def test_qk_norm_runs_in_fp32_and_returns_the_input_dtype():
     assert out_q.dtype == out_k.dtype == torch.bfloat16
     ref = q.float() * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + 1e-6) * norm.query_norm.weight
     torch.testing.assert_close(out_q.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.timeout(300)
+def test_compiled_blocks_equal_eager_under_two_levels():
+    """Each block selects its tokens' levels inside its own (compiled, whole-graph) forward: the data stream from
+    two levels, the single blocks from three (the context's level too); values and gradients as eager."""
+    x, ids, cond = _inputs(ctx=True)
+    model = randomize(MMDiT(tiny_config(context_dim=10, projector_mult=2.0)))
+    assert_compiled_blocks_match_eager(model, (x, ids), cond, layer=3)

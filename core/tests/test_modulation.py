@@ -1,9 +1,11 @@
+import pytest
 import torch
 
 from selfflow.core.modulation import (
     TokenTimesteps,
-    gather_chunks,
-    gather_levels,
+    gate_levels,
+    modulate,
+    modulate_levels,
     timestep_embedding,
 )
 
@@ -19,8 +21,9 @@ def test_from_dense_factorises_exactly():
 def test_single_level_uses_broadcast_path():
     tt = TokenTimesteps.from_dense(torch.full((2, 6), 0.4))
     assert tt.index is None and tt.values.shape == (2, 1)
-    per = torch.randn(2, 1, 8)
-    assert gather_levels(per, tt.index).shape == (2, 1, 8)
+    x, shift, scale = torch.randn(2, 6, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    assert torch.equal(modulate_levels(x, shift, scale, tt.index), modulate(x, shift, scale))
+    assert torch.equal(gate_levels(x, scale, shift * x, tt.index), x + scale * (shift * x))
 
 
 def test_timestep_embedding_is_sinusoidal():
@@ -29,66 +32,103 @@ def test_timestep_embedding_is_sinusoidal():
     assert torch.allclose(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))
 
 
-def test_two_level_select_matches_autograd_select():
-    """The select's matrix-product backward gives the gradient of ``torch.where`` (fp32 and bf16)."""
+def _levels(levels: int) -> torch.Tensor:
     torch.manual_seed(0)
-    index = (torch.rand(3, 40) < 0.25).long()
-    index[2] = 0  # a sample whose second level no token uses: its gradient is zero
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        per = torch.randn(3, 2, 16, dtype=dtype, requires_grad=True)
-        grad = torch.randn(3, 40, 16, dtype=dtype)
-        out = gather_levels(per, index)
-        (ours,) = torch.autograd.grad(out, per, grad)
-        reference = torch.where(index.bool().unsqueeze(-1), per[:, 1:2], per[:, :1])
-        (expected,) = torch.autograd.grad(reference, per, grad)
-        assert torch.equal(out, reference)
-        assert ours.dtype == dtype and ours.shape == per.shape
-        torch.testing.assert_close(ours, expected, rtol=tol, atol=tol)
-        assert torch.equal(ours[2, 1], torch.zeros(16, dtype=dtype))
+    index = torch.randint(0, levels, (3, 40)) if levels > 2 else (torch.rand(3, 40) < 0.25).long()
+    index[2] = 0  # a sample whose other levels no token uses: their gradients are zero
+    return index
 
 
-def test_two_level_select_compiled_equals_eager():
-    """Compiled blocks trace the select and its backward (masked sums there, a batched product in eager) into
-    their graph: the same values and gradients as eager."""
+def _plain(x, shift, scale, gate, out, index):
+    """The per-token expressions, autograd's way: gather the levels to the tokens, then modulate and gate."""
+    take = [p.gather(1, index.unsqueeze(-1).expand(-1, -1, p.shape[-1])) for p in (shift, scale, gate)]
+    return modulate(x, take[0], take[1]), x + take[2] * out
+
+
+def _ours(x, shift, scale, gate, out, index):
+    return modulate_levels(x, shift, scale, index), gate_levels(x, gate, out, index)
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_level_modulation_equals_autograd_of_the_per_token_expressions(levels, dtype):
+    """Values bitwise those of modulating with the gathered vectors; gradients autograd's (the per-level sums in
+    another order), in fp32 and with bf16 levels and outputs on an fp32 stream as under autocast."""
+    index = _levels(levels)
+    x = torch.randn(3, 40, 16, requires_grad=True)  # the fp32 norm output / residual stream
+    shift, scale, gate = (torch.randn(3, levels, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+    out = torch.randn(3, 40, 16, dtype=dtype, requires_grad=True)
+    grads = torch.randn(3, 40, 16), torch.randn(3, 40, 16)
+    inputs = (x, shift, scale, gate, out)
+    ours, plain = _ours(*inputs, index), _plain(*inputs, index)
+    assert all(torch.equal(o, p) for o, p in zip(ours, plain, strict=True))
+    got = torch.autograd.grad(ours, inputs, grads)
+    expected = torch.autograd.grad(plain, inputs, grads)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for g, e, i in zip(got, expected, inputs, strict=True):
+        assert g.dtype == i.dtype and g.shape == i.shape
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+    for g in got[1:4]:
+        assert torch.equal(g[2, 1:], torch.zeros_like(g[2, 1:]))
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_level_modulation_compiled_equals_eager(levels):
+    """Compiled blocks trace the functions and their backward (masked sums there for two levels, a batched
+    product in eager) into their graph: the same values and gradients as eager."""
+    index = _levels(levels)
+    inputs = (torch.randn(3, 40, 16, requires_grad=True), *(torch.randn(3, levels, 16, requires_grad=True)
+                                                            for _ in range(3)),
+              torch.randn(3, 40, 16, requires_grad=True))
+    grads = torch.randn(3, 40, 16), torch.randn(3, 40, 16)
+    eager_out = _ours(*inputs, index)
+    eager = torch.autograd.grad(eager_out, inputs, grads)
+    compiled_out = torch.compile(_ours, fullgraph=True)(*inputs, index)
+    compiled = torch.autograd.grad(compiled_out, inputs, grads)
+    assert all(torch.equal(c, e) for c, e in zip(compiled_out, eager_out, strict=True))
+    for c, e in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_keeps_no_per_token_modulation_for_its_backward():
+    """With two levels a DiT block keeps for its backward what it keeps with one: its modulation stays per
+    level. Autograd of the plain expressions kept each ``1 + scale`` and each gate per token, four ``(B, L, D)``
+    more a block."""
+    from selfflow.core.dit import DiTBlock
+
     torch.manual_seed(0)
-    index = (torch.rand(3, 40) < 0.25).long()
-    per = torch.randn(3, 2, 16, requires_grad=True)
-    grad = torch.randn(3, 40, 16)
-    out = gather_levels(per, index)
-    (eager,) = torch.autograd.grad(out, per, grad)
-    compiled_out = torch.compile(gather_levels, fullgraph=True)(per, index)
-    (compiled,) = torch.autograd.grad(compiled_out, per, grad)
-    assert torch.equal(compiled_out, out)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    block = DiTBlock(32, 4, 64)
+    x, c2, c1 = torch.randn(2, 64, 32, requires_grad=True), torch.randn(2, 2, 32), torch.randn(2, 1, 32)
+    index = (torch.rand(2, 64) < 0.25).long()
+
+    def saved_bytes(c, index) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x, c, index, "sdpa")
+        return sum(seen.values())
+
+    per_token = 2 * 64 * 32 * 4  # one (B, L, D) fp32
+    assert saved_bytes(c2, index) - saved_bytes(c1, None) < per_token
 
 
-def test_gather_chunks_equals_chunking_the_gathered_tensor():
-    """Splitting before the gather gives the values and gradients of splitting after it, eager and compiled."""
-    torch.manual_seed(0)
-    index = (torch.rand(3, 40) < 0.25).long()
-    per = torch.randn(3, 2, 6 * 8, requires_grad=True)
-    grads = torch.randn(6, 3, 40, 8).unbind(0)
-    after = gather_levels(per, index).chunk(6, dim=-1)
-    expected = torch.autograd.grad(after, per, grads)[0]
-    for fn in (gather_chunks, torch.compile(gather_chunks, fullgraph=True)):
-        before = fn(per, index, 6)
-        assert all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
-        torch.testing.assert_close(torch.autograd.grad(before, per, grads)[0], expected, rtol=1e-5, atol=1e-5)
-    assert [p.shape for p in gather_chunks(per[:, :1], None, 6)] == [(3, 1, 8)] * 6
-
-
-def test_compiled_select_backward_is_reduced_inside_inductor_kernels():
-    """Under torch.compile the two-level select's backward is plain sums, which Inductor folds into the kernel
-    that makes the per-token gradient; a batched product would be a kernel of its own, reading that gradient
-    written out in full."""
+def test_compiled_level_backward_is_reduced_inside_inductor_kernels():
+    """Under torch.compile the two-level modulation's backward is plain sums, which Inductor folds into the
+    kernel that makes the per-token gradient; a batched product would be a kernel of its own, reading that
+    gradient written out in full."""
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
     index = (torch.rand(2, 32) < 0.25).long()
     per = torch.randn(2, 2, 8, requires_grad=True)
     x = torch.randn(2, 32, 8)
-    scaled = torch.compile(lambda p: (x * gather_levels(p, index)).square().sum(), fullgraph=True)
+    zero = torch.zeros(2, 2, 8)
+    scaled = torch.compile(lambda p: modulate_levels(x, zero, p, index).square().sum(), fullgraph=True)
     _, code = run_and_get_code(lambda: scaled(per).backward())
     assert code and not any("bmm" in c for c in code)
-    reference = (x * torch.where(index.bool().unsqueeze(-1), per[:, 1:2], per[:, :1])).square().sum()
+    reference = (x * (1 + torch.where(index.bool().unsqueeze(-1), per[:, 1:2], per[:, :1]))).square().sum()
     torch.testing.assert_close(per.grad, torch.autograd.grad(reference, per)[0], rtol=1e-5, atol=1e-5)

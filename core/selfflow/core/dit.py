@@ -27,7 +27,13 @@ from .attention import attention, resolve_backend
 from .backbone_protocol import check_forward_inputs, embed_labels
 from .block_walk import BlockWalk
 from .linear import Linear
-from .modulation import TIME_EMBED_DIM, TokenTimesteps, gather_chunks, modulate, timestep_embedding
+from .modulation import (
+    TIME_EMBED_DIM,
+    TokenTimesteps,
+    gate_levels,
+    modulate_levels,
+    timestep_embedding,
+)
 from .presets import apply_preset
 from .projector import (
     MLPProjector,
@@ -174,10 +180,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, index: torch.Tensor | None, backend: str) -> torch.Tensor:
-        # Six (B, L, D), or (B, 1, D) for one level.
-        shift1, scale1, gate1, shift2, scale2, gate2 = gather_chunks(self.adaLN_modulation(c), index, 6)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), backend)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 × (B, K, D)
+        x = gate_levels(x, gate1, self.attn(modulate_levels(self.norm1(x), shift1, scale1, index), backend), index)
+        return gate_levels(x, gate2, self.mlp(modulate_levels(self.norm2(x), shift2, scale2, index)), index)
 
 
 class FinalLayer(nn.Module):
@@ -188,8 +193,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        shift, scale = gather_chunks(self.adaLN_modulation(c), index, 2)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # 2 × (B, K, D)
+        return self.linear(modulate_levels(self.norm_final(x), shift, scale, index))
 
 
 class BlockList(nn.ModuleList):

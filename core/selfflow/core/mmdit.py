@@ -22,7 +22,7 @@ from .backbone_protocol import check_forward_inputs, embed_labels
 from .block_walk import BlockWalk
 from .linear import Linear
 from .mmdit_blocks import DoubleStreamBlock, FinalLayer, Modulation, SingleStreamBlock
-from .modulation import TIME_EMBED_DIM, TokenTimesteps, gather_chunks, timestep_embedding
+from .modulation import TIME_EMBED_DIM, TokenTimesteps, timestep_embedding
 from .presets import apply_preset
 from .projector import Projector, init_projector, outside_projector, random_stream_apart
 from .rope import rope_cos_sin
@@ -229,18 +229,20 @@ class MMDiT(nn.Module):
             mask = keep[:, None, None, :]  # (B, 1, 1, Lc + L)
 
         if self.double_blocks:
-            img_mod = list(gather_chunks(self.double_mod_img(vec), idx_img, 6))
+            # per level (B, K, D): each block selects the tokens' levels inside itself (and inside its compiled
+            # graph, where the backward's per-level sums join the kernels that make the gradients)
+            img_mod = self.double_mod_img(vec).chunk(6, dim=-1)
             txt_mod = (list(self.double_mod_txt(txt_vec).chunk(6, dim=-1))
                        if self.double_mod_txt is not None else None)
             for block in self.double_blocks:
-                img, txt = walk(block, img, txt, img_mod, txt_mod, rope, mask, backend)
+                img, txt = walk(block, img, txt, img_mod, idx_img, txt_mod, rope, mask, backend)
                 if walk.finished(img):
                     return walk.stopped()
         if self.single_blocks:
-            single_mod = list(gather_chunks(self.single_mod(vec_all), idx_all, 3))
+            single_mod = self.single_mod(vec_all).chunk(3, dim=-1)
             h = img if txt is None else torch.cat([txt, img], 1)  # (B, Lc + L, D)
             for block in self.single_blocks:
-                h = walk(block, h, single_mod, rope, mask, backend)
+                h = walk(block, h, single_mod, idx_all, rope, mask, backend)
                 if walk.finished(h, n_txt):
                     return walk.stopped()
             img = h[:, n_txt:]

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from .attention import attention
 from .linear import Linear
-from .modulation import gather_chunks, modulate
+from .modulation import gate_levels, modulate, modulate_levels
 from .rope import apply_rope
 
 
@@ -82,10 +82,13 @@ class DoubleStreamBlock(nn.Module):
             self.txt_mlp = SwiGLU(dim, mlp_hidden)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor | None, img_mod: list[torch.Tensor],
-                txt_mod: list[torch.Tensor] | None, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+                index: torch.Tensor | None, txt_mod: list[torch.Tensor] | None,
+                rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # img_mod: six (B, K, D) per-level vectors, each data token takes its level's (index (B, L)) in here;
+        # txt_mod: six (B, 1, D) for the context tokens.
         shift1, scale1, gate1, shift2, scale2, gate2 = img_mod
-        q, k, v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), shift1, scale1))
+        q, k, v = self.img_attn.qkv_heads(modulate_levels(self.img_norm1(img), shift1, scale1, index))
         n_txt = 0
         if txt is not None:
             t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
@@ -95,8 +98,8 @@ class DoubleStreamBlock(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, mask, backend)
         txt_out, img_out = out[:, :n_txt], out[:, n_txt:]
-        img = img + gate1 * self.img_attn.proj(img_out)
-        img = img + gate2 * self.img_mlp(modulate(self.img_norm2(img), shift2, scale2))
+        img = gate_levels(img, gate1, self.img_attn.proj(img_out), index)
+        img = gate_levels(img, gate2, self.img_mlp(modulate_levels(self.img_norm2(img), shift2, scale2, index)), index)
         if txt is not None:
             txt = txt + t_gate1 * self.txt_attn.proj(txt_out)
             txt = txt + t_gate2 * self.txt_mlp(modulate(self.txt_norm2(txt), t_shift2, t_scale2))
@@ -114,17 +117,17 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(dim // heads)
         self.linear2 = Linear(dim + mlp_hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, mod: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, backend: str) -> torch.Tensor:
-        shift, scale, gate = mod
-        qkv, mlp_in = self.linear1(modulate(self.pre_norm(x), shift, scale)).split(
+    def forward(self, x: torch.Tensor, mod: list[torch.Tensor], index: torch.Tensor | None,
+                rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, backend: str) -> torch.Tensor:
+        shift, scale, gate = mod  # 3 × (B, K, D), each token of [context; data] its level's (index (B, Lc + L))
+        qkv, mlp_in = self.linear1(modulate_levels(self.pre_norm(x), shift, scale, index)).split(
             [3 * self.dim, 2 * self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.heads)  # 3 × (B, H, L, Dh)
         q, k = self.norm(q, k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         a, g = mlp_in.chunk(2, dim=-1)
         out = torch.cat([attention(q, k, v, mask, backend), nn.functional.silu(a) * g], dim=-1)
-        return x + gate * self.linear2(out)
+        return gate_levels(x, gate, self.linear2(out), index)
 
 
 class Modulation(nn.Module):
@@ -148,5 +151,5 @@ class FinalLayer(nn.Module):
         self.linear = Linear(dim, out_channels, bias=False)
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        shift, scale = gather_chunks(self.adaLN_modulation(vec), index, 2)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)  # 2 × (B, K, D)
+        return self.linear(modulate_levels(self.norm(x), shift, scale, index))

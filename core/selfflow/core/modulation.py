@@ -83,11 +83,17 @@ class TokenTimesteps:
             1, self.index, torch.ones_like(self.index, dtype=self.values.dtype))
 
 
-class _SelectOfTwo(torch.autograd.Function):
-    """Each token takes level 0 or 1 of its sample: ``(B, 2, D)`` → ``(B, L, D)``.
+def select_levels(per_level: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``(B, K, D)`` per-level vectors → ``(B, L, D)``, each token its level's (no autograd of its own)."""
+    if per_level.shape[1] == 2:  # Dual-Timestep Scheduling: a select, exact (no arithmetic touches the values)
+        return torch.where(index.bool().unsqueeze(-1), per_level[:, 1:2], per_level[:, :1])
+    return per_level.gather(1, index.unsqueeze(-1).expand(-1, -1, per_level.shape[-1]))
 
-    The forward is a select (exact: no arithmetic touches the values, so TF32 cannot round them). The backward
-    sums each level's token gradients, in one of two ways:
+
+def reduce_levels(grad: torch.Tensor, index: torch.Tensor, levels: int) -> torch.Tensor:
+    """The backward of :func:`select_levels`: ``(B, L, D)`` token gradients summed per level, ``(B, K, D)``.
+
+    Two levels are summed in one of two ways:
 
     - eager: one batched matrix product ``(B, 2, L) · (B, L, D)``. Autograd's own backward of a broadcasting
       select writes two masked ``(B, L, D)`` copies of the gradient and reduces each (forward + backward at
@@ -97,41 +103,91 @@ class _SelectOfTwo(torch.autograd.Function):
       sums let Inductor fold the reduction into the kernel that makes the gradient, as it does for flow
       matching's one level. SiT-XL/2 on an H200 (batch 64, bf16): 4.7 ms a step for these sums, 6.5 ms when
       written with ``torch.where`` (docs/BENCHMARKS.md "Third run").
+
+    More levels (dense per-token timesteps; the MMDiT's context level) are a scatter-add, as ``gather``'s backward.
     """
-
-    @staticmethod
-    def forward(ctx, per_level: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    if levels == 2:
         second = index.bool()
-        ctx.save_for_backward(second)
-        return torch.where(second.unsqueeze(-1), per_level[:, 1:2], per_level[:, :1])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (second,) = ctx.saved_tensors
         if torch.compiler.is_compiling():
             w = second.unsqueeze(-1).to(grad.dtype)  # (B, L, 1): 1 for level 1; products with 0/1 are exact
-            return torch.stack([(grad * (1 - w)).sum(1), (grad * w).sum(1)], 1), None
+            return torch.stack([(grad * (1 - w)).sum(1), (grad * w).sum(1)], 1)
         one_hot = torch.stack([~second, second], dim=1).to(grad.dtype)  # (B, 2, L)
-        return torch.bmm(one_hot, grad), None
+        return torch.bmm(one_hot, grad)
+    out = grad.new_zeros(grad.shape[0], levels, grad.shape[-1])
+    return out.scatter_add_(1, index.unsqueeze(-1).expand_as(grad), grad)
 
 
-def gather_levels(per_level: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """``(B, K, D)`` per-level vectors → ``(B, L, D)`` per-token (or ``(B, 1, D)`` when ``index is None``)."""
-    if index is None:
-        return per_level[:, :1]
-    if per_level.shape[1] == 2:  # Dual-Timestep Scheduling
-        return _SelectOfTwo.apply(per_level, index)
-    return per_level.gather(1, index.unsqueeze(-1).expand(-1, -1, per_level.shape[-1]))
+class _ModulateLevels(torch.autograd.Function):
+    """adaLN ``x · (1 + scale) + shift`` with each token's level of ``shift, scale (B, K, D)``.
 
-
-def gather_chunks(per_level: torch.Tensor, index: torch.Tensor | None, chunks: int) -> tuple[torch.Tensor, ...]:
-    """``(B, K, chunks·D)`` → ``chunks`` per-token tensors ``(B, L, D)``, e.g. an adaLN's shift, scale and gate.
-
-    Splitting before the gather, not after, means no ``(B, L, chunks·D)`` gradient is ever assembled: each
-    part's gradient is reduced to its levels on its own (compiled SiT-XL/2 Self-Flow on an H200 spent 6.5 ms a
-    step writing that assembled gradient and 1.7 ms reducing it).
+    The same numbers as :func:`modulate` on the selected ``(B, L, D)`` vectors, forward and backward (each
+    gradient is rounded to its input's dtype where autograd would round it), but it keeps only ``x`` and the
+    levels for the backward: autograd of the plain expression would keep ``1 + scale`` per token, one
+    ``(B, L, D)`` a modulation, which the backward's select makes again for less.
     """
-    return tuple(gather_levels(part, index) for part in per_level.chunk(chunks, dim=-1))
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, scale, index)
+        product = x * (1 + select_levels(scale, index))
+        ctx.dtypes = product.dtype, shift.dtype  # autograd rounds each gradient so before it goes further back
+        return product + select_levels(shift, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, scale, index = ctx.saved_tensors
+        levels = scale.shape[1]
+        product_dtype, shift_dtype = ctx.dtypes
+        grad_product = grad.to(product_dtype)
+        grad_x = grad_shift = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_product * (1 + select_levels(scale, index))
+        if ctx.needs_input_grad[1]:
+            grad_shift = reduce_levels(grad.to(shift_dtype), index, levels)
+        if ctx.needs_input_grad[2]:
+            grad_scale = reduce_levels((grad_product * x).to(scale.dtype), index, levels)
+        return grad_x, grad_shift, grad_scale, None
+
+
+class _GateLevels(torch.autograd.Function):
+    """The gated residual ``h + gate · out`` with each token's level of ``gate (B, K, D)``; keeps ``out`` and the
+    levels for the backward, not the per-token gate (see :class:`_ModulateLevels`)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, gate: torch.Tensor, out: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, out, index)
+        product = select_levels(gate, index) * out
+        ctx.product_dtype = product.dtype
+        return h + product
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        gate, out, index = ctx.saved_tensors
+        grad_product = grad.to(ctx.product_dtype)  # autograd rounds it so for the product's backward
+        grad_h = grad if ctx.needs_input_grad[0] else None
+        grad_gate = grad_out = None
+        if ctx.needs_input_grad[1]:
+            grad_gate = reduce_levels(grad_product * out, index, gate.shape[1])
+        if ctx.needs_input_grad[2]:
+            grad_out = grad_product * select_levels(gate, index)
+        return grad_h, grad_gate, grad_out, None
+
+
+def modulate_levels(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                    index: torch.Tensor | None) -> torch.Tensor:
+    """:func:`modulate` of ``x (B, L, D)`` by per-level ``shift, scale (B, K, D)``, each token its level's
+    (``index is None``: every token level 0, broadcast)."""
+    if index is None:
+        return modulate(x, shift[:, :1], scale[:, :1])
+    return _ModulateLevels.apply(x, shift, scale, index)
+
+
+def gate_levels(h: torch.Tensor, gate: torch.Tensor, out: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """adaLN-Zero's gated residual ``h + gate · out`` with per-level ``gate (B, K, D)``."""
+    if index is None:
+        return h + gate[:, :1] * out
+    return _GateLevels.apply(h, gate, out, index)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
