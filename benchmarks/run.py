@@ -24,8 +24,8 @@ from benchmarks.memory import bench_memory
 from benchmarks.sampling import bench_sampling
 from benchmarks.timing import Row, gemm_peak_gflops
 from benchmarks.train_step import bench_modulation_and_early_exit, bench_train_steps
-from selfflow.core.host_malloc import host_malloc_summary, keep_freed_memory
-from selfflow.core.linear import cpu_kernels
+from selfflow.core.host_malloc import keep_freed_memory
+from selfflow.core.run_setup import cpu_settings_summary
 
 
 def optional_rows(quick: bool) -> list[Row]:
@@ -56,7 +56,7 @@ def machine_info() -> dict:
             versions[pkg] = None
     return {"machine": platform.machine(), "cpu_model": cpu, "cpus": os.cpu_count(), "os": platform.platform(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "cuda": torch.cuda.is_available(), "cpu_kernels": f"Linear: {cpu_kernels()}, {host_malloc_summary()}",
+            "cuda": torch.cuda.is_available(), "cpu_kernels": cpu_settings_summary(),
             "versions": versions}
 
 

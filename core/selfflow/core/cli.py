@@ -78,16 +78,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _train(trainer) -> int:
     """Report, then train (a finished run is left as it is: no new checkpoint, samples or export)."""
-    from .host_malloc import host_malloc_summary
-    from .linear import cpu_kernels
+    from .run_setup import cpu_settings_summary
 
     cfg, main_rank = trainer.cfg, trainer.dist.is_main
     log = logging.getLogger("selfflow")
     if main_rank:
         n = sum(p.numel() for p in trainer.raw.parameters())
         how = f"{trainer.dist.world_size} rank(s), {trainer.strategy}"
-        where = (f"{trainer.device} (Linear: {cpu_kernels()}, {host_malloc_summary()})" if trainer.device.type == "cpu"
-                 else trainer.device)
+        where = f"{trainer.device} ({cpu_settings_summary()})" if trainer.device.type == "cpu" else trainer.device
         log.info(f"{cfg.name}: {n / 1e6:.2f}M parameters, {_objective_summary(trainer)}, {how}, {where}")
         if evaluation := trainer.previewer.summary():
             log.info(f"online evaluation {evaluation}")

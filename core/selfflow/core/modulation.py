@@ -130,7 +130,7 @@ class _ModulateLevels(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                 index: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, scale, index)
-        product = x * (1 + select_levels(scale, index))
+        product = x * select_levels(1 + scale, index)  # 1 + scale on the K levels, not on every token
         ctx.dtypes = product.dtype, shift.dtype  # autograd rounds each gradient so before it goes further back
         return product + select_levels(shift, index)
 
@@ -142,7 +142,7 @@ class _ModulateLevels(torch.autograd.Function):
         grad_product = grad.to(product_dtype)
         grad_x = grad_shift = grad_scale = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_product * (1 + select_levels(scale, index))
+            grad_x = grad_product * select_levels(1 + scale, index)
         if ctx.needs_input_grad[1]:
             grad_shift = reduce_levels(grad.to(shift_dtype), index, levels)
         if ctx.needs_input_grad[2]:

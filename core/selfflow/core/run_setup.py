@@ -33,7 +33,8 @@ from .config import (
     short_repr,
 )
 from .data.data_facts import collecting
-from .host_malloc import keep_freed_memory
+from .host_malloc import host_malloc_summary, keep_freed_memory
+from .linear import cpu_kernels
 from .modality import Modality, check_layout
 from .objective import ResolvedObjective
 from .registry import get_modality
@@ -246,6 +247,12 @@ def set_torch_globals(train: TrainConfig, device: torch.device) -> None:
     if device.type == "cuda" and train.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def cpu_settings_summary() -> str:
+    """What the CPU runs on, for a run's first log line and ``bench.meta.json``:
+    ``"Linear: oneDNN, malloc keeps freed memory"``."""
+    return f"Linear: {cpu_kernels()}, {host_malloc_summary()}"
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, total_steps: int
