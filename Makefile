@@ -67,7 +67,7 @@ eval-simpler: setup  ## rollouts of runs/tiny-rt1 on the FAKE SIMPLER stand-in (
 eval: setup  ## probe-FD / accuracy of a run on synthetic shapes (RUN=runs/tiny-image)
 	$(VENV)/bin/selfflow eval probe --run $(or $(RUN),runs/tiny-image) $(ARGS)
 
-bench: setup  ## speed benchmarks: a table and bench.json (~7–9 min on 2 quiet cores)
+bench: setup  ## speed benchmarks: a table and bench.json (~9–11 min on 2 quiet cores)
 	$(PY) benchmarks/run.py $(ARGS)
 
 bench-quality: setup  ## flow matching vs Self-Flow on digits, 5 paired seeds: CIs, linear probes, speed-ups (CPU, 54–65 min; REPA: ARGS="--methods flow_matching repa self_flow"; ARGS=--quick ~10 min, a pipeline check too short to compare the methods)

@@ -4,6 +4,7 @@ distinct-level vs per-token modulation, the teacher's early exit, and sampler th
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from collections.abc import Iterator
 from unittest import mock
@@ -22,7 +23,7 @@ from selfflow.core.sampler import SamplerConfig, sample
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.tokens import Conditioning, Tokens, grid_ids
 
-from .timing import Row, interleaved_medians, paired_median
+from .timing import Row, interleaved_times, paired_median
 from .train_step import make_train_step
 
 GRID, CH = 16, 16
@@ -133,8 +134,8 @@ def xl2_step_flops(preset: str = "XL/2") -> tuple[float, float]:
     return ours, 4 * (full + per_token)
 
 
-def _xl2_step_times(batch: int, repeats: int) -> list[float]:
-    """Median seconds of our XL/2 step, the naive one and ours on ``F.linear``, in turn each round (the three
+def _xl2_step_times(batch: int, repeats: int) -> list[list[float]]:
+    """Seconds of our XL/2 step, the naive one and ours on ``F.linear``, in turn each round, per round (the three
     models live only inside this call)."""
     ours, naive = xl2_step_pair(batch)
 
@@ -142,7 +143,14 @@ def _xl2_step_times(batch: int, repeats: int) -> list[float]:
         with onednn_linear(False):
             ours()
 
-    return interleaved_medians((ours, naive, ours_f_linear), repeats)
+    return interleaved_times((ours, naive, ours_f_linear), repeats)
+
+
+def round_ratios(base: list[float], ours: list[float]) -> str:
+    """``base / ours`` of each round, as its range (``"1.58–1.65 over 3 rounds"``): the spread inside one run,
+    beside the ratio of the medians."""
+    ratios = [b / o for b, o in zip(base, ours, strict=True)]
+    return f"{min(ratios):.2f}–{max(ratios):.2f} over {len(ratios)} rounds"
 
 
 def bench_dit(quick: bool) -> list[Row]:
@@ -160,13 +168,14 @@ def bench_dit(quick: bool) -> list[Row]:
                         "speed-up; measured only on a CPU with native bf16 (core.precision.cpu_bf16_is_native)"))
     del self_flow  # its B/2 model, optimizer and EMA: not held through the XL/2 pair below
 
-    t_ours, t_naive, t_ours_f = _xl2_step_times(batch, 1 if quick else 2)
+    rounds = _xl2_step_times(batch, 1 if quick else 3)
+    t_ours, t_naive, t_ours_f = (statistics.median(r) for r in rounds)
     f_ours, f_naive = xl2_step_flops()
     rows.append(Row(f"SiT-XL/2 Self-Flow train step (B={batch}, L={L}): ours vs naive official-class step",
                     t_ours * 1e3, t_naive * 1e3, t_naive / t_ours, ">= 1.6", "ms",
                     "naive: per-token adaLN Linear + 28-block teacher, nn.Linear's F.linear; AdamW (fused, as the "
                     "trainer), EMA and clipping are common to both; the FLOP ratio below bounds it at "
-                    f"{f_naive / f_ours:.2f} at equal kernels"))
+                    f"{f_naive / f_ours:.2f} at equal kernels; per round {round_ratios(rounds[1], rounds[0])}"))
     rows.append(Row(f"SiT-XL/2 Self-Flow train step (B={batch}, L={L}): ours vs naive, both on F.linear",
                     t_ours_f * 1e3, t_naive * 1e3, t_naive / t_ours_f, None, "ms",
                     "the row above at equal kernels: our oneDNN Linear off (core.linear)"))

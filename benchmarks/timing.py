@@ -58,8 +58,10 @@ def paired_median(ours: Callable[[], object], base: Callable[[], object], repeat
     return tuple(interleaved_medians((ours, base), repeats, warmup))
 
 
-def interleaved_medians(fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 1) -> list[float]:
-    """Median seconds of each of ``fns``, called in turn each round so background load hits all alike."""
+def interleaved_times(fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 1) -> list[list[float]]:
+    """Seconds of every call of each of ``fns`` (``repeats`` per function), called in turn each round so
+    background load hits all alike: ``times[i][r]`` is function ``i`` in round ``r``, so a ratio can be read per
+    round as well as of the medians."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -69,7 +71,12 @@ def interleaved_medians(fns: Sequence[Callable[[], object]], repeats: int, warmu
             t0 = time.perf_counter()
             fn()
             seconds.append(time.perf_counter() - t0)
-    return [statistics.median(s) for s in times]
+    return times
+
+
+def interleaved_medians(fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 1) -> list[float]:
+    """Median seconds of each of ``fns``, called in turn each round (:func:`interleaved_times`)."""
+    return [statistics.median(s) for s in interleaved_times(fns, repeats, warmup)]
 
 
 def gemm_peak_gflops(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 7) -> float:

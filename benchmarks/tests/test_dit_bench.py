@@ -70,3 +70,9 @@ def test_the_naive_step_runs_nn_linears_kernels_and_ours_our_linear():
         assert calls == []
         ours_step()
         assert calls
+
+
+def test_round_ratios_give_the_spread_of_baseline_over_ours_per_round():
+    assert dit_bench.round_ratios([24.0, 25.0, 30.0], [15.0, 15.0, 16.0]) == "1.60–1.88 over 3 rounds"
+    with pytest.raises(ValueError):  # rounds that do not pair up are a bug, not a shorter range
+        dit_bench.round_ratios([24.0, 25.0], [15.0])

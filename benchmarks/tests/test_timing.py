@@ -22,3 +22,12 @@ def test_interleaved_medians_calls_each_in_turn_and_returns_each_median(monkeypa
                                    lambda: (order.append("c"), next(clock))], repeats=3, warmup=1)
     assert order == ["a", "b", "c"] * 4
     assert medians == [1, 1, 2]  # c's call reads the clock once more: two ticks
+
+
+def test_interleaved_times_keeps_every_round_of_each(monkeypatch):
+    clock = iter(range(1000))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    slow_later = iter([0, 0, 2, 5])  # b's extra clock reads: none while warming up and in round 0, then 2, 5
+    times = timing.interleaved_times([lambda: None, lambda: [next(clock) for _ in range(next(slow_later))]],
+                                     repeats=3, warmup=1)
+    assert times == [[1, 1, 1], [1, 3, 6]]  # each call's own seconds, in round order: a ratio per round
