@@ -69,6 +69,11 @@ def print_table(rows: list[Row]) -> None:
         ratio = f"{r.ratio:7.2f}" if r.ratio is not None else f"{'-':>7s}"
         target = "-" if r.target is None else str(r.target)
         print(f"{r.name[:90]:90s} {r.ours:11.2f} {base} {ratio} {target:>8s} {r.unit}")
+    targeted = [r for r in rows if r.target is not None and r.note]
+    if targeted:  # how each target row was measured (the XL/2 pair: its bound and per-round spread); all in bench.json
+        print("\nnotes on the rows with a target:")
+        for r in targeted:
+            print(f"  {r.name}: {r.note}")
 
 
 def main() -> int:
