@@ -23,7 +23,7 @@ from selfflow.core.sampler import SamplerConfig, sample
 from selfflow.core.timesteps import TimestepDistribution
 from selfflow.core.tokens import Conditioning, Tokens, grid_ids
 
-from .timing import Row, interleaved_times, paired_median
+from .timing import Row, interleaved_times, paired_median, round_ratio_range
 from .train_step import make_train_step
 
 GRID, CH = 16, 16
@@ -149,8 +149,8 @@ def _xl2_step_times(batch: int, repeats: int) -> list[list[float]]:
 def round_ratios(base: list[float], ours: list[float]) -> str:
     """``base / ours`` of each round, as its range (``"1.58–1.65 over 3 rounds"``): the spread inside one run,
     beside the ratio of the medians."""
-    ratios = [b / o for b, o in zip(base, ours, strict=True)]
-    return f"{min(ratios):.2f}–{max(ratios):.2f} over {len(ratios)} rounds"
+    low, high = round_ratio_range(base, ours)
+    return f"{low:.2f}–{high:.2f} over {len(base)} rounds"
 
 
 def bench_dit(quick: bool) -> list[Row]:

@@ -30,7 +30,7 @@ if not __package__:  # run as a script (make gpu-check): the repository root, fo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_report import judge, print_table, print_targets, row_line  # noqa: E402 (after the path above)
-from benchmarks.timing import median_time, steady_time  # noqa: E402
+from benchmarks.timing import median_time, round_ratio_range, steady_time  # noqa: E402
 from selfflow.core.faults import error_line  # noqa: E402
 
 
@@ -163,10 +163,9 @@ def alternating_case(sizes: Sizes) -> dict:
         for kind, step in steps.items():
             rounds[kind].append(steady_time(step, 1, sizes.steps_in_a_row, warmup=1, device=dev))
     fm, sf = (statistics.median(rounds[k]) for k in ("flow_matching", "self_flow"))
-    per_round = [s / f for f, s in zip(rounds["flow_matching"], rounds["self_flow"], strict=True)]
     return {"arch": "dit", "compile": True, "batch": sizes.batch, "rounds": sizes.alternating_rounds,
             "flow_matching_s": fm, "self_flow_s": sf, "ratio": sf / fm,
-            "round_ratios": [min(per_round), max(per_round)]}
+            "round_ratios": list(round_ratio_range(rounds["self_flow"], rounds["flow_matching"]))}
 
 
 _plans: dict[tuple[str, str, str], object] = {}

@@ -79,6 +79,13 @@ def interleaved_medians(fns: Sequence[Callable[[], object]], repeats: int, warmu
     return [statistics.median(s) for s in interleaved_times(fns, repeats, warmup)]
 
 
+def round_ratio_range(numerators: Sequence[float], denominators: Sequence[float]) -> tuple[float, float]:
+    """Lowest and highest per-round ratio of two interleaved timings: the spread inside one run, beside the
+    ratio of their medians. Rounds that do not pair up raise."""
+    ratios = [a / b for a, b in zip(numerators, denominators, strict=True)]
+    return min(ratios), max(ratios)
+
+
 def gemm_peak_gflops(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 7) -> float:
     """Measured fp32 matmul throughput of this machine (GFLOP/s), the MFU reference on CPU: the best
     median over a few square sizes (a single size under-reads when the machine is briefly busy)."""
